@@ -21,11 +21,14 @@ TOOL_RESULT = Message("tool", '{"temperature":21}', channel="commentary", recipi
                       name="functions.get_weather")
 
 
-def _expected(messages, *, effort="Medium", tools=(), instructions=None, date=None):
-    """The same conversation built directly with openai-harmony, the reference renderer.
+@pytest.fixture(scope="module")
+def harmony_encoding(tokenizer):
+    """openai-harmony's encoding, the reference renderer (load_tokenizer() lets it load offline)."""
+    return oh.load_harmony_encoding(oh.HarmonyEncodingName.HARMONY_GPT_OSS)
 
-    Needs load_tokenizer() to have run, which points openai-harmony at the local BPE file.
-    """
+
+def _expected(encoding, messages, *, effort="Medium", tools=(), instructions=None, date=None):
+    """The same conversation built directly with openai-harmony."""
     system = oh.SystemContent.new().with_reasoning_effort(oh.ReasoningEffort(effort))
     if date:
         system = system.with_conversation_start_date(date)
@@ -47,7 +50,6 @@ def _expected(messages, *, effort="Medium", tools=(), instructions=None, date=No
         if m.content_type:
             message = message.with_content_type(m.content_type)
         harmony.append(message)
-    encoding = oh.load_harmony_encoding(oh.HarmonyEncodingName.HARMONY_GPT_OSS)
     return encoding.render_conversation_for_completion(oh.Conversation.from_messages(harmony), oh.Role.ASSISTANT)
 
 
@@ -86,9 +88,9 @@ CONVERSATIONS = {
 
 
 @pytest.mark.parametrize("name", CONVERSATIONS)
-def test_matches_openai_harmony_token_for_token(tokenizer, name):
+def test_matches_openai_harmony_token_for_token(harmony_encoding, name):
     messages, kwargs, expected_kwargs = CONVERSATIONS[name]
-    assert render_prompt(messages, **kwargs) == _expected(messages, **expected_kwargs)
+    assert render_prompt(messages, **kwargs) == _expected(harmony_encoding, messages, **expected_kwargs)
 
 
 def test_simple_prompt_has_the_documented_shape(tokenizer):
