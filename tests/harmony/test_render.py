@@ -127,7 +127,8 @@ def test_tool_call_and_result_render_as_the_format_documents(tokenizer):
     text = tokenizer.decode(render_prompt([Message("user", "Weather?"), TOOL_CALL, TOOL_RESULT], tools=[WEATHER]))
     assert ('<|start|>assistant to=functions.get_weather<|channel|>commentary <|constrain|>json<|message|>'
             '{"city":"Paris"}<|call|>') in text
-    assert '<|start|>functions.get_weather to=assistant<|channel|>commentary<|message|>{"temperature":21}<|end|>' in text
+    assert ('<|start|>functions.get_weather to=assistant<|channel|>commentary<|message|>'
+            '{"temperature":21}<|end|>') in text
 
 
 def test_channel_and_recipient_defaults():
@@ -142,7 +143,8 @@ def test_channel_and_recipient_defaults():
         Message("assistant", "Hello!", channel="final"),
         Message("assistant", '{"city":"Rome"}', channel="commentary", recipient="functions.get_weather",
                 content_type="<|constrain|>json"),
-        Message("tool", '{"temperature":25}', channel="commentary", recipient="assistant", name="functions.get_weather"),
+        Message("tool", '{"temperature":25}', channel="commentary", recipient="assistant",
+                name="functions.get_weather"),
     ], tools=[WEATHER])
     assert defaults == explicit
 
@@ -170,7 +172,8 @@ def test_rendering_is_deterministic():
     ({"messages": [Message("user", None)]}, "messages[0].content"),
     ({"messages": [Message("user", "Hi"), Message("assistant", "x", channel="thoughts")]}, "messages[1].channel"),
     ({"messages": [Message("user", "Hi"), Message("tool", "42")]}, "messages[1].name"),
-    ({"messages": [Message("user", "Hi"), Message("assistant", "x", recipient="functions. x")]}, "messages[1].recipient"),
+    ({"messages": [Message("user", "Hi"), Message("assistant", "x", recipient="functions. x")]},
+     "messages[1].recipient"),
     ({"messages": [Message("user", "Hi"), Message("system", "late")]}, "messages[1].role"),
     ({"reasoning_effort": "extreme"}, "reasoning_effort"),
     ({"reasoning_effort": None}, "reasoning_effort"),
@@ -190,3 +193,13 @@ def test_invalid_input_names_the_field(kwargs, field):
     assert caught.value.field == field
     assert isinstance(caught.value, ValueError)
     assert str(caught.value).startswith(f"{field}: ")
+
+
+def test_earlier_analysis_is_dropped_once_answered(tokenizer):
+    messages, kwargs, _ = CONVERSATIONS["multi-turn"]
+    text = tokenizer.decode(render_prompt(messages, **kwargs))
+    assert "Simple arithmetic." not in text
+    assert "<|start|>assistant<|channel|>final<|message|>4<|end|><|start|>user<|message|>And 3+3?<|end|>" in text
+    # A tool call still in progress keeps its reasoning: the model needs it to go on.
+    messages, kwargs, _ = CONVERSATIONS["tool call and result"]
+    assert "Need to call the weather tool." in tokenizer.decode(render_prompt(messages, **kwargs))
