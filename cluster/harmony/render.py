@@ -1,0 +1,205 @@
+"""Chat messages -> harmony prompt token ids, through openai-harmony's renderer.
+
+The rest of the cluster sees only the small dataclasses here; openai-harmony's types stay
+inside this package. Input is checked first and every problem raises HarmonyInputError
+naming the offending field, which the gRPC layer turns into INVALID_ARGUMENT.
+"""
+
+from __future__ import annotations
+
+import datetime
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import openai_harmony as oh
+
+from cluster.harmony.tokenizer import load_tokenizer
+
+ROLES = ("system", "developer", "user", "assistant", "tool")
+CHANNELS = ("analysis", "commentary", "final")
+REASONING_EFFORTS = ("low", "medium", "high")
+# The limits OpenAI's API puts on function names; they also keep the rendered TypeScript valid.
+_TOOL_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
+_DATE = re.compile(r"\d{4}-\d{2}-\d{2}")
+_INSTRUCTION_ROLES = ("system", "developer")
+
+
+class HarmonyInputError(ValueError):
+    """A request that cannot be rendered; `.field` names the culprit, e.g. "messages[2].role"."""
+
+    def __init__(self, field: str, problem: str):
+        super().__init__(f"{field}: {problem}")
+        self.field = field
+        self.problem = problem
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    """One chat message.
+
+    role: system, developer, user, assistant or tool.
+    channel: analysis, commentary or final (assistant and tool messages).
+    recipient: who an assistant message is addressed to, e.g. "functions.get_weather" for a
+        tool call; tool results are addressed to "assistant".
+    content_type: e.g. "<|constrain|>json" on a tool call.
+    name: the author's name; for a tool result, the tool, e.g. "functions.get_weather".
+    """
+
+    role: str
+    content: str
+    channel: str | None = None
+    recipient: str | None = None
+    content_type: str | None = None
+    name: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ToolDefinition:
+    """A function the model may call as `functions.<name>`; parameters is a JSON schema."""
+
+    name: str
+    description: str
+    parameters: dict | None = None
+
+
+def render_prompt(
+    messages: Sequence[Message],
+    *,
+    reasoning_effort: str = "medium",
+    tools: Sequence[ToolDefinition] = (),
+    instructions: str | None = None,
+    conversation_start_date: str | datetime.date | None = None,
+) -> list[int]:
+    """Prompt token ids for `messages`, ending with `<|start|>assistant` ready for completion.
+
+    The system message carries the reasoning effort and, when given, the conversation start
+    date (left out by default so identical requests render identically, which prefix caching
+    relies on). `instructions`, then the content of any leading system/developer messages, go
+    into the developer message with the function tool definitions. Defaults follow the harmony
+    format: an assistant message without a channel is "final" ("commentary" if it has a
+    recipient); a tool result is on "commentary" and addressed to "assistant". Analysis
+    messages of earlier turns are dropped once a final answer follows them, as the format
+    prescribes.
+
+    Raises HarmonyInputError naming the first invalid field.
+    """
+    effort = _check_reasoning_effort(reasoning_effort)
+    tool_descriptions = _check_tools(tools)
+    date = _check_date(conversation_start_date)
+    if instructions is not None and not isinstance(instructions, str):
+        raise HarmonyInputError("instructions", f"must be a string, got {type(instructions).__name__}")
+    developer_instructions, chat = _split_instructions(messages)
+    if instructions:
+        developer_instructions.insert(0, instructions)
+
+    system = oh.SystemContent.new().with_reasoning_effort(effort)
+    if date is not None:
+        system = system.with_conversation_start_date(date)
+    harmony_messages = [oh.Message.from_role_and_content(oh.Role.SYSTEM, system)]
+    if developer_instructions or tool_descriptions:
+        developer = oh.DeveloperContent.new()
+        if developer_instructions:
+            developer = developer.with_instructions("\n\n".join(developer_instructions))
+        if tool_descriptions:
+            developer = developer.with_function_tools(tool_descriptions)
+        harmony_messages.append(oh.Message.from_role_and_content(oh.Role.DEVELOPER, developer))
+    harmony_messages.extend(_to_harmony(message) for message in chat)
+
+    conversation = oh.Conversation.from_messages(harmony_messages)
+    encoding = load_tokenizer()._encoding
+    return encoding.render_conversation_for_completion(conversation, oh.Role.ASSISTANT)
+
+
+def _check_reasoning_effort(value: object) -> oh.ReasoningEffort:
+    if not isinstance(value, str) or value.lower() not in REASONING_EFFORTS:
+        raise HarmonyInputError("reasoning_effort", f"must be one of {', '.join(REASONING_EFFORTS)}, got {value!r}")
+    return oh.ReasoningEffort(value.capitalize())
+
+
+def _check_date(value: object) -> str | None:
+    if value is None:
+        return None
+    if isinstance(value, datetime.date):
+        return value.isoformat()[:10]
+    if isinstance(value, str) and _DATE.fullmatch(value):
+        return value
+    raise HarmonyInputError("conversation_start_date", f"must be a date like 2025-08-05, got {value!r}")
+
+
+def _check_tools(tools: Sequence[ToolDefinition]) -> list[oh.ToolDescription]:
+    descriptions = []
+    seen = set()
+    for index, tool in enumerate(tools):
+        field = f"tools[{index}]"
+        if not isinstance(tool, ToolDefinition):
+            raise HarmonyInputError(field, f"must be a ToolDefinition, got {type(tool).__name__}")
+        if not isinstance(tool.name, str) or not _TOOL_NAME.fullmatch(tool.name):
+            raise HarmonyInputError(f"{field}.name", f"must be 1-64 letters, digits, _ or -, got {tool.name!r}")
+        if tool.name in seen:
+            raise HarmonyInputError(f"{field}.name", f"duplicate tool name {tool.name!r}")
+        seen.add(tool.name)
+        if not isinstance(tool.description, str):
+            raise HarmonyInputError(f"{field}.description", "must be a string")
+        if tool.parameters is not None and not isinstance(tool.parameters, dict):
+            raise HarmonyInputError(f"{field}.parameters", "must be a JSON schema object (dict) or None")
+        descriptions.append(oh.ToolDescription.new(tool.name, tool.description, tool.parameters))
+    return descriptions
+
+
+def _split_instructions(messages: Sequence[Message]) -> tuple[list[str], list[Message]]:
+    """Validate `messages`; return the leading system/developer texts and the chat after them."""
+    if isinstance(messages, (str, bytes)) or not isinstance(messages, Sequence) or not messages:
+        raise HarmonyInputError("messages", "must be a non-empty list of messages")
+    instructions: list[str] = []
+    chat: list[Message] = []
+    for index, message in enumerate(messages):
+        field = f"messages[{index}]"
+        if not isinstance(message, Message):
+            raise HarmonyInputError(field, f"must be a Message, got {type(message).__name__}")
+        _check_message(message, field)
+        if message.role in _INSTRUCTION_ROLES:
+            if chat:
+                # Harmony has one system and one developer message, both before the chat.
+                raise HarmonyInputError(f"{field}.role", f"a {message.role} message must come before all "
+                                        "user, assistant and tool messages")
+            if message.content:
+                instructions.append(message.content)
+        else:
+            chat.append(message)
+    if not chat:
+        raise HarmonyInputError("messages", "needs at least one user, assistant or tool message")
+    return instructions, chat
+
+
+def _check_message(message: Message, field: str) -> None:
+    if message.role not in ROLES:
+        raise HarmonyInputError(f"{field}.role", f"must be one of {', '.join(ROLES)}, got {message.role!r}")
+    if not isinstance(message.content, str):
+        raise HarmonyInputError(f"{field}.content", f"must be a string, got {type(message.content).__name__}")
+    if message.channel is not None and message.channel not in CHANNELS:
+        raise HarmonyInputError(f"{field}.channel", f"must be one of {', '.join(CHANNELS)}, got {message.channel!r}")
+    for name in ("recipient", "content_type", "name"):
+        value = getattr(message, name)
+        if value is not None and (not isinstance(value, str) or not value or any(c.isspace() for c in value)):
+            raise HarmonyInputError(f"{field}.{name}", f"must be a non-empty string without spaces, got {value!r}")
+    if message.role == "tool" and message.name is None:
+        raise HarmonyInputError(f"{field}.name", "a tool message needs the tool's name, e.g. functions.get_weather")
+
+
+def _to_harmony(message: Message) -> oh.Message:
+    channel, recipient = message.channel, message.recipient
+    if message.role == "assistant" and channel is None:
+        channel = "commentary" if recipient else "final"
+    elif message.role == "tool":
+        channel = channel or "commentary"
+        recipient = recipient or "assistant"
+    author = oh.Author(role=oh.Role(message.role), name=message.name)
+    rendered = oh.Message.from_author_and_content(author, message.content)
+    if channel is not None:
+        rendered = rendered.with_channel(channel)
+    if recipient is not None:
+        rendered = rendered.with_recipient(recipient)
+    if message.content_type is not None:
+        rendered = rendered.with_content_type(message.content_type)
+    return rendered
