@@ -150,22 +150,20 @@ class ChatResponse(_message.Message):
     def __init__(self, delta: _Optional[_Union[ChatDelta, _Mapping]] = ..., complete: _Optional[_Union[ChatComplete, _Mapping]] = ...) -> None: ...
 
 class ChatDelta(_message.Message):
-    __slots__ = ("channel", "recipient", "content_type", "text", "raw", "message_end", "token_ids")
+    __slots__ = ("channel", "recipient", "content_type", "text", "raw", "message_end")
     CHANNEL_FIELD_NUMBER: _ClassVar[int]
     RECIPIENT_FIELD_NUMBER: _ClassVar[int]
     CONTENT_TYPE_FIELD_NUMBER: _ClassVar[int]
     TEXT_FIELD_NUMBER: _ClassVar[int]
     RAW_FIELD_NUMBER: _ClassVar[int]
     MESSAGE_END_FIELD_NUMBER: _ClassVar[int]
-    TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     channel: str
     recipient: str
     content_type: str
     text: str
     raw: bool
     message_end: bool
-    token_ids: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, channel: _Optional[str] = ..., recipient: _Optional[str] = ..., content_type: _Optional[str] = ..., text: _Optional[str] = ..., raw: _Optional[bool] = ..., message_end: _Optional[bool] = ..., token_ids: _Optional[_Iterable[int]] = ...) -> None: ...
+    def __init__(self, channel: _Optional[str] = ..., recipient: _Optional[str] = ..., content_type: _Optional[str] = ..., text: _Optional[str] = ..., raw: _Optional[bool] = ..., message_end: _Optional[bool] = ...) -> None: ...
 
 class ChatComplete(_message.Message):
     __slots__ = ("finish_reason", "usage")
