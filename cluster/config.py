@@ -47,7 +47,7 @@ class EngineConfig:
     default_max_tokens: int = 256
     # Least time between two chunks of one stream: tokens ready within it travel together,
     # because each message through Ray costs about 1 ms of CPU (see RAY-SERVE-NOTES).
-    chunk_interval_ms: float = 5.0
+    chunk_interval_ms: float = 10.0
     # torch intra-op threads per replica; 1 suits many concurrent small decodes on a small box.
     torch_threads: int = 1
 
