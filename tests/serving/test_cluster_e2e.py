@@ -264,3 +264,20 @@ def test_metrics_count_requests_codes_and_tokens(stub, frontdoor):
     assert delta("gptoss_frontdoor_time_to_first_token_seconds_count", method="Generate") == 3
     assert delta("gptoss_frontdoor_inter_token_latency_seconds_count", method="Generate") == 12
     assert value(after, "gptoss_frontdoor_requests_in_flight", method="Generate") == 0
+
+
+def test_replica_validates_too_and_its_typed_error_survives_ray(ray_serving):
+    """Defense in depth: a request that skipped the front door is refused by the engine, and the
+    error keeps its type and field across Ray, so the front door would still map it."""
+    from cluster.engine.errors import InvalidRequestError
+    from cluster.engine.request import GenerateRequest, SamplingParams
+    from cluster.frontdoor.errors import status_for
+
+    bad = GenerateRequest(prompt_token_ids=(1, 2, 999_999), sampling=SamplingParams(max_tokens=3))
+    with pytest.raises(Exception) as info:
+        for _ in ray_serving.handle.options(stream=True).generate.remote(bad):
+            pass
+    status = status_for(info.value)
+    assert status.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert status.field == "prompt_token_ids[2]"
+    assert isinstance(info.value, InvalidRequestError)
