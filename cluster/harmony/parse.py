@@ -5,9 +5,9 @@ The model continues a prompt that ends with `<|start|>assistant`, so its output 
     <|channel|>analysis<|message|>...<|end|><|start|>assistant<|channel|>final<|message|>...<|return|>
 
 or, for a tool call, `<|channel|>commentary to=functions.get_weather <|constrain|>json<|message|>{...}<|call|>`.
-StreamParser follows that structure with openai-harmony's StreamableParser (which parses the
-headers) and decodes message content itself, incrementally, so each chunk costs time in
-proportion to its own length.
+StreamParser hands each message header to a fresh openai-harmony StreamableParser, which works
+out role, channel, recipient and content type, and decodes the content itself, incrementally,
+so each chunk costs time in proportion to its own length and never re-reads earlier output.
 
 A model with random weights (the embedded default) emits no such structure. Whenever the
 output stops being plausible harmony, the parser switches for good to raw mode: every token
@@ -92,11 +92,12 @@ class StreamParser:
 
     def __init__(self, tokenizer: HarmonyTokenizer | None = None):
         self._tokenizer = tokenizer or load_tokenizer()
-        self._harmony = oh.StreamableParser(self._tokenizer._encoding, oh.Role.ASSISTANT, strict=True)
-        self._state = _State.HEADER
+        self._state = _State.HEADER  # the prompt ends with the first message's "<|start|>assistant"
         # Tokens of the header being read (with its <|start|>): nothing of them has been shown,
         # so they open the raw text if the header turns out to be garbage.
         self._unshown: list[int] = []
+        self._header_parser: oh.StreamableParser | None = oh.StreamableParser(
+            self._tokenizer._encoding, oh.Role.ASSISTANT, strict=True)
         self._header_opening_ok = False
         self._first_message = True
         self._channel: str | None = None
@@ -140,21 +141,17 @@ class StreamParser:
             if self._state is _State.CONTENT:
                 if token in STOP_TOKEN_IDS:
                     self._flush_content(content_run, deltas, final=True)
-                    self._harmony.process(token)
                     self._end_message(token, deltas)
                 else:
-                    self._harmony.process(token)
                     content_run.append(token)
             elif self._state is _State.HEADER:
                 if not self._read_header_token(token):
                     self._switch_to_raw(ids[index + 1:], deltas)
                     break
             elif self._state is _State.EXPECT_START:
-                if token != START_ID:
+                if token != START_ID or not self._begin_header(token):
                     self._switch_to_raw(ids[index:], deltas)
                     break
-                self._harmony.process(token)
-                self._begin_header(token)
             else:
                 self._emit_raw(ids[index:], deltas)
                 break
@@ -182,10 +179,16 @@ class StreamParser:
 
     # -- header ------------------------------------------------------------------------------
 
-    def _begin_header(self, start_token: int | None) -> None:
+    def _begin_header(self, start_token: int) -> bool:
+        """A <|start|> opened the next message; False if openai-harmony rejects it."""
+        self._header_parser = oh.StreamableParser(self._tokenizer._encoding, None, strict=True)
         self._state = _State.HEADER
-        self._unshown = [] if start_token is None else [start_token]
+        self._unshown = []
         self._header_opening_ok = False
+        if not self._process(start_token):
+            return False
+        self._unshown.append(start_token)
+        return True
 
     def _read_header_token(self, token: int) -> bool:
         """Take one header token; False when the header cannot be valid harmony."""
@@ -212,21 +215,26 @@ class StreamParser:
 
     def _begin_content(self) -> bool:
         """The header ended at <|message|>; False unless it names an assistant channel."""
-        harmony = self._harmony
-        if harmony.current_role is not oh.Role.ASSISTANT or harmony.current_channel not in CHANNELS:
+        header = self._header_parser
+        try:
+            role, channel = header.current_role, header.current_channel
+        except ValueError:  # a role openai-harmony does not know
             return False
-        self._channel = harmony.current_channel
-        self._recipient = harmony.current_recipient
-        self._content_type = harmony.current_content_type
+        if role is not oh.Role.ASSISTANT or channel not in CHANNELS:
+            return False
+        self._channel = channel
+        self._recipient = header.current_recipient
+        self._content_type = header.current_content_type
         self._state = _State.CONTENT
         self._unshown = []
         self._content_decoder = self._tokenizer.stream_decoder()
         self._content_parts = []
+        self._header_parser = None
         return True
 
     def _process(self, token: int) -> bool:
         try:
-            self._harmony.process(token)
+            self._header_parser.process(token)
         except oh.HarmonyError:
             return False
         return True
