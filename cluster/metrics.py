@@ -34,8 +34,8 @@ class FrontdoorMetrics:
             ["method"], buckets=_LATENCY_BUCKETS_S, registry=registry)
         self.inter_token_latency_seconds = Histogram(
             "gptoss_frontdoor_inter_token_latency_seconds",
-            "Time between consecutive tokens of a stream (a chunk of n tokens after t seconds "
-            "counts as n observations of t/n).",
+            "Time between consecutive tokens of a stream as clients see them (a chunk of n "
+            "tokens after t seconds counts as n observations of t/n).",
             ["method"], buckets=_LATENCY_BUCKETS_S, registry=registry)
         self.request_duration_seconds = Histogram(
             "gptoss_frontdoor_request_duration_seconds",

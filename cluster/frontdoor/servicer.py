@@ -145,11 +145,16 @@ class _Rpc:
         if not n_tokens:
             return
         now = time.perf_counter()
+        histogram = self.metrics.inter_token_latency_seconds.labels(self.method)
         if self._last_token_at is None:
+            # The first token's wait is time to first token; tokens that came with it waited 0.
             self.metrics.time_to_first_token_seconds.labels(self.method).observe(now - self.start)
+            for _ in range(n_tokens - 1):
+                histogram.observe(0.0)
         else:
+            # A chunk of n tokens after t seconds: n observations of t/n (one per completion
+            # token after the first, so the count is completion_tokens - 1 per stream).
             per_token = (now - self._last_token_at) / n_tokens
-            histogram = self.metrics.inter_token_latency_seconds.labels(self.method)
             for _ in range(n_tokens):
                 histogram.observe(per_token)
         self._last_token_at = now
