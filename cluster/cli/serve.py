@@ -74,10 +74,18 @@ def run(args: argparse.Namespace) -> int:
 
     from cluster.serving.runtime import start_serving
 
-    runtime = start_serving(config)
+    runtime = None
+    code = 0
     try:
+        runtime = start_serving(config)
         asyncio.run(_serve(runtime, config))
+    except KeyboardInterrupt:  # Ctrl-C before the server was up
+        pass
+    except OSError as err:  # e.g. the gRPC or metrics port is taken
+        print(f"gptoss-cluster serve: {err}", file=sys.stderr)
+        code = 1
     finally:
-        runtime.stop()
+        if runtime is not None:
+            runtime.stop()
     print("gptoss-cluster: stopped", flush=True)
-    return 0
+    return code

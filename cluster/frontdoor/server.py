@@ -47,7 +47,10 @@ class FrontdoorServer:
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
         address = f"{self._config.host}:{self._config.grpc_port}"
-        self.grpc_port = server.add_insecure_port(address)
+        try:
+            self.grpc_port = server.add_insecure_port(address)
+        except RuntimeError as err:  # grpc reports a port in use this way
+            raise OSError(f"cannot listen on {address}: {err}") from None
         if self.grpc_port == 0:
             raise OSError(f"cannot listen on {address}")
         await server.start()
