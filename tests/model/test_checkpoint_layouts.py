@@ -64,6 +64,8 @@ def test_config_files(checkpoint_dir):
     assert hf["model_type"] == "gpt_oss" and hf["quantization_config"]["quant_method"] == "mxfp4"
     index = json.loads((path / "model.safetensors.index.json").read_text())
     assert set(index["weight_map"].values()) == {f.name for f in path.glob("model-*.safetensors")}
+    on_disk = sum(t.numel() * t.element_size() for t in _disk(path).values())
+    assert index["metadata"]["total_size"] == on_disk == GptOssConfig.from_preset("tiny").checkpoint_bytes()
     original = json.loads((path / "original" / "config.json").read_text())
     # exactly the fields of the reference implementation's ModelConfig, so it loads with ModelConfig(**json)
     assert set(original) == {
