@@ -195,22 +195,36 @@ def _progress_bar(total: int, progress: bool | None, desc: str):
 
 def _write_shards(tensors: Iterable[tuple[str, torch.Tensor]], out_dir: Path, stem: str,
                   max_shard_bytes: int, bar, single_name: str | None = None) -> dict[str, str]:
-    """Group tensors into shards of at most `max_shard_bytes`; returns tensor name -> file name."""
-    shards: list[dict[str, torch.Tensor]] = [{}]
+    """Stream tensors into shards of at most `max_shard_bytes`; returns tensor name -> file name.
+
+    Each shard is saved as soon as it is full, under a temporary name, and renamed at the end
+    once the shard count (part of the HF file names) is known.
+    """
+    written: list[tuple[Path, list[str]]] = []
+    shard: dict[str, torch.Tensor] = {}
     size = 0
+
+    def flush() -> None:
+        tmp = out_dir / f".{stem}-{len(written) + 1:05d}.safetensors.partial"
+        save_file(shard, str(tmp), metadata={"format": "pt"})
+        written.append((tmp, list(shard)))
+        shard.clear()
+
     for name, t in tensors:
         nbytes = t.numel() * t.element_size()
-        if shards[-1] and size + nbytes > max_shard_bytes:
-            shards.append({})
+        if shard and size + nbytes > max_shard_bytes:
+            flush()
             size = 0
-        shards[-1][name] = t.contiguous()
+        shard[name] = t.contiguous()
         size += nbytes
         bar.update(nbytes)
+    if shard or not written:
+        flush()
     weight_map = {}
-    for i, shard in enumerate(shards):
-        fname = single_name if single_name and len(shards) == 1 else f"{stem}-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, str(out_dir / fname), metadata={"format": "pt"})
-        weight_map.update({name: fname for name in shard})
+    for i, (tmp, names) in enumerate(written):
+        fname = single_name if single_name and len(written) == 1 else f"{stem}-{i + 1:05d}-of-{len(written):05d}.safetensors"
+        tmp.replace(out_dir / fname)
+        weight_map.update({name: fname for name in names})
     return weight_map
 
 
@@ -227,12 +241,14 @@ def write_checkpoint(config: GptOssConfig, out_dir: str | os.PathLike, *, seed: 
         raise CheckpointError(f"layout must be one of {LAYOUTS}, got {layout!r}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    params = dict(_random_tensors(config, seed, mxfp4))
-    total = sum(t.numel() * t.element_size() for t in params.values())
+    total = config.checkpoint_bytes(mxfp4=mxfp4)
     targets = ["hf", "original"] if layout == "both" else [layout]
     for target in targets:
-        entries = _layout(config, target, mxfp4)
-        disk = ((name, piece) for e in entries for name, piece in zip(e.names, e.split(params[e.param])))
+        entries = {e.param: e for e in _layout(config, target, mxfp4)}
+        # Tensors are drawn again for each layout (same seed, same values) and streamed to the shards,
+        # so a large preset never holds more than a shard and a layer's experts in memory.
+        disk = ((name, piece) for param, t in _random_tensors(config, seed, mxfp4)
+                for name, piece in zip(entries[param].names, entries[param].split(t)))
         with _progress_bar(total, progress, f"writing {target} checkpoint") as bar:
             if target == "hf":
                 weight_map = _write_shards(disk, out, "model", max_shard_bytes, bar)

@@ -43,6 +43,9 @@ def test_logits_and_greedy_match_transformers(checkpoint_dir, preset, mxfp4):
     got = ours(ids, ours.new_cache(PROMPT_LEN))
     assert got.shape == expected.shape == (1, PROMPT_LEN, ours.config.vocab_size)
     assert (got - expected).abs().max().item() < 1e-4
+    # the original layout of the same weights, through our loader
+    original = load_model(path / "original")
+    assert (original(ids, original.new_cache(PROMPT_LEN)) - expected).abs().max().item() < 1e-4
 
     tokens = greedy(ours, ids[0].tolist(), NEW_TOKENS)
     with torch.no_grad():
