@@ -250,7 +250,7 @@ def to_dict(config: ClusterConfig) -> dict[str, Any]:
 
 
 def from_dict(data: Mapping[str, Any]) -> ClusterConfig:
-    """Rebuild a ClusterConfig from to_dict() output (how the config travels to replicas)."""
+    """Rebuild a ClusterConfig from to_dict() output (e.g. the args of a Serve config file)."""
     config = ClusterConfig()
     for path, value in _flatten(data).items():
         _set_path(config, path, value, "dict")
