@@ -1,0 +1,91 @@
+"""`gptoss-cluster serve`: Ray (local or joined), the model replicas, and the gRPC front door."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+
+from cluster.config import ConfigError, load_config
+
+log = logging.getLogger("cluster.cli.serve")
+
+# Flag -> config path; a flag left unset keeps what the YAML file or GPTOSS_* env vars say.
+FLAG_PATHS = {
+    "model": "model.path",
+    "preset": "model.preset",
+    "grpc_port": "frontdoor.grpc_port",
+    "metrics_port": "frontdoor.metrics_port",
+    "host": "frontdoor.host",
+    "address": "ray.address",
+    "replicas": "serving.replicas",
+    "log_level": "log_level",
+}
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("serve", help="serve a gpt-oss model over gRPC",
+                              description="Start (or join) Ray, deploy the model replicas and serve gptoss.v1 "
+                                          "over gRPC. With no model, a tiny checkpoint is built once into the cache.")
+    p.add_argument("--config", metavar="FILE", help="YAML configuration (see cluster/config.py)")
+    model = p.add_mutually_exclusive_group()
+    model.add_argument("--model", metavar="DIR", help="checkpoint directory (HF layout)")
+    model.add_argument("--preset", help="build and serve a preset checkpoint (default: tiny)")
+    p.add_argument("--grpc-port", type=int, help="gRPC port (default 50051; 0 picks a free one)")
+    p.add_argument("--metrics-port", type=int, help="Prometheus /metrics port (default 9464; -1 disables)")
+    p.add_argument("--host", help="interface to listen on (default 127.0.0.1)")
+    p.add_argument("--address", metavar="RAY_ADDRESS", help="join this Ray cluster instead of starting one")
+    p.add_argument("--replicas", type=int, help="model replicas (default 1)")
+    p.add_argument("--log-level", choices=("debug", "info", "warning", "error"), help="default warning")
+    p.set_defaults(func=run)
+
+
+async def _serve(runtime, config) -> None:
+    from cluster.frontdoor.server import FrontdoorServer
+
+    server = FrontdoorServer(runtime.handle, config.frontdoor)
+    await server.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    metrics = f"http://{config.frontdoor.host}:{server.metrics_port}/metrics" if server.metrics_port else "off"
+    print(f"gptoss-cluster: serving {server.info.model_name} | gRPC {server.grpc_target} | metrics {metrics}",
+          flush=True)
+    await stop.wait()
+    print("gptoss-cluster: shutting down", flush=True)
+    await server.stop()
+
+
+def run(args: argparse.Namespace) -> int:
+    from cluster import logs
+
+    overrides = {path: getattr(args, flag) for flag, path in FLAG_PATHS.items()}
+    if args.model:
+        overrides["model.preset"] = ""
+    try:
+        config = load_config(args.config, overrides=overrides)
+    except (ConfigError, OSError) as err:
+        print(f"gptoss-cluster serve: {err}", file=sys.stderr)
+        return 2
+    logs.configure(config.log_level)
+
+    from cluster.serving.runtime import start_serving
+
+    runtime = None
+    code = 0
+    try:
+        runtime = start_serving(config)
+        asyncio.run(_serve(runtime, config))
+    except KeyboardInterrupt:  # Ctrl-C before the server was up
+        pass
+    except OSError as err:  # e.g. the gRPC or metrics port is taken
+        print(f"gptoss-cluster serve: {err}", file=sys.stderr)
+        code = 1
+    finally:
+        if runtime is not None:
+            runtime.stop()
+    print("gptoss-cluster: stopped", flush=True)
+    return code

@@ -1,0 +1,257 @@
+"""The one typed configuration of a gptoss-cluster deployment.
+
+Sources, later ones winning: defaults (which work on the embedded path: local Ray, tiny model,
+CPU), a YAML file, environment variables `GPTOSS_<UPPER_PATH>` (e.g. `GPTOSS_SERVING_REPLICAS=2`,
+`GPTOSS_CACHE_DIR=/tmp/c`), then command-line flags. `validate()` names the field of any bad value.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import yaml
+
+ENV_PREFIX = "GPTOSS_"
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid; the message starts with "config: <field path>"."""
+
+
+@dataclass
+class ModelConfig:
+    # Checkpoint directory (HF layout). None: build the `preset` checkpoint once into the cache.
+    path: str | None = None
+    # Preset built when no path is given; "tiny" has the real vocabulary so chat works.
+    preset: str = "tiny"
+    # Name reported by GetModelInfo; empty: "gpt-oss-<preset>" or the checkpoint's directory name.
+    name: str = ""
+    # Compute dtype of the loaded weights.
+    dtype: str = "float32"
+
+
+@dataclass
+class EngineConfig:
+    # "torch" is the only engine so far.
+    kind: str = "torch"
+    # Requests one replica decodes at once; more get RESOURCE_EXHAUSTED.
+    max_active_requests: int = 32
+    # max_tokens when a request leaves it unset (capped by the context length).
+    default_max_tokens: int = 256
+    # Least time between two chunks of one stream: tokens ready within it travel together,
+    # because each message through Ray costs about 1 ms of CPU (see RAY-SERVE-NOTES).
+    chunk_interval_ms: float = 10.0
+    # torch intra-op threads per replica; 1 suits many concurrent small decodes on a small box.
+    torch_threads: int = 1
+
+
+@dataclass
+class ServingConfig:
+    # Ray Serve application name.
+    app_name: str = "gptoss"
+    # Model replicas (Serve deployment num_replicas).
+    replicas: int = 1
+    # CPUs reserved per replica; 0 lets replicas share a 2-core box with Ray's own processes.
+    num_cpus: float = 0.0
+    # GPUs per replica.
+    num_gpus: float = 0.0
+    # Requests Serve sends to one replica at once (Serve's max_ongoing_requests).
+    max_ongoing_requests: int = 32
+    # Requests waiting in a caller's queue before Serve rejects more (-1: unbounded).
+    max_queued_requests: int = 64
+    # Seconds Serve waits for in-flight requests when a replica stops.
+    graceful_shutdown_timeout_s: float = 5.0
+
+
+@dataclass
+class FrontdoorConfig:
+    # Interface the gRPC and metrics servers bind to.
+    host: str = "127.0.0.1"
+    # gRPC port (0: pick a free one).
+    grpc_port: int = 50051
+    # Prometheus /metrics port (0: pick a free one; -1: no metrics server).
+    metrics_port: int = 9464
+    # Seconds in-flight RPCs get to finish on shutdown.
+    grace_period_s: float = 5.0
+    # Concurrent RPCs the front door accepts before answering RESOURCE_EXHAUSTED.
+    max_concurrent_rpcs: int = 256
+
+
+@dataclass
+class RayConfig:
+    # Existing Ray cluster to join ("auto", "ray://host:10001", "host:6379"); None: start a local one.
+    address: str | None = None
+    # CPUs the local Ray advertises; None: the machine's core count.
+    num_cpus: int | None = None
+    # Ray's temp/session directory for a local cluster; None: Ray's default (/tmp/ray).
+    temp_dir: str | None = None
+
+
+@dataclass
+class ClusterConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    serving: ServingConfig = field(default_factory=ServingConfig)
+    frontdoor: FrontdoorConfig = field(default_factory=FrontdoorConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+    # Where built checkpoints are cached.
+    cache_dir: str = "~/.cache/gptoss-cluster"
+    # Log level of our own loggers (Ray and Serve stay at warning unless this is debug).
+    log_level: str = "warning"
+
+    def validate(self) -> "ClusterConfig":
+        """Raise ConfigError naming the first invalid field; return self when all are valid."""
+        checks = [
+            ("engine.kind", self.engine.kind in ("torch",), "must be 'torch'"),
+            ("engine.max_active_requests", self.engine.max_active_requests >= 1, "must be >= 1"),
+            ("engine.default_max_tokens", self.engine.default_max_tokens >= 1, "must be >= 1"),
+            ("engine.chunk_interval_ms", 0 <= self.engine.chunk_interval_ms <= 1000, "must be in [0, 1000]"),
+            ("engine.torch_threads", self.engine.torch_threads >= 1, "must be >= 1"),
+            ("model.dtype", self.model.dtype in ("float32", "bfloat16", "float16"),
+             "must be float32, bfloat16 or float16"),
+            ("model.preset", bool(self.model.preset) or self.model.path is not None,
+             "must be set when model.path is not"),
+            ("serving.replicas", self.serving.replicas >= 1, "must be >= 1"),
+            ("serving.num_cpus", self.serving.num_cpus >= 0, "must be >= 0"),
+            ("serving.num_gpus", self.serving.num_gpus >= 0, "must be >= 0"),
+            ("serving.max_ongoing_requests", self.serving.max_ongoing_requests >= 1, "must be >= 1"),
+            ("serving.max_queued_requests", self.serving.max_queued_requests >= -1, "must be >= -1"),
+            ("serving.graceful_shutdown_timeout_s", self.serving.graceful_shutdown_timeout_s >= 0, "must be >= 0"),
+            ("frontdoor.grpc_port", 0 <= self.frontdoor.grpc_port <= 65535, "must be in [0, 65535]"),
+            ("frontdoor.metrics_port", -1 <= self.frontdoor.metrics_port <= 65535, "must be in [-1, 65535]"),
+            ("frontdoor.grace_period_s", self.frontdoor.grace_period_s >= 0, "must be >= 0"),
+            ("frontdoor.max_concurrent_rpcs", self.frontdoor.max_concurrent_rpcs >= 1, "must be >= 1"),
+            ("ray.num_cpus", self.ray.num_cpus is None or self.ray.num_cpus >= 1, "must be >= 1"),
+            ("log_level", self.log_level in LOG_LEVELS, f"must be one of {', '.join(LOG_LEVELS)}"),
+        ]
+        for path, ok, rule in checks:
+            if not ok:
+                raise ConfigError(f"config: {path} {rule}, got {get_path(self, path)!r}")
+        return self
+
+    @property
+    def cache_path(self) -> Path:
+        return Path(self.cache_dir).expanduser()
+
+
+def get_path(config: Any, path: str) -> Any:
+    for part in path.split("."):
+        config = getattr(config, part)
+    return config
+
+
+def _field_paths(cls: type, prefix: str = "") -> dict[str, Any]:
+    """Map every leaf field's dotted path to its type."""
+    paths: dict[str, Any] = {}
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            paths.update(_field_paths(tp, f"{prefix}{f.name}."))
+        else:
+            paths[prefix + f.name] = tp
+    return paths
+
+
+FIELD_TYPES = _field_paths(ClusterConfig)
+
+
+def _coerce(path: str, value: Any, source: str) -> Any:
+    """Convert a YAML/env/flag value to the field's declared type, or raise ConfigError."""
+    tp = FIELD_TYPES[path]
+    args = typing.get_args(tp)
+    optional = isinstance(tp, types.UnionType) and type(None) in args
+    base = next(a for a in args if a is not type(None)) if optional else tp
+    if value is None or (optional and isinstance(value, str) and value.lower() in ("", "none", "null")):
+        if optional:
+            return None
+        raise ConfigError(f"config: {path} must not be empty ({source})")
+    try:
+        if base is bool:
+            if isinstance(value, str):
+                lowered = value.lower()
+                if lowered not in ("1", "0", "true", "false", "yes", "no", "on", "off"):
+                    raise ValueError(value)
+                return lowered in ("1", "true", "yes", "on")
+            return bool(value)
+        if base is int and isinstance(value, float) and not value.is_integer():
+            raise ValueError(value)
+        if base is int and isinstance(value, bool):
+            raise ValueError(value)
+        return base(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"config: {path} must be {base.__name__}, got {value!r} ({source})") from None
+
+
+def _set_path(config: ClusterConfig, path: str, value: Any, source: str) -> None:
+    if path not in FIELD_TYPES:
+        raise ConfigError(f"config: unknown field {path!r} ({source})")
+    *parents, leaf = path.split(".")
+    target: Any = config
+    for part in parents:
+        target = getattr(target, part)
+    setattr(target, leaf, _coerce(path, value, source))
+
+
+def _flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in data.items():
+        path = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            flat.update(_flatten(value, path + "."))
+        else:
+            flat[path] = value
+    return flat
+
+
+def env_var_name(path: str) -> str:
+    return ENV_PREFIX + path.replace(".", "_").upper()
+
+
+def load_config(
+    yaml_path: str | os.PathLike | None = None,
+    *,
+    env: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> ClusterConfig:
+    """Build the configuration: defaults < YAML file < GPTOSS_* env vars < overrides (flags).
+
+    `overrides` maps dotted paths ("serving.replicas") to values; None values are skipped so
+    unset command-line flags leave lower layers alone.
+    """
+    config = ClusterConfig()
+    if yaml_path is not None:
+        text = Path(yaml_path).read_text()
+        data = yaml.safe_load(text) or {}
+        if not isinstance(data, Mapping):
+            raise ConfigError(f"config: {yaml_path} must hold a mapping at the top level")
+        for path, value in _flatten(data).items():
+            _set_path(config, path, value, str(yaml_path))
+    env = os.environ if env is None else env
+    for path in FIELD_TYPES:
+        name = env_var_name(path)
+        if name in env:
+            _set_path(config, path, env[name], name)
+    for path, value in (overrides or {}).items():
+        if value is not None:
+            _set_path(config, path, value, "command line")
+    return config.validate()
+
+
+def to_dict(config: ClusterConfig) -> dict[str, Any]:
+    return dataclasses.asdict(config)
+
+
+def from_dict(data: Mapping[str, Any]) -> ClusterConfig:
+    """Rebuild a ClusterConfig from to_dict() output (e.g. the args of a Serve config file)."""
+    config = ClusterConfig()
+    for path, value in _flatten(data).items():
+        _set_path(config, path, value, "dict")
+    return config.validate()

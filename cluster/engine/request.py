@@ -1,0 +1,90 @@
+"""What travels between the front door, the replica and the engine: plain dataclasses."""
+
+from __future__ import annotations
+
+import enum
+import math
+from dataclasses import dataclass, field
+
+from cluster.engine.errors import InvalidRequestError
+
+MAX_TEMPERATURE = 100.0
+
+
+class FinishReason(str, enum.Enum):
+    STOP = "stop"  # a stop token was generated (and streamed)
+    LENGTH = "length"  # max_tokens reached or the context ran out
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    # None: the engine's default, capped by the context left after the prompt.
+    max_tokens: int | None = None
+    temperature: float = 0.0  # 0: greedy
+    top_p: float = 1.0  # 1: off
+    top_k: int = 0  # 0: off
+    seed: int | None = None
+    # None: the engine's default stop tokens (harmony's); () with ignore_stop means "none".
+    stop_token_ids: tuple[int, ...] | None = None
+    ignore_stop: bool = False
+
+
+@dataclass(frozen=True)
+class GenerateRequest:
+    prompt_token_ids: tuple[int, ...]
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    request_id: str = ""
+
+
+@dataclass(frozen=True)
+class TokenChunk:
+    """Tokens ready since the previous chunk; the last chunk of a stream has finish_reason set."""
+
+    token_ids: tuple[int, ...]
+    finish_reason: FinishReason | None = None
+    prompt_tokens: int = 0  # set on the last chunk
+    completion_tokens: int = 0  # set on the last chunk
+
+
+@dataclass(frozen=True)
+class ModelLimits:
+    vocab_size: int
+    context_length: int
+
+
+def validate_request(request: GenerateRequest, limits: ModelLimits) -> None:
+    """Raise InvalidRequestError naming the first bad field (names as in gptoss.v1 protos)."""
+    ids = request.prompt_token_ids
+    if not ids:
+        raise InvalidRequestError("prompt_token_ids", "must not be empty")
+    for i, token in enumerate(ids):
+        if not 0 <= token < limits.vocab_size:
+            raise InvalidRequestError(
+                f"prompt_token_ids[{i}]", f"{token} is outside the vocabulary [0, {limits.vocab_size})")
+    if len(ids) >= limits.context_length:
+        raise InvalidRequestError(
+            "prompt_token_ids", f"{len(ids)} tokens leave no room in the context length {limits.context_length}")
+    validate_sampling(request.sampling, len(ids), limits)
+
+
+def validate_sampling(sampling: SamplingParams, prompt_len: int, limits: ModelLimits,
+                      prefix: str = "sampling.") -> None:
+    room = limits.context_length - prompt_len
+    if sampling.max_tokens is not None:
+        if sampling.max_tokens < 1:
+            raise InvalidRequestError(f"{prefix}max_tokens", f"must be >= 1, got {sampling.max_tokens}")
+        if sampling.max_tokens > room:
+            raise InvalidRequestError(
+                f"{prefix}max_tokens",
+                f"{sampling.max_tokens} exceeds the {room} tokens left in the context length "
+                f"{limits.context_length} after a {prompt_len}-token prompt")
+    if not (math.isfinite(sampling.temperature) and 0.0 <= sampling.temperature <= MAX_TEMPERATURE):
+        raise InvalidRequestError(f"{prefix}temperature", f"must be in [0, {MAX_TEMPERATURE:g}], got {sampling.temperature}")
+    if not (math.isfinite(sampling.top_p) and 0.0 < sampling.top_p <= 1.0):
+        raise InvalidRequestError(f"{prefix}top_p", f"must be in (0, 1], got {sampling.top_p}")
+    if sampling.top_k < 0:
+        raise InvalidRequestError(f"{prefix}top_k", f"must be >= 0, got {sampling.top_k}")
+    for i, token in enumerate(sampling.stop_token_ids or ()):
+        if not 0 <= token < limits.vocab_size:
+            raise InvalidRequestError(
+                f"{prefix}stop_token_ids[{i}]", f"{token} is outside the vocabulary [0, {limits.vocab_size})")

@@ -1,0 +1,60 @@
+"""Every Prometheus metric of gptoss-cluster, defined once.
+
+Names follow the Prometheus guide: prefix `gptoss_`, subsystem, base units in the name
+(`_seconds`, `_tokens_total`), counters end in `_total`. Each front door owns one
+`FrontdoorMetrics` bound to a registry (the process default unless a test passes its own),
+served over HTTP by `serve_metrics`.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client.registry import REGISTRY
+
+# Latency buckets: from sub-millisecond (tiny model, CPU) to a minute (large prompts, cold replicas).
+_LATENCY_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+
+
+class FrontdoorMetrics:
+    """Metrics the gRPC front door records, one set per registry."""
+
+    def __init__(self, registry: CollectorRegistry = REGISTRY) -> None:
+        self.registry = registry
+        self.requests_total = Counter(
+            "gptoss_frontdoor_requests_total",
+            "RPCs finished, by method and gRPC status code.",
+            ["method", "code"], registry=registry)
+        self.requests_in_flight = Gauge(
+            "gptoss_frontdoor_requests_in_flight",
+            "RPCs being served now, by method.",
+            ["method"], registry=registry)
+        self.time_to_first_token_seconds = Histogram(
+            "gptoss_frontdoor_time_to_first_token_seconds",
+            "Time from receiving a streaming RPC to sending its first token.",
+            ["method"], buckets=_LATENCY_BUCKETS_S, registry=registry)
+        self.inter_token_latency_seconds = Histogram(
+            "gptoss_frontdoor_inter_token_latency_seconds",
+            "Time between consecutive tokens of a stream as clients see them (a chunk of n "
+            "tokens after t seconds counts as n observations of t/n).",
+            ["method"], buckets=_LATENCY_BUCKETS_S, registry=registry)
+        self.request_duration_seconds = Histogram(
+            "gptoss_frontdoor_request_duration_seconds",
+            "Time from receiving an RPC to its end, by method.",
+            ["method"], buckets=_LATENCY_BUCKETS_S, registry=registry)
+        self.prompt_tokens_total = Counter(
+            "gptoss_frontdoor_prompt_tokens_total",
+            "Prompt tokens of requests sent to the model, by method.",
+            ["method"], registry=registry)
+        self.completion_tokens_total = Counter(
+            "gptoss_frontdoor_completion_tokens_total",
+            "Tokens generated and streamed to clients, by method.",
+            ["method"], registry=registry)
+
+
+def serve_metrics(metrics: FrontdoorMetrics, host: str, port: int):
+    """Serve /metrics for `metrics` on host:port (0: a free port) from a daemon thread.
+
+    Returns the HTTP server: `server.server_address[1]` is the port, `server.shutdown()` stops it.
+    """
+    server, _thread = start_http_server(port, addr=host, registry=metrics.registry)
+    return server

@@ -1,0 +1,86 @@
+"""ModelReplica: the Ray Serve deployment that runs one copy of the model.
+
+It loads a checkpoint, wraps it in an engine and serves `generate` as an async generator of
+TokenChunk dataclasses (call it through a handle with `.options(stream=True)`); `stats()` and
+`model_info()` are plain methods on the same handle.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import AsyncIterator
+
+from ray import serve
+
+from cluster.config import ClusterConfig
+from cluster.engine.protocol import Engine, EngineStats
+from cluster.engine.request import GenerateRequest, TokenChunk
+from cluster.serving.model_info import ModelInfo, checkpoint_quantization
+from cluster.serving.model_store import ensure_preset_checkpoint
+
+log = logging.getLogger(__name__)
+
+
+def resolve_checkpoint(config: ClusterConfig) -> Path:
+    """The checkpoint directory to load: model.path, or the preset built into the cache."""
+    if config.model.path:
+        return Path(config.model.path).expanduser()
+    return ensure_preset_checkpoint(config.model.preset, config.cache_path)
+
+
+@serve.deployment(name="ModelReplica")
+class ModelReplica:
+    def __init__(self, config: ClusterConfig) -> None:
+        import torch
+
+        from cluster.engine.torch_engine import TorchEngine
+        from cluster.harmony.tokenizer import STOP_TOKEN_IDS
+        from cluster.model.checkpoint import load_model
+
+        logging.getLogger("cluster").setLevel(config.log_level.upper())
+        # Replicas share the box; intra-op threads beyond the cores a replica owns only contend.
+        torch.set_num_threads(config.engine.torch_threads)
+        path = resolve_checkpoint(config)
+        dtype = getattr(torch, config.model.dtype)
+        device = "cuda" if config.serving.num_gpus > 0 and torch.cuda.is_available() else "cpu"
+        model = load_model(path, dtype=dtype, device=device)
+        model.eval()
+        mc = model.config
+        self._engine: Engine = TorchEngine.for_model(
+            model,
+            stop_token_ids=STOP_TOKEN_IDS,
+            default_max_tokens=config.engine.default_max_tokens,
+            max_active_requests=config.engine.max_active_requests,
+            chunk_interval_s=config.engine.chunk_interval_ms / 1000.0,
+        )
+        preset = "" if config.model.path else config.model.preset
+        self._info = ModelInfo(
+            model_name=config.model.name or (f"gpt-oss-{preset}" if preset else path.name),
+            preset=preset,
+            vocab_size=mc.vocab_size,
+            context_length=mc.max_position_embeddings,
+            num_layers=mc.num_hidden_layers,
+            num_experts=mc.num_local_experts,
+            experts_per_token=mc.num_experts_per_tok,
+            quantization=checkpoint_quantization(path),
+            dtype=config.model.dtype,
+            engine=config.engine.kind,
+            replicas=config.serving.replicas,
+        )
+        log.info("replica ready: %s from %s on %s", self._info.model_name, path, device)
+
+    async def generate(self, request: GenerateRequest) -> AsyncIterator[TokenChunk]:
+        async for chunk in self._engine.generate(request):
+            yield chunk
+
+    def stats(self) -> EngineStats:
+        return self._engine.stats()
+
+    def model_info(self) -> ModelInfo:
+        return self._info
+
+    def check_health(self) -> None:
+        # The engine keeps no background state that can die apart from a request; a replica
+        # whose actor answers is healthy. (The batching engine will check its loop here.)
+        return None

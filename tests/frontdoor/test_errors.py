@@ -1,0 +1,68 @@
+"""The one status mapping: every internal error gets a canonical code and a safe message."""
+
+from __future__ import annotations
+
+import grpc
+import pytest
+from ray import exceptions as ray_exceptions
+from ray.serve.exceptions import BackPressureError
+
+from cluster.engine.errors import EngineOverloadedError, InvalidRequestError
+from cluster.frontdoor.errors import FieldError, status_for
+from cluster.harmony.render import HarmonyInputError
+
+
+def test_invalid_input_is_invalid_argument_naming_the_field():
+    status = status_for(InvalidRequestError("prompt_token_ids[3]", "250000 is outside the vocabulary [0, 201088)"))
+    assert status.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert status.message == "prompt_token_ids[3]: 250000 is outside the vocabulary [0, 201088)"
+    assert status.field == "prompt_token_ids[3]"
+    assert status_for(FieldError("messages", "must contain at least one message")).field == "messages"
+    harmony = status_for(HarmonyInputError("messages[2].channel", "must be one of analysis, commentary, final"))
+    assert (harmony.code, harmony.field) == (grpc.StatusCode.INVALID_ARGUMENT, "messages[2].channel")
+    assert harmony.message.startswith("messages[2].channel: ")
+
+
+def test_invalid_input_raised_in_a_replica_keeps_its_field():
+    cause = InvalidRequestError("sampling.max_tokens", "must be >= 1, got 0")
+    wrapped = ray_exceptions.RayTaskError("generate", "Traceback (most recent call last): ...", cause)
+    for err in (wrapped, wrapped.as_instanceof_cause()):
+        status = status_for(err)
+        assert (status.code, status.field) == (grpc.StatusCode.INVALID_ARGUMENT, "sampling.max_tokens")
+        assert "Traceback" not in status.message
+
+
+@pytest.mark.parametrize("err, code", [
+    (EngineOverloadedError(32, 32), grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (BackPressureError(num_queued_requests=64, max_queued_requests=64), grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (ray_exceptions.RayActorError(), grpc.StatusCode.UNAVAILABLE),
+    (ray_exceptions.ActorUnavailableError("gone", None), grpc.StatusCode.UNAVAILABLE),
+    (TimeoutError(), grpc.StatusCode.DEADLINE_EXCEEDED),
+    (ray_exceptions.TaskCancelledError(), grpc.StatusCode.CANCELLED),
+])
+def test_overload_failure_deadline_and_cancel_codes(err, code):
+    assert status_for(err).code == code
+
+
+def test_unexpected_errors_are_internal_without_details():
+    secret = RuntimeError("/home/me/secret.py line 3: KeyError 'password'")
+    wrapped = ray_exceptions.RayTaskError("generate", "Traceback (most recent call last): ...", secret)
+    for err in (secret, wrapped):
+        status = status_for(err, request_id="abc")
+        assert status.code == grpc.StatusCode.INTERNAL
+        assert status.message == "internal error (request abc); see server logs"
+
+
+def test_status_carries_a_bad_request_detail():
+    from google.rpc import error_details_pb2
+
+    grpc_status = status_for(InvalidRequestError("messages[0].role", "bad")).to_status()
+    assert grpc_status.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert grpc_status.details == "messages[0].role: bad"
+    key, value = grpc_status.trailing_metadata[0]
+    assert key == "grpc-status-details-bin"
+    from google.rpc import status_pb2
+
+    detail = status_pb2.Status.FromString(value).details[0]
+    bad = error_details_pb2.BadRequest()
+    assert detail.Unpack(bad) and bad.field_violations[0].field == "messages[0].role"

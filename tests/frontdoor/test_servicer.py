@@ -1,0 +1,180 @@
+"""The servicer's mapping through a real grpc.aio server and client, with the Serve handle
+replaced by a scripted replica (no Ray): harmony parsing into channels, cancellation of the
+downstream call, and error codes raised mid-stream."""
+
+from __future__ import annotations
+
+import asyncio
+
+import grpc
+import pytest
+from prometheus_client import CollectorRegistry
+from ray import exceptions as ray_exceptions
+
+from cluster.config import FrontdoorConfig
+from cluster.engine.errors import EngineOverloadedError
+from cluster.engine.request import FinishReason, TokenChunk
+from cluster.frontdoor.server import FrontdoorServer
+from cluster.harmony.tokenizer import load_tokenizer
+from cluster.metrics import FrontdoorMetrics
+from cluster.serving.model_info import ModelInfo
+from gptoss.v1 import inference_pb2 as pb
+from gptoss.v1 import inference_pb2_grpc as pb_grpc
+
+INFO = ModelInfo(model_name="scripted", preset="", vocab_size=201088, context_length=4096, num_layers=1,
+                 num_experts=1, experts_per_token=1, quantization="none", dtype="float32", engine="scripted",
+                 replicas=1)
+
+
+class ScriptedResponse:
+    """Stands in for a DeploymentResponseGenerator: yields scripted chunks, records cancel()."""
+
+    def __init__(self, chunks, *, delay_s=0.0, error=None):
+        self.chunks, self.delay_s, self.error = chunks, delay_s, error
+        self.cancelled = asyncio.Event()
+
+    def cancel(self):
+        self.cancelled.set()
+
+    async def __aiter__(self):
+        for chunk in self.chunks:
+            await asyncio.sleep(self.delay_s)
+            yield chunk
+        if self.error is not None:
+            raise self.error
+
+
+class ScriptedHandle:
+    def __init__(self, response_factory):
+        self.requests, self.responses = [], []
+        self._factory = response_factory
+        handle = self
+
+        class _Generate:
+            def remote(self, request):
+                handle.requests.append(request)
+                handle.responses.append(handle._factory(request))
+                return handle.responses[-1]
+
+        class _ModelInfo:
+            async def remote(self):
+                return INFO
+
+        self.generate, self.model_info = _Generate(), _ModelInfo()
+
+    def options(self, **kwargs):
+        return self
+
+
+def chunked(ids, size, finish=FinishReason.STOP, prompt_tokens=0):
+    pieces = [ids[i:i + size] for i in range(0, len(ids), size)]
+    chunks = [TokenChunk(tuple(p)) for p in pieces[:-1]]
+    chunks.append(TokenChunk(tuple(pieces[-1]), finish, prompt_tokens=prompt_tokens, completion_tokens=len(ids)))
+    return chunks
+
+
+async def with_server(handle, body):
+    server = FrontdoorServer(handle, FrontdoorConfig(grpc_port=0, metrics_port=-1), FrontdoorMetrics(CollectorRegistry()))
+    await server.start()
+    try:
+        async with grpc.aio.insecure_channel(server.grpc_target) as channel:
+            return await body(pb_grpc.InferenceStub(channel))
+    finally:
+        await server.stop(0.1)
+
+
+def test_chat_maps_harmony_output_to_channel_deltas():
+    completion = load_tokenizer().encode(
+        "<|channel|>analysis<|message|>User asks for the capital. Easy.<|end|>"
+        "<|start|>assistant<|channel|>final<|message|>Paris is the capital of France.<|return|>", allow_special=True)
+    handle = ScriptedHandle(lambda request: ScriptedResponse(
+        chunked(completion, 3, prompt_tokens=len(request.prompt_token_ids))))
+
+    async def body(stub):
+        request = pb.ChatRequest(messages=[pb.ChatMessage(role=pb.ROLE_USER, content="Capital of France?")],
+                                 reasoning_effort=pb.REASONING_EFFORT_HIGH)
+        return [r async for r in stub.Chat(request, timeout=10)]
+
+    responses = asyncio.run(with_server(handle, body))
+    deltas = [r.delta for r in responses if r.HasField("delta")]
+    text = {channel: "".join(d.text for d in deltas if d.channel == channel) for channel in ("analysis", "final")}
+    assert text == {"analysis": "User asks for the capital. Easy.", "final": "Paris is the capital of France."}
+    assert not any(d.raw for d in deltas)
+    assert [d.channel for d in deltas if d.message_end] == ["analysis", "final"]
+    complete = responses[-1].complete
+    assert complete.finish_reason == pb.FINISH_REASON_STOP
+    assert complete.usage.completion_tokens == len(completion)
+    # The replica got the rendered harmony prompt, with the requested reasoning effort in it.
+    prompt_text = load_tokenizer().decode(handle.requests[0].prompt_token_ids)
+    assert "Reasoning: high" in prompt_text and "Capital of France?" in prompt_text
+    assert prompt_text.endswith("<|start|>assistant")
+
+
+def test_chat_flags_output_that_is_not_harmony_as_raw():
+    tokenizer = load_tokenizer()
+    completion = tokenizer.encode("just some words, no structure at all")
+    handle = ScriptedHandle(lambda request: ScriptedResponse(chunked(completion, 2, FinishReason.LENGTH)))
+
+    async def body(stub):
+        request = pb.ChatRequest(messages=[pb.ChatMessage(role=pb.ROLE_USER, content="hi")])
+        return [r async for r in stub.Chat(request, timeout=10)]
+
+    responses = asyncio.run(with_server(handle, body))
+    deltas = [r.delta for r in responses if r.HasField("delta")]
+    assert all(d.raw and not d.channel for d in deltas)
+    assert "".join(d.text for d in deltas) == "just some words, no structure at all"
+    assert responses[-1].complete.finish_reason == pb.FINISH_REASON_LENGTH
+
+
+def test_generate_relays_chunks_and_maps_sampling():
+    handle = ScriptedHandle(lambda request: ScriptedResponse(chunked([7, 8, 9, 10, 11], 2, FinishReason.LENGTH, 3)))
+
+    async def body(stub):
+        sampling = pb.SamplingParams(max_tokens=5, temperature=0.5, top_p=0.8, top_k=7, seed=3, stop_token_ids=[11])
+        request = pb.GenerateRequest(prompt_token_ids=[1, 2, 3], sampling=sampling, request_id="r1")
+        return [r async for r in stub.Generate(request, timeout=10)]
+
+    responses = asyncio.run(with_server(handle, body))
+    assert [list(r.chunk.token_ids) for r in responses[:-1]] == [[7, 8], [9, 10], [11]]
+    assert responses[-1].complete.usage == pb.Usage(prompt_tokens=3, completion_tokens=5)
+    sent = handle.requests[0]
+    assert sent.request_id == "r1" and sent.prompt_token_ids == (1, 2, 3)
+    s = sent.sampling
+    assert (s.max_tokens, s.top_k, s.seed, s.stop_token_ids) == (5, 7, 3, (11,))
+    assert s.temperature == pytest.approx(0.5) and s.top_p == pytest.approx(0.8)
+
+
+def test_client_cancel_cancels_the_downstream_call():
+    endless = [TokenChunk((1,))] * 10_000
+    handle = ScriptedHandle(lambda request: ScriptedResponse(endless, delay_s=0.01))
+
+    async def body(stub):
+        call = stub.Generate(pb.GenerateRequest(prompt_token_ids=[1, 2]), timeout=10)
+        async for _ in call:
+            break
+        call.cancel()
+        await asyncio.wait_for(handle.responses[0].cancelled.wait(), timeout=1.0)
+        return True
+
+    assert asyncio.run(with_server(handle, body))
+
+
+@pytest.mark.parametrize("error, code", [
+    (ray_exceptions.RayActorError(), grpc.StatusCode.UNAVAILABLE),
+    (EngineOverloadedError(1, 1), grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (RuntimeError("secret internals"), grpc.StatusCode.INTERNAL),
+])
+def test_errors_mid_stream_end_with_their_status(error, code):
+    handle = ScriptedHandle(lambda request: ScriptedResponse([TokenChunk((1, 2))], error=error))
+
+    async def body(stub):
+        got = []
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            async for response in stub.Generate(pb.GenerateRequest(prompt_token_ids=[1]), timeout=10):
+                got.append(response)
+        return got, info.value
+
+    got, err = asyncio.run(with_server(handle, body))
+    assert [list(r.chunk.token_ids) for r in got] == [[1, 2]]
+    assert err.code() == code
+    assert "secret" not in err.details() and "Traceback" not in err.details()

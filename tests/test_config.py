@@ -1,0 +1,68 @@
+from __future__ import annotations
+
+import pytest
+
+from cluster.config import ClusterConfig, ConfigError, env_var_name, from_dict, load_config, to_dict
+
+
+def test_defaults_fit_the_embedded_path():
+    config = load_config(env={})
+    assert config.model.path is None and config.model.preset == "tiny"
+    assert (config.frontdoor.host, config.frontdoor.grpc_port, config.frontdoor.metrics_port) == (
+        "127.0.0.1", 50051, 9464)
+    assert config.serving.replicas == 1 and config.serving.num_cpus == 0.0
+    assert config.ray.address is None
+
+
+def test_layers_yaml_then_env_then_flags(tmp_path):
+    path = tmp_path / "cluster.yaml"
+    path.write_text("serving:\n  replicas: 2\n  num_cpus: 0.5\nfrontdoor:\n  grpc_port: 6000\nlog_level: info\n")
+    env = {"GPTOSS_SERVING_REPLICAS": "3", "GPTOSS_CACHE_DIR": "/tmp/x", "GPTOSS_RAY_ADDRESS": "auto"}
+    config = load_config(path, env=env, overrides={"serving.replicas": 4, "frontdoor.host": None})
+    assert config.serving.replicas == 4  # flag beats env beats YAML
+    assert config.serving.num_cpus == 0.5  # YAML beats default
+    assert config.frontdoor.grpc_port == 6000
+    assert config.frontdoor.host == "127.0.0.1"  # an unset flag keeps the lower layer
+    assert config.cache_dir == "/tmp/x" and config.ray.address == "auto"
+    assert config.log_level == "info"
+
+
+def test_env_var_names_follow_the_upper_path():
+    assert env_var_name("serving.replicas") == "GPTOSS_SERVING_REPLICAS"
+    assert env_var_name("frontdoor.grpc_port") == "GPTOSS_FRONTDOOR_GRPC_PORT"
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"serving.replicas": 0}, "config: serving.replicas must be >= 1, got 0"),
+    ({"frontdoor.grpc_port": 70000}, "config: frontdoor.grpc_port must be in [0, 65535], got 70000"),
+    ({"serving.num_cpus": -1}, "config: serving.num_cpus must be >= 0, got -1.0"),
+    ({"log_level": "loud"}, "config: log_level must be one of debug, info, warning, error, got 'loud'"),
+    ({"engine.chunk_interval_ms": 5000}, "config: engine.chunk_interval_ms must be in [0, 1000], got 5000.0"),
+])
+def test_invalid_values_fail_naming_the_field(overrides, message):
+    with pytest.raises(ConfigError) as info:
+        load_config(env={}, overrides=overrides)
+    assert str(info.value) == message
+
+
+def test_bad_types_and_unknown_keys_name_their_source(tmp_path):
+    with pytest.raises(ConfigError, match=r"config: serving.replicas must be int, got 'two' \(GPTOSS_SERVING_REPLICAS\)"):
+        load_config(env={"GPTOSS_SERVING_REPLICAS": "two"})
+    path = tmp_path / "c.yaml"
+    path.write_text("serving:\n  replica: 2\n")
+    with pytest.raises(ConfigError, match="unknown field 'serving.replica'"):
+        load_config(path, env={})
+    path.write_text("serving:\n  replicas: 1.5\n")
+    with pytest.raises(ConfigError, match="serving.replicas must be int"):
+        load_config(path, env={})
+
+
+def test_optional_fields_accept_none_from_env():
+    config = load_config(env={"GPTOSS_RAY_NUM_CPUS": "none", "GPTOSS_MODEL_PATH": "/ckpt"})
+    assert config.ray.num_cpus is None and config.model.path == "/ckpt"
+
+
+def test_round_trips_through_a_dict():
+    config = load_config(env={}, overrides={"serving.replicas": 2})
+    assert from_dict(to_dict(config)) == config
+    assert isinstance(from_dict(to_dict(ClusterConfig())), ClusterConfig)
