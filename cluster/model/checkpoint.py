@@ -42,6 +42,8 @@ DEFAULT_SHARD_BYTES = 4 << 30
 PROGRESS_MIN_BYTES = 256 << 20  # an automatic progress bar appears for loads at least this big
 
 _FLOAT_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
+_DTYPE_BYTES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
+                "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8}
 
 
 class CheckpointError(Exception):
@@ -290,16 +292,22 @@ def _read_header(path: Path) -> dict[str, _TensorInfo]:
         raise CheckpointError(f"{path}: cannot read ({err})") from err
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
         raise CheckpointError(f"{path}: corrupt safetensors header ({err})") from err
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: corrupt safetensors header (not a JSON object)")
     data_size = size - 8 - header_len
     infos = {}
     for name, meta in header.items():
         if name == "__metadata__":
             continue
         try:
-            begin, end = meta["data_offsets"]
-            dtype, shape = meta["dtype"], tuple(meta["shape"])
+            begin, end = (int(x) for x in meta["data_offsets"])
+            dtype, shape = meta["dtype"], tuple(int(x) for x in meta["shape"])
+            nbytes = math.prod(shape) * _DTYPE_BYTES[dtype]
         except (KeyError, TypeError, ValueError) as err:
             raise CheckpointError(f"{path}: corrupt safetensors header entry for tensor {name!r}") from err
+        if not 0 <= begin <= end or end - begin != nbytes:
+            raise CheckpointError(f"{path}: corrupt safetensors header: tensor {name!r} spans bytes {begin}..{end} "
+                                  f"but {dtype} {list(shape)} needs {nbytes}")
         if end > data_size:
             raise CheckpointError(f"{path}: truncated safetensors file: tensor {name!r} ends at byte {end} of the "
                                   f"data section, which holds only {data_size} bytes")
@@ -455,7 +463,8 @@ def load_model(path: str | os.PathLike, *, dtype: torch.dtype = torch.float32, d
     device = torch.device(device)
     with torch.device("meta"):
         model = GptOssModel(config, packed_experts=mx)
-    total = sum(math.prod(files.tensors[n].shape) * (1 if e.packed else 2) for e in entries for n in e.names)
+    total = sum(math.prod(files.tensors[n].shape) * _DTYPE_BYTES[files.tensors[n].dtype]
+                for e in entries for n in e.names)
     state = {}
     with _progress_bar(total, progress, f"loading {directory.name}") as bar:
         for e in entries:
