@@ -34,6 +34,7 @@ from safetensors.torch import safe_open, save_file
 
 from cluster.model import mxfp4
 from cluster.model.config import GptOssConfig
+from cluster.model.layers import RotaryEmbedding
 from cluster.model.transformer import GptOssModel
 
 LAYOUTS = ("hf", "original", "both")
@@ -441,6 +442,8 @@ def load_model(path: str | os.PathLike, *, dtype: torch.dtype = torch.float32, d
     HF config), or an `original/` folder. MXFP4 experts stay packed (uint8) and are unpacked per
     chosen expert in the forward pass, unless `dequantize` unpacks them all now into `dtype`.
     """
+    if not dtype.is_floating_point:
+        raise ValueError(f"dtype must be a floating point dtype, got {dtype}")
     layout, directory, config, mx_by_config = _find_layout(Path(path))
     index = directory / HF_INDEX
     files = _CheckpointFiles(directory, index if layout == "hf" and index.is_file() else None)
@@ -475,8 +478,6 @@ def load_model(path: str | os.PathLike, *, dtype: torch.dtype = torch.float32, d
     files.close()
     model.load_state_dict(state, strict=True, assign=True)
     # Buffers that are not in checkpoints (RoPE tables) were built on meta; build them for real.
-    from cluster.model.layers import RotaryEmbedding
-
     model.rope = RotaryEmbedding(config).to(device)
     if dequantize:
         model.dequantize_experts_()
