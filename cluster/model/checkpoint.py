@@ -473,7 +473,13 @@ def load_model(path: str | os.PathLike, *, dtype: torch.dtype = torch.float32, d
         for e in entries:
             pieces = [files.read(name, "cpu") for name in e.names]
             t = e.join(pieces)
-            state[e.param] = t.to(device=device, dtype=None if e.packed else dtype).contiguous()
+            if e.packed:
+                target = torch.uint8
+            elif e.param.endswith("norm.scale"):
+                target = torch.float32  # norms compute in float32; transformers keeps them float32 too
+            else:
+                target = dtype
+            state[e.param] = t.to(device=device, dtype=target).contiguous()
             bar.update(sum(p.numel() * p.element_size() for p in pieces))
     files.close()
     model.load_state_dict(state, strict=True, assign=True)

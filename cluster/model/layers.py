@@ -11,13 +11,14 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from cluster.model.config import GptOssConfig
 
 
 class RMSNorm(nn.Module):
-    """x / rms(x) * scale, computed in float32 whatever the activation dtype."""
+    """x / rms(x) * scale, computed in float32 whatever the activation dtype (scale stays float32)."""
 
     def __init__(self, dim: int, eps: float = 1e-5):
         super().__init__()
@@ -25,9 +26,7 @@ class RMSNorm(nn.Module):
         self.scale = nn.Parameter(torch.ones(dim, dtype=torch.float32))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        t = x.float()
-        t = t * torch.rsqrt(t.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (self.scale * t).to(x.dtype)
+        return F.rms_norm(x.float(), self.scale.shape, self.scale, self.eps).to(x.dtype)
 
 
 def yarn_inv_freq(config: GptOssConfig) -> tuple[torch.Tensor, float]:

@@ -73,7 +73,7 @@ class MoE(nn.Module):
         h = torch.bmm(w1, xs.unsqueeze(-1)).squeeze(-1) + self.gate_up_bias[idx]  # [S*A, 2I]
         h = swiglu(h, self.alpha, self.limit)  # [S*A, I]
         y = torch.bmm(w2, h.unsqueeze(-1)).squeeze(-1) + self.down_bias[idx]  # [S*A, H]
-        return (y.view(S, A, -1) * top_w.unsqueeze(-1)).sum(dim=1)  # [S, H]
+        return torch.bmm(top_w.unsqueeze(1), y.view(S, A, -1)).squeeze(1)  # weighted sum over A: [S, H]
 
     def _looped(self, x: torch.Tensor, top_idx: torch.Tensor, top_w: torch.Tensor) -> torch.Tensor:
         out = torch.zeros_like(x)
