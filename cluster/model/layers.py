@@ -26,7 +26,7 @@ class RMSNorm(nn.Module):
         self.scale = nn.Parameter(torch.ones(dim, dtype=torch.float32))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.rms_norm(x.float(), self.scale.shape, self.scale, self.eps).to(x.dtype)
+        return F.rms_norm(x.float(), self.scale.shape, self.scale.float(), self.eps).to(x.dtype)
 
 
 def yarn_inv_freq(config: GptOssConfig) -> tuple[torch.Tensor, float]:
