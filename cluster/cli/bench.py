@@ -29,8 +29,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     model.add_argument("--runs", type=int, default=5, help="timed runs per side (default: 5)")
     model.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's current)")
     model.add_argument("--packed", action="store_true",
-                       help="keep our MXFP4 experts packed (unpack per chosen expert) instead of dequantizing "
-                            "at load as transformers does on CPU")
+                       help="load our model as load_model does by default (MXFP4 experts stay packed; small "
+                            "layers keep a dense copy) instead of dequantizing at load as transformers does on CPU")
     model.set_defaults(func=_bench_model)
 
 

@@ -95,9 +95,16 @@ def test_mxfp4_experts_stay_packed_until_asked(checkpoint_dir, monkeypatch):
     # the same weights either way: unpacking is exact
     expected = dense(ids, dense.new_cache(30))
     assert torch.allclose(packed(ids, packed.new_cache(30)), expected, atol=1e-5, rtol=0)
-    # the per-expert loop (what large models and long prompts take) unpacks the same weights
+    assert mlp._dense is not None  # a layer this small keeps one dense copy beside the packed bytes
+    assert mlp.gate_up_blocks.dtype == torch.uint8 and "blocks.0.mlp.gate_up_blocks" in packed.state_dict()
+
+    # what big layers do: unpack the chosen experts on every call, gathered or in the per-expert loop
+    monkeypatch.setattr("cluster.model.moe.DENSE_CACHE_BYTES", 0)
+    fresh = load_model(path)
+    assert torch.allclose(fresh(ids, fresh.new_cache(30)), expected, atol=1e-5, rtol=0)
     monkeypatch.setattr("cluster.model.moe.GATHER_LIMIT", 0)
-    assert torch.allclose(packed(ids, packed.new_cache(30)), expected, atol=1e-5, rtol=0)
+    assert torch.allclose(fresh(ids, fresh.new_cache(30)), expected, atol=1e-5, rtol=0)
+    assert fresh.blocks[0].mlp._dense is None
 
 
 def test_bfloat16_load(checkpoint_dir):
