@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from cluster.engine.block_pool import BlockPool, KVBlock
-from cluster.engine.request import Request
+from cluster.engine.sequence import Sequence
 
 
 @dataclass(frozen=True)
@@ -173,7 +173,7 @@ class KVCacheManager:
 
     # --- prefix cache -----------------------------------------------------------------------------
 
-    def _block_hashes(self, request: Request, num_blocks: int) -> list[bytes]:
+    def _block_hashes(self, request: Sequence, num_blocks: int) -> list[bytes]:
         hashes = request.block_hashes
         bs = self.block_size
         while len(hashes) < num_blocks:
@@ -182,7 +182,7 @@ class KVCacheManager:
             hashes.append(hash_block(parent, request.all_token_ids[i * bs : (i + 1) * bs]))
         return hashes
 
-    def find_cached_prefix(self, request: Request) -> CachedPrefix:
+    def find_cached_prefix(self, request: Sequence) -> CachedPrefix:
         """Longest run of leading full blocks whose K/V every group can reuse (at least one token is left to compute)."""
         groups = self.spec.groups
         if not self.enable_prefix_caching:
@@ -208,7 +208,7 @@ class KVCacheManager:
         first = first_needed_block(num_blocks * self.block_size, window, self.block_size)
         return all(self.pool.lookup((group_index, hashes[i])) is not None for i in range(first, num_blocks))
 
-    def _publish_computed_blocks(self, request: Request) -> None:
+    def _publish_computed_blocks(self, request: Sequence) -> None:
         """Put blocks whose every token has K/V into the prefix cache."""
         if not self.enable_prefix_caching:
             return
@@ -222,7 +222,7 @@ class KVCacheManager:
 
     # --- allocation -------------------------------------------------------------------------------
 
-    def allocate_slots(self, request: Request, num_new_tokens: int, prefix: CachedPrefix | None = None) -> bool:
+    def allocate_slots(self, request: Sequence, num_new_tokens: int, prefix: CachedPrefix | None = None) -> bool:
         """Make room for `num_new_tokens` more tokens of `request`; False (and nothing changed) if the pool is short.
 
         `prefix` (only for a request that holds no blocks yet) is a hit from `find_cached_prefix`;
@@ -259,7 +259,7 @@ class KVCacheManager:
             table.extend(self.pool.allocate(n))
         return True
 
-    def _trim_out_of_window(self, request: Request) -> None:
+    def _trim_out_of_window(self, request: Sequence) -> None:
         """Sliding groups: swap blocks no query can reach any more for the null block and release them."""
         tables, trimmed = self.block_tables[request.request_id], self._num_trimmed[request.request_id]
         for g, group in enumerate(self.spec.groups):
@@ -272,7 +272,7 @@ class KVCacheManager:
             self.pool.release(dropped)
             trimmed[g] = max(trimmed[g], first)
 
-    def free(self, request: Request) -> None:
+    def free(self, request: Sequence) -> None:
         """Release all of a request's blocks (finished, aborted or preempted); computed full ones stay cached."""
         rid = request.request_id
         if rid not in self.block_tables:

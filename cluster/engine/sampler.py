@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from cluster.engine.request import SamplingParams, TokenLogprobs
+from cluster.engine.sequence import SamplingSettings, TokenLogprobs
 
 
 @dataclass
@@ -36,7 +36,7 @@ def apply_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Te
 
 class Sampler:
     def __call__(
-        self, logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator]
+        self, logits: torch.Tensor, params: list[SamplingSettings], generators: list[torch.Generator]
     ) -> SamplerOutput:
         """logits [S, V] (any float dtype) -> one token per row."""
         logits = logits.float()

@@ -15,7 +15,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from cluster.engine.kv_cache import KVCacheManager
-from cluster.engine.request import FinishReason, Request, RequestStatus, TokenLogprobs
+from cluster.engine.sequence import EndReason, Sequence, SequenceStatus, TokenLogprobs
 
 
 class EngineOverloaded(Exception):
@@ -52,7 +52,7 @@ class SchedulerConfig:
 class ScheduledChunk:
     """Compute tokens [start, start + num_tokens) of `request` this step."""
 
-    request: Request
+    request: Sequence
     start: int
     num_tokens: int
 
@@ -65,7 +65,7 @@ class ScheduledChunk:
 @dataclass
 class SchedulerOutput:
     chunks: list[ScheduledChunk] = field(default_factory=list)
-    preempted: list[Request] = field(default_factory=list)
+    preempted: list[Sequence] = field(default_factory=list)
 
     @property
     def num_batched_tokens(self) -> int:
@@ -76,34 +76,34 @@ class Scheduler:
     def __init__(self, config: SchedulerConfig, kv_cache: KVCacheManager):
         self.config = config
         self.kv_cache = kv_cache
-        self.waiting: deque[Request] = deque()
-        self.running: list[Request] = []  # in admission order
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []  # in admission order
         self.num_preemptions = 0
 
     @property
     def num_unfinished(self) -> int:
         return len(self.waiting) + len(self.running)
 
-    def add_request(self, request: Request) -> None:
+    def add_request(self, request: Sequence) -> None:
         """Queue a request, or refuse it at once (EngineOverloaded, RequestTooLong)."""
         if len(self.waiting) >= self.config.max_waiting_requests:
             raise EngineOverloaded(f"waiting queue full ({self.config.max_waiting_requests} requests)")
         longest = request.num_prompt_tokens + request.sampling_params.max_tokens
         if not self.kv_cache.fits_alone(longest, self.config.max_num_batched_tokens):
             raise RequestTooLong(f"{longest} tokens (prompt + max_tokens) cannot fit the KV cache")
-        request.status = RequestStatus.WAITING
+        request.status = SequenceStatus.WAITING
         self.waiting.append(request)
 
     def schedule(self) -> SchedulerOutput:
         budget = self.config.max_num_batched_tokens
         scheduled: dict[str, ScheduledChunk] = {}
-        preempted: list[Request] = []
+        preempted: list[Sequence] = []
 
         # 1. Running requests, oldest admission first: each gets what it still lacks, within budget.
         for request in list(self.running):
             if budget == 0:
                 break
-            if request.status is not RequestStatus.RUNNING:  # preempted earlier in this loop
+            if request.status is not SequenceStatus.RUNNING:  # preempted earlier in this loop
                 continue
             num_new = min(request.num_tokens - request.num_computed_tokens, budget)
             while not self.kv_cache.allocate_slots(request, num_new):
@@ -128,25 +128,25 @@ class Scheduler:
                 break
             self.waiting.popleft()
             request.num_computed_tokens = prefix.num_tokens
-            request.status = RequestStatus.RUNNING
+            request.status = SequenceStatus.RUNNING
             self.running.append(request)
             scheduled[request.request_id] = ScheduledChunk(request, prefix.num_tokens, num_new)
             budget -= num_new
 
         return SchedulerOutput(list(scheduled.values()), preempted)
 
-    def _preempt(self, request: Request) -> None:
+    def _preempt(self, request: Sequence) -> None:
         self.running.remove(request)
         self.kv_cache.free(request)
         request.num_computed_tokens = 0
-        request.status = RequestStatus.PREEMPTED
+        request.status = SequenceStatus.PREEMPTED
         request.num_preemptions += 1
         self.num_preemptions += 1
         self.waiting.appendleft(request)
 
     def update_from_output(
         self, output: SchedulerOutput, sampled: dict[str, tuple[int, TokenLogprobs | None]]
-    ) -> list[Request]:
+    ) -> list[Sequence]:
         """Advance computed-token counts, append sampled tokens; returns requests finished by this step.
 
         `sampled` maps request id -> (token id, logprobs) for every chunk with `samples` set.
@@ -154,7 +154,7 @@ class Scheduler:
         finished = []
         for chunk in output.chunks:
             request = chunk.request
-            if request.status is not RequestStatus.RUNNING:
+            if request.status is not SequenceStatus.RUNNING:
                 continue
             request.num_computed_tokens = chunk.start + chunk.num_tokens
             if not chunk.samples:
@@ -166,20 +166,20 @@ class Scheduler:
                 finished.append(request)
         return finished
 
-    def abort_request(self, request_id: str) -> Request | None:
+    def abort_request(self, request_id: str) -> Sequence | None:
         """Drop a request wherever it is and free its blocks; returns it, or None if unknown/finished."""
         for queue in (self.running, self.waiting):
             for request in queue:
                 if request.request_id == request_id:
-                    self._finish(request, FinishReason.ABORT)
+                    self._finish(request, EndReason.ABORT)
                     return request
         return None
 
-    def _finish(self, request: Request, reason: FinishReason) -> None:
+    def _finish(self, request: Sequence, reason: EndReason) -> None:
         if request in self.running:
             self.running.remove(request)
         else:
             self.waiting.remove(request)
         self.kv_cache.free(request)
-        request.status = RequestStatus.FINISHED
+        request.status = SequenceStatus.FINISHED
         request.finish_reason = reason

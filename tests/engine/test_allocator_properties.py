@@ -6,7 +6,7 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from cluster.engine.kv_cache import KVCacheManager, KVCacheSpec, LayerGroup
-from cluster.engine.request import FinishReason, Request, SamplingParams
+from cluster.engine.sequence import EndReason, Sequence, SamplingSettings
 from cluster.engine.scheduler import EngineOverloaded, Scheduler, SchedulerConfig
 
 SHARED_PREFIXES = [list(range(1, 33)), list(range(50, 70)), []]
@@ -19,12 +19,12 @@ operation = st.one_of(
 )
 
 
-def stand_in_token(request: Request) -> int:
+def stand_in_token(request: Sequence) -> int:
     """Deterministic 'model': the next token depends only on the sequence so far."""
     return (sum(request.all_token_ids) * 31 + request.num_tokens) % 97 + 1
 
 
-def step(scheduler: Scheduler, finished: list[Request]) -> None:
+def step(scheduler: Scheduler, finished: list[Sequence]) -> None:
     out = scheduler.schedule()
     assert out.num_batched_tokens <= scheduler.config.max_num_batched_tokens
     assert len(scheduler.running) <= scheduler.config.max_num_seqs
@@ -51,13 +51,13 @@ def test_no_block_leaks_or_double_frees(ops, num_blocks, block_size, window, bud
     spec = KVCacheSpec(block_size, 1, 2, (LayerGroup((1,), None), LayerGroup((0,), window)), torch.float32)
     kv = KVCacheManager(spec, num_blocks)
     scheduler = Scheduler(SchedulerConfig(max_num_seqs=6, max_num_batched_tokens=budget, max_waiting_requests=6), kv)
-    added: list[Request] = []
-    finished: list[Request] = []
+    added: list[Sequence] = []
+    finished: list[Sequence] = []
     for op in ops:
         if op[0] == "add":
             _, prefix, tail, max_tokens = op
-            request = Request(f"r{len(added)}", SHARED_PREFIXES[prefix] + list(range(200, 200 + tail)),
-                              SamplingParams(max_tokens=max_tokens))
+            request = Sequence(f"r{len(added)}", SHARED_PREFIXES[prefix] + list(range(200, 200 + tail)),
+                              SamplingSettings(max_tokens=max_tokens))
             try:
                 scheduler.add_request(request)
                 added.append(request)
@@ -79,17 +79,17 @@ def test_no_block_leaks_or_double_frees(ops, num_blocks, block_size, window, bud
             break
         step(scheduler, finished)
     assert scheduler.num_unfinished == 0
-    event(f"preempted: {scheduler.num_preemptions > 0}; aborted: {any(r.finish_reason is FinishReason.ABORT for r in finished)}; "
+    event(f"preempted: {scheduler.num_preemptions > 0}; aborted: {any(r.finish_reason is EndReason.ABORT for r in finished)}; "
           f"prefix hits: {kv.prefix_hit_tokens > 0}")
     assert kv.block_tables == {}
     assert kv.pool.num_free_blocks == kv.pool.num_usable_blocks, "leaked blocks"
     assert all(b.ref_count == 0 for b in kv.pool.blocks[1:])
     assert sorted(r.request_id for r in finished) == sorted(r.request_id for r in added), "each finishes exactly once"
     for request in finished:
-        if request.finish_reason is FinishReason.LENGTH:
+        if request.finish_reason is EndReason.LENGTH:
             assert len(request.output_token_ids) == request.sampling_params.max_tokens
             # Preempted or not, prefix hit or not, the tokens follow from the sequence alone.
-            replay = Request("replay", request.prompt_token_ids)
+            replay = Sequence("replay", request.prompt_token_ids)
             for token in request.output_token_ids:
                 assert token == stand_in_token(replay)
                 replay.output_token_ids.append(token)

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from cluster.engine.kv_cache import KVCacheManager, KVCacheSpec, LayerGroup
-from cluster.engine.request import Request
+from cluster.engine.sequence import Sequence
 
 
 def gpt_oss_like(num_layers: int) -> SimpleNamespace:
@@ -38,7 +38,7 @@ def small_manager(num_blocks=64, window=32, block_size=4, prefix_caching=True) -
     return KVCacheManager(spec, num_blocks, enable_prefix_caching=prefix_caching)
 
 
-def run_to(manager: KVCacheManager, request: Request, num_tokens: int, chunk: int = 1) -> None:
+def run_to(manager: KVCacheManager, request: Sequence, num_tokens: int, chunk: int = 1) -> None:
     """Pretend a model computed the request's tokens up to num_tokens, chunk by chunk."""
     while request.num_computed_tokens < num_tokens:
         n = min(chunk, num_tokens - request.num_computed_tokens)
@@ -49,7 +49,7 @@ def run_to(manager: KVCacheManager, request: Request, num_tokens: int, chunk: in
 
 def test_sliding_group_keeps_only_the_window():
     manager = small_manager(window=32, block_size=4)
-    request = Request("r", list(range(200)))
+    request = Sequence("r", list(range(200)))
     run_to(manager, request, 200, chunk=1)
     full, sliding = manager.block_tables["r"]
     assert len(full) == len(sliding) == 50
@@ -65,11 +65,11 @@ def test_sliding_group_keeps_only_the_window():
 def test_prefix_hit_reuses_blocks_of_a_finished_request():
     manager = small_manager(num_blocks=128, window=16, block_size=4)
     shared = list(range(1000, 1064))  # 64 tokens = 16 blocks
-    first = Request("a", shared + [1, 2, 3, 4, 5, 6])
+    first = Sequence("a", shared + [1, 2, 3, 4, 5, 6])
     run_to(manager, first, first.num_tokens, chunk=8)
     manager.free(first)
 
-    second = Request("b", shared + [7, 8, 9])
+    second = Sequence("b", shared + [7, 8, 9])
     prefix = manager.find_cached_prefix(second)
     assert prefix.num_tokens == 64
     full, sliding = prefix.blocks
@@ -83,20 +83,20 @@ def test_prefix_hit_reuses_blocks_of_a_finished_request():
 
 def test_prefix_hit_always_leaves_a_token_to_compute():
     manager = small_manager(block_size=4)
-    first = Request("a", list(range(16)))
+    first = Sequence("a", list(range(16)))
     run_to(manager, first, 16)
-    second = Request("b", list(range(16)))  # identical prompt, exactly 4 blocks
+    second = Sequence("b", list(range(16)))  # identical prompt, exactly 4 blocks
     assert manager.find_cached_prefix(second).num_tokens == 12
     manager.free(first)
 
 
 def test_shared_blocks_are_referenced_twice_and_survive_one_free():
     manager = small_manager(num_blocks=64, block_size=4)
-    first = Request("a", list(range(40)))
+    first = Sequence("a", list(range(40)))
     run_to(manager, first, 40, chunk=40)
     first.output_token_ids.append(7)
     assert manager.allocate_slots(first, 1)  # the next step publishes the blocks computed by the last one
-    second = Request("b", list(range(40)) + [99])
+    second = Sequence("b", list(range(40)) + [99])
     prefix = manager.find_cached_prefix(second)
     assert prefix.num_tokens == 40
     assert manager.allocate_slots(second, 1, prefix)
@@ -109,7 +109,7 @@ def test_shared_blocks_are_referenced_twice_and_survive_one_free():
 
 def test_allocation_fails_cleanly_when_pool_is_short():
     manager = small_manager(num_blocks=9, block_size=4)  # 8 usable
-    request = Request("r", list(range(20)))
+    request = Sequence("r", list(range(20)))
     assert not manager.allocate_slots(request, 20)  # needs 5 + 5 blocks
     assert "r" not in manager.block_tables and manager.pool.num_free_blocks == 8
     assert manager.allocate_slots(request, 16)
@@ -125,8 +125,8 @@ def test_fits_alone_accounts_for_window_and_chunk():
 
 def test_prefix_caching_off_never_hits():
     manager = small_manager(prefix_caching=False)
-    first = Request("a", list(range(30)))
+    first = Sequence("a", list(range(30)))
     run_to(manager, first, 30, chunk=30)
     manager.free(first)
-    assert manager.find_cached_prefix(Request("b", list(range(30)))).num_tokens == 0
+    assert manager.find_cached_prefix(Sequence("b", list(range(30)))).num_tokens == 0
     assert manager.pool.num_cached_blocks == 0

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from cluster.engine.kv_cache import KVCacheManager, KVCacheSpec, LayerGroup
-from cluster.engine.request import FinishReason, Request, RequestStatus, SamplingParams
+from cluster.engine.sequence import EndReason, Sequence, SequenceStatus, SamplingSettings
 from cluster.engine.scheduler import EngineOverloaded, RequestTooLong, Scheduler, SchedulerConfig
 
 
@@ -21,14 +21,14 @@ def fake_step(scheduler: Scheduler):
 
 
 def req(rid, n, max_tokens=4, **kw):
-    return Request(rid, list(range(100, 100 + n)), SamplingParams(max_tokens=max_tokens, **kw))
+    return Sequence(rid, list(range(100, 100 + n)), SamplingSettings(max_tokens=max_tokens, **kw))
 
 
 def test_long_prompt_is_chunked_and_decoders_run_every_step():
     s = make_scheduler(max_num_batched_tokens=64, max_num_seqs=8)
     s.add_request(req("decoder", 8, max_tokens=20))
     fake_step(s)  # decoder prefilled and sampled its first token
-    s.add_request(Request("long", list(range(1000, 1200)), SamplingParams(max_tokens=4)))
+    s.add_request(Sequence("long", list(range(1000, 1200)), SamplingSettings(max_tokens=4)))
     seen = []
     for _ in range(4):
         out, _ = fake_step(s)
@@ -57,7 +57,7 @@ def test_requests_finish_on_length_and_on_stop_token():
     for _ in range(5):
         finished += fake_step(s)[1]
     reasons = {r.request_id: (r.finish_reason, len(r.output_token_ids)) for r in finished}
-    assert reasons == {"length": (FinishReason.LENGTH, 3), "stop": (FinishReason.STOP, 1)}
+    assert reasons == {"length": (EndReason.LENGTH, 3), "stop": (EndReason.STOP, 1)}
     assert s.kv_cache.pool.num_free_blocks == s.kv_cache.pool.num_usable_blocks
 
 
@@ -72,7 +72,7 @@ def test_newest_is_preempted_when_blocks_run_out_and_later_recomputed():
         out, _ = fake_step(s)
         preempted += [r.request_id for r in out.preempted]
     assert preempted and set(preempted) <= {"r1", "r2"}, "the oldest request is never the victim"
-    assert all(r.output_token_ids == [5] * 24 and r.finish_reason is FinishReason.LENGTH for r in requests)
+    assert all(r.output_token_ids == [5] * 24 and r.finish_reason is EndReason.LENGTH for r in requests)
     assert s.num_preemptions == len(preempted)
     assert s.kv_cache.pool.num_free_blocks == s.kv_cache.pool.num_usable_blocks
 
@@ -100,8 +100,8 @@ def test_abort_frees_blocks_wherever_the_request_is():
     s.add_request(req("waiting", 10))
     fake_step(s)
     assert s.kv_cache.pool.num_used_blocks > 0
-    assert s.abort_request("running").finish_reason is FinishReason.ABORT
-    assert s.abort_request("waiting").status is RequestStatus.FINISHED
+    assert s.abort_request("running").finish_reason is EndReason.ABORT
+    assert s.abort_request("waiting").status is SequenceStatus.FINISHED
     assert s.abort_request("nobody") is None
     assert s.num_unfinished == 0 and s.kv_cache.pool.num_used_blocks == 0
     s.kv_cache.check_invariants()
@@ -110,10 +110,10 @@ def test_abort_frees_blocks_wherever_the_request_is():
 def test_second_request_with_shared_prefix_starts_from_the_hit():
     s = make_scheduler(block_size=4, max_num_batched_tokens=256)
     prefix = list(range(1, 65))
-    s.add_request(Request("a", prefix + [200, 201], SamplingParams(max_tokens=2)))
+    s.add_request(Sequence("a", prefix + [200, 201], SamplingSettings(max_tokens=2)))
     while s.num_unfinished:
         fake_step(s)
-    s.add_request(Request("b", prefix + [300], SamplingParams(max_tokens=2)))
+    s.add_request(Sequence("b", prefix + [300], SamplingSettings(max_tokens=2)))
     out, _ = fake_step(s)
     (chunk,) = out.chunks
     assert chunk.start == 64 and chunk.num_tokens == 1

@@ -1,6 +1,8 @@
-"""One generation request as the engine sees it: its tokens, sampling knobs and progress.
+"""One generation request as the batching engine sees it inside: a `Sequence` of tokens, its fully
+resolved sampling settings and its progress. (What crosses the replica boundary is
+`cluster.engine.request.GenerateRequest`; the engine turns it into a Sequence.)
 
-The engine has no prefill or decode phase. Each request carries `num_computed_tokens` (how many of
+The engine has no prefill or decode phase. Each sequence carries `num_computed_tokens` (how many of
 its tokens already have K/V in the cache) and the scheduler keeps handing it tokens until that count
 catches up with `num_tokens` (prompt + generated). A chunked prefill, a prefix-cache hit and a
 recompute after preemption are all just different starting points of that chase.
@@ -18,13 +20,13 @@ import torch
 HARMONY_STOP_TOKEN_IDS: tuple[int, ...] = (200002, 200007, 200012)
 
 
-class FinishReason(enum.Enum):
+class EndReason(enum.Enum):
     STOP = "stop"  # sampled one of the stop token ids
     LENGTH = "length"  # produced max_tokens
     ABORT = "abort"  # cancelled by the caller or the client went away
 
 
-class RequestStatus(enum.Enum):
+class SequenceStatus(enum.Enum):
     WAITING = "waiting"  # queued, no cache blocks held
     RUNNING = "running"  # holds blocks and is scheduled every step
     PREEMPTED = "preempted"  # lost its blocks; back in the waiting queue to be recomputed
@@ -32,8 +34,11 @@ class RequestStatus(enum.Enum):
 
 
 @dataclass(frozen=True)
-class SamplingParams:
-    """How to pick each next token. temperature 0 means greedy (top_k/top_p/seed are then unused)."""
+class SamplingSettings:
+    """How one sequence picks each next token, every default already resolved.
+
+    temperature 0 means greedy (top_k/top_p/seed are then unused).
+    """
 
     max_tokens: int = 256
     temperature: float = 1.0
@@ -75,16 +80,16 @@ _arrival_counter = itertools.count()
 
 
 @dataclass(eq=False)
-class Request:
+class Sequence:
     request_id: str
     prompt_token_ids: list[int]
-    sampling_params: SamplingParams = field(default_factory=SamplingParams)
+    sampling_params: SamplingSettings = field(default_factory=SamplingSettings)
 
     output_token_ids: list[int] = field(default_factory=list)
     output_logprobs: list[TokenLogprobs] = field(default_factory=list)
     num_computed_tokens: int = 0  # tokens whose K/V sit in the cache
-    status: RequestStatus = RequestStatus.WAITING
-    finish_reason: FinishReason | None = None
+    status: SequenceStatus = SequenceStatus.WAITING
+    finish_reason: EndReason | None = None
     num_preemptions: int = 0
     # Chained content hashes of this request's full blocks, extended lazily by the KV cache manager.
     block_hashes: list[bytes] = field(default_factory=list)
@@ -120,15 +125,15 @@ class Request:
 
     @property
     def is_finished(self) -> bool:
-        return self.status is RequestStatus.FINISHED
+        return self.status is SequenceStatus.FINISHED
 
-    def append_output_token(self, token_id: int, logprobs: TokenLogprobs | None = None) -> FinishReason | None:
+    def append_output_token(self, token_id: int, logprobs: TokenLogprobs | None = None) -> EndReason | None:
         """Record one sampled token; returns why the request is now finished, or None."""
         self.output_token_ids.append(token_id)
         if logprobs is not None:
             self.output_logprobs.append(logprobs)
         if token_id in self.sampling_params.stop_token_ids:
-            return FinishReason.STOP
+            return EndReason.STOP
         if len(self.output_token_ids) >= self.sampling_params.max_tokens:
-            return FinishReason.LENGTH
+            return EndReason.LENGTH
         return None
