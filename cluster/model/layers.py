@@ -1,0 +1,97 @@
+"""The small pieces of a gpt-oss block: RMSNorm, YaRN rotary embedding, clamped SwiGLU.
+
+Dimension letters used in this package's shape comments:
+    B batch, T new tokens this call, L cached + new tokens, H hidden size,
+    N query heads, K key/value heads, G query heads per kv head (N / K), D head dim,
+    E experts, A experts chosen per token (top-k), I expert intermediate size, V vocab, S tokens (B*T)
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from cluster.model.config import GptOssConfig
+
+
+class RMSNorm(nn.Module):
+    """x / rms(x) * scale, computed in float32 whatever the activation dtype."""
+
+    def __init__(self, dim: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.scale = nn.Parameter(torch.ones(dim, dtype=torch.float32))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        t = x.float()
+        t = t * torch.rsqrt(t.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (self.scale * t).to(x.dtype)
+
+
+def yarn_inv_freq(config: GptOssConfig) -> tuple[torch.Tensor, float]:
+    """YaRN ("NTK by parts") inverse frequencies [D/2] and the attention concentration.
+
+    Frequencies that rotate fewer than `beta_slow` times over the original context are
+    interpolated (divided by `factor`), those rotating more than `beta_fast` times are kept, and a
+    linear ramp blends the ones between. The concentration 0.1 ln(factor) + 1 multiplies cos and
+    sin, so it scales both q and k.
+    """
+    rope = config.rope_scaling
+    d, base, factor = config.head_dim, config.rope_theta, rope["factor"]
+    original_ctx = rope["original_max_position_embeddings"]
+    freq = base ** (torch.arange(0, d, 2, dtype=torch.float32) / d)  # [D/2]
+    if factor <= 1.0:
+        return 1.0 / freq, 1.0
+
+    def correction_dim(rotations: float) -> float:
+        return d * math.log(original_ctx / (rotations * 2 * math.pi)) / (2 * math.log(base))
+
+    low, high = correction_dim(rope["beta_fast"]), correction_dim(rope["beta_slow"])
+    if rope.get("truncate", False):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, d - 1)
+    if low == high:
+        high += 0.001
+    ramp = ((torch.arange(d // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
+    keep = 1 - ramp  # 1: extrapolate (original frequency), 0: interpolate
+    inv_freq = (1.0 / (factor * freq)) * (1 - keep) + (1.0 / freq) * keep
+    return inv_freq, 0.1 * math.log(factor) + 1.0
+
+
+class RotaryEmbedding(nn.Module):
+    """cos/sin tables [L, D/2] (concentration folded in), grown on demand, applied to halves of D."""
+
+    def __init__(self, config: GptOssConfig):
+        super().__init__()
+        inv_freq, self.concentration = yarn_inv_freq(config)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.register_buffer("cos", torch.empty(0, config.head_dim // 2), persistent=False)
+        self.register_buffer("sin", torch.empty(0, config.head_dim // 2), persistent=False)
+
+    def ensure(self, length: int, dtype: torch.dtype) -> None:
+        if self.cos.shape[0] >= length and self.cos.dtype == dtype:
+            return
+        t = torch.arange(length, dtype=torch.float32, device=self.inv_freq.device)
+        freqs = t[:, None] * self.inv_freq[None, :]  # [L, D/2]
+        self.cos = (freqs.cos() * self.concentration).to(dtype)
+        self.sin = (freqs.sin() * self.concentration).to(dtype)
+
+    def tables(self, start: int, length: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        self.ensure(start + length, dtype)
+        return self.cos[start : start + length], self.sin[start : start + length]
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate x [..., T, D] by position: the first and second halves of D form the pairs."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+
+
+def swiglu(x: torch.Tensor, alpha: float = 1.702, limit: float = 7.0) -> torch.Tensor:
+    """[..., 2I] -> [..., I]. Gate and linear are interleaved (even, odd); both clamped; linear + 1."""
+    gate, linear = x[..., ::2], x[..., 1::2]
+    gate = gate.clamp(max=limit)
+    linear = linear.clamp(min=-limit, max=limit)
+    return gate * torch.sigmoid(alpha * gate) * (linear + 1)

@@ -1,0 +1,100 @@
+"""Mixture of experts: a top-k router over local experts, each a clamped-SwiGLU MLP. No collectives.
+
+Shape letters are defined in layers.py (S tokens, H, E experts, A chosen per token, I).
+
+The router takes the top A of its E logits and softmaxes over those A only. Each expert is
+    gate_up [2I, H] (+ bias) -> swiglu -> [I] -> down [H, I] (+ bias)
+with gate and linear rows interleaved in gate_up. Expert weights are [E, out, in], the row layout
+of MXFP4, and are held either dense (in the model dtype) or packed (MXFP4 blocks and scales,
+uint8); packed experts are dequantized on the fly, only those a token chose.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cluster.model import mxfp4
+from cluster.model.config import GptOssConfig
+from cluster.model.layers import swiglu
+
+# Up to this many gathered weight elements per call, the chosen experts are gathered into one
+# batched matmul (no Python loop, no host sync); beyond it, a loop over experts avoids the copy.
+GATHER_LIMIT = 1 << 22
+
+
+class MoE(nn.Module):
+    def __init__(self, config: GptOssConfig, *, packed: bool = False):
+        super().__init__()
+        E, H, I = config.num_local_experts, config.hidden_size, config.intermediate_size
+        self.num_experts, self.top_k = E, config.num_experts_per_tok
+        self.alpha, self.limit = config.swiglu_alpha, config.swiglu_limit
+        self.packed = packed
+        self.router = nn.Linear(H, E, bias=True)
+        if packed:
+            u8 = torch.uint8
+            self.register_buffer("gate_up_blocks", torch.zeros(E, 2 * I, H // 32, 16, dtype=u8))
+            self.register_buffer("gate_up_scales", torch.zeros(E, 2 * I, H // 32, dtype=u8))
+            self.register_buffer("down_blocks", torch.zeros(E, H, I // 32, 16, dtype=u8))
+            self.register_buffer("down_scales", torch.zeros(E, H, I // 32, dtype=u8))
+        else:
+            self.gate_up_weight = nn.Parameter(torch.zeros(E, 2 * I, H))
+            self.down_weight = nn.Parameter(torch.zeros(E, H, I))
+        self.gate_up_bias = nn.Parameter(torch.zeros(E, 2 * I))
+        self.down_bias = nn.Parameter(torch.zeros(E, H))
+        self._matrix_elements = 3 * I * H  # gate_up + down, per expert
+
+    def expert_weights(self, idx: torch.Tensor | int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """gate_up [..., 2I, H] and down [..., H, I] of the experts `idx`, dense in `dtype`."""
+        if not self.packed:
+            return self.gate_up_weight[idx], self.down_weight[idx]
+        return (mxfp4.unpack(self.gate_up_blocks[idx], self.gate_up_scales[idx], dtype),
+                mxfp4.unpack(self.down_blocks[idx], self.down_scales[idx], dtype))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])  # [S, H]
+        S, A = x.shape[0], self.top_k
+        top_logits, top_idx = torch.topk(self.router(x), A, dim=-1)  # [S, A]
+        top_w = torch.softmax(top_logits, dim=-1)  # [S, A]
+
+        if S * A * self._matrix_elements <= GATHER_LIMIT:
+            out = self._gathered(x, top_idx, top_w)
+        else:
+            out = self._looped(x, top_idx, top_w)
+        return out.view(shape)
+
+    def _gathered(self, x: torch.Tensor, top_idx: torch.Tensor, top_w: torch.Tensor) -> torch.Tensor:
+        S, A = top_idx.shape
+        idx = top_idx.flatten()  # [S*A]
+        w1, w2 = self.expert_weights(idx, x.dtype)  # [S*A, 2I, H], [S*A, H, I]
+        xs = x.repeat_interleave(A, dim=0) if S > 1 else x.expand(A, -1)  # [S*A, H]
+        h = torch.bmm(w1, xs.unsqueeze(-1)).squeeze(-1) + self.gate_up_bias[idx]  # [S*A, 2I]
+        h = swiglu(h, self.alpha, self.limit)  # [S*A, I]
+        y = torch.bmm(w2, h.unsqueeze(-1)).squeeze(-1) + self.down_bias[idx]  # [S*A, H]
+        return (y.view(S, A, -1) * top_w.unsqueeze(-1)).sum(dim=1)  # [S, H]
+
+    def _looped(self, x: torch.Tensor, top_idx: torch.Tensor, top_w: torch.Tensor) -> torch.Tensor:
+        out = torch.zeros_like(x)
+        for e in torch.unique(top_idx).tolist():
+            rows, slot = torch.where(top_idx == e)
+            w1, w2 = self.expert_weights(e, x.dtype)
+            h = swiglu(F.linear(x[rows], w1, self.gate_up_bias[e]), self.alpha, self.limit)
+            y = F.linear(h, w2, self.down_bias[e])
+            out.index_add_(0, rows, y * top_w[rows, slot].unsqueeze(-1))
+        return out
+
+    def dequantize_(self) -> None:
+        """Replace packed experts by dense ones in the dtype of the biases, in place."""
+        if not self.packed:
+            return
+        dtype = self.gate_up_bias.dtype
+        w1 = torch.stack([mxfp4.unpack(self.gate_up_blocks[e], self.gate_up_scales[e], dtype)
+                          for e in range(self.num_experts)])
+        w2 = torch.stack([mxfp4.unpack(self.down_blocks[e], self.down_scales[e], dtype)
+                          for e in range(self.num_experts)])
+        for name in ("gate_up_blocks", "gate_up_scales", "down_blocks", "down_scales"):
+            delattr(self, name)
+        self.gate_up_weight, self.down_weight = nn.Parameter(w1, requires_grad=False), nn.Parameter(w2, requires_grad=False)
+        self.packed = False
