@@ -88,7 +88,7 @@ class Scheduler:
         """Queue a request, or refuse it at once (EngineOverloaded, RequestTooLong)."""
         if len(self.waiting) >= self.config.max_waiting_requests:
             raise EngineOverloaded(f"waiting queue full ({self.config.max_waiting_requests} requests)")
-        longest = request.num_prompt_tokens + request.sampling_params.max_tokens
+        longest = request.num_prompt_tokens + request.sampling.max_tokens
         if not self.kv_cache.fits_alone(longest, self.config.max_num_batched_tokens):
             raise RequestTooLong(f"{longest} tokens (prompt + max_tokens) cannot fit the KV cache")
         request.status = SequenceStatus.WAITING

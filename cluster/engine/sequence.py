@@ -83,7 +83,7 @@ _arrival_counter = itertools.count()
 class Sequence:
     request_id: str
     prompt_token_ids: list[int]
-    sampling_params: SamplingSettings = field(default_factory=SamplingSettings)
+    sampling: SamplingSettings = field(default_factory=SamplingSettings)
 
     output_token_ids: list[int] = field(default_factory=list)
     output_logprobs: list[TokenLogprobs] = field(default_factory=list)
@@ -101,8 +101,8 @@ class Sequence:
         self.prompt_token_ids = [int(t) for t in self.prompt_token_ids]
         # One generator per request, so what it samples never depends on its batch neighbours.
         self.generator = torch.Generator(device="cpu")
-        if self.sampling_params.seed is not None:
-            self.generator.manual_seed(self.sampling_params.seed)
+        if self.sampling.seed is not None:
+            self.generator.manual_seed(self.sampling.seed)
         else:
             self.generator.seed()
 
@@ -132,8 +132,8 @@ class Sequence:
         self.output_token_ids.append(token_id)
         if logprobs is not None:
             self.output_logprobs.append(logprobs)
-        if token_id in self.sampling_params.stop_token_ids:
+        if token_id in self.sampling.stop_token_ids:
             return EndReason.STOP
-        if len(self.output_token_ids) >= self.sampling_params.max_tokens:
+        if len(self.output_token_ids) >= self.sampling.max_tokens:
             return EndReason.LENGTH
         return None

