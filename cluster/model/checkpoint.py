@@ -314,7 +314,15 @@ class _CheckpointFiles:
             if not files:
                 raise CheckpointError(f"{directory}: no .safetensors files")
         for fname in files:
-            for name, info in _read_header(directory / fname).items():
+            try:
+                header = _read_header(directory / fname)
+            except CheckpointError as err:
+                if weight_map is None:
+                    raise
+                held = sorted(k for k, v in weight_map.items() if v == fname)
+                raise CheckpointError(f"{err}; per {index.name} it holds tensor {held[0]!r}"
+                                      + (f" and {len(held) - 1} more" if len(held) > 1 else "")) from err
+            for name, info in header.items():
                 if name in self.tensors:
                     raise CheckpointError(f"{info.file}: tensor {name!r} also appears in {self.tensors[name].file}")
                 self.tensors[name] = info
@@ -322,12 +330,14 @@ class _CheckpointFiles:
             for name, fname in weight_map.items():
                 if name not in self.tensors:
                     raise CheckpointError(f"{directory / fname}: missing tensor {name!r} (listed in {index.name})")
+        self.index = index
         self._open: dict[Path, object] = {}
 
     def check(self, name: str, shape: tuple[int, ...], packed: bool) -> _TensorInfo:
         info = self.tensors.get(name)
         if info is None:
-            raise CheckpointError(f"{self.directory}: missing tensor {name!r} (no .safetensors file holds it)")
+            where = self.index if self.index is not None else self.directory
+            raise CheckpointError(f"{where}: missing tensor {name!r} (no .safetensors file holds it)")
         if packed and info.dtype != "U8":
             raise CheckpointError(f"{info.file}: tensor {name!r} has dtype {info.dtype}, expected U8 (MXFP4)")
         if not packed and info.dtype not in _FLOAT_DTYPES:
@@ -393,7 +403,7 @@ def describe_checkpoint(path: str | os.PathLike) -> dict:
         "directory": str(directory),
         "config": config,
         "files": sorted({str(i.file.name) for i in files.tensors.values()}),
-        "tensor_bytes": sum(i.file.stat().st_size for i in {i.file: i for i in files.tensors.values()}.values()),
+        "file_bytes": sum(f.stat().st_size for f in {i.file for i in files.tensors.values()}),
         "mxfp4_tensors": quantized,
         "mxfp4_layers": layers,
     }

@@ -46,9 +46,10 @@ def unpack(blocks: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype = torc
     if blocks.shape[:-1] != scales.shape or blocks.shape[-1] != BYTES_PER_BLOCK:
         raise ValueError(f"MXFP4 blocks {tuple(blocks.shape)} do not match scales {tuple(scales.shape)}")
     pairs, powers = _tables(blocks.device)
-    values = pairs[blocks.long()]  # [..., R, G, 16, 2] -> the 32 values of each block in order
-    values = values.flatten(-2) * powers[scales.long()].unsqueeze(-1)  # exact: power-of-two scaling
-    return values.flatten(-2).to(dtype)
+    # index_select on flat indices: much faster on CPU than advanced indexing with a shaped index
+    values = pairs.index_select(0, blocks.flatten().int()).view(*scales.shape, BLOCK)  # [..., R, G, 32]
+    scale = powers.index_select(0, scales.flatten().int()).view(*scales.shape, 1)
+    return (values * scale).flatten(-2).to(dtype)  # exact: scaling by a power of two
 
 
 def pack(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
