@@ -45,7 +45,9 @@ class Sampler:
 
         greedy_rows = [i for i, p in enumerate(params) if p.greedy]
         random_rows = [i for i, p in enumerate(params) if not p.greedy]
-        if greedy_rows:
+        if len(greedy_rows) == S:  # all greedy: no row gather (a copy of [S, V])
+            token_ids = logits.argmax(dim=-1)
+        elif greedy_rows:
             token_ids[greedy_rows] = logits[greedy_rows].argmax(dim=-1)
         if random_rows:
             chosen = [params[i] for i in random_rows]
