@@ -7,6 +7,7 @@ import time
 
 import pytest
 import torch
+from engine_fixtures import engine_model, one_intra_op_thread  # noqa: F401  (fixtures)
 
 from cluster.engine.async_engine import AsyncEngine
 from cluster.engine.core import EngineConfig, EngineCore
@@ -21,11 +22,11 @@ def prompts_of(lengths, vocab, seed=0):
 
 
 @pytest.fixture
-def engine_factory(tiny_model):
+def engine_factory(engine_model):
     engines = []
 
     def make(**config):
-        engine = AsyncEngine(EngineCore(tiny_model("tiny-small-vocab"), EngineConfig(block_size=4, **config)))
+        engine = AsyncEngine(EngineCore(engine_model("tiny-small-vocab"), EngineConfig(block_size=4, **config)))
         engines.append(engine)
         return engine
 
@@ -42,8 +43,8 @@ async def collect(engine, prompt, settings, request_id=None):
     return tokens, chunks
 
 
-def test_streams_deliver_the_greedy_tokens_and_a_final_chunk(engine_factory, tiny_model):
-    model = tiny_model("tiny-small-vocab")
+def test_streams_deliver_the_greedy_tokens_and_a_final_chunk(engine_factory, engine_model):
+    model = engine_model("tiny-small-vocab")
     engine = engine_factory()
     prompts = prompts_of([5, 17, 40], model.config.vocab_size)
     settings = SamplingSettings(max_tokens=12, temperature=0.0, stop_token_ids=())
@@ -58,8 +59,8 @@ def test_streams_deliver_the_greedy_tokens_and_a_final_chunk(engine_factory, tin
         assert all(c.end_reason is None for c in chunks[:-1])
 
 
-def test_ten_times_the_queue_is_refused_promptly_and_the_rest_complete(engine_factory, tiny_model):
-    model = tiny_model("tiny-small-vocab")
+def test_ten_times_the_queue_is_refused_promptly_and_the_rest_complete(engine_factory, engine_model):
+    model = engine_model("tiny-small-vocab")
     engine = engine_factory(max_waiting_requests=4, max_num_seqs=2, max_num_batched_tokens=64)
     prompts = prompts_of([8 + i % 13 for i in range(40)], model.config.vocab_size, seed=1)
     settings = SamplingSettings(max_tokens=6, temperature=0.0, stop_token_ids=())
@@ -89,9 +90,9 @@ def test_ten_times_the_queue_is_refused_promptly_and_the_rest_complete(engine_fa
     assert engine.stats().num_waiting == 0 and engine.stats().kv_blocks_used == 0
 
 
-def test_refusal_is_immediate(engine_factory, tiny_model):
+def test_refusal_is_immediate(engine_factory, engine_model):
     engine = engine_factory(max_waiting_requests=1, max_num_seqs=1, max_num_batched_tokens=8)
-    prompt = prompts_of([30], tiny_model("tiny-small-vocab").config.vocab_size)[0]
+    prompt = prompts_of([30], engine_model("tiny-small-vocab").config.vocab_size)[0]
     long_run = SamplingSettings(max_tokens=200, temperature=0.0, stop_token_ids=())
 
     async def main():
@@ -112,9 +113,9 @@ def test_refusal_is_immediate(engine_factory, tiny_model):
     assert asyncio.run(main()) < 0.05
 
 
-def test_closing_a_stream_frees_its_blocks_at_the_next_step(engine_factory, tiny_model):
+def test_closing_a_stream_frees_its_blocks_at_the_next_step(engine_factory, engine_model):
     engine = engine_factory()
-    prompt = prompts_of([40], tiny_model("tiny-small-vocab").config.vocab_size)[0]
+    prompt = prompts_of([40], engine_model("tiny-small-vocab").config.vocab_size)[0]
 
     async def main():
         stream = engine.generate(prompt, SamplingSettings(max_tokens=500, temperature=0.0, stop_token_ids=()))
@@ -137,7 +138,7 @@ def test_closing_a_stream_frees_its_blocks_at_the_next_step(engine_factory, tiny
     engine.core.kv_cache.check_invariants()
 
 
-def test_request_that_cannot_fit_is_refused_before_queueing(engine_factory, tiny_model):
+def test_request_that_cannot_fit_is_refused_before_queueing(engine_factory, engine_model):
     engine = engine_factory(kv_cache_memory_bytes=1 << 16)
 
     async def main():

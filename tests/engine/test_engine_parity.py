@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from engine_fixtures import engine_model, one_intra_op_thread  # noqa: F401  (fixtures)
 
 from cluster.engine.core import EngineConfig, EngineCore, run_to_completion
 from cluster.engine.sequence import SamplingSettings, Sequence
@@ -27,8 +28,8 @@ MIXED_LENGTHS = [1, 2, 3, 5, 7, 8, 9, 12, 15, 16, 17, 20, 23, 24, 25, 31, 32, 33
 
 
 @pytest.mark.parametrize("preset", ["tiny", "tiny-small-vocab"])
-def test_every_sequence_alone_equals_among_31_others(tiny_model, preset):
-    model = tiny_model(preset)
+def test_every_sequence_alone_equals_among_31_others(engine_model, preset):
+    model = engine_model(preset)
     prompts = prompts_of(MIXED_LENGTHS, model.config.vocab_size)
     expected = [greedy(model, p, NEW_TOKENS) for p in prompts]
     # Small chunks and blocks, so prompts are prefilled over several steps beside decoding ones.
@@ -43,8 +44,8 @@ def test_every_sequence_alone_equals_among_31_others(tiny_model, preset):
         assert run_to_completion(alone, [Sequence("x", prompts[i], greedy_settings())])["x"] == expected[i]
 
 
-def test_preempted_sequences_are_recomputed_to_the_same_tokens(tiny_model):
-    model = tiny_model("tiny")
+def test_preempted_sequences_are_recomputed_to_the_same_tokens(engine_model):
+    model = engine_model("tiny")
     prompts = prompts_of([30, 41, 17, 52, 9, 60, 33, 25], model.config.vocab_size, seed=1)
     expected = [greedy(model, p, 24) for p in prompts]
     config = EngineConfig(block_size=4, max_num_seqs=8, max_num_batched_tokens=64)
@@ -62,8 +63,8 @@ def test_preempted_sequences_are_recomputed_to_the_same_tokens(tiny_model):
     assert core.kv_cache.pool.num_used_blocks == 0
 
 
-def test_shared_256_token_prefix_hits_the_cache_and_changes_nothing(tiny_model):
-    model = tiny_model("tiny")
+def test_shared_256_token_prefix_hits_the_cache_and_changes_nothing(engine_model):
+    model = engine_model("tiny")
     prefix, tail_a, tail_b = prompts_of([256, 11, 7], model.config.vocab_size, seed=2)
     config = EngineConfig(block_size=16, max_num_batched_tokens=128)
     cached = EngineCore(model, config)
@@ -80,8 +81,8 @@ def test_shared_256_token_prefix_hits_the_cache_and_changes_nothing(tiny_model):
     assert first == greedy(model, prefix + tail_a, NEW_TOKENS)
 
 
-def test_seeded_sampling_is_the_same_alone_and_in_a_busy_batch(tiny_model):
-    model = tiny_model("tiny-small-vocab")
+def test_seeded_sampling_is_the_same_alone_and_in_a_busy_batch(engine_model):
+    model = engine_model("tiny-small-vocab")
     prompt, *others = prompts_of([20, 5, 33, 12, 48, 7, 26], model.config.vocab_size, seed=3)
     settings = SamplingSettings(max_tokens=16, temperature=0.9, top_p=0.95, top_k=50, seed=42, stop_token_ids=())
     alone = run_to_completion(EngineCore(model, EngineConfig(block_size=4)), [Sequence("s", prompt, settings)])["s"]
@@ -96,8 +97,8 @@ def test_seeded_sampling_is_the_same_alone_and_in_a_busy_batch(tiny_model):
     assert other_seed != alone
 
 
-def test_stop_token_ends_the_sequence_and_is_returned(tiny_model):
-    model = tiny_model("tiny-small-vocab")
+def test_stop_token_ends_the_sequence_and_is_returned(engine_model):
+    model = engine_model("tiny-small-vocab")
     (prompt,) = prompts_of([12], model.config.vocab_size, seed=4)
     free_run = greedy(model, prompt, 8)
     stop = free_run[3]
@@ -108,8 +109,8 @@ def test_stop_token_ends_the_sequence_and_is_returned(tiny_model):
     assert seq.finish_reason.value == "stop"
 
 
-def test_logprobs_are_returned_per_token(tiny_model):
-    model = tiny_model("tiny-small-vocab")
+def test_logprobs_are_returned_per_token(engine_model):
+    model = engine_model("tiny-small-vocab")
     (prompt,) = prompts_of([10], model.config.vocab_size, seed=5)
     core = EngineCore(model, EngineConfig(block_size=4))
     seq = Sequence("s", prompt, SamplingSettings(max_tokens=3, temperature=0.0, logprobs=2, stop_token_ids=()))

@@ -1,4 +1,8 @@
-"""Tiny float32 gpt-oss models for the engine tests, built once per session."""
+"""Tiny float32 gpt-oss models for the engine tests, built once per session.
+
+A plain module rather than conftest.py: tests/model imports its conftest by name, and two
+conftest modules on sys.path would shadow each other. Test modules import these fixtures.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +14,7 @@ from cluster.model.config import GptOssConfig
 
 
 @pytest.fixture(scope="session")
-def tiny_model(tmp_path_factory):
+def engine_model(tmp_path_factory):
     """model(preset) -> a float32 GptOssModel from a freshly written MXFP4 checkpoint (experts dequantized)."""
     made = {}
 
