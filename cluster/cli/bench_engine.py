@@ -150,10 +150,11 @@ def run_engine_bench(args: argparse.Namespace) -> int:
 
     # --- 2. single-stream latency ----------------------------------------------------------------
     prompt = prompts[1][:64]
-    alone_config = EngineConfig(block_size=16, kv_cache_memory_bytes=64 << 20)
+    # One engine, built once like a replica's; no prefix caching, so every run computes the prompt.
+    alone = EngineCore(model, EngineConfig(block_size=16, kv_cache_memory_bytes=64 << 20, enable_prefix_caching=False))
 
     def engine_alone() -> list[int]:
-        return run_to_completion(EngineCore(model, alone_config), [Sequence("one", prompt, settings)])["one"]
+        return run_to_completion(alone, [Sequence("one", prompt, settings)])["one"]
 
     def plain_loop() -> list[int]:
         return greedy(model, prompt, n_new)
