@@ -33,6 +33,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                             "layers keep a dense copy) instead of dequantizing at load as transformers does on CPU")
     model.set_defaults(func=_bench_model)
 
+    from cluster.cli.bench_engine import add_engine_command  # the batching engine's benchmark lives apart
+
+    add_engine_command(commands)
+
 
 def _bench_model(args: argparse.Namespace) -> int:
     import torch

@@ -22,7 +22,7 @@ from cluster.model.layers import swiglu
 
 # Up to this many gathered weight elements per call, the chosen experts are gathered into one
 # batched matmul (no Python loop, no host sync); beyond it, a loop over experts avoids the copy.
-GATHER_LIMIT = 1 << 22
+GATHER_LIMIT = 1 << 19  # tiny preset on CPU: gathering wins up to ~10 tokens, looping beyond (measured)
 
 # A packed layer whose experts take at most this many bytes dense is unpacked once, on first use,
 # and the copy kept beside the packed bytes: tiny models decode at dense speed, big ones stay at
