@@ -65,8 +65,8 @@ class PagedBatch:
 def paged_forward(model: GptOssModel, batch: PagedBatch, cache: PagedKVCache) -> torch.Tensor:
     """Run the step, writing its K/V into `cache`; returns float32 logits [R, V] for `logits_indices`."""
     max_position = max(batch.context_lens)
-    model.rope.ensure(max_position, model.dtype)
-    cos, sin = model.rope.cos[batch.positions], model.rope.sin[batch.positions]  # [S, D/2]
+    cos_table, sin_table = model.rope.ensure(max_position, model.dtype)
+    cos, sin = cos_table[batch.positions], sin_table[batch.positions]  # [S, D/2]
     plan = _AttentionPlan(batch, cache.block_size)
     x = model.embedding(batch.input_ids)  # [S, H]
     for layer, block in enumerate(model.blocks):
