@@ -1,0 +1,158 @@
+"""EngineCore: the synchronous heart of the batching engine — add, step, abort, stats.
+
+One `step()` = schedule -> one paged forward over every scheduled token -> sample -> update.
+Nothing here is thread-safe; `async_engine.AsyncEngine` drives it from one background thread.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import dataclass
+
+import torch
+
+from cluster.engine.kv_cache import KVCacheManager, KVCacheSpec
+from cluster.engine.runner import ModelRunner
+from cluster.engine.scheduler import Scheduler, SchedulerConfig
+from cluster.engine.sequence import EndReason, Sequence, TokenLogprobs
+from cluster.model.transformer import GptOssModel
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    block_size: int = 16  # tokens per KV block
+    kv_cache_memory_bytes: int = 64 << 20  # K/V for all layers; sets the number of blocks
+    max_num_seqs: int = 32  # sequences in one forward pass
+    max_num_batched_tokens: int = 512  # tokens in one forward pass (the prefill chunk)
+    max_waiting_requests: int = 256  # queued beyond this -> EngineOverloaded
+    enable_prefix_caching: bool = True
+
+    def scheduler_config(self) -> SchedulerConfig:
+        return SchedulerConfig(self.max_num_seqs, self.max_num_batched_tokens, self.max_waiting_requests)
+
+
+@dataclass(frozen=True)
+class EngineCoreStats:
+    """A snapshot taken after each step; reading it costs one attribute access."""
+
+    num_waiting: int = 0
+    num_running: int = 0
+    kv_blocks_used: int = 0
+    kv_blocks_total: int = 0
+    prefix_cache_hit_rate: float = 0.0  # hit tokens / looked-up tokens since start
+    preemptions_total: int = 0
+    computed_tokens_total: int = 0  # tokens run through the model (prompts, recomputes, decodes)
+    generation_tokens_total: int = 0  # tokens sampled
+    generation_tokens_per_s: float = 0.0  # over the last few seconds
+    steps_total: int = 0
+
+    @property
+    def kv_cache_usage(self) -> float:
+        return self.kv_blocks_used / self.kv_blocks_total if self.kv_blocks_total else 0.0
+
+
+@dataclass(frozen=True)
+class StepOutput:
+    """One sequence's new token from a step (token_id None only for an abort)."""
+
+    request_id: str
+    token_id: int | None
+    logprobs: TokenLogprobs | None
+    end_reason: EndReason | None
+    num_prompt_tokens: int
+    num_output_tokens: int
+
+
+class EngineCore:
+    RATE_WINDOW_S = 5.0
+
+    def __init__(self, model: GptOssModel, config: EngineConfig = EngineConfig()):
+        self.model = model
+        self.config = config
+        self.spec = KVCacheSpec.from_model_config(model.config, config.block_size, dtype=model.dtype)
+        num_blocks = self.spec.num_blocks_for_budget(config.kv_cache_memory_bytes)
+        self.kv_cache = KVCacheManager(self.spec, num_blocks, config.enable_prefix_caching)
+        self.scheduler = Scheduler(config.scheduler_config(), self.kv_cache)
+        self.runner = ModelRunner(model, self.kv_cache)
+        self._recent: deque[tuple[float, int]] = deque()  # (time, tokens sampled) per step
+        self._computed_tokens = self._generation_tokens = self._steps = 0
+        self._live_ids: set[str] = set()  # requests added and not yet finished or aborted
+        self.stats = self._snapshot()
+
+    def add_request(self, seq: Sequence) -> None:
+        """Queue a sequence; raises EngineOverloaded (queue full) or RequestTooLong at once."""
+        vocab = self.model.config.vocab_size
+        if min(seq.prompt_token_ids) < 0 or max(seq.prompt_token_ids) >= vocab:
+            raise ValueError(f"prompt token ids must be in 0..{vocab - 1}")
+        if seq.request_id in self._live_ids:
+            raise ValueError(f"request id {seq.request_id!r} is already in the engine")
+        self.scheduler.add_request(seq)
+        self._live_ids.add(seq.request_id)
+        self.stats = self._snapshot()
+
+    def abort_request(self, request_id: str) -> StepOutput | None:
+        seq = self.scheduler.abort_request(request_id)
+        self._live_ids.discard(request_id)
+        self.stats = self._snapshot()
+        if seq is None:
+            return None
+        return StepOutput(request_id, None, None, EndReason.ABORT, seq.num_prompt_tokens, len(seq.output_token_ids))
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.num_unfinished > 0
+
+    @torch.inference_mode()
+    def step(self) -> list[StepOutput]:
+        scheduled = self.scheduler.schedule()
+        if not scheduled.chunks:
+            return []
+        sampled = self.runner.execute(scheduled)
+        self.scheduler.update_from_output(scheduled, sampled)
+        outputs = []
+        for chunk in scheduled.chunks:
+            seq = chunk.request
+            if seq.request_id not in sampled:
+                continue
+            token_id, logprobs = sampled[seq.request_id]
+            outputs.append(StepOutput(seq.request_id, token_id, logprobs, seq.finish_reason,
+                                      seq.num_prompt_tokens, len(seq.output_token_ids)))
+            if seq.finish_reason is not None:
+                self._live_ids.discard(seq.request_id)
+        self._steps += 1
+        self._computed_tokens += scheduled.num_batched_tokens
+        self._generation_tokens += len(outputs)
+        self._recent.append((time.monotonic(), len(outputs)))
+        self.stats = self._snapshot()
+        return outputs
+
+    def _snapshot(self) -> EngineCoreStats:
+        now = time.monotonic()
+        while self._recent and now - self._recent[0][0] > self.RATE_WINDOW_S:
+            self._recent.popleft()
+        rate = 0.0
+        if len(self._recent) > 1:
+            span = now - self._recent[0][0]
+            rate = sum(n for _, n in list(self._recent)[1:]) / span if span > 0 else 0.0
+        pool = self.kv_cache.pool
+        return EngineCoreStats(
+            num_waiting=len(self.scheduler.waiting),
+            num_running=len(self.scheduler.running),
+            kv_blocks_used=pool.num_used_blocks,
+            kv_blocks_total=pool.num_usable_blocks,
+            prefix_cache_hit_rate=self.kv_cache.prefix_cache_hit_rate,
+            preemptions_total=self.scheduler.num_preemptions,
+            computed_tokens_total=self._computed_tokens,
+            generation_tokens_total=self._generation_tokens,
+            generation_tokens_per_s=rate,
+            steps_total=self._steps,
+        )
+
+
+def run_to_completion(core: EngineCore, sequences: list[Sequence]) -> dict[str, list[int]]:
+    """Add `sequences` and step until all finish; returns request id -> generated tokens (tests, benchmarks)."""
+    for seq in sequences:
+        core.add_request(seq)
+    while core.has_unfinished():
+        core.step()
+    return {seq.request_id: list(seq.output_token_ids) for seq in sequences}
