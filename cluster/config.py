@@ -71,6 +71,42 @@ class ServingConfig:
 
 
 @dataclass
+class AuthConfig:
+    # API keys as "<tenant>:<key>" lines (# comments allowed), or a directory with one file per
+    # tenant holding its key(s) - what a Kubernetes Secret mounted as a volume looks like.
+    api_keys_file: str | None = None
+    # Environment variable read at start for more keys, same "<tenant>:<key>" form (comma- or
+    # newline-separated); the keys never enter this configuration object or any log.
+    api_keys_env: str = "GPTOSS_API_KEYS"
+    # Tenants allowed to call gptoss.v1.Admin (comma-separated).
+    admin_tenants: str = ""
+    # With no API keys configured, auth is off only on a loopback host; set this to serve
+    # unauthenticated on any other interface (behind a gateway that authenticates).
+    allow_unauthenticated: bool = False
+
+
+@dataclass
+class TlsConfig:
+    # PEM server certificate chain and private key; both or neither (plaintext).
+    cert_file: str | None = None
+    key_file: str | None = None
+    # PEM CA bundle: when set, clients must present a certificate it signed (mutual TLS).
+    client_ca_file: str | None = None
+
+
+@dataclass
+class LimitsConfig:
+    # Per-tenant token buckets (each tenant, and the anonymous caller when auth is off, has its
+    # own). 0 turns a limit off. A burst of 0 means one second's worth of the rate (at least 1).
+    requests_per_s: float = 0.0
+    request_burst: float = 0.0
+    # Tokens are prompt plus generated tokens, charged as they are used; a tenant in debt is
+    # refused new calls until its bucket refills.
+    tokens_per_s: float = 0.0
+    token_burst: float = 0.0
+
+
+@dataclass
 class FrontdoorConfig:
     # Interface the gRPC and metrics servers bind to.
     host: str = "127.0.0.1"
@@ -82,6 +118,9 @@ class FrontdoorConfig:
     grace_period_s: float = 5.0
     # Concurrent RPCs the front door accepts before answering RESOURCE_EXHAUSTED.
     max_concurrent_rpcs: int = 256
+    auth: AuthConfig = field(default_factory=AuthConfig)
+    tls: TlsConfig = field(default_factory=TlsConfig)
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
 
 
 @dataclass
@@ -128,6 +167,14 @@ class ClusterConfig:
             ("frontdoor.metrics_port", -1 <= self.frontdoor.metrics_port <= 65535, "must be in [-1, 65535]"),
             ("frontdoor.grace_period_s", self.frontdoor.grace_period_s >= 0, "must be >= 0"),
             ("frontdoor.max_concurrent_rpcs", self.frontdoor.max_concurrent_rpcs >= 1, "must be >= 1"),
+            ("frontdoor.tls.key_file", (self.frontdoor.tls.cert_file is None) == (self.frontdoor.tls.key_file is None),
+             "must be set exactly when frontdoor.tls.cert_file is"),
+            ("frontdoor.tls.client_ca_file", self.frontdoor.tls.client_ca_file is None
+             or self.frontdoor.tls.cert_file is not None, "needs frontdoor.tls.cert_file (mTLS is TLS)"),
+            ("frontdoor.limits.requests_per_s", self.frontdoor.limits.requests_per_s >= 0, "must be >= 0"),
+            ("frontdoor.limits.request_burst", self.frontdoor.limits.request_burst >= 0, "must be >= 0"),
+            ("frontdoor.limits.tokens_per_s", self.frontdoor.limits.tokens_per_s >= 0, "must be >= 0"),
+            ("frontdoor.limits.token_burst", self.frontdoor.limits.token_burst >= 0, "must be >= 0"),
             ("ray.num_cpus", self.ray.num_cpus is None or self.ray.num_cpus >= 1, "must be >= 1"),
             ("log_level", self.log_level in LOG_LEVELS, f"must be one of {', '.join(LOG_LEVELS)}"),
         ]

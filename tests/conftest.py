@@ -65,13 +65,13 @@ def ray_serving(serving_config):
 class BackgroundFrontdoor:
     """A FrontdoorServer running on its own event loop in a thread, so tests use plain gRPC."""
 
-    def __init__(self, handle, config, metrics) -> None:
+    def __init__(self, handle, config, metrics, **server_kwargs) -> None:
         from cluster.frontdoor.server import FrontdoorServer
 
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, name="frontdoor", daemon=True)
         self.thread.start()
-        self.server = FrontdoorServer(handle, config, metrics)
+        self.server = FrontdoorServer(handle, config, metrics, **server_kwargs)
         self.call(self.server.start())
 
     def call(self, coro, timeout: float = 120.0):

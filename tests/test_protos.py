@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import shutil
+import subprocess
+
 from cluster import protogen
 
 
@@ -22,19 +25,54 @@ def test_generated_package_mirrors_the_proto_package():
 
     assert inference_pb2.DESCRIPTOR.package == "gptoss.v1"
     assert set(inference_pb2.DESCRIPTOR.services_by_name["Inference"].methods_by_name) == {
-        "Generate", "Chat", "GetModelInfo"}
+        "Chat", "Generate", "Tokenize", "Detokenize", "GetModelInfo", "GetLoads"}
     assert hasattr(inference_pb2_grpc, "InferenceStub")
 
 
 def test_every_enum_starts_with_unspecified_and_every_field_is_documented():
-    text = (protogen.PROTO_ROOT / "gptoss/v1/inference.proto").read_text().splitlines()
     from gptoss.v1 import inference_pb2
 
     for enum in inference_pb2.DESCRIPTOR.enum_types_by_name.values():
         assert enum.values_by_number[0].name.endswith("_UNSPECIFIED"), enum.name
     # Each field or enum value line is directly preceded by a comment line.
-    for i, line in enumerate(text):
-        stripped = line.strip()
-        is_member = stripped.endswith(";") and "=" in stripped and not stripped.startswith(("syntax", "option"))
-        if is_member:
-            assert text[i - 1].strip().startswith("//"), f"line {i + 1} has no comment: {stripped}"
+    for proto in protogen.proto_files():
+        text = (protogen.PROTO_ROOT / proto).read_text().splitlines()
+        for i, line in enumerate(text):
+            stripped = line.strip()
+            is_member = stripped.endswith(";") and "=" in stripped and not stripped.startswith(("syntax", "option"))
+            if is_member:
+                assert text[i - 1].strip().startswith("//"), f"{proto} line {i + 1} has no comment: {stripped}"
+
+
+# ── buf: lint, and no breaking change against the committed v1 image (the compatibility baseline) ──
+
+BUF_IMAGE = protogen.PROTO_ROOT / "buf-image-v1.binpb"
+
+
+def _buf(*args: str, cwd=protogen.PROTO_ROOT) -> subprocess.CompletedProcess:
+    from tests.tooling import require_buf
+
+    return subprocess.run([require_buf(), *args], cwd=cwd, capture_output=True, text=True, timeout=120)
+
+
+def test_buf_lint_passes():
+    result = _buf("lint")
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_no_breaking_change_against_the_committed_v1_image():
+    result = _buf("breaking", "--against", str(BUF_IMAGE))
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_buf_breaking_catches_a_renumbered_field(tmp_path):
+    """The check above can fail: renumbering a field of a copy of the protos is reported."""
+    copy = tmp_path / "protos"
+    shutil.copytree(protogen.PROTO_ROOT, copy)
+    proto = copy / "gptoss" / "v1" / "inference.proto"
+    text = proto.read_text()
+    assert "  optional float temperature = 2;" in text
+    proto.write_text(text.replace("  optional float temperature = 2;", "  optional float temperature = 16;"))
+    result = _buf("breaking", "--against", str(BUF_IMAGE), cwd=copy)
+    assert result.returncode != 0
+    assert "temperature" in result.stdout + result.stderr

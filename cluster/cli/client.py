@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 DEFAULT_TARGET = "127.0.0.1:50051"
@@ -24,6 +25,7 @@ def register(subparsers) -> None:
 
     info = subparsers.add_parser("info", help="describe the served model")
     info.add_argument("--target", default=DEFAULT_TARGET, help=f"HOST:PORT (default {DEFAULT_TARGET})")
+    _auth(info)
     info.set_defaults(func=run_info)
 
 
@@ -33,6 +35,16 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--temperature", type=float, help="0 (default) is greedy")
     p.add_argument("--seed", type=int, help="sampling seed")
     p.add_argument("--timeout", type=float, default=300.0, help="deadline in seconds (default 300)")
+    _auth(p)
+
+
+def _auth(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--api-key", default=os.environ.get("GPTOSS_API_KEY"),
+                   help="API key sent as 'authorization: Bearer <key>' (default: $GPTOSS_API_KEY)")
+
+
+def _metadata(args) -> tuple:
+    return (("authorization", f"Bearer {args.api_key}"),) if getattr(args, "api_key", None) else ()
 
 
 def _sampling(args, pb):
@@ -72,15 +84,22 @@ def run_chat(args: argparse.Namespace) -> int:
     section = None  # what the last printed text belonged to
     with grpc.insecure_channel(args.target) as channel:
         try:
-            for response in pb_grpc.InferenceStub(channel).Chat(request, timeout=args.timeout):
+            for response in pb_grpc.InferenceStub(channel).Chat(request, timeout=args.timeout, metadata=_metadata(args)):
                 if response.HasField("complete"):
                     out.write("\n" if section else "")
                     print(_summary(response.complete, pb), file=sys.stderr)
                     continue
                 delta = response.delta
+                if delta.HasField("tool_call"):
+                    call = delta.tool_call
+                    out.write(f"\n── tool call {call.id}: {call.name}({call.arguments_json}) ──\n")
+                    section = None
+                    continue
                 if not delta.text:
                     continue
-                label = "raw output (not harmony; shown unparsed)" if delta.raw else delta.channel or "message"
+                channel = pb.Channel.Name(delta.channel).removeprefix("CHANNEL_").lower()
+                label = "raw output (not harmony; shown unparsed)" if delta.raw else \
+                    (channel if delta.channel else "message")
                 if delta.recipient:
                     label += f" to {delta.recipient}"
                 if label != section:
@@ -108,7 +127,7 @@ def run_generate(args: argparse.Namespace) -> int:
     request = pb.GenerateRequest(prompt_token_ids=tokens, sampling=_sampling(args, pb))
     with grpc.insecure_channel(args.target) as channel:
         try:
-            for response in pb_grpc.InferenceStub(channel).Generate(request, timeout=args.timeout):
+            for response in pb_grpc.InferenceStub(channel).Generate(request, timeout=args.timeout, metadata=_metadata(args)):
                 if response.HasField("chunk"):
                     print(" ".join(map(str, response.chunk.token_ids)), flush=True)
                 else:
@@ -126,7 +145,7 @@ def run_info(args: argparse.Namespace) -> int:
 
     with grpc.insecure_channel(args.target) as channel:
         try:
-            print(pb_grpc.InferenceStub(channel).GetModelInfo(pb.GetModelInfoRequest(), timeout=30), end="")
+            print(pb_grpc.InferenceStub(channel).GetModelInfo(pb.GetModelInfoRequest(), timeout=30, metadata=_metadata(args)), end="")
         except grpc.RpcError as err:
             return _fail("info", err)
     return 0

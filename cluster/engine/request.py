@@ -34,6 +34,13 @@ class GenerateRequest:
     prompt_token_ids: tuple[int, ...]
     sampling: SamplingParams = field(default_factory=SamplingParams)
     request_id: str = ""
+    # Client session (x-session-id): requests of one session prefer one replica (routing).
+    session_id: str = ""
+    # Tenant the front door authenticated (empty when auth is off).
+    tenant: str = ""
+    # Absolute deadline (time.time() seconds) of the client's call; None: no deadline.
+    # Wall-clock, not monotonic, because it crosses processes and hosts.
+    deadline_s: float | None = None
 
 
 @dataclass(frozen=True)
@@ -44,6 +51,7 @@ class TokenChunk:
     finish_reason: FinishReason | None = None
     prompt_tokens: int = 0  # set on the last chunk
     completion_tokens: int = 0  # set on the last chunk
+    cached_prompt_tokens: int = 0  # set on the last chunk by an engine with a prefix cache
 
 
 @dataclass(frozen=True)

@@ -1,82 +1,198 @@
-"""FrontdoorServer: the grpc.aio server with gptoss.v1.Inference, health and reflection.
+"""FrontdoorServer: the grpc.aio server with gptoss.v1.Inference, gptoss.v1.Admin, health and
+reflection, optional TLS/mTLS, API-key auth, per-tenant limits and drain.
 
-It asks the Serve application for its ModelInfo once at start (which also waits for a replica
-to be ready), reports SERVING through grpc.health.v1, and on stop reports NOT_SERVING, gives
-in-flight RPCs `grace_period_s` to finish, then cancels the rest (which cancels their
-downstream calls).
+At start it asks the Serve application for its ModelInfo (which also waits for a replica to be
+ready), decides whether auth is on (API keys configured; off only on a loopback host, or when
+explicitly allowed, and says so in the log), and reports SERVING for every service through
+grpc.health.v1. A drain (Admin.Drain, or stop()) turns health NOT_SERVING, refuses new calls
+with UNAVAILABLE and waits for calls in flight; stop() then cancels what is left.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import logging
+from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from ray.serve.handle import DeploymentHandle
 
-from cluster.config import FrontdoorConfig
-from cluster.frontdoor.servicer import InferenceServicer
+from cluster.config import ConfigError, FrontdoorConfig
+from cluster.frontdoor.admission import Admission, safe_deserializer
+from cluster.frontdoor.auth import ApiKeys, load_api_keys
+from cluster.frontdoor.limits import TenantLimits
+from cluster.frontdoor.servicer import InferenceServicer, fail
 from cluster.metrics import FrontdoorMetrics, serve_metrics
 from cluster.serving.model_info import ModelInfo
+from gptoss.v1 import admin_pb2, admin_pb2_grpc
 from gptoss.v1 import inference_pb2 as pb
-from gptoss.v1 import inference_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Inference"].full_name  # "gptoss.v1.Inference"
+ADMIN_SERVICE_NAME = admin_pb2.DESCRIPTOR.services_by_name["Admin"].full_name  # "gptoss.v1.Admin"
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def generic_handler(servicer, service) -> grpc.GenericRpcHandler:
+    """The service's method handlers, with a deserializer that hands an undecodable message to
+    the RPC (which answers INVALID_ARGUMENT) instead of grpc's bare INTERNAL."""
+    from google.protobuf import message_factory
+
+    handlers = {}
+    for method in service.methods:
+        request_class = message_factory.GetMessageClass(method.input_type)
+        response_class = message_factory.GetMessageClass(method.output_type)
+        make = grpc.unary_stream_rpc_method_handler if method.server_streaming else grpc.unary_unary_rpc_method_handler
+        handlers[method.name] = make(getattr(servicer, method.name),
+                                     request_deserializer=safe_deserializer(request_class),
+                                     response_serializer=response_class.SerializeToString)
+    return grpc.method_handlers_generic_handler(service.full_name, handlers)
+
+
+class AdminServicer(admin_pb2_grpc.AdminServicer):
+    def __init__(self, server: "FrontdoorServer") -> None:
+        self._server = server
+
+    async def Drain(self, request: admin_pb2.DrainRequest, context):
+        admission = self._server.admission
+        call, problem = admission.open("Drain", context)
+        try:
+            await admission.admit(call, problem, request, context, admin=True)
+            call.logger(log).warning("drain requested")
+            at_start = max(0, admission.in_flight - 1)
+            timeout = request.timeout_s if request.timeout_s > 0 else None
+            left = await self._server.drain(timeout, besides=1)
+            return admin_pb2.DrainResponse(in_flight_at_start=at_start, in_flight_at_end=left)
+        except Exception as err:  # noqa: BLE001 - every error leaves through errors.status_for
+            await fail(context, err, call, _NoBookkeeping())
+        finally:
+            admission.leave()
+
+
+class _NoBookkeeping:
+    code = grpc.StatusCode.UNKNOWN
 
 
 class FrontdoorServer:
     def __init__(self, handle: DeploymentHandle, config: FrontdoorConfig,
-                 metrics: FrontdoorMetrics | None = None) -> None:
+                 metrics: FrontdoorMetrics | None = None, *, api_keys: ApiKeys | None = None,
+                 default_max_tokens: int = 0, gpus_per_replica: float = 0.0) -> None:
+        """api_keys: the key table; None loads it from config.auth (file and environment)."""
         self._handle = handle
         self._config = config
         self.metrics = metrics or FrontdoorMetrics()
+        self._api_keys = api_keys
+        self._default_max_tokens = default_max_tokens
+        self._gpus_per_replica = gpus_per_replica
         self._server: grpc.aio.Server | None = None
         self._health = health.aio.HealthServicer()
         self._metrics_http = None
+        self.admission: Admission | None = None
         self.info: ModelInfo | None = None
         self.grpc_port: int | None = None
         self.metrics_port: int | None = None
+        self.auth_notice = ""
+
+    def _auth(self) -> ApiKeys | None:
+        keys = self._api_keys if self._api_keys is not None else load_api_keys(self._config.auth)
+        if len(keys):
+            self.auth_notice = f"auth: on ({len(keys.tenants)} tenants)"
+            return keys
+        if not (is_loopback(self._config.host) or self._config.auth.allow_unauthenticated):
+            raise ConfigError(f"config: frontdoor.auth: no API keys configured for host {self._config.host}; "
+                              "set frontdoor.auth.api_keys_file or $" + (self._config.auth.api_keys_env or "?")
+                              + ", or frontdoor.auth.allow_unauthenticated=true behind an authenticating gateway")
+        self.auth_notice = (f"auth: OFF - no API keys configured; every caller of {self._config.host} is trusted "
+                            "(including gptoss.v1.Admin)")
+        return None
+
+    def _credentials(self) -> grpc.ServerCredentials | None:
+        tls = self._config.tls
+        if tls.cert_file is None:
+            return None
+        client_ca = Path(tls.client_ca_file).read_bytes() if tls.client_ca_file else None
+        return grpc.ssl_server_credentials([(Path(tls.key_file).read_bytes(), Path(tls.cert_file).read_bytes())],
+                                           root_certificates=client_ca, require_client_auth=client_ca is not None)
 
     async def start(self) -> None:
+        api_keys = self._auth()
+        credentials = self._credentials()
         self.info = await self._handle.model_info.remote()
+        self.admission = Admission(api_keys, TenantLimits(self._config.limits))
         server = grpc.aio.server(maximum_concurrent_rpcs=self._config.max_concurrent_rpcs)
-        pb_grpc.add_InferenceServicer_to_server(InferenceServicer(self._handle, self.info, self.metrics), server)
+        inference = InferenceServicer(self._handle, self.info, self.metrics, self.admission,
+                                      default_max_tokens=self._default_max_tokens,
+                                      gpus_per_replica=self._gpus_per_replica)
+        server.add_generic_rpc_handlers((
+            generic_handler(inference, pb.DESCRIPTOR.services_by_name["Inference"]),
+            generic_handler(AdminServicer(self), admin_pb2.DESCRIPTOR.services_by_name["Admin"]),
+        ))
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
-        reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+        reflection.enable_server_reflection(
+            (SERVICE_NAME, ADMIN_SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
         address = f"{self._config.host}:{self._config.grpc_port}"
         try:
-            self.grpc_port = server.add_insecure_port(address)
+            if credentials is None:
+                self.grpc_port = server.add_insecure_port(address)
+            else:
+                self.grpc_port = server.add_secure_port(address, credentials)
         except RuntimeError as err:  # grpc reports a port in use this way
             raise OSError(f"cannot listen on {address}: {err}") from None
         if self.grpc_port == 0:
             raise OSError(f"cannot listen on {address}")
         await server.start()
         self._server = server
-        await self._health.set("", health_pb2.HealthCheckResponse.SERVING)
-        await self._health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
+        for service in ("", SERVICE_NAME, ADMIN_SERVICE_NAME):
+            await self._health.set(service, health_pb2.HealthCheckResponse.SERVING)
         if self._config.metrics_port >= 0:
             self._metrics_http = serve_metrics(self.metrics, self._config.host, self._config.metrics_port)
             self.metrics_port = self._metrics_http.server_address[1]
+        tls = "mTLS" if self._config.tls.client_ca_file else "TLS" if credentials else "plaintext"
+        log.warning("front door on %s (%s); %s", self.grpc_target, tls, self.auth_notice)
 
     @property
     def grpc_target(self) -> str:
         return f"{self._config.host}:{self.grpc_port}"
+
+    @property
+    def draining(self) -> bool:
+        return self.admission is not None and self.admission.draining
+
+    async def drain(self, timeout_s: float | None = None, *, besides: int = 0) -> int:
+        """NOT_SERVING, refuse new calls, wait for those in flight; returns how many are left."""
+        assert self.admission is not None
+        if not self.admission.draining:
+            self.admission.draining = True
+            await self._health.enter_graceful_shutdown()  # every service NOT_SERVING, no further changes
+            log.warning("draining: %d calls in flight", max(0, self.admission.in_flight - besides))
+        timeout = self._config.grace_period_s if timeout_s is None else timeout_s
+        return await self.admission.wait_idle(timeout, besides=besides)
 
     async def wait_for_termination(self) -> None:
         assert self._server is not None
         await self._server.wait_for_termination()
 
     async def stop(self, grace_s: float | None = None) -> None:
-        """Stop serving: NOT_SERVING, let in-flight RPCs finish within the grace period, close."""
+        """Drain within the grace period, cancel what is left, close."""
         if self._server is None:
             return
-        await self._health.enter_graceful_shutdown()
-        await self._server.stop(self._config.grace_period_s if grace_s is None else grace_s)
+        grace = self._config.grace_period_s if grace_s is None else grace_s
+        await self.drain(grace)
+        await self._server.stop(0.1)
         self._server = None
         if self._metrics_http is not None:
             self._metrics_http.shutdown()
             self._metrics_http.server_close()
             self._metrics_http = None
+

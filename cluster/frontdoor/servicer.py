@@ -1,29 +1,36 @@
 """InferenceServicer: the gptoss.v1.Inference RPCs.
 
-Each RPC validates its request (a bad field -> INVALID_ARGUMENT naming it), converts protos to
-the engine's dataclasses, forwards to the ModelReplica deployment through a DeploymentHandle
-with `.options(stream=True)`, relays the replica's token chunks, and in `finally` cancels the
-downstream call, so a client that cancels (or whose deadline passes) stops generation.
-Chat renders harmony messages into the prompt and parses the streamed tokens back into channels.
+Each RPC is admitted first (admission.py: request id, drain, auth, tenant budget), validates its
+request (every bad field becomes one BadRequest violation), converts protos to the engine's
+dataclasses, forwards to the ModelReplica deployment through a DeploymentHandle with
+`.options(stream=True)`, relays the replica's token chunks, and in `finally` cancels the
+downstream call, so a client that cancels (or whose deadline passes) stops generation. The
+call's deadline also travels with the request, so the replica stops on its own at that time.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
+import json
 import logging
 import time
-import uuid
 from typing import AsyncIterator
 
 import grpc
 from ray.serve.handle import DeploymentHandle
 
-from cluster.engine.request import (GenerateRequest, SamplingParams, TokenChunk, validate_request,
-                                    validate_sampling)
+from cluster.engine.errors import InvalidRequestError
+from cluster.engine.request import GenerateRequest, SamplingParams, TokenChunk, validate_request, validate_sampling
 from cluster.frontdoor import errors
-from cluster.harmony.parse import Delta, DeltaKind, StreamParser
-from cluster.harmony.render import Message, render_prompt
+from cluster.frontdoor.admission import Admission
+from cluster.frontdoor.call import CallInfo
+from cluster.frontdoor.chat_stream import ChatStream
+from cluster.frontdoor.loads import replica_load_to_proto, sample_loads
+from cluster.frontdoor.stops import StopMatcher
+from cluster.harmony.render import Message, ToolDefinition, render_prompt
+from cluster.harmony.tokenizer import FIRST_SPECIAL_ID, load_tokenizer
 from cluster.metrics import FrontdoorMetrics
 from cluster.serving.model_info import ModelInfo
 from gptoss.v1 import inference_pb2 as pb
@@ -33,15 +40,68 @@ log = logging.getLogger(__name__)
 
 ROLE_NAMES = {pb.ROLE_SYSTEM: "system", pb.ROLE_DEVELOPER: "developer", pb.ROLE_USER: "user",
               pb.ROLE_ASSISTANT: "assistant", pb.ROLE_TOOL: "tool"}
+CHANNEL_NAMES = {pb.CHANNEL_UNSPECIFIED: None, pb.CHANNEL_ANALYSIS: "analysis",
+                 pb.CHANNEL_COMMENTARY: "commentary", pb.CHANNEL_FINAL: "final"}
 REASONING_EFFORTS = {pb.REASONING_EFFORT_UNSPECIFIED: "medium", pb.REASONING_EFFORT_LOW: "low",
                      pb.REASONING_EFFORT_MEDIUM: "medium", pb.REASONING_EFFORT_HIGH: "high"}
 FINISH_REASONS = {"stop": pb.FINISH_REASON_STOP, "length": pb.FINISH_REASON_LENGTH}
 QUANTIZATIONS = {"mxfp4": pb.QUANTIZATION_MXFP4, "none": pb.QUANTIZATION_NONE}
 
+MAX_STOP_SEQUENCES, MAX_STOP_LENGTH, MAX_STOP_TOKEN_IDS = 16, 256, 64
+MAX_TOOLS = 128
+MAX_LOGPROBS = 20
+MAX_TEXT_BYTES = 1 << 20
+MAX_DETOKENIZE_IDS = 1 << 20
+LOADS_TIMEOUT_S = 5.0
+
 
 # ───────────────────────────── proto -> internal (with validation) ─────────────────────────────
 
-def sampling_from_proto(sampling: pb.SamplingParams) -> SamplingParams:
+class Violations:
+    """Collects bad fields so one INVALID_ARGUMENT names all of them."""
+
+    def __init__(self) -> None:
+        self.errors: list[InvalidRequestError] = []
+
+    def add(self, field: str, reason: str) -> None:
+        self.errors.append(errors.FieldError(field, reason))
+
+    @contextlib.contextmanager
+    def collect(self):
+        """Run a validator that stops at its first bad field; record that field and go on."""
+        try:
+            yield
+        except errors.FieldErrors as err:
+            self.errors.extend(err.errors)
+        except InvalidRequestError as err:
+            self.errors.append(err)
+        except ValueError as err:  # harmony's HarmonyInputError carries .field too
+            if getattr(err, "field", None) is None:
+                raise
+            self.errors.append(errors.FieldError(err.field, getattr(err, "problem", str(err))))
+
+    def raise_any(self) -> None:
+        if len(self.errors) == 1:
+            raise self.errors[0]
+        if self.errors:
+            raise errors.FieldErrors(self.errors)
+
+
+def sampling_from_proto(sampling: pb.SamplingParams, info: ModelInfo, violations: Violations) -> SamplingParams:
+    """Internal SamplingParams; checks the fields only the front door handles (stops, logprobs)."""
+    if len(sampling.stop) > MAX_STOP_SEQUENCES:
+        violations.add("sampling.stop", f"at most {MAX_STOP_SEQUENCES} stop sequences, got {len(sampling.stop)}")
+    for i, stop in enumerate(sampling.stop):
+        if not 1 <= len(stop) <= MAX_STOP_LENGTH:
+            violations.add(f"sampling.stop[{i}]", f"must be 1 to {MAX_STOP_LENGTH} characters, got {len(stop)}")
+    if len(sampling.stop_token_ids) > MAX_STOP_TOKEN_IDS:
+        violations.add("sampling.stop_token_ids", f"at most {MAX_STOP_TOKEN_IDS} ids, got {len(sampling.stop_token_ids)}")
+    if sampling.HasField("logprobs"):
+        if not getattr(info, "supports_logprobs", False):
+            violations.add("sampling.logprobs", f"the {info.engine} engine does not report log probabilities "
+                                                "(GetModelInfo.supports_logprobs)")
+        elif not 0 <= sampling.logprobs <= MAX_LOGPROBS:
+            violations.add("sampling.logprobs", f"must be in [0, {MAX_LOGPROBS}], got {sampling.logprobs}")
     return SamplingParams(
         max_tokens=sampling.max_tokens if sampling.HasField("max_tokens") else None,
         temperature=sampling.temperature if sampling.HasField("temperature") else 0.0,
@@ -53,76 +113,130 @@ def sampling_from_proto(sampling: pb.SamplingParams) -> SamplingParams:
     )
 
 
-def generate_request_from_proto(request: pb.GenerateRequest, info: ModelInfo) -> GenerateRequest:
-    """The engine request for a Generate call; raises FieldError naming a bad field."""
-    internal = GenerateRequest(prompt_token_ids=tuple(request.prompt_token_ids),
-                               sampling=sampling_from_proto(request.sampling),
-                               request_id=request.request_id or uuid.uuid4().hex[:16])
-    validate_request(internal, info.limits)
-    return internal
+def _check_sampling(sampling: SamplingParams, prompt_len: int, info: ModelInfo, violations: Violations) -> None:
+    """Every sampling field the engine would refuse, each reported (the engine stops at the first)."""
+    for name, value in (("temperature", sampling.temperature), ("top_p", sampling.top_p), ("top_k", sampling.top_k),
+                        ("max_tokens", sampling.max_tokens)):
+        alone = SamplingParams(**{name: value})
+        with violations.collect():
+            validate_sampling(alone, prompt_len, info.limits)
+    with violations.collect():
+        validate_sampling(SamplingParams(stop_token_ids=sampling.stop_token_ids), prompt_len, info.limits)
 
 
-def messages_from_proto(messages) -> list[Message]:
+def _request(prompt: list[int], sampling: SamplingParams, call: CallInfo, context) -> GenerateRequest:
+    remaining = context.time_remaining()
+    return GenerateRequest(prompt_token_ids=tuple(prompt), sampling=sampling, request_id=call.request_id,
+                           session_id=call.session_id, tenant=call.tenant,
+                           deadline_s=None if remaining is None else time.time() + remaining)
+
+
+def generate_request_from_proto(request: pb.GenerateRequest, info: ModelInfo, call: CallInfo,
+                                context) -> GenerateRequest:
+    """The engine request for a Generate call; raises naming every bad field."""
+    violations = Violations()
+    sampling = sampling_from_proto(request.sampling, info, violations)
+    prompt: list[int] = list(request.prompt_token_ids)
+    if prompt and request.prompt_text:
+        violations.add("prompt_text", "set either prompt_token_ids or prompt_text, not both")
+    elif request.prompt_text:
+        if len(request.prompt_text.encode("utf-8", "surrogatepass")) > MAX_TEXT_BYTES:
+            violations.add("prompt_text", f"must be at most {MAX_TEXT_BYTES} bytes")
+        else:
+            prompt = load_tokenizer().encode(request.prompt_text, allow_special=True)
+    elif not prompt:
+        violations.add("prompt_token_ids", "must not be empty (or set prompt_text)")
+    if prompt:
+        with violations.collect():
+            validate_request(GenerateRequest(prompt_token_ids=tuple(prompt)), info.limits)
+    _check_sampling(sampling, max(1, len(prompt)), info, violations)
+    violations.raise_any()
+    return _request(prompt, sampling, call, context)
+
+
+def messages_from_proto(messages, violations: Violations) -> list[Message]:
     if not messages:
-        raise errors.FieldError("messages", "must contain at least one message")
+        violations.add("messages", "must contain at least one message")
     converted = []
     for i, message in enumerate(messages):
         role = ROLE_NAMES.get(message.role)
         if role is None:
             name = pb.Role.Name(message.role) if message.role in pb.Role.values() else str(message.role)
-            raise errors.FieldError(f"messages[{i}].role",
-                                    f"must be one of {', '.join(pb.Role.Name(r) for r in ROLE_NAMES)}, got {name}")
+            violations.add(f"messages[{i}].role",
+                           f"must be one of {', '.join(pb.Role.Name(r) for r in ROLE_NAMES)}, got {name}")
+        if message.channel not in CHANNEL_NAMES:
+            violations.add(f"messages[{i}].channel", f"unknown value {message.channel}")
         converted.append(Message(
-            role=role, content=message.content,
-            channel=message.channel if message.HasField("channel") else None,
+            role=role or "user", content=message.content, channel=CHANNEL_NAMES.get(message.channel),
             recipient=message.recipient if message.HasField("recipient") else None,
             content_type=message.content_type if message.HasField("content_type") else None,
             name=message.name if message.HasField("name") else None))
     return converted
 
 
-def chat_request_from_proto(request: pb.ChatRequest, info: ModelInfo) -> GenerateRequest:
-    """Render a Chat call into an engine request; raises FieldError/HarmonyInputError."""
-    messages = messages_from_proto(request.messages)
+def tools_from_proto(tools, violations: Violations) -> list[ToolDefinition]:
+    if len(tools) > MAX_TOOLS:
+        violations.add("tools", f"at most {MAX_TOOLS} tools, got {len(tools)}")
+    converted = []
+    for i, tool in enumerate(tools):
+        parameters = None
+        if tool.parameters_json:
+            try:
+                parameters = json.loads(tool.parameters_json)
+            except ValueError as err:
+                violations.add(f"tools[{i}].parameters_json", f"is not valid JSON: {err}")
+                continue
+            if not isinstance(parameters, dict):
+                violations.add(f"tools[{i}].parameters_json", "must be a JSON object (a JSON Schema)")
+                continue
+        converted.append(ToolDefinition(name=tool.name, description=tool.description, parameters=parameters))
+    return converted
+
+
+def chat_request_from_proto(request: pb.ChatRequest, info: ModelInfo, call: CallInfo, context) -> GenerateRequest:
+    """Render a Chat call into an engine request; raises naming every bad field."""
+    violations = Violations()
+    messages = messages_from_proto(request.messages, violations)
+    tools = tools_from_proto(request.tools, violations)
     effort = REASONING_EFFORTS.get(request.reasoning_effort)
     if effort is None:
-        raise errors.FieldError("reasoning_effort", f"unknown value {request.reasoning_effort}")
-    prompt = render_prompt(messages, reasoning_effort=effort,
-                           instructions=request.instructions if request.HasField("instructions") else None)
-    if len(prompt) >= info.context_length:
-        raise errors.FieldError("messages", f"the rendered prompt has {len(prompt)} tokens, "
-                                            f"more than the context length {info.context_length} allows")
-    sampling = sampling_from_proto(request.sampling)
-    validate_sampling(sampling, len(prompt), info.limits)
-    return GenerateRequest(prompt_token_ids=tuple(prompt), sampling=sampling,
-                           request_id=request.request_id or uuid.uuid4().hex[:16])
+        violations.add("reasoning_effort", f"unknown value {request.reasoning_effort}")
+    sampling = sampling_from_proto(request.sampling, info, violations)
+    prompt: list[int] = []
+    if not violations.errors:
+        with violations.collect():
+            prompt = render_prompt(messages, reasoning_effort=effort, tools=tools,
+                                   instructions=request.instructions if request.HasField("instructions") else None)
+        if len(prompt) >= info.context_length:
+            violations.add("messages", f"the rendered prompt has {len(prompt)} tokens, more than the context "
+                                       f"length {info.context_length} allows")
+    _check_sampling(sampling, max(1, min(len(prompt), info.context_length - 1)), info, violations)
+    violations.raise_any()
+    return _request(prompt, sampling, call, context)
 
 
 # ───────────────────────────────────── internal -> proto ─────────────────────────────────────
 
-def chat_delta_to_proto(delta: Delta) -> pb.ChatDelta | None:
-    """The ChatDelta for one parser event (None for an event a client need not see)."""
-    if delta.kind is DeltaKind.TEXT:
-        if not delta.text:
-            return None
-        return pb.ChatDelta(channel=delta.channel or "", recipient=delta.recipient or "",
-                            content_type=delta.content_type or "", text=delta.text, raw=delta.raw)
-    # MESSAGE_DONE and TOOL_CALL both close a message; a recipient marks the tool call.
-    return pb.ChatDelta(channel=delta.channel or "", recipient=delta.recipient or "",
-                        content_type=delta.content_type or "", raw=delta.raw, message_end=True)
+def usage_to_proto(prompt_tokens: int, completion_tokens: int, chunk: TokenChunk | None,
+                   reasoning_tokens: int = 0) -> pb.Usage:
+    cached = getattr(chunk, "cached_prompt_tokens", 0) if chunk is not None else 0
+    return pb.Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
+                    reasoning_tokens=reasoning_tokens, cached_prompt_tokens=cached)
 
 
-def usage_to_proto(chunk: TokenChunk) -> pb.Usage:
-    return pb.Usage(prompt_tokens=chunk.prompt_tokens, completion_tokens=chunk.completion_tokens)
-
-
-def model_info_to_proto(info: ModelInfo) -> pb.GetModelInfoResponse:
+def model_info_to_proto(info: ModelInfo, default_max_tokens: int = 0, gpus_per_replica: float = 0.0
+                        ) -> pb.GetModelInfoResponse:
     return pb.GetModelInfoResponse(
         model_name=info.model_name, preset=info.preset, vocab_size=info.vocab_size,
         context_length=info.context_length, num_layers=info.num_layers, num_experts=info.num_experts,
         experts_per_token=info.experts_per_token,
         quantization=QUANTIZATIONS.get(info.quantization, pb.QUANTIZATION_UNSPECIFIED),
-        dtype=info.dtype, engine=info.engine, replicas=info.replicas)
+        dtype=info.dtype, engine=info.engine, replicas=info.replicas,
+        parallel=pb.ParallelLayout(expert_parallel_size=getattr(info, "expert_parallel_size", 1),
+                                   tensor_parallel_size=getattr(info, "tensor_parallel_size", 1),
+                                   gpus_per_replica=gpus_per_replica),
+        supports_logprobs=getattr(info, "supports_logprobs", False),
+        default_max_tokens=default_max_tokens)
 
 
 # ───────────────────────────────────────── servicer ─────────────────────────────────────────
@@ -167,12 +281,79 @@ class _Rpc:
         m.request_duration_seconds.labels(self.method).observe(time.perf_counter() - self.start)
 
 
+def _cancelled_code(context: grpc.aio.ServicerContext) -> grpc.StatusCode:
+    remaining = context.time_remaining()
+    return grpc.StatusCode.DEADLINE_EXCEEDED if remaining is not None and remaining <= 0 \
+        else grpc.StatusCode.CANCELLED
+
+
+async def fail(context: grpc.aio.ServicerContext, err: BaseException, call: CallInfo, bookkeeping) -> None:
+    """Abort the call with the status errors.status_for chooses (this raises, ending the RPC)."""
+    status = errors.status_for(err, request_id=call.request_id)
+    bookkeeping.code = status.code
+    call.logger(log).info("-> %s: %s", status.code.name, status.message)
+    await context.abort_with_status(status.to_status())
+
+
+def rpc(method: str, *, streaming: bool):
+    """Wrap an RPC body `(self, request, context, call, rpc)` with admission, metrics and the
+    one failure path, for a unary or a server-streaming method."""
+
+    def decorate(body):
+        if streaming:
+            @functools.wraps(body)
+            async def stream_wrapper(self, request, context):
+                bookkeeping = _Rpc(self._metrics, method)
+                call, problem = self._admission.open(method, context)
+                try:
+                    try:
+                        await self._admission.admit(call, problem, request, context)
+                        async for message in body(self, request, context, call, bookkeeping):
+                            yield message
+                        bookkeeping.code = grpc.StatusCode.OK
+                    except (asyncio.CancelledError, GeneratorExit):  # client went away or deadline passed
+                        bookkeeping.code = _cancelled_code(context)
+                        call.logger(log).info("-> %s by the client", bookkeeping.code.name)
+                        raise
+                    except Exception as err:  # noqa: BLE001 - every error leaves through errors.status_for
+                        await fail(context, err, call, bookkeeping)
+                finally:
+                    self._admission.leave()
+                    bookkeeping.end()
+            return stream_wrapper
+
+        @functools.wraps(body)
+        async def unary_wrapper(self, request, context):
+            bookkeeping = _Rpc(self._metrics, method)
+            call, problem = self._admission.open(method, context)
+            try:
+                try:
+                    await self._admission.admit(call, problem, request, context)
+                    response = await body(self, request, context, call, bookkeeping)
+                    bookkeeping.code = grpc.StatusCode.OK
+                    return response
+                except asyncio.CancelledError:
+                    bookkeeping.code = _cancelled_code(context)
+                    raise
+                except Exception as err:  # noqa: BLE001 - every error leaves through errors.status_for
+                    await fail(context, err, call, bookkeeping)
+            finally:
+                self._admission.leave()
+                bookkeeping.end()
+        return unary_wrapper
+
+    return decorate
+
+
 class InferenceServicer(pb_grpc.InferenceServicer):
-    def __init__(self, handle: DeploymentHandle, info: ModelInfo, metrics: FrontdoorMetrics) -> None:
+    def __init__(self, handle: DeploymentHandle, info: ModelInfo, metrics: FrontdoorMetrics,
+                 admission: Admission, *, default_max_tokens: int = 0, gpus_per_replica: float = 0.0) -> None:
         self._handle = handle
         self._stream_handle = handle.options(stream=True)
         self._info = info
         self._metrics = metrics
+        self._admission = admission
+        self._model_info = model_info_to_proto(info, default_max_tokens, gpus_per_replica)
 
     async def _chunks(self, request: GenerateRequest) -> AsyncIterator[TokenChunk]:
         """Relay the replica's chunks; cancel the downstream call however this ends early."""
@@ -187,78 +368,107 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             if not finished:
                 response.cancel()
 
-    async def _fail(self, rpc: _Rpc, context: grpc.aio.ServicerContext, err: BaseException,
-                    request_id: str) -> None:
-        status = errors.status_for(err, request_id=request_id)
-        rpc.code = status.code
-        await context.abort_with_status(status.to_status())
+    def _charge(self, call: CallInfo, n_tokens: int) -> None:
+        self._admission.limits.charge_tokens(call.tenant, n_tokens)
 
-    def _cancelled_code(self, context: grpc.aio.ServicerContext) -> grpc.StatusCode:
-        remaining = context.time_remaining()
-        return grpc.StatusCode.DEADLINE_EXCEEDED if remaining is not None and remaining <= 0 \
-            else grpc.StatusCode.CANCELLED
+    @rpc("Chat", streaming=True)
+    async def Chat(self, request: pb.ChatRequest, context, call: CallInfo, bookkeeping: _Rpc):
+        internal = chat_request_from_proto(request, self._info, call, context)
+        prompt_tokens = len(internal.prompt_token_ids)
+        bookkeeping.prompt(prompt_tokens)
+        self._charge(call, prompt_tokens)
+        stream = ChatStream(request.sampling.stop if not internal.sampling.ignore_stop else (),
+                            request.return_token_ids)
+        async with contextlib.aclosing(self._chunks(internal)) as chunks:
+            async for chunk in chunks:
+                before = stream.completion_tokens
+                deltas = stream.feed(chunk.token_ids)
+                finished = chunk.finish_reason is not None or stream.stop_sequence is not None
+                if finished:
+                    deltas += stream.finish()
+                used = stream.completion_tokens - before
+                bookkeeping.tokens(used)
+                self._charge(call, used)
+                for delta in deltas:
+                    yield pb.ChatResponse(delta=delta)
+                if finished:
+                    if stream.stop_sequence is not None:
+                        reason = pb.FINISH_REASON_STOP
+                    elif stream.ended_with_tool_call:
+                        reason = pb.FINISH_REASON_TOOL_CALL
+                    else:
+                        reason = FINISH_REASONS[chunk.finish_reason.value]
+                    yield pb.ChatResponse(complete=pb.ChatComplete(
+                        finish_reason=reason, stop_sequence=stream.stop_sequence or "",
+                        usage=usage_to_proto(prompt_tokens, stream.completion_tokens, chunk, stream.reasoning_tokens)))
+                    return
 
-    async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext):
-        rpc = _Rpc(self._metrics, "Generate")
-        request_id = request.request_id
-        try:
-            try:
-                internal = generate_request_from_proto(request, self._info)
-                request_id = internal.request_id
-                rpc.prompt(len(internal.prompt_token_ids))
-                async with contextlib.aclosing(self._chunks(internal)) as chunks:
-                    async for chunk in chunks:
-                        if chunk.token_ids:
-                            rpc.tokens(len(chunk.token_ids))
-                            yield pb.GenerateResponse(chunk=pb.GenerateChunk(token_ids=chunk.token_ids))
-                        if chunk.finish_reason is not None:
-                            rpc.code = grpc.StatusCode.OK
-                            yield pb.GenerateResponse(complete=pb.GenerateComplete(
-                                finish_reason=FINISH_REASONS[chunk.finish_reason.value], usage=usage_to_proto(chunk)))
-            except (asyncio.CancelledError, GeneratorExit):  # client went away or deadline passed
-                rpc.code = self._cancelled_code(context)
-                raise
-            except Exception as err:  # noqa: BLE001 - every error leaves through errors.status_for
-                await self._fail(rpc, context, err, request_id)
-        finally:
-            rpc.end()
+    @rpc("Generate", streaming=True)
+    async def Generate(self, request: pb.GenerateRequest, context, call: CallInfo, bookkeeping: _Rpc):
+        internal = generate_request_from_proto(request, self._info, call, context)
+        prompt_tokens = len(internal.prompt_token_ids)
+        bookkeeping.prompt(prompt_tokens)
+        self._charge(call, prompt_tokens)
+        stops = tuple(request.sampling.stop) if not internal.sampling.ignore_stop else ()
+        matcher = StopMatcher(stops) if stops else None
+        decoder = load_tokenizer().stream_decoder() if (stops or request.prompt_text or request.return_text) else None
+        send_text = bool(request.prompt_text or request.return_text)
+        completion = 0
+        async with contextlib.aclosing(self._chunks(internal)) as chunks:
+            async for chunk in chunks:
+                ids: list[int] = []
+                text = ""
+                for token in chunk.token_ids:  # token by token only so a stop sequence cuts exactly
+                    ids.append(token)
+                    if decoder is not None:
+                        piece = decoder.push([token])
+                        text += matcher.feed(piece) if matcher is not None else piece
+                        if matcher is not None and matcher.matched is not None:
+                            break
+                finished = chunk.finish_reason is not None or (matcher is not None and matcher.matched is not None)
+                if finished and decoder is not None and (matcher is None or matcher.matched is None):
+                    tail = decoder.flush()
+                    text += (matcher.feed(tail) + matcher.flush()) if matcher is not None else tail
+                completion += len(ids)
+                bookkeeping.tokens(len(ids))
+                self._charge(call, len(ids))
+                if ids or text:
+                    yield pb.GenerateResponse(chunk=pb.GenerateChunk(token_ids=ids, text=text if send_text else ""))
+                if finished:
+                    stopped = matcher.matched if matcher is not None else None
+                    reason = pb.FINISH_REASON_STOP if stopped else FINISH_REASONS[chunk.finish_reason.value]
+                    yield pb.GenerateResponse(complete=pb.GenerateComplete(
+                        finish_reason=reason, stop_sequence=stopped or "",
+                        usage=usage_to_proto(prompt_tokens, completion, chunk)))
+                    return
 
-    async def Chat(self, request: pb.ChatRequest, context: grpc.aio.ServicerContext):
-        rpc = _Rpc(self._metrics, "Chat")
-        request_id = request.request_id
-        try:
-            try:
-                internal = chat_request_from_proto(request, self._info)
-                request_id = internal.request_id
-                rpc.prompt(len(internal.prompt_token_ids))
-                parser = StreamParser()
-                async with contextlib.aclosing(self._chunks(internal)) as chunks:
-                    async for chunk in chunks:
-                        rpc.tokens(len(chunk.token_ids))
-                        deltas = parser.feed(chunk.token_ids)
-                        if chunk.finish_reason is not None:
-                            deltas += parser.finish()
-                        for delta in deltas:
-                            message = chat_delta_to_proto(delta)
-                            if message is not None:
-                                yield pb.ChatResponse(delta=message)
-                        if chunk.finish_reason is not None:
-                            rpc.code = grpc.StatusCode.OK
-                            yield pb.ChatResponse(complete=pb.ChatComplete(
-                                finish_reason=FINISH_REASONS[chunk.finish_reason.value], usage=usage_to_proto(chunk)))
-            except (asyncio.CancelledError, GeneratorExit):  # client went away or deadline passed
-                rpc.code = self._cancelled_code(context)
-                raise
-            except Exception as err:  # noqa: BLE001 - every error leaves through errors.status_for
-                await self._fail(rpc, context, err, request_id)
-        finally:
-            rpc.end()
+    @rpc("Tokenize", streaming=False)
+    async def Tokenize(self, request: pb.TokenizeRequest, context, call: CallInfo, bookkeeping: _Rpc):
+        if len(request.text.encode("utf-8", "surrogatepass")) > MAX_TEXT_BYTES:
+            raise errors.FieldError("text", f"must be at most {MAX_TEXT_BYTES} bytes")
+        return pb.TokenizeResponse(token_ids=load_tokenizer().encode(request.text,
+                                                                     allow_special=request.allow_special_tokens))
 
-    async def GetModelInfo(self, request: pb.GetModelInfoRequest, context: grpc.aio.ServicerContext):
-        rpc = _Rpc(self._metrics, "GetModelInfo")
-        try:
-            rpc.code = grpc.StatusCode.OK
-            return model_info_to_proto(self._info)
-        finally:
-            rpc.end()
+    @rpc("Detokenize", streaming=False)
+    async def Detokenize(self, request: pb.DetokenizeRequest, context, call: CallInfo, bookkeeping: _Rpc):
+        ids = request.token_ids
+        if len(ids) > MAX_DETOKENIZE_IDS:
+            raise errors.FieldError("token_ids", f"at most {MAX_DETOKENIZE_IDS} ids, got {len(ids)}")
+        for i, token in enumerate(ids):
+            if token >= self._info.vocab_size:
+                raise errors.FieldError(f"token_ids[{i}]", f"{token} is outside the vocabulary "
+                                                          f"[0, {self._info.vocab_size})")
+        if request.skip_special_tokens:
+            ids = [t for t in ids if t < FIRST_SPECIAL_ID]
+        return pb.DetokenizeResponse(text=load_tokenizer().decode(ids))
 
+    @rpc("GetModelInfo", streaming=False)
+    async def GetModelInfo(self, request, context, call: CallInfo, bookkeeping: _Rpc):
+        return self._model_info
+
+    @rpc("GetLoads", streaming=False)
+    async def GetLoads(self, request, context, call: CallInfo, bookkeeping: _Rpc):
+        reports = await sample_loads(self._handle, self._info.replicas, LOADS_TIMEOUT_S)
+        return pb.GetLoadsResponse(replicas=[replica_load_to_proto(rid, stats) for rid, stats in reports],
+                                   expected_replicas=self._info.replicas,
+                                   frontdoor_in_flight=max(0, self._admission.in_flight - 1))

@@ -7,7 +7,9 @@ TokenChunk dataclasses (call it through a handle with `.options(stream=True)`); 
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import time
 from pathlib import Path
 from typing import AsyncIterator
 
@@ -71,11 +73,30 @@ class ModelReplica:
         log.info("replica ready: %s from %s on %s", self._info.model_name, path, device)
 
     async def generate(self, request: GenerateRequest) -> AsyncIterator[TokenChunk]:
-        async for chunk in self._engine.generate(request):
-            yield chunk
+        # The client's deadline travels with the request: past it the engine's stream is closed
+        # (which stops decoding) and TimeoutError reaches the front door as DEADLINE_EXCEEDED.
+        # Checked per chunk here rather than with asyncio.timeout, which would cancel whatever
+        # Serve's task is doing between our yields.
+        stream = self._engine.generate(request)
+        try:
+            while True:
+                remaining = None if request.deadline_s is None else request.deadline_s - time.time()
+                if remaining is not None and remaining <= 0:
+                    raise TimeoutError(f"request {request.request_id}: deadline passed")
+                try:
+                    chunk = await asyncio.wait_for(anext(stream), remaining)
+                except StopAsyncIteration:
+                    return
+                yield chunk
+        finally:
+            await stream.aclose()
 
     def stats(self) -> EngineStats:
         return self._engine.stats()
+
+    def load_report(self) -> tuple[str, EngineStats]:
+        """(this replica's Serve id, its engine stats), for GetLoads."""
+        return serve.get_replica_context().replica_id.unique_id, self._engine.stats()
 
     def model_info(self) -> ModelInfo:
         return self._info

@@ -28,8 +28,7 @@ if _version_not_supported:
 class InferenceStub:
     """───────────────────────────────────────── Service ─────────────────────────────────────────
 
-    Inference runs gpt-oss models: raw token ids in and out (Generate), harmony chat with
-    channels (Chat), and a description of the served model (GetModelInfo).
+    Inference runs gpt-oss models.
     """
 
     def __init__(self, channel):
@@ -38,47 +37,82 @@ class InferenceStub:
         Args:
             channel: A grpc.Channel.
         """
+        self.Chat = channel.unary_stream(
+                '/gptoss.v1.Inference/Chat',
+                request_serializer=gptoss_dot_v1_dot_inference__pb2.ChatRequest.SerializeToString,
+                response_deserializer=gptoss_dot_v1_dot_inference__pb2.ChatResponse.FromString,
+                _registered_method=True)
         self.Generate = channel.unary_stream(
                 '/gptoss.v1.Inference/Generate',
                 request_serializer=gptoss_dot_v1_dot_inference__pb2.GenerateRequest.SerializeToString,
                 response_deserializer=gptoss_dot_v1_dot_inference__pb2.GenerateResponse.FromString,
                 _registered_method=True)
-        self.Chat = channel.unary_stream(
-                '/gptoss.v1.Inference/Chat',
-                request_serializer=gptoss_dot_v1_dot_inference__pb2.ChatRequest.SerializeToString,
-                response_deserializer=gptoss_dot_v1_dot_inference__pb2.ChatResponse.FromString,
+        self.Tokenize = channel.unary_unary(
+                '/gptoss.v1.Inference/Tokenize',
+                request_serializer=gptoss_dot_v1_dot_inference__pb2.TokenizeRequest.SerializeToString,
+                response_deserializer=gptoss_dot_v1_dot_inference__pb2.TokenizeResponse.FromString,
+                _registered_method=True)
+        self.Detokenize = channel.unary_unary(
+                '/gptoss.v1.Inference/Detokenize',
+                request_serializer=gptoss_dot_v1_dot_inference__pb2.DetokenizeRequest.SerializeToString,
+                response_deserializer=gptoss_dot_v1_dot_inference__pb2.DetokenizeResponse.FromString,
                 _registered_method=True)
         self.GetModelInfo = channel.unary_unary(
                 '/gptoss.v1.Inference/GetModelInfo',
                 request_serializer=gptoss_dot_v1_dot_inference__pb2.GetModelInfoRequest.SerializeToString,
                 response_deserializer=gptoss_dot_v1_dot_inference__pb2.GetModelInfoResponse.FromString,
                 _registered_method=True)
+        self.GetLoads = channel.unary_unary(
+                '/gptoss.v1.Inference/GetLoads',
+                request_serializer=gptoss_dot_v1_dot_inference__pb2.GetLoadsRequest.SerializeToString,
+                response_deserializer=gptoss_dot_v1_dot_inference__pb2.GetLoadsResponse.FromString,
+                _registered_method=True)
 
 
 class InferenceServicer:
     """───────────────────────────────────────── Service ─────────────────────────────────────────
 
-    Inference runs gpt-oss models: raw token ids in and out (Generate), harmony chat with
-    channels (Chat), and a description of the served model (GetModelInfo).
+    Inference runs gpt-oss models.
     """
 
-    def Generate(self, request, context):
-        """Generate continues a prompt given as token ids; streams generated token ids in chunks.
+    def Chat(self, request, context):
+        """Chat renders harmony messages (and tool definitions) into a prompt on the server, generates,
+        and streams the answer parsed back into channels, with tool calls as they complete.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
-    def Chat(self, request, context):
-        """Chat renders harmony messages into a prompt on the server, generates, and streams the
-        answer parsed back into channels (analysis, commentary, final).
+    def Generate(self, request, context):
+        """Generate continues a prompt given as token ids or text; streams token ids (and text) in chunks.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Tokenize(self, request, context):
+        """Tokenize turns text into o200k_harmony token ids.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Detokenize(self, request, context):
+        """Detokenize turns token ids back into text.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def GetModelInfo(self, request, context):
-        """GetModelInfo describes the model behind this endpoint.
+        """GetModelInfo describes the model behind this endpoint and how it is served.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetLoads(self, request, context):
+        """GetLoads reports the load of each model replica, for gateways that balance front doors.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -87,20 +121,35 @@ class InferenceServicer:
 
 def add_InferenceServicer_to_server(servicer, server):
     rpc_method_handlers = {
-            'Generate': grpc.unary_stream_rpc_method_handler(
-                    servicer.Generate,
-                    request_deserializer=gptoss_dot_v1_dot_inference__pb2.GenerateRequest.FromString,
-                    response_serializer=gptoss_dot_v1_dot_inference__pb2.GenerateResponse.SerializeToString,
-            ),
             'Chat': grpc.unary_stream_rpc_method_handler(
                     servicer.Chat,
                     request_deserializer=gptoss_dot_v1_dot_inference__pb2.ChatRequest.FromString,
                     response_serializer=gptoss_dot_v1_dot_inference__pb2.ChatResponse.SerializeToString,
             ),
+            'Generate': grpc.unary_stream_rpc_method_handler(
+                    servicer.Generate,
+                    request_deserializer=gptoss_dot_v1_dot_inference__pb2.GenerateRequest.FromString,
+                    response_serializer=gptoss_dot_v1_dot_inference__pb2.GenerateResponse.SerializeToString,
+            ),
+            'Tokenize': grpc.unary_unary_rpc_method_handler(
+                    servicer.Tokenize,
+                    request_deserializer=gptoss_dot_v1_dot_inference__pb2.TokenizeRequest.FromString,
+                    response_serializer=gptoss_dot_v1_dot_inference__pb2.TokenizeResponse.SerializeToString,
+            ),
+            'Detokenize': grpc.unary_unary_rpc_method_handler(
+                    servicer.Detokenize,
+                    request_deserializer=gptoss_dot_v1_dot_inference__pb2.DetokenizeRequest.FromString,
+                    response_serializer=gptoss_dot_v1_dot_inference__pb2.DetokenizeResponse.SerializeToString,
+            ),
             'GetModelInfo': grpc.unary_unary_rpc_method_handler(
                     servicer.GetModelInfo,
                     request_deserializer=gptoss_dot_v1_dot_inference__pb2.GetModelInfoRequest.FromString,
                     response_serializer=gptoss_dot_v1_dot_inference__pb2.GetModelInfoResponse.SerializeToString,
+            ),
+            'GetLoads': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetLoads,
+                    request_deserializer=gptoss_dot_v1_dot_inference__pb2.GetLoadsRequest.FromString,
+                    response_serializer=gptoss_dot_v1_dot_inference__pb2.GetLoadsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -113,36 +162,8 @@ def add_InferenceServicer_to_server(servicer, server):
 class Inference:
     """───────────────────────────────────────── Service ─────────────────────────────────────────
 
-    Inference runs gpt-oss models: raw token ids in and out (Generate), harmony chat with
-    channels (Chat), and a description of the served model (GetModelInfo).
+    Inference runs gpt-oss models.
     """
-
-    @staticmethod
-    def Generate(request,
-            target,
-            options=(),
-            channel_credentials=None,
-            call_credentials=None,
-            insecure=False,
-            compression=None,
-            wait_for_ready=None,
-            timeout=None,
-            metadata=None):
-        return grpc.experimental.unary_stream(
-            request,
-            target,
-            '/gptoss.v1.Inference/Generate',
-            gptoss_dot_v1_dot_inference__pb2.GenerateRequest.SerializeToString,
-            gptoss_dot_v1_dot_inference__pb2.GenerateResponse.FromString,
-            options,
-            channel_credentials,
-            insecure,
-            call_credentials,
-            compression,
-            wait_for_ready,
-            timeout,
-            metadata,
-            _registered_method=True)
 
     @staticmethod
     def Chat(request,
@@ -172,6 +193,87 @@ class Inference:
             _registered_method=True)
 
     @staticmethod
+    def Generate(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/gptoss.v1.Inference/Generate',
+            gptoss_dot_v1_dot_inference__pb2.GenerateRequest.SerializeToString,
+            gptoss_dot_v1_dot_inference__pb2.GenerateResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Tokenize(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/gptoss.v1.Inference/Tokenize',
+            gptoss_dot_v1_dot_inference__pb2.TokenizeRequest.SerializeToString,
+            gptoss_dot_v1_dot_inference__pb2.TokenizeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Detokenize(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/gptoss.v1.Inference/Detokenize',
+            gptoss_dot_v1_dot_inference__pb2.DetokenizeRequest.SerializeToString,
+            gptoss_dot_v1_dot_inference__pb2.DetokenizeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
     def GetModelInfo(request,
             target,
             options=(),
@@ -188,6 +290,33 @@ class Inference:
             '/gptoss.v1.Inference/GetModelInfo',
             gptoss_dot_v1_dot_inference__pb2.GetModelInfoRequest.SerializeToString,
             gptoss_dot_v1_dot_inference__pb2.GetModelInfoResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetLoads(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/gptoss.v1.Inference/GetLoads',
+            gptoss_dot_v1_dot_inference__pb2.GetLoadsRequest.SerializeToString,
+            gptoss_dot_v1_dot_inference__pb2.GetLoadsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -97,10 +97,12 @@ def test_chat_maps_harmony_output_to_channel_deltas():
 
     responses = asyncio.run(with_server(handle, body))
     deltas = [r.delta for r in responses if r.HasField("delta")]
-    text = {channel: "".join(d.text for d in deltas if d.channel == channel) for channel in ("analysis", "final")}
-    assert text == {"analysis": "User asks for the capital. Easy.", "final": "Paris is the capital of France."}
+    text = {channel: "".join(d.text for d in deltas if d.channel == channel)
+            for channel in (pb.CHANNEL_ANALYSIS, pb.CHANNEL_FINAL)}
+    assert text == {pb.CHANNEL_ANALYSIS: "User asks for the capital. Easy.",
+                    pb.CHANNEL_FINAL: "Paris is the capital of France."}
     assert not any(d.raw for d in deltas)
-    assert [d.channel for d in deltas if d.message_end] == ["analysis", "final"]
+    assert [d.channel for d in deltas if d.message_end] == [pb.CHANNEL_ANALYSIS, pb.CHANNEL_FINAL]
     complete = responses[-1].complete
     assert complete.finish_reason == pb.FINISH_REASON_STOP
     assert complete.usage.completion_tokens == len(completion)
@@ -131,12 +133,13 @@ def test_generate_relays_chunks_and_maps_sampling():
 
     async def body(stub):
         sampling = pb.SamplingParams(max_tokens=5, temperature=0.5, top_p=0.8, top_k=7, seed=3, stop_token_ids=[11])
-        request = pb.GenerateRequest(prompt_token_ids=[1, 2, 3], sampling=sampling, request_id="r1")
-        return [r async for r in stub.Generate(request, timeout=10)]
+        request = pb.GenerateRequest(prompt_token_ids=[1, 2, 3], sampling=sampling)
+        return [r async for r in stub.Generate(request, timeout=10, metadata=(("x-request-id", "r1"),))]
 
     responses = asyncio.run(with_server(handle, body))
     assert [list(r.chunk.token_ids) for r in responses[:-1]] == [[7, 8], [9, 10], [11]]
     assert responses[-1].complete.usage == pb.Usage(prompt_tokens=3, completion_tokens=5)
+    assert handle.requests[0].deadline_s is not None  # the call's deadline travels with the request
     sent = handle.requests[0]
     assert sent.request_id == "r1" and sent.prompt_token_ids == (1, 2, 3)
     s = sent.sampling

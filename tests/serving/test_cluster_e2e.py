@@ -70,7 +70,7 @@ def test_chat_on_random_weights_streams_raw_flagged_text(stub):
     assert deltas, "the stream carries text"
     assert "".join(d.text for d in deltas).strip()
     # Random weights do not speak harmony: the text must be flagged raw, with no channel claimed.
-    assert all(d.raw and d.channel == "" for d in deltas if d.text)
+    assert all(d.raw and d.channel == pb.CHANNEL_UNSPECIFIED for d in deltas if d.text)
     complete = responses[-1].complete
     assert complete.usage.completion_tokens == 24
     assert complete.usage.prompt_tokens > 10  # the rendered harmony prompt, not the bare question
@@ -104,7 +104,8 @@ def test_reflection_lists_the_inference_service(grpc_channel):
     database = ProtoReflectionDescriptorDatabase(grpc_channel)
     assert "gptoss.v1.Inference" in database.get_services()
     service = DescriptorPool(database).FindServiceByName("gptoss.v1.Inference")
-    assert {m.name for m in service.methods} == {"Generate", "Chat", "GetModelInfo"}
+    assert {m.name for m in service.methods} == {"Generate", "Chat", "Tokenize", "Detokenize", "GetModelInfo",
+                                                "GetLoads"}
 
 
 def test_client_cancel_stops_generation_in_the_replica(stub, ray_serving):
@@ -190,8 +191,8 @@ def _bad_request_fields(err) -> list[str]:
     fields = []
     for detail in status.details:
         bad = error_details_pb2.BadRequest()
-        assert detail.Unpack(bad)
-        fields += [v.field for v in bad.field_violations]
+        if detail.Unpack(bad):  # other details (RequestInfo) ride along
+            fields += [v.field for v in bad.field_violations]
     return fields
 
 
@@ -217,7 +218,7 @@ def test_generate_rejects_bad_input_naming_the_field(stub, prompt, sampling, fie
     ([], "messages"),
     ([pb.ChatMessage(role=pb.ROLE_UNSPECIFIED, content="hi")], "messages[0].role"),
     ([pb.ChatMessage(role=pb.ROLE_USER, content="hi"), pb.ChatMessage(role=42, content="x")], "messages[1].role"),
-    ([pb.ChatMessage(role=pb.ROLE_ASSISTANT, content="x", channel="diary")], "messages[0].channel"),
+    ([pb.ChatMessage(role=pb.ROLE_ASSISTANT, content="x", channel=42)], "messages[0].channel"),
 ])
 def test_chat_rejects_bad_messages_naming_the_field(stub, messages, field):
     request = pb.ChatRequest(messages=messages)

@@ -1,0 +1,80 @@
+"""Admission: what every gptoss.v1 call goes through before its RPC runs, and the drain state.
+
+In order: read the call's metadata and send x-request-id back; refuse while draining
+(UNAVAILABLE); authenticate (UNAUTHENTICATED); refuse an undecodable message (INVALID_ARGUMENT);
+check admin rights (PERMISSION_DENIED); take from the tenant's request budget
+(RESOURCE_EXHAUSTED). Each refusal is an exception that errors.status_for maps. Admission also
+counts calls in flight so a drain knows when they have finished.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import grpc
+
+from cluster.frontdoor.auth import ApiKeys
+from cluster.frontdoor.call import REQUEST_ID, CallInfo, read_call
+from cluster.frontdoor.errors import DrainingError, MalformedMessageError, PermissionDeniedError
+from cluster.frontdoor.limits import TenantLimits
+
+
+class MalformedRequest:
+    """Stands in for a request whose bytes did not parse, so the RPC can answer with a status."""
+
+    def __init__(self, type_name: str) -> None:
+        self.type_name = type_name
+
+
+def safe_deserializer(message_class):
+    def deserialize(data: bytes):
+        try:
+            return message_class.FromString(data)
+        except Exception:  # noqa: BLE001 - protobuf raises DecodeError and, on some inputs, others
+            return MalformedRequest(message_class.DESCRIPTOR.full_name)
+    return deserialize
+
+
+class Admission:
+    def __init__(self, api_keys: ApiKeys | None, limits: TenantLimits) -> None:
+        self.api_keys = api_keys  # None: auth is off
+        self.limits = limits
+        self.draining = False
+        self.in_flight = 0
+
+    def open(self, method: str, context: grpc.aio.ServicerContext) -> tuple[CallInfo, Exception | None]:
+        """Start a call: it counts as in flight until leave(). Returns its identity and the
+        metadata problem admit() will report."""
+        self.in_flight += 1
+        return read_call(method, context.invocation_metadata())
+
+    async def admit(self, call: CallInfo, problem: Exception | None, request, context: grpc.aio.ServicerContext,
+                    *, admin: bool = False) -> None:
+        """Send x-request-id back, then admit the call or raise the reason it is refused."""
+        await context.send_initial_metadata(((REQUEST_ID, call.request_id),))
+        if self.draining and not admin:
+            raise DrainingError()
+        if self.api_keys is not None:
+            tenant = self.api_keys.authenticate(call.metadata)
+            call.tenant, call.admin = tenant.name, tenant.admin
+        else:
+            call.admin = True  # unauthenticated mode: only on loopback unless explicitly allowed
+        if problem is not None:
+            raise problem
+        if isinstance(request, MalformedRequest):
+            raise MalformedMessageError(request.type_name)
+        if admin and not call.admin:
+            raise PermissionDeniedError("ADMIN_REQUIRED", "this API key may not call gptoss.v1.Admin")
+        if not admin:
+            self.limits.admit(call.tenant)
+
+    def leave(self) -> None:
+        self.in_flight -= 1
+
+    async def wait_idle(self, timeout_s: float, *, besides: int = 0) -> int:
+        """Wait until at most `besides` calls are in flight or timeout_s passes; returns how many remain."""
+        loop = asyncio.get_running_loop()
+        end = loop.time() + timeout_s
+        while self.in_flight > besides and loop.time() < end:
+            await asyncio.sleep(min(0.02, max(0.0, end - loop.time())))
+        return max(0, self.in_flight - besides)

@@ -1,0 +1,125 @@
+"""API keys -> tenants: loading them (file, Kubernetes Secret directory, env var) and checking
+the `authorization: Bearer <key>` metadata of a call.
+
+Keys are kept only as SHA-256 digests and compared with hmac.compare_digest against every
+known key (no early exit), so the time a check takes says nothing about which keys exist.
+A wrong key gets the same answer whatever it resembles. Keys never appear in messages or logs:
+a problem in a key file names the line, not the key.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Mapping, Sequence
+
+from cluster.config import AuthConfig, ConfigError
+from cluster.frontdoor.errors import AuthenticationError
+
+_TENANT = re.compile(r"[A-Za-z0-9._-]{1,64}")
+MIN_KEY_LENGTH = 16
+BEARER = "bearer "
+
+
+@dataclass(frozen=True)
+class Tenant:
+    name: str
+    admin: bool = False
+
+
+class ApiKeys:
+    """The key -> tenant table of one front door."""
+
+    def __init__(self, keys: Sequence[tuple[str, str]], admin_tenants: Sequence[str] = ()) -> None:
+        admins = set(admin_tenants)
+        self._entries: list[tuple[bytes, Tenant]] = []
+        seen: set[bytes] = set()
+        for tenant, key in keys:
+            digest = _digest(key)
+            if digest in seen:
+                raise ConfigError(f"config: frontdoor.auth: tenant {tenant!r} reuses another entry's API key")
+            seen.add(digest)
+            self._entries.append((digest, Tenant(tenant, tenant in admins)))
+
+    @property
+    def tenants(self) -> list[str]:
+        return sorted({tenant.name for _, tenant in self._entries})
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def authenticate(self, metadata: Mapping[str, str]) -> Tenant:
+        """The tenant whose key the call presents; AuthenticationError otherwise."""
+        header = metadata.get("authorization")
+        if not header:
+            raise AuthenticationError("API_KEY_MISSING", "missing API key: send metadata 'authorization: Bearer <key>'")
+        if not header[:len(BEARER)].lower() == BEARER:
+            raise AuthenticationError("API_KEY_INVALID", "invalid API key")
+        digest = _digest(header[len(BEARER):].strip())
+        found: Tenant | None = None
+        for known, tenant in self._entries:
+            if hmac.compare_digest(known, digest):
+                found = tenant
+        if found is None:
+            raise AuthenticationError("API_KEY_INVALID", "invalid API key")
+        return found
+
+
+def _digest(key: str) -> bytes:
+    return hashlib.sha256(key.encode("utf-8", "surrogatepass")).digest()
+
+
+def parse_key_lines(text: str, source: str) -> list[tuple[str, str]]:
+    """"<tenant>:<key>" entries separated by newlines or commas; '#' starts a comment line."""
+    entries = []
+    for number, line in enumerate(re.split(r"[\n,]", text), start=1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        tenant, sep, key = line.partition(":")
+        entries.append(_checked(tenant.strip(), key.strip() if sep else "", f"{source} entry {number}"))
+    return entries
+
+
+def _checked(tenant: str, key: str, where: str) -> tuple[str, str]:
+    if not _TENANT.fullmatch(tenant):
+        raise ConfigError(f"config: frontdoor.auth: {where}: tenant must be 1-64 of [A-Za-z0-9._-] "
+                          "(format <tenant>:<key>)")
+    if len(key) < MIN_KEY_LENGTH or any(c.isspace() for c in key):
+        raise ConfigError(f"config: frontdoor.auth: {where}: the key of tenant {tenant!r} must be at least "
+                          f"{MIN_KEY_LENGTH} characters without spaces")
+    return tenant, key
+
+
+def _from_directory(directory: Path) -> list[tuple[str, str]]:
+    """A mounted Secret: each visible file is a tenant, its non-empty lines are that tenant's keys."""
+    entries = []
+    for path in sorted(directory.iterdir()):
+        if path.name.startswith(".") or not path.is_file():  # Kubernetes' ..data links and the like
+            continue
+        for number, line in enumerate(path.read_text().splitlines(), start=1):
+            if line.strip():
+                entries.append(_checked(path.name, line.strip(), f"{path} line {number}"))
+    return entries
+
+
+def load_api_keys(config: AuthConfig, env: Mapping[str, str] | None = None) -> ApiKeys:
+    """All keys from config.api_keys_file and the config.api_keys_env variable (either may be absent)."""
+    env = os.environ if env is None else env
+    entries: list[tuple[str, str]] = []
+    if config.api_keys_file:
+        path = Path(config.api_keys_file).expanduser()
+        if path.is_dir():
+            entries += _from_directory(path)
+        elif path.is_file():
+            entries += parse_key_lines(path.read_text(), str(path))
+        else:
+            raise ConfigError(f"config: frontdoor.auth.api_keys_file: {path} does not exist")
+    if config.api_keys_env and env.get(config.api_keys_env):
+        entries += parse_key_lines(env[config.api_keys_env], f"${config.api_keys_env}")
+    admins = [t.strip() for t in config.admin_tenants.split(",") if t.strip()]
+    return ApiKeys(entries, admins)

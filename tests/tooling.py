@@ -1,0 +1,40 @@
+"""Locating tools that CI installs (.ci/run) but a developer machine may lack: node, npm packages, buf.
+
+A test that needs one skips when it is missing, except under CI (env CI set), where it fails:
+CI must never pass by skipping.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+NODE_DIR = REPO_ROOT / "tests" / "node"
+
+
+def missing(what: str) -> None:
+    """Skip on a developer machine, fail under CI."""
+    if os.environ.get("CI"):
+        pytest.fail(f"{what} is missing under CI; .ci/run installs it", pytrace=False)
+    pytest.skip(f"{what} is missing (run .ci/run, or `npm ci --prefix tests/node`)")
+
+
+def require_node() -> str:
+    node = shutil.which("node")
+    if node is None:
+        missing("node")
+    if not (NODE_DIR / "node_modules" / "@grpc" / "grpc-js").is_dir():
+        missing("tests/node/node_modules (npm ci --prefix tests/node)")
+    return node
+
+
+def require_buf() -> str:
+    local = NODE_DIR / "node_modules" / ".bin" / "buf"
+    buf = str(local) if local.exists() else shutil.which("buf")
+    if buf is None:
+        missing("buf (npm @bufbuild/buf in tests/node)")
+    return buf
