@@ -31,6 +31,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                        help="keep our MXFP4 experts packed (unpack per chosen expert) instead of dequantizing "
                             "at load as transformers does on CPU")
     model.set_defaults(func=_bench_model)
+    # Load generator and serving-path overhead: cluster/bench/ (grpc is imported only when they run).
+    from cluster.bench import overhead, serving
+
+    serving.add_parser(commands)
+    overhead.add_parser(commands)
 
 
 def _bench_model(args: argparse.Namespace) -> int:
