@@ -1,0 +1,48 @@
+"""Echo-engine Serve apps in the session's Ray cluster, each behind its own front door."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.conftest import BackgroundFrontdoor
+
+
+def _echo_frontdoor(serving_config, app_name: str, **overrides):
+    from prometheus_client import CollectorRegistry
+    from ray import serve
+
+    from cluster.config import _set_path, from_dict, to_dict
+    from cluster.metrics import FrontdoorMetrics
+    from cluster.serving.builder import build_app
+
+    config = from_dict(to_dict(serving_config))
+    for path, value in {"engine.kind": "echo", "serving.app_name": app_name, **overrides}.items():
+        _set_path(config, path, value, "test")
+    config.validate()
+    handle = serve.run(build_app(config), name=app_name, route_prefix=None)
+    return BackgroundFrontdoor(handle, config.frontdoor, FrontdoorMetrics(CollectorRegistry())), app_name
+
+
+@pytest.fixture(scope="session")
+def echo_frontdoor(ray_serving, serving_config):
+    """A front door over an echo replica streaming 2000 tokens/s per stream."""
+    from ray import serve
+
+    door, app = _echo_frontdoor(serving_config, "bench-echo", **{
+        "engine.echo_tokens_per_s": 2000.0, "engine.chunk_interval_ms": 5.0,
+        "serving.max_ongoing_requests": 128, "engine.max_active_requests": 256})
+    yield door
+    door.close()
+    serve.delete(app)
+
+
+@pytest.fixture(scope="session")
+def slow_echo_frontdoor(ray_serving, serving_config):
+    """A deliberately slow replica: one request at a time (Serve queues the rest), 40 tokens/s."""
+    from ray import serve
+
+    door, app = _echo_frontdoor(serving_config, "bench-slow-echo", **{
+        "engine.echo_tokens_per_s": 40.0, "serving.max_ongoing_requests": 1, "serving.max_queued_requests": -1})
+    yield door
+    door.close()
+    serve.delete(app)
