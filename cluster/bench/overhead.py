@@ -46,6 +46,8 @@ def add_parser(commands) -> None:
     p.add_argument("--rounds", type=int, default=3, help="rounds over the three targets (default 3)")
     p.add_argument("--chunk-interval-ms", type=float, default=10.0,
                    help="our replica's least time between chunks of a stream (default 10)")
+    p.add_argument("--serve-throughput-optimized", action="store_true",
+                   help="run both Ray Serve servers with RAY_SERVE_THROUGHPUT_OPTIMIZED=1 (Serve's own knob)")
     p.add_argument("--startup-timeout", type=float, default=240.0, help="seconds to wait for the servers")
     p.add_argument("--json", dest="json_path", metavar="FILE", help="write every run's summary here")
     p.set_defaults(func=run)
@@ -125,7 +127,10 @@ def run(args: argparse.Namespace) -> int:
     # Ray workers and the servers import this checkout's `cluster`, installed or not.
     env["PYTHONPATH"] = os.pathsep.join(p for p in (repo_root, env.get("PYTHONPATH")) if p)
     env.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    ours_env = dict(env, GPTOSS_ENGINE_KIND="echo", GPTOSS_ENGINE_ECHO_TOKENS_PER_S=str(args.token_rate),
+    serve_env = dict(env)
+    if args.serve_throughput_optimized:
+        serve_env["RAY_SERVE_THROUGHPUT_OPTIMIZED"] = "1"
+    ours_env = dict(serve_env, GPTOSS_ENGINE_KIND="echo", GPTOSS_ENGINE_ECHO_TOKENS_PER_S=str(args.token_rate),
                     GPTOSS_ENGINE_CHUNK_INTERVAL_MS=str(args.chunk_interval_ms),
                     GPTOSS_ENGINE_MAX_ACTIVE_REQUESTS="4096", GPTOSS_SERVING_MAX_ONGOING_REQUESTS="1024",
                     GPTOSS_SERVING_MAX_QUEUED_REQUESTS="-1", GPTOSS_FRONTDOOR_MAX_CONCURRENT_RPCS="4096",
@@ -140,7 +145,7 @@ def run(args: argparse.Namespace) -> int:
         servers["floor"] = ServerProcess("floor", [py, "-m", "cluster.bench.floor", "--token-rate", rate],
                                          env, "listening ", log_dir)
         servers["serve_proxy"] = ServerProcess("serve_proxy", [py, "-m", "cluster.bench.serve_proxy",
-                                                               "--token-rate", rate], env, "listening ", log_dir)
+                                                               "--token-rate", rate], serve_env, "listening ", log_dir)
         servers["ours"] = ServerProcess("ours", [py, "-m", "cluster", "serve", "--grpc-port", "0",
                                                  "--metrics-port", "0"], ours_env, "gptoss-cluster: serving", log_dir)
         deadline = time.monotonic() + args.startup_timeout
@@ -183,6 +188,7 @@ def run(args: argparse.Namespace) -> int:
     tok = {n: med(n, "load", lambda s: s["output_token_throughput"]) for n in TARGETS}
     ttft = {n: med(n, "c1", lambda s: s["ttft_ms"]["p50"]) for n in TARGETS}
     e2e = {n: med(n, "c1", lambda s: s["e2e_ms"]["p50"]) for n in TARGETS}
+    per_message = {n: med(n, "load", lambda s: s["output_tokens"] / max(1, s["output_messages"])) for n in TARGETS}
     failed = {n: sum(s["failed"] for kind in ("load", "c1") for s in results[n][kind]) for n in TARGETS}
     figures = {
         "tokens_per_s_ratio_vs_floor": round(tok["ours"] / tok["floor"], 3),
@@ -191,9 +197,10 @@ def run(args: argparse.Namespace) -> int:
     }
     print(f"overhead: {args.rounds} rounds, median shown; {args.concurrency} streams of {args.output_len} tokens "
           f"at {args.token_rate:g} tokens/s per stream, {args.duration:g} s per throughput run, loopback")
-    print(f"{'target':<12} {'tokens/s':>10} {'TTFT c=1 p50 ms':>16} {'E2E c=1 p50 ms':>15} {'failed':>7}")
+    print(f"{'target':<12} {'tokens/s':>10} {'tokens/msg':>11} {'TTFT c=1 p50 ms':>16} {'E2E c=1 p50 ms':>15} "
+          f"{'failed':>7}")
     for n in TARGETS:
-        print(f"{n:<12} {tok[n]:>10.0f} {ttft[n]:>16.2f} {e2e[n]:>15.2f} {failed[n]:>7}")
+        print(f"{n:<12} {tok[n]:>10.0f} {per_message[n]:>11.2f} {ttft[n]:>16.2f} {e2e[n]:>15.2f} {failed[n]:>7}")
     agreement = abs(client_tokens - server_tokens) / server_tokens if server_tokens else float("nan")
     print(f"ours: {client_tokens} tokens received, front door /metrics counted {server_tokens:.0f} "
           f"(difference {100 * agreement:.3f}%)")

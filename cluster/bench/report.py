@@ -139,6 +139,8 @@ def summarize(records: list[RequestRecord], *, slo: dict[str, float] | None = No
         "output_tokens": output_tokens,
         "output_token_throughput": per_s(output_tokens),
         "prompt_tokens": sum(r.prompt_tokens for r in records),
+        # Output-carrying messages: tokens per message shows how much the server coalesced.
+        "output_messages": sum(r.messages for r in records),
         "ttft_ms": distribution_ms([r.ttft_s for r in ok if r.ttft_s is not None]),
         "itl_ms": distribution_ms([g for r in ok for g in r.gaps_s]),
         "tpot_ms": distribution_ms([r.tpot_s for r in ok if r.tpot_s is not None]),

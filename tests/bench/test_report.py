@@ -100,3 +100,17 @@ def test_open_loop_summary_reports_arrival_rate_and_send_lag():
     assert s["send_lag_ms"]["p50"] == pytest.approx(2.0)
     assert s["target_rate"] == 10.0
     assert "10.00" in format_sweep([s])
+
+
+def test_sweep_plot_writes_a_png(tmp_path):
+    pytest.importorskip("matplotlib")
+    from cluster.bench.plot import plot_sweep
+
+    def run(rate, ms):
+        s = summarize([record(i, sent=i / rate, first=i / rate + ms / 1000, end=i / rate + 2 * ms / 1000, tokens=4)
+                       for i in range(20)], target_rate=rate)
+        return s
+
+    path = tmp_path / "sweep.png"
+    plot_sweep([run(5, 10), run(10, 20), run(20, 80)], str(path), title="test")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 5000
