@@ -19,6 +19,7 @@ import asyncio
 import random
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable
 
 import grpc
@@ -31,6 +32,10 @@ from gptoss.v1 import inference_pb2_grpc as pb_grpc
 ROLES = {"system": pb.ROLE_SYSTEM, "developer": pb.ROLE_DEVELOPER, "user": pb.ROLE_USER,
          "assistant": pb.ROLE_ASSISTANT, "tool": pb.ROLE_TOOL}
 SESSION_HEADER = "x-session-id"
+
+
+def _read(path: str | None) -> bytes | None:
+    return Path(path).read_bytes() if path else None
 
 
 @dataclass(frozen=True)
@@ -59,8 +64,7 @@ class Connection:
             if not self.tls:
                 out.append(grpc.aio.insecure_channel(self.target, options=opts))
                 continue
-            read = lambda p: open(p, "rb").read() if p else None  # noqa: E731
-            creds = grpc.ssl_channel_credentials(read(self.ca_cert), read(self.client_key), read(self.client_cert))
+            creds = grpc.ssl_channel_credentials(_read(self.ca_cert), _read(self.client_key), _read(self.client_cert))
             out.append(grpc.aio.secure_channel(self.target, creds, options=opts))
         return out
 

@@ -120,7 +120,7 @@ def run(args: argparse.Namespace) -> int:
                             client_key=args.client_key, server_name=args.server_name,
                             api_key=args.api_key or os.environ.get(API_KEY_ENV) or None, metadata=metadata,
                             channels=max(1, args.channels))
-    num_requests = args.num_requests if args.num_requests or args.duration else 100
+    num_requests = 100 if args.num_requests is None and args.duration is None else args.num_requests
     runs = []
     for rate in rates:
         concurrency = None if rate is not None else (args.concurrency or 8)

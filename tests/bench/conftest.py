@@ -11,14 +11,15 @@ def _echo_frontdoor(serving_config, app_name: str, **overrides):
     from prometheus_client import CollectorRegistry
     from ray import serve
 
-    from cluster.config import _set_path, from_dict, to_dict
+    from cluster.config import from_dict, to_dict
     from cluster.metrics import FrontdoorMetrics
     from cluster.serving.builder import build_app
 
-    config = from_dict(to_dict(serving_config))
+    data = to_dict(serving_config)
     for path, value in {"engine.kind": "echo", "serving.app_name": app_name, **overrides}.items():
-        _set_path(config, path, value, "test")
-    config.validate()
+        section, key = path.split(".")
+        data[section][key] = value
+    config = from_dict(data)
     handle = serve.run(build_app(config), name=app_name, route_prefix=None)
     return BackgroundFrontdoor(handle, config.frontdoor, FrontdoorMetrics(CollectorRegistry())), app_name
 

@@ -83,8 +83,8 @@ def test_open_loop_keeps_its_arrival_rate_when_the_server_is_slow(slow_echo_fron
     scheduled = sorted(r.scheduled_s for r in records)
     scheduled_rate = (len(scheduled) - 1) / (scheduled[-1] - scheduled[0])
     # Every request went out when the schedule said (a closed loop would wait for replies).
-    assert max(r.sent_s - r.scheduled_s for r in records) < 0.1
-    assert summary["arrival_rate"] == pytest.approx(scheduled_rate, rel=0.05)
+    assert max(r.sent_s - r.scheduled_s for r in records) < 0.25
+    assert summary["arrival_rate"] == pytest.approx(scheduled_rate, rel=0.1)
     assert summary["arrival_rate"] > 8.0
     # The server fell behind: completions are far slower than arrivals, latency grows with the queue.
     assert summary["request_throughput"] < 0.7 * summary["arrival_rate"]
