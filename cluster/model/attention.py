@@ -57,9 +57,9 @@ class Attention(nn.Module):
         B, T, _ = x.shape
         N, K, D = self.num_heads, self.num_kv_heads, self.head_dim
         G = N // K
-        q, k, v = self.qkv(x).split((N * D, K * D, K * D), dim=-1)
-        q = apply_rotary(q.view(B, T, N, D).transpose(1, 2), cos, sin)  # [B, N, T, D]
-        k = apply_rotary(k.view(B, T, K, D).transpose(1, 2), cos, sin)  # [B, K, T, D]
+        qk, v = self.qkv(x).split(((N + K) * D, K * D), dim=-1)
+        qk = apply_rotary(qk.view(B, T, N + K, D).transpose(1, 2), cos, sin)  # q and k heads at once
+        q, k = qk.split((N, K), dim=1)  # [B, N, T, D], [B, K, T, D]
         end = start + T
         k_cache[:, :, start:end] = k
         v_cache[:, :, start:end] = v.view(B, T, K, D).transpose(1, 2)

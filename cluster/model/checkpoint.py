@@ -34,6 +34,7 @@ from safetensors.torch import safe_open, save_file
 
 from cluster.model import mxfp4
 from cluster.model.config import GptOssConfig
+from cluster.model.layers import RotaryEmbedding
 from cluster.model.transformer import GptOssModel
 
 LAYOUTS = ("hf", "original", "both")
@@ -42,6 +43,8 @@ DEFAULT_SHARD_BYTES = 4 << 30
 PROGRESS_MIN_BYTES = 256 << 20  # an automatic progress bar appears for loads at least this big
 
 _FLOAT_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
+_DTYPE_BYTES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
+                "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8}
 
 
 class CheckpointError(Exception):
@@ -290,16 +293,22 @@ def _read_header(path: Path) -> dict[str, _TensorInfo]:
         raise CheckpointError(f"{path}: cannot read ({err})") from err
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
         raise CheckpointError(f"{path}: corrupt safetensors header ({err})") from err
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: corrupt safetensors header (not a JSON object)")
     data_size = size - 8 - header_len
     infos = {}
     for name, meta in header.items():
         if name == "__metadata__":
             continue
         try:
-            begin, end = meta["data_offsets"]
-            dtype, shape = meta["dtype"], tuple(meta["shape"])
+            begin, end = (int(x) for x in meta["data_offsets"])
+            dtype, shape = meta["dtype"], tuple(int(x) for x in meta["shape"])
+            nbytes = math.prod(shape) * _DTYPE_BYTES[dtype]
         except (KeyError, TypeError, ValueError) as err:
             raise CheckpointError(f"{path}: corrupt safetensors header entry for tensor {name!r}") from err
+        if not 0 <= begin <= end or end - begin != nbytes:
+            raise CheckpointError(f"{path}: corrupt safetensors header: tensor {name!r} spans bytes {begin}..{end} "
+                                  f"but {dtype} {list(shape)} needs {nbytes}")
         if end > data_size:
             raise CheckpointError(f"{path}: truncated safetensors file: tensor {name!r} ends at byte {end} of the "
                                   f"data section, which holds only {data_size} bytes")
@@ -433,6 +442,8 @@ def load_model(path: str | os.PathLike, *, dtype: torch.dtype = torch.float32, d
     HF config), or an `original/` folder. MXFP4 experts stay packed (uint8) and are unpacked per
     chosen expert in the forward pass, unless `dequantize` unpacks them all now into `dtype`.
     """
+    if not dtype.is_floating_point:
+        raise ValueError(f"dtype must be a floating point dtype, got {dtype}")
     layout, directory, config, mx_by_config = _find_layout(Path(path))
     index = directory / HF_INDEX
     files = _CheckpointFiles(directory, index if layout == "hf" and index.is_file() else None)
@@ -455,19 +466,24 @@ def load_model(path: str | os.PathLike, *, dtype: torch.dtype = torch.float32, d
     device = torch.device(device)
     with torch.device("meta"):
         model = GptOssModel(config, packed_experts=mx)
-    total = sum(math.prod(files.tensors[n].shape) * (1 if e.packed else 2) for e in entries for n in e.names)
+    total = sum(math.prod(files.tensors[n].shape) * _DTYPE_BYTES[files.tensors[n].dtype]
+                for e in entries for n in e.names)
     state = {}
     with _progress_bar(total, progress, f"loading {directory.name}") as bar:
         for e in entries:
             pieces = [files.read(name, "cpu") for name in e.names]
             t = e.join(pieces)
-            state[e.param] = t.to(device=device, dtype=None if e.packed else dtype).contiguous()
+            if e.packed:
+                target = torch.uint8
+            elif e.param.endswith("norm.scale"):
+                target = torch.float32  # norms compute in float32; transformers keeps them float32 too
+            else:
+                target = dtype
+            state[e.param] = t.to(device=device, dtype=target).contiguous()
             bar.update(sum(p.numel() * p.element_size() for p in pieces))
     files.close()
     model.load_state_dict(state, strict=True, assign=True)
     # Buffers that are not in checkpoints (RoPE tables) were built on meta; build them for real.
-    from cluster.model.layers import RotaryEmbedding
-
     model.rope = RotaryEmbedding(config).to(device)
     if dequantize:
         model.dequantize_experts_()

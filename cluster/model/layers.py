@@ -11,13 +11,14 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from cluster.model.config import GptOssConfig
 
 
 class RMSNorm(nn.Module):
-    """x / rms(x) * scale, computed in float32 whatever the activation dtype."""
+    """x / rms(x) * scale, computed in float32 whatever the activation dtype (scale stays float32)."""
 
     def __init__(self, dim: int, eps: float = 1e-5):
         super().__init__()
@@ -25,9 +26,7 @@ class RMSNorm(nn.Module):
         self.scale = nn.Parameter(torch.ones(dim, dtype=torch.float32))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        t = x.float()
-        t = t * torch.rsqrt(t.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (self.scale * t).to(x.dtype)
+        return F.rms_norm(x.float(), self.scale.shape, self.scale.float(), self.eps).to(x.dtype)
 
 
 def yarn_inv_freq(config: GptOssConfig) -> tuple[torch.Tensor, float]:
@@ -67,20 +66,22 @@ class RotaryEmbedding(nn.Module):
         super().__init__()
         inv_freq, self.concentration = yarn_inv_freq(config)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
-        self.register_buffer("cos", torch.empty(0, config.head_dim // 2), persistent=False)
-        self.register_buffer("sin", torch.empty(0, config.head_dim // 2), persistent=False)
+        # (cos, sin) replaced as one tuple, so a thread decoding meanwhile never sees a mismatched pair
+        self._tables: tuple[torch.Tensor, torch.Tensor] | None = None
 
-    def ensure(self, length: int, dtype: torch.dtype) -> None:
-        if self.cos.shape[0] >= length and self.cos.dtype == dtype:
-            return
-        t = torch.arange(length, dtype=torch.float32, device=self.inv_freq.device)
-        freqs = t[:, None] * self.inv_freq[None, :]  # [L, D/2]
-        self.cos = (freqs.cos() * self.concentration).to(dtype)
-        self.sin = (freqs.sin() * self.concentration).to(dtype)
+    def ensure(self, length: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        tables = self._tables
+        if (tables is None or tables[0].shape[0] < length or tables[0].dtype != dtype
+                or tables[0].device != self.inv_freq.device):
+            t = torch.arange(max(length, 256), dtype=torch.float32, device=self.inv_freq.device)
+            freqs = t[:, None] * self.inv_freq[None, :]  # [L, D/2]
+            tables = ((freqs.cos() * self.concentration).to(dtype), (freqs.sin() * self.concentration).to(dtype))
+            self._tables = tables
+        return tables
 
     def tables(self, start: int, length: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        self.ensure(start + length, dtype)
-        return self.cos[start : start + length], self.sin[start : start + length]
+        cos, sin = self.ensure(start + length, dtype)
+        return cos[start : start + length], sin[start : start + length]
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

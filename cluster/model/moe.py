@@ -6,7 +6,8 @@ The router takes the top A of its E logits and softmaxes over those A only. Each
     gate_up [2I, H] (+ bias) -> swiglu -> [I] -> down [H, I] (+ bias)
 with gate and linear rows interleaved in gate_up. Expert weights are [E, out, in], the row layout
 of MXFP4, and are held either dense (in the model dtype) or packed (MXFP4 blocks and scales,
-uint8); packed experts are dequantized on the fly, only those a token chose.
+uint8); packed experts are dequantized on the fly, only those a token chose (small layers keep
+one dense copy instead, see DENSE_CACHE_BYTES).
 """
 
 from __future__ import annotations
@@ -22,6 +23,11 @@ from cluster.model.layers import swiglu
 # Up to this many gathered weight elements per call, the chosen experts are gathered into one
 # batched matmul (no Python loop, no host sync); beyond it, a loop over experts avoids the copy.
 GATHER_LIMIT = 1 << 22
+
+# A packed layer whose experts take at most this many bytes dense is unpacked once, on first use,
+# and the copy kept beside the packed bytes: tiny models decode at dense speed, big ones stay at
+# 4.25 bits per weight and unpack only the experts each token chose.
+DENSE_CACHE_BYTES = 32 << 20
 
 
 class MoE(nn.Module):
@@ -44,13 +50,28 @@ class MoE(nn.Module):
         self.gate_up_bias = nn.Parameter(torch.zeros(E, 2 * I))
         self.down_bias = nn.Parameter(torch.zeros(E, H))
         self._matrix_elements = 3 * I * H  # gate_up + down, per expert
+        self._dense: tuple[torch.Tensor, torch.Tensor] | None = None  # see DENSE_CACHE_BYTES
 
     def expert_weights(self, idx: torch.Tensor | int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """gate_up [..., 2I, H] and down [..., H, I] of the experts `idx`, dense in `dtype`."""
         if not self.packed:
             return self.gate_up_weight[idx], self.down_weight[idx]
+        dense = self._small_dense_copy(dtype)
+        if dense is not None:
+            return dense[0][idx], dense[1][idx]
         return (mxfp4.unpack(self.gate_up_blocks[idx], self.gate_up_scales[idx], dtype),
                 mxfp4.unpack(self.down_blocks[idx], self.down_scales[idx], dtype))
+
+    def _small_dense_copy(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor] | None:
+        dense = self._dense
+        if dense is not None and dense[0].dtype == dtype and dense[0].device == self.gate_up_blocks.device:
+            return dense
+        if self.num_experts * self._matrix_elements * dtype.itemsize > DENSE_CACHE_BYTES:
+            return None
+        dense = (mxfp4.unpack(self.gate_up_blocks, self.gate_up_scales, dtype),
+                 mxfp4.unpack(self.down_blocks, self.down_scales, dtype))
+        self._dense = dense  # one assignment: threads decoding meanwhile see the old or the new pair
+        return dense
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
@@ -73,7 +94,7 @@ class MoE(nn.Module):
         h = torch.bmm(w1, xs.unsqueeze(-1)).squeeze(-1) + self.gate_up_bias[idx]  # [S*A, 2I]
         h = swiglu(h, self.alpha, self.limit)  # [S*A, I]
         y = torch.bmm(w2, h.unsqueeze(-1)).squeeze(-1) + self.down_bias[idx]  # [S*A, H]
-        return (y.view(S, A, -1) * top_w.unsqueeze(-1)).sum(dim=1)  # [S, H]
+        return torch.bmm(top_w.unsqueeze(1), y.view(S, A, -1)).squeeze(1)  # weighted sum over A: [S, H]
 
     def _looped(self, x: torch.Tensor, top_idx: torch.Tensor, top_w: torch.Tensor) -> torch.Tensor:
         out = torch.zeros_like(x)
@@ -98,3 +119,4 @@ class MoE(nn.Module):
             delattr(self, name)
         self.gate_up_weight, self.down_weight = nn.Parameter(w1, requires_grad=False), nn.Parameter(w2, requires_grad=False)
         self.packed = False
+        self._dense = None

@@ -7,14 +7,14 @@ import pytest
 from cluster.model.checkpoint import write_checkpoint
 from cluster.model.config import GptOssConfig
 
-# The two tiny shapes every parity test runs on: the real-vocab one `serve` uses, and a
-# different one (odd layer count, 3 query heads per kv head, top-2 of 4 experts).
-TINY_PRESETS = ("tiny", "tiny-small-vocab")
-
 
 @pytest.fixture(scope="session")
 def checkpoint_dir(tmp_path_factory):
-    """checkpoint_dir(preset, mxfp4) -> a directory holding the HF layout and original/ (same weights)."""
+    """checkpoint_dir(preset, mxfp4) -> a directory holding the HF layout and original/ (same weights).
+
+    Tests use the two tiny shapes: "tiny" (real vocab, what `serve` uses) and "tiny-small-vocab"
+    (odd layer count, 3 query heads per kv head, top-2 of 4 experts).
+    """
     made = {}
 
     def get(preset: str, mxfp4: bool):

@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 from cluster.model.checkpoint import load_model, write_checkpoint
 from cluster.model.config import GptOssConfig
 
-from conftest import TINY_PRESETS
+TINY_PRESETS = ("tiny", "tiny-small-vocab")  # the two shapes conftest.checkpoint_dir writes
 
 
 def _disk(directory):
@@ -83,7 +83,7 @@ def test_writing_is_deterministic(tmp_path):
     assert read["a"] == read["b"] != read["c"]
 
 
-def test_mxfp4_experts_stay_packed_until_asked(checkpoint_dir):
+def test_mxfp4_experts_stay_packed_until_asked(checkpoint_dir, monkeypatch):
     path = checkpoint_dir("tiny", True)
     packed = load_model(path)
     mlp = packed.blocks[0].mlp
@@ -93,7 +93,18 @@ def test_mxfp4_experts_stay_packed_until_asked(checkpoint_dir):
     assert not dense.blocks[0].mlp.packed and dense.blocks[0].mlp.gate_up_weight.dtype == torch.float32
     ids = torch.arange(30)[None] * 1000
     # the same weights either way: unpacking is exact
-    assert torch.allclose(packed(ids, packed.new_cache(30)), dense(ids, dense.new_cache(30)), atol=1e-5, rtol=0)
+    expected = dense(ids, dense.new_cache(30))
+    assert torch.allclose(packed(ids, packed.new_cache(30)), expected, atol=1e-5, rtol=0)
+    assert mlp._dense is not None  # a layer this small keeps one dense copy beside the packed bytes
+    assert mlp.gate_up_blocks.dtype == torch.uint8 and "blocks.0.mlp.gate_up_blocks" in packed.state_dict()
+
+    # what big layers do: unpack the chosen experts on every call, gathered or in the per-expert loop
+    monkeypatch.setattr("cluster.model.moe.DENSE_CACHE_BYTES", 0)
+    fresh = load_model(path)
+    assert torch.allclose(fresh(ids, fresh.new_cache(30)), expected, atol=1e-5, rtol=0)
+    monkeypatch.setattr("cluster.model.moe.GATHER_LIMIT", 0)
+    assert torch.allclose(fresh(ids, fresh.new_cache(30)), expected, atol=1e-5, rtol=0)
+    assert fresh.blocks[0].mlp._dense is None
 
 
 def test_bfloat16_load(checkpoint_dir):
