@@ -2,9 +2,35 @@
 
 from __future__ import annotations
 
+import asyncio
+import threading
+
 import pytest
 
-from tests.conftest import BackgroundFrontdoor
+
+class EchoFrontdoor:
+    """A FrontdoorServer on its own event loop in a thread, so tests (and client processes) use plain gRPC."""
+
+    def __init__(self, handle, config, metrics) -> None:
+        from cluster.frontdoor.server import FrontdoorServer
+
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, name="echo-frontdoor", daemon=True)
+        self.thread.start()
+        self.server = FrontdoorServer(handle, config, metrics)
+        self._call(self.server.start())
+
+    def _call(self, coro, timeout: float = 120.0):
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    @property
+    def target(self) -> str:
+        return self.server.grpc_target
+
+    def close(self) -> None:
+        self._call(self.server.stop(0.5))
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
 
 
 def _echo_frontdoor(serving_config, app_name: str, **overrides):
@@ -21,7 +47,7 @@ def _echo_frontdoor(serving_config, app_name: str, **overrides):
         data[section][key] = value
     config = from_dict(data)
     handle = serve.run(build_app(config), name=app_name, route_prefix=None)
-    return BackgroundFrontdoor(handle, config.frontdoor, FrontdoorMetrics(CollectorRegistry())), app_name
+    return EchoFrontdoor(handle, config.frontdoor, FrontdoorMetrics(CollectorRegistry())), app_name
 
 
 @pytest.fixture(scope="session")

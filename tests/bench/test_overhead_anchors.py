@@ -6,13 +6,15 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 from cluster.bench.loadgen import Connection, LoadPlan, run_load
 from cluster.bench.report import summarize
 from cluster.bench.workload import IntRange, SyntheticWorkload
-from tests.conftest import REPO_ROOT
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture

@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 import urllib.request
 
 import pytest
@@ -15,7 +16,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from cluster.bench.loadgen import Connection, LoadPlan, run_load
 from cluster.bench.report import summarize
 from cluster.bench.workload import IntRange, SyntheticWorkload
-from tests.conftest import REPO_ROOT
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 pytestmark = pytest.mark.slow
 
