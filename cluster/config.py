@@ -19,6 +19,7 @@ import yaml
 
 ENV_PREFIX = "GPTOSS_"
 LOG_LEVELS = ("debug", "info", "warning", "error")
+ENGINE_KINDS = ("torch", "echo")  # echo: a test engine without a model
 
 
 class ConfigError(ValueError):
@@ -39,7 +40,8 @@ class ModelConfig:
 
 @dataclass
 class EngineConfig:
-    # "torch" is the only engine so far.
+    # "torch" runs the model; "echo" is a TEST engine with no model that streams the prompt's
+    # tokens back at echo_tokens_per_s (for measuring the serving path; see cluster/engine/echo_engine.py).
     kind: str = "torch"
     # Requests one replica decodes at once; more get RESOURCE_EXHAUSTED.
     max_active_requests: int = 32
@@ -50,6 +52,8 @@ class EngineConfig:
     chunk_interval_ms: float = 10.0
     # torch intra-op threads per replica; 1 suits many concurrent small decodes on a small box.
     torch_threads: int = 1
+    # engine.kind echo only: tokens per second per stream (0: every token at once).
+    echo_tokens_per_s: float = 1000.0
 
 
 @dataclass
@@ -148,11 +152,12 @@ class ClusterConfig:
     def validate(self) -> "ClusterConfig":
         """Raise ConfigError naming the first invalid field; return self when all are valid."""
         checks = [
-            ("engine.kind", self.engine.kind in ("torch",), "must be 'torch'"),
+            ("engine.kind", self.engine.kind in ENGINE_KINDS, f"must be one of {', '.join(ENGINE_KINDS)}"),
             ("engine.max_active_requests", self.engine.max_active_requests >= 1, "must be >= 1"),
             ("engine.default_max_tokens", self.engine.default_max_tokens >= 1, "must be >= 1"),
             ("engine.chunk_interval_ms", 0 <= self.engine.chunk_interval_ms <= 1000, "must be in [0, 1000]"),
             ("engine.torch_threads", self.engine.torch_threads >= 1, "must be >= 1"),
+            ("engine.echo_tokens_per_s", self.engine.echo_tokens_per_s >= 0, "must be >= 0"),
             ("model.dtype", self.model.dtype in ("float32", "bfloat16", "float16"),
              "must be float32, bfloat16 or float16"),
             ("model.preset", bool(self.model.preset) or self.model.path is not None,

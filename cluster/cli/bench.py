@@ -32,6 +32,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                        help="load our model as load_model does by default (MXFP4 experts stay packed; small "
                             "layers keep a dense copy) instead of dequantizing at load as transformers does on CPU")
     model.set_defaults(func=_bench_model)
+    # Load generator and serving-path overhead: cluster/bench/ (grpc is imported only when they run).
+    from cluster.bench import overhead, serving
+
+    serving.add_parser(commands)
+    overhead.add_parser(commands)
 
     from cluster.cli.bench_engine import add_engine_command  # the batching engine's benchmark lives apart
 

@@ -31,16 +31,35 @@ def resolve_checkpoint(config: ClusterConfig) -> Path:
     return ensure_preset_checkpoint(config.model.preset, config.cache_path)
 
 
+def _echo_engine(config: ClusterConfig) -> tuple[Engine, ModelInfo]:
+    """engine.kind echo: the model-free test engine and what GetModelInfo reports for it."""
+    from cluster.engine.echo_engine import EchoEngine
+
+    engine = EchoEngine(tokens_per_s=config.engine.echo_tokens_per_s,
+                        chunk_interval_s=config.engine.chunk_interval_ms / 1000.0,
+                        default_max_tokens=config.engine.default_max_tokens,
+                        max_active_requests=config.engine.max_active_requests)
+    info = ModelInfo(model_name=config.model.name or "echo", preset="", vocab_size=engine.limits.vocab_size,
+                     context_length=engine.limits.context_length, num_layers=0, num_experts=0,
+                     experts_per_token=0, quantization="none", dtype="none", engine="echo",
+                     replicas=config.serving.replicas)
+    return engine, info
+
+
 @serve.deployment(name="ModelReplica")
 class ModelReplica:
     def __init__(self, config: ClusterConfig) -> None:
+        logging.getLogger("cluster").setLevel(config.log_level.upper())
+        if config.engine.kind == "echo":
+            self._engine, self._info = _echo_engine(config)
+            log.info("replica ready: TEST echo engine at %s tokens/s per stream", config.engine.echo_tokens_per_s)
+            return
         import torch
 
         from cluster.engine.torch_engine import TorchEngine
         from cluster.harmony.tokenizer import STOP_TOKEN_IDS
         from cluster.model.checkpoint import load_model
 
-        logging.getLogger("cluster").setLevel(config.log_level.upper())
         # Replicas share the box; intra-op threads beyond the cores a replica owns only contend.
         torch.set_num_threads(config.engine.torch_threads)
         path = resolve_checkpoint(config)

@@ -1,0 +1,1 @@
+"""Benchmarks of a running gptoss-cluster over its public gRPC API: load generator, workloads, reports, the overhead benchmark."""

@@ -1,0 +1,257 @@
+"""The load generator: a grpc.aio client sending a workload closed-loop or open-loop.
+
+  * closed loop (`concurrency=N`): N workers, each sending its next request when the previous
+    one ends; the load adapts to the server.
+  * open loop (`rate=R`): requests are sent at Poisson arrival times (exponential gaps of mean
+    1/R, from the seed) whatever the server does; each is its own task, so a slow server gets
+    more requests in flight, never fewer arrivals. `send_lag_ms` reports how late the client
+    itself sent them.
+
+A run stops issuing requests after `num_requests` or `duration_s` (whichever comes first) and
+lets those in flight finish (each has a deadline of `timeout_s`). Warm-up requests go first,
+closed loop, and are counted apart. Only the generated gptoss.v1 stubs are used, through
+`WhichOneof`, so servers with newer protos work too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import grpc
+
+from cluster.bench.report import RequestRecord
+from cluster.bench.workload import RequestSpec
+from gptoss.v1 import inference_pb2 as pb
+from gptoss.v1 import inference_pb2_grpc as pb_grpc
+
+ROLES = {"system": pb.ROLE_SYSTEM, "developer": pb.ROLE_DEVELOPER, "user": pb.ROLE_USER,
+         "assistant": pb.ROLE_ASSISTANT, "tool": pb.ROLE_TOOL}
+SESSION_HEADER = "x-session-id"
+
+
+def _read(path: str | None) -> bytes | None:
+    return Path(path).read_bytes() if path else None
+
+
+@dataclass(frozen=True)
+class Connection:
+    """How to reach the server: address, TLS, API key, extra metadata."""
+
+    target: str
+    tls: bool = False
+    ca_cert: str | None = None  # PEM file; None: the system roots
+    client_cert: str | None = None  # PEM files for mutual TLS
+    client_key: str | None = None
+    server_name: str | None = None  # TLS name to check, when it differs from the target's host
+    api_key: str | None = None  # sent as `authorization: Bearer <key>`
+    metadata: tuple[tuple[str, str], ...] = ()
+    channels: int = 1  # HTTP/2 connections to spread the streams over
+
+    def open_channels(self) -> list[grpc.aio.Channel]:
+        options = [("grpc.max_receive_message_length", 64 * 1024 * 1024)]
+        if self.server_name:
+            options.append(("grpc.ssl_target_name_override", self.server_name))
+        if self.channels > 1:  # else grpc shares one subchannel (connection) between the channels
+            options.append(("grpc.use_local_subchannel_pool", 1))
+        out = []
+        for _ in range(self.channels):
+            opts = list(options)
+            if not self.tls:
+                out.append(grpc.aio.insecure_channel(self.target, options=opts))
+                continue
+            creds = grpc.ssl_channel_credentials(_read(self.ca_cert), _read(self.client_key), _read(self.client_cert))
+            out.append(grpc.aio.secure_channel(self.target, creds, options=opts))
+        return out
+
+    def call_metadata(self, session_id: str | None) -> tuple[tuple[str, str], ...]:
+        metadata = list(self.metadata)
+        if self.api_key:
+            metadata.append(("authorization", f"Bearer {self.api_key}"))
+        if session_id:
+            metadata.append((SESSION_HEADER, session_id))
+        return tuple(metadata)
+
+
+@dataclass(frozen=True)
+class LoadPlan:
+    """What to send and when; exactly one of concurrency and rate drives the load."""
+
+    api: str = "generate"
+    concurrency: int | None = None
+    rate: float | None = None
+    num_requests: int | None = None
+    duration_s: float | None = None
+    warmup_requests: int = 0
+    timeout_s: float = 300.0
+    ignore_stop: bool = True  # generate exactly max_tokens, so lengths are the workload's
+    max_in_flight: int | None = None  # open loop only: a safety cap (then it is no longer open)
+    seed: int = 0
+
+    def check(self) -> "LoadPlan":
+        if (self.concurrency is None) == (self.rate is None):
+            raise ValueError("give exactly one of concurrency (closed loop) and rate (open loop)")
+        if self.concurrency is not None and self.concurrency < 1:
+            raise ValueError(f"concurrency must be >= 1, got {self.concurrency}")
+        if self.rate is not None and not self.rate > 0:
+            raise ValueError(f"rate must be > 0, got {self.rate}")
+        if self.num_requests is None and self.duration_s is None:
+            raise ValueError("bound the run: give num_requests, duration_s or both")
+        if self.num_requests is not None and self.num_requests < 1:
+            raise ValueError(f"num_requests must be >= 1, got {self.num_requests}")
+        if self.duration_s is not None and not self.duration_s > 0:
+            raise ValueError(f"duration must be > 0, got {self.duration_s}")
+        return self
+
+
+@dataclass
+class RunResult:
+    plan: LoadPlan
+    records: list[RequestRecord] = field(default_factory=list)
+    warmup: list[RequestRecord] = field(default_factory=list)
+
+
+def build_request(spec: RequestSpec, api: str, ignore_stop: bool, request_id: str):
+    sampling = pb.SamplingParams(max_tokens=spec.max_tokens, ignore_stop=ignore_stop)
+    if api == "generate":
+        return pb.GenerateRequest(prompt_token_ids=spec.prompt_token_ids, sampling=sampling, request_id=request_id)
+    messages = [pb.ChatMessage(role=ROLES[role], content=content) for role, content in spec.messages]
+    return pb.ChatRequest(messages=messages, sampling=sampling, request_id=request_id,
+                          reasoning_effort=pb.REASONING_EFFORT_LOW)
+
+
+class LoadGenerator:
+    def __init__(self, connection: Connection, workload, plan: LoadPlan,
+                 on_done: Callable[[RequestRecord], None] | None = None) -> None:
+        self.connection = connection
+        self.workload = workload
+        self.plan = plan.check()
+        self.on_done = on_done
+        self._stubs: list[pb_grpc.InferenceStub] = []
+        self._t0 = 0.0
+
+    def _now(self) -> float:
+        return time.perf_counter() - self._t0
+
+    async def _one(self, index: int, scheduled_s: float | None = None, warmup: bool = False) -> RequestRecord:
+        spec = self.workload.request(index)
+        stub = self._stubs[index % len(self._stubs)]
+        request_id = f"bench-{'w' if warmup else 'r'}{index}"
+        request = build_request(spec, self.plan.api, self.plan.ignore_stop, request_id)
+        method = stub.Generate if self.plan.api == "generate" else stub.Chat
+        record = RequestRecord(index=index, session_id=spec.session_id)
+        stamps: list[float] = []
+        perf = time.perf_counter
+        record.sent_s = self._now()
+        record.scheduled_s = record.sent_s if scheduled_s is None else scheduled_s
+        tokens = 0
+        try:
+            call = method(request, timeout=self.plan.timeout_s,
+                          metadata=self.connection.call_metadata(spec.session_id))
+            async for response in call:
+                kind = response.WhichOneof("response")
+                if kind == "chunk":
+                    n = len(response.chunk.token_ids)
+                    if n:
+                        stamps.append(perf())
+                        tokens += n
+                elif kind == "delta":
+                    stamps.append(perf())
+                elif kind == "complete":
+                    usage = response.complete.usage
+                    record.usage_completion_tokens = usage.completion_tokens
+                    record.prompt_tokens = usage.prompt_tokens
+            record.code = "OK" if record.usage_completion_tokens is not None else "INCOMPLETE"
+        except grpc.aio.AioRpcError as err:
+            record.code = err.code().name
+        except asyncio.CancelledError:
+            record.code = "CANCELLED"
+            raise
+        finally:
+            record.end_s = self._now()
+            record.output_tokens = tokens if self.plan.api == "generate" else (record.usage_completion_tokens or 0)
+            record.messages = len(stamps)
+            if stamps:
+                record.first_token_s = stamps[0] - self._t0
+                record.gaps_s = [b - a for a, b in zip(stamps, stamps[1:])]
+        if self.on_done is not None and not warmup:
+            self.on_done(record)
+        return record
+
+    async def _closed(self, concurrency: int, count: int | None, deadline: float | None,
+                      first_index: int, warmup: bool) -> list[RequestRecord]:
+        records: list[RequestRecord] = []
+        next_index = first_index
+
+        async def worker() -> None:
+            nonlocal next_index
+            while True:
+                if count is not None and next_index - first_index >= count:
+                    return
+                if deadline is not None and self._now() >= deadline:
+                    return
+                index = next_index
+                next_index += 1
+                records.append(await self._one(index, warmup=warmup))
+
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        return sorted(records, key=lambda r: r.index)
+
+    async def _open(self, rate: float, count: int | None, deadline: float | None,
+                    first_index: int) -> list[RequestRecord]:
+        rng = random.Random(self.plan.seed)
+        tasks: list[asyncio.Task] = []
+        limit = asyncio.Semaphore(self.plan.max_in_flight) if self.plan.max_in_flight else None
+        start = self._now()
+        at = start
+        i = 0
+
+        async def limited(index: int, scheduled: float) -> RequestRecord:
+            async with limit:
+                return await self._one(index, scheduled_s=scheduled)
+
+        while count is None or i < count:
+            at += rng.expovariate(rate)
+            if deadline is not None and at >= deadline:
+                break
+            wait = at - self._now()
+            if wait > 0:
+                await asyncio.sleep(wait)
+            index = first_index + i
+            coro = limited(index, at) if limit else self._one(index, scheduled_s=at)
+            tasks.append(asyncio.ensure_future(coro))
+            i += 1
+        return list(await asyncio.gather(*tasks))
+
+    async def run(self) -> RunResult:
+        plan = self.plan
+        channels = self.connection.open_channels()
+        self._stubs = [pb_grpc.InferenceStub(c) for c in channels]
+        self._t0 = time.perf_counter()
+        result = RunResult(plan)
+        try:
+            if plan.warmup_requests:
+                result.warmup = await self._closed(min(plan.concurrency or 8, plan.warmup_requests),
+                                                   plan.warmup_requests, None, 0, warmup=True)
+            first = plan.warmup_requests
+            # Times in records count from the start of the measured part.
+            self._t0 = time.perf_counter()
+            deadline = plan.duration_s
+            if plan.concurrency is not None:
+                result.records = await self._closed(plan.concurrency, plan.num_requests, deadline, first, False)
+            else:
+                result.records = await self._open(plan.rate, plan.num_requests, deadline, first)
+        finally:
+            for channel in channels:
+                await channel.close()
+        return result
+
+
+def run_load(connection: Connection, workload, plan: LoadPlan,
+             on_done: Callable[[RequestRecord], None] | None = None) -> RunResult:
+    """Run one load plan to the end (blocking); see LoadGenerator."""
+    return asyncio.run(LoadGenerator(connection, workload, plan, on_done).run())

@@ -1,0 +1,83 @@
+"""Ray Serve's built-in gRPC proxy in front of a Serve deployment streaming one message per token.
+
+The straightforward way to serve gptoss.v1 on Serve, measured as an anchor by `bench overhead`:
+`python -m cluster.bench.serve_proxy --port P --token-rate R` starts a local Ray, Serve with its
+gRPC proxy on 127.0.0.1:P and the `serve-proxy` application, prints `listening 127.0.0.1:P`,
+and shuts everything down on SIGTERM. Generate behaves as in cluster.bench.floor (same tokens,
+same pacing), but every token is one message through the replica, the Serve router and the proxy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import socket
+import threading
+import time
+
+from ray import serve
+
+from cluster.bench.floor import paced_tokens
+from gptoss.v1 import inference_pb2 as pb
+
+APP_NAME = "serve-proxy"
+SERVICER_FUNCTION = "gptoss.v1.inference_pb2_grpc.add_InferenceServicer_to_server"
+
+
+@serve.deployment(name="ServeProxyEcho", ray_actor_options={"num_cpus": 0}, max_ongoing_requests=1024)
+class ServeProxyEcho:
+    def __init__(self, tokens_per_s: float) -> None:
+        self._tokens_per_s = tokens_per_s
+
+    async def Generate(self, request: pb.GenerateRequest):
+        n = request.sampling.max_tokens if request.sampling.HasField("max_tokens") else 16
+        start = time.monotonic()
+        for i, token in enumerate(paced_tokens(request.prompt_token_ids, n)):
+            if self._tokens_per_s:
+                wait = start + i / self._tokens_per_s - time.monotonic()
+                if wait > 0:
+                    await asyncio.sleep(wait)
+            yield pb.GenerateResponse(chunk=pb.GenerateChunk(token_ids=[token]))
+        yield pb.GenerateResponse(complete=pb.GenerateComplete(
+            finish_reason=pb.FINISH_REASON_LENGTH,
+            usage=pb.Usage(prompt_tokens=len(request.prompt_token_ids), completion_tokens=n)))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def main() -> None:
+    import ray
+
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--port", type=int, default=0, help="gRPC proxy port (0: a free one)")
+    parser.add_argument("--token-rate", type=float, default=1000.0, help="tokens/s per stream (0: unpaced)")
+    parser.add_argument("--num-cpus", type=int, default=os.cpu_count() or 2)
+    args = parser.parse_args()
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    port = args.port or _free_port()
+    ray.init(num_cpus=args.num_cpus, include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False)
+    logging.getLogger("ray.serve").setLevel("WARNING")
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    try:
+        serve.start(proxy_location="HeadOnly", http_options={"host": "127.0.0.1", "port": _free_port()},
+                    grpc_options={"port": port, "grpc_servicer_functions": [SERVICER_FUNCTION]},
+                    logging_config={"log_level": "WARNING", "enable_access_log": False})
+        serve.run(ServeProxyEcho.bind(args.token_rate), name=APP_NAME, route_prefix=f"/{APP_NAME}")
+        print(f"listening 127.0.0.1:{port}", flush=True)
+        stop.wait()
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+if __name__ == "__main__":
+    main()
