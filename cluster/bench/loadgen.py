@@ -32,6 +32,7 @@ from gptoss.v1 import inference_pb2_grpc as pb_grpc
 ROLES = {"system": pb.ROLE_SYSTEM, "developer": pb.ROLE_DEVELOPER, "user": pb.ROLE_USER,
          "assistant": pb.ROLE_ASSISTANT, "tool": pb.ROLE_TOOL}
 SESSION_HEADER = "x-session-id"
+REQUEST_ID_HEADER = "x-request-id"
 
 
 def _read(path: str | None) -> bytes | None:
@@ -68,8 +69,10 @@ class Connection:
             out.append(grpc.aio.secure_channel(self.target, creds, options=opts))
         return out
 
-    def call_metadata(self, session_id: str | None) -> tuple[tuple[str, str], ...]:
+    def call_metadata(self, session_id: str | None, request_id: str | None = None) -> tuple[tuple[str, str], ...]:
         metadata = list(self.metadata)
+        if request_id:
+            metadata.append((REQUEST_ID_HEADER, request_id))
         if self.api_key:
             metadata.append(("authorization", f"Bearer {self.api_key}"))
         if session_id:
@@ -115,13 +118,12 @@ class RunResult:
     warmup: list[RequestRecord] = field(default_factory=list)
 
 
-def build_request(spec: RequestSpec, api: str, ignore_stop: bool, request_id: str):
+def build_request(spec: RequestSpec, api: str, ignore_stop: bool):
     sampling = pb.SamplingParams(max_tokens=spec.max_tokens, ignore_stop=ignore_stop)
     if api == "generate":
-        return pb.GenerateRequest(prompt_token_ids=spec.prompt_token_ids, sampling=sampling, request_id=request_id)
+        return pb.GenerateRequest(prompt_token_ids=spec.prompt_token_ids, sampling=sampling)
     messages = [pb.ChatMessage(role=ROLES[role], content=content) for role, content in spec.messages]
-    return pb.ChatRequest(messages=messages, sampling=sampling, request_id=request_id,
-                          reasoning_effort=pb.REASONING_EFFORT_LOW)
+    return pb.ChatRequest(messages=messages, sampling=sampling, reasoning_effort=pb.REASONING_EFFORT_LOW)
 
 
 class LoadGenerator:
@@ -141,7 +143,7 @@ class LoadGenerator:
         spec = self.workload.request(index)
         stub = self._stubs[index % len(self._stubs)]
         request_id = f"bench-{'w' if warmup else 'r'}{index}"
-        request = build_request(spec, self.plan.api, self.plan.ignore_stop, request_id)
+        request = build_request(spec, self.plan.api, self.plan.ignore_stop)
         method = stub.Generate if self.plan.api == "generate" else stub.Chat
         record = RequestRecord(index=index, session_id=spec.session_id)
         stamps: list[float] = []
@@ -151,7 +153,7 @@ class LoadGenerator:
         tokens = 0
         try:
             call = method(request, timeout=self.plan.timeout_s,
-                          metadata=self.connection.call_metadata(spec.session_id))
+                          metadata=self.connection.call_metadata(spec.session_id, request_id))
             async for response in call:
                 kind = response.WhichOneof("response")
                 if kind == "chunk":
