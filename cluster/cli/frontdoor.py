@@ -60,6 +60,24 @@ def wait_for_app(app_name: str, wait_s: float):
             time.sleep(5)
 
 
+async def watch_ray(stop: asyncio.Event, period_s: float = 10.0, misses: int = 3) -> None:
+    """Set `stop` once the Ray cluster has not answered `misses` checks in a row (it went away)."""
+    import ray
+
+    missed = 0
+    while not stop.is_set():
+        await asyncio.sleep(period_s)
+        try:
+            await asyncio.wait_for(asyncio.to_thread(ray.cluster_resources), period_s)
+            missed = 0
+        except Exception:  # noqa: BLE001 - any failure to reach the GCS counts as a miss
+            missed += 1
+            log.warning("Ray cluster did not answer (%d/%d)", missed, misses)
+            if missed >= misses:
+                stop.lost_ray = True  # type: ignore[attr-defined]
+                stop.set()
+
+
 async def _run(handle, config) -> None:
     import signal
 
@@ -74,8 +92,12 @@ async def _run(handle, config) -> None:
         loop.add_signal_handler(sig, stop.set)
     print(f"gptoss-cluster frontdoor: {server.info.model_name} | gRPC {server.grpc_target} | "
           f"app {config.serving.app_name}", flush=True)
+    watchdog = asyncio.create_task(watch_ray(stop))
     await stop.wait()
+    watchdog.cancel()
     await server.stop()
+    if getattr(stop, "lost_ray", False):
+        raise ConnectionError("lost the Ray cluster; exiting so the pod restarts and rejoins")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -99,7 +121,7 @@ def run(args: argparse.Namespace) -> int:
     start_ray(config)
     try:
         asyncio.run(_run(wait_for_app(config.serving.app_name, args.wait_s), config))
-    except (OSError, TimeoutError, ConfigError) as err:
+    except (OSError, TimeoutError, ConfigError) as err:  # ConnectionError is an OSError
         print(f"gptoss-cluster frontdoor: {err}", file=sys.stderr)
         return 1
     finally:
