@@ -12,6 +12,7 @@ import argparse
 import asyncio
 import signal
 import time
+from collections.abc import AsyncIterator
 
 import grpc
 
@@ -25,23 +26,28 @@ def paced_tokens(prompt, n: int) -> list[int]:
     return [ids[i % len(ids)] for i in range(n)]
 
 
+async def paced_responses(request: pb.GenerateRequest, tokens_per_s: float) -> AsyncIterator[pb.GenerateResponse]:
+    """The anchors' Generate: one message per token at `tokens_per_s` (0: as fast as possible), then `complete`."""
+    n = request.sampling.max_tokens if request.sampling.HasField("max_tokens") else 16
+    start = time.monotonic()
+    for i, token in enumerate(paced_tokens(request.prompt_token_ids, n)):
+        if tokens_per_s:
+            wait = start + i / tokens_per_s - time.monotonic()
+            if wait > 0:
+                await asyncio.sleep(wait)
+        yield pb.GenerateResponse(chunk=pb.GenerateChunk(token_ids=[token]))
+    yield pb.GenerateResponse(complete=pb.GenerateComplete(
+        finish_reason=pb.FINISH_REASON_LENGTH,
+        usage=pb.Usage(prompt_tokens=len(request.prompt_token_ids), completion_tokens=n)))
+
+
 class FloorServicer(pb_grpc.InferenceServicer):
     def __init__(self, tokens_per_s: float) -> None:
         self._tokens_per_s = tokens_per_s
 
     async def Generate(self, request: pb.GenerateRequest, context):
-        n = request.sampling.max_tokens if request.sampling.HasField("max_tokens") else 16
-        tokens = paced_tokens(request.prompt_token_ids, n)
-        start = time.monotonic()
-        for i, token in enumerate(tokens):
-            if self._tokens_per_s:
-                wait = start + i / self._tokens_per_s - time.monotonic()
-                if wait > 0:
-                    await asyncio.sleep(wait)
-            yield pb.GenerateResponse(chunk=pb.GenerateChunk(token_ids=[token]))
-        yield pb.GenerateResponse(complete=pb.GenerateComplete(
-            finish_reason=pb.FINISH_REASON_LENGTH,
-            usage=pb.Usage(prompt_tokens=len(request.prompt_token_ids), completion_tokens=n)))
+        async for response in paced_responses(request, self._tokens_per_s):
+            yield response
 
 
 async def serve(host: str, port: int, tokens_per_s: float) -> None:

@@ -10,17 +10,15 @@ same pacing), but every token is one message through the replica, the Serve rout
 from __future__ import annotations
 
 import argparse
-import asyncio
 import logging
 import os
 import signal
 import socket
 import threading
-import time
 
 from ray import serve
 
-from cluster.bench.floor import paced_tokens
+from cluster.bench.floor import paced_responses
 from gptoss.v1 import inference_pb2 as pb
 
 APP_NAME = "serve-proxy"
@@ -33,17 +31,8 @@ class ServeProxyEcho:
         self._tokens_per_s = tokens_per_s
 
     async def Generate(self, request: pb.GenerateRequest):
-        n = request.sampling.max_tokens if request.sampling.HasField("max_tokens") else 16
-        start = time.monotonic()
-        for i, token in enumerate(paced_tokens(request.prompt_token_ids, n)):
-            if self._tokens_per_s:
-                wait = start + i / self._tokens_per_s - time.monotonic()
-                if wait > 0:
-                    await asyncio.sleep(wait)
-            yield pb.GenerateResponse(chunk=pb.GenerateChunk(token_ids=[token]))
-        yield pb.GenerateResponse(complete=pb.GenerateComplete(
-            finish_reason=pb.FINISH_REASON_LENGTH,
-            usage=pb.Usage(prompt_tokens=len(request.prompt_token_ids), completion_tokens=n)))
+        async for response in paced_responses(request, self._tokens_per_s):
+            yield response
 
 
 def _free_port() -> int:
