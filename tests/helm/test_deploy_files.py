@@ -79,3 +79,21 @@ def test_chart_matches_the_project_ray_version_command_and_image_tags():
                            ("values-tiny-cpu.yaml", "cpu")):
         assert yaml.safe_load((CHART / preset).read_text())["image"]["tag"] == f"{version}-{flavor}"
         assert f"{version}-{flavor}" in DOCKERFILES[flavor].read_text()
+
+
+def test_operator_guide_names_match_the_chart():
+    """docs/kubernetes.md: every alert is explained, every gptoss metric it names exists, every
+    preset and Service name it gives is what the chart has and renders (release "gptoss")."""
+    from tests.helm.helm_chart import one, render
+    from tests.helm.test_helm_monitoring import exported_metric_names, rule_expressions
+
+    doc = (REPO_ROOT / "docs" / "kubernetes.md").read_text()
+    for alert, _ in rule_expressions():
+        assert f"`{alert}`" in doc, f"docs/kubernetes.md does not explain {alert}"
+    named = set(re.findall(r"`(gptoss_[a-z0-9_]+)`", doc))
+    assert named and named <= exported_metric_names(), sorted(named - exported_metric_names())
+    for preset in set(re.findall(r"values-[\w.-]+\.yaml", doc)):
+        assert (CHART / preset).is_file(), preset
+    objects = render("tiny-cpu")
+    for kind, suffix in (("Service", "-frontdoor"), ("RayService", "")):
+        assert f"{one(objects, kind, suffix)['metadata']['name']}" in doc.replace("<release>", "gptoss")
