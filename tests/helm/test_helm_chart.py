@@ -255,3 +255,31 @@ def test_schema_refuses_bad_values_naming_them(sets, names):
 def test_removed_values_fail_with_a_migration_hint(key, hint):
     err = render_error(**{key: "1"})
     assert f'value "{key}" was removed: use {hint}' in err, err
+
+
+def test_every_value_is_documented_with_a_helm_docs_comment():
+    """Each key of values.yaml has a `# --` comment right above it, or sits under one that has
+    (the keys of a documented map or list, such as resources or workerGroups)."""
+    import re
+
+    lines = (CHART / "values.yaml").read_text().splitlines()
+    stack: list[tuple[int, bool]] = []  # (indent, documented) of the enclosing keys
+    undocumented = []
+    for i, line in enumerate(lines):
+        m = re.match(r"^(\s*)(- )?([A-Za-z][\w.]*):", line)
+        if not m:
+            continue
+        indent = len(m.group(1)) + (2 if m.group(2) else 0)
+        while stack and stack[-1][0] >= indent:
+            stack.pop()
+        j, documented = i - 1, False
+        while j >= 0 and lines[j].lstrip().startswith("#"):
+            documented |= lines[j].lstrip().startswith("# --")
+            j -= 1
+        covered = documented or any(d for _, d in stack)
+        nxt = next((l for l in lines[i + 1:] if l.strip() and not l.lstrip().startswith("#")), "")
+        is_map = line.rstrip().endswith(":") and len(nxt) - len(nxt.lstrip()) > indent
+        if not covered and not is_map:
+            undocumented.append(m.group(3))
+        stack.append((indent, covered))
+    assert not undocumented, f"values without a `# --` comment: {undocumented}"
