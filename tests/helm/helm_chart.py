@@ -147,6 +147,10 @@ def validate_object(obj: dict) -> None:
     """Raise AssertionError naming the object and the failing path when it does not validate."""
     name = f"{obj['kind']}/{obj['metadata']['name']}"
     if is_crd_kind(obj):
+        if not CRD_DIR.is_dir():
+            import pytest
+
+            pytest.skip(f"{CRD_DIR} (upstream CRDs, see SOURCES.md there) is absent: cannot validate {name}")
         group, version = obj["apiVersion"].split("/")
         errors = sorted(crd_validator(group, version, obj["kind"]).iter_errors(obj), key=lambda e: list(e.path))
         assert not errors, f"{name}: " + "; ".join(f"{'/'.join(map(str, e.path))}: {e.message}" for e in errors[:5])
