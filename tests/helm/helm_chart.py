@@ -10,7 +10,6 @@ from __future__ import annotations
 import functools
 import itertools
 import subprocess
-from pathlib import Path
 from typing import Any
 
 import yaml
