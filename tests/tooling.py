@@ -38,3 +38,23 @@ def require_buf() -> str:
     if buf is None:
         missing("buf (npm @bufbuild/buf in tests/node)")
     return buf
+
+
+CI_BIN = REPO_ROOT / ".ci" / "bin"  # where .ci/install-helm puts helm and kubectl
+
+
+def require_helm() -> str:
+    """helm from .ci/bin (installed by .ci/install-helm from PyPI) or PATH."""
+    local = CI_BIN / "helm"
+    helm = str(local) if local.exists() else shutil.which("helm")
+    if helm is None:
+        missing("helm (.ci/install-helm)")
+    return helm
+
+
+def require_promtool() -> str:
+    """promtool from the Debian package prometheus (.ci/run installs it)."""
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        missing("promtool (apt-get install prometheus)")
+    return promtool

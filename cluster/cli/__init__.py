@@ -10,6 +10,7 @@ import sys
 # Modules are imported lazily by name so `gptoss-cluster --help` stays fast.
 COMMAND_MODULES = (
     "cluster.cli.serve",
+    "cluster.cli.frontdoor",
     "cluster.cli.client",
     "cluster.cli.checkpoint",
     "cluster.cli.bench",

@@ -24,3 +24,15 @@ def build_app(config: ClusterConfig) -> Application:
         health_check_period_s=10,
         health_check_timeout_s=30,
     ).bind(config)
+
+
+# The import path a Serve config file (KubeRay's serveConfigV2, `serve deploy`) names for this
+# application; its `args` are a ClusterConfig as nested YAML (see cluster/serving/serve_config.py).
+IMPORT_PATH = "cluster.serving.builder:app_builder"
+
+
+def app_builder(args: dict) -> Application:
+    """Serve application builder: `args` is a ClusterConfig mapping, validated by the config code."""
+    from cluster.config import from_dict
+
+    return build_app(from_dict(args))

@@ -1,0 +1,171 @@
+"""The serveConfigV2 the chart renders is a Serve config our own code loads: every preset's loads
+with cluster/serving/serve_config.py (the project's config validation), names importable
+application code, passes Ray Serve's own schema, agrees with the front door's ConfigMap — and the
+tiny CPU preset's config actually serves a request on the session's Ray cluster."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import yaml
+
+from cluster.config import ENGINE_KINDS, FIELD_TYPES, ClusterConfig, ConfigError, load_config
+from cluster.serving.builder import IMPORT_PATH
+from cluster.serving.serve_config import load_serve_config, resolve_import_path
+from tests.helm.helm_chart import PRESETS, one, render, serve_config_text
+
+# Config keys the chart renders that other branches are still adding to cluster/config.py, and
+# engines not yet in config.ENGINE_KINDS. A preset that uses one must load with it taken out, and
+# is then an expected failure naming what is missing; once the key lands, the full config must load.
+PENDING_FIELDS = {"parallel.ep_size": "issue 5 (expert parallelism)", "router.policy": "issue 6 (router)"}
+PENDING_ENGINES = {"vllm": "issue 9 (vllm engine)"}
+
+
+def _flatten(data: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in data.items():
+        if isinstance(value, dict) and value:
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def take_out_pending(args: dict) -> list[str]:
+    """Remove from `args` (in place) what the config code cannot know yet; return what was removed."""
+    pending = []
+    for path in _flatten(args):
+        if path in PENDING_FIELDS and path not in FIELD_TYPES:
+            section, leaf = path.split(".")
+            del args[section][leaf]
+            if not args[section]:
+                del args[section]
+            pending.append(f"{path} ({PENDING_FIELDS[path]})")
+    kind = args.get("engine", {}).get("kind")
+    if kind in PENDING_ENGINES and kind not in ENGINE_KINDS:
+        args["engine"]["kind"] = "torch"
+        pending.append(f"engine.kind {kind} ({PENDING_ENGINES[kind]})")
+    return pending
+
+
+def load_rendered(preset: str, toggles: tuple[str, ...] = ()) -> tuple[dict[str, ClusterConfig], list[str], dict]:
+    data = yaml.safe_load(serve_config_text(render(preset, toggles)))
+    pending = []
+    for app in data["applications"]:
+        pending += take_out_pending(app["args"])
+    return load_serve_config(data), pending, data
+
+
+@pytest.mark.parametrize("preset", list(PRESETS))
+@pytest.mark.parametrize("toggles", [(), ("monitoring", "autoscaling", "tls")], ids=["plain", "all-on"])
+def test_serve_config_of_each_preset_loads_with_the_project_config_code(preset, toggles):
+    configs, pending, data = load_rendered(preset, toggles)
+    (name, config), = configs.items()
+    assert name == config.serving.app_name == "gptoss"
+    app = data["applications"][0]
+    assert app["import_path"] == IMPORT_PATH
+    builder = resolve_import_path(app["import_path"])
+    assert callable(builder) and builder.__module__ == "cluster.serving.builder"
+    assert config.model.path.startswith("/models/")
+    from ray.serve.schema import ServeDeploySchema
+
+    ServeDeploySchema.model_validate(data)  # Ray Serve's own schema of the file KubeRay submits
+    if pending:
+        pytest.xfail("loads once other branches land: " + ", ".join(pending))
+
+
+def test_serve_config_carries_engine_replicas_autoscaling_and_auth():
+    configs, _, data = load_rendered("gpt-oss-120b", ("tls",))
+    config = configs["gptoss"]
+    assert config.serving.num_gpus == 1 and config.serving.max_ongoing_requests == 128
+    assert config.frontdoor.auth.api_keys_file == "/etc/gptoss/api-keys"
+    assert config.frontdoor.tls.client_ca_file == "/etc/gptoss/tls/ca.crt"
+    args = yaml.safe_load(serve_config_text(render("gpt-oss-120b")))["applications"][0]["args"]
+    assert args["engine"]["kind"] == "vllm" and args["router"] == {"policy": "prefix_affinity"}
+    deployment, = data["applications"][0]["deployments"]
+    assert deployment["name"] == "ModelReplica" and deployment["num_replicas"] == "auto"
+    assert deployment["autoscaling_config"]["max_replicas"] == 8
+    ep = yaml.safe_load(serve_config_text(render("gpt-oss-120b-ep4")))["applications"][0]["args"]
+    assert ep["parallel"] == {"ep_size": 4} and ep["engine"]["kind"] == "torch"
+
+
+def test_serve_config_without_autoscaling_leaves_replicas_to_the_config():
+    _, _, data = load_rendered("defaults")
+    assert "deployments" not in data["applications"][0]
+
+
+def test_loader_names_the_bad_field_and_the_application():
+    data = yaml.safe_load(serve_config_text(render("tiny-cpu")))
+    data["applications"][0]["args"]["serving"]["replicas"] = 0
+    with pytest.raises(ConfigError, match=r"applications\[0\] \(gptoss\).*serving.replicas must be >= 1"):
+        load_serve_config(data)
+    data["applications"][0]["args"]["serving"]["replicas"] = 1
+    data["applications"][0]["import_path"] = "cluster.serving.nothere:app"
+    with pytest.raises(ConfigError, match="cannot be imported"):
+        load_serve_config(data)
+
+
+@pytest.mark.parametrize("preset", list(PRESETS))
+def test_frontdoor_configmap_is_the_serve_config_plus_the_ray_address(preset, tmp_path):
+    objects = render(preset, ("tls",))
+    file_config = yaml.safe_load(one(objects, "ConfigMap", "-frontdoor")["data"]["config.yaml"])
+    serve_args = yaml.safe_load(serve_config_text(objects))["applications"][0]["args"]
+    assert file_config.pop("ray") == {"address": "auto"}
+    assert file_config == serve_args
+    take_out_pending(file_config)
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump({**file_config, "ray": {"address": "auto"}}))
+    config = load_config(path, env={})
+    assert config.ray.address == "auto" and config.frontdoor.host == "0.0.0.0"
+
+
+@pytest.mark.slow
+def test_tiny_cpu_preset_serve_config_serves_a_request(ray_serving, tiny_checkpoint, tiny_model, tmp_path):
+    """Run the rendered tiny preset the way KubeRay does — our builder called with the config's
+    args — on the session's Ray under its own application name, put a front door configured from
+    the rendered ConfigMap in front of it, and generate through gRPC."""
+    import grpc
+    from prometheus_client import CollectorRegistry
+    from ray import serve
+    from ray.serve._private.api import call_user_app_builder_with_args_if_necessary
+
+    from cluster.harmony.tokenizer import STOP_TOKEN_IDS
+    from cluster.metrics import FrontdoorMetrics
+    from cluster.model.generate import greedy
+    from gptoss.v1 import inference_pb2 as pb
+    from gptoss.v1 import inference_pb2_grpc
+    from tests.conftest import BackgroundFrontdoor
+
+    name = "helm-tiny-cpu"
+    objects = render("tiny-cpu")
+    data = yaml.safe_load(serve_config_text(objects))
+    app = data["applications"][0]
+    assert app["args"]["model"]["path"] == "/models/gpt-oss-tiny"
+    # The weights volume, as mounted here: the session's tiny checkpoint (the same `checkpoint make
+    # --preset tiny` output the preset's init container writes).
+    app["args"]["model"]["path"] = str(tiny_checkpoint)
+    app["name"] = app["args"]["serving"]["app_name"] = name
+    configs = load_serve_config(data)
+    application = call_user_app_builder_with_args_if_necessary(resolve_import_path(app["import_path"]), app["args"])
+    handle = serve.run(application, name=name, route_prefix=None)
+    door = None
+    try:
+        (tmp_path / "config.yaml").write_text(one(objects, "ConfigMap", "-frontdoor")["data"]["config.yaml"])
+        fd_config = load_config(tmp_path / "config.yaml", env={}, overrides={
+            "frontdoor.host": "127.0.0.1", "frontdoor.grpc_port": 0, "frontdoor.metrics_port": -1})
+        assert dataclasses.replace(fd_config.frontdoor, host="0.0.0.0", grpc_port=50051, metrics_port=9464) \
+            == configs[name].frontdoor
+        door = BackgroundFrontdoor(handle, fd_config.frontdoor, FrontdoorMetrics(CollectorRegistry()))
+        prompt = [200006, 1428, 200008, 13225, 11, 2375, 0, 200007, 200006, 173781]
+        with grpc.insecure_channel(door.target) as channel:
+            stub = inference_pb2_grpc.InferenceStub(channel)
+            info = stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=60)
+            assert info.model_name == "gpt-oss-tiny"
+            request = pb.GenerateRequest(prompt_token_ids=prompt, sampling=pb.SamplingParams(max_tokens=8))
+            tokens = [t for r in stub.Generate(request, timeout=120) if r.HasField("chunk") for t in r.chunk.token_ids]
+        assert tokens == greedy(tiny_model, prompt, 8, stop_token_ids=STOP_TOKEN_IDS)
+    finally:
+        if door is not None:
+            door.close()
+        serve.delete(name)
