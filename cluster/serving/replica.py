@@ -117,6 +117,29 @@ class ModelReplica:
         """(this replica's Serve id, its engine stats), for GetLoads."""
         return serve.get_replica_context().replica_id.unique_id, self._engine.stats()
 
+    def engine_signals(self) -> dict[str, float]:
+        """The engine's load signals for routing and autoscaling (0 where the engine has no notion)."""
+        stats = self._engine.stats()
+        kv_total = getattr(stats, "kv_blocks_total", 0)
+        queried = getattr(stats, "prefix_cache_queried_tokens_total", 0)
+        running = getattr(stats, "running_requests", None)
+        return {
+            "waiting": float(getattr(stats, "waiting_requests", 0)),
+            "running": float(stats.active_requests if running is None else running),
+            "kv_use": getattr(stats, "kv_blocks_used", 0) / kv_total if kv_total else 0.0,
+            "prefix_hit_rate": getattr(stats, "prefix_cache_hit_tokens_total", 0) / queried if queried else 0.0,
+        }
+
+    def record_routing_stats(self) -> dict[str, float]:
+        # Serve calls this every serving.router.stats_period_s; the router reads it as
+        # RunningReplica.routing_stats (cluster/serving/router.py).
+        return self.engine_signals()
+
+    def record_autoscaling_stats(self) -> dict[str, float]:
+        # Serve averages these per replica for the autoscaling policy (cluster/serving/autoscaling.py).
+        signals = self.engine_signals()
+        return {name: signals[name] for name in ("waiting", "running", "kv_use")}
+
     def model_info(self) -> ModelInfo:
         return self._info
 
