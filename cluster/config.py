@@ -64,8 +64,8 @@ class RouterConfig:
     policy: str = "least_loaded"
     # Load bound of prefix_affinity and session: the preferred replica is taken only while its load
     # <= (1 + load_bound_ratio) * least load + load_bound_slack; else the request falls back to least_loaded.
-    load_bound_ratio: float = 0.25
-    load_bound_slack: float = 2.0
+    load_bound_ratio: float = 0.5
+    load_bound_slack: float = 4.0
     # Weight of the KV-cache fraction in use in a replica's load (load = waiting + running + weight * kv_use).
     kv_weight: float = 4.0
     # Tokens per block of the prompt-prefix hashes prefix_affinity tracks.

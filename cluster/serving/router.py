@@ -33,7 +33,7 @@ log = logging.getLogger(__name__)
 class GptossRouter(FIFOMixin, RequestRouter):
     policy_name = ""
 
-    def initialize_state(self, load_bound_ratio: float = 0.25, load_bound_slack: float = 2.0,
+    def initialize_state(self, load_bound_ratio: float = 0.5, load_bound_slack: float = 4.0,
                          kv_weight: float = 4.0, block_size: int = 16,
                          prefix_blocks_per_replica: int = 65536, **_: Any) -> None:
         self.policy: RoutingPolicy = make_policy(

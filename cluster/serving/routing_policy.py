@@ -53,8 +53,8 @@ class RouteDecision:
 
 @dataclass(frozen=True)
 class LoadBound:
-    ratio: float = 0.25
-    slack: float = 2.0
+    ratio: float = 0.5
+    slack: float = 4.0
 
     def allows(self, load: float, min_load: float) -> bool:
         return load <= (1.0 + self.ratio) * min_load + self.slack
@@ -192,7 +192,7 @@ class SessionPolicy(RoutingPolicy):
         return RouteDecision(self.power_of_two(replicas, loads), FALLBACK)
 
 
-def make_policy(name: str, *, load_bound_ratio: float = 0.25, load_bound_slack: float = 2.0,
+def make_policy(name: str, *, load_bound_ratio: float = 0.5, load_bound_slack: float = 4.0,
                 prefix_blocks_per_replica: int = 65536, seed: int | None = None) -> RoutingPolicy:
     bound = LoadBound(load_bound_ratio, load_bound_slack)
     if name == "round_robin":
