@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import heapq
 import itertools
+import math
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 
@@ -37,6 +38,8 @@ class ReplicaSim:
         self.draining = False
         self.load_samples = 0.0
         self.samples = 0
+        self.macro = None
+        self.version = 0  # bumps when a pending step-end event is superseded
 
     @property
     def running(self) -> int:
@@ -73,10 +76,21 @@ class ReplicaSim:
             req.prefill_left = req.prompt_tokens - req.cached_tokens
             self.prefilling.append(req)
 
-    def step(self, now: float, seq) -> tuple[float, list[SimRequest], list[SimRequest]]:
-        """Run one step from `now`: (duration, requests whose first token came, requests done)."""
+    def begin(self, now: float, seq) -> float:
+        """Start the next step at `now`; returns its duration (then call end() at now + duration).
+
+        With no prompt to prefill, the batch stays the same until its first sequence finishes, so
+        those decode steps run as one event (a "macro step"); an arrival cuts it short at the next
+        step boundary (interrupt), exactly where a real engine would admit the newcomer."""
         self._admit()
         m = self.model
+        self.macro = None
+        if not self.prefilling:
+            d = m.step_s(self.decoding, 0)
+            k = max(1, self.finishing[0][0] - self.step_index) if self.finishing else 1
+            self.macro = (now, d, self.step_index)
+            self.step_index += k
+            return k * d
         budget = max(0, m.max_batched_tokens - self.decoding)
         prefill = 0
         first: list[SimRequest] = []
@@ -92,24 +106,39 @@ class ReplicaSim:
             else:
                 break
         duration = m.step_s(self.decoding, prefill)
-        end = now + duration
         self.step_index += 1
-        done: list[SimRequest] = []
         for req in first:
-            req.first_token_s = end
-            if req.output_tokens <= 1:
-                done.append(req)
-            else:
+            req.first_token_s = now + duration
+            heapq.heappush(self.finishing, (self.step_index + req.output_tokens - 1, next(seq), req))
+            if req.output_tokens > 1:
                 self.decoding += 1
-                heapq.heappush(self.finishing, (self.step_index + req.output_tokens - 1, next(seq), req))
+            else:
+                self.decoding += 1  # counted until its (immediate) finish below, in end()
+        return duration
+
+    def interrupt(self, now: float) -> float | None:
+        """Cut a running macro step at the first step boundary after `now`; the new end time."""
+        if self.macro is None:
+            return None
+        start, d, start_index = self.macro
+        j = max(1, math.ceil((now - start) / d - 1e-9))
+        if start_index + j >= self.step_index:
+            return None
+        self.step_index = start_index + j
+        self.macro = None
+        return start + j * d
+
+    def end(self, now: float) -> list[SimRequest]:
+        """The step ended at `now`: the requests whose last token it produced."""
+        done: list[SimRequest] = []
         while self.finishing and self.finishing[0][0] <= self.step_index:
             _, _, req = heapq.heappop(self.finishing)
             self.decoding -= 1
-            done.append(req)
-        for req in done:
-            req.done_s = end
+            req.done_s = now
             self.kv_tokens -= req.prompt_tokens + req.output_tokens
-        return duration, first, done
+            done.append(req)
+        self.macro = None
+        return done
 
     def idle(self) -> bool:
         return not (self.waiting or self.prefilling or self.decoding)
@@ -181,7 +210,13 @@ def simulate(cfg: SimConfig) -> SimResult:
         update_load(r)
         if not r.busy:
             r.busy = True
-            push(now, "step", r)
+            r.version += 1
+            push(now + r.begin(now, seq), "step", (r, r.version))
+        else:
+            cut = r.interrupt(now)
+            if cut is not None:
+                r.version += 1
+                push(cut, "step", (r, r.version))
 
     conv_arrivals = workload.conversation_arrivals()
     first = next(conv_arrivals, None)
@@ -195,8 +230,10 @@ def simulate(cfg: SimConfig) -> SimResult:
     while events:
         now, _, kind, payload = heapq.heappop(events)
         if kind == "step":
-            r = payload
-            duration, _first, done = r.step(now, seq)
+            r, version = payload
+            if version != r.version:
+                continue
+            done = r.end(now)
             for req in done:
                 finished.append(req)
                 conv = req.conversation
@@ -208,7 +245,7 @@ def simulate(cfg: SimConfig) -> SimResult:
                 if r.draining:
                     del replicas[r.rid]
             else:
-                push(now + duration, "step", r)
+                push(now + r.begin(now, seq), "step", (r, r.version))
         elif kind == "conversation":
             route(workload.request(payload, now), now)
             nxt = next(conv_arrivals, None)
