@@ -22,6 +22,10 @@ def defined_metrics() -> dict[str, tuple[str, tuple[str, ...]]]:
         registry = CollectorRegistry()
         cls(registry)
         for collector in set(registry._collector_to_names):
+            if isinstance(collector, metrics_module.ReplicaLoadCollector):
+                for name, _, kind, _ in metrics_module._REPLICA_FAMILIES:
+                    found[name] = (kind, ("replica",))
+                continue
             name = collector._name + SUFFIX.get(collector._type, "")
             found[name] = (collector._type, tuple(collector._labelnames))
     return found
