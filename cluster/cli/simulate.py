@@ -66,8 +66,8 @@ def _simulate(args) -> int:
         n = args.replicas[0]
         settings = ScalingSettings(min_replicas=max(1, n // 8), max_replicas=n, target_ongoing_per_replica=48,
                                    target_kv_use=0.8, upscale_delay_s=5.0, downscale_delay_s=20.0)
-        cfg = SimConfig(replicas=n, policy="prefix_affinity", autoscaling=settings, warmup_s=0.0, seed=args.seed,
-                        workload=WorkloadSpec(kind="ramp", rate_per_replica=args.rate_per_replica,
+        cfg = SimConfig(replicas=settings.min_replicas, policy="prefix_affinity", autoscaling=settings, warmup_s=0.0, seed=args.seed,
+                        workload=WorkloadSpec(kind="ramp", rate_per_replica=args.rate_per_replica * n / settings.min_replicas,
                                               duration_s=args.duration * 2, seed=args.seed))
         scaling = simulate(cfg)
         counts = scaling.replica_counts

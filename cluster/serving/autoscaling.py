@@ -11,7 +11,7 @@ replicas wanted are
 
 clipped to [min_replicas, max_replicas]. Hysteresis: a change upwards is applied once it has been
 wanted continuously for upscale_delay_s, downwards for downscale_delay_s (and never while requests
-wait). A replica is one whole expert-parallel group (its placement group holds all ep_size
+queue: at least one waiting per replica on average). A replica is one whole expert-parallel group (its placement group holds all ep_size
 workers), so scaling replicas scales whole groups: a group is never split or partly added.
 """
 
@@ -57,7 +57,8 @@ def decide(current: int, signals: list[Mapping[str, float]], settings: ScalingSe
            state: dict[str, Any], now: float) -> tuple[int, dict[str, Any]]:
     """(replicas to run, new policy state) with the up/down delays applied."""
     wanted = wanted_replicas(signals, settings)
-    queued = any(s.get("waiting", 0.0) > 0 for s in signals)
+    # Requests queueing (on average at least one per replica) block a scale-down.
+    queued = sum(s.get("waiting", 0.0) for s in signals) >= max(1, len(signals))
     state = dict(state)
     state["wanted"] = wanted
     if wanted > current:
