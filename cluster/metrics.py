@@ -64,6 +64,7 @@ class FrontdoorMetrics:
 
         self.replicas = ReplicaLoadCollector()
         registry.register(self.replicas)
+        self.autoscaler = AutoscalerMetrics(registry)
 
 
 class RouterMetrics:
@@ -94,8 +95,8 @@ class RouterMetrics:
 
 
 class AutoscalerMetrics:
-    """Replica counts of autoscaled deployments, polled from the Serve controller by the process
-    that serves /metrics (cluster.serving.autoscaling.ReplicaCountPoller)."""
+    """Replica counts of the front door's deployment, polled from the Serve controller by the
+    front door's load poller (cluster.frontdoor.loads.LoadPoller); part of FrontdoorMetrics."""
 
     def __init__(self, registry: CollectorRegistry = REGISTRY) -> None:
         self.desired_replicas = Gauge(
@@ -116,13 +117,6 @@ def router_metrics() -> RouterMetrics:
     if _process_metrics.get(RouterMetrics) is None:
         _process_metrics[RouterMetrics] = RouterMetrics()
     return _process_metrics[RouterMetrics]
-
-
-def autoscaler_metrics() -> AutoscalerMetrics:
-    """The process's AutoscalerMetrics on the default registry."""
-    if _process_metrics.get(AutoscalerMetrics) is None:
-        _process_metrics[AutoscalerMetrics] = AutoscalerMetrics()
-    return _process_metrics[AutoscalerMetrics]
 
 
 class _Registries:

@@ -133,16 +133,14 @@ class ModelReplica:
         return serve.get_replica_context().replica_id.unique_id, self._engine.stats()
 
     def engine_signals(self) -> dict[str, float]:
-        """The engine's load signals for routing and autoscaling (0 where the engine has no notion)."""
+        """The engine's load signals for routing and autoscaling (EngineStats fields an engine has
+        no notion of are 0: no KV use without a paged cache)."""
         stats = self._engine.stats()
-        kv_total = getattr(stats, "kv_blocks_total", 0)
-        queried = getattr(stats, "prefix_cache_queried_tokens_total", 0)
-        running = getattr(stats, "running_requests", None)
         return {
-            "waiting": float(getattr(stats, "waiting_requests", 0)),
-            "running": float(stats.active_requests if running is None else running),
-            "kv_use": getattr(stats, "kv_blocks_used", 0) / kv_total if kv_total else 0.0,
-            "prefix_hit_rate": getattr(stats, "prefix_cache_hit_tokens_total", 0) / queried if queried else 0.0,
+            "waiting": float(stats.waiting_requests),
+            "running": float(stats.running_requests),
+            "kv_use": stats.kv_cache_usage or 0.0,
+            "prefix_hit_rate": stats.prefix_cache_hit_rate,
         }
 
     def record_routing_stats(self) -> dict[str, float]:

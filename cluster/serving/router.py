@@ -5,6 +5,14 @@ A router runs inside the caller of the deployment handle — the front door — 
 (cluster.metrics.router_metrics) register in the front door's process and show on its /metrics.
 It sees each request's GenerateRequest (PendingRequest.args[0], resolved before routing): its
 prompt token ids become chained block hashes, its session_id (gRPC x-session-id) the session key.
+Only `generate` calls are routed by the policy (and counted in the router metrics); the control
+calls on the same handle (load_report, stats, model_info) take the replicas in turn, so the front
+door's load probes reach every replica and do not disturb the policy's state.
+
+Serve (2.60) asks choose_replicas for ranked candidates and hands the replica it picks to the
+pending request whose internal id matched (no FIFOMixin: with it, a replica chosen for one
+request's prefix could be handed to whichever request queued first). It calls on_request_routed
+once a replica accepted a request and on_request_completed when it ends (or was rejected).
 
 A replica's load comes from two sources: the engine statistics the replica reports through
 record_routing_stats every serving.router.stats_period_s (waiting, running, KV use — seen by every
@@ -21,7 +29,7 @@ from __future__ import annotations
 import logging
 from typing import Any, Optional
 
-from ray.serve.request_router import FIFOMixin, PendingRequest, ReplicaID, RequestRouter, RunningReplica
+from ray.serve.request_router import PendingRequest, ReplicaID, RequestRouter, RunningReplica
 
 from cluster.metrics import router_metrics
 from cluster.serving.prefix_index import block_hashes
@@ -29,8 +37,10 @@ from cluster.serving.routing_policy import RouteRequest, RoutingPolicy, make_pol
 
 log = logging.getLogger(__name__)
 
+GENERATE_METHOD = "generate"  # the ModelReplica method the policy routes
 
-class GptossRouter(FIFOMixin, RequestRouter):
+
+class GptossRouter(RequestRouter):
     policy_name = ""
 
     def initialize_state(self, load_bound_ratio: float = 0.5, load_bound_slack: float = 4.0,
@@ -45,6 +55,7 @@ class GptossRouter(FIFOMixin, RequestRouter):
         self._in_flight: dict[str, int] = {}  # replica unique id -> requests this router has on it
         self._request_replica: dict[str, str] = {}  # internal request id -> replica unique id
         self._deployment = self._deployment_id.name
+        self._control_next = 0  # rotation of the control calls over the replicas
 
     # -- load -----------------------------------------------------------------------------------
     def _load(self, replica: RunningReplica) -> float:
@@ -66,32 +77,40 @@ class GptossRouter(FIFOMixin, RequestRouter):
                               pending_request: Optional[PendingRequest] = None) -> list[list[RunningReplica]]:
         if not candidate_replicas:
             return []
+        if pending_request is None or pending_request.metadata.call_method != GENERATE_METHOD:
+            # A control call: the next replica in turn, then the rest in order.
+            ordered = sorted(candidate_replicas, key=lambda r: r.replica_id.unique_id)
+            start = self._control_next % len(ordered)
+            self._control_next += 1
+            return [[ordered[start]], ordered[start + 1:] + ordered[:start]] if len(ordered) > 1 else [ordered]
         by_id = {r.replica_id.unique_id: r for r in candidate_replicas}
         ids = list(by_id)
         loads = {rid: self._load(r) for rid, r in by_id.items()}
         request = self._route_request(pending_request)
         decision = self.policy.choose(request, ids, loads)
         chosen = by_id[decision.replica]
-        if pending_request is not None:
-            self._commit(pending_request.metadata.internal_request_id, request, decision.replica)
-        self.metrics.decisions_total.labels(self._deployment, self.policy_name, decision.outcome).inc()
-        if request.block_hashes:
-            self.metrics.prefix_matched_blocks.labels(self._deployment).observe(decision.matched_blocks)
+        first = self._commit(pending_request.metadata.internal_request_id, request, decision.replica)
+        if first:  # Serve asks again when its first answer was full: count each request once
+            self.metrics.decisions_total.labels(self._deployment, self.policy_name, decision.outcome).inc()
+            if request.block_hashes:
+                self.metrics.prefix_matched_blocks.labels(self._deployment).observe(decision.matched_blocks)
         for rid, load in loads.items():
             self.metrics.replica_load.labels(self._deployment, rid).set(load)
         # Second rank, if the chosen replica refuses (full): the two least loaded others.
         others = sorted((r for r in ids if r != decision.replica), key=loads.__getitem__)[:2]
         return [[chosen], [by_id[r] for r in others]] if others else [[chosen]]
 
-    def _commit(self, request_id: str, request: RouteRequest, replica: str) -> None:
+    def _commit(self, request_id: str, request: RouteRequest, replica: str) -> bool:
+        """Count `request_id` in flight on `replica`; True the first time this request is routed."""
         previous = self._request_replica.get(request_id)
         if previous == replica:
-            return
+            return False
         if previous is not None:  # a retry of this request chose again
             self._in_flight[previous] = max(0, self._in_flight.get(previous, 0) - 1)
         self._request_replica[request_id] = replica
         self._in_flight[replica] = self._in_flight.get(replica, 0) + 1
         self.policy.on_routed(request, replica)
+        return previous is None
 
     def on_request_routed(self, pending_request: PendingRequest, replica_id: ReplicaID, result: Any) -> None:
         # Serve may have taken the second rank: move the in-flight count to where it went.
