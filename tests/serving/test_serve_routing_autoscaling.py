@@ -214,6 +214,13 @@ def test_engine_queueing_scales_1_to_2_and_idleness_back(ray_serving, serving_co
 
     try:
         assert _replica_states(app) == 1
+        # Serve runs our policy, not its request-count default.
+        from ray.serve.context import _get_global_client
+
+        deployment = _get_global_client().get_serve_details()["applications"][app]["deployments"]["ModelReplica"]
+        policy = deployment["deployment_config"]["autoscaling_config"]["policy"]
+        assert policy["policy_function"] == "cluster.serving.autoscaling.EngineSignalPolicy", policy
+        assert policy["policy_kwargs"]["target_ongoing_per_replica"] == 3.0, policy
         gauges = {"desired": set(), "running": set()}
 
         def wait_for(replicas: int, limit_s: float) -> float:
