@@ -21,6 +21,7 @@ import yaml
 ENV_PREFIX = "GPTOSS_"
 LOG_LEVELS = ("debug", "info", "warning", "error")
 ENGINE_KINDS = ("torch", "echo")  # echo: a test engine without a model
+ROUTER_POLICIES = ("round_robin", "least_loaded", "prefix_affinity", "session")
 
 
 class ConfigError(ValueError):
@@ -71,6 +72,42 @@ class EngineConfig:
 
 
 @dataclass
+class RouterConfig:
+    # Routing policy of the Serve request router (cluster/serving/router.py): round_robin,
+    # least_loaded (power of two on load), prefix_affinity, session (x-session-id).
+    policy: str = "least_loaded"
+    # Load bound of prefix_affinity and session: the preferred replica is taken only while its load
+    # <= (1 + load_bound_ratio) * least load + load_bound_slack; else the request falls back to least_loaded.
+    load_bound_ratio: float = 0.5
+    load_bound_slack: float = 4.0
+    # Weight of the KV-cache fraction in use in a replica's load (load = waiting + running + weight * kv_use).
+    kv_weight: float = 4.0
+    # Tokens per block of the prompt-prefix hashes prefix_affinity tracks.
+    block_size: int = 16
+    # Prefix blocks remembered per replica (LRU), roughly what its KV cache holds.
+    prefix_blocks_per_replica: int = 65536
+    # Seconds between record_routing_stats calls on each replica.
+    stats_period_s: float = 1.0
+
+
+@dataclass
+class AutoscalingSettings:
+    # Off: a fixed serving.replicas. On: replicas between min and max, from engine signals.
+    enabled: bool = False
+    min_replicas: int = 1
+    max_replicas: int = 4
+    # Targets per replica: sequences waiting + running, and the KV-cache fraction in use.
+    target_ongoing_per_replica: float = 16.0
+    target_kv_use: float = 0.8
+    # Hysteresis: a scale-up (down) is applied once wanted continuously this long.
+    upscale_delay_s: float = 30.0
+    downscale_delay_s: float = 300.0
+    # Window the per-replica signals are averaged over, and how often replicas report them.
+    look_back_period_s: float = 10.0
+    metrics_interval_s: float = 2.0
+
+
+@dataclass
 class ServingConfig:
     # Ray Serve application name.
     app_name: str = "gptoss"
@@ -88,6 +125,8 @@ class ServingConfig:
     max_queued_requests: int = 64
     # Seconds Serve waits for in-flight requests when a replica stops.
     graceful_shutdown_timeout_s: float = 5.0
+    router: RouterConfig = field(default_factory=RouterConfig)
+    autoscaling: AutoscalingSettings = field(default_factory=AutoscalingSettings)
 
 
 @dataclass
@@ -193,6 +232,30 @@ class ClusterConfig:
             ("serving.max_ongoing_requests", self.serving.max_ongoing_requests >= 1, "must be >= 1"),
             ("serving.max_queued_requests", self.serving.max_queued_requests >= -1, "must be >= -1"),
             ("serving.graceful_shutdown_timeout_s", self.serving.graceful_shutdown_timeout_s >= 0, "must be >= 0"),
+            ("serving.router.policy", self.serving.router.policy in ROUTER_POLICIES,
+             f"must be one of {', '.join(ROUTER_POLICIES)}"),
+            ("serving.router.load_bound_ratio", self.serving.router.load_bound_ratio >= 0, "must be >= 0"),
+            ("serving.router.load_bound_slack", self.serving.router.load_bound_slack >= 0, "must be >= 0"),
+            ("serving.router.kv_weight", self.serving.router.kv_weight >= 0, "must be >= 0"),
+            ("serving.router.block_size", self.serving.router.block_size >= 1, "must be >= 1"),
+            ("serving.router.prefix_blocks_per_replica", self.serving.router.prefix_blocks_per_replica >= 1,
+             "must be >= 1"),
+            ("serving.router.stats_period_s", self.serving.router.stats_period_s > 0, "must be > 0"),
+            ("serving.autoscaling.min_replicas", self.serving.autoscaling.min_replicas >= 1, "must be >= 1"),
+            ("serving.autoscaling.max_replicas",
+             self.serving.autoscaling.max_replicas >= self.serving.autoscaling.min_replicas,
+             "must be >= serving.autoscaling.min_replicas"),
+            ("serving.autoscaling.target_ongoing_per_replica",
+             self.serving.autoscaling.target_ongoing_per_replica > 0, "must be > 0"),
+            ("serving.autoscaling.target_kv_use", 0 < self.serving.autoscaling.target_kv_use <= 1,
+             "must be in (0, 1]"),
+            ("serving.autoscaling.upscale_delay_s", self.serving.autoscaling.upscale_delay_s >= 0, "must be >= 0"),
+            ("serving.autoscaling.downscale_delay_s", self.serving.autoscaling.downscale_delay_s >= 0,
+             "must be >= 0"),
+            ("serving.autoscaling.look_back_period_s", self.serving.autoscaling.look_back_period_s > 0,
+             "must be > 0"),
+            ("serving.autoscaling.metrics_interval_s", self.serving.autoscaling.metrics_interval_s > 0,
+             "must be > 0"),
             ("frontdoor.grpc_port", 0 <= self.frontdoor.grpc_port <= 65535, "must be in [0, 65535]"),
             ("frontdoor.metrics_port", -1 <= self.frontdoor.metrics_port <= 65535, "must be in [-1, 65535]"),
             ("frontdoor.grace_period_s", self.frontdoor.grace_period_s >= 0, "must be >= 0"),

@@ -56,8 +56,78 @@ class FrontdoorMetrics:
             "gptoss_frontdoor_completion_tokens_total",
             "Tokens generated and streamed to clients, by method.",
             ["method"], registry=registry)
+        self.rejected_requests_total = Counter(
+            "gptoss_frontdoor_rejected_requests_total",
+            "RPCs refused with RESOURCE_EXHAUSTED, by method and reason (MODEL_OVERLOADED: the "
+            "replicas or Serve's queue are full; TENANT_RATE_LIMITED: the tenant's limits).",
+            ["method", "reason"], registry=registry)
+
         self.replicas = ReplicaLoadCollector()
         registry.register(self.replicas)
+        self.autoscaler = AutoscalerMetrics(registry)
+
+
+class RouterMetrics:
+    """Metrics of the Serve request routers (cluster/serving/router.py). A router runs in the
+    process that holds the deployment handle - the front door - so these register there."""
+
+    def __init__(self, registry: CollectorRegistry = REGISTRY) -> None:
+        self.decisions_total = Counter(
+            "gptoss_router_decisions_total",
+            "Routing decisions, by deployment, policy and outcome (chosen: no preference involved; "
+            "affinity_hit: the replica holding the prefix/session was taken; fallback: it was over "
+            "the load bound, least_loaded chose; no_affinity: nothing to prefer).",
+            ["deployment", "policy", "outcome"], registry=registry)
+        self.prefix_matched_blocks = Histogram(
+            "gptoss_router_prefix_matched_blocks",
+            "Prompt-prefix blocks (serving.router.block_size tokens each) found on the best replica "
+            "per prefix_affinity decision.",
+            ["deployment"], buckets=(0, 1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024), registry=registry)
+        self.replica_load = Gauge(
+            "gptoss_router_replica_load",
+            "Load of each replica as the router last saw it: waiting + running sequences (the larger "
+            "of the replica's report and this router's in-flight count) + kv_weight x KV-cache use.",
+            ["deployment", "replica"], registry=registry)
+        self.replicas = Gauge(
+            "gptoss_router_replicas",
+            "Replicas the router can route to now.",
+            ["deployment"], registry=registry)
+
+
+class AutoscalerMetrics:
+    """Replica counts of the front door's deployment, polled from the Serve controller by the
+    front door's load poller (cluster.frontdoor.loads.LoadPoller); part of FrontdoorMetrics."""
+
+    def __init__(self, registry: CollectorRegistry = REGISTRY) -> None:
+        self.desired_replicas = Gauge(
+            "gptoss_autoscaler_desired_replicas",
+            "Replicas the autoscaling policy asks for (Serve's target), by deployment.",
+            ["deployment"], registry=registry)
+        self.replicas = Gauge(
+            "gptoss_autoscaler_replicas",
+            "Replicas running now, by deployment.",
+            ["deployment"], registry=registry)
+
+
+_process_metrics: dict[type, object] = {}
+
+
+def router_metrics() -> RouterMetrics:
+    """The process's RouterMetrics on the default registry (one per process: every router shares it)."""
+    if _process_metrics.get(RouterMetrics) is None:
+        _process_metrics[RouterMetrics] = RouterMetrics()
+    return _process_metrics[RouterMetrics]
+
+
+class _Registries:
+    """Collects several registries as one, for one /metrics page."""
+
+    def __init__(self, *registries: CollectorRegistry) -> None:
+        self.registries = registries
+
+    def collect(self):
+        for registry in self.registries:
+            yield from registry.collect()
 
 
 # (name, help, kind, how to read it from an engine's stats (cluster.engine.protocol.EngineStats))
@@ -123,6 +193,9 @@ def serve_metrics(metrics: FrontdoorMetrics, host: str, port: int):
     """Serve /metrics for `metrics` on host:port (0: a free port) from a daemon thread.
 
     Returns the HTTP server: `server.server_address[1]` is the port, `server.shutdown()` stops it.
+    Metrics on the process's default registry (the routers' and autoscaler's) are served too, so
+    this page is the cluster-wide view even when `metrics` has a registry of its own.
     """
-    server, _thread = start_http_server(port, addr=host, registry=metrics.registry)
+    registry = metrics.registry if metrics.registry is REGISTRY else _Registries(metrics.registry, REGISTRY)
+    server, _thread = start_http_server(port, addr=host, registry=registry)
     return server

@@ -14,6 +14,7 @@ COMMAND_MODULES = (
     "cluster.cli.client",
     "cluster.cli.checkpoint",
     "cluster.cli.bench",
+    "cluster.cli.simulate",
 )
 
 

@@ -7,6 +7,10 @@ least 4) and keeps one answer per replica id. With the default power-of-two rout
 calls spread over replicas, but a replica can still be missed: the response says how many
 replicas were expected, and a gateway treats a missing one as unknown, not idle. Stats are
 what each engine last counted, so they are approximate by the time they arrive.
+
+The same poll asks the Serve controller for the deployment's replica counts (its target, which
+an autoscaling deployment's policy sets, and the replicas running) for the
+`gptoss_autoscaler_*` gauges; the running count also sizes the next sample's probes.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import asyncio
 import logging
 from collections.abc import Callable
 
+import ray
 from ray.serve.handle import DeploymentHandle
 
 from cluster.engine.protocol import EngineStats
@@ -43,6 +48,30 @@ async def sample_loads(handle: DeploymentHandle, expected_replicas: int, timeout
     return sorted(reports.items())
 
 
+class ReplicaCounts:
+    """(target, running) replica counts of one deployment, read from the Serve controller."""
+
+    def __init__(self, app_name: str, deployment_name: str) -> None:
+        self.app_name = app_name
+        self.deployment_name = deployment_name
+        self._controller = None
+
+    async def read(self, timeout_s: float) -> tuple[int, int]:
+        if self._controller is None:
+            from ray.serve._private.constants import SERVE_CONTROLLER_NAME, SERVE_NAMESPACE
+
+            self._controller = await asyncio.get_running_loop().run_in_executor(
+                None, lambda: ray.get_actor(SERVE_CONTROLLER_NAME, namespace=SERVE_NAMESPACE))
+        try:
+            details = await asyncio.wait_for(self._controller.get_serve_instance_details.remote(), timeout_s)
+        except ray.exceptions.RayActorError:
+            self._controller = None  # the controller restarted: look it up again next time
+            raise
+        deployment = details["applications"][self.app_name]["deployments"][self.deployment_name]
+        running = sum(1 for r in deployment.get("replicas", ()) if r.get("state") == "RUNNING")
+        return int(deployment["target_num_replicas"]), running
+
+
 def replica_load_to_proto(replica_id: str, stats: EngineStats) -> pb.ReplicaLoad:
     load = pb.ReplicaLoad(replica_id=replica_id, running_requests=stats.running_requests,
                           waiting_requests=stats.waiting_requests, generated_tokens_total=stats.tokens_generated_total)
@@ -52,14 +81,18 @@ def replica_load_to_proto(replica_id: str, stats: EngineStats) -> pb.ReplicaLoad
 
 
 class LoadPoller:
-    """Samples the replicas' load reports every `interval_s` and hands them to `on_reports`."""
+    """Samples the replicas' load reports every `interval_s` and hands them to `on_reports`; with
+    `on_counts`, also the deployment's (target, running) replica counts."""
 
     def __init__(self, handle: DeploymentHandle, expected_replicas: int, interval_s: float,
-                 on_reports: Callable[[list[tuple[str, EngineStats]]], None], timeout_s: float = 5.0) -> None:
+                 on_reports: Callable[[list[tuple[str, EngineStats]]], None], timeout_s: float = 5.0,
+                 on_counts: Callable[[str, int, int], None] | None = None) -> None:
         self._handle = handle
         self._expected = expected_replicas
         self._interval_s = interval_s
         self._on_reports = on_reports
+        self._on_counts = on_counts
+        self._counts = ReplicaCounts(handle.deployment_id.app_name, handle.deployment_id.name) if on_counts else None
         self._timeout_s = timeout_s
         self._task: asyncio.Task | None = None
 
@@ -76,6 +109,16 @@ class LoadPoller:
             self._task = None
 
     async def poll_once(self) -> None:
+        if self._counts is not None:
+            try:
+                target, running = await self._counts.read(self._timeout_s)
+            except asyncio.CancelledError:
+                raise
+            except Exception as err:  # noqa: BLE001 - controller busy or restarting: loads still count
+                log.info("replica count poll failed: %r", err)
+            else:
+                self._on_counts(self._counts.deployment_name, target, running)
+                self._expected = max(1, running)
         self._on_reports(await sample_loads(self._handle, self._expected, self._timeout_s))
 
     async def _run(self) -> None:

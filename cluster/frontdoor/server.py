@@ -163,10 +163,14 @@ class FrontdoorServer:
             self.metrics_port = self._metrics_http.server_address[1]
             if self._config.load_poll_interval_s > 0:
                 self._poller = LoadPoller(self._handle, self.info.replicas, self._config.load_poll_interval_s,
-                                          self.metrics.replicas.update)
+                                          self.metrics.replicas.update, on_counts=self._set_replica_counts)
                 self._poller.start()
         tls = "mTLS" if self._config.tls.client_ca_file else "TLS" if credentials else "plaintext"
         log.warning("front door on %s (%s); %s", self.grpc_target, tls, self.auth_notice)
+
+    def _set_replica_counts(self, deployment: str, target: int, running: int) -> None:
+        self.metrics.autoscaler.desired_replicas.labels(deployment).set(target)
+        self.metrics.autoscaler.replicas.labels(deployment).set(running)
 
     @property
     def grpc_target(self) -> str:

@@ -298,6 +298,8 @@ async def fail(context: grpc.aio.ServicerContext, err: BaseException, call: Call
     """Abort the call with the status errors.status_for chooses (this raises, ending the RPC)."""
     status = errors.status_for(err, request_id=call.request_id)
     bookkeeping.code = status.code
+    if status.code == grpc.StatusCode.RESOURCE_EXHAUSTED and isinstance(bookkeeping, _Rpc):
+        bookkeeping.metrics.rejected_requests_total.labels(bookkeeping.method, status.reason or "").inc()
     call.logger(log).info("-> %s: %s", status.code.name, status.message)
     await context.abort_with_status(status.to_status())
 

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 from ray.serve import Application
+from ray.serve.config import AutoscalingConfig, AutoscalingPolicy, RequestRouterConfig
 
 from cluster.config import ClusterConfig
+from cluster.serving.autoscaling import EngineSignalPolicy, ScalingSettings
 from cluster.serving.replica import ModelReplica
+from cluster.serving.router import ROUTERS, router_kwargs
 
 
 def build_app(config: ClusterConfig) -> Application:
@@ -14,8 +19,30 @@ def build_app(config: ClusterConfig) -> Application:
     actor_options: dict = {"num_cpus": serving.num_cpus}
     if serving.num_gpus:
         actor_options["num_gpus"] = serving.num_gpus
+    router = serving.router
+    request_router_config = RequestRouterConfig(
+        request_router_class=ROUTERS[router.policy], request_router_kwargs=router_kwargs(router),
+        request_routing_stats_period_s=router.stats_period_s,
+        request_routing_stats_timeout_s=max(router.stats_period_s, 1.0))
+    scaling: dict = {"num_replicas": serving.replicas}
+    auto = serving.autoscaling
+    if auto.enabled:
+        # One replica is one whole expert-parallel group, so these counts are groups.
+        policy_kwargs = {k: v for k, v in dataclasses.asdict(auto).items() if k in ScalingSettings.__dataclass_fields__}
+        scaling = {"num_replicas": "auto", "autoscaling_config": AutoscalingConfig(
+            min_replicas=auto.min_replicas, initial_replicas=max(auto.min_replicas, min(serving.replicas,
+                                                                                        auto.max_replicas)),
+            max_replicas=auto.max_replicas, look_back_period_s=auto.look_back_period_s,
+            metrics_interval_s=auto.metrics_interval_s,
+            # The policy applies its own delays (hysteresis); Serve's would stack on top.
+            upscale_delay_s=0.0, downscale_delay_s=0.0,
+            policy=AutoscalingPolicy(policy_function=EngineSignalPolicy, policy_kwargs=policy_kwargs))}
+        # How often replicas push record_autoscaling_stats (read when the replica process starts).
+        actor_options["runtime_env"] = {"env_vars": {
+            "RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S": str(auto.metrics_interval_s)}}
     return ModelReplica.options(
-        num_replicas=serving.replicas,
+        **scaling,
+        request_router_config=request_router_config,
         ray_actor_options=actor_options,
         max_ongoing_requests=serving.max_ongoing_requests,
         max_queued_requests=serving.max_queued_requests,

@@ -132,6 +132,27 @@ class ModelReplica:
         """(this replica's Serve id, its engine stats), for GetLoads."""
         return serve.get_replica_context().replica_id.unique_id, self._engine.stats()
 
+    def engine_signals(self) -> dict[str, float]:
+        """The engine's load signals for routing and autoscaling (EngineStats fields an engine has
+        no notion of are 0: no KV use without a paged cache)."""
+        stats = self._engine.stats()
+        return {
+            "waiting": float(stats.waiting_requests),
+            "running": float(stats.running_requests),
+            "kv_use": stats.kv_cache_usage or 0.0,
+            "prefix_hit_rate": stats.prefix_cache_hit_rate,
+        }
+
+    def record_routing_stats(self) -> dict[str, float]:
+        # Serve calls this every serving.router.stats_period_s; the router reads it as
+        # RunningReplica.routing_stats (cluster/serving/router.py).
+        return self.engine_signals()
+
+    def record_autoscaling_stats(self) -> dict[str, float]:
+        # Serve averages these per replica for the autoscaling policy (cluster/serving/autoscaling.py).
+        signals = self.engine_signals()
+        return {name: signals[name] for name in ("waiting", "running", "kv_use")}
+
     def model_info(self) -> ModelInfo:
         return self._info
 
