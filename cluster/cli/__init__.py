@@ -13,6 +13,7 @@ COMMAND_MODULES = (
     "cluster.cli.client",
     "cluster.cli.checkpoint",
     "cluster.cli.bench",
+    "cluster.cli.experts",
 )
 
 
