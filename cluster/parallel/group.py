@@ -310,8 +310,10 @@ class GroupDriver:
     when no message went out for `keepalive_s`, so idle workers never hit the collective timeout.
     """
 
-    def __init__(self, runtime: ShardRuntime, keepalive_s: float = 1.0):
+    def __init__(self, runtime: ShardRuntime, keepalive_s: float = 1.0, rebalancer=None):
         self.runtime = runtime
+        self.rebalancer = rebalancer  # rebalance.Rebalancer: consulted before each step
+        self.rebalances: list = []  # RebalanceResult of each placement applied
         self._lock = threading.Lock()
         self._last = time.monotonic()
         self._closed = False
@@ -338,6 +340,12 @@ class GroupDriver:
     @torch.inference_mode()
     def __call__(self, batch: PagedBatch) -> torch.Tensor:
         with self._lock:
+            if self.rebalancer is not None:
+                planned = self.rebalancer.maybe_plan(self.runtime.placements)
+                if planned is not None:  # between steps: every rank switches before this step
+                    self._send(PLACE, encode_placements(planned[0]))
+                    self.runtime.apply_placements(planned[0])
+                    self.rebalances.append(planned[1])
             self._send(STEP, encode_batch(batch))
             try:
                 return self.runtime.execute(batch)

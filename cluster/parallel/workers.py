@@ -89,7 +89,7 @@ class WorkerGroup:
 
 def start_group(spec: GroupSpec, *, worker_cpus: float = 0.1, worker_gpus: float = 0.0,
                 stats: ExpertLoadStats | None = None, model=None, strategy: str = "STRICT_PACK",
-                keepalive_s: float = 1.0) -> WorkerGroup:
+                keepalive_s: float = 1.0, rebalancer=None) -> WorkerGroup:
     """Start ranks 1..N-1 as actors and build rank 0 here; returns when the group has formed.
 
     `spec.address`/`spec.port` may be empty/0: this node's IP and a free port are filled in.
@@ -121,26 +121,41 @@ def start_group(spec: GroupSpec, *, worker_cpus: float = 0.1, worker_gpus: float
         raise
     log.info("expert-parallel group of %d formed in %.2f s", spec.world, time.monotonic() - t0)
     run_refs = [w.run.remote() for w in workers]
-    return WorkerGroup(GroupDriver(runtime, keepalive_s), workers, run_refs, own_pg)
+    return WorkerGroup(GroupDriver(runtime, keepalive_s, rebalancer), workers, run_refs, own_pg)
 
 
 def ep_forward_factory(checkpoint: str, ep_size: int, *, dtype: str = "float32", device: str = "cpu",
                        placements: list | None = None, timeout_s: float = 10.0, torch_threads: int = 1,
                        worker_cpus: float = 0.1, worker_gpus: float = 0.0, model=None,
-                       stats: ExpertLoadStats | None = None, on_start=None):
+                       stats: ExpertLoadStats | None = None, on_start=None, placement_policy: str = "contiguous",
+                       redundant: int = 0, rebalance_interval_s: float = 0.0, stats_window_steps: int = 256,
+                       strategy: str = "STRICT_PACK"):
     """A `forward_factory` for EngineCore: starts the group once the engine has chosen its cache layout.
 
     `model` (rank 0's, loaded whole) is sharded in place; `on_start(group)` receives the WorkerGroup.
+    Rank 0 records tokens per expert (`group.runtime.stats`); with `rebalance_interval_s` > 0 the
+    driver re-plans the placement (with `redundant` extra copies) between steps.
     """
+    from cluster.parallel.expert_map import static_placement
+    from cluster.parallel.rebalance import Rebalancer
 
     def factory(kv_spec, num_blocks: int) -> GroupDriver:
+        nonlocal placements, stats
         locations = [kv_spec.cache_location(layer) for layer in range(kv_spec.num_layers)]
+        if model is not None:
+            E = model.config.num_local_experts
+            if not placements:
+                placements = [static_placement(placement_policy, E, ep_size) for _ in range(kv_spec.num_layers)]
+            if stats is None:
+                stats = ExpertLoadStats(kv_spec.num_layers, E, stats_window_steps)
+        rebalancer = Rebalancer(stats, ep_size, redundant, rebalance_interval_s) if stats is not None else None
         spec = GroupSpec(
             checkpoint=str(checkpoint), world=ep_size, address="", port=0, dtype=dtype, device=device,
             placements=[p.to_dict() for p in placements] if placements else [], num_blocks=num_blocks,
             block_size=kv_spec.block_size, layer_group=[g for g, _ in locations],
             layer_tensor=[j for _, j in locations], timeout_s=timeout_s, torch_threads=torch_threads)
-        group = start_group(spec, worker_cpus=worker_cpus, worker_gpus=worker_gpus, stats=stats, model=model)
+        group = start_group(spec, worker_cpus=worker_cpus, worker_gpus=worker_gpus, stats=stats, model=model,
+                            strategy=strategy, rebalancer=rebalancer)
         if on_start is not None:
             on_start(group)
         return group.driver

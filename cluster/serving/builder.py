@@ -14,7 +14,17 @@ def build_app(config: ClusterConfig) -> Application:
     actor_options: dict = {"num_cpus": serving.num_cpus}
     if serving.num_gpus:
         actor_options["num_gpus"] = serving.num_gpus
+    group_options: dict = {}
+    parallel = config.parallel
+    if parallel.ep_size > 1:
+        # One bundle per rank; the replica (rank 0) lands in bundle 0, its workers in 1..N-1.
+        bundle: dict = {"CPU": max(parallel.bundle_cpus, serving.num_cpus)}
+        if serving.num_gpus:
+            bundle["GPU"] = serving.num_gpus
+        group_options = {"placement_group_bundles": [dict(bundle) for _ in range(parallel.ep_size)],
+                         "placement_group_strategy": parallel.placement_strategy}
     return ModelReplica.options(
+        **group_options,
         num_replicas=serving.replicas,
         ray_actor_options=actor_options,
         max_ongoing_requests=serving.max_ongoing_requests,
