@@ -47,6 +47,9 @@ class ExpertWorker:
     def memory_report(self) -> dict:
         return self.runtime.memory_report()
 
+    def io_write_bytes(self) -> int:
+        return io_write_bytes()
+
 
 class WorkerGroup:
     """Rank 0's view of the group: the driver (its own shard) and the worker actors."""
@@ -71,6 +74,10 @@ class WorkerGroup:
     def memory_reports(self) -> list[dict]:
         """Each rank's resident bytes, as that rank reads them from its own tensors."""
         return [self.runtime.memory_report()] + ray.get([w.memory_report.remote() for w in self.workers])
+
+    def io_write_bytes(self) -> list[int]:
+        """Bytes written so far by each rank's process (rank 0 is this process)."""
+        return [io_write_bytes()] + ray.get([w.io_write_bytes.remote() for w in self.workers])
 
     def worker_pids(self) -> list[int]:
         return ray.get([w.ping.remote() for w in self.workers])
@@ -161,3 +168,12 @@ def ep_forward_factory(checkpoint: str, ep_size: int, *, dtype: str = "float32",
         return group.driver
 
     return factory
+
+
+def io_write_bytes() -> int:
+    """Bytes this process has written (sockets included: gloo's traffic) — Linux /proc/self/io wchar."""
+    with open("/proc/self/io") as f:
+        for line in f:
+            if line.startswith("wchar:"):
+                return int(line.split()[1])
+    return 0
