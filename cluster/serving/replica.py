@@ -79,6 +79,7 @@ def _batching_engine(model, config: ClusterConfig, forward_factory=None) -> Engi
 class ModelReplica:
     def __init__(self, config: ClusterConfig) -> None:
         logging.getLogger("cluster").setLevel(config.log_level.upper())
+        self._group = None  # expert-parallel WorkerGroup when parallel.ep_size > 1
         if config.engine.kind == "echo":
             self._engine, self._info = _echo_engine(config)
             log.info("replica ready: TEST echo engine at %s tokens/s per stream", config.engine.echo_tokens_per_s)
@@ -95,7 +96,6 @@ class ModelReplica:
         model = load_model(path, dtype=dtype, device=device)
         model.eval()
         mc = model.config
-        self._group = None  # expert-parallel WorkerGroup when parallel.ep_size > 1
         self._engine: Engine = _batching_engine(model, config, self._expert_parallel(config, path, device, model))
         preset = "" if config.model.path else config.model.preset
         self._info = ModelInfo(
