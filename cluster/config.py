@@ -195,6 +195,32 @@ class RayConfig:
     temp_dir: str | None = None
 
 
+PLACEMENT_STRATEGIES = ("STRICT_PACK", "PACK", "SPREAD")
+PLACEMENT_POLICIES = ("contiguous", "round_robin")
+
+
+@dataclass
+class ParallelConfig:
+    # Expert-parallel ranks per replica: one worker process per GPU (a CPU bundle without GPUs),
+    # each holding 1/ep_size of the experts and of the attention heads (gpt-oss: ep_size <= 8).
+    ep_size: int = 1
+    # Placement-group strategy for a replica's ep_size bundles: STRICT_PACK keeps them on one node
+    # (NVLink); PACK or SPREAD let a group span nodes.
+    placement_strategy: str = "STRICT_PACK"
+    # Initial expert -> rank map: contiguous ranges (as vLLM) or round_robin.
+    placement_policy: str = "contiguous"
+    # Seconds between expert rebalancings from the recorded loads (0: never rebalance).
+    rebalance_interval_s: float = 0.0
+    # Extra copies of hot experts per layer a rebalancing may place (tokens split among copies).
+    redundant_experts: int = 0
+    # Engine steps of expert-load history the planner and the imbalance gauge look at.
+    stats_window_steps: int = 256
+    # CPUs reserved per bundle (rank); small so groups fit a 2-core test box.
+    bundle_cpus: float = 0.1
+    # Seconds a collective may wait for a peer before the step fails (a dead rank -> UNAVAILABLE).
+    collective_timeout_s: float = 10.0
+
+
 @dataclass
 class ClusterConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -202,6 +228,7 @@ class ClusterConfig:
     serving: ServingConfig = field(default_factory=ServingConfig)
     frontdoor: FrontdoorConfig = field(default_factory=FrontdoorConfig)
     ray: RayConfig = field(default_factory=RayConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
     # Where built checkpoints are cached.
     cache_dir: str = "~/.cache/gptoss-cluster"
     # Log level of our own loggers (Ray and Serve stay at warning unless this is debug).
@@ -270,6 +297,18 @@ class ClusterConfig:
             ("frontdoor.limits.tokens_per_s", self.frontdoor.limits.tokens_per_s >= 0, "must be >= 0"),
             ("frontdoor.limits.token_burst", self.frontdoor.limits.token_burst >= 0, "must be >= 0"),
             ("ray.num_cpus", self.ray.num_cpus is None or self.ray.num_cpus >= 1, "must be >= 1"),
+            ("parallel.ep_size", 1 <= self.parallel.ep_size <= 64, "must be in [1, 64]"),
+            ("parallel.placement_strategy", self.parallel.placement_strategy in PLACEMENT_STRATEGIES,
+             f"must be one of {', '.join(PLACEMENT_STRATEGIES)}"),
+            ("parallel.placement_policy", self.parallel.placement_policy in PLACEMENT_POLICIES,
+             f"must be one of {', '.join(PLACEMENT_POLICIES)}"),
+            ("parallel.rebalance_interval_s", self.parallel.rebalance_interval_s >= 0, "must be >= 0"),
+            ("parallel.redundant_experts", self.parallel.redundant_experts >= 0, "must be >= 0"),
+            ("parallel.stats_window_steps", self.parallel.stats_window_steps >= 1, "must be >= 1"),
+            ("parallel.bundle_cpus", self.parallel.bundle_cpus > 0, "must be > 0"),
+            ("parallel.collective_timeout_s", self.parallel.collective_timeout_s > 0, "must be > 0"),
+            ("parallel.ep_size", self.parallel.ep_size == 1 or self.engine.kind == "torch",
+             "needs engine.kind torch"),
             ("log_level", self.log_level in LOG_LEVELS, f"must be one of {', '.join(LOG_LEVELS)}"),
         ]
         for path, ok, rule in checks:

@@ -189,6 +189,44 @@ class ReplicaLoadCollector(Collector):
             yield family
 
 
+class ExpertMetrics:
+    """Expert-parallel load of one replica (its rank 0 sees every token's routing).
+
+    Cardinality: gptoss_expert_tokens_total has layers x experts series (36 x 128 for 120b); the
+    imbalance gauge, one per layer, is the cheap signal to alert on.
+    """
+
+    def __init__(self, registry: CollectorRegistry = REGISTRY) -> None:
+        self.registry = registry
+        self.expert_tokens_total = Counter(
+            "gptoss_expert_tokens_total",
+            "Tokens routed to each expert (each token counts once per chosen expert), by layer and expert.",
+            ["layer", "expert"], registry=registry)
+        self.imbalance_ratio = Gauge(
+            "gptoss_expert_imbalance_ratio",
+            "Per-rank expert load max/mean over the recent window under the current placement (1 = balanced).",
+            ["layer"], registry=registry)
+        self.rebalances_total = Counter(
+            "gptoss_expert_rebalances_total",
+            "Expert placements applied by the rebalancer.", registry=registry)
+        self._seen: list[list[int]] | None = None
+        self._rebalances = 0
+
+    def update(self, totals: list[list[int]], imbalance: list[float], rebalances: int) -> None:
+        """Bring the metrics up to cumulative `totals` [layer][expert], per-layer `imbalance`, `rebalances`."""
+        seen = self._seen or [[0] * len(row) for row in totals]
+        for layer, row in enumerate(totals):
+            for expert, n in enumerate(row):
+                if n > seen[layer][expert]:
+                    self.expert_tokens_total.labels(str(layer), str(expert)).inc(n - seen[layer][expert])
+        self._seen = [list(row) for row in totals]
+        for layer, ratio in enumerate(imbalance):
+            self.imbalance_ratio.labels(str(layer)).set(ratio)
+        if rebalances > self._rebalances:
+            self.rebalances_total.inc(rebalances - self._rebalances)
+            self._rebalances = rebalances
+
+
 def serve_metrics(metrics: FrontdoorMetrics, host: str, port: int):
     """Serve /metrics for `metrics` on host:port (0: a free port) from a daemon thread.
 

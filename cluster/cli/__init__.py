@@ -15,6 +15,7 @@ COMMAND_MODULES = (
     "cluster.cli.checkpoint",
     "cluster.cli.bench",
     "cluster.cli.simulate",
+    "cluster.cli.experts",
 )
 
 

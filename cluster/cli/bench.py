@@ -42,6 +42,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     add_engine_command(commands)
 
+    from cluster.bench import experts  # expert parallelism (issue 5)
+
+    experts.add_parser(commands)
+
 
 def _bench_model(args: argparse.Namespace) -> int:
     import torch

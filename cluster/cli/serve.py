@@ -21,6 +21,7 @@ FLAG_PATHS = {
     "host": "frontdoor.host",
     "address": "ray.address",
     "replicas": "serving.replicas",
+    "ep_size": "parallel.ep_size",
     "log_level": "log_level",
 }
 
@@ -38,6 +39,7 @@ def register(subparsers) -> None:
     p.add_argument("--host", help="interface to listen on (default 127.0.0.1)")
     p.add_argument("--address", metavar="RAY_ADDRESS", help="join this Ray cluster instead of starting one")
     p.add_argument("--replicas", type=int, help="model replicas (default 1)")
+    p.add_argument("--ep-size", type=int, help="expert-parallel ranks per replica (default 1)")
     p.add_argument("--log-level", choices=("debug", "info", "warning", "error"), help="default warning")
     p.set_defaults(func=run)
 

@@ -77,14 +77,17 @@ class StepOutput:
 class EngineCore:
     RATE_WINDOW_S = 5.0
 
-    def __init__(self, model: GptOssModel, config: EngineConfig = EngineConfig()):
+    def __init__(self, model: GptOssModel, config: EngineConfig = EngineConfig(), forward_factory=None):
+        """`forward_factory(spec, num_blocks) -> forward` swaps the runner's paged forward for another
+        (an expert-parallel group: cluster/parallel/); it sees the cache layout the engine chose."""
         self.model = model
         self.config = config
         self.spec = KVCacheSpec.from_model_config(model.config, config.block_size, dtype=model.dtype)
         num_blocks = self.spec.num_blocks_for_budget(config.kv_cache_memory_bytes)
         self.kv_cache = KVCacheManager(self.spec, num_blocks, config.enable_prefix_caching)
         self.scheduler = Scheduler(config.scheduler_config(), self.kv_cache)
-        self.runner = ModelRunner(model, self.kv_cache)
+        forward = None if forward_factory is None else forward_factory(self.spec, num_blocks)
+        self.runner = ModelRunner(model, self.kv_cache, forward)
         self._recent: deque[tuple[float, int, int]] = deque()  # (time, tokens sampled, requests ended) per step
         self._recent_tokens = self._recent_ended = 0  # sums over _recent
         self._computed_tokens = self._generation_tokens = self._steps = 0

@@ -5,6 +5,8 @@ Letters: B sequences in the step, S new tokens (all sequences), R sampling rows.
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 
 from cluster.engine.kv_cache import KVCacheManager
@@ -16,9 +18,16 @@ from cluster.model.transformer import GptOssModel
 
 
 class ModelRunner:
-    def __init__(self, model: GptOssModel, kv_cache: KVCacheManager):
+    def __init__(self, model: GptOssModel, kv_cache: KVCacheManager,
+                 forward: Callable[[PagedBatch], torch.Tensor] | None = None):
+        """`forward` replaces the local paged forward (and its cache): e.g. an expert-parallel
+        group's driver (cluster/parallel/group.py), which keeps each rank's slice of the cache."""
         self.model = model
         self.kv_cache = kv_cache
+        self.forward = forward
+        self.sampler = Sampler()
+        if forward is not None:
+            return
         spec = kv_cache.spec
         locations = [spec.cache_location(layer) for layer in range(model.config.num_hidden_layers)]
         self.cache = PagedKVCache.allocate(
@@ -26,7 +35,6 @@ class ModelRunner:
             layer_group=[g for g, _ in locations], layer_tensor=[j for _, j in locations],
             dtype=model.dtype, device=model.device,
         )
-        self.sampler = Sampler()
 
     def prepare(self, output: SchedulerOutput) -> PagedBatch:
         C = self.kv_cache.block_size
@@ -73,7 +81,10 @@ class ModelRunner:
     def execute(self, output: SchedulerOutput) -> dict[str, tuple[int, TokenLogprobs | None]]:
         """Compute the step; returns request id -> (sampled token, logprobs) for each sampling chunk."""
         batch = self.prepare(output)
-        logits = paged_forward(self.model, batch, self.cache)  # [R, V]
+        if self.forward is not None:
+            logits = self.forward(batch)  # [R, V]
+        else:
+            logits = paged_forward(self.model, batch, self.cache)  # [R, V]
         sampling = [c.request for c in output.chunks if c.samples]
         if not sampling:
             return {}

@@ -40,7 +40,17 @@ def build_app(config: ClusterConfig) -> Application:
         # How often replicas push record_autoscaling_stats (read when the replica process starts).
         actor_options["runtime_env"] = {"env_vars": {
             "RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S": str(auto.metrics_interval_s)}}
+    group_options: dict = {}
+    parallel = config.parallel
+    if parallel.ep_size > 1:
+        # One bundle per rank; the replica (rank 0) lands in bundle 0, its workers in 1..N-1.
+        bundle: dict = {"CPU": max(parallel.bundle_cpus, serving.num_cpus)}
+        if serving.num_gpus:
+            bundle["GPU"] = serving.num_gpus
+        group_options = {"placement_group_bundles": [dict(bundle) for _ in range(parallel.ep_size)],
+                         "placement_group_strategy": parallel.placement_strategy}
     return ModelReplica.options(
+        **group_options,
         **scaling,
         request_router_config=request_router_config,
         ray_actor_options=actor_options,
@@ -48,7 +58,7 @@ def build_app(config: ClusterConfig) -> Application:
         max_queued_requests=serving.max_queued_requests,
         graceful_shutdown_timeout_s=serving.graceful_shutdown_timeout_s,
         # Loading a large checkpoint takes a while; don't let health checks kill a loading replica.
-        health_check_period_s=10,
+        health_check_period_s=2 if parallel.ep_size > 1 else 10,  # a dead EP worker is noticed within ~2 s
         health_check_timeout_s=30,
     ).bind(config)
 

@@ -48,8 +48,10 @@ def _echo_engine(config: ClusterConfig) -> tuple[Engine, ModelInfo]:
     return engine, info
 
 
-def _batching_engine(model, config: ClusterConfig) -> Engine:
-    """engine.kind torch: the continuous-batching engine over `model`, sized by config.engine."""
+def _batching_engine(model, config: ClusterConfig, forward_factory=None) -> Engine:
+    """engine.kind torch: the continuous-batching engine over `model`, sized by config.engine.
+
+    `forward_factory` (expert parallelism) runs each step's forward on a worker group instead."""
     from cluster.engine.batching_engine import BatchingEngine
     from cluster.engine.core import EngineConfig
     from cluster.harmony.tokenizer import STOP_TOKEN_IDS
@@ -60,9 +62,14 @@ def _batching_engine(model, config: ClusterConfig) -> Engine:
                                max_waiting_requests=e.max_waiting_requests,
                                enable_prefix_caching=e.enable_prefix_caching)
     try:
-        return BatchingEngine.for_model(model, core_config, stop_token_ids=STOP_TOKEN_IDS,
-                                        default_max_tokens=e.default_max_tokens,
-                                        chunk_interval_s=e.chunk_interval_ms / 1000.0)
+        kwargs = dict(stop_token_ids=STOP_TOKEN_IDS, default_max_tokens=e.default_max_tokens,
+                      chunk_interval_s=e.chunk_interval_ms / 1000.0)
+        if forward_factory is not None:
+            from cluster.engine.async_engine import AsyncEngine
+            from cluster.engine.core import EngineCore
+
+            return BatchingEngine(AsyncEngine(EngineCore(model, core_config, forward_factory)), **kwargs)
+        return BatchingEngine.for_model(model, core_config, **kwargs)
     except ValueError as err:  # a budget too small for this model's blocks
         raise ConfigError(f"config: engine.kv_cache_memory_mib {e.kv_cache_memory_mib} is too small for "
                           f"this model: {err}") from err
@@ -72,6 +79,7 @@ def _batching_engine(model, config: ClusterConfig) -> Engine:
 class ModelReplica:
     def __init__(self, config: ClusterConfig) -> None:
         logging.getLogger("cluster").setLevel(config.log_level.upper())
+        self._group = None  # expert-parallel WorkerGroup when parallel.ep_size > 1
         if config.engine.kind == "echo":
             self._engine, self._info = _echo_engine(config)
             log.info("replica ready: TEST echo engine at %s tokens/s per stream", config.engine.echo_tokens_per_s)
@@ -88,7 +96,7 @@ class ModelReplica:
         model = load_model(path, dtype=dtype, device=device)
         model.eval()
         mc = model.config
-        self._engine: Engine = _batching_engine(model, config)
+        self._engine: Engine = _batching_engine(model, config, self._expert_parallel(config, path, device, model))
         preset = "" if config.model.path else config.model.preset
         self._info = ModelInfo(
             model_name=config.model.name or (f"gpt-oss-{preset}" if preset else path.name),
@@ -158,7 +166,66 @@ class ModelReplica:
 
     def check_health(self) -> None:
         # Raises EngineDead once the engine's step loop is gone: Serve then replaces this replica.
+        # With expert parallelism, a dead or stuck worker fails the check too (RayActorError makes
+        # Serve replace the replica, its whole group and placement group, at once).
+        if self._group is not None:
+            self._group.check_health(timeout_s=5.0)
         self._engine.check_health()
+
+    # ---- expert parallelism (parallel.ep_size > 1) ----------------------------------------------
+
+    def _expert_parallel(self, config: ClusterConfig, path: Path, device: str, model):
+        """The engine's forward factory for an ep_size > 1 group (None at ep_size 1)."""
+        p = config.parallel
+        if p.ep_size <= 1:
+            return None
+        from cluster.parallel.workers import ep_forward_factory
+
+        def started(group) -> None:
+            self._group = group
+
+        return ep_forward_factory(
+            str(path), p.ep_size, dtype=config.model.dtype, device=device, timeout_s=p.collective_timeout_s,
+            torch_threads=config.engine.torch_threads, worker_cpus=p.bundle_cpus,
+            worker_gpus=config.serving.num_gpus, model=model, on_start=started,
+            placement_policy=p.placement_policy, redundant=p.redundant_experts,
+            rebalance_interval_s=p.rebalance_interval_s, stats_window_steps=p.stats_window_steps,
+            strategy=p.placement_strategy)
+
+    def expert_stats(self) -> dict:
+        """Tokens per expert per layer (window and totals), per-layer imbalance, placements, rebalances."""
+        if self._group is None:
+            return {"ep_size": 1}
+        runtime = self._group.runtime
+        placements = runtime.placements
+        loads = runtime.stats.window_loads().tolist()
+        return {
+            "ep_size": runtime.spec.world,
+            **runtime.stats.to_dict(),
+            "imbalance": [pl.imbalance(layer) for pl, layer in zip(placements, loads)],
+            "placements": [pl.to_dict() for pl in placements],
+            "rebalances": [vars(r) for r in self._group.driver.rebalances],
+        }
+
+    def expert_metrics_text(self) -> str:
+        """gptoss_expert_* metrics of this replica in the Prometheus text format."""
+        from prometheus_client import CollectorRegistry, generate_latest
+
+        from cluster.metrics import ExpertMetrics
+
+        if getattr(self, "_expert_metrics", None) is None:
+            self._expert_metrics = ExpertMetrics(CollectorRegistry())
+        stats = self.expert_stats()
+        if stats["ep_size"] > 1:
+            self._expert_metrics.update(stats["tokens_per_expert_total"], stats["imbalance"], len(stats["rebalances"]))
+        return generate_latest(self._expert_metrics.registry).decode()
+
+    def expert_memory(self) -> list[dict]:
+        """Each rank's resident bytes, read by that rank from its own tensors."""
+        return [] if self._group is None else self._group.memory_reports()
+
+    def expert_worker_pids(self) -> list[int]:
+        return [] if self._group is None else self._group.worker_pids()
 
     def __del__(self) -> None:
         engine = getattr(self, "_engine", None)

@@ -1,0 +1,228 @@
+"""`gptoss-cluster bench experts`: expert parallelism on this box, ratios measured in one run.
+
+1. Throughput: the batching engine (EngineCore) decodes the same greedy workload at ep_size 1
+   (one process) and ep_size 2 (rank 0 here, rank 1 a Ray actor, gloo). Runs alternate; each
+   side's best run counts. On 2 cores no speed-up is expected: the ratio is the collectives' cost.
+2. Bytes per decode step per layer: bytes every rank's process wrote (Linux /proc/<pid>/io wchar,
+   which counts gloo's socket writes), minus the same idle interval's writes, over K decode steps,
+   against the minimum for the all-reduce combine: two SUM all-reduces of [T, H] per layer, each
+   of which must move at least 2 (N - 1) T H b bytes in total (reduce-scatter + all-gather bound).
+3. Combine choice: at the same small batch, two real gloo processes time one layer's collectives
+   (a) all-reduce after attention and after the MoE (head-split attention, replicated tokens) and
+   (b) all-to-all dispatch + combine with token counts first (data-parallel attention, as DeepEP).
+
+The last line is one JSON object: ep2_over_ep1_throughput, bytes_per_step_over_minimum, and the
+details. No GPU figures unless run where CUDA is available (not measured in this version).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+
+def add_parser(commands) -> None:
+    p = commands.add_parser("experts", help="expert parallelism: ep2/ep1 tokens/s, collective bytes, combine choice",
+                            description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", default="tiny", help="model preset (default tiny)")
+    p.add_argument("--sequences", type=int, default=8, help="sequences decoded together (default 8)")
+    p.add_argument("--new-tokens", type=int, default=32, help="tokens per sequence (default 32)")
+    p.add_argument("--prompt-len", type=int, default=8, help="prompt tokens (default 8)")
+    p.add_argument("--runs", type=int, default=3, help="timed runs per side (default 3)")
+    p.add_argument("--cache-dir", default=None, help="checkpoint cache (default: a temp dir)")
+    p.set_defaults(func=run)
+
+
+def _workload(vocab: int, n: int, prompt_len: int, new_tokens: int, tag: str):
+    import torch
+
+    from cluster.engine.sequence import SamplingSettings, Sequence
+
+    g = torch.Generator().manual_seed(0)
+    settings = SamplingSettings(max_tokens=new_tokens, temperature=0.0, stop_token_ids=())
+    return [Sequence(f"{tag}{i}", torch.randint(0, vocab, (prompt_len,), generator=g).tolist(), settings)
+            for i in range(n)]
+
+
+def _timed(core, seqs) -> tuple[float, int]:
+    from cluster.engine.core import run_to_completion
+
+    t0 = time.perf_counter()
+    out = run_to_completion(core, seqs)
+    return time.perf_counter() - t0, sum(len(v) for v in out.values())
+
+
+def _combine_proc(rank: int, world: int, port: int, tokens: int, hidden: int, top_k: int, experts: int,
+                  iters: int, queue) -> None:
+    """One rank of the combine comparison: per-layer collective time and bytes written, both designs."""
+    from datetime import timedelta
+
+    import torch
+    import torch.distributed as dist
+
+    from cluster.parallel.workers import io_write_bytes
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                            timeout=timedelta(seconds=30))
+    g = torch.Generator().manual_seed(rank)
+    x = torch.randn(tokens, hidden)
+    route = torch.randint(0, experts, (tokens, top_k), generator=g)  # synthetic routing
+    owner = route // (experts // world)  # contiguous placement
+
+    def all_reduce_layer():
+        a = x.clone()
+        dist.all_reduce(a)  # after attention (head-split)
+        b = x.clone()
+        dist.all_reduce(b)  # after the MoE
+
+    local = x[: tokens // world]  # data-parallel attention: each rank owns T / N tokens
+    local_owner = owner[: tokens // world]
+
+    def all_to_all_layer():
+        # a token goes once to each distinct rank holding one of its chosen experts
+        dests = [sorted(set(row.tolist())) for row in local_owner]
+        send_counts = torch.tensor([sum(r in d for d in dests) for r in range(world)])
+        recv_counts = torch.empty_like(send_counts)
+        dist.all_to_all_single(recv_counts, send_counts)
+        rows = [i for r in range(world) for i, d in enumerate(dests) if r in d]
+        send = local[rows]
+        recv = torch.empty(int(recv_counts.sum()), hidden)
+        dist.all_to_all_single(recv, send, recv_counts.tolist(), send_counts.tolist())  # dispatch
+        back = torch.empty_like(send)
+        dist.all_to_all_single(back, recv, send_counts.tolist(), recv_counts.tolist())  # combine
+
+    designs = (("all_reduce", all_reduce_layer), ("all_to_all", all_to_all_layer))
+    times: dict[str, list[float]] = {name: [] for name, _ in designs}
+    written: dict[str, int] = {name: 0 for name, _ in designs}
+    block = max(1, iters // 8)
+    for _ in range(20):
+        for _, fn in designs:
+            fn()
+    for _ in range(8):  # interleaved blocks: background load on a shared box hits both designs alike
+        for name, fn in designs:
+            dist.barrier()
+            w0, t0 = io_write_bytes(), time.perf_counter()
+            for _ in range(block):
+                fn()
+            times[name].append((time.perf_counter() - t0) / block)
+            written[name] += io_write_bytes() - w0
+    result = {name: {"us_per_layer": 1e6 * statistics.median(times[name]),
+                     "bytes_written_per_layer": written[name] / (8 * block)} for name, _ in designs}
+    queue.put((rank, result))
+    dist.destroy_process_group()
+
+
+def measure_combines(tokens: int, hidden: int, top_k: int, experts: int, world: int = 2, iters: int = 300) -> dict:
+    import torch.multiprocessing as mp
+
+    from cluster.parallel.group import free_port
+
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    port = free_port()
+    procs = [ctx.Process(target=_combine_proc, args=(r, world, port, tokens, hidden, top_k, experts, iters, queue))
+             for r in range(world)]
+    for p in procs:
+        p.start()
+    results = dict(queue.get(timeout=300) for _ in procs)
+    for p in procs:
+        p.join(30)
+    out = {}
+    for name in ("all_reduce", "all_to_all"):
+        out[name] = {
+            "us_per_layer": round(max(results[r][name]["us_per_layer"] for r in results), 1),
+            "bytes_written_per_layer": sum(results[r][name]["bytes_written_per_layer"] for r in results),
+        }
+    return out
+
+
+def run(args: argparse.Namespace) -> int:
+    import ray
+    import torch
+
+    from cluster.engine.core import EngineConfig, EngineCore
+    from cluster.model.checkpoint import load_model
+    from cluster.parallel.workers import ep_forward_factory
+    from cluster.serving.model_store import ensure_preset_checkpoint
+
+    torch.set_num_threads(1)
+    cache = args.cache_dir or tempfile.mkdtemp(prefix="gtbench")
+    path = ensure_preset_checkpoint(args.preset, Path(cache))
+    started = False
+    if not ray.is_initialized():
+        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="WARNING")
+        started = True
+    engine = EngineConfig(block_size=16, max_num_seqs=args.sequences, max_num_batched_tokens=256,
+                          kv_cache_memory_bytes=16 << 20)
+    ep1_model = load_model(path)
+    vocab = ep1_model.config.vocab_size
+    L, H = ep1_model.config.num_hidden_layers, ep1_model.config.hidden_size
+    ep1 = EngineCore(ep1_model, engine)
+    groups = []
+    ep2 = EngineCore(load_model(path), engine, ep_forward_factory(str(path), 2, model=load_model(path),
+                                                                  on_start=groups.append))
+    group = groups[0]
+    try:
+        runs = {"ep1": [], "ep2": []}
+        tokens_out = {}
+        for i in range(args.runs + 1):  # the first round warms up
+            for name, core in (("ep1", ep1), ("ep2", ep2)):
+                seqs = _workload(vocab, args.sequences, args.prompt_len, args.new_tokens, f"{name}-{i}-")
+                dt, n = _timed(core, seqs)
+                tokens_out[name] = [list(s.output_token_ids) for s in seqs]
+                if i:
+                    runs[name].append(n / dt)
+        same_tokens = tokens_out["ep1"] == tokens_out["ep2"]
+        best = {k: max(v) for k, v in runs.items()}
+
+        # bytes per decode step: prefill first, then count K decode steps at batch T
+        seqs = _workload(vocab, args.sequences, args.prompt_len, args.new_tokens, "bytes-")
+        for s in seqs:
+            ep2.add_request(s)
+        ep2.step()  # the prompts (one chunk each)
+        K = args.new_tokens // 2
+        before, t0 = group.io_write_bytes(), time.perf_counter()
+        for _ in range(K):
+            ep2.step()
+        busy, after = time.perf_counter() - t0, group.io_write_bytes()
+        time.sleep(busy)
+        idle = [b - a for a, b in zip(after, group.io_write_bytes())]
+        while ep2.has_unfinished():
+            ep2.step()
+        moved = sum(b - a for a, b in zip(before, after)) - sum(idle)
+        T, N = args.sequences, 2
+        minimum = 2 * (2 * (N - 1) * T * H * 4)  # two fp32 [T, H] all-reduces per layer
+        per_layer = moved / (K * L)
+    finally:
+        group.shutdown()
+        if started:
+            ray.shutdown()
+    combines = measure_combines(args.sequences, H, ep1_model.config.num_experts_per_tok,
+                                ep1_model.config.num_local_experts)
+    ratio = best["ep2"] / best["ep1"]
+    print(f"{args.preset}: {args.sequences} sequences x {args.new_tokens} tokens, greedy, float32, 1 thread per rank")
+    print(f"  ep1 {best['ep1']:.1f} tok/s (runs {', '.join(f'{v:.0f}' for v in runs['ep1'])}); "
+          f"ep2 {best['ep2']:.1f} tok/s (runs {', '.join(f'{v:.0f}' for v in runs['ep2'])}); ratio {ratio:.3f}; "
+          f"same greedy tokens: {same_tokens}")
+    print(f"  decode step at T={T}: {per_layer:.0f} B written per layer (all ranks) vs minimum {minimum} B "
+          f"for two all-reduces of [T, H] fp32 -> {per_layer / minimum:.2f}x")
+    for name, c in combines.items():
+        print(f"  combine {name:10s}: {c['us_per_layer']:.0f} us per layer, {c['bytes_written_per_layer']:.0f} B written")
+    print(json.dumps({
+        "ep2_over_ep1_throughput": round(ratio, 4),
+        "bytes_per_step_over_minimum": round(per_layer / minimum, 4),
+        "ep1_tokens_per_s": round(best["ep1"], 2), "ep2_tokens_per_s": round(best["ep2"], 2),
+        "ep1_runs": [round(v, 2) for v in runs["ep1"]], "ep2_runs": [round(v, 2) for v in runs["ep2"]],
+        "median_ratio": round(statistics.median(runs["ep2"]) / statistics.median(runs["ep1"]), 4),
+        "same_greedy_tokens": same_tokens,
+        "bytes_per_decode_step_per_layer": round(per_layer, 1), "minimum_bytes_per_layer": minimum,
+        "decode_batch": T, "combine": combines, "gpu": "not measured (no GPU in this run)",
+    }))
+    return 0

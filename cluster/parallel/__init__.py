@@ -1,0 +1,1 @@
+"""Expert parallelism: placement maps, sharding a loaded model, the worker group and its collectives."""
