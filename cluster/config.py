@@ -8,6 +8,7 @@ CPU), a YAML file, environment variables `GPTOSS_<UPPER_PATH>` (e.g. `GPTOSS_SER
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import types
 import typing
@@ -43,8 +44,21 @@ class EngineConfig:
     # "torch" runs the model; "echo" is a TEST engine with no model that streams the prompt's
     # tokens back at echo_tokens_per_s (for measuring the serving path; see cluster/engine/echo_engine.py).
     kind: str = "torch"
-    # Requests one replica decodes at once; more get RESOURCE_EXHAUSTED.
-    max_active_requests: int = 32
+    # Sequences in one forward pass (the batch); more requests wait in the engine's queue.
+    max_num_seqs: int = 32
+    # Tokens in one forward pass: long prompts are prefilled in chunks of at most this many, so
+    # they do not stall the decoding of others. Must be >= max_num_seqs.
+    max_num_batched_tokens: int = 512
+    # Requests waiting for a place in the batch; beyond it a request is refused at once
+    # (RESOURCE_EXHAUSTED with a retry hint). echo: max_num_seqs + this many streams at once.
+    max_waiting_requests: int = 64
+    # Tokens per KV-cache block (the unit of allocation and of prefix reuse).
+    block_size: int = 16
+    # Memory for the KV cache of one replica, in MiB; sets the number of blocks. 64 MiB holds
+    # about 64k tokens of the float32 tiny preset; size it to the GPU for real models.
+    kv_cache_memory_mib: float = 64.0
+    # Reuse the KV blocks of a prompt prefix seen before (same system prompt, same conversation).
+    enable_prefix_caching: bool = True
     # max_tokens when a request leaves it unset (capped by the context length).
     default_max_tokens: int = 256
     # Least time between two chunks of one stream: tokens ready within it travel together,
@@ -66,8 +80,10 @@ class ServingConfig:
     num_cpus: float = 0.0
     # GPUs per replica.
     num_gpus: float = 0.0
-    # Requests Serve sends to one replica at once (Serve's max_ongoing_requests).
-    max_ongoing_requests: int = 32
+    # Requests Serve sends to one replica at once (Serve's max_ongoing_requests); at least
+    # engine.max_num_seqs + engine.max_waiting_requests lets the engine's own queue fill, so its
+    # waiting count means something to routing and autoscaling.
+    max_ongoing_requests: int = 96
     # Requests waiting in a caller's queue before Serve rejects more (-1: unbounded).
     max_queued_requests: int = 64
     # Seconds Serve waits for in-flight requests when a replica stops.
@@ -122,6 +138,9 @@ class FrontdoorConfig:
     grace_period_s: float = 5.0
     # Concurrent RPCs the front door accepts before answering RESOURCE_EXHAUSTED.
     max_concurrent_rpcs: int = 256
+    # Seconds between polls of the replicas' load reports for the gptoss_replica_* metrics
+    # (0: no polling; GetLoads still refreshes them).
+    load_poll_interval_s: float = 5.0
     auth: AuthConfig = field(default_factory=AuthConfig)
     tls: TlsConfig = field(default_factory=TlsConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
@@ -153,7 +172,13 @@ class ClusterConfig:
         """Raise ConfigError naming the first invalid field; return self when all are valid."""
         checks = [
             ("engine.kind", self.engine.kind in ENGINE_KINDS, f"must be one of {', '.join(ENGINE_KINDS)}"),
-            ("engine.max_active_requests", self.engine.max_active_requests >= 1, "must be >= 1"),
+            ("engine.max_num_seqs", self.engine.max_num_seqs >= 1, "must be >= 1"),
+            ("engine.max_num_batched_tokens", self.engine.max_num_batched_tokens >= self.engine.max_num_seqs,
+             "must be >= engine.max_num_seqs (else running requests could starve)"),
+            ("engine.max_waiting_requests", self.engine.max_waiting_requests >= 1, "must be >= 1"),
+            ("engine.block_size", 1 <= self.engine.block_size <= 1024, "must be in [1, 1024]"),
+            ("engine.kv_cache_memory_mib", math.isfinite(self.engine.kv_cache_memory_mib)
+             and self.engine.kv_cache_memory_mib > 0, "must be > 0"),
             ("engine.default_max_tokens", self.engine.default_max_tokens >= 1, "must be >= 1"),
             ("engine.chunk_interval_ms", 0 <= self.engine.chunk_interval_ms <= 1000, "must be in [0, 1000]"),
             ("engine.torch_threads", self.engine.torch_threads >= 1, "must be >= 1"),
@@ -172,6 +197,7 @@ class ClusterConfig:
             ("frontdoor.metrics_port", -1 <= self.frontdoor.metrics_port <= 65535, "must be in [-1, 65535]"),
             ("frontdoor.grace_period_s", self.frontdoor.grace_period_s >= 0, "must be >= 0"),
             ("frontdoor.max_concurrent_rpcs", self.frontdoor.max_concurrent_rpcs >= 1, "must be >= 1"),
+            ("frontdoor.load_poll_interval_s", self.frontdoor.load_poll_interval_s >= 0, "must be >= 0"),
             ("frontdoor.tls.key_file", (self.frontdoor.tls.cert_file is None) == (self.frontdoor.tls.key_file is None),
              "must be set exactly when frontdoor.tls.cert_file is"),
             ("frontdoor.tls.client_ca_file", self.frontdoor.tls.client_ca_file is None

@@ -3,13 +3,20 @@
 Names follow the Prometheus guide: prefix `gptoss_`, subsystem, base units in the name
 (`_seconds`, `_tokens_total`), counters end in `_total`. Each front door owns one
 `FrontdoorMetrics` bound to a registry (the process default unless a test passes its own),
-served over HTTP by `serve_metrics`.
+served over HTTP by `serve_metrics`. The `gptoss_replica_*` families are the engines' own
+statistics (label `replica`: Ray Serve's replica id), as the front door last polled them from
+the replicas' load reports; `ReplicaLoadCollector` exposes them.
 """
 
 from __future__ import annotations
 
+import threading
+import time
+from collections.abc import Iterable
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
-from prometheus_client.registry import REGISTRY
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import REGISTRY, Collector
 
 # Latency buckets: from sub-millisecond (tiny model, CPU) to a minute (large prompts, cold replicas).
 _LATENCY_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
@@ -49,6 +56,67 @@ class FrontdoorMetrics:
             "gptoss_frontdoor_completion_tokens_total",
             "Tokens generated and streamed to clients, by method.",
             ["method"], registry=registry)
+        self.replicas = ReplicaLoadCollector()
+        registry.register(self.replicas)
+
+
+# (name, help, kind, how to read it from an engine's stats (cluster.engine.protocol.EngineStats))
+_REPLICA_FAMILIES = (
+    ("gptoss_replica_waiting_requests", "Requests queued in the replica's engine, waiting for a place in the batch.",
+     "gauge", lambda s: s.waiting_requests),
+    ("gptoss_replica_running_requests", "Requests in the replica's running batch.",
+     "gauge", lambda s: s.running_requests),
+    ("gptoss_replica_kv_cache_usage_ratio", "Fraction of the replica's KV-cache blocks in use (0-1).",
+     "gauge", lambda s: s.kv_cache_usage),
+    ("gptoss_replica_kv_cache_blocks", "KV-cache blocks the replica's engine can hand out.",
+     "gauge", lambda s: s.kv_blocks_total or None),
+    ("gptoss_replica_generation_tokens_per_second", "Tokens the replica generated per second, over its last few seconds.",
+     "gauge", lambda s: s.generation_tokens_per_s),
+    ("gptoss_replica_generation_tokens_total", "Tokens the replica generated since it started.",
+     "counter", lambda s: s.tokens_generated_total),
+    ("gptoss_replica_prefix_cache_queried_tokens_total", "Prompt tokens looked up in the replica's prefix cache.",
+     "counter", lambda s: s.prefix_cache_queried_tokens_total),
+    ("gptoss_replica_prefix_cache_hit_tokens_total", "Prompt tokens whose KV blocks the prefix cache supplied.",
+     "counter", lambda s: s.prefix_cache_hit_tokens_total),
+    ("gptoss_replica_preemptions_total", "Running requests evicted to free KV blocks (recomputed later).",
+     "counter", lambda s: s.preemptions_total),
+)
+
+
+class ReplicaLoadCollector(Collector):
+    """The replicas' engine statistics as last reported, one series per replica.
+
+    A poll samples replicas through Serve's router and may miss one, so a replica's series stays
+    until it has not been seen for `stale_after_s`.
+    """
+
+    def __init__(self, stale_after_s: float = 30.0) -> None:
+        self.stale_after_s = stale_after_s
+        self._lock = threading.Lock()  # updated on the front door's loop, read by the HTTP thread
+        self._reports: dict[str, tuple[float, object]] = {}  # replica id -> (seen at, stats)
+
+    def update(self, reports: Iterable[tuple[str, object]]) -> None:
+        now = time.monotonic()
+        with self._lock:
+            for replica_id, stats in reports:
+                self._reports[replica_id] = (now, stats)
+            for replica_id in [r for r, (seen, _) in self._reports.items() if now - seen > self.stale_after_s]:
+                del self._reports[replica_id]
+
+    def describe(self):
+        return []  # series appear with the first report; nothing to check at registration
+
+    def collect(self):
+        with self._lock:
+            reports = sorted((rid, stats) for rid, (_, stats) in self._reports.items())
+        for name, documentation, kind, read in _REPLICA_FAMILIES:
+            family_type = GaugeMetricFamily if kind == "gauge" else CounterMetricFamily
+            family = family_type(name, documentation, labels=["replica"])
+            for replica_id, stats in reports:
+                value = read(stats)
+                if value is not None:
+                    family.add_metric([replica_id], float(value))
+            yield family
 
 
 def serve_metrics(metrics: FrontdoorMetrics, host: str, port: int):

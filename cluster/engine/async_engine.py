@@ -7,7 +7,8 @@
     queue.get() <- call_soon_threadsafe - deliver each StepOutput to its request's queue
 
 Admission is decided at once, on the caller's thread: when the waiting queue (plus the inbox)
-is full the call raises EngineOverloaded and nothing is queued. Closing a stream early (client
+is full the call raises EngineOverloadedError, with a retry hint estimated from the queue length
+and the rate requests finished at recently, and nothing is queued. Closing a stream early (client
 gone, task cancelled) puts an abort in the inbox, and its blocks are freed at the next step.
 A consumer takes whatever tokens are ready as one chunk, so a slow consumer gets bigger chunks
 rather than a backlog of small ones.
@@ -23,8 +24,9 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 from cluster.engine.core import EngineCore, EngineCoreStats, StepOutput
-from cluster.engine.scheduler import EngineOverloaded, RequestTooLong
-from cluster.engine.sequence import EndReason, SamplingSettings, Sequence, TokenLogprobs
+from cluster.engine.errors import EngineDead, EngineOverloadedError, RequestTooLong
+from cluster.engine.request import TokenLogprobs
+from cluster.engine.sequence import EndReason, SamplingSettings, Sequence
 
 log = logging.getLogger(__name__)
 
@@ -39,10 +41,20 @@ class SequenceChunk:
     end_reason: EndReason | None
     num_prompt_tokens: int
     num_output_tokens: int  # so far, this chunk included
+    num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
 
 
-class EngineDead(RuntimeError):
-    """The step loop failed; every open stream gets this error."""
+# Retry hints for a refused request: the time the queue ahead of it needs to drain at the recent
+# finish rate, within these bounds; the default when nothing has finished lately.
+RETRY_AFTER_BOUNDS_S = (0.05, 30.0)
+DEFAULT_RETRY_AFTER_S = 1.0
+
+
+def retry_after_s(queued: int, finished_per_s: float) -> float:
+    if finished_per_s <= 0:
+        return DEFAULT_RETRY_AFTER_S
+    low, high = RETRY_AFTER_BOUNDS_S
+    return min(high, max(low, queued / finished_per_s))
 
 
 class _Stream:
@@ -70,6 +82,8 @@ class AsyncEngine:
         self._closed = False
         self._error: BaseException | None = None
         self._ids = itertools.count()
+        # Stream outcomes, counted on the event loop's thread.
+        self.requests_total = self.finished_total = self.cancelled_total = self.failed_total = 0
         self._thread = threading.Thread(target=self._step_loop, name="engine-step-loop", daemon=True)
         self._thread.start()
 
@@ -82,21 +96,34 @@ class AsyncEngine:
     def is_alive(self) -> bool:
         return self._thread.is_alive() and self._error is None
 
+    @property
+    def num_submitted(self) -> int:
+        """Requests accepted by submit() that the step loop has not taken in yet."""
+        return len(self._inbox_adds)
+
+    def check_alive(self) -> None:
+        """Raise EngineDead if the step loop is gone (failed, or shut down)."""
+        if not self.is_alive:
+            raise EngineDead(f"engine step loop is not running: {self._error!r}" if self._error
+                             else "engine step loop is not running")
+
     def submit(self, seq: Sequence) -> _Stream:
         """Queue `seq` for the step loop or refuse it now. Call from the thread running the event loop."""
         stream = _Stream(asyncio.get_running_loop())
         limit = self.core.config.max_waiting_requests
         longest = seq.num_prompt_tokens + seq.sampling.max_tokens
         if not self.core.kv_cache.fits_alone(longest, self.core.config.max_num_batched_tokens):
-            raise RequestTooLong(f"{longest} tokens (prompt + max_tokens) cannot fit the KV cache")
+            raise RequestTooLong(longest, self.core.kv_cache.capacity_tokens)
         with self._lock:
             if self._error is not None or self._closed:
                 raise EngineDead("the engine is not running") from self._error
-            queued = self.core.stats.num_waiting + len(self._inbox_adds)
+            stats = self.core.stats
+            queued = stats.num_waiting + len(self._inbox_adds)
             if queued >= limit:
-                raise EngineOverloaded(f"waiting queue full ({queued} of {limit} requests)", retry_after_s=1.0)
+                raise EngineOverloadedError(queued, limit, retry_after_s(queued, stats.finished_requests_per_s))
             self._inbox_adds.append((seq, stream))
             self._wake.notify()
+        self.requests_total += 1
         return stream
 
     def abort(self, request_id: str) -> None:
@@ -106,10 +133,10 @@ class AsyncEngine:
 
     async def generate(self, prompt_token_ids: list[int], sampling: SamplingSettings,
                        request_id: str | None = None) -> AsyncIterator[SequenceChunk]:
-        """Stream chunks of new tokens. Raises EngineOverloaded/RequestTooLong/ValueError before the first chunk."""
+        """Stream chunks of new tokens. Raises EngineOverloadedError/RequestTooLong/ValueError before the first chunk."""
         seq = Sequence(request_id or f"req-{next(self._ids)}", list(prompt_token_ids), sampling)
         stream = self.submit(seq)
-        finished = False
+        finished = failed = False
         try:
             while not finished:
                 items = [await stream.queue.get()]
@@ -117,6 +144,7 @@ class AsyncEngine:
                     items.append(stream.queue.get_nowait())
                 for item in items:
                     if isinstance(item, BaseException):
+                        failed = True
                         raise item
                 outputs: list[StepOutput] = items  # type: ignore[assignment]
                 last = outputs[-1]
@@ -128,10 +156,17 @@ class AsyncEngine:
                     end_reason=last.end_reason,
                     num_prompt_tokens=last.num_prompt_tokens,
                     num_output_tokens=last.num_output_tokens,
+                    num_cached_tokens=last.num_cached_tokens,
                 )
         finally:
-            if not finished:
+            if finished:
+                self.finished_total += 1
+            else:
                 self.abort(seq.request_id)
+                if failed:
+                    self.failed_total += 1
+                else:
+                    self.cancelled_total += 1
 
     def shutdown(self, timeout_s: float = 5.0) -> None:
         with self._lock:

@@ -15,7 +15,8 @@ import torch
 from cluster.engine.kv_cache import KVCacheManager, KVCacheSpec
 from cluster.engine.runner import ModelRunner
 from cluster.engine.scheduler import Scheduler, SchedulerConfig
-from cluster.engine.sequence import EndReason, Sequence, TokenLogprobs
+from cluster.engine.request import TokenLogprobs
+from cluster.engine.sequence import EndReason, Sequence
 from cluster.model.transformer import GptOssModel
 
 
@@ -25,7 +26,7 @@ class EngineConfig:
     kv_cache_memory_bytes: int = 64 << 20  # K/V for all layers; sets the number of blocks
     max_num_seqs: int = 32  # sequences in one forward pass
     max_num_batched_tokens: int = 512  # tokens in one forward pass (the prefill chunk)
-    max_waiting_requests: int = 256  # queued beyond this -> EngineOverloaded
+    max_waiting_requests: int = 256  # queued beyond this -> EngineOverloadedError
     enable_prefix_caching: bool = True
 
     def scheduler_config(self) -> SchedulerConfig:
@@ -40,16 +41,24 @@ class EngineCoreStats:
     num_running: int = 0
     kv_blocks_used: int = 0
     kv_blocks_total: int = 0
-    prefix_cache_hit_rate: float = 0.0  # hit tokens / looked-up tokens since start
+    prefix_cache_queried_tokens_total: int = 0  # prompt tokens looked up in the prefix cache
+    prefix_cache_hit_tokens_total: int = 0  # of those, tokens whose K/V were found and reused
     preemptions_total: int = 0
     computed_tokens_total: int = 0  # tokens run through the model (prompts, recomputes, decodes)
     generation_tokens_total: int = 0  # tokens sampled
     generation_tokens_per_s: float = 0.0  # over the last few seconds
+    finished_requests_per_s: float = 0.0  # over the last few seconds (aborts included)
     steps_total: int = 0
 
     @property
     def kv_cache_usage(self) -> float:
         return self.kv_blocks_used / self.kv_blocks_total if self.kv_blocks_total else 0.0
+
+    @property
+    def prefix_cache_hit_rate(self) -> float:
+        """Hit tokens / looked-up tokens since start."""
+        q = self.prefix_cache_queried_tokens_total
+        return self.prefix_cache_hit_tokens_total / q if q else 0.0
 
 
 @dataclass(frozen=True)
@@ -62,6 +71,7 @@ class StepOutput:
     end_reason: EndReason | None
     num_prompt_tokens: int
     num_output_tokens: int
+    num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
 
 
 class EngineCore:
@@ -75,13 +85,14 @@ class EngineCore:
         self.kv_cache = KVCacheManager(self.spec, num_blocks, config.enable_prefix_caching)
         self.scheduler = Scheduler(config.scheduler_config(), self.kv_cache)
         self.runner = ModelRunner(model, self.kv_cache)
-        self._recent: deque[tuple[float, int]] = deque()  # (time, tokens sampled) per step
+        self._recent: deque[tuple[float, int, int]] = deque()  # (time, tokens sampled, requests ended) per step
+        self._recent_tokens = self._recent_ended = 0  # sums over _recent
         self._computed_tokens = self._generation_tokens = self._steps = 0
         self._live_ids: set[str] = set()  # requests added and not yet finished or aborted
         self.stats = self._snapshot()
 
     def add_request(self, seq: Sequence) -> None:
-        """Queue a sequence; raises EngineOverloaded (queue full) or RequestTooLong at once."""
+        """Queue a sequence; raises EngineOverloadedError (queue full) or RequestTooLong at once."""
         vocab = self.model.config.vocab_size
         if min(seq.prompt_token_ids) < 0 or max(seq.prompt_token_ids) >= vocab:
             raise ValueError(f"prompt token ids must be in 0..{vocab - 1}")
@@ -94,10 +105,13 @@ class EngineCore:
     def abort_request(self, request_id: str) -> StepOutput | None:
         seq = self.scheduler.abort_request(request_id)
         self._live_ids.discard(request_id)
+        if seq is not None:
+            self._record(0, 1)
         self.stats = self._snapshot()
         if seq is None:
             return None
-        return StepOutput(request_id, None, None, EndReason.ABORT, seq.num_prompt_tokens, len(seq.output_token_ids))
+        return StepOutput(request_id, None, None, EndReason.ABORT, seq.num_prompt_tokens, len(seq.output_token_ids),
+                          seq.num_cached_tokens)
 
     def has_unfinished(self) -> bool:
         return self.scheduler.num_unfinished > 0
@@ -110,41 +124,55 @@ class EngineCore:
         sampled = self.runner.execute(scheduled)
         self.scheduler.update_from_output(scheduled, sampled)
         outputs = []
+        ended = 0
         for chunk in scheduled.chunks:
             seq = chunk.request
             if seq.request_id not in sampled:
                 continue
             token_id, logprobs = sampled[seq.request_id]
             outputs.append(StepOutput(seq.request_id, token_id, logprobs, seq.finish_reason,
-                                      seq.num_prompt_tokens, len(seq.output_token_ids)))
+                                      seq.num_prompt_tokens, len(seq.output_token_ids), seq.num_cached_tokens))
             if seq.finish_reason is not None:
                 self._live_ids.discard(seq.request_id)
+                ended += 1
         self._steps += 1
         self._computed_tokens += scheduled.num_batched_tokens
         self._generation_tokens += len(outputs)
-        self._recent.append((time.monotonic(), len(outputs)))
+        self._record(len(outputs), ended)
         self.stats = self._snapshot()
         return outputs
 
+    def _record(self, tokens: int, ended: int) -> None:
+        self._recent.append((time.monotonic(), tokens, ended))
+        self._recent_tokens += tokens
+        self._recent_ended += ended
+
     def _snapshot(self) -> EngineCoreStats:
         now = time.monotonic()
-        while self._recent and now - self._recent[0][0] > self.RATE_WINDOW_S:
-            self._recent.popleft()
-        rate = 0.0
-        if len(self._recent) > 1:
-            span = now - self._recent[0][0]
-            rate = sum(n for _, n in list(self._recent)[1:]) / span if span > 0 else 0.0
+        recent = self._recent
+        while recent and now - recent[0][0] > self.RATE_WINDOW_S:
+            _, tokens, ended = recent.popleft()
+            self._recent_tokens -= tokens
+            self._recent_ended -= ended
+        rate = finish_rate = 0.0
+        if len(recent) > 1 and now > recent[0][0]:
+            # Events after the first one, over the time since it: the first marks the window start.
+            span = now - recent[0][0]
+            rate = (self._recent_tokens - recent[0][1]) / span
+            finish_rate = (self._recent_ended - recent[0][2]) / span
         pool = self.kv_cache.pool
         return EngineCoreStats(
             num_waiting=len(self.scheduler.waiting),
             num_running=len(self.scheduler.running),
             kv_blocks_used=pool.num_used_blocks,
             kv_blocks_total=pool.num_usable_blocks,
-            prefix_cache_hit_rate=self.kv_cache.prefix_cache_hit_rate,
+            prefix_cache_queried_tokens_total=self.kv_cache.prefix_query_tokens,
+            prefix_cache_hit_tokens_total=self.kv_cache.prefix_hit_tokens,
             preemptions_total=self.scheduler.num_preemptions,
             computed_tokens_total=self._computed_tokens,
             generation_tokens_total=self._generation_tokens,
             generation_tokens_per_s=rate,
+            finished_requests_per_s=finish_rate,
             steps_total=self._steps,
         )
 

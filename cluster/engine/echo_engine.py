@@ -41,6 +41,8 @@ def echo_tokens(prompt: tuple[int, ...], n: int) -> list[int]:
 class EchoEngine:
     """Engine protocol implementation that paces echoed tokens; see the module docstring."""
 
+    supports_logprobs = False
+
     def __init__(self, *, tokens_per_s: float = 1000.0, chunk_interval_s: float = 0.01,
                  default_max_tokens: int = 256, max_active_requests: int = 1024,
                  limits: ModelLimits | None = None) -> None:
@@ -55,9 +57,16 @@ class EchoEngine:
         self._requests = self._finished = self._cancelled = self._tokens = 0
 
     def stats(self) -> EngineStats:
+        # Every accepted stream runs at once: none waits, and there is no KV cache.
         return EngineStats(active_requests=self._active, requests_total=self._requests,
                            finished_total=self._finished, cancelled_total=self._cancelled,
-                           failed_total=0, tokens_generated_total=self._tokens)
+                           failed_total=0, tokens_generated_total=self._tokens, running_requests=self._active)
+
+    def check_health(self) -> None:
+        return None  # no background state to die
+
+    def shutdown(self) -> None:
+        return None
 
     def _due(self, started: float, now: float, total: int) -> int:
         """Tokens produced by `now`: the first at once, then one per 1/tokens_per_s."""

@@ -22,13 +22,40 @@ class InvalidRequestError(EngineError, ValueError):
         return (type(self), (self.field, self.reason))
 
 
-class EngineOverloadedError(EngineError):
-    """The engine runs as many requests as it may; the caller should retry later."""
+class RequestTooLong(InvalidRequestError):
+    """Prompt plus max_tokens can never fit the KV cache, even with the engine to itself."""
 
-    def __init__(self, active: int, limit: int) -> None:
-        super().__init__(f"engine is busy: {active} requests running, limit {limit}")
-        self.active = active
-        self.limit = limit
+    def __init__(self, num_tokens: int, capacity_tokens: int) -> None:
+        super().__init__("sampling.max_tokens",
+                         f"prompt + max_tokens = {num_tokens} tokens can never fit this replica's KV cache "
+                         f"(about {capacity_tokens} tokens)")
+        self.num_tokens = num_tokens
+        self.capacity_tokens = capacity_tokens
 
     def __reduce__(self):
-        return (type(self), (self.active, self.limit))
+        return (type(self), (self.num_tokens, self.capacity_tokens))
+
+
+class EngineOverloadedError(EngineError):
+    """The engine's queue is full: the request was refused, not queued. The front door maps this to
+    RESOURCE_EXHAUSTED with `retry_after_s` as the RetryInfo hint."""
+
+    def __init__(self, queued: int, limit: int, retry_after_s: float = 1.0) -> None:
+        super().__init__(f"engine is full: {queued} requests queued, limit {limit}; retry in {retry_after_s:.2f} s")
+        self.queued = queued
+        self.limit = limit
+        self.retry_after_s = retry_after_s
+
+    def __reduce__(self):
+        return (type(self), (self.queued, self.limit, self.retry_after_s))
+
+
+class EngineDead(EngineError):
+    """The engine's step loop failed: this replica can serve nothing more (Serve replaces it)."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+    def __reduce__(self):
+        return (type(self), (self.reason,))

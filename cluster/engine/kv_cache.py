@@ -152,6 +152,11 @@ class KVCacheManager:
     def prefix_cache_hit_rate(self) -> float:
         return self.prefix_hit_tokens / self.prefix_query_tokens if self.prefix_query_tokens else 0.0
 
+    @property
+    def capacity_tokens(self) -> int:
+        """About how many tokens one sequence could hold with the pool to itself (for messages)."""
+        return self.pool.num_usable_blocks * self.block_size // len(self.spec.groups)
+
     def block_ids(self, request_id: str) -> list[list[int]]:
         return [[b.block_id for b in table] for table in self.block_tables[request_id]]
 

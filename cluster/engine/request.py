@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from cluster.engine.errors import InvalidRequestError
 
 MAX_TEMPERATURE = 100.0
+MAX_LOGPROBS = 20  # most alternatives a request may ask for per token
 
 
 class FinishReason(str, enum.Enum):
@@ -27,6 +28,8 @@ class SamplingParams:
     # None: the engine's default stop tokens (harmony's); () with ignore_stop means "none".
     stop_token_ids: tuple[int, ...] | None = None
     ignore_stop: bool = False
+    # None: no log probabilities; 0: the sampled token's; n: also the n most likely alternatives.
+    logprobs: int | None = None
 
 
 @dataclass(frozen=True)
@@ -44,6 +47,16 @@ class GenerateRequest:
 
 
 @dataclass(frozen=True)
+class TokenLogprobs:
+    """Log-probability of a sampled token and of the most likely tokens at its position."""
+
+    token_id: int
+    logprob: float
+    top_token_ids: tuple[int, ...] = ()  # most likely first
+    top_logprobs: tuple[float, ...] = ()
+
+
+@dataclass(frozen=True)
 class TokenChunk:
     """Tokens ready since the previous chunk; the last chunk of a stream has finish_reason set."""
 
@@ -51,7 +64,10 @@ class TokenChunk:
     finish_reason: FinishReason | None = None
     prompt_tokens: int = 0  # set on the last chunk
     completion_tokens: int = 0  # set on the last chunk
-    cached_prompt_tokens: int = 0  # set on the last chunk by an engine with a prefix cache
+    # Prompt tokens served from a prefix cache; known from the first chunk on, so every chunk has it.
+    cached_prompt_tokens: int = 0
+    # One entry per token id when the request asked for logprobs, else empty.
+    logprobs: tuple[TokenLogprobs, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -92,6 +108,8 @@ def validate_sampling(sampling: SamplingParams, prompt_len: int, limits: ModelLi
         raise InvalidRequestError(f"{prefix}top_p", f"must be in (0, 1], got {sampling.top_p}")
     if sampling.top_k < 0:
         raise InvalidRequestError(f"{prefix}top_k", f"must be >= 0, got {sampling.top_k}")
+    if sampling.logprobs is not None and not 0 <= sampling.logprobs <= MAX_LOGPROBS:
+        raise InvalidRequestError(f"{prefix}logprobs", f"must be in [0, {MAX_LOGPROBS}], got {sampling.logprobs}")
     for i, token in enumerate(sampling.stop_token_ids or ()):
         if not 0 <= token < limits.vocab_size:
             raise InvalidRequestError(

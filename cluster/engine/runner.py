@@ -10,7 +10,7 @@ import torch
 from cluster.engine.kv_cache import KVCacheManager
 from cluster.engine.sampler import Sampler
 from cluster.engine.scheduler import SchedulerOutput
-from cluster.engine.sequence import TokenLogprobs
+from cluster.engine.request import TokenLogprobs
 from cluster.model.paged import PagedBatch, PagedKVCache, paged_forward
 from cluster.model.transformer import GptOssModel
 

@@ -11,7 +11,8 @@ from dataclasses import dataclass
 
 import torch
 
-from cluster.engine.sequence import SamplingSettings, TokenLogprobs
+from cluster.engine.request import TokenLogprobs
+from cluster.engine.sequence import SamplingSettings
 
 
 @dataclass
@@ -73,7 +74,7 @@ class Sampler:
                 logprobs[i] = TokenLogprobs(
                     token_id=tokens[i],
                     logprob=all_logprobs[row, tokens[i]].item(),
-                    top_token_ids=top_ids.tolist(),
-                    top_logprobs=top_values.tolist(),
+                    top_token_ids=tuple(top_ids.tolist()),
+                    top_logprobs=tuple(top_values.tolist()),
                 )
         return SamplerOutput(tokens, logprobs)

@@ -14,28 +14,17 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 
+from cluster.engine.errors import EngineOverloadedError, RequestTooLong
 from cluster.engine.kv_cache import KVCacheManager
-from cluster.engine.sequence import EndReason, Sequence, SequenceStatus, TokenLogprobs
-
-
-class EngineOverloaded(Exception):
-    """The waiting queue is full: the request was refused, not queued. The front door maps this to
-    RESOURCE_EXHAUSTED and passes `retry_after_s` on as a hint."""
-
-    def __init__(self, message: str, retry_after_s: float = 1.0):
-        super().__init__(message)
-        self.retry_after_s = retry_after_s
-
-
-class RequestTooLong(ValueError):
-    """Prompt plus max_tokens can never fit the KV cache, even with the engine to itself."""
+from cluster.engine.request import TokenLogprobs
+from cluster.engine.sequence import EndReason, Sequence, SequenceStatus
 
 
 @dataclass(frozen=True)
 class SchedulerConfig:
     max_num_seqs: int = 32  # requests in one forward pass
     max_num_batched_tokens: int = 512  # tokens in one forward pass: the prefill chunk size
-    max_waiting_requests: int = 128  # queue bound; beyond it add_request raises EngineOverloaded
+    max_waiting_requests: int = 128  # queue bound; beyond it add_request raises EngineOverloadedError
 
     def __post_init__(self) -> None:
         for name in ("max_num_seqs", "max_num_batched_tokens", "max_waiting_requests"):
@@ -85,12 +74,12 @@ class Scheduler:
         return len(self.waiting) + len(self.running)
 
     def add_request(self, request: Sequence) -> None:
-        """Queue a request, or refuse it at once (EngineOverloaded, RequestTooLong)."""
+        """Queue a request, or refuse it at once (EngineOverloadedError, RequestTooLong)."""
         if len(self.waiting) >= self.config.max_waiting_requests:
-            raise EngineOverloaded(f"waiting queue full ({self.config.max_waiting_requests} requests)")
+            raise EngineOverloadedError(len(self.waiting), self.config.max_waiting_requests)
         longest = request.num_prompt_tokens + request.sampling.max_tokens
         if not self.kv_cache.fits_alone(longest, self.config.max_num_batched_tokens):
-            raise RequestTooLong(f"{longest} tokens (prompt + max_tokens) cannot fit the KV cache")
+            raise RequestTooLong(longest, self.kv_cache.capacity_tokens)
         request.status = SequenceStatus.WAITING
         self.waiting.append(request)
 
@@ -127,6 +116,8 @@ class Scheduler:
             if not self.kv_cache.allocate_slots(request, num_new, prefix):
                 break
             self.waiting.popleft()
+            if request.num_preemptions == 0:  # what the client's usage reports, not recompute hits
+                request.num_cached_tokens = min(prefix.num_tokens, request.num_prompt_tokens)
             request.num_computed_tokens = prefix.num_tokens
             request.status = SequenceStatus.RUNNING
             self.running.append(request)

@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from cluster.engine.request import TokenLogprobs
+
 # harmony's <|return|>, <|end|> and <|call|>: the model hands the turn back at any of them.
 HARMONY_STOP_TOKEN_IDS: tuple[int, ...] = (200002, 200007, 200012)
 
@@ -66,16 +68,6 @@ class SamplingSettings:
         return self.temperature == 0.0
 
 
-@dataclass
-class TokenLogprobs:
-    """Log-probability of the chosen token and of the `n` most likely tokens at one position."""
-
-    token_id: int
-    logprob: float
-    top_token_ids: list[int]
-    top_logprobs: list[float]
-
-
 _arrival_counter = itertools.count()
 
 
@@ -88,6 +80,7 @@ class Sequence:
     output_token_ids: list[int] = field(default_factory=list)
     output_logprobs: list[TokenLogprobs] = field(default_factory=list)
     num_computed_tokens: int = 0  # tokens whose K/V sit in the cache
+    num_cached_tokens: int = 0  # prompt tokens found in the prefix cache at first admission
     status: SequenceStatus = SequenceStatus.WAITING
     finish_reason: EndReason | None = None
     num_preemptions: int = 0

@@ -3,7 +3,8 @@
 Tokens go through the harmony StreamParser one at a time, so that each token can be counted
 toward the message it belongs to (reasoning_tokens = the tokens of analysis messages, their
 header and end tokens included), a stop sequence ends the stream at the exact token that
-completed it, and returned token ids ride on the delta they produced.
+completed it, and returned token ids (and their log probabilities, when asked) ride on the delta
+they produced.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ class ChatStream:
         self._matcher = StopMatcher(stops) if stops else None
         self._return_token_ids = return_token_ids
         self._pending_ids: list[int] = []
+        self._pending_logprobs: list[pb.TokenLogprob] = []
         self._unattributed = 0  # tokens fed since the last event
         self._meta: Delta | None = None  # the message the latest event belonged to
         self._tool_calls = 0
@@ -39,14 +41,17 @@ class ChatStream:
     def ended_with_tool_call(self) -> bool:
         return self.last_token == CALL_ID
 
-    def feed(self, token_ids: Sequence[int]) -> list[pb.ChatDelta]:
+    def feed(self, token_ids: Sequence[int], logprobs: Sequence[pb.TokenLogprob] = ()) -> list[pb.ChatDelta]:
+        """Deltas for the next tokens; `logprobs`, when given, has one entry per token."""
         out: list[pb.ChatDelta] = []
-        for token in token_ids:
+        for i, token in enumerate(token_ids):
             if self.stop_sequence is not None:
                 break  # the tokens after a stop sequence are never shown or counted
             self.completion_tokens += 1
             self.last_token = token
             self._pending_ids.append(token)
+            if logprobs:
+                self._pending_logprobs.append(logprobs[i])
             self._unattributed += 1
             for delta in self._parser.feed([token]):
                 self._event(delta, out)
@@ -97,11 +102,14 @@ class ChatStream:
         if self._return_token_ids and self._pending_ids:
             message.token_ids.extend(self._pending_ids)
             self._pending_ids = []
+        if self._pending_logprobs:
+            message.logprobs.extend(self._pending_logprobs)
+            self._pending_logprobs = []
         out.append(message)
 
     def _flush_ids(self, out: list[pb.ChatDelta]) -> None:
         """Ids that produced no event yet (a header in progress) travel on an id-only delta."""
-        if self._return_token_ids and self._pending_ids:
+        if (self._return_token_ids and self._pending_ids) or self._pending_logprobs:
             meta = self._meta or Delta(DeltaKind.TEXT)
             self._emit(self._message(meta), out)
         self._pending_ids = []

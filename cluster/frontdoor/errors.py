@@ -7,8 +7,9 @@ Clients get a short, stable message plus machine-readable details, never a trace
   INVALID_ARGUMENT    BadRequest (one violation per bad field), or ErrorInfo MALFORMED_MESSAGE
   UNAUTHENTICATED     ErrorInfo API_KEY_MISSING | API_KEY_INVALID
   PERMISSION_DENIED   ErrorInfo ADMIN_REQUIRED
-  RESOURCE_EXHAUSTED  RetryInfo + QuotaFailure (tenant limits) or ErrorInfo MODEL_OVERLOADED
-  UNAVAILABLE         RetryInfo + ErrorInfo DRAINING | NO_REPLICA
+  RESOURCE_EXHAUSTED  RetryInfo + QuotaFailure (tenant limits) or ErrorInfo MODEL_OVERLOADED (the
+                      engine's queue is full: RetryInfo is the engine's own estimate)
+  UNAVAILABLE         RetryInfo + ErrorInfo DRAINING | NO_REPLICA (a dead engine counts as no replica)
   DEADLINE_EXCEEDED, CANCELLED, INTERNAL
 and every status carries RequestInfo with the call's x-request-id. Unexpected errors are logged
 here with their traceback.
@@ -28,12 +29,13 @@ from grpc_status import rpc_status
 from ray import exceptions as ray_exceptions
 from ray.serve import exceptions as serve_exceptions
 
-from cluster.engine.errors import EngineOverloadedError, InvalidRequestError
+from cluster.engine.errors import EngineDead, EngineOverloadedError, InvalidRequestError
 
 log = logging.getLogger(__name__)
 
 DOMAIN = "gptoss.v1"
-# How long a client should wait before retrying a call refused for overload or a drain.
+# How long a client should wait before retrying a call refused for overload (when the refusal
+# carries no estimate of its own, e.g. Serve's back pressure) or a drain.
 OVERLOADED_RETRY_S = 1.0
 UNAVAILABLE_RETRY_S = 1.0
 
@@ -144,7 +146,7 @@ def _root_cause(err: BaseException) -> BaseException:
     """Unwrap Ray's RayTaskError to the exception the replica raised."""
     seen = 0
     while isinstance(err, ray_exceptions.RayTaskError) and getattr(err, "cause", None) is not None and seen < 8:
-        if isinstance(err, (InvalidRequestError, EngineOverloadedError)):
+        if isinstance(err, (InvalidRequestError, EngineOverloadedError, EngineDead)):
             break  # Ray's dual-class wrapper already is the cause's type
         err = err.cause
         seen += 1
@@ -199,8 +201,9 @@ def status_for(err: BaseException, *, request_id: str = "") -> RpcError:
                         retry_after_s=cause.retry_after_s, quota_subject=f"tenant:{cause.tenant}/{cause.limit}",
                         request_id=request_id)
     if isinstance(cause, (EngineOverloadedError, serve_exceptions.BackPressureError)):
+        retry_after_s = getattr(cause, "retry_after_s", None) or OVERLOADED_RETRY_S
         return RpcError(code.RESOURCE_EXHAUSTED, "the model is overloaded; retry later", reason="MODEL_OVERLOADED",
-                        retry_after_s=OVERLOADED_RETRY_S, request_id=request_id)
+                        retry_after_s=retry_after_s, request_id=request_id)
     if isinstance(cause, DrainingError):
         return RpcError(code.UNAVAILABLE, str(cause), reason="DRAINING", retry_after_s=UNAVAILABLE_RETRY_S,
                         request_id=request_id)
@@ -209,7 +212,7 @@ def status_for(err: BaseException, *, request_id: str = "") -> RpcError:
     if isinstance(cause, (serve_exceptions.RequestCancelledError, ray_exceptions.TaskCancelledError,
                           asyncio.CancelledError)):
         return RpcError(code.CANCELLED, "request cancelled", request_id=request_id)
-    if isinstance(cause, _UNAVAILABLE) or isinstance(err, _UNAVAILABLE):
+    if isinstance(cause, (*_UNAVAILABLE, EngineDead)) or isinstance(err, _UNAVAILABLE):
         log.warning("request_id=%s model replica unavailable: %r", request_id or "-", cause)
         return RpcError(code.UNAVAILABLE, "no model replica is available; retry later", reason="NO_REPLICA",
                         retry_after_s=UNAVAILABLE_RETRY_S, request_id=request_id)

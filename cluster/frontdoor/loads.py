@@ -1,4 +1,5 @@
-"""GetLoads: ask the model replicas for their engine stats through the Serve handle.
+"""Replica load reports: sampling them through the Serve handle (GetLoads, and a periodic poll
+that keeps the `gptoss_replica_*` metrics fresh) and turning them into protos.
 
 A DeploymentHandle routes each call to one replica of its choice; there is no broadcast. So the
 front door sends a few concurrent `load_report` calls (twice the configured replica count, at
@@ -11,20 +12,25 @@ what each engine last counted, so they are approximate by the time they arrive.
 from __future__ import annotations
 
 import asyncio
+import logging
+from collections.abc import Callable
 
 from ray.serve.handle import DeploymentHandle
 
+from cluster.engine.protocol import EngineStats
 from gptoss.v1 import inference_pb2 as pb
+
+log = logging.getLogger(__name__)
 
 MAX_PROBES = 64
 
 
-async def sample_loads(handle: DeploymentHandle, expected_replicas: int, timeout_s: float) -> list[tuple[str, object]]:
+async def sample_loads(handle: DeploymentHandle, expected_replicas: int, timeout_s: float) -> list[tuple[str, EngineStats]]:
     """(replica id, engine stats) of the replicas reached, sorted by id; raises only if none answered."""
     probes = min(MAX_PROBES, max(4, 2 * expected_replicas))
     calls = [handle.load_report.remote() for _ in range(probes)]
     done = await asyncio.wait_for(asyncio.gather(*calls, return_exceptions=True), timeout_s)
-    reports: dict[str, object] = {}
+    reports: dict[str, EngineStats] = {}
     failures = []
     for result in done:
         if isinstance(result, BaseException):
@@ -37,16 +43,47 @@ async def sample_loads(handle: DeploymentHandle, expected_replicas: int, timeout
     return sorted(reports.items())
 
 
-def replica_load_to_proto(replica_id: str, stats) -> pb.ReplicaLoad:
-    """Read whichever stats the engine has (the simple engine and the batching one differ)."""
-    running = getattr(stats, "num_running", None)
-    if running is None:
-        running = getattr(stats, "active_requests", 0)
-    load = pb.ReplicaLoad(
-        replica_id=replica_id, running_requests=running, waiting_requests=getattr(stats, "num_waiting", 0),
-        generated_tokens_total=getattr(stats, "generation_tokens_total", None)
-        or getattr(stats, "tokens_generated_total", 0))
-    usage = getattr(stats, "kv_cache_usage", None)
-    if usage is not None:
-        load.kv_cache_usage = float(usage)
+def replica_load_to_proto(replica_id: str, stats: EngineStats) -> pb.ReplicaLoad:
+    load = pb.ReplicaLoad(replica_id=replica_id, running_requests=stats.running_requests,
+                          waiting_requests=stats.waiting_requests, generated_tokens_total=stats.tokens_generated_total)
+    if stats.kv_cache_usage is not None:
+        load.kv_cache_usage = stats.kv_cache_usage
     return load
+
+
+class LoadPoller:
+    """Samples the replicas' load reports every `interval_s` and hands them to `on_reports`."""
+
+    def __init__(self, handle: DeploymentHandle, expected_replicas: int, interval_s: float,
+                 on_reports: Callable[[list[tuple[str, EngineStats]]], None], timeout_s: float = 5.0) -> None:
+        self._handle = handle
+        self._expected = expected_replicas
+        self._interval_s = interval_s
+        self._on_reports = on_reports
+        self._timeout_s = timeout_s
+        self._task: asyncio.Task | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._run(), name="replica-load-poller")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+            self._task = None
+
+    async def poll_once(self) -> None:
+        self._on_reports(await sample_loads(self._handle, self._expected, self._timeout_s))
+
+    async def _run(self) -> None:
+        while True:
+            try:
+                await self.poll_once()
+            except asyncio.CancelledError:
+                raise
+            except Exception as err:  # noqa: BLE001 - replicas restarting; the next poll tries again
+                log.info("replica load poll failed: %r", err)
+            await asyncio.sleep(self._interval_s)

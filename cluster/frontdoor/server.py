@@ -5,7 +5,8 @@ At start it asks the Serve application for its ModelInfo (which also waits for a
 ready), decides whether auth is on (API keys configured; off only on a loopback host, or when
 explicitly allowed, and says so in the log), and reports SERVING for every service through
 grpc.health.v1. A drain (Admin.Drain, or stop()) turns health NOT_SERVING, refuses new calls
-with UNAVAILABLE and waits for calls in flight; stop() then cancels what is left.
+with UNAVAILABLE and waits for calls in flight; stop() then cancels what is left. While it runs
+with a metrics server it polls the replicas' load reports for the gptoss_replica_* metrics.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from ray.serve.handle import DeploymentHandle
 from cluster.config import ConfigError, FrontdoorConfig
 from cluster.frontdoor.admission import Admission, safe_deserializer
 from cluster.frontdoor.auth import ApiKeys, load_api_keys
+from cluster.frontdoor.loads import LoadPoller
 from cluster.frontdoor.limits import TenantLimits
 from cluster.frontdoor.servicer import InferenceServicer, fail
 from cluster.metrics import FrontdoorMetrics, serve_metrics
@@ -98,6 +100,7 @@ class FrontdoorServer:
         self._server: grpc.aio.Server | None = None
         self._health = health.aio.HealthServicer()
         self._metrics_http = None
+        self._poller: LoadPoller | None = None
         self.admission: Admission | None = None
         self.info: ModelInfo | None = None
         self.grpc_port: int | None = None
@@ -158,6 +161,10 @@ class FrontdoorServer:
         if self._config.metrics_port >= 0:
             self._metrics_http = serve_metrics(self.metrics, self._config.host, self._config.metrics_port)
             self.metrics_port = self._metrics_http.server_address[1]
+            if self._config.load_poll_interval_s > 0:
+                self._poller = LoadPoller(self._handle, self.info.replicas, self._config.load_poll_interval_s,
+                                          self.metrics.replicas.update)
+                self._poller.start()
         tls = "mTLS" if self._config.tls.client_ca_file else "TLS" if credentials else "plaintext"
         log.warning("front door on %s (%s); %s", self.grpc_target, tls, self.auth_notice)
 
@@ -189,6 +196,9 @@ class FrontdoorServer:
             return
         grace = self._config.grace_period_s if grace_s is None else grace_s
         await self.drain(grace)
+        if self._poller is not None:
+            await self._poller.stop()
+            self._poller = None
         await self._server.stop(0.1)
         self._server = None
         if self._metrics_http is not None:

@@ -22,7 +22,8 @@ import grpc
 from ray.serve.handle import DeploymentHandle
 
 from cluster.engine.errors import InvalidRequestError
-from cluster.engine.request import GenerateRequest, SamplingParams, TokenChunk, validate_request, validate_sampling
+from cluster.engine.request import (MAX_LOGPROBS, GenerateRequest, SamplingParams, TokenChunk, TokenLogprobs,
+                                    validate_request, validate_sampling)
 from cluster.frontdoor import errors
 from cluster.frontdoor.admission import Admission
 from cluster.frontdoor.call import CallInfo
@@ -49,7 +50,6 @@ QUANTIZATIONS = {"mxfp4": pb.QUANTIZATION_MXFP4, "none": pb.QUANTIZATION_NONE}
 
 MAX_STOP_SEQUENCES, MAX_STOP_LENGTH, MAX_STOP_TOKEN_IDS = 16, 256, 64
 MAX_TOOLS = 128
-MAX_LOGPROBS = 20
 MAX_TEXT_BYTES = 1 << 20
 MAX_DETOKENIZE_IDS = 1 << 20
 LOADS_TIMEOUT_S = 5.0
@@ -97,7 +97,7 @@ def sampling_from_proto(sampling: pb.SamplingParams, info: ModelInfo, violations
     if len(sampling.stop_token_ids) > MAX_STOP_TOKEN_IDS:
         violations.add("sampling.stop_token_ids", f"at most {MAX_STOP_TOKEN_IDS} ids, got {len(sampling.stop_token_ids)}")
     if sampling.HasField("logprobs"):
-        if not getattr(info, "supports_logprobs", False):
+        if not info.supports_logprobs:
             violations.add("sampling.logprobs", f"the {info.engine} engine does not report log probabilities "
                                                 "(GetModelInfo.supports_logprobs)")
         elif not 0 <= sampling.logprobs <= MAX_LOGPROBS:
@@ -110,6 +110,7 @@ def sampling_from_proto(sampling: pb.SamplingParams, info: ModelInfo, violations
         seed=sampling.seed if sampling.HasField("seed") else None,
         stop_token_ids=tuple(sampling.stop_token_ids) or None,
         ignore_stop=sampling.ignore_stop,
+        logprobs=sampling.logprobs if sampling.HasField("logprobs") else None,
     )
 
 
@@ -217,9 +218,15 @@ def chat_request_from_proto(request: pb.ChatRequest, info: ModelInfo, call: Call
 
 # ───────────────────────────────────── internal -> proto ─────────────────────────────────────
 
+def logprobs_to_proto(logprobs: tuple[TokenLogprobs, ...]) -> list[pb.TokenLogprob]:
+    return [pb.TokenLogprob(token_id=lp.token_id, logprob=lp.logprob,
+                            top=[pb.TopLogprob(token_id=t, logprob=v) for t, v in zip(lp.top_token_ids, lp.top_logprobs)])
+            for lp in logprobs]
+
+
 def usage_to_proto(prompt_tokens: int, completion_tokens: int, chunk: TokenChunk | None,
                    reasoning_tokens: int = 0) -> pb.Usage:
-    cached = getattr(chunk, "cached_prompt_tokens", 0) if chunk is not None else 0
+    cached = chunk.cached_prompt_tokens if chunk is not None else 0
     return pb.Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
                     reasoning_tokens=reasoning_tokens, cached_prompt_tokens=cached)
 
@@ -235,7 +242,7 @@ def model_info_to_proto(info: ModelInfo, default_max_tokens: int = 0, gpus_per_r
         parallel=pb.ParallelLayout(expert_parallel_size=getattr(info, "expert_parallel_size", 1),
                                    tensor_parallel_size=getattr(info, "tensor_parallel_size", 1),
                                    gpus_per_replica=gpus_per_replica),
-        supports_logprobs=getattr(info, "supports_logprobs", False),
+        supports_logprobs=info.supports_logprobs,
         default_max_tokens=default_max_tokens)
 
 
@@ -382,7 +389,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         async with contextlib.aclosing(self._chunks(internal)) as chunks:
             async for chunk in chunks:
                 before = stream.completion_tokens
-                deltas = stream.feed(chunk.token_ids)
+                deltas = stream.feed(chunk.token_ids, logprobs_to_proto(chunk.logprobs))
                 finished = chunk.finish_reason is not None or stream.stop_sequence is not None
                 if finished:
                     deltas += stream.finish()
@@ -433,7 +440,9 @@ class InferenceServicer(pb_grpc.InferenceServicer):
                 bookkeeping.tokens(len(ids))
                 self._charge(call, len(ids))
                 if ids or text:
-                    yield pb.GenerateResponse(chunk=pb.GenerateChunk(token_ids=ids, text=text if send_text else ""))
+                    yield pb.GenerateResponse(chunk=pb.GenerateChunk(
+                        token_ids=ids, text=text if send_text else "",
+                        logprobs=logprobs_to_proto(chunk.logprobs[:len(ids)])))
                 if finished:
                     stopped = matcher.matched if matcher is not None else None
                     reason = pb.FINISH_REASON_STOP if stopped else FINISH_REASONS[chunk.finish_reason.value]
@@ -469,6 +478,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
     @rpc("GetLoads", streaming=False)
     async def GetLoads(self, request, context, call: CallInfo, bookkeeping: _Rpc):
         reports = await sample_loads(self._handle, self._info.replicas, LOADS_TIMEOUT_S)
+        self._metrics.replicas.update(reports)  # fresher than the periodic poll
         return pb.GetLoadsResponse(replicas=[replica_load_to_proto(rid, stats) for rid, stats in reports],
                                    expected_replicas=self._info.replicas,
                                    frontdoor_in_flight=max(0, self._admission.in_flight - 1))

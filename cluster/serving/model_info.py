@@ -22,6 +22,7 @@ class ModelInfo:
     dtype: str  # compute dtype of the loaded weights
     engine: str
     replicas: int
+    supports_logprobs: bool = False  # the engine fills TokenChunk.logprobs when asked
 
     @property
     def limits(self) -> ModelLimits:

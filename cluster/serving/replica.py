@@ -1,8 +1,10 @@
 """ModelReplica: the Ray Serve deployment that runs one copy of the model.
 
-It loads a checkpoint, wraps it in an engine and serves `generate` as an async generator of
-TokenChunk dataclasses (call it through a handle with `.options(stream=True)`); `stats()` and
-`model_info()` are plain methods on the same handle.
+It loads a checkpoint, wraps it in an engine (engine.kind torch: the continuous-batching
+BatchingEngine; echo: a test engine) and serves `generate` as an async generator of TokenChunk
+dataclasses (call it through a handle with `.options(stream=True)`); `stats()`, `load_report()`
+and `model_info()` are plain methods on the same handle. `check_health` fails once the engine's
+step loop has died, so Serve replaces the replica.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from typing import AsyncIterator
 
 from ray import serve
 
-from cluster.config import ClusterConfig
+from cluster.config import ClusterConfig, ConfigError
 from cluster.engine.protocol import Engine, EngineStats
 from cluster.engine.request import GenerateRequest, TokenChunk
 from cluster.serving.model_info import ModelInfo, checkpoint_quantization
@@ -38,12 +40,32 @@ def _echo_engine(config: ClusterConfig) -> tuple[Engine, ModelInfo]:
     engine = EchoEngine(tokens_per_s=config.engine.echo_tokens_per_s,
                         chunk_interval_s=config.engine.chunk_interval_ms / 1000.0,
                         default_max_tokens=config.engine.default_max_tokens,
-                        max_active_requests=config.engine.max_active_requests)
+                        max_active_requests=config.engine.max_num_seqs + config.engine.max_waiting_requests)
     info = ModelInfo(model_name=config.model.name or "echo", preset="", vocab_size=engine.limits.vocab_size,
                      context_length=engine.limits.context_length, num_layers=0, num_experts=0,
                      experts_per_token=0, quantization="none", dtype="none", engine="echo",
-                     replicas=config.serving.replicas)
+                     replicas=config.serving.replicas, supports_logprobs=engine.supports_logprobs)
     return engine, info
+
+
+def _batching_engine(model, config: ClusterConfig) -> Engine:
+    """engine.kind torch: the continuous-batching engine over `model`, sized by config.engine."""
+    from cluster.engine.batching_engine import BatchingEngine
+    from cluster.engine.core import EngineConfig
+    from cluster.harmony.tokenizer import STOP_TOKEN_IDS
+
+    e = config.engine
+    core_config = EngineConfig(block_size=e.block_size, kv_cache_memory_bytes=int(e.kv_cache_memory_mib * (1 << 20)),
+                               max_num_seqs=e.max_num_seqs, max_num_batched_tokens=e.max_num_batched_tokens,
+                               max_waiting_requests=e.max_waiting_requests,
+                               enable_prefix_caching=e.enable_prefix_caching)
+    try:
+        return BatchingEngine.for_model(model, core_config, stop_token_ids=STOP_TOKEN_IDS,
+                                        default_max_tokens=e.default_max_tokens,
+                                        chunk_interval_s=e.chunk_interval_ms / 1000.0)
+    except ValueError as err:  # a budget too small for this model's blocks
+        raise ConfigError(f"config: engine.kv_cache_memory_mib {e.kv_cache_memory_mib} is too small for "
+                          f"this model: {err}") from err
 
 
 @serve.deployment(name="ModelReplica")
@@ -56,8 +78,6 @@ class ModelReplica:
             return
         import torch
 
-        from cluster.engine.torch_engine import TorchEngine
-        from cluster.harmony.tokenizer import STOP_TOKEN_IDS
         from cluster.model.checkpoint import load_model
 
         # Replicas share the box; intra-op threads beyond the cores a replica owns only contend.
@@ -68,13 +88,7 @@ class ModelReplica:
         model = load_model(path, dtype=dtype, device=device)
         model.eval()
         mc = model.config
-        self._engine: Engine = TorchEngine.for_model(
-            model,
-            stop_token_ids=STOP_TOKEN_IDS,
-            default_max_tokens=config.engine.default_max_tokens,
-            max_active_requests=config.engine.max_active_requests,
-            chunk_interval_s=config.engine.chunk_interval_ms / 1000.0,
-        )
+        self._engine: Engine = _batching_engine(model, config)
         preset = "" if config.model.path else config.model.preset
         self._info = ModelInfo(
             model_name=config.model.name or (f"gpt-oss-{preset}" if preset else path.name),
@@ -88,6 +102,7 @@ class ModelReplica:
             dtype=config.model.dtype,
             engine=config.engine.kind,
             replicas=config.serving.replicas,
+            supports_logprobs=self._engine.supports_logprobs,
         )
         log.info("replica ready: %s from %s on %s", self._info.model_name, path, device)
 
@@ -121,6 +136,10 @@ class ModelReplica:
         return self._info
 
     def check_health(self) -> None:
-        # The engine keeps no background state that can die apart from a request; a replica
-        # whose actor answers is healthy. (The batching engine will check its loop here.)
-        return None
+        # Raises EngineDead once the engine's step loop is gone: Serve then replaces this replica.
+        self._engine.check_health()
+
+    def __del__(self) -> None:
+        engine = getattr(self, "_engine", None)
+        if engine is not None:
+            engine.shutdown()

@@ -57,7 +57,7 @@ def echo_frontdoor(ray_serving, serving_config):
 
     door, app = _echo_frontdoor(serving_config, "bench-echo", **{
         "engine.echo_tokens_per_s": 2000.0, "engine.chunk_interval_ms": 5.0,
-        "serving.max_ongoing_requests": 128, "engine.max_active_requests": 256})
+        "serving.max_ongoing_requests": 128, "engine.max_waiting_requests": 256})
     yield door
     door.close()
     serve.delete(app)

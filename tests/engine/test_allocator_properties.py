@@ -7,7 +7,8 @@ from hypothesis import strategies as st
 
 from cluster.engine.kv_cache import KVCacheManager, KVCacheSpec, LayerGroup
 from cluster.engine.sequence import EndReason, Sequence, SamplingSettings
-from cluster.engine.scheduler import EngineOverloaded, Scheduler, SchedulerConfig
+from cluster.engine.errors import EngineOverloadedError
+from cluster.engine.scheduler import Scheduler, SchedulerConfig
 
 SHARED_PREFIXES = [list(range(1, 33)), list(range(50, 70)), []]
 
@@ -61,7 +62,7 @@ def test_no_block_leaks_or_double_frees(ops, num_blocks, block_size, window, bud
             try:
                 scheduler.add_request(request)
                 added.append(request)
-            except EngineOverloaded:
+            except EngineOverloadedError:
                 assert len(scheduler.waiting) >= 6  # preempted requests return to the queue beyond the bound
             except ValueError:  # RequestTooLong: can never fit this pool
                 pass

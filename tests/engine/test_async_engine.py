@@ -11,7 +11,7 @@ from engine_fixtures import engine_model, one_intra_op_thread  # noqa: F401  (fi
 
 from cluster.engine.async_engine import AsyncEngine
 from cluster.engine.core import EngineConfig, EngineCore
-from cluster.engine.scheduler import EngineOverloaded, RequestTooLong
+from cluster.engine.errors import EngineOverloadedError, RequestTooLong
 from cluster.engine.sequence import EndReason, SamplingSettings
 from cluster.model.generate import greedy
 
@@ -70,7 +70,7 @@ def test_ten_times_the_queue_is_refused_promptly_and_the_rest_complete(engine_fa
     async def flood():
         streams = [engine.generate(p, settings, f"f{i}") for i, p in enumerate(prompts)]
         outcomes = await asyncio.gather(*(s.__anext__() for s in streams), return_exceptions=True)
-        refused = [o for o in outcomes if isinstance(o, EngineOverloaded)]
+        refused = [o for o in outcomes if isinstance(o, EngineOverloadedError)]
         finished = {}
         for i, (stream, first) in enumerate(zip(streams, outcomes)):
             if isinstance(first, BaseException):
@@ -103,7 +103,7 @@ def test_refusal_is_immediate(engine_factory, engine_model):
         while engine.stats().num_waiting < 1:
             await asyncio.sleep(0.005)
         started = time.monotonic()
-        with pytest.raises(EngineOverloaded):
+        with pytest.raises(EngineOverloadedError):
             await engine.generate(prompt, long_run, "refused").__anext__()
         elapsed = time.monotonic() - started
         first_of_waiting.cancel()

@@ -78,10 +78,10 @@ def test_logprobs_of_chosen_and_top_tokens():
     reference = logits.log_softmax(-1)
     first = out.logprobs[0]
     assert first.token_id == out.token_ids[0] and first.top_token_ids[0] == out.token_ids[0]
-    assert first.top_token_ids == reference[0].topk(3).indices.tolist()
+    assert list(first.top_token_ids) == reference[0].topk(3).indices.tolist()
     assert all(math.isclose(a, b, rel_tol=1e-5) for a, b in zip(first.top_logprobs, reference[0].topk(3).values.tolist()))
     second = out.logprobs[1]
-    assert second.top_token_ids == [] and math.isclose(second.logprob, reference[1, out.token_ids[1]].item(), rel_tol=1e-5)
+    assert second.top_token_ids == () and math.isclose(second.logprob, reference[1, out.token_ids[1]].item(), rel_tol=1e-5)
 
 
 def test_invalid_params_fail_fast_with_the_field_name():

@@ -3,7 +3,8 @@ import torch
 
 from cluster.engine.kv_cache import KVCacheManager, KVCacheSpec, LayerGroup
 from cluster.engine.sequence import EndReason, Sequence, SequenceStatus, SamplingSettings
-from cluster.engine.scheduler import EngineOverloaded, RequestTooLong, Scheduler, SchedulerConfig
+from cluster.engine.errors import EngineOverloadedError, RequestTooLong
+from cluster.engine.scheduler import Scheduler, SchedulerConfig
 
 
 def make_scheduler(num_blocks=256, block_size=4, window=16, **config) -> Scheduler:
@@ -81,7 +82,7 @@ def test_full_waiting_queue_refuses_at_once():
     s = make_scheduler(max_waiting_requests=2, max_num_seqs=2, max_num_batched_tokens=8)
     s.add_request(req("a", 4))
     s.add_request(req("b", 4))
-    with pytest.raises(EngineOverloaded) as err:
+    with pytest.raises(EngineOverloadedError) as err:
         s.add_request(req("c", 4))
     assert err.value.retry_after_s > 0
     fake_step(s)  # a and b start running; the queue has room again

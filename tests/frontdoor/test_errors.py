@@ -66,3 +66,34 @@ def test_status_carries_a_bad_request_detail():
     detail = status_pb2.Status.FromString(value).details[0]
     bad = error_details_pb2.BadRequest()
     assert detail.Unpack(bad) and bad.field_violations[0].field == "messages[0].role"
+
+
+def test_overload_from_a_replica_carries_the_engines_retry_estimate():
+    import pickle
+
+    from google.rpc import error_details_pb2
+
+    cause = pickle.loads(pickle.dumps(EngineOverloadedError(12, 12, retry_after_s=2.5)))
+    assert (cause.queued, cause.limit, cause.retry_after_s) == (12, 12, 2.5)
+    wrapped = ray_exceptions.RayTaskError("generate", "Traceback ...", cause)
+    for err in (cause, wrapped, wrapped.as_instanceof_cause()):
+        status = status_for(err)
+        assert (status.code, status.reason, status.retry_after_s) == (
+            grpc.StatusCode.RESOURCE_EXHAUSTED, "MODEL_OVERLOADED", 2.5)
+    retry = next(d for d in status.details() if isinstance(d, error_details_pb2.RetryInfo))
+    assert (retry.retry_delay.seconds, retry.retry_delay.nanos) == (2, 500_000_000)
+
+
+def test_a_dead_engine_is_unavailable_and_a_too_long_request_names_max_tokens():
+    import pickle
+
+    from cluster.engine.errors import EngineDead, RequestTooLong
+
+    dead = pickle.loads(pickle.dumps(EngineDead("step loop failed: RuntimeError('boom')")))
+    wrapped = ray_exceptions.RayTaskError("generate", "Traceback ...", dead)
+    for err in (dead, wrapped.as_instanceof_cause()):
+        assert (status_for(err).code, status_for(err).reason) == (grpc.StatusCode.UNAVAILABLE, "NO_REPLICA")
+    too_long = pickle.loads(pickle.dumps(RequestTooLong(5000, 4096)))
+    status = status_for(too_long)
+    assert (status.code, status.field) == (grpc.StatusCode.INVALID_ARGUMENT, "sampling.max_tokens")
+    assert "5000 tokens" in status.message

@@ -1,5 +1,5 @@
 """End to end through real parts: a gRPC client -> grpc.aio front door -> DeploymentHandle ->
-ModelReplica on a real Ray cluster -> TorchEngine -> the tiny gpt-oss checkpoint."""
+ModelReplica on a real Ray cluster -> BatchingEngine (continuous batching) -> the tiny gpt-oss checkpoint."""
 
 from __future__ import annotations
 
