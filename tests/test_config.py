@@ -12,6 +12,19 @@ def test_defaults_fit_the_embedded_path():
         "127.0.0.1", 50051, 9464)
     assert config.serving.replicas == 1 and config.serving.num_cpus == 0.0
     assert config.ray.address is None
+    engine = config.engine
+    assert engine.kind == "torch" and engine.enable_prefix_caching
+    assert (engine.block_size, engine.max_num_seqs, engine.max_num_batched_tokens) == (16, 32, 512)
+    # Serve lets enough requests reach a replica for the engine's own queue to fill.
+    assert config.serving.max_ongoing_requests >= engine.max_num_seqs + engine.max_waiting_requests
+
+
+def test_engine_settings_come_from_yaml_and_env(tmp_path):
+    path = tmp_path / "cluster.yaml"
+    path.write_text("engine:\n  block_size: 32\n  kv_cache_memory_mib: 8\n  enable_prefix_caching: false\n")
+    config = load_config(path, env={"GPTOSS_ENGINE_MAX_WAITING_REQUESTS": "5"})
+    assert (config.engine.block_size, config.engine.kv_cache_memory_mib) == (32, 8.0)
+    assert not config.engine.enable_prefix_caching and config.engine.max_waiting_requests == 5
 
 
 def test_layers_yaml_then_env_then_flags(tmp_path):
@@ -38,6 +51,13 @@ def test_env_var_names_follow_the_upper_path():
     ({"serving.num_cpus": -1}, "config: serving.num_cpus must be >= 0, got -1.0"),
     ({"log_level": "loud"}, "config: log_level must be one of debug, info, warning, error, got 'loud'"),
     ({"engine.chunk_interval_ms": 5000}, "config: engine.chunk_interval_ms must be in [0, 1000], got 5000.0"),
+    ({"engine.max_num_seqs": 0}, "config: engine.max_num_seqs must be >= 1, got 0"),
+    ({"engine.max_num_seqs": 64, "engine.max_num_batched_tokens": 32},
+     "config: engine.max_num_batched_tokens must be >= engine.max_num_seqs (else running requests could starve), got 32"),
+    ({"engine.max_waiting_requests": 0}, "config: engine.max_waiting_requests must be >= 1, got 0"),
+    ({"engine.block_size": 0}, "config: engine.block_size must be in [1, 1024], got 0"),
+    ({"engine.kv_cache_memory_mib": 0}, "config: engine.kv_cache_memory_mib must be > 0, got 0.0"),
+    ({"frontdoor.load_poll_interval_s": -1}, "config: frontdoor.load_poll_interval_s must be >= 0, got -1.0"),
 ])
 def test_invalid_values_fail_naming_the_field(overrides, message):
     with pytest.raises(ConfigError) as info:

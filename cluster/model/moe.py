@@ -103,7 +103,9 @@ class MoE(nn.Module):
             w1, w2 = self.expert_weights(e, x.dtype)
             h = swiglu(F.linear(x[rows], w1, self.gate_up_bias[e]), self.alpha, self.limit)
             y = F.linear(h, w2, self.down_bias[e])
-            out.index_add_(0, rows, y * top_w[rows, slot].unsqueeze(-1))
+            # A token picks an expert at most once, so `rows` has no repeats and indexed += is
+            # exact; index_add_ would open an OpenMP region, which costs milliseconds on a busy box.
+            out[rows] += y * top_w[rows, slot].unsqueeze(-1)
         return out
 
     def dequantize_(self) -> None:
