@@ -4,6 +4,7 @@ ModelReplica with the echo engine; checked against the front door's own /metrics
 from __future__ import annotations
 
 import json
+import statistics
 import os
 import subprocess
 import sys
@@ -92,7 +93,9 @@ def test_open_loop_keeps_its_arrival_rate_when_the_server_is_slow(slow_echo_fron
     assert summary["request_throughput"] < 0.7 * summary["arrival_rate"]
     e2e = [r.e2e_s for r in records]
     first, last = e2e[:10], e2e[-10:]
-    assert sum(last) / 10 > 3 * sum(first) / 10, (first, last)
+    # Medians: a queue adds ~0.12 s per arrival, so the last ten wait ~4x the first ten; one request
+    # stalled by a busy machine must not decide the comparison.
+    assert statistics.median(last) > 3 * statistics.median(first), (first, last)
     assert e2e[-1] > 1.0
 
 
