@@ -220,8 +220,12 @@ def test_names_are_truncated_to_63_characters():
 # --- values.schema.json refusals: each message names the value -------------------------------
 
 @pytest.mark.parametrize("sets,names", [
-    ({"engine.epSize": "3"}, ["/engine/epSize", "1, 2, 4, 8, 16, 32, 64, 128"]),
-    ({"engine.epSize": "256"}, ["/engine/epSize"]),
+    ({"parallel.epSize": "3"}, ["/parallel/epSize", "1, 2, 4, 8, 16, 32, 64, 128"]),
+    ({"parallel.epSize": "256"}, ["/parallel/epSize"]),
+    ({"parallel.placementStrategy": "PACKED"}, ["/parallel/placementStrategy"]),
+    ({"engine.vllm.distributedExecutorBackend": "slurm"}, ["/engine/vllm/distributedExecutorBackend"]),
+    ({"engine.vllm.gpuMemoryUtilization": "1.5"}, ["/engine/vllm/gpuMemoryUtilization"]),
+    ({"serving.autoscaling.targetKvUse": "2"}, ["/serving/autoscaling/targetKvUse"]),
     ({"serving.replicas": "-1"}, ["/serving/replicas", "-1"]),
     ({"frontdoor.replicas": "-2"}, ["/frontdoor/replicas", "-2"]),
     ({"ray.workerGroups[0].replicas": "-1", "ray.workerGroups[0].name": "gpu", "ray.workerGroups[0].minReplicas": "0",
@@ -232,7 +236,7 @@ def test_names_are_truncated_to_63_characters():
     ({"model.path": ""}, ["/model/path"]),
     ({"model.path": "relative/dir"}, ["/model/path", "relative/dir"]),
     ({"model.volume.type": "pvc", "model.volume.claimName": ""}, ["/model/volume/claimName"]),
-    ({"router.policy": "random"}, ["/router/policy", "prefix_affinity"]),
+    ({"serving.router.policy": "random"}, ["/serving/router/policy", "prefix_affinity"]),
     ({"frontdoor.autoscaling.kind": "vpa"}, ["/frontdoor/autoscaling/kind"]),
     ({"ray.workerGroups[0].resources.limits.nvidia\\.com/gpu": "2", "ray.workerGroups[0].name": "gpu",
       "ray.workerGroups[0].replicas": "1", "ray.workerGroups[0].minReplicas": "1",
@@ -248,12 +252,27 @@ def test_schema_refuses_bad_values_naming_them(sets, names):
 
 
 @pytest.mark.parametrize("key,hint", [
-    ("replicaCount", "serving.replicas"), ("modelPath", "model.path"), ("epSize", "engine.epSize"),
-    ("frontdoor.tlsSecret", "frontdoor.tls.existingSecret"),
+    ("replicaCount", "serving.replicas"), ("modelPath", "model.path"), ("epSize", "parallel.epSize"),
+    ("frontdoor.tlsSecret", "frontdoor.tls.existingSecret"), ("engine.epSize", "parallel.epSize"),
+    ("engine.maxActiveRequests", "engine.maxNumSeqs"), ("router.policy", "serving.router"),
+    ("serving.autoscaling.targetOngoingRequests", "serving.autoscaling.targetOngoingPerReplica"),
 ])
 def test_removed_values_fail_with_a_migration_hint(key, hint):
     err = render_error(**{key: "1"})
-    assert f'value "{key}" was removed: use {hint}' in err, err
+    removed = key.split(".")[0] if key.startswith("router.") else key
+    assert f'value "{removed}" was removed: use {hint}' in err, err
+
+
+@pytest.mark.parametrize("preset,sets,message", [
+    ("gpt-oss-120b", {"engine.vllm.tensorParallelSize": "2"},
+     "serving.numGpus (1) must equal engine.vllm.tensorParallelSize x dataParallelSize (2)"),
+    ("gpt-oss-120b", {"engine.vllm.tensorParallelSize": "2", "serving.numGpus": "2"},
+     "a vllm replica needs 2 GPUs on one node"),
+    ("gpt-oss-120b-ep4", {"parallel.epSize": "8"}, "parallel.epSize 8 x serving.numGpus 1 needs 8 GPUs in one pod"),
+])
+def test_gpu_layouts_that_cannot_be_placed_fail_the_render(preset, sets, message):
+    err = render_error(preset, **sets)
+    assert message in err, err
 
 
 def test_every_value_is_documented_with_a_helm_docs_comment():

@@ -42,6 +42,11 @@ def exported_metric_names() -> set[str]:
                     names |= {f"{name}_bucket", f"{name}_sum", f"{name}_count"}
                 if kind == "Counter" and not name.endswith("_total"):
                     names.add(f"{name}_total")  # prometheus_client appends _total to counters
+        # Custom-collector families (ReplicaLoadCollector's _REPLICA_FAMILIES): (name, help, "gauge"|"counter", read).
+        if isinstance(node, ast.Tuple) and len(node.elts) >= 3 and all(isinstance(e, ast.Constant) for e in node.elts[:3]):
+            name, _, kind = (e.value for e in node.elts[:3])
+            if isinstance(name, str) and name.startswith("gptoss_") and kind in ("gauge", "counter"):
+                names.add(name)
     return names
 
 
@@ -100,6 +105,7 @@ def test_exported_names_come_from_the_metrics_module():
     assert {"gptoss_frontdoor_requests_total", "gptoss_frontdoor_time_to_first_token_seconds_bucket",
             "gptoss_frontdoor_requests_in_flight"} <= names
     assert "gptoss_frontdoor_requests_in_flight_bucket" not in names  # a gauge has no buckets
+    assert {"gptoss_replica_waiting_requests", "gptoss_replica_preemptions_total"} <= names  # collector families
 
 
 @pytest.mark.parametrize("source", ["alert rules", "dashboard"])
@@ -116,7 +122,10 @@ def test_dashboard_has_the_panels_operators_need():
     dash = json.loads(DASHBOARD.read_text())
     titles = {p["title"] for p in dash["panels"]}
     assert {"Time to first token", "Inter-token latency", "Tokens per second", "Errors by gRPC code",
-            "Requests in flight (front door queue)"} <= titles
+            "Requests in flight (front door queue)", "Waiting requests per replica", "Running requests per replica",
+            "KV-cache usage per replica", "Prefix cache hit ratio", "Preemptions per second",
+            "Generated tokens per second per replica", "Router decisions by outcome",
+            "Autoscaler: desired vs running replicas", "Expert imbalance (max/mean per rank)"} <= titles
     ids = [p["id"] for p in dash["panels"]]
     assert len(ids) == len(set(ids))
     assert dash["uid"] == "gptoss-cluster"
@@ -125,7 +134,10 @@ def test_dashboard_has_the_panels_operators_need():
 def test_alerts_cover_ttft_errors_queue_and_saturation():
     alerts = {name for name, _ in rule_expressions()}
     assert {"GptossTimeToFirstTokenP99High", "GptossErrorRatioHigh", "GptossRequestsPilingUp",
-            "GptossCapacityExhausted"} <= alerts
+            "GptossCapacityExhausted", "GptossKvCacheSaturated"} <= alerts
+    exprs = dict(rule_expressions())
+    assert "gptoss_replica_waiting_requests" in metric_names_in(exprs["GptossRequestsPilingUp"])
+    assert "gptoss_replica_kv_cache_usage_ratio" in metric_names_in(exprs["GptossKvCacheSaturated"])
 
 
 def test_promtool_check_rules_passes():

@@ -10,57 +10,21 @@ import dataclasses
 import pytest
 import yaml
 
-from cluster.config import ENGINE_KINDS, FIELD_TYPES, ClusterConfig, ConfigError, load_config
+from cluster.config import ClusterConfig, ConfigError, load_config
 from cluster.serving.builder import IMPORT_PATH
 from cluster.serving.serve_config import load_serve_config, resolve_import_path
 from tests.helm.helm_chart import PRESETS, one, render, serve_config_text
 
-# Config keys the chart renders that other branches are still adding to cluster/config.py, and
-# engines not yet in config.ENGINE_KINDS. A preset that uses one must load with it taken out, and
-# is then an expected failure naming what is missing; once the key lands, the full config must load.
-PENDING_FIELDS = {"parallel.ep_size": "issue 5 (expert parallelism)", "router.policy": "issue 6 (router)"}
-PENDING_ENGINES = {"vllm": "issue 9 (vllm engine)"}
-
-
-def _flatten(data: dict, prefix: str = "") -> dict:
-    out = {}
-    for key, value in data.items():
-        if isinstance(value, dict) and value:
-            out.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
-
-
-def take_out_pending(args: dict) -> list[str]:
-    """Remove from `args` (in place) what the config code cannot know yet; return what was removed."""
-    pending = []
-    for path in _flatten(args):
-        if path in PENDING_FIELDS and path not in FIELD_TYPES:
-            section, leaf = path.split(".")
-            del args[section][leaf]
-            if not args[section]:
-                del args[section]
-            pending.append(f"{path} ({PENDING_FIELDS[path]})")
-    kind = args.get("engine", {}).get("kind")
-    if kind in PENDING_ENGINES and kind not in ENGINE_KINDS:
-        args["engine"]["kind"] = "torch"
-        pending.append(f"engine.kind {kind} ({PENDING_ENGINES[kind]})")
-    return pending
-
-
-def load_rendered(preset: str, toggles: tuple[str, ...] = ()) -> tuple[dict[str, ClusterConfig], list[str], dict]:
+def load_rendered(preset: str, toggles: tuple[str, ...] = ()) -> tuple[dict[str, ClusterConfig], dict]:
+    """The rendered serveConfigV2, loaded by the project's own loader (no keys taken out)."""
     data = yaml.safe_load(serve_config_text(render(preset, toggles)))
-    pending = []
-    for app in data["applications"]:
-        pending += take_out_pending(app["args"])
-    return load_serve_config(data), pending, data
+    return load_serve_config(data), data
 
 
 @pytest.mark.parametrize("preset", list(PRESETS))
 @pytest.mark.parametrize("toggles", [(), ("monitoring", "autoscaling", "tls")], ids=["plain", "all-on"])
 def test_serve_config_of_each_preset_loads_with_the_project_config_code(preset, toggles):
-    configs, pending, data = load_rendered(preset, toggles)
+    configs, data = load_rendered(preset, toggles)
     (name, config), = configs.items()
     assert name == config.serving.app_name == "gptoss"
     app = data["applications"][0]
@@ -71,27 +35,50 @@ def test_serve_config_of_each_preset_loads_with_the_project_config_code(preset, 
     from ray.serve.schema import ServeDeploySchema
 
     ServeDeploySchema.model_validate(data)  # Ray Serve's own schema of the file KubeRay submits
-    if pending:
-        pytest.xfail("loads once other branches land: " + ", ".join(pending))
+    # The builder sets replicas, placement and autoscaling itself; no Serve-level overrides.
+    assert "deployments" not in app
+    if "autoscaling" in toggles:
+        assert config.serving.autoscaling.enabled
 
 
 def test_serve_config_carries_engine_replicas_autoscaling_and_auth():
-    configs, _, data = load_rendered("gpt-oss-120b", ("tls",))
+    configs, data = load_rendered("gpt-oss-120b", ("tls",))
     config = configs["gptoss"]
-    assert config.serving.num_gpus == 1 and config.serving.max_ongoing_requests == 128
+    assert config.serving.num_gpus == 1 and config.serving.max_ongoing_requests == 384
+    assert config.engine.max_num_seqs + config.engine.max_waiting_requests <= config.serving.max_ongoing_requests
     assert config.frontdoor.auth.api_keys_file == "/etc/gptoss/api-keys"
     assert config.frontdoor.tls.client_ca_file == "/etc/gptoss/tls/ca.crt"
-    args = yaml.safe_load(serve_config_text(render("gpt-oss-120b")))["applications"][0]["args"]
-    assert args["engine"]["kind"] == "vllm" and args["router"] == {"policy": "prefix_affinity"}
-    deployment, = data["applications"][0]["deployments"]
-    assert deployment["name"] == "ModelReplica" and deployment["num_replicas"] == "auto"
-    assert deployment["autoscaling_config"]["max_replicas"] == 8
-    ep = yaml.safe_load(serve_config_text(render("gpt-oss-120b-ep4")))["applications"][0]["args"]
-    assert ep["parallel"] == {"ep_size": 4} and ep["engine"]["kind"] == "torch"
+    assert config.engine.kind == "vllm" and config.serving.router.policy == "prefix_affinity"
+    assert config.engine.vllm.gpu_memory_utilization == 0.95 and config.engine.vllm.max_num_batched_tokens == 1024
+    auto = config.serving.autoscaling
+    assert auto.enabled and (auto.min_replicas, auto.max_replicas) == (1, 8)
+    args = data["applications"][0]["args"]
+    assert "router" not in args and "deployments" not in data["applications"][0]
+    ep_configs, _ = load_rendered("gpt-oss-120b-ep4")
+    ep = ep_configs["gptoss"]
+    assert ep.parallel.ep_size == 4 and ep.parallel.placement_strategy == "STRICT_PACK" and ep.engine.kind == "torch"
+    assert ep.serving.num_gpus == 1  # GPUs per rank: the replica's 4 bundles hold 1 GPU each
 
 
-def test_serve_config_without_autoscaling_leaves_replicas_to_the_config():
-    _, _, data = load_rendered("defaults")
+def test_vllm_preset_reserves_the_gpus_of_its_worker_pod():
+    """builder.vllm_placement reserves TP x DP GPUs for the replica; that must be what the worker
+    pod has, and what serving.numGpus says."""
+    from cluster.serving.builder import vllm_placement
+
+    objects = render("gpt-oss-120b")
+    config = load_serve_config(yaml.safe_load(serve_config_text(objects)))["gptoss"]
+    placement = vllm_placement(config)
+    assert placement == {"ray_actor_options": {"num_cpus": 4, "num_gpus": 1.0}}
+    ray_service, = [o for o in objects if o["kind"] == "RayService"]
+    group, = ray_service["spec"]["rayClusterConfig"]["workerGroupSpecs"]
+    gpus = group["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"]
+    assert int(gpus) >= placement["ray_actor_options"]["num_gpus"]
+
+
+def test_engine_signal_autoscaling_is_on_in_the_config_not_in_serve_overrides():
+    configs, data = load_rendered("defaults", ("autoscaling",))
+    auto = configs["gptoss"].serving.autoscaling
+    assert auto.enabled and auto.target_ongoing_per_replica == 16 and auto.target_kv_use == 0.8
     assert "deployments" not in data["applications"][0]
 
 
@@ -113,7 +100,6 @@ def test_frontdoor_configmap_is_the_serve_config_plus_the_ray_address(preset, tm
     serve_args = yaml.safe_load(serve_config_text(objects))["applications"][0]["args"]
     assert file_config.pop("ray") == {"address": "auto"}
     assert file_config == serve_args
-    take_out_pending(file_config)
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump({**file_config, "ray": {"address": "auto"}}))
     config = load_config(path, env={})

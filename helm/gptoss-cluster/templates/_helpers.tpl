@@ -62,17 +62,26 @@ app.kubernetes.io/part-of: gptoss-cluster
 
 {{/*
 gptoss-cluster.clusterConfig: the ClusterConfig (cluster/config.py) as YAML — the one place
-where camelCase values become the config's snake_case keys. The RayService's serveConfigV2 passes
-it as the application's args and the front door reads it from a ConfigMap, so both run one
-configuration, validated by the same code. Keys other branches are still adding to
-cluster/config.py (parallel.ep_size, router.policy) appear only when set away from their default.
+where camelCase values become the config's snake_case keys (engine.maxNumSeqs ->
+engine.max_num_seqs, engine.vllm.tensorParallelSize -> engine.vllm.tensor_parallel_size,
+serving.router.*, serving.autoscaling.*, parallel.*). The RayService's serveConfigV2 passes it as
+the application's args and the front door reads it from a ConfigMap, so both run one
+configuration, validated by the same code (tests/helm/test_helm_serve_config.py loads every preset).
 */}}
 {{- define "gptoss-cluster.clusterConfig" -}}
 {{- $v := .Values -}}
 {{- $model := dict "path" $v.model.path "preset" "" "name" $v.model.name "dtype" $v.model.dtype -}}
-{{- $engine := dict "kind" $v.engine.kind "max_active_requests" $v.engine.maxActiveRequests "default_max_tokens" $v.engine.defaultMaxTokens "chunk_interval_ms" $v.engine.chunkIntervalMs "torch_threads" $v.engine.torchThreads -}}
-{{- $gpus := $v.serving.numGpus -}}
-{{- $serving := dict "app_name" $v.serving.appName "replicas" $v.serving.replicas "num_cpus" $v.serving.numCpus "num_gpus" $gpus "max_ongoing_requests" $v.serving.maxOngoingRequests "max_queued_requests" $v.serving.maxQueuedRequests "graceful_shutdown_timeout_s" $v.serving.gracefulShutdownTimeoutS -}}
+{{- $e := $v.engine -}}
+{{- $vl := $e.vllm -}}
+{{- $vllm := dict "tensor_parallel_size" (int $vl.tensorParallelSize) "data_parallel_size" (int $vl.dataParallelSize) "enable_expert_parallel" $vl.enableExpertParallel "gpu_memory_utilization" $vl.gpuMemoryUtilization "max_model_len" (int $vl.maxModelLen) "max_num_seqs" (int $vl.maxNumSeqs) "max_num_batched_tokens" (int $vl.maxNumBatchedTokens) "async_scheduling" $vl.asyncScheduling "enforce_eager" $vl.enforceEager "distributed_executor_backend" $vl.distributedExecutorBackend -}}
+{{- $engine := dict "kind" $e.kind "max_num_seqs" (int $e.maxNumSeqs) "max_num_batched_tokens" (int $e.maxNumBatchedTokens) "max_waiting_requests" (int $e.maxWaitingRequests) "block_size" (int $e.blockSize) "kv_cache_memory_mib" $e.kvCacheMemoryMib "enable_prefix_caching" $e.enablePrefixCaching "default_max_tokens" (int $e.defaultMaxTokens) "chunk_interval_ms" $e.chunkIntervalMs "torch_threads" (int $e.torchThreads) "vllm" $vllm -}}
+{{- $r := $v.serving.router -}}
+{{- $router := dict "policy" $r.policy "load_bound_ratio" $r.loadBoundRatio "load_bound_slack" $r.loadBoundSlack "kv_weight" $r.kvWeight -}}
+{{- $a := $v.serving.autoscaling -}}
+{{- $autoscaling := dict "enabled" $a.enabled "min_replicas" (int $a.minReplicas) "max_replicas" (int $a.maxReplicas) "target_ongoing_per_replica" $a.targetOngoingPerReplica "target_kv_use" $a.targetKvUse "upscale_delay_s" $a.upscaleDelayS "downscale_delay_s" $a.downscaleDelayS "look_back_period_s" $a.lookBackPeriodS "metrics_interval_s" $a.metricsIntervalS -}}
+{{- $serving := dict "app_name" $v.serving.appName "replicas" (int $v.serving.replicas) "num_cpus" $v.serving.numCpus "num_gpus" $v.serving.numGpus "max_ongoing_requests" (int $v.serving.maxOngoingRequests) "max_queued_requests" (int $v.serving.maxQueuedRequests) "graceful_shutdown_timeout_s" $v.serving.gracefulShutdownTimeoutS "router" $router "autoscaling" $autoscaling -}}
+{{- $p := $v.parallel -}}
+{{- $parallel := dict "ep_size" (int $p.epSize) "placement_strategy" $p.placementStrategy "placement_policy" $p.placementPolicy "rebalance_interval_s" $p.rebalanceIntervalS "redundant_experts" (int $p.redundantExperts) -}}
 {{- $auth := dict "admin_tenants" $v.frontdoor.auth.adminTenants "allow_unauthenticated" $v.frontdoor.auth.allowUnauthenticated -}}
 {{- if $v.frontdoor.auth.existingSecret }}{{ $_ := set $auth "api_keys_file" "/etc/gptoss/api-keys" }}{{ end -}}
 {{- $tls := dict -}}
@@ -81,11 +90,9 @@ cluster/config.py (parallel.ep_size, router.policy) appear only when set away fr
 {{- if $v.frontdoor.tls.clientCa }}{{ $_ := set $tls "client_ca_file" "/etc/gptoss/tls/ca.crt" }}{{ end }}
 {{- end -}}
 {{- $limits := dict "requests_per_s" $v.frontdoor.limits.requestsPerS "request_burst" $v.frontdoor.limits.requestBurst "tokens_per_s" $v.frontdoor.limits.tokensPerS "token_burst" $v.frontdoor.limits.tokenBurst -}}
-{{- $frontdoor := dict "host" "0.0.0.0" "grpc_port" $v.frontdoor.grpcPort "metrics_port" $v.frontdoor.metricsPort "grace_period_s" $v.frontdoor.gracePeriodS "max_concurrent_rpcs" $v.frontdoor.maxConcurrentRpcs "auth" $auth "limits" $limits -}}
+{{- $frontdoor := dict "host" "0.0.0.0" "grpc_port" $v.frontdoor.grpcPort "metrics_port" $v.frontdoor.metricsPort "grace_period_s" $v.frontdoor.gracePeriodS "max_concurrent_rpcs" $v.frontdoor.maxConcurrentRpcs "load_poll_interval_s" $v.frontdoor.loadPollIntervalS "auth" $auth "limits" $limits -}}
 {{- if $tls }}{{ $_ := set $frontdoor "tls" $tls }}{{ end -}}
-{{- $config := dict "model" $model "engine" $engine "serving" $serving "frontdoor" $frontdoor "log_level" $v.logLevel "cache_dir" "/tmp/gptoss-cache" -}}
-{{- if gt (int $v.engine.epSize) 1 }}{{ $_ := set $config "parallel" (dict "ep_size" (int $v.engine.epSize)) }}{{ end -}}
-{{- if $v.router.policy }}{{ $_ := set $config "router" (dict "policy" $v.router.policy) }}{{ end -}}
+{{- $config := dict "model" $model "engine" $engine "serving" $serving "parallel" $parallel "frontdoor" $frontdoor "log_level" $v.logLevel "cache_dir" "/tmp/gptoss-cache" -}}
 {{- toYaml $config }}
 {{- end }}
 
@@ -93,34 +100,55 @@ cluster/config.py (parallel.ep_size, router.policy) appear only when set away fr
 gptoss-cluster.serveConfig: the Serve config file (KubeRay serveConfigV2). One application, our
 builder (cluster.serving.builder:app_builder) with the ClusterConfig as args; route_prefix null
 because clients come through the gRPC front door, not Serve's HTTP proxy (which runs on every
-node only so KubeRay's worker readiness probe finds it). Serve autoscaling, when on, overrides the
-ModelReplica deployment's replica count.
+node only so KubeRay's worker readiness probe finds it). No `deployments` overrides: the builder
+sets the ModelReplica's replicas, placement, request router and, with serving.autoscaling on, its
+AutoscalingConfig (the engine-signal policy of cluster/serving/autoscaling.py) from the args.
 */}}
 {{- define "gptoss-cluster.serveConfig" -}}
 {{- $app := dict "name" .Values.serving.appName "import_path" "cluster.serving.builder:app_builder" "route_prefix" nil "args" (include "gptoss-cluster.clusterConfig" . | fromYaml) -}}
-{{- with .Values.serving.autoscaling }}
-{{- if .enabled }}
-{{- $as := dict "min_replicas" .minReplicas "max_replicas" .maxReplicas "initial_replicas" (max .minReplicas $.Values.serving.replicas) "target_ongoing_requests" .targetOngoingRequests "upscale_delay_s" .upscaleDelayS "downscale_delay_s" .downscaleDelayS -}}
-{{- $_ := set $app "deployments" (list (dict "name" "ModelReplica" "num_replicas" "auto" "autoscaling_config" $as)) }}
-{{- end }}
-{{- end -}}
 {{- $serve := dict "proxy_location" "EveryNode" "http_options" (dict "host" "0.0.0.0" "port" 8000) "applications" (list $app) -}}
 {{- toYaml $serve }}
 {{- end }}
 
 {{/*
 gptoss-cluster.removedValues: values this chart no longer reads fail the render with the
-name of their replacement, instead of being silently ignored.
+name of their replacement, instead of being silently ignored. Also refuses GPU layouts that
+cannot be placed: the GPUs one replica reserves (cluster/serving/builder.py) must fit one worker pod.
 */}}
 {{- define "gptoss-cluster.removedValues" -}}
-{{- $removed := dict "replicaCount" "serving.replicas (model replicas) or frontdoor.replicas (front door pods)" "modelPath" "model.path" "gpusPerReplica" "serving.numGpus" "epSize" "engine.epSize" -}}
+{{- $removed := dict "replicaCount" "serving.replicas (model replicas) or frontdoor.replicas (front door pods)" "modelPath" "model.path" "gpusPerReplica" "serving.numGpus" "epSize" "parallel.epSize" "router" "serving.router (serving.router.policy)" -}}
 {{- range $key, $hint := $removed }}
 {{- if hasKey $.Values $key }}
 {{- fail (printf "value %q was removed: use %s" $key $hint) }}
 {{- end }}
 {{- end }}
-{{- if hasKey .Values.frontdoor "tlsSecret" }}
-{{- fail "value \"frontdoor.tlsSecret\" was removed: use frontdoor.tls.existingSecret" }}
+{{- $nested := list
+  (list .Values.frontdoor "tlsSecret" "frontdoor.tlsSecret" "frontdoor.tls.existingSecret")
+  (list .Values.engine "maxActiveRequests" "engine.maxActiveRequests" "engine.maxNumSeqs (the batch) and engine.maxWaitingRequests (the engine's queue)")
+  (list .Values.engine "epSize" "engine.epSize" "parallel.epSize")
+  (list .Values.serving.autoscaling "targetOngoingRequests" "serving.autoscaling.targetOngoingRequests" "serving.autoscaling.targetOngoingPerReplica (and targetKvUse)") -}}
+{{- range $nested }}
+{{- if hasKey (index . 0) (index . 1) }}
+{{- fail (printf "value %q was removed: use %s" (index . 2) (index . 3)) }}
+{{- end }}
+{{- end }}
+{{- $v := .Values -}}
+{{- $podGpus := 0 -}}
+{{- range $v.ray.workerGroups }}{{ if gt (int .gpus) $podGpus }}{{ $podGpus = int .gpus }}{{ end }}{{ end -}}
+{{- if and (eq $v.engine.kind "vllm") (gt (float64 $v.serving.numGpus) 0.0) }}
+{{- $world := mul (int $v.engine.vllm.tensorParallelSize) (int $v.engine.vllm.dataParallelSize) -}}
+{{- if ne (float64 $v.serving.numGpus) (float64 $world) }}
+{{- fail (printf "serving.numGpus (%v) must equal engine.vllm.tensorParallelSize x dataParallelSize (%d): a vllm replica reserves that many GPUs" $v.serving.numGpus $world) }}
+{{- end }}
+{{- if lt $podGpus $world }}
+{{- fail (printf "a vllm replica needs %d GPUs on one node but no ray.workerGroups entry has that many gpus (most: %d)" $world $podGpus) }}
+{{- end }}
+{{- end }}
+{{- if and (eq $v.engine.kind "torch") (gt (int $v.parallel.epSize) 1) (gt (float64 $v.serving.numGpus) 0.0) (eq $v.parallel.placementStrategy "STRICT_PACK") }}
+{{- $need := int (ceil (mulf (float64 $v.serving.numGpus) (float64 $v.parallel.epSize))) -}}
+{{- if lt $podGpus $need }}
+{{- fail (printf "parallel.epSize %d x serving.numGpus %v needs %d GPUs in one pod (STRICT_PACK) but no ray.workerGroups entry has that many gpus (most: %d)" (int $v.parallel.epSize) $v.serving.numGpus $need $podGpus) }}
+{{- end }}
 {{- end }}
 {{- end }}
 
