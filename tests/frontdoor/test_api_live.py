@@ -82,8 +82,19 @@ def test_model_info_reports_layout_and_engine(stub):
     assert info.engine == "torch" and info.supports_logprobs
 
 
+def _idle_loads(stub, timeout_s: float = 30.0):
+    """GetLoads once the replica runs and queues nothing (an earlier test's stream may still be ending)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        loads = stub.GetLoads(pb.GetLoadsRequest(), timeout=10)
+        if loads.replicas and not loads.replicas[0].running_requests and not loads.replicas[0].waiting_requests:
+            return loads
+        assert time.monotonic() < deadline, f"replica still busy {timeout_s:.0f} s into the test: {loads}"
+        time.sleep(0.05)
+
+
 def test_get_loads_sees_a_running_stream(stub):
-    idle = stub.GetLoads(pb.GetLoadsRequest(), timeout=10)
+    idle = _idle_loads(stub)
     assert idle.expected_replicas == 1 and len(idle.replicas) == 1
     assert idle.replicas[0].replica_id and idle.replicas[0].HasField("kv_cache_usage")  # the paged cache
     call = stub.Generate(pb.GenerateRequest(prompt_token_ids=PROMPT, sampling=pb.SamplingParams(

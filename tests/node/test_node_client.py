@@ -35,7 +35,9 @@ def test_node_client_chats_with_a_tool_cancels_and_reads_health(frontdoor, tmp_p
     assert complete["finish_reason"] == "FINISH_REASON_LENGTH"
     usage = complete["usage"]
     assert usage["completion_tokens"] == 16 and usage["prompt_tokens"] > 50  # tool schema rendered into it
-    assert usage["reasoning_tokens"] == 0 and usage["cached_prompt_tokens"] == 0
+    # Random weights produce no analysis channel; the rendered system prompt may be in the prefix cache
+    # from an earlier chat, but never the whole prompt (the last token is always computed).
+    assert usage["reasoning_tokens"] == 0 and 0 <= usage["cached_prompt_tokens"] < usage["prompt_tokens"]
 
     assert report["cancel"]["code"] == "CANCELLED" and report["cancel"]["chunks"] >= 2
     assert report["health"] == "SERVING"

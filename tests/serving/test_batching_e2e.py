@@ -7,14 +7,14 @@ import threading
 import time
 import urllib.request
 
-import grpc
 import pytest
 import torch
 from prometheus_client.parser import text_string_to_metric_families
 
 from cluster.model.generate import greedy
 from gptoss.v1 import inference_pb2 as pb
-from tests.frontdoor.status_details import details, retry_delay_s
+
+from tests.serving.replica_probe import replica_stats, wait_idle
 
 pytestmark = pytest.mark.slow
 
@@ -57,17 +57,6 @@ def concurrently(calls):
     return results
 
 
-def stats(ray_serving):
-    return ray_serving.handle.stats.remote().result(timeout_s=30)
-
-
-def wait_idle(ray_serving, timeout_s=10.0):
-    deadline = time.monotonic() + timeout_s
-    while (s := stats(ray_serving)).active_requests and time.monotonic() < deadline:
-        time.sleep(0.02)
-    return s
-
-
 def test_32_concurrent_mixed_length_requests_equal_greedy(stub, tiny_model, ray_serving):
     lengths = [3 + (i * 37) % 300 for i in range(32)]  # 3..299 tokens: across many blocks and the window
     prompts = random_prompts(lengths, seed=11)
@@ -88,10 +77,10 @@ def test_32_concurrent_mixed_length_requests_equal_greedy(stub, tiny_model, ray_
 
 def test_shared_256_token_prefix_is_a_counted_cache_hit_with_the_same_tokens(stub, tiny_model, ray_serving):
     prefix, tail_a, tail_b = random_prompts([256, 9, 13], seed=12)
-    before = stats(ray_serving)
+    before = replica_stats(ray_serving)
     first, _, first_done = generate(stub, prefix + tail_a, max_tokens=12, ignore_stop=True)
     second, _, second_done = generate(stub, prefix + tail_b, max_tokens=12, ignore_stop=True)
-    after = stats(ray_serving)
+    after = replica_stats(ray_serving)
     assert first == greedy(tiny_model, prefix + tail_a, 12)
     assert second == greedy(tiny_model, prefix + tail_b, 12)  # as without a cache
     assert first_done.usage.cached_prompt_tokens == 0
@@ -111,13 +100,16 @@ def test_cancelling_a_stream_returns_kv_blocks_to_the_baseline(stub, ray_serving
         received += len(response.chunk.token_ids)
         if received >= 10:
             break
-    busy = stats(ray_serving)
+    busy = replica_stats(ray_serving)
     assert busy.running_requests == baseline.running_requests + 1
     assert busy.kv_blocks_used > baseline.kv_blocks_used
     call.cancel()
-    deadline = time.monotonic() + 2.0
-    while (now := stats(ray_serving)).kv_blocks_used != baseline.kv_blocks_used:
-        assert time.monotonic() < deadline, f"blocks still held 2 s after cancel: {now}"
+    cancelled_at = time.monotonic()
+    while True:
+        asked_at = time.monotonic()  # only a stats call *sent* 2 s after the cancel proves blocks were held too long
+        if (now := replica_stats(ray_serving)).kv_blocks_used == baseline.kv_blocks_used:
+            break
+        assert asked_at - cancelled_at < 2.0, f"blocks still held 2 s after cancel: {now}"
         time.sleep(0.02)
     assert now.running_requests == baseline.running_requests
     assert now.cancelled_total == baseline.cancelled_total + 1
@@ -176,7 +168,7 @@ def test_metrics_show_the_replica_engine_gauges(stub, frontdoor, ray_serving):
     label = (("replica", replica_id),)
     (prompt,) = random_prompts([40], seed=18)
     generate(stub, prompt, max_tokens=8, ignore_stop=True)
-    engine = stats(ray_serving)
+    engine = replica_stats(ray_serving)
     deadline = time.monotonic() + 10  # the front door polls every 0.5 s in the test config
     while (scraped := _scrape(frontdoor)).get(("gptoss_replica_generation_tokens_total", label), -1) \
             < engine.tokens_generated_total:

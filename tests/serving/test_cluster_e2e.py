@@ -14,6 +14,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from cluster.harmony.tokenizer import STOP_TOKEN_IDS
 from cluster.model.generate import greedy
 from gptoss.v1 import inference_pb2 as pb
+from tests.serving.replica_probe import replica_stats, wait_idle
 
 pytestmark = pytest.mark.slow
 
@@ -32,10 +33,6 @@ def collect_generate(stub, prompt, max_tokens, **kwargs):
             assert complete is None, "exactly one complete message ends a stream"
             complete = response.complete
     return tokens, chunks, complete
-
-
-def replica_stats(ray_serving):
-    return ray_serving.handle.stats.remote().result(timeout_s=30)
 
 
 def test_generate_streams_the_same_tokens_as_greedy(stub, tiny_model):
@@ -109,7 +106,7 @@ def test_reflection_lists_the_inference_service(grpc_channel):
 
 
 def test_client_cancel_stops_generation_in_the_replica(stub, ray_serving):
-    before = replica_stats(ray_serving)
+    before = wait_idle(ray_serving)
     request = pb.GenerateRequest(prompt_token_ids=PROMPT, sampling=pb.SamplingParams(max_tokens=3000, ignore_stop=True))
     call = stub.Generate(request, timeout=120)
     received = 0
@@ -141,7 +138,7 @@ def test_client_cancel_stops_generation_in_the_replica(stub, ray_serving):
 
 
 def test_deadline_exceeded_stops_generation(stub, ray_serving):
-    before = replica_stats(ray_serving)
+    before = wait_idle(ray_serving)
     request = pb.GenerateRequest(prompt_token_ids=PROMPT, sampling=pb.SamplingParams(max_tokens=3000, ignore_stop=True))
     with pytest.raises(grpc.RpcError) as info:
         for _ in stub.Generate(request, timeout=0.5):
