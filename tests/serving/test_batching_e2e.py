@@ -13,7 +13,6 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from cluster.model.generate import greedy
 from gptoss.v1 import inference_pb2 as pb
-
 from tests.serving.replica_probe import replica_stats, wait_idle
 
 pytestmark = pytest.mark.slow
