@@ -77,21 +77,21 @@ class RouterMetrics:
             "Routing decisions, by deployment, policy and outcome (chosen: no preference involved; "
             "affinity_hit: the replica holding the prefix/session was taken; fallback: it was over "
             "the load bound, least_loaded chose; no_affinity: nothing to prefer).",
-            ["deployment", "policy", "outcome"], registry=registry)
+            ["application", "deployment", "policy", "outcome"], registry=registry)
         self.prefix_matched_blocks = Histogram(
             "gptoss_router_prefix_matched_blocks",
             "Prompt-prefix blocks (serving.router.block_size tokens each) found on the best replica "
             "per prefix_affinity decision.",
-            ["deployment"], buckets=(0, 1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024), registry=registry)
+            ["application", "deployment"], buckets=(0, 1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024), registry=registry)
         self.replica_load = Gauge(
             "gptoss_router_replica_load",
             "Load of each replica as the router last saw it: waiting + running sequences (the larger "
             "of the replica's report and this router's in-flight count) + kv_weight x KV-cache use.",
-            ["deployment", "replica"], registry=registry)
+            ["application", "deployment", "replica"], registry=registry)
         self.replicas = Gauge(
             "gptoss_router_replicas",
             "Replicas the router can route to now.",
-            ["deployment"], registry=registry)
+            ["application", "deployment"], registry=registry)
 
 
 class AutoscalerMetrics:
@@ -102,11 +102,11 @@ class AutoscalerMetrics:
         self.desired_replicas = Gauge(
             "gptoss_autoscaler_desired_replicas",
             "Replicas the autoscaling policy asks for (Serve's target), by deployment.",
-            ["deployment"], registry=registry)
+            ["application", "deployment"], registry=registry)
         self.replicas = Gauge(
             "gptoss_autoscaler_replicas",
             "Replicas running now, by deployment.",
-            ["deployment"], registry=registry)
+            ["application", "deployment"], registry=registry)
 
 
 _process_metrics: dict[type, object] = {}

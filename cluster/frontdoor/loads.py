@@ -82,11 +82,11 @@ def replica_load_to_proto(replica_id: str, stats: EngineStats) -> pb.ReplicaLoad
 
 class LoadPoller:
     """Samples the replicas' load reports every `interval_s` and hands them to `on_reports`; with
-    `on_counts`, also the deployment's (target, running) replica counts."""
+    `on_counts`, also the deployment's (application, deployment, target, running) replica counts."""
 
     def __init__(self, handle: DeploymentHandle, expected_replicas: int, interval_s: float,
                  on_reports: Callable[[list[tuple[str, EngineStats]]], None], timeout_s: float = 5.0,
-                 on_counts: Callable[[str, int, int], None] | None = None) -> None:
+                 on_counts: Callable[[str, str, int, int], None] | None = None) -> None:
         self._handle = handle
         self._expected = expected_replicas
         self._interval_s = interval_s
@@ -117,7 +117,7 @@ class LoadPoller:
             except Exception as err:  # noqa: BLE001 - controller busy or restarting: loads still count
                 log.info("replica count poll failed: %r", err)
             else:
-                self._on_counts(self._counts.deployment_name, target, running)
+                self._on_counts(self._counts.app_name, self._counts.deployment_name, target, running)
                 self._expected = max(1, running)
         self._on_reports(await sample_loads(self._handle, self._expected, self._timeout_s))
 

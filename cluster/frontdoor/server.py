@@ -168,9 +168,9 @@ class FrontdoorServer:
         tls = "mTLS" if self._config.tls.client_ca_file else "TLS" if credentials else "plaintext"
         log.warning("front door on %s (%s); %s", self.grpc_target, tls, self.auth_notice)
 
-    def _set_replica_counts(self, deployment: str, target: int, running: int) -> None:
-        self.metrics.autoscaler.desired_replicas.labels(deployment).set(target)
-        self.metrics.autoscaler.replicas.labels(deployment).set(running)
+    def _set_replica_counts(self, application: str, deployment: str, target: int, running: int) -> None:
+        self.metrics.autoscaler.desired_replicas.labels(application, deployment).set(target)
+        self.metrics.autoscaler.replicas.labels(application, deployment).set(running)
 
     @property
     def grpc_target(self) -> str:

@@ -54,7 +54,7 @@ class GptossRouter(RequestRouter):
         self.metrics = router_metrics()
         self._in_flight: dict[str, int] = {}  # replica unique id -> requests this router has on it
         self._request_replica: dict[str, str] = {}  # internal request id -> replica unique id
-        self._deployment = self._deployment_id.name
+        self._labels = (self._deployment_id.app_name, self._deployment_id.name)  # application, deployment
         self._control_next = 0  # rotation of the control calls over the replicas
 
     # -- load -----------------------------------------------------------------------------------
@@ -91,11 +91,11 @@ class GptossRouter(RequestRouter):
         chosen = by_id[decision.replica]
         first = self._commit(pending_request.metadata.internal_request_id, request, decision.replica)
         if first:  # Serve asks again when its first answer was full: count each request once
-            self.metrics.decisions_total.labels(self._deployment, self.policy_name, decision.outcome).inc()
+            self.metrics.decisions_total.labels(*self._labels, self.policy_name, decision.outcome).inc()
             if request.block_hashes:
-                self.metrics.prefix_matched_blocks.labels(self._deployment).observe(decision.matched_blocks)
+                self.metrics.prefix_matched_blocks.labels(*self._labels).observe(decision.matched_blocks)
         for rid, load in loads.items():
-            self.metrics.replica_load.labels(self._deployment, rid).set(load)
+            self.metrics.replica_load.labels(*self._labels, rid).set(load)
         # Second rank, if the chosen replica refuses (full): the two least loaded others.
         others = sorted((r for r in ids if r != decision.replica), key=loads.__getitem__)[:2]
         return [[chosen], [by_id[r] for r in others]] if others else [[chosen]]
@@ -130,10 +130,10 @@ class GptossRouter(RequestRouter):
         for rid in [r for r in self._in_flight if r not in set(ids)]:
             del self._in_flight[rid]
             try:
-                self.metrics.replica_load.remove(self._deployment, rid)
+                self.metrics.replica_load.remove(*self._labels, rid)
             except KeyError:
                 pass
-        self.metrics.replicas.labels(self._deployment).set(len(ids))
+        self.metrics.replicas.labels(*self._labels).set(len(ids))
         return result
 
 

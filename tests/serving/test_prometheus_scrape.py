@@ -84,7 +84,7 @@ def _wait_for(port: int, promql: str, expected: float, timeout_s: float = 30.0) 
     return value
 
 
-def test_prometheus_scrapes_our_metrics(prometheus, stub):
+def test_prometheus_scrapes_our_metrics(prometheus, stub, serving_config):
     ok = 'gptoss_frontdoor_requests_total{job="gptoss",method="Generate",code="OK"}'
     tokens = 'gptoss_frontdoor_completion_tokens_total{job="gptoss",method="Generate"}'
     decisions = 'sum(gptoss_router_decisions_total{job="gptoss"})'
@@ -105,5 +105,10 @@ def test_prometheus_scrapes_our_metrics(prometheus, stub):
     assert got_ok == before_ok + N_REQUESTS
     assert got_tokens == before_tokens + N_REQUESTS * MAX_TOKENS
     assert got_decisions == before_decisions + N_REQUESTS  # the router runs in the front door's process
-    replicas = _query(prometheus, 'gptoss_router_replicas{job="gptoss"}')
-    assert replicas and float(replicas[0]["value"][1]) >= 1
+    app = serving_config.serving.app_name  # other tests' apps share the deployment name
+    replicas = _query(prometheus, f'gptoss_router_replicas{{job="gptoss",application="{app}"}}')
+    assert replicas and float(replicas[0]["value"][1]) == serving_config.serving.replicas
+    # The front door's load poll sets the autoscaler gauges from the Serve controller.
+    for name in ("gptoss_autoscaler_desired_replicas", "gptoss_autoscaler_replicas"):
+        assert _wait_for(prometheus, f'{name}{{job="gptoss",application="{app}"}}',
+                         serving_config.serving.replicas) == serving_config.serving.replicas

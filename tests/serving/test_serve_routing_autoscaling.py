@@ -100,9 +100,11 @@ def _hit_rate(stats: dict) -> float:
 
 
 def _decisions(policy: str, outcome: str) -> float:
-    from cluster.metrics import router_metrics
+    from prometheus_client import REGISTRY
 
-    return router_metrics().decisions_total.labels("ModelReplica", policy, outcome)._value.get()
+    app = f"route-{policy.replace('_', '-')}"
+    return REGISTRY.get_sample_value("gptoss_router_decisions_total", {
+        "application": app, "deployment": "ModelReplica", "policy": policy, "outcome": outcome}) or 0.0
 
 
 @pytest.fixture(scope="module")
@@ -177,10 +179,10 @@ def _replica_states(app_name: str) -> int:
     return deployment.replica_states.get("RUNNING", 0)
 
 
-def _gauge(metrics_port: int, name: str) -> float | None:
+def _gauge(metrics_port: int, name: str, app: str = "autoscale") -> float | None:
     with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5) as response:
         for line in response.read().decode().splitlines():
-            if line.startswith(name + "{") and 'deployment="ModelReplica"' in line:
+            if line.startswith(name + "{") and f'application="{app}",deployment="ModelReplica"' in line:
                 return float(line.rsplit(" ", 1)[1])
     return None
 
