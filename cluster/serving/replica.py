@@ -102,6 +102,30 @@ def _vllm_engine(config: ClusterConfig) -> tuple[Engine, ModelInfo]:
     return engine, info
 
 
+async def stream_until_deadline(stream: AsyncIterator[TokenChunk], deadline_s: float | None) -> AsyncIterator[TokenChunk]:
+    """Relay `stream` until it ends, or raise TimeoutError once `deadline_s` (epoch seconds) passes;
+    the stream is closed either way, which stops its decoding.
+
+    The deadline bounds each single wait for a chunk (asyncio.timeout around that await), never
+    what Serve's task does between our yields. Not asyncio.wait_for: on Python 3.11 it returns the
+    chunk and drops a cancellation that arrives just as the chunk is ready, and the cancelled
+    request would then decode on to max_tokens.
+    """
+    try:
+        while True:
+            remaining = None if deadline_s is None else deadline_s - time.time()
+            if remaining is not None and remaining <= 0:
+                raise TimeoutError("deadline passed")
+            try:
+                async with asyncio.timeout(remaining):
+                    chunk = await anext(stream)
+            except StopAsyncIteration:
+                return
+            yield chunk
+    finally:
+        await stream.aclose()
+
+
 @serve.deployment(name="ModelReplica")
 class ModelReplica:
     def __init__(self, config: ClusterConfig) -> None:
@@ -147,21 +171,8 @@ class ModelReplica:
     async def generate(self, request: GenerateRequest) -> AsyncIterator[TokenChunk]:
         # The client's deadline travels with the request: past it the engine's stream is closed
         # (which stops decoding) and TimeoutError reaches the front door as DEADLINE_EXCEEDED.
-        # Checked per chunk here rather than with asyncio.timeout, which would cancel whatever
-        # Serve's task is doing between our yields.
-        stream = self._engine.generate(request)
-        try:
-            while True:
-                remaining = None if request.deadline_s is None else request.deadline_s - time.time()
-                if remaining is not None and remaining <= 0:
-                    raise TimeoutError(f"request {request.request_id}: deadline passed")
-                try:
-                    chunk = await asyncio.wait_for(anext(stream), remaining)
-                except StopAsyncIteration:
-                    return
-                yield chunk
-        finally:
-            await stream.aclose()
+        async for chunk in stream_until_deadline(self._engine.generate(request), request.deadline_s):
+            yield chunk
 
     def stats(self) -> EngineStats:
         return self._engine.stats()
