@@ -19,7 +19,8 @@ from typing import AsyncIterator
 from cluster.engine.async_engine import AsyncEngine
 from cluster.engine.core import EngineConfig, EngineCore
 from cluster.engine.protocol import EngineStats
-from cluster.engine.request import FinishReason, GenerateRequest, ModelLimits, TokenChunk, validate_request
+from cluster.engine.request import (FinishReason, GenerateRequest, ModelLimits, TokenChunk, resolved_length_and_stops,
+                                    validate_request)
 from cluster.engine.sequence import HARMONY_STOP_TOKEN_IDS, EndReason, SamplingSettings
 
 FINISH_REASONS = {EndReason.STOP: FinishReason.STOP, EndReason.LENGTH: FinishReason.LENGTH}
@@ -50,14 +51,8 @@ class BatchingEngine:
     def settings_for(self, request: GenerateRequest) -> SamplingSettings:
         """The request's sampling with every default resolved (call after validate_request)."""
         sampling = request.sampling
-        room = self.limits.context_length - len(request.prompt_token_ids)
-        max_tokens = sampling.max_tokens if sampling.max_tokens is not None else min(self._default_max_tokens, room)
-        if sampling.ignore_stop:
-            stops: tuple[int, ...] = ()
-        elif sampling.stop_token_ids:
-            stops = tuple(sampling.stop_token_ids)
-        else:
-            stops = self._stop_token_ids
+        max_tokens, stops = resolved_length_and_stops(request, self.limits, self._default_max_tokens,
+                                                      self._stop_token_ids)
         return SamplingSettings(max_tokens=max_tokens, temperature=sampling.temperature, top_k=sampling.top_k,
                                 top_p=sampling.top_p, seed=sampling.seed, stop_token_ids=stops,
                                 logprobs=sampling.logprobs)

@@ -114,3 +114,16 @@ def validate_sampling(sampling: SamplingParams, prompt_len: int, limits: ModelLi
         if not 0 <= token < limits.vocab_size:
             raise InvalidRequestError(
                 f"{prefix}stop_token_ids[{i}]", f"{token} is outside the vocabulary [0, {limits.vocab_size})")
+
+
+def resolved_length_and_stops(request: GenerateRequest, limits: ModelLimits, default_max_tokens: int,
+                              default_stop_token_ids: tuple[int, ...]) -> tuple[int, tuple[int, ...]]:
+    """(max_tokens, stop token ids) of a validated request with the engine's defaults filled in, the
+    same for every engine: unset max_tokens is the default capped by the room left in the context;
+    ignore_stop means no stop ids, else the request's own or the defaults (harmony's)."""
+    sampling = request.sampling
+    room = limits.context_length - len(request.prompt_token_ids)
+    max_tokens = sampling.max_tokens if sampling.max_tokens is not None else min(default_max_tokens, room)
+    if sampling.ignore_stop:
+        return max_tokens, ()
+    return max_tokens, tuple(sampling.stop_token_ids or ()) or default_stop_token_ids

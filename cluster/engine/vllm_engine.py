@@ -42,6 +42,7 @@ from cluster.engine.request import (
     ModelLimits,
     TokenChunk,
     TokenLogprobs,
+    resolved_length_and_stops,
     validate_request,
 )
 
@@ -209,14 +210,8 @@ class VllmEngine:
         from vllm.sampling_params import RequestOutputKind
 
         sampling = request.sampling
-        room = self.limits.context_length - len(request.prompt_token_ids)
-        max_tokens = sampling.max_tokens if sampling.max_tokens is not None else min(self._default_max_tokens, room)
-        if sampling.ignore_stop:
-            stops: tuple[int, ...] = ()
-        elif sampling.stop_token_ids:
-            stops = tuple(sampling.stop_token_ids)
-        else:
-            stops = self._stop_token_ids
+        max_tokens, stops = resolved_length_and_stops(request, self.limits, self._default_max_tokens,
+                                                      self._stop_token_ids)
         if sampling.logprobs is not None and sampling.logprobs > self.max_logprobs:
             raise InvalidRequestError("sampling.logprobs",
                                       f"vLLM here returns at most {self.max_logprobs} alternatives, asked {sampling.logprobs}")
