@@ -8,22 +8,14 @@ import time
 import urllib.request
 
 import pytest
-import torch
 from prometheus_client.parser import text_string_to_metric_families
 
 from cluster.model.generate import greedy
 from gptoss.v1 import inference_pb2 as pb
+from tests.prompts import random_prompts
 from tests.serving.replica_probe import replica_stats, wait_idle
 
 pytestmark = pytest.mark.slow
-
-TOP_ID = 100_000  # ordinary-text ids: no harmony stop token among the prompts
-
-
-def random_prompts(lengths, seed):
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randint(0, TOP_ID, (n,), generator=g).tolist() for n in lengths]
-
 
 def generate(stub, prompt, timeout=120, **sampling):
     """(tokens, logprobs, complete) of one Generate call."""
