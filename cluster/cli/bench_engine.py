@@ -50,23 +50,6 @@ def _dispatch(args: argparse.Namespace) -> int:
     return run_engine_bench(args)
 
 
-def make_workload(num_requests: int, min_len: int, max_len: int, vocab: int, seed: int = 0) -> list[list[int]]:
-    """Prompts of random length; every other one starts with one of four shared 64-token prefixes."""
-    import torch
-
-    g = torch.Generator().manual_seed(seed)
-    top = min(vocab, 100_000)
-    prefixes = [torch.randint(0, top, (64,), generator=g).tolist() for _ in range(4)]
-    prompts = []
-    for i in range(num_requests):
-        length = int(torch.randint(min_len, max_len + 1, (1,), generator=g))
-        body = torch.randint(0, top, (length,), generator=g).tolist()
-        if i % 2 == 0 and length > 64:
-            body[:64] = prefixes[(i // 2) % 4]
-        prompts.append(body)
-    return prompts
-
-
 def kv_bytes_per_token(preset: str, num_tokens: int, block_size: int = 16) -> tuple[float, int]:
     """(bytes per token the cache holds for one `num_tokens` sequence decoded token by token, theoretical)."""
     import torch
@@ -100,6 +83,7 @@ def run_engine_bench(args: argparse.Namespace) -> int:
         print("bench engine needs transformers (pip install 'gptoss-cluster[test]')")
         return 2
 
+    from cluster.bench.engine_prompts import make_workload
     from cluster.engine.core import EngineConfig, EngineCore, run_to_completion
     from cluster.engine.sequence import SamplingSettings, Sequence
     from cluster.model.checkpoint import load_model, write_checkpoint

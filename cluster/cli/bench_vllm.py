@@ -33,7 +33,7 @@ def run_vllm_bench(args: argparse.Namespace) -> int:
         return 2
     import torch
 
-    from cluster.cli.bench_engine import make_workload
+    from cluster.bench.engine_prompts import make_workload
     from cluster.engine.core import EngineConfig, EngineCore, run_to_completion
     from cluster.engine.sequence import SamplingSettings, Sequence
     from cluster.model.checkpoint import load_model, write_checkpoint

@@ -34,7 +34,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _simulate(args) -> int:
-    from cluster.serving.autoscaling import ScalingSettings
+    from cluster.config import AutoscalingSettings
     from cluster.simulate.cluster import SimConfig, simulate
     from cluster.simulate.report import plot, summarize, table, verdict
     from cluster.simulate.workload import WorkloadSpec
@@ -64,7 +64,7 @@ def _simulate(args) -> int:
     scaling = None
     if args.autoscale:
         n = args.replicas[0]
-        settings = ScalingSettings(min_replicas=max(1, n // 8), max_replicas=n, target_ongoing_per_replica=48,
+        settings = AutoscalingSettings(min_replicas=max(1, n // 8), max_replicas=n, target_ongoing_per_replica=48,
                                    target_kv_use=0.8, upscale_delay_s=5.0, downscale_delay_s=20.0)
         cfg = SimConfig(replicas=settings.min_replicas, policy="prefix_affinity", autoscaling=settings, warmup_s=0.0, seed=args.seed,
                         workload=WorkloadSpec(kind="ramp", rate_per_replica=args.rate_per_replica * n / settings.min_replicas,

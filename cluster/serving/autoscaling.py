@@ -19,28 +19,15 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, fields
+from dataclasses import fields
 from typing import Any, Iterable, Mapping
+
+from cluster.config import AutoscalingSettings
 
 SIGNALS = ("waiting", "running", "kv_use")
 
 
-@dataclass(frozen=True)
-class ScalingSettings:
-    min_replicas: int = 1
-    max_replicas: int = 4
-    target_ongoing_per_replica: float = 16.0
-    target_kv_use: float = 0.8
-    upscale_delay_s: float = 30.0
-    downscale_delay_s: float = 300.0
-
-    @classmethod
-    def from_mapping(cls, values: Mapping[str, Any]) -> "ScalingSettings":
-        names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in values.items() if k in names})
-
-
-def wanted_replicas(signals: Iterable[Mapping[str, float]], settings: ScalingSettings) -> int:
+def wanted_replicas(signals: Iterable[Mapping[str, float]], settings: AutoscalingSettings) -> int:
     """Replicas the current demand needs (before hysteresis), from per-replica signals."""
     waiting = running = kv = 0.0
     for s in signals:
@@ -53,7 +40,7 @@ def wanted_replicas(signals: Iterable[Mapping[str, float]], settings: ScalingSet
     return max(settings.min_replicas, min(settings.max_replicas, wanted))
 
 
-def decide(current: int, signals: list[Mapping[str, float]], settings: ScalingSettings,
+def decide(current: int, signals: list[Mapping[str, float]], settings: AutoscalingSettings,
            state: dict[str, Any], now: float) -> tuple[int, dict[str, Any]]:
     """(replicas to run, new policy state) with the up/down delays applied."""
     wanted = wanted_replicas(signals, settings)
@@ -81,10 +68,11 @@ def decide(current: int, signals: list[Mapping[str, float]], settings: ScalingSe
 
 class EngineSignalPolicy:
     """Serve autoscaling policy: AutoscalingPolicy(policy_function=EngineSignalPolicy,
-    policy_kwargs=<ScalingSettings fields>). Serve instantiates it once and calls it each tick."""
+    policy_kwargs=the AutoscalingSettings fields). Serve instantiates it once and calls it each tick."""
 
     def __init__(self, **settings: Any) -> None:
-        self.settings = ScalingSettings.from_mapping(settings)
+        known = {f.name for f in fields(AutoscalingSettings)}
+        self.settings = AutoscalingSettings(**{k: v for k, v in settings.items() if k in known})
 
     def __call__(self, ctx) -> tuple[int, dict[str, Any]]:
         metrics = ctx.aggregated_metrics or {}

@@ -9,7 +9,7 @@ from ray.serve import Application
 from ray.serve.config import AutoscalingConfig, AutoscalingPolicy, RequestRouterConfig
 
 from cluster.config import ClusterConfig
-from cluster.serving.autoscaling import EngineSignalPolicy, ScalingSettings
+from cluster.serving.autoscaling import EngineSignalPolicy
 from cluster.serving.replica import ModelReplica
 from cluster.serving.router import ROUTERS, router_kwargs
 
@@ -57,7 +57,6 @@ def build_app(config: ClusterConfig) -> Application:
     auto = serving.autoscaling
     if auto.enabled:
         # One replica is one whole expert-parallel group, so these counts are groups.
-        policy_kwargs = {k: v for k, v in dataclasses.asdict(auto).items() if k in ScalingSettings.__dataclass_fields__}
         scaling = {"num_replicas": "auto", "autoscaling_config": AutoscalingConfig(
             min_replicas=auto.min_replicas, initial_replicas=max(auto.min_replicas, min(serving.replicas,
                                                                                         auto.max_replicas)),
@@ -65,7 +64,7 @@ def build_app(config: ClusterConfig) -> Application:
             metrics_interval_s=auto.metrics_interval_s,
             # The policy applies its own delays (hysteresis); Serve's would stack on top.
             upscale_delay_s=0.0, downscale_delay_s=0.0,
-            policy=AutoscalingPolicy(policy_function=EngineSignalPolicy, policy_kwargs=policy_kwargs))}
+            policy=AutoscalingPolicy(policy_function=EngineSignalPolicy, policy_kwargs=dataclasses.asdict(auto)))}
         # How often replicas push record_autoscaling_stats (read when the replica process starts).
         actor_options["runtime_env"] = {"env_vars": {
             "RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S": str(auto.metrics_interval_s)}}

@@ -15,7 +15,8 @@ import math
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 
-from cluster.serving.autoscaling import ScalingSettings, decide
+from cluster.config import AutoscalingSettings
+from cluster.serving.autoscaling import decide
 from cluster.serving.routing_policy import RouteRequest, make_policy, replica_load
 from cluster.simulate.service import ServiceModel
 from cluster.simulate.workload import SimRequest, Workload, WorkloadSpec
@@ -151,7 +152,7 @@ class SimConfig:
     load_bound_ratio: float = 0.5
     load_bound_slack: float = 4.0
     kv_weight: float = 4.0
-    autoscaling: ScalingSettings | None = None
+    autoscaling: AutoscalingSettings | None = None
     autoscale_tick_s: float = 1.0
     replica_start_s: float = 10.0
     sample_s: float = 0.5

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from cluster.serving.autoscaling import EngineSignalPolicy, ScalingSettings, decide, wanted_replicas
+from cluster.config import AutoscalingSettings
+from cluster.serving.autoscaling import EngineSignalPolicy, decide, wanted_replicas
 from cluster.serving.prefix_index import PrefixIndex, block_hashes
 from cluster.serving.routing_policy import (AFFINITY_HIT, FALLBACK, NO_AFFINITY, LoadBound, RouteRequest,
                                             make_policy)
@@ -96,7 +97,7 @@ def test_unknown_policy_is_refused():
         make_policy("random")
 
 
-SETTINGS = ScalingSettings(min_replicas=1, max_replicas=4, target_ongoing_per_replica=4, target_kv_use=0.5,
+SETTINGS = AutoscalingSettings(min_replicas=1, max_replicas=4, target_ongoing_per_replica=4, target_kv_use=0.5,
                            upscale_delay_s=10, downscale_delay_s=30)
 
 
