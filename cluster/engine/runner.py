@@ -37,43 +37,42 @@ class ModelRunner:
         )
 
     def prepare(self, output: SchedulerOutput) -> PagedBatch:
+        # Plain Python lists, one tensor each at the end: a decode step has one token per
+        # sequence, and per-token tensor ops would cost more than the lists.
         C = self.kv_cache.block_size
+        num_groups = len(self.kv_cache.spec.groups)
         input_ids: list[int] = []
         positions: list[int] = []
-        row_of_token: list[int] = []
         query_start, context_lens, logits_indices = [0], [], []
-        tables: list[list[list[int]]] = [[] for _ in self.kv_cache.spec.groups]  # per group, per row
-        for row, chunk in enumerate(output.chunks):
+        tables: list[list[list[int]]] = [[] for _ in range(num_groups)]  # per group, per row
+        slots: list[list[int]] = [[] for _ in range(num_groups)]  # per group, per token
+        for chunk in output.chunks:
             seq, start, n = chunk.request, chunk.start, chunk.num_tokens
             if n == 1:
                 input_ids.append(seq.token_id_at(start))
             else:
                 input_ids.extend(seq.all_token_ids[start : start + n])
             positions.extend(range(start, start + n))
-            row_of_token.extend([row] * n)
             query_start.append(query_start[-1] + n)
             context_lens.append(start + n)
             if chunk.samples:
                 logits_indices.append(query_start[-1] - 1)
             for g, block_ids in enumerate(self.kv_cache.block_ids(seq.request_id)):
                 tables[g].append(block_ids)
+                slots[g].extend(block_ids[p // C] * C + p % C for p in range(start, start + n))
 
         device = self.model.device
-        position_t = torch.tensor(positions, dtype=torch.long)  # [S]
-        row_t = torch.tensor(row_of_token, dtype=torch.long)  # [S]
-        block_tables, slot_mapping = [], []
+        block_tables = []
         for group_tables in tables:
             width = max(len(t) for t in group_tables)
-            table_t = torch.tensor([t + [0] * (width - len(t)) for t in group_tables], dtype=torch.long)  # [B, W]
-            slots = table_t[row_t, position_t // C] * C + position_t % C  # [S]
-            block_tables.append(table_t.to(device))
-            slot_mapping.append(slots.to(device))
+            block_tables.append(torch.tensor([t + [0] * (width - len(t)) for t in group_tables],
+                                             dtype=torch.long, device=device))  # [B, W]
         return PagedBatch(
             input_ids=torch.tensor(input_ids, dtype=torch.long, device=device),
-            positions=position_t.to(device),
+            positions=torch.tensor(positions, dtype=torch.long, device=device),
             query_start=query_start,
             context_lens=context_lens,
-            slot_mapping=slot_mapping,
+            slot_mapping=[torch.tensor(s, dtype=torch.long, device=device) for s in slots],  # per group [S]
             block_tables=block_tables,
             logits_indices=torch.tensor(logits_indices, dtype=torch.long, device=device),
         )

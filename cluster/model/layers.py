@@ -73,7 +73,9 @@ class RotaryEmbedding(nn.Module):
         tables = self._tables
         if (tables is None or tables[0].shape[0] < length or tables[0].dtype != dtype
                 or tables[0].device != self.inv_freq.device):
-            t = torch.arange(max(length, 256), dtype=torch.float32, device=self.inv_freq.device)
+            # Grow to a power of two: a cache that grows a token per step recomputes log(L) times, not L.
+            size = max(256, 1 << (length - 1).bit_length())
+            t = torch.arange(size, dtype=torch.float32, device=self.inv_freq.device)
             freqs = t[:, None] * self.inv_freq[None, :]  # [L, D/2]
             tables = ((freqs.cos() * self.concentration).to(dtype), (freqs.sin() * self.concentration).to(dtype))
             self._tables = tables

@@ -89,32 +89,34 @@ class _AttentionPlan:
         self.query_start = batch.query_start
         self.context_lens = batch.context_lens
         self.block_size = block_size
+        self.all_decode = not self.prefill_rows
         if self.decode_rows:
             self.decode_tokens = torch.tensor([starts[b] for b in self.decode_rows])  # [Bd] flat index of each query
-            self.decode_context = torch.tensor([batch.context_lens[b] for b in self.decode_rows])  # [Bd]
-        self._decode_gather: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+            self.decode_context = [batch.context_lens[b] for b in self.decode_rows]  # [Bd]
+        self._decode_gather: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
 
     def decode_gather(self, window: int, block_tables: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """For the decode rows: physical blocks to read [Bd, M] and each gathered key's position [Bd, M*C].
+        """For the decode rows: physical blocks to read [Bd, M] and which gathered keys each query
+        sees [Bd, 1, M*C]; computed once per step for each (window, block table) pair, from Python
+        ints (a decode batch is small, and a handful of tiny tensor ops would cost more).
 
         Full layers read every block; window layers only the last blocks the window can reach.
         """
         key = (window, id(block_tables))
         if key not in self._decode_gather:
             C = self.block_size
-            last_block = (self.decode_context - 1) // C  # [Bd]
-            if window:
-                M = (window - 1) // C + 2  # the window may straddle one more block boundary
-            else:
-                M = int(last_block.max()) + 1
-            logical = (last_block.unsqueeze(1) - M + 1 + torch.arange(M)).clamp(min=0)  # [Bd, M]
-            tables = block_tables[self.decode_rows]  # [Bd, max blocks]
-            physical = tables.gather(1, logical)  # [Bd, M]
-            key_pos = (logical.unsqueeze(-1) * C + torch.arange(C)).flatten(1)  # [Bd, M*C]
-            # Clamped duplicates of block 0 must not count twice: give them an impossible position.
-            duplicate = (last_block.unsqueeze(1) - M + 1 + torch.arange(M)) < 0  # [Bd, M]
-            key_pos = key_pos.masked_fill(duplicate.repeat_interleave(C, dim=1), -(1 << 30))
-            self._decode_gather[key] = (physical, key_pos)
+            last_blocks = [(n - 1) // C for n in self.decode_context]
+            # A window may straddle one more block boundary than it spans.
+            M = (window - 1) // C + 2 if window else max(last_blocks) + 1
+            first = torch.tensor([last - M + 1 for last in last_blocks]).unsqueeze(1)  # [Bd, 1], < 0 near the start
+            logical = first + torch.arange(M)  # [Bd, M]
+            tables = block_tables if self.all_decode else block_tables[self.decode_rows]  # [Bd, max blocks]
+            physical = tables.gather(1, logical.clamp(min=0))  # [Bd, M]
+            key_pos = first * C + torch.arange(M * C)  # [Bd, M*C]; negative: clamped duplicates of block 0
+            oldest = torch.tensor([[max(0, n - window) if window else 0] for n in self.decode_context])  # [Bd, 1]
+            newest = torch.tensor([[n - 1] for n in self.decode_context])  # [Bd, 1]
+            visible = (key_pos >= oldest) & (key_pos <= newest)
+            self._decode_gather[key] = (physical, visible.unsqueeze(1))
         return self._decode_gather[key]
 
 
@@ -138,25 +140,28 @@ def _paged_attention(attn: Attention, x: torch.Tensor, k_cache: torch.Tensor, v_
     """x [S, H] -> [S, H]: project, rotate, store the new K/V, attend over each sequence's cache."""
     S = x.shape[0]
     N, K, D, C = attn.num_heads, attn.num_kv_heads, attn.head_dim, plan.block_size
-    q, k, v = attn.qkv(x).split((N * D, K * D, K * D), dim=-1)
-    q = apply_rotary(q.view(S, N, D).transpose(0, 1), cos, sin).transpose(0, 1)  # [S, N, D]
-    k = apply_rotary(k.view(S, K, D).transpose(0, 1), cos, sin).transpose(0, 1)  # [S, K, D]
+    qk, v = attn.qkv(x).split(((N + K) * D, K * D), dim=-1)
+    qk = apply_rotary(qk.view(S, N + K, D).transpose(0, 1), cos, sin).transpose(0, 1)  # q and k heads at once
+    q, k = qk.split((N, K), dim=1)  # [S, N, D], [S, K, D]
     k_cache.view(-1, K, D).index_copy_(0, slot_mapping, k)
     v_cache.view(-1, K, D).index_copy_(0, slot_mapping, v.view(S, K, D))
 
-    out = torch.empty(S, N * D, dtype=x.dtype, device=x.device)
     window = attn.window
+    if plan.all_decode:  # every sequence brings one token: no scatter into `out`
+        physical, visible = plan.decode_gather(window, block_tables)  # [S, M], [S, 1, M*C]
+        M = physical.shape[1]
+        keys = k_cache[physical].view(S, M * C, K, D)
+        values = v_cache[physical].view(S, M * C, K, D)
+        return attn.out(_attend(attn, q.unsqueeze(1), keys, values, visible).squeeze(1))
+
+    out = torch.empty(S, N * D, dtype=x.dtype, device=x.device)
     if plan.decode_rows:
-        physical, key_pos = plan.decode_gather(window, block_tables)  # [Bd, M], [Bd, M*C]
+        physical, visible = plan.decode_gather(window, block_tables)  # [Bd, M], [Bd, 1, M*C]
         Bd, M = physical.shape
         keys = k_cache[physical].view(Bd, M * C, K, D)
         values = v_cache[physical].view(Bd, M * C, K, D)
-        q_pos = (plan.decode_context - 1).unsqueeze(1)  # [Bd, 1]
-        visible = (key_pos >= 0) & (key_pos <= q_pos)
-        if window:
-            visible &= q_pos - key_pos < window
         rows = plan.decode_tokens
-        out[rows] = _attend(attn, q[rows].unsqueeze(1), keys, values, visible.unsqueeze(1)).squeeze(1)
+        out[rows] = _attend(attn, q[rows].unsqueeze(1), keys, values, visible).squeeze(1)
     for b in plan.prefill_rows:
         first, last = plan.query_start[b], plan.query_start[b + 1]
         context = plan.context_lens[b]
