@@ -3,13 +3,20 @@
 1. Throughput: the batching engine (EngineCore) decodes the same greedy workload at ep_size 1
    (one process) and ep_size 2 (rank 0 here, rank 1 a Ray actor, gloo). Runs alternate; each
    side's best run counts. On 2 cores no speed-up is expected: the ratio is the collectives' cost.
+   Threads: ep1 and rank 0 share this process and its `--threads` torch threads (rank 0 alone
+   runs the unembedding and sampling while rank 1 waits); rank 1 gets `--worker-threads`. Idle
+   OpenMP threads sleep on both sides (OMP_WAIT_POLICY=PASSIVE, set before torch loads; the
+   workers set it too, workers.WORKER_ENV): spinning ones take the core the other rank needs.
+   That costs ep1 alone its second thread's gain: with spinning threads ep1 ran ~900 tok/s at 2
+   threads against ~690 sleeping (and ~680 at 1 thread) on the 2-core box where this was tuned.
 2. Bytes per decode step per layer: bytes every rank's process wrote (Linux /proc/<pid>/io wchar,
    which counts gloo's socket writes), minus the same idle interval's writes, over K decode steps,
    against the minimum for the all-reduce combine: two SUM all-reduces of [T, H] per layer, each
    of which must move at least 2 (N - 1) T H b bytes in total (reduce-scatter + all-gather bound).
 3. Combine choice: at the same small batch, two real gloo processes time one layer's collectives
-   (a) all-reduce after attention and after the MoE (head-split attention, replicated tokens) and
-   (b) all-to-all dispatch + combine with token counts first (data-parallel attention, as DeepEP).
+   (a) all-reduce after attention and after the MoE (head-split attention, replicated tokens),
+   with gloo's all_reduce and as the group runs it on gloo (pairwise exchange, group.Collectives),
+   and (b) all-to-all dispatch + combine with token counts first (data-parallel attention, as DeepEP).
 
 The last line is one JSON object: ep2_over_ep1_throughput, bytes_per_step_over_minimum, and the
 details. No GPU figures unless run where CUDA is available (not measured in this version).
@@ -34,6 +41,9 @@ def add_parser(commands) -> None:
     p.add_argument("--new-tokens", type=int, default=32, help="tokens per sequence (default 32)")
     p.add_argument("--prompt-len", type=int, default=8, help="prompt tokens (default 8)")
     p.add_argument("--runs", type=int, default=3, help="timed runs per side (default 3)")
+    p.add_argument("--threads", type=int, default=2,
+                   help="torch threads of this process: ep1, and rank 0 of ep2 (default 2, capped at the cores)")
+    p.add_argument("--worker-threads", type=int, default=1, help="torch threads of rank 1 (default 1)")
     p.add_argument("--cache-dir", default=None, help="checkpoint cache (default: a temp dir)")
     p.set_defaults(func=run)
 
@@ -65,6 +75,7 @@ def _combine_proc(rank: int, world: int, port: int, tokens: int, hidden: int, to
     import torch
     import torch.distributed as dist
 
+    from cluster.parallel.group import Collectives
     from cluster.parallel.workers import io_write_bytes
 
     torch.set_num_threads(1)
@@ -80,6 +91,12 @@ def _combine_proc(rank: int, world: int, port: int, tokens: int, hidden: int, to
         dist.all_reduce(a)  # after attention (head-split)
         b = x.clone()
         dist.all_reduce(b)  # after the MoE
+
+    pairwise = Collectives(rank, world, pairwise=True)
+
+    def pairwise_layer():  # the same two all-reduces as the group runs them on gloo
+        pairwise.all_reduce(x.clone())
+        pairwise.all_reduce(x.clone())
 
     local = x[: tokens // world]  # data-parallel attention: each rank owns T / N tokens
     local_owner = owner[: tokens // world]
@@ -97,7 +114,8 @@ def _combine_proc(rank: int, world: int, port: int, tokens: int, hidden: int, to
         back = torch.empty_like(send)
         dist.all_to_all_single(back, recv, send_counts.tolist(), recv_counts.tolist())  # combine
 
-    designs = (("all_reduce", all_reduce_layer), ("all_to_all", all_to_all_layer))
+    designs = (("all_reduce", all_reduce_layer), ("all_reduce_pairwise", pairwise_layer),
+               ("all_to_all", all_to_all_layer))
     times: dict[str, list[float]] = {name: [] for name, _ in designs}
     written: dict[str, int] = {name: 0 for name, _ in designs}
     block = max(1, iters // 8)
@@ -134,7 +152,7 @@ def measure_combines(tokens: int, hidden: int, top_k: int, experts: int, world: 
     for p in procs:
         p.join(30)
     out = {}
-    for name in ("all_reduce", "all_to_all"):
+    for name in ("all_reduce", "all_reduce_pairwise", "all_to_all"):
         out[name] = {
             "us_per_layer": round(max(results[r][name]["us_per_layer"] for r in results), 1),
             "bytes_written_per_layer": sum(results[r][name]["bytes_written_per_layer"] for r in results),
@@ -143,6 +161,11 @@ def measure_combines(tokens: int, hidden: int, top_k: int, experts: int, world: 
 
 
 def run(args: argparse.Namespace) -> int:
+    import sys
+
+    if "torch" in sys.modules and os.environ.get("OMP_WAIT_POLICY", "").upper() != "PASSIVE":
+        print("warning: torch was loaded before the bench could set OMP_WAIT_POLICY=PASSIVE", file=sys.stderr)
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # read once, when torch loads OpenMP
     import ray
     import torch
 
@@ -151,7 +174,8 @@ def run(args: argparse.Namespace) -> int:
     from cluster.parallel.workers import ep_forward_factory
     from cluster.serving.model_store import ensure_preset_checkpoint
 
-    torch.set_num_threads(1)
+    threads = max(1, min(args.threads, os.cpu_count() or 1))
+    torch.set_num_threads(threads)
     cache = args.cache_dir or tempfile.mkdtemp(prefix="gtbench")
     path = ensure_preset_checkpoint(args.preset, Path(cache))
     started = False
@@ -167,7 +191,8 @@ def run(args: argparse.Namespace) -> int:
     ep1 = EngineCore(ep1_model, engine)
     groups = []
     ep2 = EngineCore(load_model(path), engine, ep_forward_factory(str(path), 2, model=load_model(path),
-                                                                  on_start=groups.append))
+                                                                  on_start=groups.append,
+                                                                  torch_threads=args.worker_threads))
     group = groups[0]
     try:
         runs = {"ep1": [], "ep2": []}
@@ -207,14 +232,16 @@ def run(args: argparse.Namespace) -> int:
     combines = measure_combines(args.sequences, H, ep1_model.config.num_experts_per_tok,
                                 ep1_model.config.num_local_experts)
     ratio = best["ep2"] / best["ep1"]
-    print(f"{args.preset}: {args.sequences} sequences x {args.new_tokens} tokens, greedy, float32, 1 thread per rank")
+    print(f"{args.preset}: {args.sequences} sequences x {args.new_tokens} tokens, greedy, float32; torch threads: "
+          f"ep1 {threads}, ep2 rank 0 {threads} + rank 1 {args.worker_threads}; "
+          f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}")
     print(f"  ep1 {best['ep1']:.1f} tok/s (runs {', '.join(f'{v:.0f}' for v in runs['ep1'])}); "
           f"ep2 {best['ep2']:.1f} tok/s (runs {', '.join(f'{v:.0f}' for v in runs['ep2'])}); ratio {ratio:.3f}; "
           f"same greedy tokens: {same_tokens}")
     print(f"  decode step at T={T}: {per_layer:.0f} B written per layer (all ranks) vs minimum {minimum} B "
           f"for two all-reduces of [T, H] fp32 -> {per_layer / minimum:.2f}x")
     for name, c in combines.items():
-        print(f"  combine {name:10s}: {c['us_per_layer']:.0f} us per layer, {c['bytes_written_per_layer']:.0f} B written")
+        print(f"  combine {name:19s}: {c['us_per_layer']:.0f} us per layer, {c['bytes_written_per_layer']:.0f} B written")
     print(json.dumps({
         "ep2_over_ep1_throughput": round(ratio, 4),
         "bytes_per_step_over_minimum": round(per_layer / minimum, 4),
@@ -223,6 +250,7 @@ def run(args: argparse.Namespace) -> int:
         "median_ratio": round(statistics.median(runs["ep2"]) / statistics.median(runs["ep1"]), 4),
         "same_greedy_tokens": same_tokens,
         "bytes_per_decode_step_per_layer": round(per_layer, 1), "minimum_bytes_per_layer": minimum,
-        "decode_batch": T, "combine": combines, "gpu": "not measured (no GPU in this run)",
+        "decode_batch": T, "threads": {"ep1": threads, "ep2_rank0": threads, "ep2_rank1": args.worker_threads},
+        "combine": combines, "gpu": "not measured (no GPU in this run)",
     }))
     return 0

@@ -1,14 +1,16 @@
 """The process group of one expert-parallel replica: per-step metadata, the shard runtime, the driver.
 
 Rank 0 lives in the Serve replica beside the scheduler; ranks 1..N-1 are worker actors
-(workers.py). Every collective is driven by rank 0's per-step metadata, sent with dist.broadcast:
+(workers.py). Every collective is driven by rank 0's per-step metadata, sent as ONE dist.broadcast
+of a fixed-size int64 message (a second one only when a payload outgrows it):
 
-    header [8] int64: op, payload length, ...      (broadcast 1)
-    payload [n] int64: the encoded PagedBatch, or a placement   (broadcast 2, when n > 0)
+    [HEADER] op, payload length, 0...   then the first MESSAGE - HEADER payload values
+    [n - (MESSAGE - HEADER)] the rest of the payload (second broadcast, only for big payloads)
 
-ops: STEP (run the forward on the batch: two SUM all-reduces per layer), NOOP (keepalive, so an
-idle worker's wait never reaches the gloo timeout), PLACE (new expert placement: experts move
-between ranks with point-to-point sends), STOP. No Ray call happens per step or per layer.
+The payload is the encoded PagedBatch or a placement. ops: STEP (run the forward on the batch: two
+SUM all-reduces per layer), NOOP (keepalive, so an idle worker's wait never reaches the gloo
+timeout), PLACE (new expert placement: experts move between ranks with point-to-point sends),
+STOP. No Ray call happens per step or per layer.
 
 torch.distributed is imported here and in workers.py only; cluster/model never sees it.
 """
@@ -35,6 +37,10 @@ log = logging.getLogger(__name__)
 
 STEP, NOOP, PLACE, STOP = 1, 2, 3, 4
 HEADER = 8
+# int64 values per metadata broadcast. A decoding sequence takes ~6 values plus its block tables,
+# so a decode step of the bench's 8 short sequences (~110) is one broadcast; prefill chunks and
+# big batches add a second. On CPU a broadcast costs gloo's latency far more than its 2 KiB.
+MESSAGE = 256
 
 
 def free_port() -> int:
@@ -68,6 +74,8 @@ class GroupSpec:
     layer_group: list[int] = field(default_factory=list)
     layer_tensor: list[int] = field(default_factory=list)
     timeout_s: float = 10.0
+    # torch threads of ranks 1..N-1. Rank 0 keeps its process's (the engine's): it alone runs the
+    # unembedding and sampling, while the workers wait, so it may use the cores they leave idle.
     torch_threads: int = 1
 
     @property
@@ -76,27 +84,60 @@ class GroupSpec:
 
 
 class Collectives:
-    """The group's collectives, with a count of the bytes handed to them (for the benchmark)."""
+    """The group's collectives, with a count of the bytes handed to them (for the benchmark).
 
-    def __init__(self) -> None:
+    On gloo the SUM all-reduce is a pairwise exchange: every rank sends its tensor to every other
+    rank (point-to-point, all in flight at once) and adds the N parts in rank order, so every
+    rank gets bitwise the same sum. For the small [T, H] tensors of a decode step, gloo's own
+    all_reduce took ~0.9 ms on localhost against ~0.15 ms for the exchange (2 ranks, 2 KiB), and
+    the tiny preset's ep2/ep1 tokens/s went from ~0.44 to ~0.62 (`bench experts`, which times
+    both as combine designs). For N = 2 the exchange moves exactly the all-reduce minimum,
+    2 (N - 1) T H b bytes; for larger N it moves N / 2 times that. NCCL keeps dist.all_reduce.
+    """
+
+    def __init__(self, rank: int = 0, world: int = 1, pairwise: bool = False) -> None:
+        self.rank, self.world, self.pairwise = rank, world, pairwise
         self.all_reduce_bytes = 0
         self.all_reduce_calls = 0
         self.broadcast_bytes = 0
-
+        self.broadcast_calls = 0
         self.wait_s = 0.0  # time inside collectives (waiting for peers included)
 
     def all_reduce(self, t: torch.Tensor) -> None:
         t0 = time.perf_counter()
-        dist.all_reduce(t)
+        if self.pairwise and self.world > 1:
+            self._exchange_sum(t)
+        else:
+            dist.all_reduce(t)
         self.wait_s += time.perf_counter() - t0
         self.all_reduce_bytes += t.numel() * t.element_size()
         self.all_reduce_calls += 1
+
+    def _exchange_sum(self, t: torch.Tensor) -> None:
+        if not t.is_contiguous():
+            raise ValueError("all_reduce needs a contiguous tensor")
+        parts: list[torch.Tensor] = []
+        ops = []
+        for peer in range(self.world):
+            if peer == self.rank:
+                parts.append(t)
+                continue
+            buf = torch.empty_like(t)
+            parts.append(buf)
+            ops += [dist.P2POp(dist.isend, t, peer), dist.P2POp(dist.irecv, buf, peer)]
+        for work in dist.batch_isend_irecv(ops):
+            work.wait()
+        total = parts[0] + parts[1]
+        for part in parts[2:]:
+            total += part
+        t.copy_(total)
 
     def broadcast(self, t: torch.Tensor) -> None:
         t0 = time.perf_counter()
         dist.broadcast(t, src=0)
         self.wait_s += time.perf_counter() - t0
         self.broadcast_bytes += t.numel() * t.element_size()
+        self.broadcast_calls += 1
 
 
 # ---- metadata encoding -------------------------------------------------------------------------
@@ -195,13 +236,14 @@ class ShardRuntime:
                  stats: ExpertLoadStats | None = None):
         from cluster.model.checkpoint import load_model
 
-        torch.set_num_threads(spec.torch_threads)
+        if rank > 0:  # rank 0 shares its process with the engine and keeps the engine's thread count
+            torch.set_num_threads(spec.torch_threads)
         self.spec, self.rank = spec, rank
         self.device = torch.device(spec.device)
         if model is None:
             model = load_model(spec.checkpoint, dtype=getattr(torch, spec.dtype), device=spec.device)
         self.model = model
-        self.comm = Collectives()
+        self.comm = Collectives(rank, spec.world, pairwise=spec.backend == "gloo")
         self.stats = stats
         placements = [ExpertPlacement.from_dict(p) for p in spec.placements] or [
             static_placement("contiguous", model.config.num_local_experts, spec.world)
@@ -282,19 +324,23 @@ class ShardRuntime:
 
 
 def _recv_message(runtime: ShardRuntime) -> tuple[int, torch.Tensor | None]:
-    header = torch.zeros(HEADER, dtype=torch.long, device=runtime.device)
-    dist.broadcast(header, src=0)
-    op, n = int(header[0]), int(header[1])
-    payload = None
-    if n:
-        payload = torch.empty(n, dtype=torch.long, device=runtime.device)
-        dist.broadcast(payload, src=0)
-    return op, payload
+    message = torch.empty(MESSAGE, dtype=torch.long, device=runtime.device)
+    runtime.comm.broadcast(message)
+    op, n = int(message[0]), int(message[1])
+    if not n:
+        return op, None
+    first = message[HEADER:HEADER + n]
+    if n <= MESSAGE - HEADER:
+        return op, first
+    rest = torch.empty(n - (MESSAGE - HEADER), dtype=torch.long, device=runtime.device)
+    runtime.comm.broadcast(rest)
+    return op, torch.cat((first, rest))
 
 
 def worker_loop(runtime: ShardRuntime) -> int:
     """Ranks 1..N-1: follow rank 0's messages until STOP; returns the number of steps run."""
     steps = 0
+    torch.set_num_threads(runtime.spec.torch_threads)  # per OS thread under OpenMP: the actor's call thread
     with torch.inference_mode():
         while True:
             op, payload = _recv_message(runtime)
@@ -335,13 +381,17 @@ class GroupDriver:
     def _send(self, op: int, payload: torch.Tensor | None = None) -> None:
         if self.error is not None:
             raise RuntimeError("the expert-parallel group failed earlier") from self.error
+        n = 0 if payload is None else payload.numel()
+        message = torch.zeros(MESSAGE, dtype=torch.long)
+        message[0], message[1] = op, n
+        fits = min(n, MESSAGE - HEADER)
+        if fits:
+            message[HEADER:HEADER + fits] = payload[:fits]
         device = self.runtime.device
-        header = torch.zeros(HEADER, dtype=torch.long)
-        header[0], header[1] = op, 0 if payload is None else payload.numel()
         try:
-            self.runtime.comm.broadcast(header.to(device))
-            if payload is not None:
-                self.runtime.comm.broadcast(payload.to(device))
+            self.runtime.comm.broadcast(message.to(device))
+            if n > fits:
+                self.runtime.comm.broadcast(payload[fits:].contiguous().to(device))
         except BaseException as err:
             self.error = err
             raise

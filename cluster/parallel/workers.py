@@ -21,6 +21,12 @@ from cluster.parallel.group import ExpertLoadStats, GroupDriver, GroupSpec, Shar
 
 log = logging.getLogger(__name__)
 
+# On CPU the ranks of a group share the node's cores and meet at two collectives per layer. An
+# OpenMP thread that spin-waits after a parallel op (libgomp's default) keeps a core busy that a
+# peer rank needs to reach that collective; on a 2-core box it made a step of the tiny preset
+# ~2x slower (bench experts). Idle OpenMP threads of CPU workers sleep instead.
+WORKER_ENV = {"OMP_WAIT_POLICY": "PASSIVE"}
+
 
 @ray.remote(max_concurrency=4)
 class ExpertWorker:
@@ -112,6 +118,8 @@ def start_group(spec: GroupSpec, *, worker_cpus: float = 0.1, worker_gpus: float
         own_pg = pg = placement_group([bundle] * spec.world, strategy=strategy)
         ray.get(pg.ready(), timeout=60)
     options = {"num_cpus": worker_cpus, **({"num_gpus": worker_gpus} if worker_gpus else {})}
+    if not worker_gpus:  # CPU ranks share cores: see WORKER_ENV
+        options["runtime_env"] = {"env_vars": dict(WORKER_ENV)}
     workers = [ExpertWorker.options(
         **options, scheduling_strategy=PlacementGroupSchedulingStrategy(placement_group=pg, placement_group_bundle_index=i),
         name=None).remote() for i in range(1, spec.world)]
