@@ -5,7 +5,8 @@ Names follow the Prometheus guide: prefix `gptoss_`, subsystem, base units in th
 `FrontdoorMetrics` bound to a registry (the process default unless a test passes its own),
 served over HTTP by `serve_metrics`. The `gptoss_replica_*` families are the engines' own
 statistics (label `replica`: Ray Serve's replica id), as the front door last polled them from
-the replicas' load reports; `ReplicaLoadCollector` exposes them.
+the replicas' load reports; `ReplicaLoadCollector` exposes them, and the `gptoss_expert_*`
+families of expert-parallel replicas from the same reports.
 """
 
 from __future__ import annotations
@@ -187,44 +188,38 @@ class ReplicaLoadCollector(Collector):
                 if value is not None:
                     family.add_metric([replica_id], float(value))
             yield family
+        yield from _expert_families(reports)
 
 
-class ExpertMetrics:
-    """Expert-parallel load of one replica (its rank 0 sees every token's routing).
+# Expert-parallel replicas only (parallel.ep_size > 1): their rank 0 sees every token's routing.
+# Cardinality: gptoss_expert_tokens_total has layers x experts series per replica (36 x 128 for
+# 120b); the imbalance gauge, one per layer, is the cheap signal to alert on.
+_EXPERT_FAMILIES = (
+    ("gptoss_expert_tokens_total", "Tokens routed to each expert (each token counts once per chosen expert).",
+     "counter", ("replica", "layer", "expert")),
+    ("gptoss_expert_imbalance_ratio",
+     "Per-rank expert load max/mean over the recent window under the current placement (1 = balanced).",
+     "gauge", ("replica", "layer")),
+    ("gptoss_expert_rebalances_total", "Expert placements the replica's rebalancer applied.",
+     "counter", ("replica",)),
+)
 
-    Cardinality: gptoss_expert_tokens_total has layers x experts series (36 x 128 for 120b); the
-    imbalance gauge, one per layer, is the cheap signal to alert on.
-    """
 
-    def __init__(self, registry: CollectorRegistry = REGISTRY) -> None:
-        self.registry = registry
-        self.expert_tokens_total = Counter(
-            "gptoss_expert_tokens_total",
-            "Tokens routed to each expert (each token counts once per chosen expert), by layer and expert.",
-            ["layer", "expert"], registry=registry)
-        self.imbalance_ratio = Gauge(
-            "gptoss_expert_imbalance_ratio",
-            "Per-rank expert load max/mean over the recent window under the current placement (1 = balanced).",
-            ["layer"], registry=registry)
-        self.rebalances_total = Counter(
-            "gptoss_expert_rebalances_total",
-            "Expert placements applied by the rebalancer.", registry=registry)
-        self._seen: list[list[int]] | None = None
-        self._rebalances = 0
-
-    def update(self, totals: list[list[int]], imbalance: list[float], rebalances: int) -> None:
-        """Bring the metrics up to cumulative `totals` [layer][expert], per-layer `imbalance`, `rebalances`."""
-        seen = self._seen or [[0] * len(row) for row in totals]
-        for layer, row in enumerate(totals):
+def _expert_families(reports: list[tuple[str, object]]):
+    loads = [(rid, stats.expert_load) for rid, stats in reports if getattr(stats, "expert_load", None) is not None]
+    if not loads:
+        return
+    tokens, imbalance, rebalances = (
+        (GaugeMetricFamily if kind == "gauge" else CounterMetricFamily)(name, documentation, labels=labels)
+        for name, documentation, kind, labels in _EXPERT_FAMILIES)
+    for replica_id, load in loads:
+        for layer, row in enumerate(load.tokens_per_expert_total):
             for expert, n in enumerate(row):
-                if n > seen[layer][expert]:
-                    self.expert_tokens_total.labels(str(layer), str(expert)).inc(n - seen[layer][expert])
-        self._seen = [list(row) for row in totals]
-        for layer, ratio in enumerate(imbalance):
-            self.imbalance_ratio.labels(str(layer)).set(ratio)
-        if rebalances > self._rebalances:
-            self.rebalances_total.inc(rebalances - self._rebalances)
-            self._rebalances = rebalances
+                tokens.add_metric([replica_id, str(layer), str(expert)], float(n))
+        for layer, ratio in enumerate(load.imbalance):
+            imbalance.add_metric([replica_id, str(layer)], float(ratio))
+        rebalances.add_metric([replica_id], float(load.rebalances_total))
+    yield from (tokens, imbalance, rebalances)
 
 
 def serve_metrics(metrics: FrontdoorMetrics, host: str, port: int):

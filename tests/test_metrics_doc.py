@@ -25,6 +25,8 @@ def defined_metrics() -> dict[str, tuple[str, tuple[str, ...]]]:
             if isinstance(collector, metrics_module.ReplicaLoadCollector):
                 for name, _, kind, _ in metrics_module._REPLICA_FAMILIES:
                     found[name] = (kind, ("replica",))
+                for name, _, kind, labels in metrics_module._EXPERT_FAMILIES:
+                    found[name] = (kind, labels)
                 continue
             name = collector._name + SUFFIX.get(collector._type, "")
             found[name] = (collector._type, tuple(collector._labelnames))

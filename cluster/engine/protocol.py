@@ -13,6 +13,16 @@ from cluster.engine.request import GenerateRequest, ModelLimits, TokenChunk
 
 
 @dataclass(frozen=True)
+class ExpertLoad:
+    """Expert routing load of an expert-parallel replica (parallel.ep_size > 1; its rank 0 sees
+    every token's routing). The replica attaches it to the engine's stats for /metrics."""
+
+    tokens_per_expert_total: list[list[int]]  # [layer][expert]: tokens routed there since the replica started
+    imbalance: list[float]  # per layer: per-rank load max/mean over the recent window (1 = balanced)
+    rebalances_total: int  # expert placements applied
+
+
+@dataclass(frozen=True)
 class EngineStats:
     """What an engine last counted; cheap to build, read at any time (routing, autoscaling, /metrics).
 
@@ -33,6 +43,7 @@ class EngineStats:
     prefix_cache_hit_tokens_total: int = 0  # of those, tokens whose K/V were reused
     preemptions_total: int = 0  # running requests evicted to free KV blocks (recomputed later)
     generation_tokens_per_s: float = 0.0  # tokens generated per second over the last few seconds
+    expert_load: ExpertLoad | None = None  # set by an expert-parallel replica, None otherwise
 
     @property
     def kv_cache_usage(self) -> float | None:

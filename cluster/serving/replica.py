@@ -10,6 +10,7 @@ step loop has died, so Serve replaces the replica.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from pathlib import Path
@@ -18,7 +19,7 @@ from typing import AsyncIterator
 from ray import serve
 
 from cluster.config import ClusterConfig, ConfigError
-from cluster.engine.protocol import Engine, EngineStats
+from cluster.engine.protocol import Engine, EngineStats, ExpertLoad
 from cluster.engine.request import GenerateRequest, TokenChunk
 from cluster.serving.model_info import ModelInfo, checkpoint_quantization
 from cluster.serving.model_store import ensure_preset_checkpoint
@@ -178,8 +179,12 @@ class ModelReplica:
         return self._engine.stats()
 
     def load_report(self) -> tuple[str, EngineStats]:
-        """(this replica's Serve id, its engine stats), for GetLoads."""
-        return serve.get_replica_context().replica_id.unique_id, self._engine.stats()
+        """(this replica's Serve id, its engine stats with the expert load when expert-parallel),
+        for GetLoads and the front door's per-replica metrics."""
+        stats = self._engine.stats()
+        if self._group is not None:
+            stats = dataclasses.replace(stats, expert_load=self._expert_load())
+        return serve.get_replica_context().replica_id.unique_id, stats
 
     def engine_signals(self) -> dict[str, float]:
         """The engine's load signals for routing and autoscaling (EngineStats fields an engine has
@@ -238,28 +243,21 @@ class ModelReplica:
         if self._group is None:
             return {"ep_size": 1}
         runtime = self._group.runtime
-        placements = runtime.placements
-        loads = runtime.stats.window_loads().tolist()
+        load = self._expert_load()
         return {
             "ep_size": runtime.spec.world,
             **runtime.stats.to_dict(),
-            "imbalance": [pl.imbalance(layer) for pl, layer in zip(placements, loads)],
-            "placements": [pl.to_dict() for pl in placements],
+            "imbalance": load.imbalance,
+            "placements": [pl.to_dict() for pl in runtime.placements],
             "rebalances": [vars(r) for r in self._group.driver.rebalances],
         }
 
-    def expert_metrics_text(self) -> str:
-        """gptoss_expert_* metrics of this replica in the Prometheus text format."""
-        from prometheus_client import CollectorRegistry, generate_latest
-
-        from cluster.metrics import ExpertMetrics
-
-        if getattr(self, "_expert_metrics", None) is None:
-            self._expert_metrics = ExpertMetrics(CollectorRegistry())
-        stats = self.expert_stats()
-        if stats["ep_size"] > 1:
-            self._expert_metrics.update(stats["tokens_per_expert_total"], stats["imbalance"], len(stats["rebalances"]))
-        return generate_latest(self._expert_metrics.registry).decode()
+    def _expert_load(self) -> ExpertLoad:
+        runtime = self._group.runtime
+        loads = runtime.stats.window_loads().tolist()
+        return ExpertLoad(tokens_per_expert_total=runtime.stats.totals.tolist(),
+                          imbalance=[pl.imbalance(layer) for pl, layer in zip(runtime.placements, loads)],
+                          rebalances_total=len(self._group.driver.rebalances))
 
     def expert_memory(self) -> list[dict]:
         """Each rank's resident bytes, read by that rank from its own tensors."""

@@ -7,6 +7,7 @@ import copy
 import os
 import signal
 import time
+import urllib.request
 
 import grpc
 import pytest
@@ -46,14 +47,23 @@ def ep_app(ray_serving, serving_config):
     handle = serve.run(build_app(config), name=APP, route_prefix=None)
     door = BackgroundFrontdoor(handle, config.frontdoor, FrontdoorMetrics(CollectorRegistry()))
     channel = grpc.insecure_channel(door.target)
-    yield handle, inference_pb2_grpc.InferenceStub(channel)
+    yield handle, inference_pb2_grpc.InferenceStub(channel), door
     channel.close()
     door.close()
     serve.delete(APP)
 
 
+def scrape(port: int) -> dict[tuple[str, frozenset], float]:
+    """The front door's /metrics over HTTP: (name, labels) -> value."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    return {(s.name, frozenset(s.labels.items())): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}
+
+
 def test_ep2_serving_matches_ep1_through_grpc(ep_app, stub):
-    handle, ep_stub = ep_app
+    handle, ep_stub, door = ep_app
     expected = generate(stub, PROMPT, 24)  # the session's ep 1 app
     assert generate(ep_stub, PROMPT, 24) == expected
     reports = handle.expert_memory.remote().result(timeout_s=30)
@@ -62,13 +72,33 @@ def test_ep2_serving_matches_ep1_through_grpc(ep_app, stub):
     assert all(r["kv_heads"] == 1 and r["q_heads"] == 2 for r in reports)  # tiny: 4 q / 2 kv heads
     stats = handle.expert_stats.remote().result(timeout_s=30)
     assert stats["ep_size"] == 2 and sum(map(sum, stats["tokens_per_expert_total"])) > 0
-    text = handle.expert_metrics_text.remote().result(timeout_s=30)
-    assert 'gptoss_expert_tokens_total{expert="0",layer="0"}' in text
-    assert "gptoss_expert_imbalance_ratio" in text
+
+    # The front door relays the replica's expert routing counts on its /metrics (its poller runs
+    # every 0.5 s, so a report may predate the end of the request: wait for the final count). The
+    # app has computed one request: 10 prompt + 23 fed-back tokens, each routed to top-4 experts
+    # in every layer.
+    expected_per_layer = 4 * (len(PROMPT) + 23)
+    assert [sum(row) for row in stats["tokens_per_expert_total"]] == [expected_per_layer] * 4
+    deadline = time.monotonic() + 30
+    while True:
+        samples = scrape(door.server.metrics_port)
+        tokens: dict[str, float] = {}
+        for (name, labels), value in samples.items():
+            if name == "gptoss_expert_tokens_total":
+                layer = dict(labels)["layer"]
+                tokens[layer] = tokens.get(layer, 0.0) + value
+        if tokens == {layer: expected_per_layer for layer in "0123"} or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    assert tokens == {layer: expected_per_layer for layer in "0123"}
+    replicas = {dict(labels)["replica"] for name, labels in samples if name == "gptoss_expert_imbalance_ratio"}
+    assert len(replicas) == 1  # the ep 2 app's one replica
+    ratios = [v for (name, _), v in samples.items() if name == "gptoss_expert_imbalance_ratio"]
+    assert len(ratios) == 4 and all(r >= 1.0 for r in ratios)
 
 
 def test_killed_worker_fails_requests_fast_and_the_replica_comes_back(ep_app, stub):
-    handle, ep_stub = ep_app
+    handle, ep_stub, _ = ep_app
     expected = generate(stub, PROMPT, 16)
     pid = handle.expert_worker_pids.remote().result(timeout_s=30)[0]
     request = pb.GenerateRequest(prompt_token_ids=PROMPT, sampling=pb.SamplingParams(max_tokens=3000, ignore_stop=True))

@@ -7,8 +7,9 @@ from conftest import prompts_of
 from prometheus_client import CollectorRegistry
 
 from cluster.engine.core import EngineConfig, EngineCore, run_to_completion
+from cluster.engine.protocol import EngineStats, ExpertLoad
 from cluster.engine.sequence import SamplingSettings, Sequence
-from cluster.metrics import ExpertMetrics
+from cluster.metrics import ReplicaLoadCollector
 from cluster.model.checkpoint import load_model
 from cluster.parallel.expert_map import contiguous
 from cluster.parallel.group import ExpertLoadStats
@@ -43,14 +44,17 @@ def test_window_stats_rebalancer_and_metrics():
     print(f"\nskewed synthetic load, 2 ranks: max/mean before {max(before):.3f} -> after {max(after):.3f}")
     assert max(before) > 1.2 and max(after) < 1.1 and result.imbalance_after == max(after)
 
+    # As the front door exports them: from an expert-parallel replica's load report.
     registry = CollectorRegistry()
-    metrics = ExpertMetrics(registry)
-    metrics.update(stats.totals.tolist(), after, 1)
-    metrics.update(stats.totals.tolist(), after, 1)  # idempotent for unchanged totals
+    collector = ReplicaLoadCollector()
+    registry.register(collector)
+    load = ExpertLoad(tokens_per_expert_total=stats.totals.tolist(), imbalance=after, rebalances_total=1)
+    collector.update([("r1", EngineStats(0, 0, 0, 0, 0, 0, expert_load=load)), ("r2", EngineStats(0, 0, 0, 0, 0, 0))])
     sample = registry.get_sample_value
-    assert sample("gptoss_expert_tokens_total", {"layer": "0", "expert": "0"}) == int(stats.totals[0, 0])
-    assert sample("gptoss_expert_imbalance_ratio", {"layer": "3"}) == after[3]
-    assert sample("gptoss_expert_rebalances_total") == 1
+    assert sample("gptoss_expert_tokens_total", {"replica": "r1", "layer": "0", "expert": "0"}) == int(stats.totals[0, 0])
+    assert sample("gptoss_expert_imbalance_ratio", {"replica": "r1", "layer": "3"}) == after[3]
+    assert sample("gptoss_expert_rebalances_total", {"replica": "r1"}) == 1
+    assert sample("gptoss_expert_rebalances_total", {"replica": "r2"}) is None  # not expert-parallel
 
 
 def test_rebalancing_while_serving_drops_nothing_and_keeps_parity(ray_cluster, tiny_checkpoint):
