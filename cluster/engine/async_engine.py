@@ -20,11 +20,12 @@ import asyncio
 import itertools
 import logging
 import threading
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 from cluster.engine.core import EngineCore, EngineCoreStats, StepOutput
-from cluster.engine.errors import EngineDead, EngineOverloadedError, RequestTooLong
+from cluster.engine.errors import DeadlineExceededError, EngineDead, EngineOverloadedError, RequestTooLong
 from cluster.engine.request import TokenLogprobs
 from cluster.engine.sequence import EndReason, SamplingSettings, Sequence
 
@@ -132,9 +133,10 @@ class AsyncEngine:
             self._wake.notify()
 
     async def generate(self, prompt_token_ids: list[int], sampling: SamplingSettings,
-                       request_id: str | None = None) -> AsyncIterator[SequenceChunk]:
-        """Stream chunks of new tokens. Raises EngineOverloadedError/RequestTooLong/ValueError before the first chunk."""
-        seq = Sequence(request_id or f"req-{next(self._ids)}", list(prompt_token_ids), sampling)
+                       request_id: str | None = None, deadline_s: float | None = None) -> AsyncIterator[SequenceChunk]:
+        """Stream chunks of new tokens. Raises EngineOverloadedError/RequestTooLong/ValueError before the
+        first chunk, and DeadlineExceededError if `deadline_s` (epoch seconds) passes while it is queued."""
+        seq = Sequence(request_id or f"req-{next(self._ids)}", list(prompt_token_ids), sampling, deadline_s=deadline_s)
         stream = self.submit(seq)
         finished = failed = False
         try:
@@ -148,6 +150,8 @@ class AsyncEngine:
                         raise item
                 outputs: list[StepOutput] = items  # type: ignore[assignment]
                 last = outputs[-1]
+                if last.end_reason is EndReason.DEADLINE:  # dropped from the queue: nothing ran
+                    raise DeadlineExceededError(seq.request_id, time.time() - (deadline_s or 0.0))
                 finished = last.end_reason is not None
                 yield SequenceChunk(
                     request_id=seq.request_id,

@@ -62,7 +62,7 @@ class BatchingEngine:
         settings = self.settings_for(request)
         # Engine-internal ids must be unique; a client may reuse its x-request-id.
         internal_id = f"{request.request_id or 'req'}#{next(self._ids)}"
-        stream = self._engine.generate(list(request.prompt_token_ids), settings, internal_id)
+        stream = self._engine.generate(list(request.prompt_token_ids), settings, internal_id, request.deadline_s)
         try:
             async for chunk in stream:
                 flushed_at = time.monotonic()

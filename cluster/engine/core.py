@@ -121,13 +121,21 @@ class EngineCore:
 
     @torch.inference_mode()
     def step(self) -> list[StepOutput]:
+        """One forward over every scheduled token; returns each new token, plus an end (token None,
+        EndReason.DEADLINE) for every waiting request dropped because its deadline passed."""
         scheduled = self.scheduler.schedule()
+        outputs = [StepOutput(seq.request_id, None, None, EndReason.DEADLINE, seq.num_prompt_tokens,
+                              len(seq.output_token_ids), seq.num_cached_tokens) for seq in scheduled.expired]
+        for seq in scheduled.expired:
+            self._live_ids.discard(seq.request_id)
         if not scheduled.chunks:
-            return []
+            if outputs:
+                self._record(0, len(outputs))
+                self.stats = self._snapshot()
+            return outputs
         sampled = self.runner.execute(scheduled)
         self.scheduler.update_from_output(scheduled, sampled)
-        outputs = []
-        ended = 0
+        ended = len(outputs)
         for chunk in scheduled.chunks:
             seq = chunk.request
             if seq.request_id not in sampled:
@@ -140,8 +148,8 @@ class EngineCore:
                 ended += 1
         self._steps += 1
         self._computed_tokens += scheduled.num_batched_tokens
-        self._generation_tokens += len(outputs)
-        self._record(len(outputs), ended)
+        self._generation_tokens += len(sampled)
+        self._record(len(sampled), ended)
         self.stats = self._snapshot()
         return outputs
 

@@ -50,6 +50,19 @@ class EngineOverloadedError(EngineError):
         return (type(self), (self.queued, self.limit, self.retry_after_s))
 
 
+class DeadlineExceededError(EngineError, TimeoutError):
+    """The request's deadline passed while it waited in the engine's queue: it was dropped unstarted.
+    The front door maps it (a TimeoutError) to DEADLINE_EXCEEDED."""
+
+    def __init__(self, request_id: str, late_by_s: float) -> None:
+        super().__init__(f"request {request_id} dropped from the queue {late_by_s:.3f} s past its deadline")
+        self.request_id = request_id
+        self.late_by_s = late_by_s
+
+    def __reduce__(self):
+        return (type(self), (self.request_id, self.late_by_s))
+
+
 class EngineDead(EngineError):
     """The engine's step loop failed: this replica can serve nothing more (Serve replaces it)."""
 

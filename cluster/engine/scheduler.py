@@ -11,6 +11,7 @@ recomputed (prompt + tokens so far) later.
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -55,6 +56,7 @@ class ScheduledChunk:
 class SchedulerOutput:
     chunks: list[ScheduledChunk] = field(default_factory=list)
     preempted: list[Sequence] = field(default_factory=list)
+    expired: list[Sequence] = field(default_factory=list)  # dropped from the queue past their deadline
 
     @property
     def num_batched_tokens(self) -> int:
@@ -84,6 +86,7 @@ class Scheduler:
         self.waiting.append(request)
 
     def schedule(self) -> SchedulerOutput:
+        expired = self._drop_expired()
         budget = self.config.max_num_batched_tokens
         scheduled: dict[str, ScheduledChunk] = {}
         preempted: list[Sequence] = []
@@ -124,7 +127,18 @@ class Scheduler:
             scheduled[request.request_id] = ScheduledChunk(request, prefix.num_tokens, num_new)
             budget -= num_new
 
-        return SchedulerOutput(list(scheduled.values()), preempted)
+        return SchedulerOutput(list(scheduled.values()), preempted, expired)
+
+    def _drop_expired(self) -> list[Sequence]:
+        """Finish (EndReason.DEADLINE) every waiting request whose deadline has passed; running ones
+        are left to their consumer, which holds the partial output."""
+        if not self.waiting:
+            return []
+        now = time.time()
+        expired = [r for r in self.waiting if r.deadline_s is not None and r.deadline_s <= now]
+        for request in expired:
+            self._finish(request, EndReason.DEADLINE)
+        return expired
 
     def _preempt(self, request: Sequence) -> None:
         self.running.remove(request)

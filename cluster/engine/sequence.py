@@ -26,6 +26,7 @@ class EndReason(enum.Enum):
     STOP = "stop"  # sampled one of the stop token ids
     LENGTH = "length"  # produced max_tokens
     ABORT = "abort"  # cancelled by the caller or the client went away
+    DEADLINE = "deadline"  # its deadline passed while it waited in the queue
 
 
 class SequenceStatus(enum.Enum):
@@ -76,6 +77,9 @@ class Sequence:
     request_id: str
     prompt_token_ids: list[int]
     sampling: SamplingSettings = field(default_factory=SamplingSettings)
+    # Absolute deadline (time.time() seconds, as GenerateRequest.deadline_s); a request still
+    # waiting past it is dropped at the next step. None: none.
+    deadline_s: float | None = None
 
     output_token_ids: list[int] = field(default_factory=list)
     output_logprobs: list[TokenLogprobs] = field(default_factory=list)

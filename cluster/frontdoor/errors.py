@@ -29,7 +29,7 @@ from grpc_status import rpc_status
 from ray import exceptions as ray_exceptions
 from ray.serve import exceptions as serve_exceptions
 
-from cluster.engine.errors import EngineDead, EngineOverloadedError, InvalidRequestError
+from cluster.engine.errors import DeadlineExceededError, EngineDead, EngineOverloadedError, InvalidRequestError
 
 log = logging.getLogger(__name__)
 
@@ -207,7 +207,7 @@ def status_for(err: BaseException, *, request_id: str = "") -> RpcError:
     if isinstance(cause, DrainingError):
         return RpcError(code.UNAVAILABLE, str(cause), reason="DRAINING", retry_after_s=UNAVAILABLE_RETRY_S,
                         request_id=request_id)
-    if isinstance(cause, (asyncio.TimeoutError, TimeoutError, ray_exceptions.GetTimeoutError)):
+    if isinstance(cause, (DeadlineExceededError, asyncio.TimeoutError, TimeoutError, ray_exceptions.GetTimeoutError)):
         return RpcError(code.DEADLINE_EXCEEDED, "deadline exceeded", request_id=request_id)
     if isinstance(cause, (serve_exceptions.RequestCancelledError, ray_exceptions.TaskCancelledError,
                           asyncio.CancelledError)):

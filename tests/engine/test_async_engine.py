@@ -11,7 +11,7 @@ from engine_fixtures import engine_model, one_intra_op_thread  # noqa: F401  (fi
 
 from cluster.engine.async_engine import AsyncEngine
 from cluster.engine.core import EngineConfig, EngineCore
-from cluster.engine.errors import EngineOverloadedError, RequestTooLong
+from cluster.engine.errors import DeadlineExceededError, EngineOverloadedError, RequestTooLong
 from cluster.engine.sequence import EndReason, SamplingSettings
 from cluster.model.generate import greedy
 
@@ -111,6 +111,29 @@ def test_refusal_is_immediate(engine_factory, engine_model):
         return elapsed
 
     assert asyncio.run(main()) < 0.05
+
+
+def test_a_queued_request_whose_deadline_passes_is_dropped_without_closing_its_stream(engine_factory, engine_model):
+    engine = engine_factory(max_num_seqs=1, max_num_batched_tokens=8)
+    prompt = prompts_of([30], engine_model("tiny-small-vocab").config.vocab_size)[0]
+    long_run = SamplingSettings(max_tokens=500, temperature=0.0, stop_token_ids=())
+
+    async def main():
+        running = engine.generate(prompt, long_run, "running")
+        await running.__anext__()  # admitted and decoding; max_num_seqs 1 keeps the next one queued
+        # The consumer waits on the stream with no timeout of its own: only the engine can end it.
+        queued = engine.generate(prompt, long_run, "queued", deadline_s=time.time() + 0.2)
+        with pytest.raises(DeadlineExceededError) as info:
+            await asyncio.wait_for(queued.__anext__(), 10)
+        stats = engine.stats()
+        await running.aclose()
+        return info.value, stats
+
+    err, stats = asyncio.run(main())
+    assert err.request_id == "queued" and 0 <= err.late_by_s < 5
+    assert stats.num_waiting == 0 and stats.num_running == 1
+    assert engine.cancelled_total == 2 and engine.finished_total == 0
+    engine.core.kv_cache.check_invariants()
 
 
 def test_closing_a_stream_frees_its_blocks_at_the_next_step(engine_factory, engine_model):

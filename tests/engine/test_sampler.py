@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from cluster.engine.sequence import SamplingSettings
-from cluster.engine.sampler import Sampler, apply_top_k_top_p
+from cluster.engine.sampler import Sampler, apply_top_k_top_p, argmax_rows
 
 V = 50
 
@@ -15,6 +15,18 @@ def logits_rows(n: int, seed: int = 0) -> torch.Tensor:
 
 def gens(*seeds):
     return [torch.Generator().manual_seed(s) for s in seeds]
+
+
+@pytest.mark.parametrize("width", [201088, 1024 * 16, 1024 * 20 + 7])
+def test_argmax_rows_is_torch_argmax_on_wide_rows_with_ties_and_nan(width):
+    logits = torch.randn(6, width, generator=torch.Generator().manual_seed(width))
+    logits[1, [7, width - 1]] = 100.0  # tie across blocks: the first wins
+    logits[2, [width - 3, width - 1]] = 100.0  # tie inside the short last block
+    logits[3, 5000] = float("nan")  # NaN wins, as in torch.argmax
+    logits[4] = float("-inf")
+    logits[5, width - 1] = 100.0
+    assert argmax_rows(logits).tolist() == logits.argmax(dim=-1).tolist()
+    assert argmax_rows(logits[[1, 3]]).tolist() == logits[[1, 3]].argmax(dim=-1).tolist()
 
 
 def test_greedy_is_argmax():

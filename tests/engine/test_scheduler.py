@@ -1,3 +1,5 @@
+import time
+
 import pytest
 import torch
 
@@ -119,6 +121,22 @@ def test_second_request_with_shared_prefix_starts_from_the_hit():
     (chunk,) = out.chunks
     assert chunk.start == 64 and chunk.num_tokens == 1
     assert s.kv_cache.prefix_hit_tokens == 64
+
+
+def test_waiting_request_past_its_deadline_is_dropped_at_the_next_step():
+    s = make_scheduler(max_num_seqs=1)
+    s.add_request(req("running", 4, max_tokens=10))
+    s.add_request(Sequence("late", list(range(100, 108)), SamplingSettings(max_tokens=4), deadline_s=time.time() - 1))
+    s.add_request(Sequence("on-time", list(range(100, 108)), SamplingSettings(max_tokens=4),
+                           deadline_s=time.time() + 3600))
+    out, _ = fake_step(s)
+    assert [r.request_id for r in out.expired] == ["late"]
+    late = out.expired[0]
+    assert late.status is SequenceStatus.FINISHED and late.finish_reason is EndReason.DEADLINE
+    assert [r.request_id for r in s.waiting] == ["on-time"]  # still queued behind max_num_seqs 1
+    s.running[0].deadline_s = time.time() - 1  # running requests are left to their consumer
+    out, _ = fake_step(s)
+    assert out.expired == [] and [c.request.request_id for c in out.chunks] == ["running"]
 
 
 def test_config_validation_names_the_field():

@@ -7,7 +7,7 @@ import pytest
 from ray import exceptions as ray_exceptions
 from ray.serve.exceptions import BackPressureError
 
-from cluster.engine.errors import EngineOverloadedError, InvalidRequestError
+from cluster.engine.errors import DeadlineExceededError, EngineOverloadedError, InvalidRequestError
 from cluster.frontdoor.errors import FieldError, status_for
 from cluster.harmony.render import HarmonyInputError
 
@@ -38,6 +38,9 @@ def test_invalid_input_raised_in_a_replica_keeps_its_field():
     (ray_exceptions.RayActorError(), grpc.StatusCode.UNAVAILABLE),
     (ray_exceptions.ActorUnavailableError("gone", None), grpc.StatusCode.UNAVAILABLE),
     (TimeoutError(), grpc.StatusCode.DEADLINE_EXCEEDED),
+    (DeadlineExceededError("r1", 0.25), grpc.StatusCode.DEADLINE_EXCEEDED),
+    (ray_exceptions.RayTaskError("generate", "Traceback ...", DeadlineExceededError("r1", 0.25)),
+     grpc.StatusCode.DEADLINE_EXCEEDED),
     (ray_exceptions.TaskCancelledError(), grpc.StatusCode.CANCELLED),
 ])
 def test_overload_failure_deadline_and_cancel_codes(err, code):
