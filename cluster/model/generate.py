@@ -11,13 +11,14 @@ from collections.abc import Iterable, Iterator
 import torch
 
 from cluster.model.transformer import GptOssModel
+from cluster.model.unembedding import argmax_rows
 
 
 def sample(logits: torch.Tensor, *, temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
            generator: torch.Generator | None = None) -> int:
     """Pick one token id from logits [V]: argmax at temperature 0, else top-k / top-p sampling."""
     if temperature <= 0.0:
-        return int(torch.argmax(logits))
+        return int(argmax_rows(logits.unsqueeze(0))[0])
     logits = logits.float() / temperature
     if 0 < top_k < logits.shape[-1]:
         kth = torch.topk(logits, top_k).values[-1]

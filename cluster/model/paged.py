@@ -14,7 +14,6 @@ sequence.
 
 from __future__ import annotations
 
-import weakref
 from dataclasses import dataclass
 
 import torch
@@ -22,6 +21,7 @@ import torch
 from cluster.model.attention import Attention
 from cluster.model.layers import apply_rotary
 from cluster.model.transformer import GptOssModel
+from cluster.model.unembedding import unembed
 
 
 @dataclass
@@ -77,40 +77,7 @@ def paged_forward(model: GptOssModel, batch: PagedBatch, cache: PagedKVCache) ->
         x = x + h
         x = x + block.mlp(block.mlp_norm(x))
     x = x[batch.logits_indices]  # [R, H]
-    return unembed(model, model.norm(x))  # [R, V]
-
-
-# The unembedding (hidden -> 201088 logits) is the largest matmul of a step on small models. On
-# CPU, MKL's sgemm runs this shape (inner dimension = the hidden size) several times slower than
-# oneDNN does with a weight reordered once for it (tiny preset, 2 threads: 32 rows 11.8 -> 2.7 ms,
-# 1 row 2.3 -> 0.9 ms, measured). The reordered copy costs the weight's size again, so only
-# float32 weights up to this size get one; everything else goes through nn.Linear as before.
-PACKED_UNEMBEDDING_BYTES = 256 << 20
-_packed: weakref.WeakKeyDictionary[torch.nn.Module, tuple[tuple, torch.Tensor]] = weakref.WeakKeyDictionary()
-
-
-def unembed(model: GptOssModel, x: torch.Tensor) -> torch.Tensor:
-    """x [R, H] (normed) -> float32 logits [R, V], as `model.unembedding` computes them."""
-    packed = _packed_weight(model.unembedding)
-    if packed is None:
-        return model.unembedding(x).float()
-    return torch.ops.mkldnn._linear_pointwise(x.contiguous(), packed, None, "none", [], "")
-
-
-def _packed_weight(linear: torch.nn.Linear) -> torch.Tensor | None:
-    """The oneDNN-reordered copy of `linear`'s weight, made on first use and remade if the weight changes."""
-    weight = linear.weight
-    if (linear.bias is not None or weight.device.type != "cpu" or weight.dtype != torch.float32
-            or not torch.backends.mkldnn.is_available()
-            or weight.numel() * weight.element_size() > PACKED_UNEMBEDDING_BYTES):
-        return None
-    stamp = (weight.data_ptr(), weight._version, tuple(weight.shape))
-    entry = _packed.get(linear)
-    if entry is None or entry[0] != stamp:
-        # The batch-size hint only picks the blocking; 32 measured best for 1..32 rows.
-        entry = (stamp, torch.ops.mkldnn._reorder_linear_weight(weight.detach(), 32))
-        _packed[linear] = entry  # one assignment: a thread stepping meanwhile sees the old or the new copy
-    return entry[1]
+    return unembed(model.unembedding, model.norm(x))  # [R, V]
 
 
 class _AttentionPlan:

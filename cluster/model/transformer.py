@@ -13,6 +13,7 @@ from cluster.model.attention import Attention, KVCache
 from cluster.model.config import GptOssConfig
 from cluster.model.layers import RMSNorm, RotaryEmbedding
 from cluster.model.moe import MoE
+from cluster.model.unembedding import unembed
 
 
 class Block(nn.Module):
@@ -75,7 +76,7 @@ class GptOssModel(nn.Module):
         cache.length = start + T
         if last_only:
             x = x[:, -1:]
-        return self.unembedding(self.norm(x)).float()  # [B, T, V]
+        return unembed(self.unembedding, self.norm(x))  # [B, T, V]
 
     def dequantize_experts_(self) -> None:
         """Unpack every layer's MXFP4 experts into dense weights (faster decode, ~4x the memory)."""

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from cluster.engine.sequence import SamplingSettings
-from cluster.engine.sampler import Sampler, apply_top_k_top_p, argmax_rows
+from cluster.engine.sampler import Sampler, apply_top_k_top_p
+from cluster.model.unembedding import argmax_rows
 
 V = 50
 
