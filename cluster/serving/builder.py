@@ -79,6 +79,10 @@ def build_app(config: ClusterConfig) -> Application:
             bundle["GPU"] = serving.num_gpus
         placement = {"placement_group_bundles": [dict(bundle) for _ in range(parallel.ep_size)],
                      "placement_group_strategy": parallel.placement_strategy}
+        if not serving.num_gpus:  # rank 0 shares the cores with its CPU workers, as they do: see WORKER_ENV
+            from cluster.parallel.workers import WORKER_ENV  # here: that module loads torch
+
+            actor_options.setdefault("runtime_env", {}).setdefault("env_vars", {}).update(WORKER_ENV)
     actor_options.update(placement.pop("ray_actor_options", {}))
     return ModelReplica.options(
         **placement,
