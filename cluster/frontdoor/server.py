@@ -27,7 +27,7 @@ from cluster.frontdoor.loads import LoadPoller
 from cluster.frontdoor.limits import TenantLimits
 from cluster.frontdoor.servicer import InferenceServicer, fail
 from cluster.metrics import FrontdoorMetrics, serve_metrics
-from cluster.serving.handles import loop_handle
+from cluster.serving.handles import close_loop_handle, loop_handle
 from cluster.serving.model_info import ModelInfo
 from gptoss.v1 import admin_pb2, admin_pb2_grpc
 from gptoss.v1 import inference_pb2 as pb
@@ -211,7 +211,7 @@ class FrontdoorServer:
         await self._server.stop(0.1)
         self._server = None
         if self._loop_handle is not None and self._loop_handle is not self._handle:
-            await self._loop_handle.shutdown_async()  # its router's tasks live on this loop
+            await close_loop_handle(self._loop_handle)  # its router lives on this loop
         self._loop_handle = None
         if self._metrics_http is not None:
             self._metrics_http.shutdown()

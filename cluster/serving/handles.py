@@ -35,3 +35,23 @@ def loop_handle(handle: DeploymentHandle) -> DeploymentHandle:
     own = DeploymentHandle(handle.deployment_name, handle.app_name)
     own._init(_run_router_in_separate_loop=False)  # Serve's own proxy initialises its handles this way
     return own.options(**CALL_OPTIONS)
+
+
+async def close_loop_handle(handle: DeploymentHandle) -> None:
+    """Shut down a `loop_handle` handle's router before its loop stops.
+
+    Besides Serve's own shutdown, this stops the router's long-poll clients (its own and the one
+    Serve shares per event loop), which otherwise log an ERROR once the loop has stopped ("Bound
+    asyncio event loop is not running"). Those are Serve internals: if they change, the shutdown
+    still happens and only that log line comes back."""
+    if not isinstance(handle, DeploymentHandle) or not handle.is_initialized:
+        return
+    await handle.shutdown_async()
+    router = getattr(handle._router, "_asyncio_router", None)  # CurrentLoopRouter's AsyncioRouter
+    try:
+        from ray.serve._private.router import SharedRouterLongPollClient
+
+        router.long_poll_client.stop()
+        SharedRouterLongPollClient.get_or_create(router._controller_handle, router._event_loop).long_poll_client.stop()
+    except (AttributeError, ImportError):
+        pass
