@@ -258,7 +258,6 @@ class _MethodMetrics:
     """One RPC method's labelled metric children, looked up once rather than on every chunk."""
 
     def __init__(self, metrics: FrontdoorMetrics, method: str) -> None:
-        self.metrics = metrics
         self.in_flight = metrics.requests_in_flight.labels(method)
         self.prompt_tokens = metrics.prompt_tokens_total.labels(method)
         self.completion_tokens = metrics.completion_tokens_total.labels(method)
@@ -356,7 +355,7 @@ def rpc(method: str, *, streaming: bool):
 
         @functools.wraps(body)
         async def unary_wrapper(self, request, context):
-            bookkeeping = _Rpc(self._metrics, method)
+            bookkeeping = _Rpc(self._metrics, method, self._method_metrics(method))
             call, problem = self._admission.open(method, context)
             try:
                 try:
