@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import gc
 import logging
 import signal
 import sys
@@ -50,10 +49,6 @@ async def _serve(runtime, config) -> None:
 
     server = FrontdoorServer(runtime.handle, config.frontdoor)
     await server.start()
-    # What start-up allocated (Ray, gRPC, protobuf, the tokenizer) lives as long as the process:
-    # keep the collector from rescanning it while serving (Serve does the same in its proxy).
-    gc.collect()
-    gc.freeze()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
