@@ -5,7 +5,8 @@ Three servers run side by side, each its own process (two of them with their own
   * serve-proxy python -m cluster.bench.serve_proxy: Ray Serve's built-in gRPC proxy in front of a
                 Serve deployment streaming one message per token;
   * ours        gptoss-cluster serve with `engine.kind: echo`: our front door -> DeploymentHandle ->
-                ModelReplica -> the echo test engine (which coalesces ready tokens into chunks).
+                ModelReplica -> the echo test engine (which coalesces ready tokens into chunks), with the
+                Serve settings our serve applies itself (serving/handles.py, serving/builder.py).
 All three stream the same tokens at the same pace (the first at once, then --token-rate tokens/s
 per stream). This process is the load generator (the same one as `bench serving`), a gRPC client
 apart from every server. Each round measures every target, closed loop at --concurrency for
@@ -47,7 +48,8 @@ def add_parser(commands) -> None:
     p.add_argument("--chunk-interval-ms", type=float, default=10.0,
                    help="our replica's least time between chunks of a stream (default 10)")
     p.add_argument("--serve-throughput-optimized", action="store_true",
-                   help="run both Ray Serve servers with RAY_SERVE_THROUGHPUT_OPTIMIZED=1 (Serve's own knob)")
+                   help="run both Ray Serve servers with RAY_SERVE_THROUGHPUT_OPTIMIZED=1 (Serve's own knob; "
+                        "default: the Serve proxy with Serve's defaults, ours with its own defaults)")
     p.add_argument("--startup-timeout", type=float, default=240.0, help="seconds to wait for the servers")
     p.add_argument("--json", dest="json_path", metavar="FILE", help="write every run's summary here")
     p.set_defaults(func=run)
@@ -197,6 +199,10 @@ def run(args: argparse.Namespace) -> int:
     }
     print(f"overhead: {args.rounds} rounds, median shown; {args.concurrency} streams of {args.output_len} tokens "
           f"at {args.token_rate:g} tokens/s per stream, {args.duration:g} s per throughput run, loopback")
+    anchor = ("RAY_SERVE_THROUGHPUT_OPTIMIZED=1 (--serve-throughput-optimized), for the Serve proxy and ours"
+              if args.serve_throughput_optimized else "Ray Serve's defaults for the Serve proxy; ours as "
+              "`gptoss-cluster serve` runs by default")
+    print(f"overhead: settings: {anchor}")
     print(f"{'target':<12} {'tokens/s':>10} {'tokens/msg':>11} {'TTFT c=1 p50 ms':>16} {'E2E c=1 p50 ms':>15} "
           f"{'failed':>7}")
     for n in TARGETS:

@@ -1,6 +1,7 @@
 """Admission: what every gptoss.v1 call goes through before its RPC runs, and the drain state.
 
-In order: read the call's metadata and send x-request-id back; refuse while draining
+In order: read the call's metadata and send x-request-id back (before any answer; a streaming
+RPC sends it once its downstream call is on its way, see Admission.check); refuse while draining
 (UNAVAILABLE); authenticate (UNAUTHENTICATED); refuse an undecodable message (INVALID_ARGUMENT);
 check admin rights (PERMISSION_DENIED); take from the tenant's request budget
 (RESOURCE_EXHAUSTED). Each refusal is an exception that errors.status_for maps. Admission also
@@ -35,6 +36,13 @@ def safe_deserializer(message_class):
     return deserialize
 
 
+async def announce(call: CallInfo, context: grpc.aio.ServicerContext) -> None:
+    """Send the call's x-request-id in the initial metadata, once."""
+    if not call.announced:
+        call.announced = True
+        await context.send_initial_metadata(((REQUEST_ID, call.request_id),))
+
+
 class Admission:
     def __init__(self, api_keys: ApiKeys | None, limits: TenantLimits) -> None:
         self.api_keys = api_keys  # None: auth is off
@@ -51,7 +59,13 @@ class Admission:
     async def admit(self, call: CallInfo, problem: Exception | None, request, context: grpc.aio.ServicerContext,
                     *, admin: bool = False) -> None:
         """Send x-request-id back, then admit the call or raise the reason it is refused."""
-        await context.send_initial_metadata(((REQUEST_ID, call.request_id),))
+        await announce(call, context)
+        self.check(call, problem, request, admin=admin)
+
+    def check(self, call: CallInfo, problem: Exception | None, request, *, admin: bool = False) -> None:
+        """Admit the call or raise the reason it is refused, sending nothing yet: a streaming RPC
+        starts its downstream call first and announces while that is on its way (the failure path
+        announces before it answers, so a refusal still carries x-request-id)."""
         if self.draining and not admin:
             raise DrainingError()
         if self.api_keys is not None:

@@ -37,6 +37,7 @@ class CallInfo:
     session_id: str = ""
     tenant: str = ""  # "" when auth is off
     admin: bool = False
+    announced: bool = False  # x-request-id sent in the initial metadata (admission.announce)
     metadata: dict[str, str] = field(default_factory=dict, repr=False)  # never logged: holds the API key
 
     def logger(self, base: logging.Logger) -> CallLog:

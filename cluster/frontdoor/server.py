@@ -27,6 +27,7 @@ from cluster.frontdoor.loads import LoadPoller
 from cluster.frontdoor.limits import TenantLimits
 from cluster.frontdoor.servicer import InferenceServicer, fail
 from cluster.metrics import FrontdoorMetrics, serve_metrics
+from cluster.serving.handles import close_loop_handle, loop_handle
 from cluster.serving.model_info import ModelInfo
 from gptoss.v1 import admin_pb2, admin_pb2_grpc
 from gptoss.v1 import inference_pb2 as pb
@@ -92,6 +93,7 @@ class FrontdoorServer:
                  default_max_tokens: int = 0, gpus_per_replica: float = 0.0) -> None:
         """api_keys: the key table; None loads it from config.auth (file and environment)."""
         self._handle = handle
+        self._loop_handle = None  # ours, made in start() on the serving loop
         self._config = config
         self.metrics = metrics or FrontdoorMetrics()
         self._api_keys = api_keys
@@ -131,10 +133,13 @@ class FrontdoorServer:
     async def start(self) -> None:
         api_keys = self._auth()
         credentials = self._credentials()
-        self.info = await self._handle.model_info.remote()
+        # Our own handle, routed on this loop and talking gRPC to the replicas (serving/handles.py);
+        # the caller's handle stays usable for synchronous calls.
+        handle = self._loop_handle = loop_handle(self._handle)
+        self.info = await handle.model_info.remote()
         self.admission = Admission(api_keys, TenantLimits(self._config.limits))
         server = grpc.aio.server(maximum_concurrent_rpcs=self._config.max_concurrent_rpcs)
-        inference = InferenceServicer(self._handle, self.info, self.metrics, self.admission,
+        inference = InferenceServicer(handle, self.info, self.metrics, self.admission,
                                       default_max_tokens=self._default_max_tokens,
                                       gpus_per_replica=self._gpus_per_replica)
         server.add_generic_rpc_handlers((
@@ -162,7 +167,7 @@ class FrontdoorServer:
             self._metrics_http = serve_metrics(self.metrics, self._config.host, self._config.metrics_port)
             self.metrics_port = self._metrics_http.server_address[1]
             if self._config.load_poll_interval_s > 0:
-                self._poller = LoadPoller(self._handle, self.info.replicas, self._config.load_poll_interval_s,
+                self._poller = LoadPoller(handle, self.info.replicas, self._config.load_poll_interval_s,
                                           self.metrics.replicas.update, on_counts=self._set_replica_counts)
                 self._poller.start()
         tls = "mTLS" if self._config.tls.client_ca_file else "TLS" if credentials else "plaintext"
@@ -205,6 +210,9 @@ class FrontdoorServer:
             self._poller = None
         await self._server.stop(0.1)
         self._server = None
+        if self._loop_handle is not None and self._loop_handle is not self._handle:
+            await close_loop_handle(self._loop_handle)  # its router lives on this loop
+        self._loop_handle = None
         if self._metrics_http is not None:
             self._metrics_http.shutdown()
             self._metrics_http.server_close()

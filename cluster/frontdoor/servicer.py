@@ -25,7 +25,7 @@ from cluster.engine.errors import InvalidRequestError
 from cluster.engine.request import (MAX_LOGPROBS, GenerateRequest, SamplingParams, TokenChunk, TokenLogprobs,
                                     validate_request, validate_sampling)
 from cluster.frontdoor import errors
-from cluster.frontdoor.admission import Admission
+from cluster.frontdoor.admission import Admission, announce
 from cluster.frontdoor.call import CallInfo
 from cluster.frontdoor.chat_stream import ChatStream
 from cluster.frontdoor.loads import replica_load_to_proto, sample_loads
@@ -116,13 +116,19 @@ def sampling_from_proto(sampling: pb.SamplingParams, info: ModelInfo, violations
 
 def _check_sampling(sampling: SamplingParams, prompt_len: int, info: ModelInfo, violations: Violations) -> None:
     """Every sampling field the engine would refuse, each reported (the engine stops at the first)."""
+    limits = info.limits
+    try:
+        validate_sampling(sampling, prompt_len, limits)
+        return  # the usual case: all valid, one pass
+    except InvalidRequestError:
+        pass  # find every bad field, one at a time
     for name, value in (("temperature", sampling.temperature), ("top_p", sampling.top_p), ("top_k", sampling.top_k),
                         ("max_tokens", sampling.max_tokens)):
         alone = SamplingParams(**{name: value})
         with violations.collect():
-            validate_sampling(alone, prompt_len, info.limits)
+            validate_sampling(alone, prompt_len, limits)
     with violations.collect():
-        validate_sampling(SamplingParams(stop_token_ids=sampling.stop_token_ids), prompt_len, info.limits)
+        validate_sampling(SamplingParams(stop_token_ids=sampling.stop_token_ids), prompt_len, limits)
 
 
 def _request(prompt: list[int], sampling: SamplingParams, call: CallInfo, context) -> GenerateRequest:
@@ -248,28 +254,41 @@ def model_info_to_proto(info: ModelInfo, default_max_tokens: int = 0, gpus_per_r
 
 # ───────────────────────────────────────── servicer ─────────────────────────────────────────
 
+class _MethodMetrics:
+    """One RPC method's labelled metric children, looked up once rather than on every chunk."""
+
+    def __init__(self, metrics: FrontdoorMetrics, method: str) -> None:
+        self.in_flight = metrics.requests_in_flight.labels(method)
+        self.prompt_tokens = metrics.prompt_tokens_total.labels(method)
+        self.completion_tokens = metrics.completion_tokens_total.labels(method)
+        self.ttft = metrics.time_to_first_token_seconds.labels(method)
+        self.itl = metrics.inter_token_latency_seconds.labels(method)
+        self.duration = metrics.request_duration_seconds.labels(method)
+
+
 class _Rpc:
     """Bookkeeping of one RPC: in-flight gauge, status code, latencies, token counters."""
 
-    def __init__(self, metrics: FrontdoorMetrics, method: str) -> None:
+    def __init__(self, metrics: FrontdoorMetrics, method: str, children: _MethodMetrics | None = None) -> None:
         self.metrics = metrics
         self.method = method
+        self._m = children if children is not None else _MethodMetrics(metrics, method)
         self.code = grpc.StatusCode.UNKNOWN
         self.start = time.perf_counter()
         self._last_token_at: float | None = None
-        metrics.requests_in_flight.labels(method).inc()
+        self._m.in_flight.inc()
 
     def prompt(self, n_tokens: int) -> None:
-        self.metrics.prompt_tokens_total.labels(self.method).inc(n_tokens)
+        self._m.prompt_tokens.inc(n_tokens)
 
     def tokens(self, n_tokens: int) -> None:
         if not n_tokens:
             return
         now = time.perf_counter()
-        histogram = self.metrics.inter_token_latency_seconds.labels(self.method)
+        histogram = self._m.itl
         if self._last_token_at is None:
             # The first token's wait is time to first token; tokens that came with it waited 0.
-            self.metrics.time_to_first_token_seconds.labels(self.method).observe(now - self.start)
+            self._m.ttft.observe(now - self.start)
             for _ in range(n_tokens - 1):
                 histogram.observe(0.0)
         else:
@@ -279,13 +298,12 @@ class _Rpc:
             for _ in range(n_tokens):
                 histogram.observe(per_token)
         self._last_token_at = now
-        self.metrics.completion_tokens_total.labels(self.method).inc(n_tokens)
+        self._m.completion_tokens.inc(n_tokens)
 
     def end(self) -> None:
-        m = self.metrics
-        m.requests_in_flight.labels(self.method).dec()
-        m.requests_total.labels(self.method, errors.code_label(self.code)).inc()
-        m.request_duration_seconds.labels(self.method).observe(time.perf_counter() - self.start)
+        self._m.in_flight.dec()
+        self.metrics.requests_total.labels(self.method, errors.code_label(self.code)).inc()
+        self._m.duration.observe(time.perf_counter() - self.start)
 
 
 def _cancelled_code(context: grpc.aio.ServicerContext) -> grpc.StatusCode:
@@ -301,6 +319,7 @@ async def fail(context: grpc.aio.ServicerContext, err: BaseException, call: Call
     if status.code == grpc.StatusCode.RESOURCE_EXHAUSTED and isinstance(bookkeeping, _Rpc):
         bookkeeping.metrics.rejected_requests_total.labels(bookkeeping.method, status.reason or "").inc()
     call.logger(log).info("-> %s: %s", status.code.name, status.message)
+    await announce(call, context)  # x-request-id first, as for every answer
     await context.abort_with_status(status.to_status())
 
 
@@ -312,12 +331,15 @@ def rpc(method: str, *, streaming: bool):
         if streaming:
             @functools.wraps(body)
             async def stream_wrapper(self, request, context):
-                bookkeeping = _Rpc(self._metrics, method)
+                bookkeeping = _Rpc(self._metrics, method, self._method_metrics(method))
                 call, problem = self._admission.open(method, context)
                 try:
                     try:
-                        await self._admission.admit(call, problem, request, context)
+                        # Checked now, announced by the body once its downstream call is on its way.
+                        self._admission.check(call, problem, request)
                         async for message in body(self, request, context, call, bookkeeping):
+                            if not call.announced:
+                                await announce(call, context)
                             yield message
                         bookkeeping.code = grpc.StatusCode.OK
                     except (asyncio.CancelledError, GeneratorExit):  # client went away or deadline passed
@@ -333,7 +355,7 @@ def rpc(method: str, *, streaming: bool):
 
         @functools.wraps(body)
         async def unary_wrapper(self, request, context):
-            bookkeeping = _Rpc(self._metrics, method)
+            bookkeeping = _Rpc(self._metrics, method, self._method_metrics(method))
             call, problem = self._admission.open(method, context)
             try:
                 try:
@@ -358,21 +380,32 @@ class InferenceServicer(pb_grpc.InferenceServicer):
     def __init__(self, handle: DeploymentHandle, info: ModelInfo, metrics: FrontdoorMetrics,
                  admission: Admission, *, default_max_tokens: int = 0, gpus_per_replica: float = 0.0) -> None:
         self._handle = handle
-        self._stream_handle = handle.options(stream=True)
+        self._generate = handle.options(stream=True).generate  # looked up once, not per call
         self._info = info
         self._metrics = metrics
         self._admission = admission
         self._model_info = model_info_to_proto(info, default_max_tokens, gpus_per_replica)
+        self._per_method: dict[str, _MethodMetrics] = {}
 
-    async def _chunks(self, request: GenerateRequest) -> AsyncIterator[TokenChunk]:
-        """Relay the replica's chunks; cancel the downstream call however this ends early."""
-        response = self._stream_handle.generate.remote(request)
+    def _method_metrics(self, method: str) -> _MethodMetrics:
+        children = self._per_method.get(method)
+        if children is None:
+            children = self._per_method[method] = _MethodMetrics(self._metrics, method)
+        return children
+
+    async def _chunks(self, request: GenerateRequest, call: CallInfo, context) -> AsyncIterator[TokenChunk]:
+        """Relay the replica's chunks; cancel the downstream call however this ends early.
+
+        The call's x-request-id goes out while the request is being routed, not before."""
+        response = self._generate.remote(request)
         finished = False
         try:
+            await announce(call, context)
             async for chunk in response:
+                # Set before the yield: the consumer returns on the last chunk without resuming
+                # us, and cancelling a finished call costs the replica a cancellation for nothing.
+                finished = chunk.finish_reason is not None
                 yield chunk
-                if chunk.finish_reason is not None:
-                    finished = True
         finally:
             if not finished:
                 response.cancel()
@@ -388,7 +421,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         self._charge(call, prompt_tokens)
         stream = ChatStream(request.sampling.stop if not internal.sampling.ignore_stop else (),
                             request.return_token_ids)
-        async with contextlib.aclosing(self._chunks(internal)) as chunks:
+        async with contextlib.aclosing(self._chunks(internal, call, context)) as chunks:
             async for chunk in chunks:
                 before = stream.completion_tokens
                 deltas = stream.feed(chunk.token_ids, logprobs_to_proto(chunk.logprobs))
@@ -423,7 +456,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         decoder = load_tokenizer().stream_decoder() if (stops or request.prompt_text or request.return_text) else None
         send_text = bool(request.prompt_text or request.return_text)
         completion = 0
-        async with contextlib.aclosing(self._chunks(internal)) as chunks:
+        async with contextlib.aclosing(self._chunks(internal, call, context)) as chunks:
             async for chunk in chunks:
                 ids: list[int] = []
                 text = ""

@@ -42,6 +42,21 @@ def vllm_placement(config: ClusterConfig) -> dict[str, Any]:
     return {"ray_actor_options": {"num_cpus": serving.num_cpus, "num_gpus": float(world)}}
 
 
+def replica_env_vars(config: ClusterConfig) -> dict[str, str]:
+    """Ray Serve settings for the replica processes (Serve reads them from the environment at
+    import), chosen per deployment so they hold on any Ray cluster, joined or started here.
+
+    Two of the settings RAY_SERVE_THROUGHPUT_OPTIMIZED=1 makes, without its process-wide rest:
+    user code on the replica's main loop (serving.user_code_on_main_loop) and gc.freeze() after
+    the replica has started, so the collector stops rescanning the model's and Ray's long-lived
+    objects. The front door's half (router on its own loop, gRPC to the replica) is per handle:
+    cluster/serving/handles.py."""
+    env = {"RAY_SERVE_FREEZE_GC_ON_STARTUP": "1"}
+    if config.serving.user_code_on_main_loop:
+        env["RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD"] = "0"
+    return env
+
+
 def build_app(config: ClusterConfig) -> Application:
     """A Serve application of `config.serving.replicas` ModelReplica copies."""
     serving = config.serving
@@ -54,6 +69,7 @@ def build_app(config: ClusterConfig) -> Application:
         request_routing_stats_period_s=router.stats_period_s,
         request_routing_stats_timeout_s=max(router.stats_period_s, 1.0))
     scaling: dict = {"num_replicas": serving.replicas}
+    env_vars = replica_env_vars(config)  # Serve reads these when the replica's process starts
     auto = serving.autoscaling
     if auto.enabled:
         # One replica is one whole expert-parallel group, so these counts are groups.
@@ -66,8 +82,7 @@ def build_app(config: ClusterConfig) -> Application:
             upscale_delay_s=0.0, downscale_delay_s=0.0,
             policy=AutoscalingPolicy(policy_function=EngineSignalPolicy, policy_kwargs=dataclasses.asdict(auto)))}
         # How often replicas push record_autoscaling_stats (read when the replica process starts).
-        actor_options["runtime_env"] = {"env_vars": {
-            "RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S": str(auto.metrics_interval_s)}}
+        env_vars["RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S"] = str(auto.metrics_interval_s)
     placement: dict[str, Any] = {}
     parallel = config.parallel
     if config.engine.kind == "vllm":
@@ -82,13 +97,17 @@ def build_app(config: ClusterConfig) -> Application:
         if not serving.num_gpus:  # rank 0 shares the cores with its CPU workers, as they do: see WORKER_ENV
             from cluster.parallel.workers import WORKER_ENV  # here: that module loads torch
 
-            actor_options.setdefault("runtime_env", {}).setdefault("env_vars", {}).update(WORKER_ENV)
+            env_vars.update(WORKER_ENV)
+    actor_options["runtime_env"] = {"env_vars": env_vars}
     actor_options.update(placement.pop("ray_actor_options", {}))
     return ModelReplica.options(
         **placement,
         **scaling,
         request_router_config=request_router_config,
         ray_actor_options=actor_options,
+        # Serve logs every call a replica serves (to stderr and its log file) unless told not to.
+        logging_config={"log_level": "INFO" if config.log_level == "debug" else "WARNING",
+                        "enable_access_log": config.log_level == "debug"},
         max_ongoing_requests=serving.max_ongoing_requests,
         max_queued_requests=serving.max_queued_requests,
         graceful_shutdown_timeout_s=serving.graceful_shutdown_timeout_s,

@@ -145,6 +145,23 @@ def test_generate_relays_chunks_and_maps_sampling():
     s = sent.sampling
     assert (s.max_tokens, s.top_k, s.seed, s.stop_token_ids) == (5, 7, 3, (11,))
     assert s.temperature == pytest.approx(0.5) and s.top_p == pytest.approx(0.8)
+    # A stream that finished is not cancelled afterwards (that costs the replica a cancellation).
+    assert not handle.responses[0].cancelled.is_set()
+
+
+def test_request_id_comes_back_in_the_initial_metadata_of_a_stream():
+    # The id is sent while the request is routed (not before), and still ahead of the first chunk.
+    handle = ScriptedHandle(lambda request: ScriptedResponse(chunked([7, 8], 1, FinishReason.LENGTH, 1)))
+
+    async def body(stub):
+        call = stub.Generate(pb.GenerateRequest(prompt_token_ids=[1]), timeout=10,
+                             metadata=(("x-request-id", "rid-7"),))
+        metadata = await call.initial_metadata()
+        return dict(metadata), [r async for r in call]
+
+    metadata, responses = asyncio.run(with_server(handle, body))
+    assert metadata["x-request-id"] == "rid-7"
+    assert [list(r.chunk.token_ids) for r in responses[:-1]] == [[7], [8]]
 
 
 def test_client_cancel_cancels_the_downstream_call():
