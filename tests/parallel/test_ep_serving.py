@@ -3,67 +3,29 @@ expert metrics, and a killed worker -> UNAVAILABLE fast, then the replica comes 
 
 from __future__ import annotations
 
-import copy
 import os
 import signal
 import time
-import urllib.request
 
 import grpc
 import pytest
-from prometheus_client import CollectorRegistry
+from ep_apps import EpApp, generate
 
 from gptoss.v1 import inference_pb2 as pb
-from gptoss.v1 import inference_pb2_grpc
 
 PROMPT = [200006, 1428, 200008, 13225, 11, 2375, 0, 200007, 200006, 173781]
 APP = "gptoss-ep2"
 
 
-def generate(stub, prompt, max_tokens, timeout=120):
-    request = pb.GenerateRequest(prompt_token_ids=prompt,
-                                 sampling=pb.SamplingParams(max_tokens=max_tokens, ignore_stop=True))
-    tokens = []
-    for response in stub.Generate(request, timeout=timeout):
-        if response.HasField("chunk"):
-            tokens.extend(response.chunk.token_ids)
-    return tokens
-
-
 @pytest.fixture(scope="module")
 def ep_app(ray_serving, serving_config):
-    from ray import serve
-
-    from cluster.metrics import FrontdoorMetrics
-    from cluster.serving.builder import build_app
-    from tests.conftest import BackgroundFrontdoor
-
-    config = copy.deepcopy(serving_config)
-    config.serving.app_name = APP
-    config.parallel.ep_size = 2
-    config.parallel.collective_timeout_s = 5.0
-    config.serving.graceful_shutdown_timeout_s = 1.0
-    config.validate()
-    handle = serve.run(build_app(config), name=APP, route_prefix=None)
-    door = BackgroundFrontdoor(handle, config.frontdoor, FrontdoorMetrics(CollectorRegistry()))
-    channel = grpc.insecure_channel(door.target)
-    yield handle, inference_pb2_grpc.InferenceStub(channel), door
-    channel.close()
-    door.close()
-    serve.delete(APP)
-
-
-def scrape(port: int) -> dict[tuple[str, frozenset], float]:
-    """The front door's /metrics over HTTP: (name, labels) -> value."""
-    from prometheus_client.parser import text_string_to_metric_families
-
-    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
-    return {(s.name, frozenset(s.labels.items())): s.value
-            for family in text_string_to_metric_families(text) for s in family.samples}
+    app = EpApp(serving_config, APP, ep_size=2)
+    yield app.handle, app.stub, app
+    app.close()
 
 
 def test_ep2_serving_matches_ep1_through_grpc(ep_app, stub):
-    handle, ep_stub, door = ep_app
+    handle, ep_stub, app = ep_app
     expected = generate(stub, PROMPT, 24)  # the session's ep 1 app
     assert generate(ep_stub, PROMPT, 24) == expected
     reports = handle.expert_memory.remote().result(timeout_s=30)
@@ -81,7 +43,7 @@ def test_ep2_serving_matches_ep1_through_grpc(ep_app, stub):
     assert [sum(row) for row in stats["tokens_per_expert_total"]] == [expected_per_layer] * 4
     deadline = time.monotonic() + 30
     while True:
-        samples = scrape(door.server.metrics_port)
+        samples = app.scrape()
         tokens: dict[str, float] = {}
         for (name, labels), value in samples.items():
             if name == "gptoss_expert_tokens_total":
