@@ -74,7 +74,9 @@ def test_ten_times_the_queue_gets_prompt_resource_exhausted_and_the_rest_complet
     assert len(refused) + len(accepted) == FLOOD
     # The engine holds 4 at a time; a few more may slip in as early ones finish during the flood.
     assert len(refused) >= FLOOD * 3 // 4, f"only {len(refused)} of {FLOOD} refused"
-    assert len(accepted) >= 4
+    # The waiting queue always takes QUEUE; the step loop moves up to 2 more into the batch only if
+    # it runs between arrivals, which a burst from 40 threads may not give it time to do.
+    assert len(accepted) >= QUEUE, len(accepted)
     slowest_accepted = max(r[2] for _, r in accepted)
     for _, (_, err, elapsed) in refused:
         assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, err
