@@ -269,10 +269,10 @@ class _MethodMetrics:
 class _Rpc:
     """Bookkeeping of one RPC: in-flight gauge, status code, latencies, token counters."""
 
-    def __init__(self, metrics: FrontdoorMetrics, method: str, children: _MethodMetrics | None = None) -> None:
+    def __init__(self, metrics: FrontdoorMetrics, method: str, children: _MethodMetrics) -> None:
         self.metrics = metrics
         self.method = method
-        self._m = children if children is not None else _MethodMetrics(metrics, method)
+        self._m = children
         self.code = grpc.StatusCode.UNKNOWN
         self.start = time.perf_counter()
         self._last_token_at: float | None = None

@@ -148,19 +148,14 @@ def _paged_attention(attn: Attention, x: torch.Tensor, k_cache: torch.Tensor, v_
     v_cache.view(-1, K, D).index_copy_(0, slot_mapping, v.view(S, K, D))
 
     window = attn.window
-    if plan.all_decode:  # every sequence brings one token: no scatter into `out`
-        physical, visible = plan.decode_gather(window, block_tables)  # [S, M], [S, 1, M*C]
-        M = physical.shape[1]
-        keys = k_cache[physical].view(S, M * C, K, D)
-        values = v_cache[physical].view(S, M * C, K, D)
-        return attn.out(_attend(attn, q.unsqueeze(1), keys, values, visible).squeeze(1))
-
-    out = torch.empty(S, N * D, dtype=x.dtype, device=x.device)
+    out = None if plan.all_decode else torch.empty(S, N * D, dtype=x.dtype, device=x.device)
     if plan.decode_rows:
         physical, visible = plan.decode_gather(window, block_tables)  # [Bd, M], [Bd, 1, M*C]
         Bd, M = physical.shape
         keys = k_cache[physical].view(Bd, M * C, K, D)
         values = v_cache[physical].view(Bd, M * C, K, D)
+        if plan.all_decode:  # every sequence brings one token: no gather from q, no scatter into `out`
+            return attn.out(_attend(attn, q.unsqueeze(1), keys, values, visible).squeeze(1))
         rows = plan.decode_tokens
         out[rows] = _attend(attn, q[rows].unsqueeze(1), keys, values, visible).squeeze(1)
     for b in plan.prefill_rows:

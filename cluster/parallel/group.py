@@ -90,8 +90,8 @@ class Collectives:
     rank (point-to-point, all in flight at once) and adds the N parts in rank order, so every
     rank gets bitwise the same sum. For the small [T, H] tensors of a decode step, gloo's own
     all_reduce took ~0.9 ms on localhost against ~0.15 ms for the exchange (2 ranks, 2 KiB), and
-    the tiny preset's ep2/ep1 tokens/s went from ~0.44 to ~0.62 (`bench experts`, which times
-    both as combine designs). For N = 2 the exchange moves exactly the all-reduce minimum,
+    the tiny preset's ep2/ep1 tokens/s, against ep1 in the bench's own process, went from ~0.44
+    to ~0.62 (`bench experts`, which times both as combine designs). For N = 2 the exchange moves exactly the all-reduce minimum,
     2 (N - 1) T H b bytes; for larger N it moves N / 2 times that. NCCL keeps dist.all_reduce.
     """
 

@@ -12,7 +12,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from cluster.model.generate import greedy
 from gptoss.v1 import inference_pb2 as pb
-from tests.prompts import random_prompts
+from tests.prompts import open_long_stream, random_prompts
 from tests.serving.replica_probe import replica_stats, wait_idle
 
 pytestmark = pytest.mark.slow
@@ -84,13 +84,7 @@ def test_shared_256_token_prefix_is_a_counted_cache_hit_with_the_same_tokens(stu
 def test_cancelling_a_stream_returns_kv_blocks_to_the_baseline(stub, ray_serving):
     baseline = wait_idle(ray_serving)
     (prompt,) = random_prompts([200], seed=13)
-    call = stub.Generate(pb.GenerateRequest(prompt_token_ids=prompt, sampling=pb.SamplingParams(
-        max_tokens=3000, ignore_stop=True)), timeout=120)
-    received = 0
-    for response in call:
-        received += len(response.chunk.token_ids)
-        if received >= 10:
-            break
+    call = open_long_stream(stub, prompt)
     busy = replica_stats(ray_serving)
     assert busy.running_requests == baseline.running_requests + 1
     assert busy.kv_blocks_used > baseline.kv_blocks_used
@@ -136,9 +130,7 @@ def test_logprobs_travel_with_their_tokens(stub, tiny_model):
 
 def test_get_loads_reports_the_engines_queue_and_kv_use(stub, ray_serving):
     (prompt,) = random_prompts([100], seed=17)
-    call = stub.Generate(pb.GenerateRequest(prompt_token_ids=prompt, sampling=pb.SamplingParams(
-        max_tokens=3000, ignore_stop=True)), timeout=120)
-    next(iter(call))
+    call = open_long_stream(stub, prompt, min_tokens=1)
     try:
         loads = stub.GetLoads(pb.GetLoadsRequest(), timeout=30)
     finally:

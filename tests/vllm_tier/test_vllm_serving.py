@@ -14,7 +14,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from cluster.engine.request import GenerateRequest, SamplingParams
 from gptoss.v1 import inference_pb2 as pb
-from tests.prompts import random_prompts
+from tests.prompts import open_long_stream, random_prompts
 from tests.vllm_tier.conftest import require_vllm
 
 pytestmark = pytest.mark.slow
@@ -105,13 +105,7 @@ def test_vllm_model_info_names_the_engine(vllm_stub):
 def test_cancelling_a_stream_aborts_the_request_inside_vllm(vllm_stub, vllm_serving):
     baseline = wait_until(lambda s: s.active_requests == 0, vllm_serving, 10, "idle")
     (prompt,) = random_prompts([50], seed=34)
-    call = vllm_stub.Generate(pb.GenerateRequest(prompt_token_ids=prompt, sampling=pb.SamplingParams(
-        max_tokens=3000, ignore_stop=True)), timeout=120)
-    received = 0
-    for response in call:
-        received += len(response.chunk.token_ids)
-        if received >= 10:
-            break
+    call = open_long_stream(vllm_stub, prompt)
     # running_requests is vLLM's scheduler's own count, as its stat-logger hook last reported it.
     busy = wait_until(lambda s: s.running_requests == 1, vllm_serving, 5, "vLLM running the request")
     assert busy.kv_blocks_used > 0
