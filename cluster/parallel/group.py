@@ -78,9 +78,6 @@ class GroupSpec:
     # torch threads of ranks 1..N-1. Rank 0 keeps its process's (the engine's): it alone runs the
     # unembedding and sampling, while the workers wait, so it may use the cores they leave idle.
     torch_threads: int = 1
-    # CPU ranks that can map one /dev/shm file run their collectives there (shm_collectives.py);
-    # False keeps every collective on gloo (the benchmark's comparison).
-    shared_memory: bool = True
 
     @property
     def backend(self) -> str:
@@ -288,7 +285,7 @@ class ShardRuntime:
         dist.all_reduce(warm)  # every rank is here: the group works
         if int(warm.item()) != spec.world:
             raise RuntimeError(f"warm-up all_reduce gave {warm.item()}, expected {spec.world}")
-        if spec.backend == "gloo" and spec.world > 1 and spec.shared_memory:
+        if spec.backend == "gloo" and spec.world > 1:  # None unless every rank maps one /dev/shm file
             self.comm.use_shm(join_shm(store, rank, spec.world, spec.timeout_s))
 
     def execute(self, batch: PagedBatch) -> torch.Tensor:

@@ -59,8 +59,7 @@ PREFIX = "gptoss-ep-"
 # growing naps so a rank waiting for the next step (rank 0 unembeds and samples meanwhile) does
 # not take the core rank 0 needs; past IDLE_AFTER_S the group is idle (the keepalive comes once a
 # second) and naps grow to IDLE_SLEEP_S: an idle waiter took ~3% of a core, against ~9% with
-# naps kept at 200 us.
-# Every LIVENESS_S the waiter checks that the late peers still live.
+# naps kept at 200 us. Every LIVENESS_S the waiter checks that the late peers still live.
 # Measured (`bench experts`' ep2 engine alone, tiny preset, 2-core VM, best of 4 runs, tok/s):
 # spin 50 us + naps 20..200 us 1159 and 1225; spin 300 us 1137; spin 2 ms 1224; spin 10 us +
 # naps 50 us..1 ms 891 (a late wake-up delays every step). Within the noise the spins tie, so the
@@ -105,7 +104,8 @@ def segment_bytes(world: int, slot_bytes: int) -> int:
 
 
 class ShmSegment:
-    """One group's mapped file. Rank 0 `create`s it; the others `attach` by name and check the nonce."""
+    """One group's mapped file. Rank 0 `create`s it; the others map it by name (create=False) and
+    compare its nonce with the one rank 0 published."""
 
     def __init__(self, name: str, world: int, slot_bytes: int, create: bool):
         if slot_bytes % LINE:
