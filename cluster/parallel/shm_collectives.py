@@ -25,11 +25,14 @@ waits after a root ran two broadcasts ahead of a slow reader.
 
 Memory order: the data is stored before its counter and read after the counter is seen. On
 x86-64 (TSO) stores become visible to other cores in program order and loads are not reordered
-with older loads, so a reader that sees READY = seq sees the data stored before it; the counters
-are aligned 8-byte stores and loads (single instructions, never torn). The Python interpreter
-makes each step an opaque C call, so no compiler reorders them either. Other architectures
-(Arm, POWER) need fences that Python cannot issue: there `available()` is False and the group
-keeps the gloo path.
+with older loads, so a reader that sees READY = seq sees the data stored before it; nor are
+loads reordered with later stores, so a slot's reads are over before the reader's DONE shows.
+The counters are aligned 8-byte stores and loads (single instructions, never torn). The Python
+interpreter makes each step an opaque C call, so no compiler reorders them either. A big copy
+may run on torch's OpenMP threads: their region ends (and starts) with a barrier of locked
+instructions before the counter is stored (after it is seen), and x86-64 keeps that order
+transitively across cores. Other architectures (Arm, POWER) need fences that Python cannot
+issue: there `available()` is False and the group keeps the gloo path.
 
 Tensors bigger than a slot go in slot-sized chunks, one op each. Slots default to 1 MiB (a prefill
 chunk of 256 tokens x hidden 1024 fp32; the tiny preset's decode step moves 2 KiB), so the
