@@ -3,11 +3,10 @@
 1. Throughput: the batching engine (EngineCore) decodes the same greedy workload at ep_size 1
    and ep_size 2 (rank 0 here, rank 1 a Ray actor; gloo forms the group, the per-step collectives
    run in shared memory, parallel/shm_collectives.py). Runs alternate; each side's best run
-   counts. On 2 cores no speed-up is expected: the ratio is the collectives' cost. ep1 gets
-   `--threads` torch threads, rank 0 `--rank0-threads`, rank 1 `--worker-threads`: each side at
-   its best split of the cores (ep2 with one core per rank: rank 0 on 2 threads beside rank 1 made
-   ep2 ~25% slower on the 2-core box once the collectives were in shared memory, ~885 against
-   ~1100-1270 tok/s). Idle OpenMP threads of both ranks
+   counts. On 2 cores no speed-up is expected: the ratio is the collectives' cost. ep1 and rank 0
+   get `--threads` torch threads, rank 1 `--worker-threads`; rank 0 runs its layers on the
+   workers' count too and only its unembedding and sampling on its own (group.ShardRuntime).
+   Idle OpenMP threads of both ranks
    sleep (OMP_WAIT_POLICY=PASSIVE, set here before torch loads and in workers.WORKER_ENV):
    spinning ones take the core the other rank needs. That also slows ep1 in this process, while
    a real ep_size 1 replica keeps OpenMP's defaults (spinning gained ep1 ~30% at 2 threads on the
@@ -49,9 +48,9 @@ def add_parser(commands) -> None:
     p.add_argument("--prompt-len", type=int, default=8, help="prompt tokens (default 8)")
     p.add_argument("--runs", type=int, default=3, help="timed runs per side (default 3)")
     p.add_argument("--threads", type=int, default=2,
-                   help="torch threads of ep1 (default 2, capped at the cores)")
-    p.add_argument("--rank0-threads", type=int, default=1, help="torch threads of rank 0 of ep2 (default 1)")
-    p.add_argument("--worker-threads", type=int, default=1, help="torch threads of rank 1 (default 1)")
+                   help="torch threads of this process: ep1, and rank 0 of ep2 (default 2, capped at the cores)")
+    p.add_argument("--worker-threads", type=int, default=1,
+                   help="torch threads of rank 1, and of rank 0's layers (default 1)")
     p.add_argument("--cache-dir", default=None, help="checkpoint cache (default: a temp dir)")
     p.set_defaults(func=run)
 
@@ -232,7 +231,6 @@ def run(args: argparse.Namespace) -> int:
     from cluster.serving.model_store import ensure_preset_checkpoint
 
     threads = max(1, min(args.threads, os.cpu_count() or 1))
-    rank0_threads = max(1, min(args.rank0_threads, os.cpu_count() or 1))
     torch.set_num_threads(threads)
     cache = args.cache_dir or tempfile.mkdtemp(prefix="gtbench")
     path = ensure_preset_checkpoint(args.preset, Path(cache))
@@ -265,7 +263,6 @@ def run(args: argparse.Namespace) -> int:
                     fresh.send(tag)
                     rate, tokens_out[name] = fresh.recv()
                 else:
-                    torch.set_num_threads(rank0_threads if core is ep2 else threads)
                     seqs = _workload(*workload, tag)
                     dt, n = _timed(core, seqs)
                     rate, tokens_out[name] = n / dt, [list(s.output_token_ids) for s in seqs]
@@ -280,7 +277,6 @@ def run(args: argparse.Namespace) -> int:
         seqs = _workload(*workload, "bytes-")
         for s in seqs:
             ep2.add_request(s)
-        torch.set_num_threads(rank0_threads)
         ep2.step()  # the prompts (one chunk each)
         K = args.new_tokens // 2
         before, shm_before, t0 = group.io_write_bytes(), group.shm_bytes(), time.perf_counter()
@@ -316,7 +312,7 @@ def run(args: argparse.Namespace) -> int:
                  "fresh process, OpenMP defaults (OMP_WAIT_POLICY unset)"}
     print(f"{args.preset}: {args.sequences} sequences x {args.new_tokens} tokens, greedy, float32; torch threads: "
           f"ep1 same process {threads}, ep1 fresh process {fresh_hello['threads']}, "
-          f"ep2 rank 0 {rank0_threads} + rank 1 {args.worker_threads}")
+          f"ep2 rank 0 {threads} (its layers {args.worker_threads}) + rank 1 {args.worker_threads}")
 
     def runs_of(name):
         return ", ".join(f"{v:.0f}" for v in runs[name])
@@ -352,7 +348,8 @@ def run(args: argparse.Namespace) -> int:
         "bytes_per_decode_step_per_layer_by_path": {"socket_writes": round(socket_moved / (K * L), 1),
                                                     "shm_copies": round(shm_moved / (K * L), 1)},
         "decode_batch": T, "threads": {"ep1_same_process": threads, "ep1_fresh_process": fresh_hello["threads"],
-                    "ep2_rank0": rank0_threads, "ep2_rank1": args.worker_threads},
+                    "ep2_rank0": threads, "ep2_rank0_layers": args.worker_threads,
+                    "ep2_rank1": args.worker_threads},
         "combine": combines, "gpu": "not measured (no GPU in this run)",
     }))
     return 0

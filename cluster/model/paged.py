@@ -65,6 +65,12 @@ class PagedBatch:
 @torch.inference_mode()
 def paged_forward(model: GptOssModel, batch: PagedBatch, cache: PagedKVCache) -> torch.Tensor:
     """Run the step, writing its K/V into `cache`; returns float32 logits [R, V] for `logits_indices`."""
+    return unembed(model.unembedding, paged_hidden(model, batch, cache))  # [R, V]
+
+
+@torch.inference_mode()
+def paged_hidden(model: GptOssModel, batch: PagedBatch, cache: PagedKVCache) -> torch.Tensor:
+    """paged_forward up to the unembedding: the normed hidden states [R, H] of `logits_indices`."""
     max_position = max(batch.context_lens)
     cos_table, sin_table = model.rope.ensure(max_position, model.dtype)
     cos, sin = cos_table[batch.positions], sin_table[batch.positions]  # [S, D/2]
@@ -76,8 +82,7 @@ def paged_forward(model: GptOssModel, batch: PagedBatch, cache: PagedKVCache) ->
                              batch.block_tables[g], plan, cos, sin)
         x = x + h
         x = x + block.mlp(block.mlp_norm(x))
-    x = x[batch.logits_indices]  # [R, H]
-    return unembed(model.unembedding, model.norm(x))  # [R, V]
+    return model.norm(x[batch.logits_indices])  # [R, H]
 
 
 class _AttentionPlan:

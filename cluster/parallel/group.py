@@ -28,7 +28,8 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from cluster.model.paged import PagedBatch, PagedKVCache, paged_forward
+from cluster.model.paged import PagedBatch, PagedKVCache, paged_hidden
+from cluster.model.unembedding import unembed
 from cluster.model.transformer import GptOssModel
 from cluster.parallel.expert_map import ExpertPlacement, static_placement
 from cluster.parallel.sharding import ExpertParallelMoE, ShardInfo, memory_report, shard_model_
@@ -75,8 +76,9 @@ class GroupSpec:
     layer_group: list[int] = field(default_factory=list)
     layer_tensor: list[int] = field(default_factory=list)
     timeout_s: float = 10.0
-    # torch threads of ranks 1..N-1. Rank 0 keeps its process's (the engine's): it alone runs the
-    # unembedding and sampling, while the workers wait, so it may use the cores they leave idle.
+    # torch threads of ranks 1..N-1, and of rank 0's layers on CPU. Rank 0 keeps its process's (the
+    # engine's) for the unembedding and sampling: it alone runs them, while the workers wait, so it
+    # may use the cores they leave idle (ShardRuntime.execute).
     torch_threads: int = 1
 
     @property
@@ -88,8 +90,10 @@ class Collectives:
     """The group's collectives, with a count of the bytes handed to them (for the benchmark).
 
     CPU ranks on one node meet in shared memory (shm_collectives.py; `use_shm`, chosen at setup):
-    a SUM all-reduce of a decode step's [T, H] costs microseconds there, against ~0.5-1 ms for any
-    gloo wait on a small VM. Otherwise, on gloo the SUM all-reduce is a pairwise exchange: every
+    a layer's two SUM all-reduces of a decode step's [8, 64] fp32 took 30-210 us there against
+    0.4-1.2 ms for the pairwise gloo exchange below (`bench experts` combine, 2 ranks, a noisy
+    2-core VM), and the tiny preset's ep2/ep1 tokens/s against the best ep1 went from ~0.32-0.37
+    to ~0.71 (with rank 0 on one thread; 0.46 on two, beside rank 1's one). Otherwise, on gloo the SUM all-reduce is a pairwise exchange: every
     rank sends its tensor to every other rank (point-to-point, all in flight at once) and adds the
     N parts in rank order, so every rank gets bitwise the same sum. For the small [T, H] tensors of
     a decode step, gloo's own all_reduce took ~0.9 ms on localhost against ~0.15 ms for the
@@ -289,7 +293,22 @@ class ShardRuntime:
             self.comm.use_shm(join_shm(store, rank, spec.world, spec.timeout_s))
 
     def execute(self, batch: PagedBatch) -> torch.Tensor:
-        logits = paged_forward(self.model, batch, self.cache)
+        # CPU rank 0 runs its layers on the workers' thread count: more threads there contend for
+        # the cores the workers compute on. Its unembedding and the engine's sampling, while the
+        # workers wait, get its own count back. Tiny preset, 2-core VM, shared-memory collectives,
+        # ep2 tok/s best of 4: rank 0 on 2 threads all through ~740-890; on 1 ~1090-1270; 1 for
+        # the layers and 2 for the unembedding (3.1 ms at 1 thread, 1.9 ms at 2) 1270-1340 on a
+        # quiet box, less steady when other processes want the cores.
+        outer = torch.get_num_threads()
+        split = self.rank == 0 and self.spec.backend == "gloo" and outer != self.spec.torch_threads
+        if split:
+            torch.set_num_threads(self.spec.torch_threads)
+        try:
+            hidden = paged_hidden(self.model, batch, self.cache)
+        finally:
+            if split:
+                torch.set_num_threads(outer)
+        logits = unembed(self.model.unembedding, hidden)
         if self.stats is not None:
             self.stats.end_step()
         return logits
