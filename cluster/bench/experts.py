@@ -1,17 +1,17 @@
 """`gptoss-cluster bench experts`: expert parallelism on this box, ratios measured in one run.
 
-1. Throughput: the batching engine (EngineCore) decodes the same greedy workload at ep_size 1
-   and ep_size 2 (rank 0 here, rank 1 a Ray actor; gloo forms the group, the per-step collectives
-   run in shared memory, parallel/shm_collectives.py). Runs alternate; each side's best run
-   counts. On 2 cores no speed-up is expected: the ratio is the collectives' cost. ep1 and rank 0
-   get `--threads` torch threads, rank 1 `--worker-threads`; rank 0 runs its layers on the
-   workers' count too and only its unembedding and sampling on its own (group.ShardRuntime).
-   Idle OpenMP threads of both ranks
-   sleep (OMP_WAIT_POLICY=PASSIVE, set here before torch loads and in workers.WORKER_ENV):
-   spinning ones take the core the other rank needs. That also slows ep1 in this process, while
-   a real ep_size 1 replica keeps OpenMP's defaults (spinning gained ep1 ~30% at 2 threads on the
-   2-core box), so ep1 runs twice: in this process, and in a fresh process started without
-   OMP_WAIT_POLICY. The headline ratio is against the faster ep1; the same-process one is kept.
+1. Throughput: the batching engine (EngineCore) decodes the same greedy workload at ep_size 1 and
+   ep_size 2 (rank 0 here, rank 1 a Ray actor; gloo forms the group, the per-step collectives run
+   in shared memory, parallel/shm_collectives.py). Runs alternate; each side's best run counts. On
+   2 cores no speed-up is expected: the ratio is the collectives' cost. ep1 and rank 0 get
+   `--threads` torch threads, rank 1 `--worker-threads`; rank 0 runs its layers on the workers'
+   count too and only its unembedding and sampling on its own (group.ShardRuntime). Idle OpenMP
+   threads of both ranks sleep (OMP_WAIT_POLICY=PASSIVE, set here before torch loads and in
+   workers.WORKER_ENV): spinning ones take the core the other rank needs. That also slows ep1 in
+   this process, while a real ep_size 1 replica keeps OpenMP's defaults (spinning gained ep1 ~30%
+   at 2 threads on the 2-core box), so ep1 runs twice: in this process, and in a fresh process
+   started without OMP_WAIT_POLICY. The headline ratio is against the faster ep1; the same-process
+   one is kept.
 2. Bytes per decode step per layer: bytes every rank sent, over K decode steps: its process's
    writes (Linux /proc/<pid>/io wchar: gloo's socket writes; minus the same idle interval's) plus
    the bytes it copied into the shared-memory segment (no socket counter sees those), against the

@@ -89,18 +89,19 @@ class GroupSpec:
 class Collectives:
     """The group's collectives, with a count of the bytes handed to them (for the benchmark).
 
-    CPU ranks on one node meet in shared memory (shm_collectives.py; `use_shm`, chosen at setup):
-    a layer's two SUM all-reduces of a decode step's [8, 64] fp32 took 30-210 us there against
-    0.4-1.2 ms for the pairwise gloo exchange below (`bench experts` combine, 2 ranks, a noisy
-    2-core VM), and the tiny preset's ep2/ep1 tokens/s against the best ep1 went from ~0.32-0.37
-    to ~0.71 (with rank 0 on one thread; 0.46 on two, beside rank 1's one). Otherwise, on gloo the SUM all-reduce is a pairwise exchange: every
-    rank sends its tensor to every other rank (point-to-point, all in flight at once) and adds the
-    N parts in rank order, so every rank gets bitwise the same sum. For the small [T, H] tensors of
-    a decode step, gloo's own all_reduce took ~0.9 ms on localhost against ~0.15 ms for the
-    exchange (2 ranks, 2 KiB), and the tiny preset's ep2/ep1 tokens/s, against ep1 in the bench's
-    own process, went from ~0.44 to ~0.62 (`bench experts`, which times the combine designs). For
-    N = 2 the exchange moves exactly the all-reduce minimum, 2 (N - 1) T H b bytes; for larger N it
-    moves N / 2 times that. NCCL keeps dist.all_reduce.
+    CPU ranks on one node meet in shared memory (shm_collectives.py; `use_shm`, chosen at setup): a
+    layer's two SUM all-reduces of a decode step's [8, 64] fp32 took 26-210 us there against
+    0.3-1.9 ms for the pairwise gloo exchange below (`bench experts` combine, 2 ranks, a noisy
+    2-core VM), and the tiny preset's ep2/ep1 tokens/s against the best ep1 went from ~0.32-0.37 to
+    ~0.46, and to ~0.62-0.71 with rank 0's layers on one thread (ShardRuntime.execute). Otherwise,
+    on gloo the SUM all-reduce is a pairwise exchange: every rank sends its tensor to every other
+    rank (point-to-point, all in flight at once) and adds the N parts in rank order, so every rank
+    gets bitwise the same sum. For the small [T, H] tensors of a decode step, gloo's own all_reduce
+    took ~0.9 ms on localhost against ~0.15 ms for the exchange (2 ranks, 2 KiB), and the tiny
+    preset's ep2/ep1 tokens/s, against ep1 in the bench's own process, went from ~0.44 to ~0.62
+    (`bench experts`, which times the combine designs). For N = 2 the exchange moves exactly the
+    all-reduce minimum, 2 (N - 1) T H b bytes; for larger N it moves N / 2 times that. NCCL keeps
+    dist.all_reduce.
     """
 
     def __init__(self, rank: int = 0, world: int = 1, pairwise: bool = False) -> None:
