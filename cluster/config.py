@@ -257,6 +257,9 @@ class ParallelConfig:
     redundant_experts: int = 0
     # Engine steps of expert-load history the planner and the imbalance gauge look at.
     stats_window_steps: int = 256
+    # gptoss_expert_tokens_total on /metrics: layers x experts series per replica (36 x 128 for 120b).
+    # Off keeps the per-layer imbalance gauge and the rebalance count.
+    expert_token_series: bool = True
     # CPUs reserved per bundle (rank); small so groups fit a 2-core test box.
     bundle_cpus: float = 0.1
     # Seconds a collective may wait for a peer before the step fails (a dead rank -> UNAVAILABLE).

@@ -34,7 +34,7 @@ def add_engine_command(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--max-prompt", type=int, default=512, help="longest prompt (default: 512)")
     p.add_argument("--hf-batch", type=int, default=8, help="transformers padded batch size (default: 8)")
     p.add_argument("--throughput-runs", type=int, default=2, help="alternating throughput runs per side; best counts (default: 2)")
-    p.add_argument("--latency-runs", type=int, default=7, help="timed single-stream runs per side; best counts (default: 7)")
+    p.add_argument("--latency-runs", type=int, default=15, help="timed single-stream runs per side; best counts (default: 15)")
     p.add_argument("--kv-tokens", type=int, default=32768, help="sequence length for KV bytes/token (default: 32768)")
     p.add_argument("--against", choices=("transformers", "vllm"), default="transformers",
                    help="baseline: transformers generate + the plain decode loop (default), or vLLM's AsyncLLM "
@@ -183,6 +183,7 @@ def run_engine_bench(args: argparse.Namespace) -> int:
     print(json.dumps({
         "throughput_ratio_vs_transformers": round(engine_tps / hf_tps, 3),
         "single_stream_latency_ratio": round(engine_ms / plain_ms, 3),
+        "single_stream_latency_ratio_of_medians": round(statistics.median(times["engine"]) / statistics.median(times["plain"]), 3),
         "kv_bytes_per_token_120b": round(kv120, 1),
         "kv_bytes_per_token_20b": round(kv20, 1),
         "kv_bytes_per_token_120b_theoretical": theory120,

@@ -219,6 +219,8 @@ class KVCacheManager:
             return
         tables, published = self.block_tables[request.request_id], self._num_published[request.request_id]
         num_full = request.num_computed_tokens // self.block_size
+        if num_full <= min(published):  # no block filled up since the last call (most decode steps)
+            return
         hashes = self._block_hashes(request, num_full)
         for g, table in enumerate(tables):
             for i in range(published[g], min(num_full, len(table))):
@@ -261,7 +263,8 @@ class KVCacheManager:
             self.prefix_query_tokens += request.num_tokens
             self.prefix_hit_tokens += prefix.num_tokens
         for table, n in zip(self.block_tables[rid], new_per_group):
-            table.extend(self.pool.allocate(n))
+            if n:
+                table.extend(self.pool.allocate(n))
         return True
 
     def _trim_out_of_window(self, request: Sequence) -> None:
@@ -271,11 +274,13 @@ class KVCacheManager:
             if not group.is_sliding:
                 continue
             first = min(first_needed_block(request.num_computed_tokens, group.sliding_window, self.block_size), len(tables[g]))
+            if first <= trimmed[g]:
+                continue
             table = tables[g]
             dropped = table[trimmed[g] : first]
             table[trimmed[g] : first] = [self.pool.null_block] * len(dropped)
             self.pool.release(dropped)
-            trimmed[g] = max(trimmed[g], first)
+            trimmed[g] = first
 
     def free(self, request: Sequence) -> None:
         """Release all of a request's blocks (finished, aborted or preempted); computed full ones stay cached."""

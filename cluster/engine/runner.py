@@ -37,8 +37,8 @@ class ModelRunner:
         )
 
     def prepare(self, output: SchedulerOutput) -> PagedBatch:
-        # Plain Python lists, one tensor each at the end: a decode step has one token per
-        # sequence, and per-token tensor ops would cost more than the lists.
+        # Plain Python lists, one tensor at the end: a decode step has one token per sequence,
+        # and per-token tensor ops would cost more than the lists.
         C = self.kv_cache.block_size
         num_groups = len(self.kv_cache.spec.groups)
         input_ids: list[int] = []
@@ -48,33 +48,44 @@ class ModelRunner:
         slots: list[list[int]] = [[] for _ in range(num_groups)]  # per group, per token
         for chunk in output.chunks:
             seq, start, n = chunk.request, chunk.start, chunk.num_tokens
-            if n == 1:
+            end = start + n
+            if n == 1:  # decoding
                 input_ids.append(seq.token_id_at(start))
+                positions.append(start)
             else:
-                input_ids.extend(seq.all_token_ids[start : start + n])
-            positions.extend(range(start, start + n))
+                input_ids.extend(seq.all_token_ids[start:end])
+                positions.extend(range(start, end))
             query_start.append(query_start[-1] + n)
-            context_lens.append(start + n)
+            context_lens.append(end)
             if chunk.samples:
                 logits_indices.append(query_start[-1] - 1)
             for g, block_ids in enumerate(self.kv_cache.block_ids(seq.request_id)):
                 tables[g].append(block_ids)
-                slots[g].extend(block_ids[p // C] * C + p % C for p in range(start, start + n))
+                if n == 1:
+                    slots[g].append(block_ids[start // C] * C + start % C)
+                else:
+                    slots[g].extend(block_ids[p // C] * C + p % C for p in range(start, end))
 
-        device = self.model.device
-        block_tables = []
-        for group_tables in tables:
-            width = max(len(t) for t in group_tables)
-            block_tables.append(torch.tensor([t + [0] * (width - len(t)) for t in group_tables],
-                                             dtype=torch.long, device=device))  # [B, W]
+        # Every integer of the step in one tensor (one host-to-device copy on a GPU), then views of it.
+        widths = [max(len(t) for t in group_tables) for group_tables in tables]
+        padded: list[int] = []  # the block tables, row after row, each padded with block 0 to its group's width
+        for group_tables, width in zip(tables, widths):
+            for t in group_tables:
+                padded += t
+                padded += [0] * (width - len(t))
+        S, B = len(input_ids), len(context_lens)
+        flat = torch.tensor(input_ids + positions + logits_indices + [s for group in slots for s in group] + padded,
+                            dtype=torch.long).to(self.model.device)
+        sizes = [S, S, len(logits_indices)] + [S] * num_groups + [B * w for w in widths]
+        parts = flat.split(sizes)
         return PagedBatch(
-            input_ids=torch.tensor(input_ids, dtype=torch.long, device=device),
-            positions=torch.tensor(positions, dtype=torch.long, device=device),
+            input_ids=parts[0],
+            positions=parts[1],
             query_start=query_start,
             context_lens=context_lens,
-            slot_mapping=[torch.tensor(s, dtype=torch.long, device=device) for s in slots],  # per group [S]
-            block_tables=block_tables,
-            logits_indices=torch.tensor(logits_indices, dtype=torch.long, device=device),
+            slot_mapping=list(parts[3 : 3 + num_groups]),  # per group [S]
+            block_tables=[t.view(B, w) for t, w in zip(parts[3 + num_groups :], widths)],  # per group [B, W]
+            logits_indices=parts[2],
         )
 
     def execute(self, output: SchedulerOutput) -> dict[str, tuple[int, TokenLogprobs | None]]:

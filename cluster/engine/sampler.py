@@ -43,9 +43,11 @@ class Sampler:
         """logits [S, V] (any float dtype) -> one token per row."""
         logits = logits.float()
         S, V = logits.shape
-        token_ids = torch.empty(S, dtype=torch.long)
-
         greedy_rows = [i for i, p in enumerate(params) if p.greedy]
+        if len(greedy_rows) == S and all(p.logprobs is None for p in params):  # the common case, kept lean
+            return SamplerOutput(argmax_rows(logits).tolist(), [None] * S)
+
+        token_ids = torch.empty(S, dtype=torch.long)
         random_rows = [i for i, p in enumerate(params) if not p.greedy]
         if len(greedy_rows) == S:  # all greedy: no row gather (a copy of [S, V])
             token_ids = argmax_rows(logits)

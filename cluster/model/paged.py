@@ -73,8 +73,11 @@ def paged_hidden(model: GptOssModel, batch: PagedBatch, cache: PagedKVCache) -> 
     """paged_forward up to the unembedding: the normed hidden states [R, H] of `logits_indices`."""
     max_position = max(batch.context_lens)
     cos_table, sin_table = model.rope.ensure(max_position, model.dtype)
-    cos, sin = cos_table[batch.positions], sin_table[batch.positions]  # [S, D/2]
     plan = _AttentionPlan(batch, cache.block_size)
+    if plan.lone_decode:  # one token, at the end of its context: slices, not gathers
+        cos, sin = cos_table[max_position - 1 : max_position], sin_table[max_position - 1 : max_position]
+    else:
+        cos, sin = cos_table[batch.positions], sin_table[batch.positions]  # [S, D/2]
     x = model.embedding(batch.input_ids)  # [S, H]
     for layer, block in enumerate(model.blocks):
         g, j = cache.layer_group[layer], cache.layer_tensor[layer]
@@ -82,7 +85,20 @@ def paged_hidden(model: GptOssModel, batch: PagedBatch, cache: PagedKVCache) -> 
                              batch.block_tables[g], plan, cos, sin)
         x = x + h
         x = x + block.mlp(block.mlp_norm(x))
-    return model.norm(x[batch.logits_indices])  # [R, H]
+    if len(batch.logits_indices) != len(x):  # else every token samples (a decode step): all rows, in order
+        x = x[batch.logits_indices]  # [R, H]
+    return model.norm(x)  # [R, H]
+
+
+@dataclass
+class _DecodeKeys:
+    """Where the decode rows' keys come from: `physical` blocks [Bd, M] to gather, then either the
+    positions each query sees among the gathered M*C keys (`visible` [Bd, 1, M*C]), or, for a lone
+    sequence, the one run of gathered keys it sees (`span`, every key in it visible: no mask)."""
+
+    physical: torch.Tensor
+    visible: torch.Tensor | None
+    span: slice
 
 
 class _AttentionPlan:
@@ -96,21 +112,31 @@ class _AttentionPlan:
         self.context_lens = batch.context_lens
         self.block_size = block_size
         self.all_decode = not self.prefill_rows
+        self.lone_decode = self.all_decode and len(self.decode_rows) == 1  # one user alone
         if self.decode_rows:
-            self.decode_tokens = torch.tensor([starts[b] for b in self.decode_rows])  # [Bd] flat index of each query
+            if not self.all_decode:
+                self.decode_tokens = torch.tensor([starts[b] for b in self.decode_rows])  # [Bd] flat index of each query
             self.decode_context = [batch.context_lens[b] for b in self.decode_rows]  # [Bd]
-        self._decode_gather: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
+        self._decode_keys: dict[tuple[int, int], _DecodeKeys] = {}
 
-    def decode_gather(self, window: int, block_tables: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """For the decode rows: physical blocks to read [Bd, M] and which gathered keys each query
-        sees [Bd, 1, M*C]; computed once per step for each (window, block table) pair, from Python
-        ints (a decode batch is small, and a handful of tiny tensor ops would cost more).
+    def decode_keys(self, window: int, block_tables: torch.Tensor) -> _DecodeKeys:
+        """The decode rows' keys, computed once per step for each (window, block table) pair, from
+        Python ints (a decode batch is small, and a handful of tiny tensor ops would cost more).
 
         Full layers read every block; window layers only the last blocks the window can reach.
         """
         key = (window, id(block_tables))
-        if key not in self._decode_gather:
+        if key not in self._decode_keys:
             C = self.block_size
+            if self.lone_decode:
+                # One user alone: gather just the blocks its visible keys sit in and slice those
+                # keys out, so no mask is built or applied.
+                n = self.decode_context[0]
+                oldest = max(0, n - window) if window else 0
+                first = oldest // C
+                physical = block_tables[:, first : (n - 1) // C + 1]  # [1, M]
+                self._decode_keys[key] = _DecodeKeys(physical, None, slice(oldest - first * C, n - first * C))
+                return self._decode_keys[key]
             last_blocks = [(n - 1) // C for n in self.decode_context]
             # A window may straddle one more block boundary than it spans.
             M = (window - 1) // C + 2 if window else max(last_blocks) + 1
@@ -122,18 +148,21 @@ class _AttentionPlan:
             oldest = torch.tensor([[max(0, n - window) if window else 0] for n in self.decode_context])  # [Bd, 1]
             newest = torch.tensor([[n - 1] for n in self.decode_context])  # [Bd, 1]
             visible = (key_pos >= oldest) & (key_pos <= newest)
-            self._decode_gather[key] = (physical, visible.unsqueeze(1))
-        return self._decode_gather[key]
+            self._decode_keys[key] = _DecodeKeys(physical, visible.unsqueeze(1), slice(None))
+        return self._decode_keys[key]
 
 
-def _attend(attn: Attention, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
-    """q [B, Q, N, D], keys/values [B, L, K, D], visible [B, Q, L] bool -> [B, Q, N*D], with sinks."""
+def _attend(attn: Attention, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+            visible: torch.Tensor | None) -> torch.Tensor:
+    """q [B, Q, N, D], keys/values [B, L, K, D], visible [B, Q, L] bool (None: all) -> [B, Q, N*D], with sinks."""
     B, Q, N, D = q.shape
     L, K = keys.shape[1], keys.shape[2]
     G = N // K
     q = q.permute(0, 2, 1, 3).reshape(B, K, G * Q, D)  # query head n = kv head n // G
     scores = torch.matmul(q, keys.permute(0, 2, 3, 1)) * attn.sm_scale  # [B, K, G*Q, L]
-    scores = scores.view(B, K, G, Q, L).masked_fill(~visible.view(B, 1, 1, Q, L), float("-inf"))
+    scores = scores.view(B, K, G, Q, L)
+    if visible is not None:
+        scores = scores.masked_fill(~visible.view(B, 1, 1, Q, L), float("-inf"))
     sinks = attn.sinks.to(scores.dtype).view(1, K, G, 1, 1).expand(B, K, G, Q, 1)
     probs = torch.softmax(torch.cat((scores, sinks), dim=-1), dim=-1)[..., :-1]  # [B, K, G, Q, L]
     y = torch.matmul(probs.reshape(B, K, G * Q, L), values.transpose(1, 2))  # [B, K, G*Q, D]
@@ -155,14 +184,14 @@ def _paged_attention(attn: Attention, x: torch.Tensor, k_cache: torch.Tensor, v_
     window = attn.window
     out = None if plan.all_decode else torch.empty(S, N * D, dtype=x.dtype, device=x.device)
     if plan.decode_rows:
-        physical, visible = plan.decode_gather(window, block_tables)  # [Bd, M], [Bd, 1, M*C]
-        Bd, M = physical.shape
-        keys = k_cache[physical].view(Bd, M * C, K, D)
-        values = v_cache[physical].view(Bd, M * C, K, D)
+        decode = plan.decode_keys(window, block_tables)
+        Bd, M = decode.physical.shape
+        keys = k_cache.index_select(0, decode.physical.view(-1)).view(Bd, M * C, K, D)[:, decode.span]
+        values = v_cache.index_select(0, decode.physical.view(-1)).view(Bd, M * C, K, D)[:, decode.span]
         if plan.all_decode:  # every sequence brings one token: no gather from q, no scatter into `out`
-            return attn.out(_attend(attn, q.unsqueeze(1), keys, values, visible).squeeze(1))
+            return attn.out(_attend(attn, q.unsqueeze(1), keys, values, decode.visible).squeeze(1))
         rows = plan.decode_tokens
-        out[rows] = _attend(attn, q[rows].unsqueeze(1), keys, values, visible).squeeze(1)
+        out[rows] = _attend(attn, q[rows].unsqueeze(1), keys, values, decode.visible).squeeze(1)
     for b in plan.prefill_rows:
         first, last = plan.query_start[b], plan.query_start[b + 1]
         context = plan.context_lens[b]

@@ -132,6 +132,7 @@ class ModelReplica:
     def __init__(self, config: ClusterConfig) -> None:
         logging.getLogger("cluster").setLevel(config.log_level.upper())
         self._group = None  # expert-parallel WorkerGroup when parallel.ep_size > 1
+        self._expert_token_series = config.parallel.expert_token_series
         if config.engine.kind == "echo":
             self._engine, self._info = _echo_engine(config)
             log.info("replica ready: TEST echo engine at %s tokens/s per stream", config.engine.echo_tokens_per_s)
@@ -255,7 +256,8 @@ class ModelReplica:
     def _expert_load(self) -> ExpertLoad:
         runtime = self._group.runtime
         loads = runtime.stats.window_loads().tolist()
-        return ExpertLoad(tokens_per_expert_total=runtime.stats.totals.tolist(),
+        totals = runtime.stats.totals.tolist() if self._expert_token_series else []
+        return ExpertLoad(tokens_per_expert_total=totals,
                           imbalance=[pl.imbalance(layer) for pl, layer in zip(runtime.placements, loads)],
                           rebalances_total=len(self._group.driver.rebalances))
 

@@ -140,3 +140,23 @@ def test_the_step_unembedding_matches_the_model_layer(engine_model):
     finally:
         with torch.no_grad():
             model.unembedding.weight.copy_(before)
+
+
+def test_a_lone_sequence_and_the_same_sequence_in_a_batch_get_the_same_logprobs(engine_model):
+    # Alone, a decoding sequence reads exactly its visible keys (paged.py's lone-decode path);
+    # beside another it reads whole blocks under a visibility mask. Across window and block
+    # boundaries (windows 8 and 16, blocks of 4) both must give the same distributions.
+    model = engine_model("tiny-small-vocab")
+    prompt, other = prompts_of([6, 11], model.config.vocab_size, seed=7)
+
+    def logprobs_of(sequences):
+        core = EngineCore(model, EngineConfig(block_size=4))
+        run_to_completion(core, sequences)
+        return sequences[0].output_logprobs
+
+    settings = SamplingSettings(max_tokens=30, temperature=0.0, logprobs=5, stop_token_ids=())
+    alone = logprobs_of([Sequence("a", prompt, settings)])
+    batched = logprobs_of([Sequence("a", prompt, settings), Sequence("b", other, settings)])
+    assert [lp.top_token_ids for lp in alone] == [lp.top_token_ids for lp in batched]
+    for a, b in zip(alone, batched):
+        assert a.top_logprobs == pytest.approx(b.top_logprobs, abs=1e-5)

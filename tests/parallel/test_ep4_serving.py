@@ -21,7 +21,8 @@ TOP = 5  # alternatives per position compared
 
 @pytest.fixture(scope="module")
 def ep4_app(ray_serving, serving_config):
-    app = EpApp(serving_config, APP, ep_size=4, redundant_experts=2, rebalance_interval_s=0.5)
+    # With the per-expert token series off (the ep 2 test scrapes them with it on).
+    app = EpApp(serving_config, APP, ep_size=4, redundant_experts=2, rebalance_interval_s=0.5, expert_token_series=False)
     yield app
     app.close()
 
@@ -67,3 +68,6 @@ def test_ep4_matches_ep1_through_grpc_before_and_after_a_rebalancing(ep4_app, st
     applied = len(handle.expert_stats.remote().result(timeout_s=30)["rebalances"])
     key = ("gptoss_expert_rebalances_total", frozenset({"replica": replica_id}.items()))
     wait_for(lambda: ep4_app.scrape().get(key) == applied, 15, f"the front door's rebalance count ({applied})")
+    scraped = ep4_app.scrape()
+    mine = [name for name, labels in scraped if dict(labels).get("replica") == replica_id]
+    assert "gptoss_expert_imbalance_ratio" in mine and "gptoss_expert_tokens_total" not in mine

@@ -49,12 +49,18 @@ def test_window_stats_rebalancer_and_metrics():
     collector = ReplicaLoadCollector()
     registry.register(collector)
     load = ExpertLoad(tokens_per_expert_total=stats.totals.tolist(), imbalance=after, rebalances_total=1)
-    collector.update([("r1", EngineStats(0, 0, 0, 0, 0, 0, expert_load=load)), ("r2", EngineStats(0, 0, 0, 0, 0, 0))])
+    # r3 runs with parallel.expert_token_series off: its report carries no per-expert counts.
+    quiet = ExpertLoad(tokens_per_expert_total=[], imbalance=after, rebalances_total=0)
+    collector.update([("r1", EngineStats(0, 0, 0, 0, 0, 0, expert_load=load)), ("r2", EngineStats(0, 0, 0, 0, 0, 0)),
+                      ("r3", EngineStats(0, 0, 0, 0, 0, 0, expert_load=quiet))])
     sample = registry.get_sample_value
     assert sample("gptoss_expert_tokens_total", {"replica": "r1", "layer": "0", "expert": "0"}) == int(stats.totals[0, 0])
     assert sample("gptoss_expert_imbalance_ratio", {"replica": "r1", "layer": "3"}) == after[3]
     assert sample("gptoss_expert_rebalances_total", {"replica": "r1"}) == 1
     assert sample("gptoss_expert_rebalances_total", {"replica": "r2"}) is None  # not expert-parallel
+    assert sample("gptoss_expert_imbalance_ratio", {"replica": "r3", "layer": "3"}) == after[3]
+    assert not [s for m in registry.collect() if m.name == "gptoss_expert_tokens" for s in m.samples
+                if s.labels["replica"] == "r3"]
 
 
 def test_rebalancing_while_serving_drops_nothing_and_keeps_parity(ray_cluster, tiny_checkpoint):

@@ -81,7 +81,7 @@ configuration, validated by the same code (tests/helm/test_helm_serve_config.py 
 {{- $autoscaling := dict "enabled" $a.enabled "min_replicas" (int $a.minReplicas) "max_replicas" (int $a.maxReplicas) "target_ongoing_per_replica" $a.targetOngoingPerReplica "target_kv_use" $a.targetKvUse "upscale_delay_s" $a.upscaleDelayS "downscale_delay_s" $a.downscaleDelayS "look_back_period_s" $a.lookBackPeriodS "metrics_interval_s" $a.metricsIntervalS -}}
 {{- $serving := dict "app_name" $v.serving.appName "replicas" (int $v.serving.replicas) "num_cpus" $v.serving.numCpus "num_gpus" $v.serving.numGpus "max_ongoing_requests" (int $v.serving.maxOngoingRequests) "max_queued_requests" (int $v.serving.maxQueuedRequests) "graceful_shutdown_timeout_s" $v.serving.gracefulShutdownTimeoutS "router" $router "autoscaling" $autoscaling -}}
 {{- $p := $v.parallel -}}
-{{- $parallel := dict "ep_size" (int $p.epSize) "placement_strategy" $p.placementStrategy "placement_policy" $p.placementPolicy "rebalance_interval_s" $p.rebalanceIntervalS "redundant_experts" (int $p.redundantExperts) -}}
+{{- $parallel := dict "ep_size" (int $p.epSize) "placement_strategy" $p.placementStrategy "placement_policy" $p.placementPolicy "rebalance_interval_s" $p.rebalanceIntervalS "redundant_experts" (int $p.redundantExperts) "expert_token_series" $p.expertTokenSeries -}}
 {{- $auth := dict "admin_tenants" $v.frontdoor.auth.adminTenants "allow_unauthenticated" $v.frontdoor.auth.allowUnauthenticated -}}
 {{- if $v.frontdoor.auth.existingSecret }}{{ $_ := set $auth "api_keys_file" "/etc/gptoss/api-keys" }}{{ end -}}
 {{- $tls := dict -}}
