@@ -1,22 +1,27 @@
 """`gptoss-cluster bench experts`: expert parallelism on this box, ratios measured in one run.
 
-1. Throughput: the batching engine (EngineCore) decodes the same greedy workload at ep_size 1
-   and ep_size 2 (rank 0 here, rank 1 a Ray actor, gloo). Runs alternate; each side's best run
-   counts. On 2 cores no speed-up is expected: the ratio is the collectives' cost. ep1 and rank 0
-   get `--threads` torch threads, rank 1 `--worker-threads`. Idle OpenMP threads of both ranks
-   sleep (OMP_WAIT_POLICY=PASSIVE, set here before torch loads and in workers.WORKER_ENV):
-   spinning ones take the core the other rank needs. That also slows ep1 in this process, while
-   a real ep_size 1 replica keeps OpenMP's defaults (spinning gained ep1 ~30% at 2 threads on the
-   2-core box), so ep1 runs twice: in this process, and in a fresh process started without
-   OMP_WAIT_POLICY. The headline ratio is against the faster ep1; the same-process one is kept.
-2. Bytes per decode step per layer: bytes every rank's process wrote (Linux /proc/<pid>/io wchar,
-   which counts gloo's socket writes), minus the same idle interval's writes, over K decode steps,
-   against the minimum for the all-reduce combine: two SUM all-reduces of [T, H] per layer, each
-   of which must move at least 2 (N - 1) T H b bytes in total (reduce-scatter + all-gather bound).
-3. Combine choice: at the same small batch, two real gloo processes time one layer's collectives
-   (a) all-reduce after attention and after the MoE (head-split attention, replicated tokens),
-   with gloo's all_reduce and as the group runs it on gloo (pairwise exchange, group.Collectives),
-   and (b) all-to-all dispatch + combine with token counts first (data-parallel attention, as DeepEP).
+1. Throughput: the batching engine (EngineCore) decodes the same greedy workload at ep_size 1 and
+   ep_size 2 (rank 0 here, rank 1 a Ray actor; gloo forms the group, the per-step collectives run
+   in shared memory, parallel/shm_collectives.py). Runs alternate; each side's best run counts. On
+   2 cores no speed-up is expected: the ratio is the collectives' cost. ep1 and rank 0 get
+   `--threads` torch threads, rank 1 `--worker-threads`; rank 0 runs its layers on the workers'
+   count too and only its unembedding and sampling on its own (group.ShardRuntime). Idle OpenMP
+   threads of both ranks sleep (OMP_WAIT_POLICY=PASSIVE, set here before torch loads and in
+   workers.WORKER_ENV): spinning ones take the core the other rank needs. That also slows ep1 in
+   this process, while a real ep_size 1 replica keeps OpenMP's defaults (spinning gained ep1 ~30%
+   at 2 threads on the 2-core box), so ep1 runs twice: in this process, and in a fresh process
+   started without OMP_WAIT_POLICY. The headline ratio is against the faster ep1; the same-process
+   one is kept.
+2. Bytes per decode step per layer: bytes every rank sent, over K decode steps: its process's
+   writes (Linux /proc/<pid>/io wchar: gloo's socket writes; minus the same idle interval's) plus
+   the bytes it copied into the shared-memory segment (no socket counter sees those), against the
+   minimum for the all-reduce combine: two SUM all-reduces of [T, H] per layer, each of which must
+   move at least 2 (N - 1) T H b bytes in total (reduce-scatter + all-gather bound).
+3. Combine choice: at the same small batch, two real processes (a gloo group) time one layer's
+   collectives (a) all-reduce after attention and after the MoE (head-split attention, replicated
+   tokens), with gloo's all_reduce, with the pairwise gloo exchange (group.Collectives' fallback),
+   and in shared memory (as the group runs on one node), and (b) all-to-all dispatch + combine
+   with token counts first (data-parallel attention, as DeepEP), on gloo. Bytes as in 2.
 
 The last line is one JSON object: ep2_over_ep1_throughput (against the best ep1),
 ep2_over_ep1_same_process, bytes_per_step_over_minimum, and the details. No GPU figures unless
@@ -44,7 +49,8 @@ def add_parser(commands) -> None:
     p.add_argument("--runs", type=int, default=3, help="timed runs per side (default 3)")
     p.add_argument("--threads", type=int, default=2,
                    help="torch threads of this process: ep1, and rank 0 of ep2 (default 2, capped at the cores)")
-    p.add_argument("--worker-threads", type=int, default=1, help="torch threads of rank 1 (default 1)")
+    p.add_argument("--worker-threads", type=int, default=1,
+                   help="torch threads of rank 1, and of rank 0's layers (default 1)")
     p.add_argument("--cache-dir", default=None, help="checkpoint cache (default: a temp dir)")
     p.set_defaults(func=run)
 
@@ -115,11 +121,12 @@ def _combine_proc(rank: int, world: int, port: int, tokens: int, hidden: int, to
     import torch.distributed as dist
 
     from cluster.parallel.group import Collectives
+    from cluster.parallel.shm_collectives import join_shm
     from cluster.parallel.workers import io_write_bytes
 
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-                            timeout=timedelta(seconds=30))
+    store = dist.TCPStore("127.0.0.1", port, world, is_master=rank == 0, timeout=timedelta(seconds=60))
+    dist.init_process_group("gloo", store=store, rank=rank, world_size=world, timeout=timedelta(seconds=30))
     g = torch.Generator().manual_seed(rank)
     x = torch.randn(tokens, hidden)
     route = torch.randint(0, experts, (tokens, top_k), generator=g)  # synthetic routing
@@ -133,9 +140,18 @@ def _combine_proc(rank: int, world: int, port: int, tokens: int, hidden: int, to
 
     pairwise = Collectives(rank, world, pairwise=True)
 
-    def pairwise_layer():  # the same two all-reduces as the group runs them on gloo
+    def pairwise_layer():  # the two all-reduces as the group runs them on gloo across nodes
         pairwise.all_reduce(x.clone())
         pairwise.all_reduce(x.clone())
+
+    shm = Collectives(rank, world, pairwise=True)
+    shm.use_shm(join_shm(store, rank, world, timeout_s=30.0))
+    if shm.shm is None:
+        raise RuntimeError("this host cannot run the shared-memory collectives (see shm_collectives.available)")
+
+    def shm_layer():  # the two all-reduces as the group runs them on one node
+        shm.all_reduce(x.clone())
+        shm.all_reduce(x.clone())
 
     local = x[: tokens // world]  # data-parallel attention: each rank owns T / N tokens
     local_owner = owner[: tokens // world]
@@ -154,7 +170,7 @@ def _combine_proc(rank: int, world: int, port: int, tokens: int, hidden: int, to
         dist.all_to_all_single(back, recv, send_counts.tolist(), recv_counts.tolist())  # combine
 
     designs = (("all_reduce", all_reduce_layer), ("all_reduce_pairwise", pairwise_layer),
-               ("all_to_all", all_to_all_layer))
+               ("all_reduce_shm", shm_layer), ("all_to_all", all_to_all_layer))
     times: dict[str, list[float]] = {name: [] for name, _ in designs}
     written: dict[str, int] = {name: 0 for name, _ in designs}
     block = max(1, iters // 8)
@@ -164,14 +180,15 @@ def _combine_proc(rank: int, world: int, port: int, tokens: int, hidden: int, to
     for _ in range(8):  # interleaved blocks: background load on a shared box hits both designs alike
         for name, fn in designs:
             dist.barrier()
-            w0, t0 = io_write_bytes(), time.perf_counter()
+            w0, s0, t0 = io_write_bytes(), shm.shm_bytes, time.perf_counter()
             for _ in range(block):
                 fn()
             times[name].append((time.perf_counter() - t0) / block)
-            written[name] += io_write_bytes() - w0
+            written[name] += io_write_bytes() - w0 + shm.shm_bytes - s0
     result = {name: {"us_per_layer": 1e6 * statistics.median(times[name]),
-                     "bytes_written_per_layer": written[name] / (8 * block)} for name, _ in designs}
+                     "bytes_sent_per_layer": written[name] / (8 * block)} for name, _ in designs}
     queue.put((rank, result))
+    shm.shm.close()
     dist.destroy_process_group()
 
 
@@ -191,10 +208,10 @@ def measure_combines(tokens: int, hidden: int, top_k: int, experts: int, world: 
     for p in procs:
         p.join(30)
     out = {}
-    for name in ("all_reduce", "all_reduce_pairwise", "all_to_all"):
+    for name in ("all_reduce", "all_reduce_pairwise", "all_reduce_shm", "all_to_all"):
         out[name] = {
             "us_per_layer": round(max(results[r][name]["us_per_layer"] for r in results), 1),
-            "bytes_written_per_layer": sum(results[r][name]["bytes_written_per_layer"] for r in results),
+            "bytes_sent_per_layer": sum(results[r][name]["bytes_sent_per_layer"] for r in results),
         }
     return out
 
@@ -262,15 +279,18 @@ def run(args: argparse.Namespace) -> int:
             ep2.add_request(s)
         ep2.step()  # the prompts (one chunk each)
         K = args.new_tokens // 2
-        before, t0 = group.io_write_bytes(), time.perf_counter()
+        before, shm_before, t0 = group.io_write_bytes(), group.shm_bytes(), time.perf_counter()
         for _ in range(K):
             ep2.step()
-        busy, after = time.perf_counter() - t0, group.io_write_bytes()
+        busy, after, shm_after = time.perf_counter() - t0, group.io_write_bytes(), group.shm_bytes()
         time.sleep(busy)
         idle = [b - a for a, b in zip(after, group.io_write_bytes())]
         while ep2.has_unfinished():
             ep2.step()
-        moved = sum(b - a for a, b in zip(before, after)) - sum(idle)
+        # other writers (logs) can make the idle interval write more than the busy one: not below 0
+        socket_moved = max(0, sum(b - a for a, b in zip(before, after)) - sum(idle))
+        shm_moved = sum(b - a for a, b in zip(shm_before, shm_after))
+        moved = socket_moved + shm_moved
         T, N = args.sequences, 2
         minimum = 2 * (2 * (N - 1) * T * H * 4)  # two fp32 [T, H] all-reduces per layer
         per_layer = moved / (K * L)
@@ -292,7 +312,7 @@ def run(args: argparse.Namespace) -> int:
                  "fresh process, OpenMP defaults (OMP_WAIT_POLICY unset)"}
     print(f"{args.preset}: {args.sequences} sequences x {args.new_tokens} tokens, greedy, float32; torch threads: "
           f"ep1 same process {threads}, ep1 fresh process {fresh_hello['threads']}, "
-          f"ep2 rank 0 {threads} + rank 1 {args.worker_threads}")
+          f"ep2 rank 0 {threads} (its layers {args.worker_threads}) + rank 1 {args.worker_threads}")
 
     def runs_of(name):
         return ", ".join(f"{v:.0f}" for v in runs[name])
@@ -302,10 +322,12 @@ def run(args: argparse.Namespace) -> int:
     print(f"  ep2 (OMP_WAIT_POLICY={omp} on both ranks): {best['ep2']:.1f} tok/s (runs {runs_of('ep2')})")
     print(f"  ep2/ep1 {ratio:.3f} against the best ep1, {described[ep1_best]}; {same_process_ratio:.3f} against "
           f"ep1 in the same process; same greedy tokens: {same_tokens}")
-    print(f"  decode step at T={T}: {per_layer:.0f} B written per layer (all ranks) vs minimum {minimum} B "
-          f"for two all-reduces of [T, H] fp32 -> {per_layer / minimum:.2f}x")
+    print(f"  decode step at T={T}: {per_layer:.0f} B sent per layer (all ranks: "
+          f"{socket_moved / (K * L):.0f} B socket writes + {shm_moved / (K * L):.0f} B copied into shared memory) "
+          f"vs minimum {minimum} B for two all-reduces of [T, H] fp32 -> {per_layer / minimum:.2f}x")
     for name, c in combines.items():
-        print(f"  combine {name:19s}: {c['us_per_layer']:.0f} us per layer, {c['bytes_written_per_layer']:.0f} B written")
+        print(f"  combine {name:19s}: {c['us_per_layer']:.0f} us per layer, {c['bytes_sent_per_layer']:.0f} B sent "
+              f"(socket writes + shared-memory copies)")
     median_ep1 = max(statistics.median(runs["ep1"]), statistics.median(runs["ep1_fresh"]))
     print(json.dumps({
         "ep2_over_ep1_throughput": round(ratio, 4),
@@ -323,8 +345,11 @@ def run(args: argparse.Namespace) -> int:
                             "ep2": omp},
         "same_greedy_tokens": same_tokens,
         "bytes_per_decode_step_per_layer": round(per_layer, 1), "minimum_bytes_per_layer": minimum,
+        "bytes_per_decode_step_per_layer_by_path": {"socket_writes": round(socket_moved / (K * L), 1),
+                                                    "shm_copies": round(shm_moved / (K * L), 1)},
         "decode_batch": T, "threads": {"ep1_same_process": threads, "ep1_fresh_process": fresh_hello["threads"],
-                    "ep2_rank0": threads, "ep2_rank1": args.worker_threads},
+                    "ep2_rank0": threads, "ep2_rank0_layers": args.worker_threads,
+                    "ep2_rank1": args.worker_threads},
         "combine": combines, "gpu": "not measured (no GPU in this run)",
     }))
     return 0

@@ -65,6 +65,12 @@ class PagedBatch:
 @torch.inference_mode()
 def paged_forward(model: GptOssModel, batch: PagedBatch, cache: PagedKVCache) -> torch.Tensor:
     """Run the step, writing its K/V into `cache`; returns float32 logits [R, V] for `logits_indices`."""
+    return unembed(model.unembedding, paged_hidden(model, batch, cache))  # [R, V]
+
+
+@torch.inference_mode()
+def paged_hidden(model: GptOssModel, batch: PagedBatch, cache: PagedKVCache) -> torch.Tensor:
+    """paged_forward up to the unembedding: the normed hidden states [R, H] of `logits_indices`."""
     max_position = max(batch.context_lens)
     cos_table, sin_table = model.rope.ensure(max_position, model.dtype)
     plan = _AttentionPlan(batch, cache.block_size)
@@ -81,7 +87,7 @@ def paged_forward(model: GptOssModel, batch: PagedBatch, cache: PagedKVCache) ->
         x = x + block.mlp(block.mlp_norm(x))
     if len(batch.logits_indices) != len(x):  # else every token samples (a decode step): all rows, in order
         x = x[batch.logits_indices]  # [R, H]
-    return unembed(model.unembedding, model.norm(x))  # [R, V]
+    return model.norm(x)  # [R, H]
 
 
 @dataclass

@@ -28,10 +28,12 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from cluster.model.paged import PagedBatch, PagedKVCache, paged_forward
+from cluster.model.paged import PagedBatch, PagedKVCache, paged_hidden
+from cluster.model.unembedding import unembed
 from cluster.model.transformer import GptOssModel
 from cluster.parallel.expert_map import ExpertPlacement, static_placement
 from cluster.parallel.sharding import ExpertParallelMoE, ShardInfo, memory_report, shard_model_
+from cluster.parallel.shm_collectives import ShmCollectives, join_shm
 
 log = logging.getLogger(__name__)
 
@@ -74,8 +76,9 @@ class GroupSpec:
     layer_group: list[int] = field(default_factory=list)
     layer_tensor: list[int] = field(default_factory=list)
     timeout_s: float = 10.0
-    # torch threads of ranks 1..N-1. Rank 0 keeps its process's (the engine's): it alone runs the
-    # unembedding and sampling, while the workers wait, so it may use the cores they leave idle.
+    # torch threads of ranks 1..N-1, and of rank 0's layers on CPU. Rank 0 keeps its process's (the
+    # engine's) for the unembedding and sampling: it alone runs them, while the workers wait, so it
+    # may use the cores they leave idle (ShardRuntime.execute).
     torch_threads: int = 1
 
     @property
@@ -86,13 +89,19 @@ class GroupSpec:
 class Collectives:
     """The group's collectives, with a count of the bytes handed to them (for the benchmark).
 
-    On gloo the SUM all-reduce is a pairwise exchange: every rank sends its tensor to every other
-    rank (point-to-point, all in flight at once) and adds the N parts in rank order, so every
-    rank gets bitwise the same sum. For the small [T, H] tensors of a decode step, gloo's own
-    all_reduce took ~0.9 ms on localhost against ~0.15 ms for the exchange (2 ranks, 2 KiB), and
-    the tiny preset's ep2/ep1 tokens/s, against ep1 in the bench's own process, went from ~0.44
-    to ~0.62 (`bench experts`, which times both as combine designs). For N = 2 the exchange moves exactly the all-reduce minimum,
-    2 (N - 1) T H b bytes; for larger N it moves N / 2 times that. NCCL keeps dist.all_reduce.
+    CPU ranks on one node meet in shared memory (shm_collectives.py; `use_shm`, chosen at setup): a
+    layer's two SUM all-reduces of a decode step's [8, 64] fp32 took 26-210 us there against
+    0.3-1.9 ms for the pairwise gloo exchange below (`bench experts` combine, 2 ranks, a noisy
+    2-core VM), and the tiny preset's ep2/ep1 tokens/s against the best ep1 went from ~0.32-0.37 to
+    ~0.46, and to ~0.62-0.71 with rank 0's layers on one thread (ShardRuntime.execute). Otherwise,
+    on gloo the SUM all-reduce is a pairwise exchange: every rank sends its tensor to every other
+    rank (point-to-point, all in flight at once) and adds the N parts in rank order, so every rank
+    gets bitwise the same sum. For the small [T, H] tensors of a decode step, gloo's own all_reduce
+    took ~0.9 ms on localhost against ~0.15 ms for the exchange (2 ranks, 2 KiB), and the tiny
+    preset's ep2/ep1 tokens/s, against ep1 in the bench's own process, went from ~0.44 to ~0.62
+    (`bench experts`, which times the combine designs). For N = 2 the exchange moves exactly the
+    all-reduce minimum, 2 (N - 1) T H b bytes; for larger N it moves N / 2 times that. NCCL keeps
+    dist.all_reduce.
     """
 
     def __init__(self, rank: int = 0, world: int = 1, pairwise: bool = False) -> None:
@@ -102,10 +111,22 @@ class Collectives:
         self.broadcast_bytes = 0
         self.broadcast_calls = 0
         self.wait_s = 0.0  # time inside collectives (waiting for peers included)
+        self.shm: ShmCollectives | None = None
+
+    def use_shm(self, shm: ShmCollectives | None) -> None:
+        """Run all_reduce and broadcast over shared memory from now on (None: stay on torch.distributed)."""
+        self.shm = shm
+
+    @property
+    def shm_bytes(self) -> int:
+        """Bytes this rank copied into the shared segment (what it "sent"; no socket counter sees them)."""
+        return self.shm.bytes_copied_in if self.shm is not None else 0
 
     def all_reduce(self, t: torch.Tensor) -> None:
         t0 = time.perf_counter()
-        if self.pairwise and self.world > 1:
+        if self.shm is not None:
+            self.shm.all_reduce(t)
+        elif self.pairwise and self.world > 1:
             self._exchange_sum(t)
         else:
             dist.all_reduce(t)
@@ -134,7 +155,10 @@ class Collectives:
 
     def broadcast(self, t: torch.Tensor) -> None:
         t0 = time.perf_counter()
-        dist.broadcast(t, src=0)
+        if self.shm is not None:
+            self.shm.broadcast(t)
+        else:
+            dist.broadcast(t, src=0)
         self.wait_s += time.perf_counter() - t0
         self.broadcast_bytes += t.numel() * t.element_size()
         self.broadcast_calls += 1
@@ -266,9 +290,26 @@ class ShardRuntime:
         dist.all_reduce(warm)  # every rank is here: the group works
         if int(warm.item()) != spec.world:
             raise RuntimeError(f"warm-up all_reduce gave {warm.item()}, expected {spec.world}")
+        if spec.backend == "gloo" and spec.world > 1:  # None unless every rank maps one /dev/shm file
+            self.comm.use_shm(join_shm(store, rank, spec.world, spec.timeout_s))
 
     def execute(self, batch: PagedBatch) -> torch.Tensor:
-        logits = paged_forward(self.model, batch, self.cache)
+        # CPU rank 0 runs its layers on the workers' thread count: more threads there contend for
+        # the cores the workers compute on. Its unembedding and the engine's sampling, while the
+        # workers wait, get its own count back. Tiny preset, 2-core VM, shared-memory collectives,
+        # ep2 tok/s best of 4: rank 0 on 2 threads all through ~740-890; on 1 ~1090-1270; 1 for
+        # the layers and 2 for the unembedding (3.1 ms at 1 thread, 1.9 ms at 2) 1270-1340 on a
+        # quiet box, less steady when other processes want the cores.
+        outer = torch.get_num_threads()
+        split = self.rank == 0 and self.spec.backend == "gloo" and outer != self.spec.torch_threads
+        if split:
+            torch.set_num_threads(self.spec.torch_threads)
+        try:
+            hidden = paged_hidden(self.model, batch, self.cache)
+        finally:
+            if split:
+                torch.set_num_threads(outer)
+        logits = unembed(self.model.unembedding, hidden)
         if self.stats is not None:
             self.stats.end_step()
         return logits
@@ -319,6 +360,9 @@ class ShardRuntime:
                 "experts": [list(p.slots[self.rank]) for p in self.placements]}
 
     def close(self) -> None:
+        if self.comm.shm is not None:
+            self.comm.shm.close()
+            self.comm.use_shm(None)
         if dist.is_initialized():
             dist.destroy_process_group()
 

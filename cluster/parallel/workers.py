@@ -56,6 +56,9 @@ class ExpertWorker:
     def io_write_bytes(self) -> int:
         return io_write_bytes()
 
+    def shm_bytes(self) -> int:
+        return self.runtime.comm.shm_bytes
+
 
 class WorkerGroup:
     """Rank 0's view of the group: the driver (its own shard) and the worker actors."""
@@ -84,6 +87,10 @@ class WorkerGroup:
     def io_write_bytes(self) -> list[int]:
         """Bytes written so far by each rank's process (rank 0 is this process)."""
         return [io_write_bytes()] + ray.get([w.io_write_bytes.remote() for w in self.workers])
+
+    def shm_bytes(self) -> list[int]:
+        """Bytes each rank has copied into the group's shared-memory segment (0 on the gloo path)."""
+        return [self.runtime.comm.shm_bytes] + ray.get([w.shm_bytes.remote() for w in self.workers])
 
     def worker_pids(self) -> list[int]:
         return ray.get([w.ping.remote() for w in self.workers])
