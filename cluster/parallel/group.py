@@ -1,14 +1,15 @@
 """The process group of one expert-parallel replica: per-step metadata, the shard runtime, the driver.
 
 Rank 0 lives in the Serve replica beside the scheduler; ranks 1..N-1 are worker actors
-(workers.py). Every collective is driven by rank 0's per-step metadata, sent as ONE dist.broadcast
-of a fixed-size int64 message (a second one only when a payload outgrows it):
+(workers.py). Every collective is driven by rank 0's per-step metadata, sent as ONE broadcast
+(in shared memory when the ranks share a node, else torch.distributed) of a fixed-size int64
+message (a second one only when a payload outgrows it):
 
     [HEADER] op, payload length, 0...   then the first MESSAGE - HEADER payload values
     [n - (MESSAGE - HEADER)] the rest of the payload (second broadcast, only for big payloads)
 
 The payload is the encoded PagedBatch or a placement. ops: STEP (run the forward on the batch: two
-SUM all-reduces per layer), NOOP (keepalive, so an idle worker's wait never reaches the gloo
+SUM all-reduces per layer), NOOP (keepalive, so an idle worker's wait never reaches the collective
 timeout), PLACE (new expert placement: experts move between ranks with point-to-point sends),
 STOP. No Ray call happens per step or per layer.
 
@@ -89,19 +90,14 @@ class GroupSpec:
 class Collectives:
     """The group's collectives, with a count of the bytes handed to them (for the benchmark).
 
-    CPU ranks on one node meet in shared memory (shm_collectives.py; `use_shm`, chosen at setup): a
-    layer's two SUM all-reduces of a decode step's [8, 64] fp32 took 26-210 us there against
-    0.3-1.9 ms for the pairwise gloo exchange below (`bench experts` combine, 2 ranks, a noisy
-    2-core VM), and the tiny preset's ep2/ep1 tokens/s against the best ep1 went from ~0.32-0.37 to
-    ~0.46, and to ~0.62-0.71 with rank 0's layers on one thread (ShardRuntime.execute). Otherwise,
-    on gloo the SUM all-reduce is a pairwise exchange: every rank sends its tensor to every other
-    rank (point-to-point, all in flight at once) and adds the N parts in rank order, so every rank
-    gets bitwise the same sum. For the small [T, H] tensors of a decode step, gloo's own all_reduce
-    took ~0.9 ms on localhost against ~0.15 ms for the exchange (2 ranks, 2 KiB), and the tiny
-    preset's ep2/ep1 tokens/s, against ep1 in the bench's own process, went from ~0.44 to ~0.62
-    (`bench experts`, which times the combine designs). For N = 2 the exchange moves exactly the
-    all-reduce minimum, 2 (N - 1) T H b bytes; for larger N it moves N / 2 times that. NCCL keeps
-    dist.all_reduce.
+    NCCL groups use dist.all_reduce and dist.broadcast. CPU ranks on one node meet in shared memory
+    (shm_collectives.py; `use_shm`, chosen at setup): a decode step's two all-reduces per layer
+    took 26-210 us there against 0.3-1.9 ms on gloo (`bench experts` combine, 2 ranks, 2-core VM;
+    results in docs/performance.md). Otherwise, on gloo, the SUM all-reduce is a pairwise exchange:
+    every rank sends its tensor to every other rank (point-to-point, all in flight at once) and adds
+    the N parts in rank order, so every rank gets bitwise the same sum; for the small [T, H] tensors
+    of a decode step it beat gloo's own all_reduce (~0.15 ms against ~0.9 ms, 2 ranks, 2 KiB). For
+    N = 2 it moves exactly the all-reduce minimum, 2 (N - 1) T H b bytes; for larger N, N / 2 times that.
     """
 
     def __init__(self, rank: int = 0, world: int = 1, pairwise: bool = False) -> None:
