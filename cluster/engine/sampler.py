@@ -44,16 +44,13 @@ class Sampler:
         logits = logits.float()
         S, V = logits.shape
         greedy_rows = [i for i, p in enumerate(params) if p.greedy]
-        if len(greedy_rows) == S and all(p.logprobs is None for p in params):  # the common case, kept lean
-            return SamplerOutput(argmax_rows(logits).tolist(), [None] * S)
-
-        token_ids = torch.empty(S, dtype=torch.long)
-        random_rows = [i for i, p in enumerate(params) if not p.greedy]
-        if len(greedy_rows) == S:  # all greedy: no row gather (a copy of [S, V])
+        if len(greedy_rows) == S:  # all greedy: no row gather (a copy of [S, V]), nothing to draw
             token_ids = argmax_rows(logits)
-        elif greedy_rows:
-            token_ids[greedy_rows] = argmax_rows(logits[greedy_rows])
-        if random_rows:
+        else:
+            token_ids = torch.empty(S, dtype=torch.long)
+            if greedy_rows:
+                token_ids[greedy_rows] = argmax_rows(logits[greedy_rows])
+            random_rows = [i for i, p in enumerate(params) if not p.greedy]
             chosen = [params[i] for i in random_rows]
             scaled = logits[random_rows] / torch.tensor([p.temperature for p in chosen]).unsqueeze(1)  # [R, V]
             if any(p.top_k > 0 or p.top_p < 1.0 for p in chosen):

@@ -127,29 +127,34 @@ class _AttentionPlan:
         """
         key = (window, id(block_tables))
         if key not in self._decode_keys:
-            C = self.block_size
-            if self.lone_decode:
-                # One user alone: gather just the blocks its visible keys sit in and slice those
-                # keys out, so no mask is built or applied.
-                n = self.decode_context[0]
-                oldest = max(0, n - window) if window else 0
-                first = oldest // C
-                physical = block_tables[:, first : (n - 1) // C + 1]  # [1, M]
-                self._decode_keys[key] = _DecodeKeys(physical, None, slice(oldest - first * C, n - first * C))
-                return self._decode_keys[key]
-            last_blocks = [(n - 1) // C for n in self.decode_context]
-            # A window may straddle one more block boundary than it spans.
-            M = (window - 1) // C + 2 if window else max(last_blocks) + 1
-            first = torch.tensor([last - M + 1 for last in last_blocks]).unsqueeze(1)  # [Bd, 1], < 0 near the start
-            logical = first + torch.arange(M)  # [Bd, M]
-            tables = block_tables if self.all_decode else block_tables[self.decode_rows]  # [Bd, max blocks]
-            physical = tables.gather(1, logical.clamp(min=0))  # [Bd, M]
-            key_pos = first * C + torch.arange(M * C)  # [Bd, M*C]; negative: clamped duplicates of block 0
-            oldest = torch.tensor([[max(0, n - window) if window else 0] for n in self.decode_context])  # [Bd, 1]
-            newest = torch.tensor([[n - 1] for n in self.decode_context])  # [Bd, 1]
-            visible = (key_pos >= oldest) & (key_pos <= newest)
-            self._decode_keys[key] = _DecodeKeys(physical, visible.unsqueeze(1), slice(None))
+            make = self._lone_keys if self.lone_decode else self._masked_keys
+            self._decode_keys[key] = make(window, block_tables)
         return self._decode_keys[key]
+
+    def _lone_keys(self, window: int, block_tables: torch.Tensor) -> _DecodeKeys:
+        """One user alone: gather just the blocks its visible keys sit in and slice those keys out,
+        so no mask is built or applied."""
+        C, n = self.block_size, self.decode_context[0]
+        oldest = max(0, n - window) if window else 0
+        first = oldest // C
+        physical = block_tables[:, first : (n - 1) // C + 1]  # [1, M]
+        return _DecodeKeys(physical, None, slice(oldest - first * C, n - first * C))
+
+    def _masked_keys(self, window: int, block_tables: torch.Tensor) -> _DecodeKeys:
+        """Every decode row reads the same number of blocks M; a mask marks the keys each one sees."""
+        C = self.block_size
+        last_blocks = [(n - 1) // C for n in self.decode_context]
+        # A window may straddle one more block boundary than it spans.
+        M = (window - 1) // C + 2 if window else max(last_blocks) + 1
+        first = torch.tensor([last - M + 1 for last in last_blocks]).unsqueeze(1)  # [Bd, 1], < 0 near the start
+        logical = first + torch.arange(M)  # [Bd, M]
+        tables = block_tables if self.all_decode else block_tables[self.decode_rows]  # [Bd, max blocks]
+        physical = tables.gather(1, logical.clamp(min=0))  # [Bd, M]
+        key_pos = first * C + torch.arange(M * C)  # [Bd, M*C]; negative: clamped duplicates of block 0
+        oldest = torch.tensor([[max(0, n - window) if window else 0] for n in self.decode_context])  # [Bd, 1]
+        newest = torch.tensor([[n - 1] for n in self.decode_context])  # [Bd, 1]
+        visible = (key_pos >= oldest) & (key_pos <= newest)
+        return _DecodeKeys(physical, visible.unsqueeze(1), slice(None))
 
 
 def _attend(attn: Attention, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
