@@ -225,6 +225,7 @@ class ExpertLoadStats:
         self.totals = torch.zeros(num_layers, num_experts, dtype=torch.long)
         self._step = torch.zeros(num_layers, num_experts, dtype=torch.long)
         self._window: deque[torch.Tensor] = deque(maxlen=window)
+        self._window_sum = torch.zeros_like(self.totals)  # kept with the window: every load report reads it
         self._lock = threading.Lock()
 
     def record(self, layer: int, top_idx: torch.Tensor) -> None:
@@ -233,15 +234,16 @@ class ExpertLoadStats:
     def end_step(self) -> None:
         with self._lock:
             self.totals += self._step
+            if len(self._window) == self._window.maxlen:
+                self._window_sum -= self._window[0]  # about to fall out of the window
             self._window.append(self._step.clone())
+            self._window_sum += self._step
         self._step.zero_()
 
     def window_loads(self) -> torch.Tensor:
         """[L, E] tokens over the window."""
         with self._lock:
-            if not self._window:
-                return torch.zeros_like(self.totals)
-            return torch.stack(list(self._window)).sum(0)
+            return self._window_sum.clone()
 
     def to_dict(self) -> dict:
         return {"tokens_per_expert": self.window_loads().tolist(), "tokens_per_expert_total": self.totals.tolist()}

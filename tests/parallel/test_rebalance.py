@@ -30,6 +30,19 @@ def skewed_routing(stats: ExpertLoadStats, steps: int = 20, tokens: int = 16, se
         stats.end_step()
 
 
+def test_window_loads_are_the_last_window_steps():
+    stats = ExpertLoadStats(L, E, window=5)
+    g = torch.Generator().manual_seed(1)
+    steps = []
+    for step in range(12):  # fills the window, then every step pushes the oldest out
+        before = stats.totals.clone()
+        for layer in range(L):
+            stats.record(layer, torch.randint(0, E, (3 + step, 4), generator=g))
+        stats.end_step()
+        steps.append(stats.totals - before)
+        assert torch.equal(stats.window_loads(), torch.stack(steps[-5:]).sum(0)), step
+
+
 def test_window_stats_rebalancer_and_metrics():
     stats = ExpertLoadStats(L, E, window=10)
     skewed_routing(stats, steps=30)
