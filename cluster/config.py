@@ -167,6 +167,11 @@ class ServingConfig:
     # per streamed chunk. Our engines decode in threads of their own and never block the loop;
     # the replica's constructor (model loading) then runs on that loop before it takes requests.
     user_code_on_main_loop: bool = True
+    # Each replica also streams tokens to the front doors over a gRPC server of its own, so a
+    # request skips Serve's per-request machinery after Serve's router has chosen the replica
+    # (cluster/serving/direct_stream.py); off, or with Ray's TLS on, requests go through Serve's
+    # handle only.
+    direct_stream: bool = True
     router: RouterConfig = field(default_factory=RouterConfig)
     autoscaling: AutoscalingSettings = field(default_factory=AutoscalingSettings)
 

@@ -93,6 +93,14 @@ class RouterMetrics:
             "gptoss_router_replicas",
             "Replicas the router can route to now.",
             ["application", "deployment"], registry=registry)
+        self.streams_total = Counter(
+            "gptoss_router_streams_total",
+            "Generate streams by the way they reached the replica the router chose (direct: the "
+            "replica's own gRPC stream; serve_handle: through the Serve handle, because the replica "
+            "publishes no direct stream or the channel to it is not connected yet; "
+            "serve_handle_after_refusal: the replica refused the direct stream before its first token "
+            "- full, stopping or unreachable - and the handle routed it again).",
+            ["application", "deployment", "path"], registry=registry)
 
 
 class AutoscalerMetrics:

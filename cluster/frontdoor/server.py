@@ -100,6 +100,7 @@ class FrontdoorServer:
         self._default_max_tokens = default_max_tokens
         self._gpus_per_replica = gpus_per_replica
         self._server: grpc.aio.Server | None = None
+        self._inference: InferenceServicer | None = None
         self._health = health.aio.HealthServicer()
         self._metrics_http = None
         self._poller: LoadPoller | None = None
@@ -139,7 +140,7 @@ class FrontdoorServer:
         self.info = await handle.model_info.remote()
         self.admission = Admission(api_keys, TenantLimits(self._config.limits))
         server = grpc.aio.server(maximum_concurrent_rpcs=self._config.max_concurrent_rpcs)
-        inference = InferenceServicer(handle, self.info, self.metrics, self.admission,
+        inference = self._inference = InferenceServicer(handle, self.info, self.metrics, self.admission,
                                       default_max_tokens=self._default_max_tokens,
                                       gpus_per_replica=self._gpus_per_replica)
         server.add_generic_rpc_handlers((
@@ -210,6 +211,9 @@ class FrontdoorServer:
             self._poller = None
         await self._server.stop(0.1)
         self._server = None
+        if self._inference is not None:
+            await self._inference.close()  # its channels to the replicas live on this loop
+            self._inference = None
         if self._loop_handle is not None and self._loop_handle is not self._handle:
             await close_loop_handle(self._loop_handle)  # its router lives on this loop
         self._loop_handle = None

@@ -2,10 +2,11 @@
 
 Each RPC is admitted first (admission.py: request id, drain, auth, tenant budget), validates its
 request (every bad field becomes one BadRequest violation), converts protos to the engine's
-dataclasses, forwards to the ModelReplica deployment through a DeploymentHandle with
-`.options(stream=True)`, relays the replica's token chunks, and in `finally` cancels the
-downstream call, so a client that cancels (or whose deadline passes) stops generation. The
-call's deadline also travels with the request, so the replica stops on its own at that time.
+dataclasses, streams from the ModelReplica Serve's router chose (serving/replica_streams.py: the
+replica's direct stream, or the DeploymentHandle), relays the replica's token chunks, and in
+`finally` cancels the downstream call, so a client that cancels (or whose deadline passes) stops
+generation. The call's deadline also travels with the request, so the replica stops on its own
+at that time.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from cluster.harmony.render import Message, ToolDefinition, render_prompt
 from cluster.harmony.tokenizer import FIRST_SPECIAL_ID, load_tokenizer
 from cluster.metrics import FrontdoorMetrics
 from cluster.serving.model_info import ModelInfo
+from cluster.serving.replica_streams import ReplicaStreams
 from gptoss.v1 import inference_pb2 as pb
 from gptoss.v1 import inference_pb2_grpc as pb_grpc
 
@@ -380,7 +382,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
     def __init__(self, handle: DeploymentHandle, info: ModelInfo, metrics: FrontdoorMetrics,
                  admission: Admission, *, default_max_tokens: int = 0, gpus_per_replica: float = 0.0) -> None:
         self._handle = handle
-        self._generate = handle.options(stream=True).generate  # looked up once, not per call
+        self._replicas = ReplicaStreams(handle)
         self._info = info
         self._metrics = metrics
         self._admission = admission
@@ -393,22 +395,20 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             children = self._per_method[method] = _MethodMetrics(self._metrics, method)
         return children
 
+    async def close(self) -> None:
+        await self._replicas.close()
+
     async def _chunks(self, request: GenerateRequest, call: CallInfo, context) -> AsyncIterator[TokenChunk]:
         """Relay the replica's chunks; cancel the downstream call however this ends early.
 
-        The call's x-request-id goes out while the request is being routed, not before."""
-        response = self._generate.remote(request)
-        finished = False
+        The call's x-request-id goes out while the request is on its way, not before."""
+        stream = self._replicas.open(request)
         try:
             await announce(call, context)
-            async for chunk in response:
-                # Set before the yield: the consumer returns on the last chunk without resuming
-                # us, and cancelling a finished call costs the replica a cancellation for nothing.
-                finished = chunk.finish_reason is not None
+            async for chunk in stream:
                 yield chunk
         finally:
-            if not finished:
-                response.cancel()
+            stream.close()
 
     def _charge(self, call: CallInfo, n_tokens: int) -> None:
         self._admission.limits.charge_tokens(call.tenant, n_tokens)

@@ -55,3 +55,14 @@ async def close_loop_handle(handle: DeploymentHandle) -> None:
         SharedRouterLongPollClient.get_or_create(router._controller_handle, router._event_loop).long_poll_client.stop()
     except (AttributeError, ImportError):
         pass
+
+
+def request_router(handle: DeploymentHandle):
+    """The RequestRouter instance behind a `loop_handle` handle (router.GptossRouter for our
+    deployment), or None: not created yet (Serve makes it once the deployment's config arrives),
+    a test double, or Serve's internals changed. Callers then use the handle as it is."""
+    asyncio_router = getattr(getattr(handle, "_router", None), "_asyncio_router", None)  # CurrentLoopRouter's
+    try:
+        return getattr(asyncio_router, "request_router", None)
+    except Exception:  # noqa: BLE001 - a lazily built router that fails to build is Serve's to report
+        return None

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import os
 import time
 from pathlib import Path
 from typing import AsyncIterator
@@ -132,6 +133,10 @@ class ModelReplica:
     def __init__(self, config: ClusterConfig) -> None:
         logging.getLogger("cluster").setLevel(config.log_level.upper())
         self._group = None  # expert-parallel WorkerGroup when parallel.ep_size > 1
+        self._in_flight = 0  # generate streams, through Serve or direct
+        self._max_ongoing = config.serving.max_ongoing_requests
+        self._shutdown_grace_s = config.serving.graceful_shutdown_timeout_s
+        self._direct = self._direct_stream_server(config)
         self._expert_token_series = config.parallel.expert_token_series
         if config.engine.kind == "echo":
             self._engine, self._info = _echo_engine(config)
@@ -171,10 +176,46 @@ class ModelReplica:
         log.info("replica ready: %s from %s on %s", self._info.model_name, path, device)
 
     async def generate(self, request: GenerateRequest) -> AsyncIterator[TokenChunk]:
-        # The client's deadline travels with the request: past it the engine's stream is closed
-        # (which stops decoding) and TimeoutError reaches the front door as DEADLINE_EXCEEDED.
-        async for chunk in stream_until_deadline(self._engine.generate(request), request.deadline_s):
+        async for chunk in self._stream(request):
             yield chunk
+
+    async def _stream(self, request: GenerateRequest) -> AsyncIterator[TokenChunk]:
+        """One request's chunks, through Serve (generate) or the direct stream alike.
+
+        The client's deadline travels with the request: past it the engine's stream is closed
+        (which stops decoding) and TimeoutError reaches the front door as DEADLINE_EXCEEDED."""
+        self._in_flight += 1
+        try:
+            async for chunk in stream_until_deadline(self._engine.generate(request), request.deadline_s):
+                yield chunk
+        finally:
+            self._in_flight -= 1
+
+    # ---- the direct stream (serving/direct_stream.py) -------------------------------------------
+
+    def _direct_stream_server(self, config: ClusterConfig):
+        if not config.serving.direct_stream:
+            return None
+        if os.environ.get("RAY_USE_TLS", "0").lower() in ("1", "true"):
+            log.info("direct stream off: Ray runs with TLS, so requests stay on Serve's TLS channel")
+            return None
+        from cluster.serving.direct_stream import DirectStreamServer
+
+        return DirectStreamServer(self._stream, full=lambda: self._in_flight >= self._max_ongoing)
+
+    async def record_replica_metadata(self) -> dict:
+        """Serve calls this once the replica is ready and hands the result to every router of
+        this deployment (RunningReplica.replica_metadata): the direct stream's address and token."""
+        if self._direct is None:
+            return {}
+        import ray
+
+        try:
+            return await self._direct.start(ray.util.get_node_ip_address())
+        except OSError as err:  # the front doors then use the Serve handle only
+            log.warning("direct stream off: %s", err)
+            self._direct = None
+            return {}
 
     def stats(self) -> EngineStats:
         return self._engine.stats()
@@ -268,7 +309,12 @@ class ModelReplica:
     def expert_worker_pids(self) -> list[int]:
         return [] if self._group is None else self._group.worker_pids()
 
-    def __del__(self) -> None:
+    async def __del__(self) -> None:
+        # Serve awaits this once the requests it counts have drained; the direct streams it does
+        # not count get the same grace before the engine stops.
+        direct = getattr(self, "_direct", None)
+        if direct is not None:
+            await direct.stop(self._shutdown_grace_s)
         engine = getattr(self, "_engine", None)
         if engine is not None:
             engine.shutdown()

@@ -14,6 +14,10 @@ pending request whose internal id matched (no FIFOMixin: with it, a replica chos
 request's prefix could be handed to whichever request queued first). It calls on_request_routed
 once a replica accepted a request and on_request_completed when it ends (or was rejected).
 
+The front door also asks its router directly (choose_direct) for the requests it streams
+straight from a replica (direct_stream.py, replica_streams.py): the same policy, load and
+in-flight accounting, with the replica's direct-stream address taken from its replica metadata.
+
 A replica's load comes from two sources: the engine statistics the replica reports through
 record_routing_stats every serving.router.stats_period_s (waiting, running, KV use — seen by every
 front door) and the requests this router has in flight on it (fresh, but only its own); the
@@ -26,18 +30,29 @@ does this from serving.router.
 
 from __future__ import annotations
 
+import functools
 import logging
-from typing import Any, Optional
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
 
 from ray.serve.request_router import PendingRequest, ReplicaID, RequestRouter, RunningReplica
 
 from cluster.metrics import router_metrics
+from cluster.serving.direct_stream import DirectAddress
 from cluster.serving.prefix_index import block_hashes
-from cluster.serving.routing_policy import RouteRequest, RoutingPolicy, make_policy, replica_load
+from cluster.serving.routing_policy import RouteDecision, RouteRequest, RoutingPolicy, make_policy, replica_load
 
 log = logging.getLogger(__name__)
 
 GENERATE_METHOD = "generate"  # the ModelReplica method the policy routes
+
+
+@dataclass(frozen=True)
+class DirectRoute:
+    """A request routed for a direct stream: where to open it, and `release()` once it ends."""
+    replica: str  # Serve's unique replica id
+    target: DirectAddress
+    release: Callable[[], None]
 
 
 class GptossRouter(RequestRouter):
@@ -56,6 +71,8 @@ class GptossRouter(RequestRouter):
         self._request_replica: dict[str, str] = {}  # internal request id -> replica unique id
         self._labels = (self._deployment_id.app_name, self._deployment_id.name)  # application, deployment
         self._control_next = 0  # rotation of the control calls over the replicas
+        self._direct_count = 0  # direct streams routed (their in-flight keys)
+        self.replica_set_version = 0  # bumped whenever the replicas change
 
     # -- load -----------------------------------------------------------------------------------
     def _load(self, replica: RunningReplica) -> float:
@@ -67,10 +84,25 @@ class GptossRouter(RequestRouter):
     def _route_request(self, pending_request: Optional[PendingRequest]) -> RouteRequest:
         if pending_request is None or not pending_request.args:
             return RouteRequest()
-        request = pending_request.args[0]
+        return self._route_request_for(pending_request.args[0])
+
+    def _route_request_for(self, request: Any) -> RouteRequest:
         prompt = getattr(request, "prompt_token_ids", None) or ()
         hashes = block_hashes(prompt, self.block_size) if self.policy_name == "prefix_affinity" else ()
         return RouteRequest(block_hashes=hashes, session_id=getattr(request, "session_id", "") or "")
+
+    def _decide(self, candidates: list[RunningReplica], request: RouteRequest
+                ) -> tuple[dict[str, RunningReplica], dict[str, float], RouteDecision]:
+        by_id = {r.replica_id.unique_id: r for r in candidates}
+        loads = {rid: self._load(r) for rid, r in by_id.items()}
+        for rid, load in loads.items():
+            self.metrics.replica_load.labels(*self._labels, rid).set(load)
+        return by_id, loads, self.policy.choose(request, list(by_id), loads)
+
+    def _count_decision(self, request: RouteRequest, decision: RouteDecision) -> None:
+        self.metrics.decisions_total.labels(*self._labels, self.policy_name, decision.outcome).inc()
+        if request.block_hashes:
+            self.metrics.prefix_matched_blocks.labels(*self._labels).observe(decision.matched_blocks)
 
     # -- RequestRouter hooks ----------------------------------------------------------------------
     async def choose_replicas(self, candidate_replicas: list[RunningReplica],
@@ -83,22 +115,41 @@ class GptossRouter(RequestRouter):
             start = self._control_next % len(ordered)
             self._control_next += 1
             return [[ordered[start]], ordered[start + 1:] + ordered[:start]] if len(ordered) > 1 else [ordered]
-        by_id = {r.replica_id.unique_id: r for r in candidate_replicas}
-        ids = list(by_id)
-        loads = {rid: self._load(r) for rid, r in by_id.items()}
         request = self._route_request(pending_request)
-        decision = self.policy.choose(request, ids, loads)
-        chosen = by_id[decision.replica]
-        first = self._commit(pending_request.metadata.internal_request_id, request, decision.replica)
-        if first:  # Serve asks again when its first answer was full: count each request once
-            self.metrics.decisions_total.labels(*self._labels, self.policy_name, decision.outcome).inc()
-            if request.block_hashes:
-                self.metrics.prefix_matched_blocks.labels(*self._labels).observe(decision.matched_blocks)
-        for rid, load in loads.items():
-            self.metrics.replica_load.labels(*self._labels, rid).set(load)
+        by_id, loads, decision = self._decide(candidate_replicas, request)
+        if self._commit(pending_request.metadata.internal_request_id, request, decision.replica):
+            self._count_decision(request, decision)  # Serve asks again when its first answer was full
         # Second rank, if the chosen replica refuses (full): the two least loaded others.
-        others = sorted((r for r in ids if r != decision.replica), key=loads.__getitem__)[:2]
+        others = sorted((r for r in by_id if r != decision.replica), key=loads.__getitem__)[:2]
+        chosen = by_id[decision.replica]
         return [[chosen], [by_id[r] for r in others]] if others else [[chosen]]
+
+    # -- the front door's direct streams (direct_stream.py) -------------------------------------
+    def choose_direct(self, request: Any, ready: Callable[[str], bool]) -> Optional[DirectRoute]:
+        """Route a generate request to be streamed straight from the replica, as choose_replicas
+        would route it; None when the chosen replica cannot take it that way (it publishes no
+        direct address, this router already has its max_ongoing_requests on it, or the channel to
+        it is not connected yet): then the request goes through the Serve handle instead."""
+        replicas = list(self.curr_replicas.values())
+        if not replicas:
+            return None
+        route_request = self._route_request_for(request)
+        by_id, _, decision = self._decide(replicas, route_request)
+        replica = by_id[decision.replica]
+        target = DirectAddress.from_metadata(replica.replica_metadata)
+        if (target is None or self._in_flight.get(decision.replica, 0) >= replica.max_ongoing_requests
+                or not ready(target.address)):
+            return None
+        self._direct_count += 1
+        key = f"direct-{self._direct_count}"
+        self._commit(key, route_request, decision.replica)
+        self._count_decision(route_request, decision)
+        return DirectRoute(decision.replica, target, functools.partial(self.on_request_completed, None, key))
+
+    def direct_addresses(self) -> set[str]:
+        """The direct-stream addresses of the replicas routable now."""
+        targets = (DirectAddress.from_metadata(r.replica_metadata) for r in self.curr_replicas.values())
+        return {t.address for t in targets if t is not None}
 
     def _commit(self, request_id: str, request: RouteRequest, replica: str) -> bool:
         """Count `request_id` in flight on `replica`; True the first time this request is routed."""
@@ -134,6 +185,7 @@ class GptossRouter(RequestRouter):
             except KeyError:
                 pass
         self.metrics.replicas.labels(*self._labels).set(len(ids))
+        self.replica_set_version += 1
         return result
 
 

@@ -1,0 +1,208 @@
+"""The direct token stream: one gRPC stream from the front door straight to a replica.
+
+Through a Serve handle, a request costs Serve's assign and routing tasks, Ray's authentication
+interceptors on the replica's gRPC server, and the rejection protocol's "accepted" round trip
+before the first token (docs/performance.md, "Time to first token at concurrency 1"). Each
+ModelReplica therefore also serves `generate` on a small grpc.aio server of its own, and
+publishes where in its Serve replica metadata (`record_replica_metadata`), so the front door's
+Serve router (router.py) still chooses the replica and the front door then streams from it
+directly (replica_streams.py). The Serve handle stays the path for everything else and the
+fallback whenever the direct stream cannot take a request.
+
+Wire format: the request is a pickled GenerateRequest; every response message is a pickled
+TokenChunk, or, last, the exception the replica raised (an engine error, which pickles to its
+own type, so the front door maps it exactly as it maps one that came through Ray).
+
+Who may call: each replica draws a random token and publishes it only in its replica metadata,
+which reaches the routers of its own Serve application and nobody outside the Ray cluster; a
+call without it is refused before its request is unpickled.
+
+Refusals the caller routes elsewhere (`Rejected`): the replica already has
+serving.max_ongoing_requests generate calls in flight (the limit Serve enforces on its own path),
+it is stopping, or it cannot be reached. A replica only refuses before its first token; a
+failure after that ends the call as UNAVAILABLE (ConnectionError), as on the Serve path.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import pickle
+import secrets
+from dataclasses import dataclass
+from typing import AsyncIterator, Callable
+
+import grpc
+
+from cluster.engine.request import GenerateRequest, TokenChunk
+
+log = logging.getLogger(__name__)
+
+METHOD = "/gptoss.internal.ReplicaStream/Generate"
+METADATA_KEY = "direct_stream"  # the replica metadata entry: {"address": "host:port", "token": "..."}
+TOKEN_HEADER = "x-gptoss-replica-token"
+REFUSED_HEADER = "x-gptoss-refused"  # trailing metadata of a refusal: "full" or "stopping"
+
+# Dead peers are noticed by keepalive pings within ~15 s even when no packet comes back.
+_KEEPALIVE = [("grpc.keepalive_time_ms", 10_000), ("grpc.keepalive_timeout_ms", 5_000),
+              ("grpc.keepalive_permit_without_calls", 1), ("grpc.http2.max_pings_without_data", 0)]
+_SERVER_OPTIONS = [("grpc.http2.min_recv_ping_interval_without_data_ms", 5_000), ("grpc.http2.max_ping_strikes", 0),
+                   ("grpc.keepalive_permit_without_calls", 1), ("grpc.so_reuseport", 0)]
+
+
+class Rejected(Exception):
+    """The replica did not take the request: route it elsewhere. `reason`: "full", "stopping",
+    "unreachable" or "token" (the replica did not accept our token)."""
+
+    def __init__(self, reason: str, detail: str = "") -> None:
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class DirectAddress:
+    address: str  # host:port
+    token: str
+
+    @classmethod
+    def from_metadata(cls, metadata: dict) -> "DirectAddress | None":
+        entry = metadata.get(METADATA_KEY)
+        if not isinstance(entry, dict) or not entry.get("address") or not entry.get("token"):
+            return None
+        return cls(str(entry["address"]), str(entry["token"]))
+
+
+def _host_port(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+# ─────────────────────────────────────── the replica's side ───────────────────────────────────────
+
+class DirectStreamServer:
+    """Serves `generate` (an async generator of TokenChunk) on a port of its own, refusing new
+    streams while `full()` says the replica has as many requests as it takes."""
+
+    def __init__(self, generate: Callable[[GenerateRequest], AsyncIterator[TokenChunk]],
+                 full: Callable[[], bool]) -> None:
+        self._generate = generate
+        self._full = full
+        self._token = secrets.token_urlsafe(24)
+        self._server: grpc.aio.Server | None = None
+        self._stopping = False
+
+    async def start(self, advertise_host: str, bind_host: str = "0.0.0.0") -> dict:
+        """Listen on a free port; returns the replica metadata entry that announces it."""
+        server = grpc.aio.server(options=_SERVER_OPTIONS)
+        handler = grpc.unary_stream_rpc_method_handler(self._serve)  # bytes in, bytes out
+        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
+            METHOD.split("/")[1], {METHOD.split("/")[2]: handler}),))
+        port = server.add_insecure_port(_host_port(bind_host, 0))
+        if port == 0:
+            raise OSError(f"direct stream: cannot listen on {bind_host}")
+        await server.start()
+        self._server = server
+        return {METADATA_KEY: {"address": _host_port(advertise_host, port), "token": self._token}}
+
+    async def stop(self, grace_s: float) -> None:
+        """Refuse new streams, let those in flight finish for up to `grace_s`, then close."""
+        self._stopping = True
+        if self._server is not None:
+            await self._server.stop(grace_s)
+            self._server = None
+
+    async def _refuse(self, context: grpc.aio.ServicerContext, why: str, code: grpc.StatusCode) -> None:
+        context.set_trailing_metadata(((REFUSED_HEADER, why),))
+        await context.abort(code, f"replica refused the stream: {why}")
+
+    async def _serve(self, request_bytes: bytes, context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
+        token = dict(context.invocation_metadata() or ()).get(TOKEN_HEADER, "")
+        if not hmac.compare_digest(str(token), self._token):
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED, "wrong or missing replica token")
+        if self._stopping:
+            await self._refuse(context, "stopping", grpc.StatusCode.UNAVAILABLE)
+        if self._full():
+            await self._refuse(context, "full", grpc.StatusCode.RESOURCE_EXHAUSTED)
+        try:
+            async for chunk in self._generate(pickle.loads(request_bytes)):
+                yield pickle.dumps(chunk, protocol=pickle.HIGHEST_PROTOCOL)
+        except Exception as err:  # noqa: BLE001 - the front door maps it, as it does Ray's
+            yield _pickled_error(err)
+
+
+def _pickled_error(err: Exception) -> bytes:
+    try:
+        return pickle.dumps(err, protocol=pickle.HIGHEST_PROTOCOL)
+    except Exception:  # noqa: BLE001 - an exception that does not pickle still ends the call clearly
+        log.exception("direct stream: the replica's error does not pickle")
+        return pickle.dumps(RuntimeError(f"replica error {type(err).__name__}: {err}"))
+
+
+# ─────────────────────────────────────── the front door's side ───────────────────────────────────────
+
+class DirectStreamClient:
+    """One channel per replica address, kept open; `open` starts a stream on one."""
+
+    def __init__(self) -> None:
+        self._channels: dict[str, grpc.aio.Channel] = {}
+
+    def _channel(self, address: str) -> grpc.aio.Channel:
+        channel = self._channels.get(address)
+        if channel is None:
+            channel = self._channels[address] = grpc.aio.insecure_channel(address, options=_KEEPALIVE)
+        return channel
+
+    def ready(self, address: str) -> bool:
+        """Whether `address` has a connected channel; asks an idle one to connect. Only ready
+        channels take requests, so a new or unreachable replica never makes a request wait for a
+        connection (it goes through Serve meanwhile)."""
+        state = self._channel(address).get_state(try_to_connect=True)
+        return state == grpc.ChannelConnectivity.READY
+
+    def open(self, target: DirectAddress, request: GenerateRequest) -> "DirectStream":
+        call = self._channel(target.address).unary_stream(METHOD)(
+            pickle.dumps(request, protocol=pickle.HIGHEST_PROTOCOL), metadata=((TOKEN_HEADER, target.token),))
+        return DirectStream(call)
+
+    async def retain(self, addresses: set[str]) -> None:
+        """Close the channels of replicas that are gone."""
+        for address in [a for a in self._channels if a not in addresses]:
+            await self._channels.pop(address).close()
+
+    async def close(self) -> None:
+        await self.retain(set())
+
+
+class DirectStream:
+    """One direct call: iterate for TokenChunks; `cancel()` ends it (the replica stops decoding)."""
+
+    def __init__(self, call) -> None:
+        self._call = call
+        self.started = False  # a chunk arrived: from here on a failure is not a refusal
+
+    def cancel(self) -> None:
+        self._call.cancel()
+
+    async def __aiter__(self) -> AsyncIterator[TokenChunk]:
+        while True:
+            try:
+                message = await self._call.read()
+            except grpc.aio.AioRpcError as err:
+                raise self._failure(err) from None
+            if message is grpc.aio.EOF:
+                return
+            item = pickle.loads(message)
+            if isinstance(item, BaseException):
+                raise item
+            self.started = True
+            yield item
+
+    def _failure(self, err: grpc.aio.AioRpcError) -> Exception:
+        refused = dict(err.trailing_metadata() or ()).get(REFUSED_HEADER)
+        if not self.started and refused:
+            return Rejected(refused)
+        if not self.started and err.code() == grpc.StatusCode.UNAVAILABLE:
+            return Rejected("unreachable", err.details())
+        if err.code() == grpc.StatusCode.PERMISSION_DENIED:
+            return Rejected("token", err.details())
+        # CANCELLED here came from the replica's side (ours raises CancelledError instead).
+        return ConnectionError(f"direct stream to the replica failed: {err.code().name} {err.details()}")

@@ -1,0 +1,107 @@
+"""How the front door streams one generate request from a replica.
+
+The Serve router chooses the replica either way (router.GptossRouter). When the chosen replica
+publishes a direct-stream address and the front door's channel to it is connected, the tokens
+come straight from it (direct_stream.py); otherwise, and whenever a replica refuses a direct
+stream before its first token (full, stopping, unreachable), the request goes through the Serve
+handle, whose router queues it, re-routes it, or refuses it as Serve does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import AsyncIterator
+
+from ray.serve.handle import DeploymentHandle
+
+from cluster.engine.request import GenerateRequest, TokenChunk
+from cluster.metrics import router_metrics
+from cluster.serving.direct_stream import DirectStreamClient, Rejected
+from cluster.serving.handles import request_router
+
+log = logging.getLogger(__name__)
+
+DIRECT, SERVE_HANDLE, SERVE_HANDLE_AFTER_REFUSAL = "direct", "serve_handle", "serve_handle_after_refusal"
+
+
+class ReplicaStreams:
+    """The front door's way to its replicas: `open(request)` starts one stream."""
+
+    def __init__(self, handle: DeploymentHandle) -> None:
+        self._generate = handle.options(stream=True).generate
+        self._handle = handle
+        self._client = DirectStreamClient()
+        self._replica_set_version = -1
+        self._pruning: asyncio.Task | None = None
+        labels = (getattr(handle, "app_name", ""), getattr(handle, "deployment_name", ""))
+        streams = router_metrics().streams_total
+        self._counted = {path: streams.labels(*labels, path) for path in (DIRECT, SERVE_HANDLE,
+                                                                           SERVE_HANDLE_AFTER_REFUSAL)}
+
+    def open(self, request: GenerateRequest) -> "ReplicaStream":
+        """Start streaming `request` (the call is on its way when this returns)."""
+        router = request_router(self._handle)
+        route = None
+        if router is not None and hasattr(router, "choose_direct"):
+            if router.replica_set_version != self._replica_set_version:
+                self._replica_set_version = router.replica_set_version
+                self._prune(router.direct_addresses())
+            route = router.choose_direct(request, self._client.ready)
+        if route is None:  # the router is not up yet, or the replica it chose takes no direct stream
+            self._counted[SERVE_HANDLE].inc()
+            return ReplicaStream(self, request, None)
+        self._counted[DIRECT].inc()
+        return ReplicaStream(self, request, route)
+
+    def _prune(self, addresses: set[str]) -> None:
+        if self._pruning is None or self._pruning.done():
+            self._pruning = asyncio.get_running_loop().create_task(self._client.retain(addresses))
+
+    async def close(self) -> None:
+        if self._pruning is not None:
+            await asyncio.gather(self._pruning, return_exceptions=True)
+        await self._client.close()
+
+
+class ReplicaStream:
+    """One request's stream of TokenChunks; `close()` cancels it unless it finished."""
+
+    def __init__(self, streams: ReplicaStreams, request: GenerateRequest, route) -> None:
+        self._streams = streams
+        self._request = request
+        self._route = route
+        self._direct = streams._client.open(route.target, request) if route is not None else None
+        self._response = None if route is not None else streams._generate.remote(request)
+        self._finished = False
+
+    async def __aiter__(self) -> AsyncIterator[TokenChunk]:
+        if self._direct is not None:
+            try:
+                async for chunk in self._direct:
+                    # Set before the yield: the consumer returns on the last chunk without resuming
+                    # us, and cancelling a finished call costs the replica a cancellation for nothing.
+                    self._finished = chunk.finish_reason is not None
+                    yield chunk
+                return
+            except Rejected as refusal:
+                # full / stopping / unreachable are routine; a refused token is a misconfiguration
+                level = logging.WARNING if refusal.reason == "token" else logging.DEBUG
+                log.log(level, "request_id=%s replica %s refused the direct stream (%s): through the Serve "
+                        "handle", self._request.request_id, self._route.replica, refusal)
+            finally:
+                self._route.release()
+            self._direct = None
+            self._streams._counted[SERVE_HANDLE_AFTER_REFUSAL].inc()
+            self._response = self._streams._generate.remote(self._request)
+        async for chunk in self._response:
+            self._finished = chunk.finish_reason is not None
+            yield chunk
+
+    def close(self) -> None:
+        if self._finished:
+            return
+        if self._direct is not None:
+            self._direct.cancel()
+        if self._response is not None:
+            self._response.cancel()

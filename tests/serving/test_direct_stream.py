@@ -1,0 +1,201 @@
+"""The replica's direct token stream over real gRPC on loopback (no Ray): chunks and typed errors
+arrive as sent, refusals come back as Rejected before any token, a cancelled call stops the
+replica's generator, and stopping lets in-flight streams finish while refusing new ones."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+
+import pytest
+
+from cluster.engine.errors import EngineOverloadedError, InvalidRequestError
+from cluster.engine.request import FinishReason, GenerateRequest, SamplingParams, TokenChunk
+from cluster.serving.direct_stream import DirectAddress, DirectStreamClient, DirectStreamServer, Rejected
+
+
+def request(n: int = 3, request_id: str = "r1") -> GenerateRequest:
+    return GenerateRequest(prompt_token_ids=(5, 6, 7), sampling=SamplingParams(max_tokens=n), request_id=request_id)
+
+
+class FakeEngine:
+    """What the replica's stream would produce: n chunks of one token, `gap_s` apart; records how
+    each stream ended. (The real replica's stream is exercised through Serve in the e2e tests.)"""
+
+    def __init__(self, gap_s: float = 0.0, error: Exception | None = None) -> None:
+        self.gap_s = gap_s
+        self.error = error
+        self.in_flight = 0
+        self.limit = 8
+        self.ended: list[str] = []
+        self.started = asyncio.Event()
+
+    def full(self) -> bool:
+        return self.in_flight >= self.limit
+
+    async def generate(self, req: GenerateRequest):
+        self.in_flight += 1
+        self.started.set()
+        sent = 0
+        try:
+            if self.error is not None:
+                raise self.error
+            n = req.sampling.max_tokens
+            for i in range(n):
+                if i and self.gap_s:
+                    await asyncio.sleep(self.gap_s)
+                sent += 1
+                last = i == n - 1
+                yield TokenChunk((req.prompt_token_ids[i % 3],), FinishReason.LENGTH if last else None,
+                                 completion_tokens=i + 1)
+            self.ended.append("finished")
+        except asyncio.CancelledError:
+            self.ended.append(f"cancelled after {sent}")
+            raise
+        finally:
+            self.in_flight -= 1
+
+
+@contextlib.asynccontextmanager
+async def served(engine: FakeEngine):
+    server = DirectStreamServer(engine.generate, engine.full)
+    metadata = await server.start("127.0.0.1", "127.0.0.1")
+    target = DirectAddress.from_metadata(metadata)
+    client = DirectStreamClient()
+    try:
+        yield server, client, target
+    finally:
+        await client.close()
+        await server.stop(0)
+
+
+async def collect(stream) -> list[TokenChunk]:
+    return [chunk async for chunk in stream]
+
+
+def run(coro):
+    return asyncio.run(asyncio.wait_for(coro, 30))
+
+
+def test_chunks_arrive_in_order_and_the_address_is_published():
+    async def main():
+        engine = FakeEngine()
+        async with served(engine) as (_, client, target):
+            assert target.address.startswith("127.0.0.1:") and len(target.token) >= 24
+            chunks = await collect(client.open(target, request(4)))
+            assert [c.token_ids for c in chunks] == [(5,), (6,), (7,), (5,)]
+            assert chunks[-1].finish_reason is FinishReason.LENGTH and chunks[-1].completion_tokens == 4
+            assert engine.ended == ["finished"]
+    run(main())
+
+
+def test_ready_connects_an_idle_channel():
+    async def main():
+        async with served(FakeEngine()) as (_, client, target):
+            for _ in range(200):
+                if client.ready(target.address):
+                    break
+                await asyncio.sleep(0.01)
+            assert client.ready(target.address)
+            assert not client.ready("127.0.0.1:1")  # nothing listens there
+    run(main())
+
+
+@pytest.mark.parametrize("error", [InvalidRequestError("sampling.max_tokens", "must be >= 1"),
+                                   EngineOverloadedError(9, 8, retry_after_s=0.25)],
+                         ids=["invalid", "overloaded"])
+def test_the_replica_s_error_arrives_with_its_type_and_fields(error):
+    async def main():
+        async with served(FakeEngine(error=error)) as (_, client, target):
+            with pytest.raises(type(error)) as raised:
+                await collect(client.open(target, request()))
+            assert str(raised.value) == str(error)
+            assert vars(raised.value) == vars(error)
+    run(main())
+
+
+def test_a_wrong_token_is_refused_before_anything_runs():
+    async def main():
+        engine = FakeEngine()
+        async with served(engine) as (_, client, target):
+            with pytest.raises(Rejected, match="token"):
+                await collect(client.open(DirectAddress(target.address, "not-the-token"), request()))
+            assert not engine.started.is_set()
+    run(main())
+
+
+def test_a_full_replica_refuses_before_the_first_token():
+    async def main():
+        engine = FakeEngine(gap_s=0.05)
+        engine.limit = 1
+        async with served(engine) as (_, client, target):
+            first = client.open(target, request(20))
+            reader = asyncio.ensure_future(collect(first))
+            await engine.started.wait()
+            with pytest.raises(Rejected, match="full"):
+                await collect(client.open(target, request(2, "r2")))
+            first.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await reader
+    run(main())
+
+
+def test_an_unreachable_replica_is_a_refusal():
+    async def main():
+        client = DirectStreamClient()
+        try:
+            with pytest.raises(Rejected, match="unreachable"):
+                await collect(client.open(DirectAddress("127.0.0.1:1", "x"), request()))
+        finally:
+            await client.close()
+    run(main())
+
+
+def test_cancelling_the_call_stops_the_replica_s_generator():
+    async def main():
+        engine = FakeEngine(gap_s=0.05)
+        async with served(engine) as (_, client, target):
+            stream = client.open(target, request(100))
+            got = []
+            async for chunk in stream:
+                got.append(chunk)
+                if len(got) == 3:
+                    stream.cancel()
+                    break
+            for _ in range(100):
+                if engine.ended:
+                    break
+                await asyncio.sleep(0.02)
+            assert engine.ended and engine.ended[0].startswith("cancelled after "), engine.ended
+            assert int(engine.ended[0].split()[-1]) < 100
+            assert engine.in_flight == 0
+    run(main())
+
+
+def test_stopping_finishes_streams_in_flight_and_refuses_new_ones():
+    async def main():
+        engine = FakeEngine(gap_s=0.02)
+        async with served(engine) as (server, client, target):
+            running = asyncio.ensure_future(collect(client.open(target, request(25))))
+            await engine.started.wait()
+            stopping = asyncio.ensure_future(server.stop(10.0))
+            await asyncio.sleep(0.05)
+            with pytest.raises(Rejected):
+                await collect(client.open(target, request(2, "late")))
+            chunks = await running
+            await stopping
+            assert len(chunks) == 25 and chunks[-1].finish_reason is FinishReason.LENGTH
+            assert engine.ended == ["finished"]
+    run(main())
+
+
+def test_a_stream_cut_after_its_first_token_is_a_connection_error_not_a_refusal():
+    async def main():
+        engine = FakeEngine(gap_s=0.05)
+        async with served(engine) as (server, client, target):
+            stream = client.open(target, request(100))
+            with pytest.raises(ConnectionError):
+                async for chunk in stream:
+                    await server.stop(0)  # no grace: the replica goes away mid-stream
+            assert stream.started
+    run(main())
