@@ -103,6 +103,29 @@ def test_requests_go_direct_once_the_channel_is_up_and_carry_the_same_tokens(ray
         app.close()
 
 
+def test_forty_cancelled_direct_streams_all_stop_in_the_replica(ray_serving, serving_config):
+    app = EchoApp(serving_config, "direct-cancel", **{"engine.echo_tokens_per_s": 200.0})
+    try:
+        app.until_direct()
+        before, direct = app.handle.stats.remote().result(), app.streams("direct")
+        for i in range(40):
+            call = app.stub.Generate(pb.GenerateRequest(prompt_token_ids=[61 + i],
+                                                        sampling=pb.SamplingParams(max_tokens=2000)), timeout=30)
+            next(call)
+            call.cancel()
+        assert app.streams("direct") == direct + 40
+        deadline = time.monotonic() + 10
+        while True:
+            stats = app.handle.stats.remote().result()
+            if stats.cancelled_total == before.cancelled_total + 40 and stats.active_requests == 0:
+                break
+            assert time.monotonic() < deadline, f"not every cancelled stream stopped: {stats}"
+            time.sleep(0.05)
+        assert stats.finished_total == before.finished_total  # none ran on to its 2000 tokens
+    finally:
+        app.close()
+
+
 def test_a_replica_without_a_direct_stream_is_served_through_the_handle(ray_serving, serving_config):
     app = EchoApp(serving_config, "direct-off", **{"engine.echo_tokens_per_s": 0.0, "serving.direct_stream": False})
     try:
