@@ -43,11 +43,14 @@ METADATA_KEY = "direct_stream"  # the replica metadata entry: {"address": "host:
 TOKEN_HEADER = "x-gptoss-replica-token"
 REFUSED_HEADER = "x-gptoss-refused"  # trailing metadata of a refusal: "full" or "stopping"
 
+# A prompt filling a 128k context pickles to ~0.7 MB; 64 MiB leaves any chunk room (gRPC's default is 4 MB).
+_MESSAGE_LIMITS = [("grpc.max_receive_message_length", 64 << 20), ("grpc.max_send_message_length", 64 << 20)]
 # Dead peers are noticed by keepalive pings within ~15 s even when no packet comes back.
-_KEEPALIVE = [("grpc.keepalive_time_ms", 10_000), ("grpc.keepalive_timeout_ms", 5_000),
-              ("grpc.keepalive_permit_without_calls", 1), ("grpc.http2.max_pings_without_data", 0)]
+_CHANNEL_OPTIONS = [("grpc.keepalive_time_ms", 10_000), ("grpc.keepalive_timeout_ms", 5_000),
+                    ("grpc.keepalive_permit_without_calls", 1), ("grpc.http2.max_pings_without_data", 0),
+                    *_MESSAGE_LIMITS]
 _SERVER_OPTIONS = [("grpc.http2.min_recv_ping_interval_without_data_ms", 5_000), ("grpc.http2.max_ping_strikes", 0),
-                   ("grpc.keepalive_permit_without_calls", 1), ("grpc.so_reuseport", 0)]
+                   ("grpc.keepalive_permit_without_calls", 1), ("grpc.so_reuseport", 0), *_MESSAGE_LIMITS]
 
 
 class Rejected(Exception):
@@ -148,7 +151,7 @@ class DirectStreamClient:
     def _channel(self, address: str) -> grpc.aio.Channel:
         channel = self._channels.get(address)
         if channel is None:
-            channel = self._channels[address] = grpc.aio.insecure_channel(address, options=_KEEPALIVE)
+            channel = self._channels[address] = grpc.aio.insecure_channel(address, options=_CHANNEL_OPTIONS)
         return channel
 
     def ready(self, address: str) -> bool:

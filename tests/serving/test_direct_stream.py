@@ -89,6 +89,17 @@ def test_chunks_arrive_in_order_and_the_address_is_published():
     run(main())
 
 
+def test_a_prompt_filling_a_128k_context_goes_through():
+    async def main():
+        engine = FakeEngine()
+        async with served(engine) as (_, client, target):
+            long = GenerateRequest(prompt_token_ids=tuple(range(100_000, 100_000 + 131_072)),
+                                   sampling=SamplingParams(max_tokens=2))
+            chunks = await collect(client.open(target, long))
+            assert [c.token_ids for c in chunks] == [(100_000,), (100_001,)]
+    run(main())
+
+
 def test_ready_connects_an_idle_channel():
     async def main():
         async with served(FakeEngine()) as (_, client, target):
