@@ -93,18 +93,19 @@ class DirectStreamServer:
         self._server: grpc.aio.Server | None = None
         self._stopping = False
 
-    async def start(self, advertise_host: str, bind_host: str = "0.0.0.0") -> dict:
-        """Listen on a free port; returns the replica metadata entry that announces it."""
+    async def start(self, host: str) -> dict:
+        """Listen on a free port of `host` (the Ray node's IP, which front doors reach);
+        returns the replica metadata entry that announces it."""
         server = grpc.aio.server(options=_SERVER_OPTIONS)
         handler = grpc.unary_stream_rpc_method_handler(self._serve)  # bytes in, bytes out
         server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
             METHOD.split("/")[1], {METHOD.split("/")[2]: handler}),))
-        port = server.add_insecure_port(_host_port(bind_host, 0))
+        port = server.add_insecure_port(_host_port(host, 0))
         if port == 0:
-            raise OSError(f"direct stream: cannot listen on {bind_host}")
+            raise OSError(f"direct stream: cannot listen on {host}")
         await server.start()
         self._server = server
-        return {METADATA_KEY: {"address": _host_port(advertise_host, port), "token": self._token}}
+        return {METADATA_KEY: {"address": _host_port(host, port), "token": self._token}}
 
     async def stop(self, grace_s: float) -> None:
         """Refuse new streams, let those in flight finish for up to `grace_s`, then close."""
@@ -119,7 +120,7 @@ class DirectStreamServer:
 
     async def _serve(self, request_bytes: bytes, context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
         token = dict(context.invocation_metadata() or ()).get(TOKEN_HEADER, "")
-        if not hmac.compare_digest(str(token), self._token):
+        if not hmac.compare_digest(str(token).encode(), self._token.encode()):
             await context.abort(grpc.StatusCode.PERMISSION_DENIED, "wrong or missing replica token")
         if self._stopping:
             await self._refuse(context, "stopping", grpc.StatusCode.UNAVAILABLE)

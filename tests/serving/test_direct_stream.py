@@ -59,7 +59,7 @@ class FakeEngine:
 @contextlib.asynccontextmanager
 async def served(engine: FakeEngine):
     server = DirectStreamServer(engine.generate, engine.full)
-    metadata = await server.start("127.0.0.1", "127.0.0.1")
+    metadata = await server.start("127.0.0.1")
     target = DirectAddress.from_metadata(metadata)
     client = DirectStreamClient()
     try:
@@ -129,8 +129,9 @@ def test_a_wrong_token_is_refused_before_anything_runs():
     async def main():
         engine = FakeEngine()
         async with served(engine) as (_, client, target):
-            with pytest.raises(Rejected, match="token"):
-                await collect(client.open(DirectAddress(target.address, "not-the-token"), request()))
+            for wrong in ("not-the-token", ""):
+                with pytest.raises(Rejected, match="token"):
+                    await collect(client.open(DirectAddress(target.address, wrong), request()))
             assert not engine.started.is_set()
     run(main())
 
