@@ -25,6 +25,7 @@ failure after that ends the call as UNAVAILABLE (ConnectionError), as on the Ser
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import logging
 import pickle
@@ -51,6 +52,11 @@ _CHANNEL_OPTIONS = [("grpc.keepalive_time_ms", 10_000), ("grpc.keepalive_timeout
                     *_MESSAGE_LIMITS]
 _SERVER_OPTIONS = [("grpc.http2.min_recv_ping_interval_without_data_ms", 5_000), ("grpc.http2.max_ping_strikes", 0),
                    ("grpc.keepalive_permit_without_calls", 1), ("grpc.so_reuseport", 0), *_MESSAGE_LIMITS]
+
+
+# How long a channel to a replica that left the routable set stays open for its running streams
+# (a stopping replica itself gives them serving.graceful_shutdown_timeout_s at most).
+STREAM_GRACE_S = 3600.0
 
 
 class Rejected(Exception):
@@ -167,13 +173,16 @@ class DirectStreamClient:
             pickle.dumps(request, protocol=pickle.HIGHEST_PROTOCOL), metadata=((TOKEN_HEADER, target.token),))
         return DirectStream(call)
 
-    async def retain(self, addresses: set[str]) -> None:
-        """Close the channels of replicas that are gone."""
-        for address in [a for a in self._channels if a not in addresses]:
-            await self._channels.pop(address).close()
+    async def retain(self, addresses: set[str], grace_s: float | None = STREAM_GRACE_S) -> None:
+        """Close the channels of replicas no longer routable. A replica leaves the set when it
+        starts stopping, with streams still running on it: those get `grace_s` to finish (new
+        calls go to a new channel if the replica comes back)."""
+        stale = [self._channels.pop(a) for a in list(self._channels) if a not in addresses]
+        await asyncio.gather(*(channel.close(grace_s) for channel in stale))
 
     async def close(self) -> None:
-        await self.retain(set())
+        """Close every channel now (the front door has cancelled its calls already)."""
+        await self.retain(set(), grace_s=None)
 
 
 class DirectStream:

@@ -33,7 +33,7 @@ class ReplicaStreams:
         self._handle = handle
         self._client = DirectStreamClient()
         self._replica_set_version = -1
-        self._pruning: asyncio.Task | None = None
+        self._pruning: set[asyncio.Task] = set()
         labels = (getattr(handle, "app_name", ""), getattr(handle, "deployment_name", ""))
         streams = router_metrics().streams_total
         self._counted = {path: streams.labels(*labels, path) for path in (DIRECT, SERVE_HANDLE,
@@ -55,13 +55,18 @@ class ReplicaStreams:
         return ReplicaStream(self, request, route)
 
     def _prune(self, addresses: set[str]) -> None:
-        if self._pruning is None or self._pruning.done():
-            self._pruning = asyncio.get_running_loop().create_task(self._client.retain(addresses))
+        task = asyncio.get_running_loop().create_task(self._client.retain(addresses))
+        self._pruning.add(task)
+        task.add_done_callback(self._pruning.discard)
 
     async def close(self) -> None:
-        if self._pruning is not None:
-            await asyncio.gather(self._pruning, return_exceptions=True)
+        """After the front door's server has stopped (its calls are cancelled, so channels in
+        their grace period close at once)."""
         await self._client.close()
+        if self._pruning:
+            _, late = await asyncio.wait(set(self._pruning), timeout=5.0)
+            for task in late:
+                task.cancel()
 
 
 class ReplicaStream:

@@ -100,6 +100,21 @@ def test_a_prompt_filling_a_128k_context_goes_through():
     run(main())
 
 
+def test_dropping_a_replica_s_channel_lets_its_running_stream_finish():
+    async def main():
+        engine = FakeEngine(gap_s=0.02)
+        async with served(engine) as (_, client, target):
+            running = asyncio.ensure_future(collect(client.open(target, request(20))))
+            await engine.started.wait()
+            dropping = asyncio.ensure_future(client.retain(set()))  # the replica left the routable set
+            await asyncio.sleep(0.05)
+            assert target.address not in client._channels and not dropping.done()
+            chunks = await running
+            await asyncio.wait_for(dropping, 5)
+            assert len(chunks) == 20 and engine.ended == ["finished"]
+    run(main())
+
+
 def test_ready_connects_an_idle_channel():
     async def main():
         async with served(FakeEngine()) as (_, client, target):

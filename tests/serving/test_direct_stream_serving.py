@@ -183,10 +183,12 @@ def test_a_redeployed_replica_finishes_the_direct_stream_it_accepted(ray_serving
             "engine.echo_tokens_per_s": 0.0, "serving.graceful_shutdown_timeout_s": 30.0})
         redeploy.start()
         # Serve starts the new replica, then stops the old one: it must be stopping mid-stream.
+        # Other requests keep coming meanwhile (the front door sees the replica set change).
         stopping_mid_stream = False
         while reader.is_alive():
             states = serve.status().applications[app.name].deployments["ModelReplica"].replica_states
             stopping_mid_stream |= states.get("STOPPING", 0) > 0 and reader.is_alive()
+            assert len(tokens(app.generate(2, prompt=(71,)))) == 2
             time.sleep(0.1)
         redeploy.join(120)
         assert stopping_mid_stream, "the old replica did not start stopping while the stream ran"
