@@ -26,7 +26,6 @@ class EchoApp:
         from prometheus_client import CollectorRegistry
         from ray import serve
 
-        from cluster.config import from_dict, to_dict
         from cluster.metrics import FrontdoorMetrics
         from cluster.serving.builder import build_app
         from tests.conftest import BackgroundFrontdoor
@@ -37,7 +36,6 @@ class EchoApp:
         self.door = BackgroundFrontdoor(self.handle, self.config.frontdoor, FrontdoorMetrics(CollectorRegistry()))
         self.channel = grpc.insecure_channel(self.door.target)
         self.stub = inference_pb2_grpc.InferenceStub(self.channel)
-        self._from_dict, self._to_dict, self._build_app = from_dict, to_dict, build_app
 
     def configured(self, serving_config, **overrides):
         from cluster.config import from_dict, to_dict
@@ -51,7 +49,9 @@ class EchoApp:
     def redeploy(self, serving_config, **overrides) -> None:
         from ray import serve
 
-        serve.run(self._build_app(self.configured(serving_config, **overrides)), name=self.name, route_prefix=None)
+        from cluster.serving.builder import build_app
+
+        serve.run(build_app(self.configured(serving_config, **overrides)), name=self.name, route_prefix=None)
 
     def streams(self, path: str) -> float:
         return REGISTRY.get_sample_value("gptoss_router_streams_total", {
