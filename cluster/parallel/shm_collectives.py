@@ -131,7 +131,10 @@ class ShmSegment:
         finally:
             os.close(fd)
         self.counters = memoryview(self.mm).cast("q")  # int64 views: aligned single loads/stores
-        self.bytes = torch.frombuffer(self.mm, dtype=torch.uint8)
+        # Never an inference tensor, whatever the caller's mode: the engine's steps copy into the
+        # slots in inference mode, the driver's idle keepalive outside it.
+        with torch.inference_mode(False):
+            self.bytes = torch.frombuffer(self.mm, dtype=torch.uint8)
 
     @classmethod
     def create(cls, world: int, slot_bytes: int = SLOT_BYTES) -> ShmSegment:
@@ -184,7 +187,8 @@ class ShmCollectives:
         key = (rank, parity, dtype)
         view = self._slot_views.get(key)
         if view is None:
-            view = self._slot_views[key] = self.seg.slot(rank, parity).view(dtype)
+            with torch.inference_mode(False):  # a normal tensor, written in either mode (see ShmSegment)
+                view = self._slot_views[key] = self.seg.slot(rank, parity).view(dtype)
         return view
 
     def _wait(self, ranks: list[int], which: int, seq: int) -> None:

@@ -47,6 +47,14 @@ def _rank(rank: int, port: int, queue, shm: bool) -> None:
     import torch.distributed as dist
 
     comm = _join(rank, port, shm)
+    # The engine's steps run in inference mode and the driver's keepalive outside it: both must work,
+    # in this order too (the segment's cached views must not become inference tensors).
+    with torch.inference_mode():
+        ones, message = torch.ones(4), torch.arange(3) if rank == 0 else torch.zeros(3, dtype=torch.long)
+        comm.all_reduce(ones)
+        comm.broadcast(message)
+        assert torch.equal(ones, torch.full((4,), float(WORLD))) and torch.equal(message, torch.arange(3))
+    broadcasts_before = comm.broadcast_calls
     t = torch.randn(8, 64, generator=torch.Generator().manual_seed(rank))
     comm.all_reduce(t)
     runtime = SimpleNamespace(device=torch.device("cpu"), comm=comm)
@@ -58,7 +66,7 @@ def _rank(rank: int, port: int, queue, shm: bool) -> None:
         else:
             op, payload = _recv_message(runtime)
             received.append((op, None if payload is None else payload.tolist()))
-    framing_broadcasts = comm.broadcast_calls
+    framing_broadcasts = comm.broadcast_calls - broadcasts_before
     rounds = []
     for i in range(ROUNDS if shm else 0):  # alternating ops with no pause: a reused slot would show
         message, mine = _round_values(i, rank)
