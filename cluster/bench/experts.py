@@ -237,7 +237,7 @@ def run(args: argparse.Namespace) -> int:
     started = False
     if not ray.is_initialized():
         os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="WARNING")
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="WARNING")
         started = True
     engine_kwargs = dict(block_size=16, max_num_seqs=args.sequences, max_num_batched_tokens=256,
                          kv_cache_memory_bytes=16 << 20)

@@ -51,7 +51,7 @@ def main() -> None:
     args = parser.parse_args()
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     port = args.port or _free_port()
-    ray.init(num_cpus=args.num_cpus, include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False)
+    ray.init(address="local", num_cpus=args.num_cpus, include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False)
     logging.getLogger("ray.serve").setLevel("WARNING")
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):

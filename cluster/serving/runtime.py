@@ -39,7 +39,10 @@ class ServingRuntime:
 
 
 def start_ray(config: ClusterConfig) -> bool:
-    """Connect to config.ray.address, or start a quiet local Ray. Returns True if started here."""
+    """Connect to config.ray.address, or start a quiet local Ray. Returns True if started here.
+
+    Without an address this always starts a new Ray ("local"): a bare ray.init() would join whatever
+    cluster `ray start` last left on this machine."""
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # no usage-stats prompt or upload
     verbose = config.log_level in ("debug", "info")
     ray_level = logging.INFO if config.log_level == "debug" else logging.WARNING
@@ -49,7 +52,7 @@ def start_ray(config: ClusterConfig) -> bool:
     kwargs = {}
     if config.ray.temp_dir:
         kwargs["_temp_dir"] = str(config.ray.temp_dir)
-    ray.init(num_cpus=config.ray.num_cpus or os.cpu_count() or 2, include_dashboard=False,
+    ray.init(address="local", num_cpus=config.ray.num_cpus or os.cpu_count() or 2, include_dashboard=False,
              logging_level=ray_level, log_to_driver=verbose, **kwargs)
     return True
 
