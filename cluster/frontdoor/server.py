@@ -25,6 +25,7 @@ from cluster.frontdoor.admission import Admission, safe_deserializer
 from cluster.frontdoor.auth import ApiKeys, load_api_keys
 from cluster.frontdoor.loads import LoadPoller
 from cluster.frontdoor.limits import TenantLimits
+from cluster.frontdoor.ports import NO_REUSEPORT, PortUnavailable
 from cluster.frontdoor.servicer import InferenceServicer, fail
 from cluster.metrics import FrontdoorMetrics, serve_metrics
 from cluster.serving.handles import close_loop_handle, loop_handle
@@ -137,9 +138,17 @@ class FrontdoorServer:
         # Our own handle, routed on this loop and talking gRPC to the replicas (serving/handles.py);
         # the caller's handle stays usable for synchronous calls.
         handle = self._loop_handle = loop_handle(self._handle)
+        try:
+            await self._start(handle, api_keys, credentials)
+        except BaseException:
+            await self._close()  # a port in use: nothing of ours outlives the failed start
+            raise
+
+    async def _start(self, handle, api_keys: ApiKeys | None, credentials: grpc.ServerCredentials | None) -> None:
         self.info = await handle.model_info.remote()
         self.admission = Admission(api_keys, TenantLimits(self._config.limits))
-        server = grpc.aio.server(maximum_concurrent_rpcs=self._config.max_concurrent_rpcs)
+        server = self._server = grpc.aio.server(maximum_concurrent_rpcs=self._config.max_concurrent_rpcs,
+                                                options=[NO_REUSEPORT])
         inference = self._inference = InferenceServicer(handle, self.info, self.metrics, self.admission,
                                       default_max_tokens=self._default_max_tokens,
                                       gpus_per_replica=self._gpus_per_replica)
@@ -150,22 +159,26 @@ class FrontdoorServer:
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         reflection.enable_server_reflection(
             (SERVICE_NAME, ADMIN_SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
-        address = f"{self._config.host}:{self._config.grpc_port}"
+        host, port = self._config.host, self._config.grpc_port
+        address = f"{host}:{port}"
         try:
             if credentials is None:
                 self.grpc_port = server.add_insecure_port(address)
             else:
                 self.grpc_port = server.add_secure_port(address, credentials)
-        except RuntimeError as err:  # grpc reports a port in use this way
-            raise OSError(f"cannot listen on {address}: {err}") from None
+        except RuntimeError:  # grpc reports a port in use this way (or as port 0)
+            self.grpc_port = 0
         if self.grpc_port == 0:
-            raise OSError(f"cannot listen on {address}")
+            raise PortUnavailable("frontdoor.grpc_port", host, port, "address in use or not available")
         await server.start()
-        self._server = server
         for service in ("", SERVICE_NAME, ADMIN_SERVICE_NAME):
             await self._health.set(service, health_pb2.HealthCheckResponse.SERVING)
         if self._config.metrics_port >= 0:
-            self._metrics_http = serve_metrics(self.metrics, self._config.host, self._config.metrics_port)
+            try:
+                self._metrics_http = serve_metrics(self.metrics, host, self._config.metrics_port)
+            except OSError as err:
+                raise PortUnavailable("frontdoor.metrics_port", host, self._config.metrics_port,
+                                      err.strerror or str(err)) from None
             self.metrics_port = self._metrics_http.server_address[1]
             if self._config.load_poll_interval_s > 0:
                 self._poller = LoadPoller(handle, self.info.replicas, self._config.load_poll_interval_s,
@@ -206,11 +219,16 @@ class FrontdoorServer:
             return
         grace = self._config.grace_period_s if grace_s is None else grace_s
         await self.drain(grace)
+        await self._close()
+
+    async def _close(self) -> None:
+        """Cancel what is left and release everything start() made."""
         if self._poller is not None:
             await self._poller.stop()
             self._poller = None
-        await self._server.stop(0.1)
-        self._server = None
+        if self._server is not None:
+            await self._server.stop(0.1)
+            self._server = None
         if self._inference is not None:
             await self._inference.close()  # its channels to the replicas live on this loop
             self._inference = None
@@ -221,4 +239,3 @@ class FrontdoorServer:
             self._metrics_http.shutdown()
             self._metrics_http.server_close()
             self._metrics_http = None
-
