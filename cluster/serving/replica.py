@@ -56,7 +56,6 @@ def _batching_engine(model, config: ClusterConfig, forward_factory=None) -> Engi
     `forward_factory` (expert parallelism) runs each step's forward on a worker group instead."""
     from cluster.engine.batching_engine import BatchingEngine
     from cluster.engine.core import EngineConfig
-    from cluster.harmony.tokenizer import STOP_TOKEN_IDS
 
     e = config.engine
     core_config = EngineConfig(block_size=e.block_size, kv_cache_memory_bytes=int(e.kv_cache_memory_mib * (1 << 20)),
@@ -64,8 +63,7 @@ def _batching_engine(model, config: ClusterConfig, forward_factory=None) -> Engi
                                max_waiting_requests=e.max_waiting_requests,
                                enable_prefix_caching=e.enable_prefix_caching)
     try:
-        kwargs = dict(stop_token_ids=STOP_TOKEN_IDS, default_max_tokens=e.default_max_tokens,
-                      chunk_interval_s=e.chunk_interval_ms / 1000.0)
+        kwargs = dict(default_max_tokens=e.default_max_tokens, chunk_interval_s=e.chunk_interval_ms / 1000.0)
         if forward_factory is not None:
             from cluster.engine.async_engine import AsyncEngine
             from cluster.engine.core import EngineCore
@@ -82,12 +80,11 @@ def _vllm_engine(config: ClusterConfig) -> tuple[Engine, ModelInfo]:
     import json
 
     from cluster.engine.vllm_engine import VllmEngine, engine_args_for, set_cpu_environment
-    from cluster.harmony.tokenizer import STOP_TOKEN_IDS
 
     path = resolve_checkpoint(config)
     set_cpu_environment(config)
     e = config.engine
-    engine = VllmEngine.start(engine_args_for(config, path, config.model.dtype), stop_token_ids=STOP_TOKEN_IDS,
+    engine = VllmEngine.start(engine_args_for(config, path, config.model.dtype),
                               default_max_tokens=e.default_max_tokens, chunk_interval_s=e.chunk_interval_ms / 1000.0,
                               max_num_seqs=e.vllm.max_num_seqs or e.max_num_seqs,
                               max_waiting_requests=e.max_waiting_requests)
