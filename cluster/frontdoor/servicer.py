@@ -16,6 +16,7 @@ import contextlib
 import functools
 import json
 import logging
+import re
 import time
 from typing import AsyncIterator
 
@@ -31,7 +32,7 @@ from cluster.frontdoor.call import CallInfo
 from cluster.frontdoor.chat_stream import ChatStream
 from cluster.frontdoor.loads import replica_load_to_proto, sample_loads
 from cluster.frontdoor.stops import StopMatcher
-from cluster.harmony.render import Message, ToolDefinition, render_prompt
+from cluster.harmony.render import MAX_SCHEMA_DEPTH, HarmonyInputError, Message, ToolDefinition, render_prompt
 from cluster.harmony.tokenizer import FIRST_SPECIAL_ID, load_tokenizer
 from cluster.metrics import FrontdoorMetrics
 from cluster.serving.model_info import ModelInfo
@@ -77,10 +78,6 @@ class Violations:
             self.errors.extend(err.errors)
         except InvalidRequestError as err:
             self.errors.append(err)
-        except ValueError as err:  # harmony's HarmonyInputError carries .field too
-            if getattr(err, "field", None) is None:
-                raise
-            self.errors.append(errors.FieldError(err.field, getattr(err, "problem", str(err))))
 
     def raise_any(self) -> None:
         if len(self.errors) == 1:
@@ -195,11 +192,20 @@ def tools_from_proto(tools, violations: Violations) -> list[ToolDefinition]:
             except ValueError as err:
                 violations.add(f"tools[{i}].parameters_json", f"is not valid JSON: {err}")
                 continue
+            except RecursionError:
+                violations.add(f"tools[{i}].parameters_json", f"nests deeper than {MAX_SCHEMA_DEPTH} levels")
+                continue
             if not isinstance(parameters, dict):
                 violations.add(f"tools[{i}].parameters_json", "must be a JSON object (a JSON Schema)")
                 continue
         converted.append(ToolDefinition(name=tool.name, description=tool.description, parameters=parameters))
     return converted
+
+
+def proto_field(harmony_field: str) -> str:
+    """The ChatRequest field a render_prompt error names: harmony's ToolDefinition holds the parsed
+    schema as `parameters`, the proto its JSON text as `parameters_json`; other names are the same."""
+    return re.sub(r"^(tools\[\d+\])\.parameters$", r"\1.parameters_json", harmony_field)
 
 
 def chat_request_from_proto(request: pb.ChatRequest, info: ModelInfo, call: CallInfo, context) -> GenerateRequest:
@@ -213,9 +219,11 @@ def chat_request_from_proto(request: pb.ChatRequest, info: ModelInfo, call: Call
     sampling = sampling_from_proto(request.sampling, info, violations)
     prompt: list[int] = []
     if not violations.errors:
-        with violations.collect():
+        try:
             prompt = render_prompt(messages, reasoning_effort=effort, tools=tools,
                                    instructions=request.instructions if request.HasField("instructions") else None)
+        except HarmonyInputError as err:
+            violations.add(proto_field(err.field), err.problem)
         if len(prompt) >= info.context_length:
             violations.add("messages", f"the rendered prompt has {len(prompt)} tokens, more than the context "
                                        f"length {info.context_length} allows")
