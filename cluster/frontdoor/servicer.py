@@ -247,19 +247,18 @@ def usage_to_proto(prompt_tokens: int, completion_tokens: int, chunk: TokenChunk
                     reasoning_tokens=reasoning_tokens, cached_prompt_tokens=cached)
 
 
-def model_info_to_proto(info: ModelInfo, default_max_tokens: int = 0, gpus_per_replica: float = 0.0
-                        ) -> pb.GetModelInfoResponse:
+def model_info_to_proto(info: ModelInfo) -> pb.GetModelInfoResponse:
     return pb.GetModelInfoResponse(
         model_name=info.model_name, preset=info.preset, vocab_size=info.vocab_size,
         context_length=info.context_length, num_layers=info.num_layers, num_experts=info.num_experts,
         experts_per_token=info.experts_per_token,
         quantization=QUANTIZATIONS.get(info.quantization, pb.QUANTIZATION_UNSPECIFIED),
         dtype=info.dtype, engine=info.engine, replicas=info.replicas,
-        parallel=pb.ParallelLayout(expert_parallel_size=getattr(info, "expert_parallel_size", 1),
-                                   tensor_parallel_size=getattr(info, "tensor_parallel_size", 1),
-                                   gpus_per_replica=gpus_per_replica),
+        parallel=pb.ParallelLayout(expert_parallel_size=info.expert_parallel_size,
+                                   tensor_parallel_size=info.tensor_parallel_size,
+                                   gpus_per_replica=info.gpus_per_replica),
         supports_logprobs=info.supports_logprobs,
-        default_max_tokens=default_max_tokens)
+        default_max_tokens=info.default_max_tokens)
 
 
 # ───────────────────────────────────────── servicer ─────────────────────────────────────────
@@ -388,13 +387,13 @@ def rpc(method: str, *, streaming: bool):
 
 class InferenceServicer(pb_grpc.InferenceServicer):
     def __init__(self, handle: DeploymentHandle, info: ModelInfo, metrics: FrontdoorMetrics,
-                 admission: Admission, *, default_max_tokens: int = 0, gpus_per_replica: float = 0.0) -> None:
+                 admission: Admission) -> None:
         self._handle = handle
         self._replicas = ReplicaStreams(handle)
         self._info = info
         self._metrics = metrics
         self._admission = admission
-        self._model_info = model_info_to_proto(info, default_max_tokens, gpus_per_replica)
+        self._model_info = model_info_to_proto(info)
         self._per_method: dict[str, _MethodMetrics] = {}
 
     def _method_metrics(self, method: str) -> _MethodMetrics:
