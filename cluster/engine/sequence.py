@@ -45,7 +45,7 @@ class SamplingSettings:
     top_k: int = 0  # 0: no top-k filter
     top_p: float = 1.0  # 1.0: no nucleus filter
     seed: int | None = None  # same seed -> same tokens, whatever else shares the batch
-    stop_token_ids: tuple[int, ...] = ()  # resolved by the engine's front (BatchingEngine): none here
+    stop_token_ids: tuple[int, ...] = ()  # none unless given (BatchingEngine fills in its defaults)
     logprobs: int | None = None  # also return this many top alternatives per token (0: only the chosen one)
 
     def __post_init__(self) -> None:
