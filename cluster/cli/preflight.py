@@ -4,6 +4,7 @@ and a traceback."""
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 from cluster.config import ClusterConfig
@@ -27,11 +28,13 @@ def port_problem(err: PortUnavailable, flag_paths: dict[str, str]) -> str:
 
 
 def check_ports(config: ClusterConfig, flag_paths: dict[str, str]) -> None:
-    """Raise PreflightError when the gRPC or metrics port is already taken on frontdoor.host."""
+    """Raise PreflightError when a port the front door listens on (every frontdoor.*_port: gRPC,
+    metrics, ...) is already taken on frontdoor.host."""
     door = config.frontdoor
     try:
-        check_free(door.host, door.grpc_port, "frontdoor.grpc_port")
-        check_free(door.host, door.metrics_port, "frontdoor.metrics_port")
+        for field in dataclasses.fields(door):
+            if field.name.endswith("_port"):
+                check_free(door.host, getattr(door, field.name), f"frontdoor.{field.name}")
     except PortUnavailable as err:
         raise PreflightError(port_problem(err, flag_paths)) from None
 
