@@ -424,12 +424,12 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         self._metrics = metrics
         self._admission = admission
         self._model_info = model_info_to_proto(info, default_max_tokens, gpus_per_replica)
-        self._per_method: dict[str, _MethodMetrics] = {}
+        self._per_method: dict[tuple[str, str], _MethodMetrics] = {}
 
-    def _method_metrics(self, method: str) -> _MethodMetrics:
-        children = self._per_method.get(method)
+    def _method_metrics(self, method: str, api: str = "grpc") -> _MethodMetrics:
+        children = self._per_method.get((api, method))
         if children is None:
-            children = self._per_method[method] = _MethodMetrics(self._metrics, method)
+            children = self._per_method[(api, method)] = _MethodMetrics(self._metrics, method, api)
         return children
 
     async def close(self) -> None:
