@@ -240,7 +240,7 @@ class FrontdoorConfig:
     # Prometheus /metrics port (0: pick a free one; -1: no metrics server).
     metrics_port: int = 9464
     # OpenAI-compatible HTTP API port (0: pick a free one; -1: no HTTP API).
-    http_port: int = 8080
+    http_port: int = 8088
     # Seconds in-flight RPCs get to finish on shutdown.
     grace_period_s: float = 5.0
     # Concurrent RPCs the front door accepts before answering RESOURCE_EXHAUSTED.
