@@ -144,3 +144,45 @@ async def _serve(config_json: str) -> None:
 
 if __name__ == "__main__":
     asyncio.run(_serve(sys.argv[1]))
+
+
+class ThreadedFrontdoor:
+    """A FrontdoorServer over a HarmonyScriptHandle on its own event loop in a thread, so tests use
+    the official (synchronous) SDKs against it."""
+
+    def __init__(self, handle: HarmonyScriptHandle, config, api_keys=None) -> None:
+        import threading
+
+        from prometheus_client import CollectorRegistry
+
+        from cluster.frontdoor.server import FrontdoorServer
+        from cluster.metrics import FrontdoorMetrics
+
+        self.handle = handle
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, name="frontdoor", daemon=True)
+        self.thread.start()
+        self.server = FrontdoorServer(handle, config, FrontdoorMetrics(CollectorRegistry()), api_keys=api_keys)
+        self.call(self.server.start())
+
+    def call(self, coro, timeout: float = 60.0):
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    @property
+    def base_url(self) -> str:
+        return self.server.http_url + "/v1"
+
+    def metrics(self) -> dict[tuple[str, tuple], float]:
+        """The front door's /metrics, scraped over HTTP: {(name, sorted labels): value}."""
+        import urllib.request
+
+        from prometheus_client.parser import text_string_to_metric_families
+
+        text = urllib.request.urlopen(f"http://127.0.0.1:{self.server.metrics_port}/metrics", timeout=10).read()
+        return {(s.name, tuple(sorted(s.labels.items()))): s.value
+                for family in text_string_to_metric_families(text.decode()) for s in family.samples}
+
+    def close(self) -> None:
+        self.call(self.server.stop(0.5))
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)

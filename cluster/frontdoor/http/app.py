@@ -359,7 +359,8 @@ class Exchange:
                 api.admission.check(self.call, problem or self.context.timeout_problem, None)
                 if scope["method"] == "POST":
                     violations = Violations()
-                    self.json = parse_json(await self._read_body(receive), violations)
+                    raw = await self._read_body(receive)
+                    self.json = parse_json(raw, violations) if raw.strip() else {}
                     violations.raise_any()
                 task = asyncio.current_task()
                 watcher = asyncio.get_running_loop().create_task(self._watch(receive, task))

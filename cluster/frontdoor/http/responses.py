@@ -230,18 +230,20 @@ class ResponsesOutput:
                 return [self._event("response.reasoning_text.delta", content_index=0, delta=event.text, **where)]
             return [self._event("response.output_text.delta", content_index=0, delta=event.text, logprobs=[],
                                 **where)]
-        done = [self._event("response.output_item.done", output_index=part.index, item=item(part, done=True))]
         if part.kind == CALL:
-            return [self._event("response.function_call_arguments.done", arguments=part.text, name=part.name,
-                                **where)] + done
-        if part.kind == REASONING:
-            text_done = self._event("response.reasoning_text.done", content_index=0, text=part.text, **where)
-            content = {"type": "reasoning_text", "text": part.text}
+            closing = [self._event("response.function_call_arguments.done", arguments=part.text, name=part.name,
+                                   **where)]
+        elif part.kind == REASONING:
+            closing = [self._event("response.reasoning_text.done", content_index=0, text=part.text, **where),
+                       self._event("response.content_part.done", content_index=0,
+                                   part={"type": "reasoning_text", "text": part.text}, **where)]
         else:
-            text_done = self._event("response.output_text.done", content_index=0, text=part.text, logprobs=[],
-                                    **where)
-            content = _text_part(part.text)
-        return [text_done, self._event("response.content_part.done", content_index=0, part=content, **where)] + done
+            closing = [self._event("response.output_text.done", content_index=0, text=part.text, logprobs=[],
+                                   **where),
+                       self._event("response.content_part.done", content_index=0, part=_text_part(part.text),
+                                   **where)]
+        return closing + [self._event("response.output_item.done", output_index=part.index,
+                                      item=item(part, done=True))]
 
     def record(self, final: dict) -> dict:
         """What the store keeps: the response, and the conversation a follow-up continues."""
