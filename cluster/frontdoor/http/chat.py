@@ -8,6 +8,7 @@ or `reasoning`, and it is rendered as the analysis message before their tool cal
 
 from __future__ import annotations
 
+import re
 import time
 from dataclasses import dataclass
 
@@ -133,10 +134,15 @@ def read_chat(body: object, info, call, context, model: str) -> ChatCall:
     max_key = next((key for key in MAX_TOKENS_KEYS if fields.has(key)), "max_tokens")
     try:
         internal = build_chat_request(messages, tools, effort, instructions, sampling, info, call, context, violations,
-                                      sampling_prefix="")
+                                      sampling_prefix="", field_name=_tool_field)
     except Exception as err:  # noqa: BLE001 - re-raised with the request's own field names
         raise renamed(err, {"max_tokens": max_key, "logprobs": "top_logprobs"}) from None
     return ChatCall(internal, stops, model, stream, include_usage, want_logprobs)
+
+
+def _tool_field(harmony_field: str) -> str:
+    """A render_prompt field as Chat Completions names it (tools[i].function.parameters)."""
+    return re.sub(r"^(tools\[\d+\])\.", r"\1.function.", harmony_field)
 
 
 # ───────────────────────────────────────── output ─────────────────────────────────────────
