@@ -250,7 +250,8 @@ class OpenAIApi:
                 violations.add(key, "is not supported")
         top = fields.get("logprobs", int)
         stops = read_stops(fields)
-        sampling = read_sampling(fields, self.info, max_tokens_keys=("max_tokens",), logprobs=top)
+        sampling = read_sampling(fields, self.info, max_tokens_keys=("max_tokens",), logprobs=top,
+                                 logprobs_field="logprobs")
         stream = fields.get("stream", bool, False)
         options = fields.object("stream_options")
         include_usage = bool(options.get("include_usage", bool, False)) if options is not None else False

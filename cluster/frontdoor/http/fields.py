@@ -186,9 +186,10 @@ def read_stops(fields: Fields) -> tuple[str, ...]:
 
 
 def read_sampling(fields: Fields, info: ModelInfo, *, max_tokens_keys: tuple[str, ...],
-                  logprobs: int | None = None) -> SamplingParams:
+                  logprobs: int | None = None, logprobs_field: str | None = None) -> SamplingParams:
     """OpenAI's sampling fields. temperature and top_p default to 1 as in OpenAI's API (gRPC's
-    default is greedy)."""
+    default is greedy). `ignore_eos` (vLLM's extension, for benchmarks) generates exactly
+    max_tokens, as gRPC's ignore_stop."""
     max_tokens = None
     for key in max_tokens_keys:  # the first one present wins (max_completion_tokens over max_tokens)
         if fields.has(key):
@@ -201,10 +202,11 @@ def read_sampling(fields: Fields, info: ModelInfo, *, max_tokens_keys: tuple[str
         if fields.get(penalty, float, 0.0) != 0.0:
             fields.violations.add(penalty, "is not supported (only 0)")
     if logprobs is not None:
-        check_logprobs(logprobs, "top_logprobs" if logprobs else "logprobs", info, fields.violations)
+        field = logprobs_field or ("top_logprobs" if logprobs else "logprobs")
+        check_logprobs(logprobs, field, info, fields.violations)
     return SamplingParams(max_tokens=max_tokens, temperature=fields.get("temperature", float, 1.0),
                           top_p=fields.get("top_p", float, 1.0), seed=fields.get("seed", int),
-                          logprobs=logprobs)
+                          logprobs=logprobs, ignore_stop=bool(fields.get("ignore_eos", bool, False)))
 
 
 def max_tokens_field(keys: tuple[str, ...], fields: Fields) -> str:
