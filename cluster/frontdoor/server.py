@@ -189,7 +189,7 @@ class FrontdoorServer:
             except ConnectionError as err:  # keep serving; stored responses answer 503 until Redis is back
                 log.warning("%s", err)
         api = OpenAIApi(inference, self.admission, self.info, self._store)
-        self._http = HttpServer(api.app, self._config.host, self._config.http_port)
+        self._http = HttpServer(api, self._config.host, self._config.http_port)
         await self._http.start()
         self.http_port = self._http.port
 

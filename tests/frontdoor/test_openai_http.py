@@ -419,3 +419,12 @@ def test_a_client_that_disconnects_cancels_the_engine_request_within_a_second(ap
         assert counter(snapshot, "gptoss_frontdoor_requests_total", api="http", method=method, code="CANCELLED") == 1
     finally:
         door.close()
+
+
+def test_unknown_routes_and_methods_answer_in_the_error_shape(door):
+    for method, path, status in (("GET", "/v1/nope", 404), ("GET", "/v1/chat/completions", 405)):
+        request = urllib.request.Request(door.server.http_url + path, method=method)
+        with pytest.raises(urllib.error.HTTPError) as err:
+            urllib.request.urlopen(request, timeout=10)
+        assert err.value.code == status
+        assert json.loads(err.value.read())["error"]["message"].startswith(f"{method} {path}")
