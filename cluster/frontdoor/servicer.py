@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import functools
 import json
 import logging
@@ -152,6 +153,10 @@ def generate_request_from_proto(request: pb.GenerateRequest, info: ModelInfo, ca
     """The engine request for a Generate call; raises naming every bad field."""
     violations = Violations()
     sampling = sampling_from_proto(request.sampling, info, violations)
+    if sampling.stop_token_ids is None:
+        # Generate keeps its documented default: every harmony message end, <|end|> included
+        # (Chat, through the engine's default, stops only at the end of the turn).
+        sampling = dataclasses.replace(sampling, stop_token_ids=load_tokenizer().message_end_ids)
     prompt: list[int] = list(request.prompt_token_ids)
     if prompt and request.prompt_text:
         violations.add("prompt_text", "set either prompt_token_ids or prompt_text, not both")

@@ -173,3 +173,36 @@ def test_commentary_preamble_then_final_answer(tiny_model):
     assert complete.finish_reason == pb.FINISH_REASON_STOP
     assert complete.usage.completion_tokens == len(completion)
     assert complete.usage.reasoning_tokens == 0  # a preamble is not reasoning
+
+
+def generate(model, completion: list[int], request: pb.GenerateRequest) -> list[pb.GenerateResponse]:
+    forward = ScriptedForward(completion, model.config.vocab_size)
+    engine = BatchingEngine(AsyncEngine(EngineCore(model, EngineConfig(block_size=16), forward.factory)),
+                            chunk_interval_s=0.0)
+    try:
+        handle = ScriptedHandle(lambda generate_request: EngineResponse(engine, generate_request))
+
+        async def body(stub):
+            return [r async for r in stub.Generate(request, timeout=30)]
+
+        return asyncio.run(with_server(handle, body))
+    finally:
+        engine.shutdown()
+
+
+def streamed_ids(responses) -> list[int]:
+    return [t for r in responses if r.HasField("chunk") for t in r.chunk.token_ids]
+
+
+def test_generate_keeps_its_default_of_stopping_at_every_message_end(tiny_model):
+    segments = harmony_turn([ANALYSIS, FINAL])
+    completion = [t for s in segments for t in s]
+    prompt = load_tokenizer().encode("<|start|>user<|message|>Hi<|end|><|start|>assistant", allow_special=True)
+
+    one_message = generate(tiny_model, completion, pb.GenerateRequest(prompt_token_ids=prompt))
+    assert streamed_ids(one_message) == segments[0]  # the analysis, ending in <|end|>
+    assert one_message[-1].complete.finish_reason == pb.FINISH_REASON_STOP
+
+    whole_turn = generate(tiny_model, completion, pb.GenerateRequest(
+        prompt_token_ids=prompt, sampling=pb.SamplingParams(stop_token_ids=[200002, 200012])))
+    assert streamed_ids(whole_turn) == completion

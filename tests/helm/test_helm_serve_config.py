@@ -156,7 +156,7 @@ def test_tiny_cpu_preset_serve_config_serves_a_request(ray_serving, tiny_checkpo
             assert info.model_name == "gpt-oss-tiny"
             request = pb.GenerateRequest(prompt_token_ids=prompt, sampling=pb.SamplingParams(max_tokens=8))
             tokens = [t for r in stub.Generate(request, timeout=120) if r.HasField("chunk") for t in r.chunk.token_ids]
-        assert tokens == greedy(tiny_model, prompt, 8, stop_token_ids=load_tokenizer().turn_end_ids)
+        assert tokens == greedy(tiny_model, prompt, 8, stop_token_ids=load_tokenizer().message_end_ids)
     finally:
         if door is not None:
             door.close()

@@ -19,7 +19,7 @@ from tests.serving.replica_probe import replica_stats, wait_idle
 pytestmark = pytest.mark.slow
 
 PROMPT = [200006, 1428, 200008, 13225, 11, 2375, 0, 200007, 200006, 173781]
-STOP_TOKEN_IDS = load_tokenizer().turn_end_ids  # what the replica stops at by default
+STOP_TOKEN_IDS = load_tokenizer().message_end_ids  # what Generate stops at by default
 
 
 def collect_generate(stub, prompt, max_tokens, **kwargs):
