@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import logging
 import re
@@ -31,6 +32,7 @@ from cluster.frontdoor.http.store import ResponseStore
 from cluster.frontdoor.http.turn import new_id
 from cluster.frontdoor.servicer import (InferenceServicer, Violations, _Rpc, build_generate_request,
                                         encode_prompt_text)
+from cluster.harmony.tokenizer import load_tokenizer
 from cluster.serving.model_info import ModelInfo
 
 log = logging.getLogger(__name__)
@@ -269,6 +271,8 @@ class OpenAIApi:
         stops = read_stops(fields)
         sampling = read_sampling(fields, self.info, max_tokens_keys=("max_tokens",), logprobs=top,
                                  logprobs_field="logprobs")
+        # Generate's default stop set, as for the raw prompt of a gRPC Generate: every message end.
+        sampling = dataclasses.replace(sampling, stop_token_ids=load_tokenizer().message_end_ids)
         stream = fields.get("stream", bool, False)
         options = fields.object("stream_options")
         include_usage = bool(options.get("include_usage", bool, False)) if options is not None else False
