@@ -27,11 +27,12 @@ def port_problem(err: PortUnavailable, flag_paths: dict[str, str]) -> str:
 
 
 def check_ports(config: ClusterConfig, flag_paths: dict[str, str]) -> None:
-    """Raise PreflightError when the gRPC or metrics port is already taken on frontdoor.host."""
+    """Raise PreflightError when the gRPC, HTTP or metrics port is already taken on frontdoor.host."""
     door = config.frontdoor
     try:
         check_free(door.host, door.grpc_port, "frontdoor.grpc_port")
         check_free(door.host, door.metrics_port, "frontdoor.metrics_port")
+        check_free(door.host, door.http_port, "frontdoor.http_port")
     except PortUnavailable as err:
         raise PreflightError(port_problem(err, flag_paths)) from None
 

@@ -1,5 +1,6 @@
 """FrontdoorServer: the grpc.aio server with gptoss.v1.Inference, gptoss.v1.Admin, health and
-reflection, optional TLS/mTLS, API-key auth, per-tenant limits and drain.
+reflection, optional TLS/mTLS, API-key auth, per-tenant limits and drain; and, on the same event
+loop and core, the OpenAI-compatible HTTP API (frontdoor.http_port; http/).
 
 At start it asks the Serve application for its ModelInfo (which also waits for a replica to be
 ready), decides whether auth is on (API keys configured; off only on a loopback host, or when
@@ -105,6 +106,9 @@ class FrontdoorServer:
         self.admission: Admission | None = None
         self.info: ModelInfo | None = None
         self.grpc_port: int | None = None
+        self.http_port: int | None = None
+        self._http = None
+        self._store = None
         self.metrics_port: int | None = None
         self.auth_notice = ""
 
@@ -166,6 +170,8 @@ class FrontdoorServer:
         if self.grpc_port == 0:
             raise PortUnavailable("frontdoor.grpc_port", host, port, "address in use or not available")
         await server.start()
+        if self._config.http_port >= 0:
+            await self._start_http(inference)
         for service in ("", SERVICE_NAME, ADMIN_SERVICE_NAME):
             await self._health.set(service, health_pb2.HealthCheckResponse.SERVING)
         if self._config.metrics_port >= 0:
@@ -180,7 +186,30 @@ class FrontdoorServer:
                                           self.metrics.replicas.update, on_counts=self._set_replica_counts)
                 self._poller.start()
         tls = "mTLS" if self._config.tls.client_ca_file else "TLS" if credentials else "plaintext"
-        log.warning("front door on %s (%s); %s", self.grpc_target, tls, self.auth_notice)
+        http = f"; HTTP on {self.http_url}" if self._http is not None else ""
+        log.warning("front door on %s (%s)%s; %s", self.grpc_target, tls, http, self.auth_notice)
+
+    async def _start_http(self, inference: InferenceServicer) -> None:
+        from cluster.frontdoor.http.app import HttpServer, OpenAIApi
+        from cluster.frontdoor.http.store import RedisResponseStore, open_store
+
+        if self._config.tls.cert_file is not None:
+            log.warning("the HTTP API serves plaintext; terminate TLS in front of it (Ingress)")
+        self._store = open_store(self._config.responses)
+        if isinstance(self._store, RedisResponseStore):
+            try:
+                await self._store.ping()
+            except ConnectionError as err:  # keep serving; stored responses answer 503 until Redis is back
+                log.warning("%s", err)
+        api = OpenAIApi(inference, self.admission, self.info, self._store)
+        self._http = HttpServer(api, self._config.host, self._config.http_port)
+        await self._http.start()
+        self.http_port = self._http.port
+
+    @property
+    def http_url(self) -> str:
+        host = f"[{self._config.host}]" if ":" in self._config.host else self._config.host
+        return f"http://{host}:{self.http_port}"
 
     def _set_replica_counts(self, application: str, deployment: str, target: int, running: int) -> None:
         self.metrics.autoscaler.desired_replicas.labels(application, deployment).set(target)
@@ -221,9 +250,15 @@ class FrontdoorServer:
         if self._poller is not None:
             await self._poller.stop()
             self._poller = None
+        if self._http is not None:
+            await self._http.stop()
+            self._http = None
         if self._server is not None:
             await self._server.stop(0.1)
             self._server = None
+        if self._store is not None:
+            await self._store.close()
+            self._store = None
         if self._inference is not None:
             await self._inference.close()  # its channels to the replicas live on this loop
             self._inference = None
