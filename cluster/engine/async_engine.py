@@ -79,7 +79,7 @@ class AsyncEngine:
         self._wake = threading.Condition(self._lock)
         self._inbox_adds: list[tuple[Sequence, _Stream]] = []
         self._inbox_aborts: list[str] = []
-        self._streams: dict[str, _Stream] = {}  # step thread only
+        self._streams: dict[str, _Stream] = {}  # written by the step thread only (submit() reads its size)
         self._closed = False
         self._error: BaseException | None = None
         self._ids = itertools.count()
@@ -118,10 +118,13 @@ class AsyncEngine:
         with self._lock:
             if self._error is not None or self._closed:
                 raise EngineDead("the engine is not running") from self._error
-            stats = self.core.stats
-            queued = stats.num_waiting + len(self._inbox_adds)
+            # Capacity is the batch plus the waiting queue: a request the step loop has not yet
+            # pulled into a free batch slot is not waiting. Counted exactly, under the lock: the
+            # requests accepted and not yet ended (the step loop's streams, and the inbox).
+            slots = self.core.config.max_num_seqs
+            queued = len(self._streams) + len(self._inbox_adds) - slots
             if queued >= limit:
-                raise EngineOverloadedError(queued, limit, retry_after_s(queued, stats.finished_requests_per_s))
+                raise EngineOverloadedError(queued, limit, retry_after_s(queued, self.core.stats.finished_requests_per_s))
             self._inbox_adds.append((seq, stream))
             self._wake.notify()
         self.requests_total += 1
