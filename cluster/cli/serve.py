@@ -61,6 +61,10 @@ async def _serve(runtime, config) -> None:
     await server.stop()
 
 
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
+
+
 def run(args: argparse.Namespace) -> int:
     from cluster import logs
 
@@ -74,15 +78,21 @@ def run(args: argparse.Namespace) -> int:
         return 2
     logs.configure(config.log_level)
 
-    from cluster.serving.runtime import start_serving
+    from cluster.serving.runtime import PlacementError, StartupError, start_serving
 
     runtime = None
     code = 0
+    # Until the server's loop handles it, SIGTERM interrupts start-up like Ctrl-C, so the app and
+    # placement groups created so far are removed (start_serving cleans up on any exception).
+    signal.signal(signal.SIGTERM, _interrupt)
     try:
         runtime = start_serving(config)
         asyncio.run(_serve(runtime, config))
-    except KeyboardInterrupt:  # Ctrl-C before the server was up
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM before the server was up
         pass
+    except (PlacementError, StartupError) as err:
+        print(f"gptoss-cluster serve: {err}", file=sys.stderr)
+        code = 1
     except OSError as err:  # e.g. the gRPC or metrics port is taken
         print(f"gptoss-cluster serve: {err}", file=sys.stderr)
         code = 1

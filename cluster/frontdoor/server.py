@@ -7,10 +7,17 @@ explicitly allowed, and says so in the log), and reports SERVING for every servi
 grpc.health.v1. A drain (Admin.Drain, or stop()) turns health NOT_SERVING, refuses new calls
 with UNAVAILABLE and waits for calls in flight; stop() then cancels what is left. While it runs
 with a metrics server it polls the replicas' load reports for the gptoss_replica_* metrics.
+
+It also watches how many replicas its router can reach (gptoss_frontdoor_routable_replicas):
+with none, the Inference service (and the server's overall health, "") reports NOT_SERVING until
+one is back, so a load balancer sends the traffic elsewhere; requests that still arrive wait at
+most frontdoor.replica_wait_s.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import ipaddress
 import logging
 from pathlib import Path
@@ -36,6 +43,7 @@ log = logging.getLogger(__name__)
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Inference"].full_name  # "gptoss.v1.Inference"
 ADMIN_SERVICE_NAME = admin_pb2.DESCRIPTOR.services_by_name["Admin"].full_name  # "gptoss.v1.Admin"
+REPLICA_WATCH_S = 0.5  # how often the routable-replica count is read (a local lookup, no call)
 
 
 def is_loopback(host: str) -> bool:
@@ -104,6 +112,8 @@ class FrontdoorServer:
         self._health = health.aio.HealthServicer()
         self._metrics_http = None
         self._poller: LoadPoller | None = None
+        self._watcher: asyncio.Task | None = None
+        self._routable: int | None = None  # replicas the router can reach, as last read
         self.admission: Admission | None = None
         self.info: ModelInfo | None = None
         self.grpc_port: int | None = None
@@ -139,10 +149,12 @@ class FrontdoorServer:
         handle = self._loop_handle = loop_handle(self._handle)
         self.info = await handle.model_info.remote()
         self.admission = Admission(api_keys, TenantLimits(self._config.limits))
-        server = grpc.aio.server(maximum_concurrent_rpcs=self._config.max_concurrent_rpcs)
+        server = grpc.aio.server(maximum_concurrent_rpcs=self._config.max_concurrent_rpcs or None)
         inference = self._inference = InferenceServicer(handle, self.info, self.metrics, self.admission,
                                       default_max_tokens=self._default_max_tokens,
-                                      gpus_per_replica=self._gpus_per_replica)
+                                      gpus_per_replica=self._gpus_per_replica,
+                                      replica_wait_s=self._config.replica_wait_s,
+                                      migration_attempts=self._config.migration_attempts)
         server.add_generic_rpc_handlers((
             generic_handler(inference, pb.DESCRIPTOR.services_by_name["Inference"]),
             generic_handler(AdminServicer(self), admin_pb2.DESCRIPTOR.services_by_name["Admin"]),
@@ -162,8 +174,9 @@ class FrontdoorServer:
             raise OSError(f"cannot listen on {address}")
         await server.start()
         self._server = server
-        for service in ("", SERVICE_NAME, ADMIN_SERVICE_NAME):
-            await self._health.set(service, health_pb2.HealthCheckResponse.SERVING)
+        await self._health.set(ADMIN_SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
+        await self._set_inference_health()
+        self._watcher = asyncio.get_running_loop().create_task(self._watch_replicas())
         if self._config.metrics_port >= 0:
             self._metrics_http = serve_metrics(self.metrics, self._config.host, self._config.metrics_port)
             self.metrics_port = self._metrics_http.server_address[1]
@@ -173,6 +186,27 @@ class FrontdoorServer:
                 self._poller.start()
         tls = "mTLS" if self._config.tls.client_ca_file else "TLS" if credentials else "plaintext"
         log.warning("front door on %s (%s); %s", self.grpc_target, tls, self.auth_notice)
+
+    async def _set_inference_health(self) -> None:
+        """SERVING unless draining or no replica is routable (an unknown count counts as routable)."""
+        serving = not self.draining and self._routable != 0
+        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        for service in ("", SERVICE_NAME):
+            await self._health.set(service, status)
+
+    async def _watch_replicas(self) -> None:
+        while True:
+            routable = self._inference.routable_replicas() if self._inference is not None else None
+            if routable is not None:
+                self.metrics.routable_replicas.set(routable)
+            before, self._routable = self._routable, routable
+            if (routable == 0) != (before == 0):
+                if routable == 0:
+                    log.warning("no model replica is routable: health NOT_SERVING until one is back")
+                else:
+                    log.warning("%s model replica(s) routable again", routable)
+                await self._set_inference_health()
+            await asyncio.sleep(REPLICA_WATCH_S)
 
     def _set_replica_counts(self, application: str, deployment: str, target: int, running: int) -> None:
         self.metrics.autoscaler.desired_replicas.labels(application, deployment).set(target)
@@ -191,7 +225,8 @@ class FrontdoorServer:
         assert self.admission is not None
         if not self.admission.draining:
             self.admission.draining = True
-            await self._health.enter_graceful_shutdown()  # every service NOT_SERVING, no further changes
+            for service in ("", SERVICE_NAME, ADMIN_SERVICE_NAME):
+                await self._health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
             log.warning("draining: %d calls in flight", max(0, self.admission.in_flight - besides))
         timeout = self._config.grace_period_s if timeout_s is None else timeout_s
         return await self.admission.wait_idle(timeout, besides=besides)
@@ -206,6 +241,11 @@ class FrontdoorServer:
             return
         grace = self._config.grace_period_s if grace_s is None else grace_s
         await self.drain(grace)
+        if self._watcher is not None:
+            self._watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._watcher
+            self._watcher = None
         if self._poller is not None:
             await self._poller.stop()
             self._poller = None

@@ -30,6 +30,7 @@ from cluster.frontdoor.admission import Admission, announce
 from cluster.frontdoor.call import CallInfo
 from cluster.frontdoor.chat_stream import ChatStream
 from cluster.frontdoor.loads import replica_load_to_proto, sample_loads
+from cluster.frontdoor.migration import MigratingStream
 from cluster.frontdoor.stops import StopMatcher
 from cluster.harmony.render import Message, ToolDefinition, render_prompt
 from cluster.harmony.tokenizer import FIRST_SPECIAL_ID, load_tokenizer
@@ -380,9 +381,11 @@ def rpc(method: str, *, streaming: bool):
 
 class InferenceServicer(pb_grpc.InferenceServicer):
     def __init__(self, handle: DeploymentHandle, info: ModelInfo, metrics: FrontdoorMetrics,
-                 admission: Admission, *, default_max_tokens: int = 0, gpus_per_replica: float = 0.0) -> None:
+                 admission: Admission, *, default_max_tokens: int = 0, gpus_per_replica: float = 0.0,
+                 replica_wait_s: float = 30.0, migration_attempts: int = 3) -> None:
         self._handle = handle
-        self._replicas = ReplicaStreams(handle)
+        self._migration_attempts = migration_attempts
+        self._replicas = ReplicaStreams(handle, replica_wait_s)
         self._info = info
         self._metrics = metrics
         self._admission = admission
@@ -398,11 +401,16 @@ class InferenceServicer(pb_grpc.InferenceServicer):
     async def close(self) -> None:
         await self._replicas.close()
 
+    def routable_replicas(self) -> int | None:
+        return self._replicas.routable_replicas()
+
     async def _chunks(self, request: GenerateRequest, call: CallInfo, context) -> AsyncIterator[TokenChunk]:
         """Relay the replica's chunks; cancel the downstream call however this ends early.
 
         The call's x-request-id goes out while the request is on its way, not before."""
-        stream = self._replicas.open(request)
+        stream = MigratingStream(self._replicas, request, attempts=self._migration_attempts,
+                                 default_max_tokens=self._info.default_max_tokens,
+                                 context_length=self._info.context_length, migrations=self._metrics.migrations_total)
         try:
             await announce(call, context)
             async for chunk in stream:

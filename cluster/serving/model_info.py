@@ -23,6 +23,11 @@ class ModelInfo:
     engine: str
     replicas: int
     supports_logprobs: bool = False  # the engine fills TokenChunk.logprobs when asked
+    # Requests one replica holds at once (its batch plus its waiting queue, within Serve's
+    # max_ongoing_requests); 0: unknown. The front door refuses what no routable replica has room for.
+    max_active_requests: int = 0
+    # max_tokens of a request that leaves it unset (0: unknown); a migrated stream continues to it.
+    default_max_tokens: int = 0
 
     @property
     def limits(self) -> ModelLimits:

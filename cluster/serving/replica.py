@@ -138,6 +138,10 @@ class ModelReplica:
         self._shutdown_grace_s = config.serving.graceful_shutdown_timeout_s
         self._direct = self._direct_stream_server(config)
         self._expert_token_series = config.parallel.expert_token_series
+        e = config.engine
+        batch = (e.vllm.max_num_seqs or e.max_num_seqs) if e.kind == "vllm" else e.max_num_seqs
+        self._capacity = min(batch + e.max_waiting_requests, self._max_ongoing)
+        self._default_max_tokens = e.default_max_tokens
         if config.engine.kind == "echo":
             self._engine, self._info = _echo_engine(config)
             log.info("replica ready: TEST echo engine at %s tokens/s per stream", config.engine.echo_tokens_per_s)
@@ -250,7 +254,8 @@ class ModelReplica:
         return {name: signals[name] for name in ("waiting", "running", "kv_use")}
 
     def model_info(self) -> ModelInfo:
-        return self._info
+        return dataclasses.replace(self._info, max_active_requests=self._capacity,
+                                   default_max_tokens=self._default_max_tokens)
 
     def check_health(self) -> None:
         # Raises EngineDead once the engine's step loop is gone: Serve then replaces this replica.
