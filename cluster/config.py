@@ -225,8 +225,9 @@ class FrontdoorConfig:
     grpc_port: int = 50051
     # Prometheus /metrics port (0: pick a free one; -1: no metrics server).
     metrics_port: int = 9464
-    # Seconds in-flight RPCs get to finish on shutdown.
-    grace_period_s: float = 5.0
+    # Seconds in-flight RPCs get to finish on shutdown (SIGTERM, Admin.Drain without timeout):
+    # sized for a chat's stream. Helm's terminationGracePeriodSeconds follows it.
+    grace_period_s: float = 120.0
     # gRPC's own cap on concurrent RPCs (0: none). Its refusals carry no error details, so keep it
     # off or well above what the replicas hold: the front door's admission refuses a stream the
     # routable replicas have no room for (RESOURCE_EXHAUSTED with RetryInfo) before this cap is hit.

@@ -91,6 +91,20 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
             admission.leave()
 
 
+    async def Resume(self, request: admin_pb2.ResumeRequest, context):
+        admission = self._server.admission
+        call, problem = admission.open("Resume", context)
+        try:
+            await admission.admit(call, problem, request, context, admin=True)
+            was_draining = await self._server.resume()
+            call.logger(log).warning("resume requested (was draining: %s)", was_draining)
+            return admin_pb2.ResumeResponse(was_draining=was_draining)
+        except Exception as err:  # noqa: BLE001 - every error leaves through errors.status_for
+            await fail(context, err, call, _NoBookkeeping())
+        finally:
+            admission.leave()
+
+
 class _NoBookkeeping:
     code = grpc.StatusCode.UNKNOWN
 
@@ -230,6 +244,15 @@ class FrontdoorServer:
             log.warning("draining: %d calls in flight", max(0, self.admission.in_flight - besides))
         timeout = self._config.grace_period_s if timeout_s is None else timeout_s
         return await self.admission.wait_idle(timeout, besides=besides)
+
+    async def resume(self) -> bool:
+        """Undo a drain: admit new calls and report SERVING again; returns whether it was draining."""
+        assert self.admission is not None
+        was_draining, self.admission.draining = self.admission.draining, False
+        if was_draining:
+            await self._health.set(ADMIN_SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
+            await self._set_inference_health()
+        return was_draining
 
     async def wait_for_termination(self) -> None:
         assert self._server is not None
