@@ -25,7 +25,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 from cluster.engine.core import EngineCore, EngineCoreStats, StepOutput
-from cluster.engine.errors import DeadlineExceededError, EngineDead, EngineOverloadedError, RequestTooLong
+from cluster.engine.errors import DeadlineExceededError, EngineDead, EngineOverloadedError, RequestTooLong, retry_after_s
 from cluster.engine.request import TokenLogprobs
 from cluster.engine.sequence import EndReason, SamplingSettings, Sequence
 
@@ -43,19 +43,6 @@ class SequenceChunk:
     num_prompt_tokens: int
     num_output_tokens: int  # so far, this chunk included
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
-
-
-# Retry hints for a refused request: the time the queue ahead of it needs to drain at the recent
-# finish rate, within these bounds; the default when nothing has finished lately.
-RETRY_AFTER_BOUNDS_S = (0.05, 30.0)
-DEFAULT_RETRY_AFTER_S = 1.0
-
-
-def retry_after_s(queued: int, finished_per_s: float) -> float:
-    if finished_per_s <= 0:
-        return DEFAULT_RETRY_AFTER_S
-    low, high = RETRY_AFTER_BOUNDS_S
-    return min(high, max(low, queued / finished_per_s))
 
 
 class _Stream:
