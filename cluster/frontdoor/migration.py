@@ -18,7 +18,9 @@ What is guaranteed:
   replica).
 
 At most frontdoor.migration_attempts resumptions per stream; none once the call's deadline has
-passed. gptoss_frontdoor_migrations_total counts each by outcome; when no replica takes the
+passed. A resumption that fails again before its first token (the routers still list the lost
+replica for a moment, or it is being replaced) is retried with a growing pause, for up to
+frontdoor.replica_wait_s, without using an attempt. gptoss_frontdoor_migrations_total counts each by outcome; when no replica takes the
 rest, the call ends UNAVAILABLE (NO_REPLICA, with RetryInfo), as any call with no replica does.
 """
 
@@ -36,8 +38,10 @@ from cluster.serving.replica_streams import NoReplicaError, ReplicaStreams, repl
 log = logging.getLogger(__name__)
 
 RESUMED, EXHAUSTED, NO_REPLICA, DEADLINE = "resumed", "exhausted", "no_replica", "deadline"
-# Pause before the n-th resumption (n x this): the routers learn of a dead replica within a moment.
+# Pause before a resumption: this, doubled for each retry that failed before its first token
+# (the routers learn of a dead replica within a moment), at most MAX_BACKOFF_S.
 BACKOFF_S = 0.1
+MAX_BACKOFF_S = 2.0
 _SEED_MASK = (1 << 63) - 1
 
 
@@ -62,24 +66,27 @@ class MigratingStream:
     """One request's TokenChunks, resumed on another replica when its replica is lost."""
 
     def __init__(self, replicas: ReplicaStreams, request: GenerateRequest, *, attempts: int,
-                 default_max_tokens: int, context_length: int, migrations) -> None:
+                 default_max_tokens: int, context_length: int, migrations, retry_for_s: float = 30.0) -> None:
         self._replicas = replicas
         self._request = request
         self._attempts = attempts
         self._default_max_tokens = default_max_tokens
         self._context_length = context_length
         self._migrations = migrations  # gptoss_frontdoor_migrations_total
+        self._retry_for_s = retry_for_s
         self._stream = replicas.open(request)  # on its way when this returns
 
     async def __aiter__(self) -> AsyncIterator[TokenChunk]:
         sent: list[int] = []
         attempt = 0
         resuming = False
+        retries = 0  # resumptions in a row that failed before their first token
+        retrying_since = 0.0
         while True:
             try:
                 async for chunk in self._stream:
                     if resuming:
-                        resuming = False
+                        resuming, retries = False, 0
                         self._migrations.labels(RESUMED).inc()
                     sent.extend(chunk.token_ids)
                     yield chunk
@@ -91,11 +98,20 @@ class MigratingStream:
             except Exception as err:  # noqa: BLE001 - only a lost replica is resumed; the rest re-raised
                 if not replica_lost(err):
                     raise
-                outcome = self._refusal(attempt)
+                if resuming:  # the resumed stream failed before its first token: not a new loss
+                    if retries == 0:
+                        retrying_since = time.monotonic()
+                    retries += 1
+                    if time.monotonic() - retrying_since > self._retry_for_s:
+                        self._migrations.labels(NO_REPLICA).inc()
+                        raise
+                outcome = self._refusal(attempt if not resuming else attempt - 1)
                 if outcome is not None:
                     self._migrations.labels(outcome).inc()
                     raise
-                attempt += 1
+                pause = min(MAX_BACKOFF_S, BACKOFF_S * 2 ** retries)
+                if not resuming:
+                    attempt += 1
                 log.warning("request_id=%s replica lost after %d tokens (%r): resuming on another replica "
                             "(attempt %d of %d)", self._request.request_id, len(sent), err, attempt, self._attempts)
                 rest = resumed_request(self._request, sent, self._default_max_tokens, self._context_length)
@@ -105,7 +121,7 @@ class MigratingStream:
                                      completion_tokens=len(sent))
                     return
                 self._stream.close()
-                await asyncio.sleep(BACKOFF_S * attempt)
+                await asyncio.sleep(pause)
                 self._stream = self._replicas.open(rest)
                 resuming = True
 
@@ -114,7 +130,7 @@ class MigratingStream:
         if attempt >= self._attempts:
             return EXHAUSTED
         deadline = self._request.deadline_s
-        if deadline is not None and deadline - time.time() <= BACKOFF_S * (attempt + 1):
+        if deadline is not None and deadline - time.time() <= BACKOFF_S:
             return DEADLINE
         return None
 

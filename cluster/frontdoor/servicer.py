@@ -444,7 +444,8 @@ class InferenceServicer(pb_grpc.InferenceServicer):
     async def _relay(self, request: GenerateRequest, call: CallInfo, context) -> AsyncIterator[TokenChunk]:
         stream = MigratingStream(self._replicas, request, attempts=self._migration_attempts,
                                  default_max_tokens=self._info.default_max_tokens,
-                                 context_length=self._info.context_length, migrations=self._metrics.migrations_total)
+                                 context_length=self._info.context_length, migrations=self._metrics.migrations_total,
+                                 retry_for_s=self._replicas.replica_wait_s)
         try:
             await announce(call, context)
             async for chunk in stream:

@@ -395,7 +395,55 @@ def drain_with_streams(env: dict) -> dict:
     return row
 
 
+def expert_rank_killed(env: dict) -> dict:
+    """One expert-parallel replica of 2 ranks spread over 2 of 3 nodes (placement SPREAD): the
+    ranks talk over gloo, not shared memory, although the nodes share this host. One rank's
+    process is killed mid-stream: the group fails, Serve replaces the replica (on the nodes left),
+    and the streams resume on it with exactly the undisturbed greedy tokens."""
+    import signal
+
+    import torch
+
+    from cluster.model.checkpoint import load_model
+    from cluster.model.generate import greedy
+    from cluster.serving.runtime import start_serving
+
+    cluster, _ = _cluster(3, env["temp_dir"])
+    try:
+        config = _config(cluster.address, env["cache_dir"], Path(env["checkpoint"]), **{
+            "parallel.ep_size": 2, "parallel.placement_strategy": "SPREAD", "frontdoor.replica_wait_s": 90.0})
+        runtime = start_serving(config)
+        door = Door(runtime.handle, config)
+        try:
+            prompts, max_tokens = _prompts(2, 5), 120
+            streams = Streams(door.stub, prompts, max_tokens, timeout_s=240)
+            streams.wait_tokens(6)
+            shm_bytes = runtime.handle.expert_shm_bytes.remote().result(timeout_s=30)
+            (worker_pid,) = runtime.handle.expert_worker_pids.remote().result(timeout_s=30)
+            started = time.monotonic()
+            os.kill(worker_pid, signal.SIGKILL)
+            streams.join(240)
+            recovered_s = time.monotonic() - started
+            model = load_model(Path(env["checkpoint"]))
+            torch.set_num_threads(1)
+            equal = [r["tokens"] == greedy(model, p, max_tokens) for r, p in zip(streams.results, prompts)]
+            row = _counts(streams.results, sum(door.migrations().values()))
+            row.update(scenario="expert-parallel rank killed (2 nodes)", recover_s=round(recovered_s, 2),
+                       checks={f"ranks on gloo, no shared memory across nodes ({shm_bytes})":
+                                   len(shm_bytes) == 2 and not any(shm_bytes),
+                               "every stream equals the undisturbed greedy run": all(equal),
+                               "all completed": row["completed"] == row["sent"], "0 hung": row["hung"] == 0},
+                       migrations=door.migrations())
+        finally:
+            door.close()
+            runtime.stop()
+    finally:
+        cluster.shutdown()
+    return row
+
+
 SCENARIOS = {
+    "ep_rank_killed": expert_rank_killed,
     "burst": burst_ten_times_capacity,
     "drain": drain_with_streams,
     "replica_killed": lambda env: lose_replica_mid_stream(env, "actor"),
