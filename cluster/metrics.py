@@ -64,6 +64,17 @@ class FrontdoorMetrics:
             "RPCs refused with RESOURCE_EXHAUSTED, by method and reason (MODEL_OVERLOADED: the "
             "replicas or Serve's queue are full; TENANT_RATE_LIMITED: the tenant's limits).",
             ["api", "method", "reason"], registry=registry)
+        self.routable_replicas = Gauge(
+            "gptoss_frontdoor_routable_replicas",
+            "Model replicas this front door can send requests to now; at 0 its health is "
+            "NOT_SERVING (degraded) and requests wait at most frontdoor.replica_wait_s.",
+            registry=registry)
+        self.migrations_total = Counter(
+            "gptoss_frontdoor_migrations_total",
+            "Streams whose replica failed mid-stream, by outcome (resumed: continued on another "
+            "replica; exhausted: frontdoor.migration_attempts used up; no_replica: no replica took "
+            "the rest; deadline: the call's deadline left no time).",
+            ["outcome"], registry=registry)
 
         self.replicas = ReplicaLoadCollector()
         registry.register(self.replicas)

@@ -12,6 +12,7 @@ at that time.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import dataclasses
 import functools
@@ -24,7 +25,7 @@ from typing import AsyncIterator
 import grpc
 from ray.serve.handle import DeploymentHandle
 
-from cluster.engine.errors import InvalidRequestError
+from cluster.engine.errors import EngineOverloadedError, InvalidRequestError, retry_after_s
 from cluster.engine.request import (MAX_LOGPROBS, GenerateRequest, SamplingParams, TokenChunk, TokenLogprobs,
                                     validate_request, validate_sampling)
 from cluster.frontdoor import errors
@@ -32,6 +33,7 @@ from cluster.frontdoor.admission import Admission, announce
 from cluster.frontdoor.call import CallInfo
 from cluster.frontdoor.chat_stream import ChatStream
 from cluster.frontdoor.loads import replica_load_to_proto, sample_loads
+from cluster.frontdoor.migration import MigratingStream
 from cluster.frontdoor.stops import StopMatcher
 from cluster.harmony.render import MAX_SCHEMA_DEPTH, HarmonyInputError, Message, ToolDefinition, render_prompt
 from cluster.harmony.tokenizer import FIRST_SPECIAL_ID, load_tokenizer
@@ -57,6 +59,7 @@ MAX_TOOLS = 128
 MAX_TEXT_BYTES = 1 << 20
 MAX_DETOKENIZE_IDS = 1 << 20
 LOADS_TIMEOUT_S = 5.0
+ENDED_WINDOW_S = 10.0  # streams ended within this window give the rate a refusal's retry hint uses
 
 
 # ───────────────────────────── proto -> internal (with validation) ─────────────────────────────
@@ -430,13 +433,16 @@ def rpc(method: str, *, streaming: bool):
 
 class InferenceServicer(pb_grpc.InferenceServicer):
     def __init__(self, handle: DeploymentHandle, info: ModelInfo, metrics: FrontdoorMetrics,
-                 admission: Admission) -> None:
+                 admission: Admission, *, replica_wait_s: float = 30.0, migration_attempts: int = 3) -> None:
         self._handle = handle
-        self._replicas = ReplicaStreams(handle)
+        self._migration_attempts = migration_attempts
+        self._replicas = ReplicaStreams(handle, replica_wait_s)
         self._info = info
         self._metrics = metrics
         self._admission = admission
         self._model_info = model_info_to_proto(info)
+        self._streams_in_flight = 0
+        self._ended: collections.deque[float] = collections.deque()  # when recent streams ended
         self._per_method: dict[tuple[str, str], _MethodMetrics] = {}
 
     def _method_metrics(self, method: str, api: str = "grpc") -> _MethodMetrics:
@@ -448,11 +454,41 @@ class InferenceServicer(pb_grpc.InferenceServicer):
     async def close(self) -> None:
         await self._replicas.close()
 
+    def routable_replicas(self) -> int | None:
+        return self._replicas.routable_replicas()
+
+    def _admit_stream(self) -> None:
+        """Refuse a stream the routable replicas have no room for (each holds
+        ModelInfo.max_active_requests), at once and with a retry hint from the queue ahead of it
+        and the rate streams ended at lately, instead of sending it to be refused by a replica."""
+        routable = self._replicas.routable_replicas()
+        capacity = (routable or 0) * self._info.max_active_requests
+        if capacity and self._streams_in_flight >= capacity:
+            now = time.monotonic()
+            while self._ended and self._ended[0] < now - ENDED_WINDOW_S:
+                self._ended.popleft()
+            queued = self._streams_in_flight - capacity + 1
+            raise EngineOverloadedError(self._streams_in_flight, capacity,
+                                        retry_after_s(queued, len(self._ended) / ENDED_WINDOW_S))
+
     async def _chunks(self, request: GenerateRequest, call: CallInfo, context) -> AsyncIterator[TokenChunk]:
         """Relay the replica's chunks; cancel the downstream call however this ends early.
 
         The call's x-request-id goes out while the request is on its way, not before."""
-        stream = self._replicas.open(request)
+        self._admit_stream()
+        self._streams_in_flight += 1
+        try:
+            async for chunk in self._relay(request, call, context):
+                yield chunk
+        finally:
+            self._streams_in_flight -= 1
+            self._ended.append(time.monotonic())
+
+    async def _relay(self, request: GenerateRequest, call: CallInfo, context) -> AsyncIterator[TokenChunk]:
+        stream = MigratingStream(self._replicas, request, attempts=self._migration_attempts,
+                                 default_max_tokens=self._info.default_max_tokens,
+                                 context_length=self._info.context_length, migrations=self._metrics.migrations_total,
+                                 retry_for_s=self._replicas.replica_wait_s)
         try:
             await announce(call, context)
             async for chunk in stream:

@@ -275,6 +275,10 @@ class ModelReplica:
         """Each rank's resident bytes, read by that rank from its own tensors."""
         return [] if self._group is None else self._group.memory_reports()
 
+    def expert_shm_bytes(self) -> list[int]:
+        """Bytes each rank copied into the group's shared memory (all 0 on the cross-node gloo path)."""
+        return [] if self._group is None else self._group.shm_bytes()
+
     def expert_worker_pids(self) -> list[int]:
         return [] if self._group is None else self._group.worker_pids()
 
