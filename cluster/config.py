@@ -189,6 +189,9 @@ class AuthConfig:
     # With no API keys configured, auth is off only on a loopback host; set this to serve
     # unauthenticated on any other interface (behind a gateway that authenticates).
     allow_unauthenticated: bool = False
+    # gptoss.v1.Admin always needs the API key of an admin tenant; with this on, a call from this
+    # host (loopback or a unix socket) may call it without a key too.
+    loopback_admin: bool = False
 
 
 @dataclass

@@ -119,8 +119,10 @@ class FrontdoorServer:
             raise ConfigError(f"config: frontdoor.auth: no API keys configured for host {self._config.host}; "
                               "set frontdoor.auth.api_keys_file or $" + (self._config.auth.api_keys_env or "?")
                               + ", or frontdoor.auth.allow_unauthenticated=true behind an authenticating gateway")
+        admin = ("gptoss.v1.Admin from this host only" if self._config.auth.loopback_admin
+                 else "gptoss.v1.Admin refused to everyone")
         self.auth_notice = (f"auth: OFF - no API keys configured; every caller of {self._config.host} is trusted "
-                            "(including gptoss.v1.Admin)")
+                            f"with inference ({admin})")
         return None
 
     def _credentials(self) -> grpc.ServerCredentials | None:
@@ -138,7 +140,8 @@ class FrontdoorServer:
         # the caller's handle stays usable for synchronous calls.
         handle = self._loop_handle = loop_handle(self._handle)
         self.info = await handle.model_info.remote()
-        self.admission = Admission(api_keys, TenantLimits(self._config.limits))
+        self.admission = Admission(api_keys, TenantLimits(self._config.limits),
+                                   loopback_admin=self._config.auth.loopback_admin)
         server = grpc.aio.server(maximum_concurrent_rpcs=self._config.max_concurrent_rpcs)
         inference = self._inference = InferenceServicer(handle, self.info, self.metrics, self.admission,
                                       default_max_tokens=self._default_max_tokens,
