@@ -192,6 +192,9 @@ class AuthConfig:
     # gptoss.v1.Admin always needs the API key of an admin tenant; with this on, a call from this
     # host (loopback or a unix socket) may call it without a key too.
     loopback_admin: bool = False
+    # Seconds between checks of api_keys_file for changes (a rotated Secret is picked up without a
+    # restart; 0: read once at start).
+    reload_interval_s: float = 5.0
 
 
 @dataclass
@@ -213,6 +216,18 @@ class LimitsConfig:
     # refused new calls until its bucket refills.
     tokens_per_s: float = 0.0
     token_burst: float = 0.0
+    # The same token budget per minute (the burst then defaults to one minute's worth); set this or
+    # tokens_per_s, not both.
+    tokens_per_min: float = 0.0
+    # Streaming calls (Generate, Chat) one tenant may have open at once.
+    max_concurrent_streams: int = 0
+    # Prompt tokens and generated tokens (max_tokens) one request of a tenant may have; an unset
+    # max_tokens is capped at max_output_tokens.
+    max_context_tokens: int = 0
+    max_output_tokens: int = 0
+    # YAML file of per-tenant overrides of these limits and of the role (cluster/frontdoor/tenants.py):
+    # tenants: {acme: {tokens_per_min: 60000, max_concurrent_streams: 8}, ops: {role: admin}}
+    tenants_file: str | None = None
 
 
 @dataclass
@@ -358,6 +373,15 @@ class ClusterConfig:
             ("frontdoor.limits.request_burst", self.frontdoor.limits.request_burst >= 0, "must be >= 0"),
             ("frontdoor.limits.tokens_per_s", self.frontdoor.limits.tokens_per_s >= 0, "must be >= 0"),
             ("frontdoor.limits.token_burst", self.frontdoor.limits.token_burst >= 0, "must be >= 0"),
+            ("frontdoor.limits.tokens_per_min", self.frontdoor.limits.tokens_per_min >= 0, "must be >= 0"),
+            ("frontdoor.limits.tokens_per_min", not (self.frontdoor.limits.tokens_per_min > 0
+                                                     and self.frontdoor.limits.tokens_per_s > 0),
+             "and frontdoor.limits.tokens_per_s are one budget: set one of them"),
+            ("frontdoor.limits.max_concurrent_streams", self.frontdoor.limits.max_concurrent_streams >= 0,
+             "must be >= 0"),
+            ("frontdoor.limits.max_context_tokens", self.frontdoor.limits.max_context_tokens >= 0, "must be >= 0"),
+            ("frontdoor.limits.max_output_tokens", self.frontdoor.limits.max_output_tokens >= 0, "must be >= 0"),
+            ("frontdoor.auth.reload_interval_s", self.frontdoor.auth.reload_interval_s >= 0, "must be >= 0"),
             ("ray.num_cpus", self.ray.num_cpus is None or self.ray.num_cpus >= 1, "must be >= 1"),
             ("parallel.ep_size", 1 <= self.parallel.ep_size <= 64, "must be in [1, 64]"),
             ("parallel.placement_strategy", self.parallel.placement_strategy in PLACEMENT_STRATEGIES,

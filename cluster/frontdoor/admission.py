@@ -3,8 +3,8 @@
 In order: read the call's metadata and send x-request-id back (before any answer; a streaming
 RPC sends it once its downstream call is on its way, see Admission.check); refuse while draining
 (UNAVAILABLE); authenticate (UNAUTHENTICATED); refuse an undecodable message (INVALID_ARGUMENT);
-check admin rights (PERMISSION_DENIED); take from the tenant's request budget
-(RESOURCE_EXHAUSTED). Each refusal is an exception that errors.status_for maps. Admission also
+check admin rights (PERMISSION_DENIED); take from the tenant's request budget and, for a
+streaming call, one of its concurrent streams (RESOURCE_EXHAUSTED). Each refusal is an exception that errors.status_for maps. Admission also
 counts calls in flight so a drain knows when they have finished.
 """
 
@@ -14,7 +14,7 @@ import asyncio
 
 import grpc
 
-from cluster.frontdoor.auth import ApiKeys
+from cluster.frontdoor.auth import ApiKeys, ReloadingApiKeys
 from cluster.frontdoor.call import REQUEST_ID, CallInfo, peer_is_local, read_call
 from cluster.frontdoor.errors import DrainingError, MalformedMessageError, PermissionDeniedError
 from cluster.frontdoor.limits import TenantLimits
@@ -50,7 +50,7 @@ NOT_ADMIN = "this API key may not call gptoss.v1.Admin (its tenant is not in fro
 
 
 class Admission:
-    def __init__(self, api_keys: ApiKeys | None, limits: TenantLimits, *, loopback_admin: bool = False) -> None:
+    def __init__(self, api_keys: ApiKeys | ReloadingApiKeys | None, limits: TenantLimits, *, loopback_admin: bool = False) -> None:
         self.api_keys = api_keys  # None: auth is off
         self.limits = limits
         self.loopback_admin = loopback_admin  # Admin from this host without a key
@@ -71,7 +71,8 @@ class Admission:
         await announce(call, context)
         self.check(call, problem, request, admin=admin)
 
-    def check(self, call: CallInfo, problem: Exception | None, request, *, admin: bool = False) -> None:
+    def check(self, call: CallInfo, problem: Exception | None, request, *, admin: bool = False,
+              streaming: bool = False) -> None:
         """Admit the call or raise the reason it is refused, sending nothing yet: a streaming RPC
         starts its downstream call first and announces while that is on its way (the failure path
         announces before it answers, so a refusal still carries x-request-id)."""
@@ -90,9 +91,15 @@ class Admission:
             raise PermissionDeniedError("ADMIN_REQUIRED", NOT_ADMIN if self.api_keys is not None else NO_ADMIN_KEYS)
         if not admin:
             self.limits.admit(call.tenant)
+        if streaming:
+            self.limits.open_stream(call.tenant)
+            call.holds_stream = True
 
-    def leave(self) -> None:
+    def leave(self, call: CallInfo | None = None) -> None:
         self.in_flight -= 1
+        if call is not None and call.holds_stream:
+            call.holds_stream = False
+            self.limits.close_stream(call.tenant)
 
     async def wait_idle(self, timeout_s: float, *, besides: int = 0) -> int:
         """Wait until at most `besides` calls are in flight or timeout_s passes; returns how many remain."""

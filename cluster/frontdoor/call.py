@@ -38,6 +38,7 @@ class CallInfo:
     tenant: str = ""  # "" when auth is off
     admin: bool = False
     peer: str = ""  # grpc's context.peer(): "ipv4:127.0.0.1:5555", "ipv6:[::1]:5555", "unix:..."
+    holds_stream: bool = False  # counts against the tenant's concurrent streams until Admission.leave
     announced: bool = False  # x-request-id sent in the initial metadata (admission.announce)
     metadata: dict[str, str] = field(default_factory=dict, repr=False)  # never logged: holds the API key
 

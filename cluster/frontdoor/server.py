@@ -22,10 +22,11 @@ from ray.serve.handle import DeploymentHandle
 
 from cluster.config import ConfigError, FrontdoorConfig
 from cluster.frontdoor.admission import Admission, safe_deserializer
-from cluster.frontdoor.auth import ApiKeys, load_api_keys
+from cluster.frontdoor.auth import ApiKeys, ReloadingApiKeys, admin_tenants
 from cluster.frontdoor.loads import LoadPoller
 from cluster.frontdoor.limits import TenantLimits
 from cluster.frontdoor.servicer import InferenceServicer, fail
+from cluster.frontdoor.tenants import Tenants
 from cluster.metrics import FrontdoorMetrics, serve_metrics
 from cluster.serving.handles import close_loop_handle, loop_handle
 from cluster.serving.model_info import ModelInfo
@@ -109,9 +110,11 @@ class FrontdoorServer:
         self.grpc_port: int | None = None
         self.metrics_port: int | None = None
         self.auth_notice = ""
+        self.tenants = Tenants.from_config(config.limits, admin_tenants(config.auth))
 
-    def _auth(self) -> ApiKeys | None:
-        keys = self._api_keys if self._api_keys is not None else load_api_keys(self._config.auth)
+    def _auth(self) -> ApiKeys | ReloadingApiKeys | None:
+        keys = self._api_keys if self._api_keys is not None else \
+            ReloadingApiKeys(self._config.auth, admins=self.tenants.admins)
         if len(keys):
             self.auth_notice = f"auth: on ({len(keys.tenants)} tenants)"
             return keys
@@ -140,7 +143,7 @@ class FrontdoorServer:
         # the caller's handle stays usable for synchronous calls.
         handle = self._loop_handle = loop_handle(self._handle)
         self.info = await handle.model_info.remote()
-        self.admission = Admission(api_keys, TenantLimits(self._config.limits),
+        self.admission = Admission(api_keys, TenantLimits(self.tenants),
                                    loopback_admin=self._config.auth.loopback_admin)
         server = grpc.aio.server(maximum_concurrent_rpcs=self._config.max_concurrent_rpcs)
         inference = self._inference = InferenceServicer(handle, self.info, self.metrics, self.admission,

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import functools
 import json
 import logging
@@ -338,7 +339,7 @@ def rpc(method: str, *, streaming: bool):
                 try:
                     try:
                         # Checked now, announced by the body once its downstream call is on its way.
-                        self._admission.check(call, problem, request)
+                        self._admission.check(call, problem, request, streaming=True)
                         async for message in body(self, request, context, call, bookkeeping):
                             if not call.announced:
                                 await announce(call, context)
@@ -351,7 +352,7 @@ def rpc(method: str, *, streaming: bool):
                     except Exception as err:  # noqa: BLE001 - every error leaves through errors.status_for
                         await fail(context, err, call, bookkeeping)
                 finally:
-                    self._admission.leave()
+                    self._admission.leave(call)
                     bookkeeping.end()
             return stream_wrapper
 
@@ -410,12 +411,22 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         finally:
             stream.close()
 
+    def _within_tenant_limits(self, call: CallInfo, request: GenerateRequest, prompt_field: str) -> GenerateRequest:
+        max_tokens = self._admission.limits.fit_request(call.tenant, len(request.prompt_token_ids),
+                                                        request.sampling.max_tokens, prompt_field=prompt_field)
+        if max_tokens == request.sampling.max_tokens:
+            return request
+        if request.sampling.max_tokens is None:  # the tenant's cap on an unset max_tokens still fits the context
+            max_tokens = max(1, min(max_tokens, self._info.context_length - len(request.prompt_token_ids)))
+        return dataclasses.replace(request, sampling=dataclasses.replace(request.sampling, max_tokens=max_tokens))
+
     def _charge(self, call: CallInfo, n_tokens: int) -> None:
         self._admission.limits.charge_tokens(call.tenant, n_tokens)
 
     @rpc("Chat", streaming=True)
     async def Chat(self, request: pb.ChatRequest, context, call: CallInfo, bookkeeping: _Rpc):
-        internal = chat_request_from_proto(request, self._info, call, context)
+        internal = self._within_tenant_limits(call, chat_request_from_proto(request, self._info, call, context),
+                                              "messages")
         prompt_tokens = len(internal.prompt_token_ids)
         bookkeeping.prompt(prompt_tokens)
         self._charge(call, prompt_tokens)
@@ -447,7 +458,8 @@ class InferenceServicer(pb_grpc.InferenceServicer):
 
     @rpc("Generate", streaming=True)
     async def Generate(self, request: pb.GenerateRequest, context, call: CallInfo, bookkeeping: _Rpc):
-        internal = generate_request_from_proto(request, self._info, call, context)
+        internal = self._within_tenant_limits(call, generate_request_from_proto(request, self._info, call, context),
+                                              "prompt_text" if request.prompt_text else "prompt_token_ids")
         prompt_tokens = len(internal.prompt_token_ids)
         bookkeeping.prompt(prompt_tokens)
         self._charge(call, prompt_tokens)

@@ -65,7 +65,7 @@ def test_validation_refuses_a_broken_object():
 def test_defaults_render_only_the_core_objects():
     """Optional objects are off by default: they need operators (prometheus-operator, KEDA) not every cluster has."""
     objects = render()
-    assert kinds(objects) == CORE_DEFAULT_KINDS
+    assert kinds(objects) == CORE_DEFAULT_KINDS | {"Secret"}  # the generated API keys
     assert not any(is_crd_kind(o) for o in objects if o["kind"] != "RayService")
 
 
@@ -198,10 +198,10 @@ def test_tls_and_api_keys_mount_existing_secrets_where_the_config_points():
 
 def test_tls_should_not_render_secret_mounts_when_off():
     pod = one(render(), "Deployment")["spec"]["template"]["spec"]
-    assert {v["name"] for v in pod["volumes"]} == {"config", "shm"}
+    assert {v["name"] for v in pod["volumes"]} == {"config", "shm", "api-keys"}
     assert pod["containers"][0]["readinessProbe"]["grpc"] == {"port": 50051}
     config = yaml.safe_load(one(render(), "ConfigMap", "-frontdoor")["data"]["config.yaml"])
-    assert "tls" not in config["frontdoor"] and "api_keys_file" not in config["frontdoor"]["auth"]
+    assert "tls" not in config["frontdoor"]
 
 
 def test_ingress_speaks_grpc_to_the_backend():
