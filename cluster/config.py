@@ -245,6 +245,9 @@ class FrontdoorConfig:
     # Seconds between polls of the replicas' load reports for the gptoss_replica_* metrics
     # (0: no polling; GetLoads still refreshes them).
     load_poll_interval_s: float = 5.0
+    # Where usage records go (one JSON line per finished Generate/Chat call, cluster/frontdoor/usage.py):
+    # "stdout", "stderr", a file path, or "" (the `gptoss.usage` logger, off at the default log level).
+    usage_log: str = ""
     auth: AuthConfig = field(default_factory=AuthConfig)
     tls: TlsConfig = field(default_factory=TlsConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)

@@ -27,6 +27,7 @@ from cluster.frontdoor.loads import LoadPoller
 from cluster.frontdoor.limits import TenantLimits
 from cluster.frontdoor.servicer import InferenceServicer, fail
 from cluster.frontdoor.tenants import Tenants
+from cluster.frontdoor.usage import UsageRecorder, configure_usage_log
 from cluster.metrics import FrontdoorMetrics, serve_metrics
 from cluster.serving.handles import close_loop_handle, loop_handle
 from cluster.serving.model_info import ModelInfo
@@ -128,6 +129,11 @@ class FrontdoorServer:
                             f"with inference ({admin})")
         return None
 
+    def _billed_tenants(self) -> set[str]:
+        """Tenants with their own usage label: those with keys and those configured in the tenants file."""
+        keys = self.admission.api_keys if self.admission is not None else None
+        return self.tenants.names | set(keys.tenants if keys is not None else ())
+
     def _credentials(self) -> grpc.ServerCredentials | None:
         tls = self._config.tls
         if tls.cert_file is None:
@@ -137,6 +143,7 @@ class FrontdoorServer:
                                            root_certificates=client_ca, require_client_auth=client_ca is not None)
 
     async def start(self) -> None:
+        configure_usage_log(self._config.usage_log)
         api_keys = self._auth()
         credentials = self._credentials()
         # Our own handle, routed on this loop and talking gRPC to the replicas (serving/handles.py);
@@ -148,7 +155,8 @@ class FrontdoorServer:
         server = grpc.aio.server(maximum_concurrent_rpcs=self._config.max_concurrent_rpcs)
         inference = self._inference = InferenceServicer(handle, self.info, self.metrics, self.admission,
                                       default_max_tokens=self._default_max_tokens,
-                                      gpus_per_replica=self._gpus_per_replica)
+                                      gpus_per_replica=self._gpus_per_replica,
+                                      usage=UsageRecorder(self.metrics.tenant, self._billed_tenants, self.info.model_name))
         server.add_generic_rpc_handlers((
             generic_handler(inference, pb.DESCRIPTOR.services_by_name["Inference"]),
             generic_handler(AdminServicer(self), admin_pb2.DESCRIPTOR.services_by_name["Admin"]),

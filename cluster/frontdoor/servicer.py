@@ -32,6 +32,7 @@ from cluster.frontdoor.call import CallInfo
 from cluster.frontdoor.chat_stream import ChatStream
 from cluster.frontdoor.loads import replica_load_to_proto, sample_loads
 from cluster.frontdoor.stops import StopMatcher
+from cluster.frontdoor.usage import Usage, UsageRecorder
 from cluster.harmony.render import Message, ToolDefinition, render_prompt
 from cluster.harmony.tokenizer import FIRST_SPECIAL_ID, load_tokenizer
 from cluster.metrics import FrontdoorMetrics
@@ -277,6 +278,7 @@ class _Rpc:
         self.method = method
         self._m = children
         self.code = grpc.StatusCode.UNKNOWN
+        self.usage = Usage()  # what the client was sent, for the tenant's usage record
         self.start = time.perf_counter()
         self._last_token_at: float | None = None
         self._m.in_flight.inc()
@@ -354,6 +356,10 @@ def rpc(method: str, *, streaming: bool):
                 finally:
                     self._admission.leave(call)
                     bookkeeping.end()
+                    if call.tenant or self._admission.api_keys is None:  # refused unauthenticated: no tenant to bill
+                        self._usage.record(request_id=call.request_id, tenant=call.tenant, method=method,
+                                           usage=bookkeeping.usage, outcome=bookkeeping.code.name,
+                                           duration_s=time.perf_counter() - bookkeeping.start)
             return stream_wrapper
 
         @functools.wraps(body)
@@ -381,12 +387,14 @@ def rpc(method: str, *, streaming: bool):
 
 class InferenceServicer(pb_grpc.InferenceServicer):
     def __init__(self, handle: DeploymentHandle, info: ModelInfo, metrics: FrontdoorMetrics,
-                 admission: Admission, *, default_max_tokens: int = 0, gpus_per_replica: float = 0.0) -> None:
+                 admission: Admission, *, default_max_tokens: int = 0, gpus_per_replica: float = 0.0,
+                 usage: UsageRecorder | None = None) -> None:
         self._handle = handle
         self._replicas = ReplicaStreams(handle)
         self._info = info
         self._metrics = metrics
         self._admission = admission
+        self._usage = usage or UsageRecorder(metrics.tenant, lambda: (), info.model_name)
         self._model_info = model_info_to_proto(info, default_max_tokens, gpus_per_replica)
         self._per_method: dict[str, _MethodMetrics] = {}
 
@@ -444,6 +452,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
                 self._charge(call, used)
                 for delta in deltas:
                     yield pb.ChatResponse(delta=delta)
+                bookkeeping.usage.sent(prompt_tokens, used, chunk.cached_prompt_tokens, stream.reasoning_tokens)
                 if finished:
                     if stream.stop_sequence is not None:
                         reason = pb.FINISH_REASON_STOP
@@ -490,6 +499,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
                     yield pb.GenerateResponse(chunk=pb.GenerateChunk(
                         token_ids=ids, text=text if send_text else "",
                         logprobs=logprobs_to_proto(chunk.logprobs[:len(ids)])))
+                bookkeeping.usage.sent(prompt_tokens, len(ids), chunk.cached_prompt_tokens)
                 if finished:
                     stopped = matcher.matched if matcher is not None else None
                     reason = pb.FINISH_REASON_STOP if stopped else FINISH_REASONS[chunk.finish_reason.value]

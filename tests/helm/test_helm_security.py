@@ -36,6 +36,10 @@ def test_every_preset_requires_api_keys_from_a_generated_secret(preset):
     assert _volumes(objects)["api-keys"]["secret"]["secretName"] == secret["metadata"]["name"]
 
 
+def test_usage_records_go_to_stdout_by_default():
+    assert _frontdoor_config(render())["usage_log"] == "stdout"
+
+
 def test_an_existing_secret_replaces_the_generated_one():
     objects = render(**{"frontdoor.auth.existingSecret": "our-keys", "frontdoor.auth.adminTenants": "ops"})
     assert not [o for o in objects if o["kind"] == "Secret"]
