@@ -65,7 +65,8 @@ def test_validation_refuses_a_broken_object():
 def test_defaults_render_only_the_core_objects():
     """Optional objects are off by default: they need operators (prometheus-operator, KEDA) not every cluster has."""
     objects = render()
-    assert kinds(objects) == CORE_DEFAULT_KINDS | {"Secret"}  # the generated API keys
+    # + the generated API keys and Ray token, and the NetworkPolicies around Ray
+    assert kinds(objects) == CORE_DEFAULT_KINDS | {"Secret", "NetworkPolicy"}
     assert not any(is_crd_kind(o) for o in objects if o["kind"] != "RayService")
 
 
@@ -79,7 +80,8 @@ def test_defaults_render_only_the_core_objects():
     ({"frontdoor.ingress.enabled": "true"}, {"Ingress"}),
 ], ids=lambda v: ",".join(v) if isinstance(v, set) else None)
 def test_each_optional_object_renders_only_when_enabled(sets, expected):
-    assert (kinds(render(**sets)) & OPTIONAL_KINDS) == expected
+    # (the Ray NetworkPolicies are on by default: off here, so only the toggled objects count)
+    assert (kinds(render(**{"ray.networkPolicy.enabled": "false", **sets})) & OPTIONAL_KINDS) == expected
 
 
 def test_grafana_dashboard_configmap_should_not_render_when_disabled_and_holds_the_file_when_enabled():

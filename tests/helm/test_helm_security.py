@@ -42,7 +42,7 @@ def test_usage_records_go_to_stdout_by_default():
 
 def test_an_existing_secret_replaces_the_generated_one():
     objects = render(**{"frontdoor.auth.existingSecret": "our-keys", "frontdoor.auth.adminTenants": "ops"})
-    assert not [o for o in objects if o["kind"] == "Secret"]
+    assert not [o for o in objects if o["metadata"]["name"].endswith("-api-keys")]
     assert _volumes(objects)["api-keys"]["secret"]["secretName"] == "our-keys"
     assert _frontdoor_config(objects)["auth"]["admin_tenants"] == "ops"  # no generated `admin` tenant
 
@@ -58,7 +58,8 @@ def test_unauthenticated_only_when_set_and_loud():
     assert "WARNING" not in notes and "get secret gptoss-gptoss-cluster-api-keys" in notes
     assert "base64 -d" in notes and 'authorization: Bearer $KEY' in notes
     objects = render(**{"frontdoor.auth.allowUnauthenticated": "true"})
-    assert not [o for o in objects if o["kind"] == "Secret"] and "api-keys" not in _volumes(objects)
+    assert not [o for o in objects if o["metadata"]["name"].endswith("-api-keys")]
+    assert "api-keys" not in _volumes(objects)
     auth = _frontdoor_config(objects)["auth"]
     assert auth["allow_unauthenticated"] is True and "api_keys_file" not in auth
     assert "WARNING: auth is OFF" in _notes(**{"frontdoor.auth.allowUnauthenticated": "true"})
@@ -84,3 +85,95 @@ def test_tenant_overrides_render_to_a_tenants_file_the_front_door_loads(tmp_path
 def test_schema_refuses_an_unknown_tenant_setting():
     result = helm("template", "gptoss", str(CHART), "--set", "frontdoor.tenants.acme.tokensPerMinute=5", check=False)
     assert result.returncode != 0 and "tokensPerMinute" in result.stderr
+
+
+# --- the Ray control plane ---------------------------------------------------------------------
+
+RELEASE_PEER = {"podSelector": {"matchExpressions": [
+    {"key": "app.kubernetes.io/instance", "operator": "In", "values": ["gptoss"]},
+    {"key": "app.kubernetes.io/name", "operator": "In", "values": ["gptoss-cluster"]},
+    {"key": "app.kubernetes.io/component", "operator": "In", "values": ["ray-head", "ray-worker", "frontdoor"]}]}}
+
+
+def _ray_containers(objects) -> list[dict]:
+    cluster = one(objects, "RayService")["spec"]["rayClusterConfig"]
+    pods = [cluster["headGroupSpec"]["template"]] + [g["template"] for g in cluster["workerGroupSpecs"]]
+    return [c for pod in pods for c in pod["spec"]["containers"]]
+
+
+@pytest.mark.parametrize("preset", list(PRESETS))
+def test_every_preset_turns_ray_token_auth_on_everywhere(preset):
+    objects = render(preset)
+    cluster = one(objects, "RayService")["spec"]["rayClusterConfig"]
+    secret = one(objects, "Secret", "-ray-auth")
+    assert cluster["authOptions"] == {"mode": "token", "secretName": secret["metadata"]["name"]}
+    assert secret["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
+    assert len(base64.b64decode(secret["data"]["auth_token"])) == 48
+    frontdoor = one(objects, "Deployment")["spec"]["template"]["spec"]["containers"][0]
+    for container in _ray_containers(objects) + [frontdoor]:  # head, workers, and the front door's `ray start`
+        env = {e["name"]: e for e in container["env"]}
+        assert env["RAY_AUTH_MODE"]["value"] == "token"
+        assert env["RAY_AUTH_TOKEN"]["valueFrom"]["secretKeyRef"] == {"name": secret["metadata"]["name"],
+                                                                      "key": "auth_token"}
+
+
+def test_an_existing_ray_token_secret_is_used_as_is():
+    objects = render(**{"ray.auth.existingSecret": "our-ray-token"})
+    assert not [o for o in objects if o["metadata"]["name"].endswith("-ray-auth")]
+    assert one(objects, "RayService")["spec"]["rayClusterConfig"]["authOptions"]["secretName"] == "our-ray-token"
+
+
+@pytest.mark.parametrize("preset", list(PRESETS))
+def test_network_policies_admit_only_the_release_and_the_operator(preset):
+    objects = render(preset)
+    head, worker = one(objects, "NetworkPolicy", "-head"), one(objects, "NetworkPolicy", "-workers")
+    for policy, component in ((head, "ray-head"), (worker, "ray-worker")):
+        spec = policy["spec"]
+        assert spec["podSelector"]["matchLabels"] == {"app.kubernetes.io/name": "gptoss-cluster",
+                                                      "app.kubernetes.io/instance": "gptoss",
+                                                      "app.kubernetes.io/component": component}
+        assert spec["policyTypes"] == ["Ingress"]
+        rules = spec["ingress"]
+        # Every port (Ray picks most at random): only from this release's Ray pods and front doors.
+        assert rules[0] == {"from": [RELEASE_PEER]}
+        # Ray's metrics for Prometheus (metricsFrom empty: any peer, metrics only).
+        assert rules[1] == {"ports": [{"port": 8080, "protocol": "TCP"}]}
+        ported = {p["port"] for rule in rules for p in rule.get("ports", [])}
+        assert not ported & {6379, 10001, 8000, 52365}  # GCS, client, Serve, agent: release only
+    assert head["spec"]["ingress"][2] == {"ports": [{"port": 8265, "protocol": "TCP"}], "from": [{
+        "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "kuberay-system"}},
+        "podSelector": {"matchLabels": {"app.kubernetes.io/name": "kuberay-operator"}}}]}
+    assert len(head["spec"]["ingress"]) == 3 and len(worker["spec"]["ingress"]) == 2
+    # The pods they select are ours: the RayService's head and worker templates carry those labels.
+    cluster = one(objects, "RayService")["spec"]["rayClusterConfig"]
+    assert head["spec"]["podSelector"]["matchLabels"].items() <= \
+        cluster["headGroupSpec"]["template"]["metadata"]["labels"].items()
+    for group in cluster["workerGroupSpecs"]:
+        assert worker["spec"]["podSelector"]["matchLabels"].items() <= group["template"]["metadata"]["labels"].items()
+
+
+def test_ray_client_port_only_when_asked_for():
+    head = one(render(), "RayService")["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]["spec"]
+    assert 10001 not in {p["containerPort"] for p in head["containers"][0]["ports"]}
+    peer = {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "data-science"}}}
+    objects = render(**{"ray.head.clientPort.enabled": "true",
+                        "ray.head.clientPort.from[0].namespaceSelector.matchLabels.kubernetes\\.io/metadata\\.name":
+                        "data-science"})
+    head = one(objects, "RayService")["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]["spec"]
+    assert 10001 in {p["containerPort"] for p in head["containers"][0]["ports"]}
+    assert {"ports": [{"port": 10001, "protocol": "TCP"}], "from": [peer]} in \
+        one(objects, "NetworkPolicy", "-head")["spec"]["ingress"]
+
+
+@pytest.mark.parametrize("preset", list(PRESETS))
+def test_no_ingress_ever_routes_to_the_dashboard(preset):
+    objects = render(preset, ("tls",), **{"frontdoor.ingress.enabled": "true"})
+    ingresses = [o for o in objects if o["kind"] == "Ingress"]
+    assert ingresses
+    frontdoor_service = one(objects, "Service", "-frontdoor")["metadata"]["name"]
+    for ingress in ingresses:
+        for rule in ingress["spec"]["rules"]:
+            for path in rule["http"]["paths"]:
+                backend = path["backend"]["service"]
+                assert backend["name"] == frontdoor_service and backend["port"] == {"name": "grpc"}
+        assert "8265" not in yaml.safe_dump(ingress) and "head-svc" not in yaml.safe_dump(ingress)

@@ -113,6 +113,40 @@ one the chart generates (secret-api-keys.yaml), else "" when frontdoor.auth.allo
 {{- end }}
 
 {{/*
+gptoss-cluster.rayAuthSecret: the Secret holding Ray's auth token under the key `auth_token` (KubeRay's
+convention): ray.auth.existingSecret, else the one the chart generates (secret-ray-auth.yaml).
+*/}}
+{{- define "gptoss-cluster.rayAuthSecret" -}}
+{{- default (printf "%s-ray-auth" (include "gptoss-cluster.fullname" .)) .Values.ray.auth.existingSecret }}
+{{- end }}
+
+{{/*
+gptoss-cluster.rayAuthEnv: the environment that turns on Ray's token authentication in a container
+(Ray >= 2.52): every Ray process of the pod (raylet, GCS, dashboard, workers, `ray` CLI, ray.init)
+then sends and requires the token. KubeRay injects the same for its own pods from authOptions; it
+is set here too so the front door pods, which join with `ray start`, and exec'd CLIs match.
+*/}}
+{{- define "gptoss-cluster.rayAuthEnv" -}}
+- {name: RAY_AUTH_MODE, value: token}
+- name: RAY_AUTH_TOKEN
+  valueFrom:
+    secretKeyRef:
+      name: {{ include "gptoss-cluster.rayAuthSecret" . }}
+      key: auth_token
+{{- end }}
+
+{{/*
+gptoss-cluster.releasePods: a NetworkPolicy peer matching this release's Ray pods and front doors.
+*/}}
+{{- define "gptoss-cluster.releasePods" -}}
+- podSelector:
+    matchExpressions:
+      - {key: app.kubernetes.io/instance, operator: In, values: [{{ .Release.Name | quote }}]}
+      - {key: app.kubernetes.io/name, operator: In, values: [{{ include "gptoss-cluster.name" . | quote }}]}
+      - {key: app.kubernetes.io/component, operator: In, values: [ray-head, ray-worker, frontdoor]}
+{{- end }}
+
+{{/*
 gptoss-cluster.tenantsFile: frontdoor.tenants as the tenants file of cluster/frontdoor/tenants.py
 (camelCase settings -> snake_case).
 */}}
