@@ -172,6 +172,17 @@ class ServingConfig:
     # (cluster/serving/direct_stream.py); off, or with Ray's TLS on, requests go through Serve's
     # handle only.
     direct_stream: bool = True
+    # The direct stream's transport: TLS (besides the per-replica token), or plaintext when false
+    # (only on a network you trust: anyone on the path could read prompts and tokens).
+    direct_stream_tls: bool = True
+    # Its certificate chain and key (PEM files, e.g. a mounted Secret) and the CA front doors check it
+    # with; unset: Ray's TLS files when RAY_USE_TLS is on, else a fresh self-signed certificate per
+    # replica, announced to the front doors with its address (cluster/serving/direct_stream.py).
+    direct_stream_cert_file: str | None = None
+    direct_stream_key_file: str | None = None
+    direct_stream_ca_file: str | None = None
+    # The name that certificate is issued for, when it is not the node's IP.
+    direct_stream_server_name: str = ""
     router: RouterConfig = field(default_factory=RouterConfig)
     autoscaling: AutoscalingSettings = field(default_factory=AutoscalingSettings)
 
@@ -339,6 +350,8 @@ class ClusterConfig:
             ("serving.max_ongoing_requests", self.serving.max_ongoing_requests >= 1, "must be >= 1"),
             ("serving.max_queued_requests", self.serving.max_queued_requests >= -1, "must be >= -1"),
             ("serving.graceful_shutdown_timeout_s", self.serving.graceful_shutdown_timeout_s >= 0, "must be >= 0"),
+            ("serving.direct_stream_key_file", (self.serving.direct_stream_cert_file is None)
+             == (self.serving.direct_stream_key_file is None), "must be set exactly when serving.direct_stream_cert_file is"),
             ("serving.router.policy", self.serving.router.policy in ROUTER_POLICIES,
              f"must be one of {', '.join(ROUTER_POLICIES)}"),
             ("serving.router.load_bound_ratio", self.serving.router.load_bound_ratio >= 0, "must be >= 0"),

@@ -10,7 +10,7 @@ import yaml
 
 from cluster.config import load_config
 from cluster.frontdoor.tenants import Tenants
-from tests.helm.helm_chart import CHART, PRESETS, helm, one, render, values_args
+from tests.helm.helm_chart import CHART, PRESETS, helm, one, render, serve_config_text, values_args
 
 
 def _frontdoor_config(objects) -> dict:
@@ -177,3 +177,26 @@ def test_no_ingress_ever_routes_to_the_dashboard(preset):
                 backend = path["backend"]["service"]
                 assert backend["name"] == frontdoor_service and backend["port"] == {"name": "grpc"}
         assert "8265" not in yaml.safe_dump(ingress) and "head-svc" not in yaml.safe_dump(ingress)
+
+
+def _serving(objects) -> dict:
+    return yaml.safe_load(serve_config_text(objects))["applications"][0]["args"]["serving"]
+
+
+@pytest.mark.parametrize("preset", list(PRESETS))
+def test_direct_streams_use_tls_in_every_preset(preset):
+    serving = _serving(render(preset))
+    assert serving["direct_stream_tls"] is True and "direct_stream_cert_file" not in serving
+
+
+def test_direct_stream_certificate_from_a_secret():
+    objects = render(**{"serving.directStreamTls.existingSecret": "replica-tls",
+                        "serving.directStreamTls.serverName": "replicas.llm.svc"})
+    serving = _serving(objects)
+    assert serving["direct_stream_cert_file"] == "/etc/gptoss/direct-stream-tls/tls.crt"
+    assert serving["direct_stream_ca_file"] == "/etc/gptoss/direct-stream-tls/ca.crt"
+    assert serving["direct_stream_server_name"] == "replicas.llm.svc"
+    worker = one(objects, "RayService")["spec"]["rayClusterConfig"]["workerGroupSpecs"][0]["template"]["spec"]
+    assert {"name": "direct-stream-tls", "secret": {"secretName": "replica-tls"}} in worker["volumes"]
+    assert {"name": "direct-stream-tls", "mountPath": "/etc/gptoss/direct-stream-tls", "readOnly": True} \
+        in worker["containers"][0]["volumeMounts"]

@@ -79,7 +79,10 @@ configuration, validated by the same code (tests/helm/test_helm_serve_config.py 
 {{- $router := dict "policy" $r.policy "load_bound_ratio" $r.loadBoundRatio "load_bound_slack" $r.loadBoundSlack "kv_weight" $r.kvWeight -}}
 {{- $a := $v.serving.autoscaling -}}
 {{- $autoscaling := dict "enabled" $a.enabled "min_replicas" (int $a.minReplicas) "max_replicas" (int $a.maxReplicas) "target_ongoing_per_replica" $a.targetOngoingPerReplica "target_kv_use" $a.targetKvUse "upscale_delay_s" $a.upscaleDelayS "downscale_delay_s" $a.downscaleDelayS "look_back_period_s" $a.lookBackPeriodS "metrics_interval_s" $a.metricsIntervalS -}}
-{{- $serving := dict "app_name" $v.serving.appName "replicas" (int $v.serving.replicas) "num_cpus" $v.serving.numCpus "num_gpus" $v.serving.numGpus "max_ongoing_requests" (int $v.serving.maxOngoingRequests) "max_queued_requests" (int $v.serving.maxQueuedRequests) "graceful_shutdown_timeout_s" $v.serving.gracefulShutdownTimeoutS "user_code_on_main_loop" $v.serving.userCodeOnMainLoop "direct_stream" $v.serving.directStream "router" $router "autoscaling" $autoscaling -}}
+{{- $serving := dict "app_name" $v.serving.appName "replicas" (int $v.serving.replicas) "num_cpus" $v.serving.numCpus "num_gpus" $v.serving.numGpus "max_ongoing_requests" (int $v.serving.maxOngoingRequests) "max_queued_requests" (int $v.serving.maxQueuedRequests) "graceful_shutdown_timeout_s" $v.serving.gracefulShutdownTimeoutS "user_code_on_main_loop" $v.serving.userCodeOnMainLoop "direct_stream" $v.serving.directStream "direct_stream_tls" $v.serving.directStreamTls.enabled "direct_stream_server_name" $v.serving.directStreamTls.serverName "router" $router "autoscaling" $autoscaling -}}
+{{- if $v.serving.directStreamTls.existingSecret }}
+{{- $_ := set $serving "direct_stream_cert_file" "/etc/gptoss/direct-stream-tls/tls.crt" }}{{ $_ := set $serving "direct_stream_key_file" "/etc/gptoss/direct-stream-tls/tls.key" }}{{ $_ := set $serving "direct_stream_ca_file" "/etc/gptoss/direct-stream-tls/ca.crt" }}
+{{- end -}}
 {{- $p := $v.parallel -}}
 {{- $parallel := dict "ep_size" (int $p.epSize) "placement_strategy" $p.placementStrategy "placement_policy" $p.placementPolicy "rebalance_interval_s" $p.rebalanceIntervalS "redundant_experts" (int $p.redundantExperts) "expert_token_series" $p.expertTokenSeries -}}
 {{- $fa := $v.frontdoor.auth -}}
