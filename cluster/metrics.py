@@ -76,9 +76,28 @@ class FrontdoorMetrics:
             "the rest; deadline: the call's deadline left no time).",
             ["outcome"], registry=registry)
 
+        self.tenant = TenantUsageMetrics(registry)
+
         self.replicas = ReplicaLoadCollector()
         registry.register(self.replicas)
         self.autoscaler = AutoscalerMetrics(registry)
+
+
+class TenantUsageMetrics:
+    """Usage per tenant, for billing (cluster/frontdoor/usage.py). Label `tenant` is bounded: a
+    configured tenant's name, `_other` for any other, `_anonymous` when auth is off."""
+
+    def __init__(self, registry: CollectorRegistry = REGISTRY) -> None:
+        self.tokens_total = Counter(
+            "gptoss_tenant_tokens_total",
+            "Tokens of finished Generate/Chat calls by tenant and type: prompt (sent to the model), "
+            "cached_prompt (of those, served from the prefix cache), reasoning (of the completion, in "
+            "analysis messages), completion (streamed to the client, cancelled and failed calls included).",
+            ["tenant", "type"], registry=registry)
+        self.requests_total = Counter(
+            "gptoss_tenant_requests_total",
+            "Finished Generate/Chat calls of authenticated tenants, by tenant and gRPC status code.",
+            ["tenant", "code"], registry=registry)
 
 
 class RouterMetrics:

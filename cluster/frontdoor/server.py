@@ -30,11 +30,13 @@ from ray.serve.handle import DeploymentHandle
 
 from cluster.config import ConfigError, FrontdoorConfig
 from cluster.frontdoor.admission import Admission, safe_deserializer
-from cluster.frontdoor.auth import ApiKeys, load_api_keys
+from cluster.frontdoor.auth import ApiKeys, ReloadingApiKeys, admin_tenants
 from cluster.frontdoor.loads import LoadPoller
 from cluster.frontdoor.limits import TenantLimits
 from cluster.frontdoor.ports import NO_REUSEPORT, PortUnavailable
 from cluster.frontdoor.servicer import InferenceServicer, fail
+from cluster.frontdoor.tenants import Tenants
+from cluster.frontdoor.usage import UsageRecorder, configure_usage_log
 from cluster.metrics import FrontdoorMetrics, serve_metrics
 from cluster.serving.handles import close_loop_handle, loop_handle
 from cluster.serving.model_info import ModelInfo
@@ -135,9 +137,11 @@ class FrontdoorServer:
         self._store = None
         self.metrics_port: int | None = None
         self.auth_notice = ""
+        self.tenants = Tenants.from_config(config.limits, admin_tenants(config.auth))
 
-    def _auth(self) -> ApiKeys | None:
-        keys = self._api_keys if self._api_keys is not None else load_api_keys(self._config.auth)
+    def _auth(self) -> ApiKeys | ReloadingApiKeys | None:
+        keys = self._api_keys if self._api_keys is not None else \
+            ReloadingApiKeys(self._config.auth, admins=self.tenants.admins)
         if len(keys):
             self.auth_notice = f"auth: on ({len(keys.tenants)} tenants)"
             return keys
@@ -145,9 +149,16 @@ class FrontdoorServer:
             raise ConfigError(f"config: frontdoor.auth: no API keys configured for host {self._config.host}; "
                               "set frontdoor.auth.api_keys_file or $" + (self._config.auth.api_keys_env or "?")
                               + ", or frontdoor.auth.allow_unauthenticated=true behind an authenticating gateway")
+        admin = ("gptoss.v1.Admin from this host only" if self._config.auth.loopback_admin
+                 else "gptoss.v1.Admin refused to everyone")
         self.auth_notice = (f"auth: OFF - no API keys configured; every caller of {self._config.host} is trusted "
-                            "(including gptoss.v1.Admin)")
+                            f"with inference ({admin})")
         return None
+
+    def _billed_tenants(self) -> set[str]:
+        """Tenants with their own usage label: those with keys and those configured in the tenants file."""
+        keys = self.admission.api_keys if self.admission is not None else None
+        return self.tenants.names | set(keys.tenants if keys is not None else ())
 
     def _credentials(self) -> grpc.ServerCredentials | None:
         tls = self._config.tls
@@ -158,6 +169,7 @@ class FrontdoorServer:
                                            root_certificates=client_ca, require_client_auth=client_ca is not None)
 
     async def start(self) -> None:
+        configure_usage_log(self._config.usage_log)
         api_keys = self._auth()
         credentials = self._credentials()
         # Our own handle, routed on this loop and talking gRPC to the replicas (serving/handles.py);
@@ -171,12 +183,15 @@ class FrontdoorServer:
 
     async def _start(self, handle, api_keys: ApiKeys | None, credentials: grpc.ServerCredentials | None) -> None:
         self.info = await handle.model_info.remote()
-        self.admission = Admission(api_keys, TenantLimits(self._config.limits))
+        self.admission = Admission(api_keys, TenantLimits(self.tenants),
+                                   loopback_admin=self._config.auth.loopback_admin)
         server = self._server = grpc.aio.server(maximum_concurrent_rpcs=self._config.max_concurrent_rpcs or None,
                                                 options=[NO_REUSEPORT])
+        usage = UsageRecorder(self.metrics.tenant, self._billed_tenants, self.info.model_name)
         inference = self._inference = InferenceServicer(handle, self.info, self.metrics, self.admission,
                                                         replica_wait_s=self._config.replica_wait_s,
-                                                        migration_attempts=self._config.migration_attempts)
+                                                        migration_attempts=self._config.migration_attempts,
+                                                        usage=usage)
         server.add_generic_rpc_handlers((
             generic_handler(inference, pb.DESCRIPTOR.services_by_name["Inference"]),
             generic_handler(AdminServicer(self), admin_pb2.DESCRIPTOR.services_by_name["Admin"]),

@@ -161,6 +161,7 @@ class OpenAIApi:
     async def chat_completions(self, x: "Exchange"):
         model = self.check_model(x.json)
         call = chat.read_chat(x.json, self.info, x.call, x.context, model)
+        call = dataclasses.replace(call, internal=self.servicer._within_tenant_limits(x.call, call.internal, "messages"))
         output = chat.ChatOutput(call)
         events = self.servicer.chat_events(call.internal, call.stops, False, x.call, x.context, x.bookkeeping)
         if not call.stream:
@@ -189,6 +190,7 @@ class OpenAIApi:
     async def create_response(self, x: "Exchange"):
         model = self.check_model(x.json)
         call = await responses.read_responses(x.json, self.info, x.call, x.context, model, self.store)
+        call = dataclasses.replace(call, internal=self.servicer._within_tenant_limits(x.call, call.internal, "input"))
         output = responses.ResponsesOutput(call)
         events = self.servicer.chat_events(call.internal, (), False, x.call, x.context, x.bookkeeping)
 
@@ -282,6 +284,7 @@ class OpenAIApi:
                                               prompt_field="prompt", sampling_prefix="")
         except Exception as err:  # noqa: BLE001 - re-raised with the request's own field names
             raise renamed(err, {}) from None
+        internal = self.servicer._within_tenant_limits(x.call, internal, "prompt")
         completion_id, created = new_id("cmpl"), int(time.time())
         events = self.servicer.generate_events(internal, stops, True, x.call, x.context, x.bookkeeping)
 
@@ -353,6 +356,10 @@ class OpenAIApi:
         return self._model()
 
 
+# The routes that run the model: their calls are billed like gRPC's Generate and Chat.
+GENERATING_ROUTES = frozenset({"/v1/chat/completions", "/v1/responses", "/v1/completions"})
+
+
 class Exchange:
     """One HTTP request through admission, its route, and the one error mapping (an ASGI app)."""
 
@@ -407,8 +414,10 @@ class Exchange:
         finally:
             if watcher is not None:
                 watcher.cancel()
-            api.admission.leave()
+            api.admission.leave(self.call)
             self.bookkeeping.end()
+            if self.method in GENERATING_ROUTES:
+                servicer.record_usage(self.call, self.method, self.bookkeeping)
 
     async def _read_body(self, receive) -> bytes:
         chunks, size = [], 0
