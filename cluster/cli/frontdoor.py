@@ -89,7 +89,8 @@ async def _run(handle, config) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    print(f"gptoss-cluster frontdoor: {server.info.model_name} | gRPC {server.grpc_target} | "
+    http = server.http_url if server.http_port is not None else "off"
+    print(f"gptoss-cluster frontdoor: {server.info.model_name} | gRPC {server.grpc_target} | HTTP {http} | "
           f"app {config.serving.app_name}", flush=True)
     watchdog = asyncio.create_task(watch_ray(stop))
     await stop.wait()

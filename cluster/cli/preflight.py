@@ -4,7 +4,6 @@ and a traceback."""
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 
 from cluster.config import ClusterConfig
@@ -28,13 +27,12 @@ def port_problem(err: PortUnavailable, flag_paths: dict[str, str]) -> str:
 
 
 def check_ports(config: ClusterConfig, flag_paths: dict[str, str]) -> None:
-    """Raise PreflightError when a port the front door listens on (every frontdoor.*_port: gRPC,
-    metrics, ...) is already taken on frontdoor.host."""
+    """Raise PreflightError when the gRPC, HTTP or metrics port is already taken on frontdoor.host."""
     door = config.frontdoor
     try:
-        for field in dataclasses.fields(door):
-            if field.name.endswith("_port"):
-                check_free(door.host, getattr(door, field.name), f"frontdoor.{field.name}")
+        check_free(door.host, door.grpc_port, "frontdoor.grpc_port")
+        check_free(door.host, door.metrics_port, "frontdoor.metrics_port")
+        check_free(door.host, door.http_port, "frontdoor.http_port")
     except PortUnavailable as err:
         raise PreflightError(port_problem(err, flag_paths)) from None
 

@@ -1,6 +1,12 @@
 """Bring the serving side up and down: a Ray cluster (local or joined), Ray Serve, the app.
 
 Used by `gptoss-cluster serve` and by the test session, so both run the same steps.
+
+Start-up never waits without bound for a placement: when the app's replicas are still not placed
+after serving.placement_timeout_s (Serve reports replicas it cannot schedule, with what each asks
+for), start_serving raises PlacementError naming the resources asked for and what the cluster
+has. Whatever ends start-up early (that error, a failed replica, a signal turned into an
+exception) removes the app it deployed, and with it its replicas' placement groups.
 """
 
 from __future__ import annotations
@@ -8,6 +14,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import time
 from dataclasses import dataclass
 
 import ray
@@ -15,7 +22,7 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from cluster.config import ClusterConfig
-from cluster.serving.builder import build_app
+from cluster.serving.builder import build_app, replica_resources
 
 log = logging.getLogger(__name__)
 
@@ -91,16 +98,80 @@ def start_ray(config: ClusterConfig) -> bool:
     return True
 
 
+class PlacementError(RuntimeError):
+    """The app's replicas could not be placed within serving.placement_timeout_s."""
+
+
+# Serve's status message for replicas it has not managed to schedule for a while.
+_UNSCHEDULED = "to be scheduled"
+_POLL_S = 0.25
+
+
+def _app_state(app_name: str) -> tuple[str, str]:
+    """(application status, the first deployment message that says something) from Serve."""
+    app = serve.status().applications.get(app_name)
+    if app is None:
+        return "NOT_STARTED", ""
+    messages = [d.message for d in app.deployments.values() if d.message]
+    return str(app.status.value if hasattr(app.status, "value") else app.status), (messages[0] if messages
+                                                                                   else app.message or "")
+
+
+def _resources(table: dict) -> str:
+    return ", ".join(f"{k} {v:g}" for k, v in sorted(table.items()) if not k.startswith(("node:", "memory",
+                                                                                           "object_store")))
+
+
+def placement_report(config: ClusterConfig) -> str:
+    """What one replica asks for, times how many, against what the cluster has and has free."""
+    bundles = replica_resources(config)
+    asked = " + ".join("{" + _resources(b) + "}" for b in bundles)
+    return (f"each of {config.serving.replicas} replica(s) asks for {asked}"
+            f"{' (' + config.parallel.placement_strategy + ')' if len(bundles) > 1 else ''}; "
+            f"the cluster has {_resources(ray.cluster_resources())} "
+            f"({_resources(ray.available_resources())} free) on {len(ray.nodes())} node(s)")
+
+
+def wait_running(config: ClusterConfig) -> None:
+    """Wait until the app is RUNNING; raise DeployFailed (with the replica's own error) if it fails,
+    PlacementError if its replicas are still unscheduled after serving.placement_timeout_s."""
+    name = config.serving.app_name
+    placement_deadline = time.monotonic() + config.serving.placement_timeout_s
+    while True:
+        status, message = _app_state(name)
+        if status == "RUNNING":
+            return
+        if status in ("DEPLOY_FAILED", "UNHEALTHY"):
+            raise DeployFailed(replica_error(name) or message or f"the Serve application {name!r} failed")
+        if time.monotonic() > placement_deadline and _UNSCHEDULED in message:
+            raise PlacementError(f"the model replicas could not be placed within serving.placement_timeout_s "
+                                 f"({config.serving.placement_timeout_s:g} s): {placement_report(config)}")
+        time.sleep(_POLL_S)
+
+
 def deploy(config: ClusterConfig) -> DeploymentHandle:
-    """Start Serve without its HTTP/gRPC proxies (the front door is ours) and run the app."""
+    """Start Serve without its HTTP/gRPC proxies (the front door is ours) and run the app; removes
+    the app again if it does not come up (see wait_running) or anything interrupts the wait."""
     serve_level = "INFO" if config.log_level == "debug" else "WARNING"
     logging.getLogger("ray.serve").setLevel(serve_level)  # the driver-side Serve logger too
     serve.start(proxy_location="Disabled",
                 logging_config={"log_level": serve_level, "enable_access_log": config.log_level == "debug"})
     try:
-        return serve.run(build_app(config), name=config.serving.app_name, route_prefix=None)
-    except RuntimeError as err:  # "Deploying application ... failed": the cause is in the status
-        raise DeployFailed(replica_error(config.serving.app_name) or str(err)) from None
+        (handle,) = serve.run_many([serve.RunTarget(build_app(config), name=config.serving.app_name,
+                                                    route_prefix=None)], wait_for_applications_running=False)
+        wait_running(config)
+    except BaseException:
+        remove_app(config.serving.app_name)
+        raise
+    return handle
+
+
+def remove_app(app_name: str) -> None:
+    """Delete the app (its replicas and their placement groups), quietly if it is already gone."""
+    try:
+        serve.delete(app_name)
+    except Exception as err:  # noqa: BLE001 - cleaning up after another failure; say so and go on
+        log.warning("could not delete the Serve application %r: %s", app_name, err)
 
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
@@ -133,6 +204,7 @@ def start_serving(config: ClusterConfig) -> ServingRuntime:
         handle = deploy(config)
     except BaseException:
         if started_ray:
+            serve.shutdown()
             ray.shutdown()
         raise
     return ServingRuntime(config=config, handle=handle, started_ray=started_ray)

@@ -63,7 +63,7 @@ def start_serve(env, grpc_port: int, metrics_port: int, *args: str,
     before it stay in `serve.seen`). new_session: in a process group of its own, as `timeout` runs it."""
     serve = subprocess.Popen(
         [sys.executable, "-m", "cluster", "serve", "--grpc-port", str(grpc_port), "--metrics-port", str(metrics_port),
-         *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, start_new_session=new_session)
+         "--http-port", "0", *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, start_new_session=new_session)
     banner, seen = None, []
     serve.seen = seen
     deadline = time.monotonic() + 180
@@ -96,6 +96,7 @@ def stop_serve_and_check_nothing_left(serve: subprocess.Popen, short_tmp: Path) 
 
 
 def run_serve(env, *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
+    args = args if "--http-port" in args else ("--http-port", "0", *args)  # never the fixed default port
     return subprocess.run([sys.executable, "-m", "cluster", "serve", *args], capture_output=True, text=True, env=env,
                           timeout=timeout)
 
