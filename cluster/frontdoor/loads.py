@@ -34,7 +34,11 @@ async def sample_loads(handle: DeploymentHandle, expected_replicas: int, timeout
     """(replica id, engine stats) of the replicas reached, sorted by id; raises only if none answered."""
     probes = min(MAX_PROBES, max(4, 2 * expected_replicas))
     calls = [handle.load_report.remote() for _ in range(probes)]
-    done = await asyncio.wait_for(asyncio.gather(*calls, return_exceptions=True), timeout_s)
+    gathered = asyncio.gather(*calls, return_exceptions=True)
+    # A poll cut short (timeout, or the poller stopped at shutdown) leaves the gather holding a
+    # CancelledError nobody reads, which asyncio would print as a traceback: read it here.
+    gathered.add_done_callback(lambda future: future.cancelled() or future.exception())
+    done = await asyncio.wait_for(gathered, timeout_s)
     reports: dict[str, EngineStats] = {}
     failures = []
     for result in done:

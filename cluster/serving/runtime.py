@@ -203,8 +203,7 @@ def start_serving(config: ClusterConfig) -> ServingRuntime:
     try:
         handle = deploy(config)
     except BaseException:
-        if started_ray:
-            serve.shutdown()
+        if started_ray:  # deploy() removed the app; this stops the controller with the rest of Ray (see stop)
             ray.shutdown()
         raise
     return ServingRuntime(config=config, handle=handle, started_ray=started_ray)
