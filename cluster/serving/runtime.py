@@ -68,11 +68,11 @@ class _DropDefaultAuthNotice(logging.Filter):
 
 
 _AUTH_LOGGER = "ray._private.authentication.authentication_token_setup"
+_auth_notice_filter = _DropDefaultAuthNotice()
 
 # At shutdown a driver sends its last task events (the dashboard's task list) to the GCS and waits
 # up to 5 s for them by default; after a SIGTERM to the whole process group the GCS is gone already.
 LOCAL_RAY_SYSTEM_CONFIG = {"task_events_shutdown_flush_timeout_ms": 500}
-_auth_notice_filter = _DropDefaultAuthNotice()
 
 
 def start_ray(config: ClusterConfig) -> bool:
