@@ -64,10 +64,40 @@ class FrontdoorMetrics:
             "RPCs refused with RESOURCE_EXHAUSTED, by method and reason (MODEL_OVERLOADED: the "
             "replicas or Serve's queue are full; TENANT_RATE_LIMITED: the tenant's limits).",
             ["api", "method", "reason"], registry=registry)
+        self.routable_replicas = Gauge(
+            "gptoss_frontdoor_routable_replicas",
+            "Model replicas this front door can send requests to now; at 0 its health is "
+            "NOT_SERVING (degraded) and requests wait at most frontdoor.replica_wait_s.",
+            registry=registry)
+        self.migrations_total = Counter(
+            "gptoss_frontdoor_migrations_total",
+            "Streams whose replica failed mid-stream, by outcome (resumed: continued on another "
+            "replica; exhausted: frontdoor.migration_attempts used up; no_replica: no replica took "
+            "the rest; deadline: the call's deadline left no time).",
+            ["outcome"], registry=registry)
+
+        self.tenant = TenantUsageMetrics(registry)
 
         self.replicas = ReplicaLoadCollector()
         registry.register(self.replicas)
         self.autoscaler = AutoscalerMetrics(registry)
+
+
+class TenantUsageMetrics:
+    """Usage per tenant, for billing (cluster/frontdoor/usage.py). Label `tenant` is bounded: a
+    configured tenant's name, `_other` for any other, `_anonymous` when auth is off."""
+
+    def __init__(self, registry: CollectorRegistry = REGISTRY) -> None:
+        self.tokens_total = Counter(
+            "gptoss_tenant_tokens_total",
+            "Tokens of finished Generate/Chat calls by tenant and type: prompt (sent to the model), "
+            "cached_prompt (of those, served from the prefix cache), reasoning (of the completion, in "
+            "analysis messages), completion (streamed to the client, cancelled and failed calls included).",
+            ["tenant", "type"], registry=registry)
+        self.requests_total = Counter(
+            "gptoss_tenant_requests_total",
+            "Finished Generate/Chat calls of authenticated tenants, by tenant and gRPC status code.",
+            ["tenant", "code"], registry=registry)
 
 
 class RouterMetrics:

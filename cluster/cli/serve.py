@@ -65,8 +65,13 @@ async def _serve(runtime, config) -> None:
     await server.stop()
 
 
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
+
+
 def run(args: argparse.Namespace) -> int:
     from cluster import logs
+    from cluster.cli.preflight import PreflightError, check_checkpoint, check_ports, port_problem
 
     overrides = {path: getattr(args, flag) for flag, path in FLAG_PATHS.items()}
     if args.model:
@@ -77,17 +82,36 @@ def run(args: argparse.Namespace) -> int:
         print(f"gptoss-cluster serve: {err}", file=sys.stderr)
         return 2
     logs.configure(config.log_level)
+    try:
+        check_ports(config, FLAG_PATHS)
+        check_checkpoint(config, FLAG_PATHS)
+    except PreflightError as err:
+        print(f"gptoss-cluster serve: {err}", file=sys.stderr)
+        return 1
 
-    from cluster.serving.runtime import start_serving
+    from cluster.frontdoor.ports import PortUnavailable
+    from cluster.serving.runtime import DeployFailed, PlacementError, start_serving
 
     runtime = None
     code = 0
+    # Until the server's loop handles it, SIGTERM interrupts start-up like Ctrl-C, so the app and
+    # placement groups created so far are removed (start_serving cleans up on any exception).
+    signal.signal(signal.SIGTERM, _interrupt)
     try:
         runtime = start_serving(config)
         asyncio.run(_serve(runtime, config))
-    except KeyboardInterrupt:  # Ctrl-C before the server was up
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM before the server was up
         pass
-    except OSError as err:  # e.g. the gRPC or metrics port is taken
+    except PortUnavailable as err:  # taken since the check above
+        print(f"gptoss-cluster serve: {port_problem(err, FLAG_PATHS)}", file=sys.stderr)
+        code = 1
+    except DeployFailed as err:
+        print(f"gptoss-cluster serve: the model replicas failed to start: {err}", file=sys.stderr)
+        code = 1
+    except PlacementError as err:
+        print(f"gptoss-cluster serve: {err}", file=sys.stderr)
+        code = 1
+    except (OSError, ConfigError) as err:  # e.g. an unreadable TLS file, no API keys on a public host
         print(f"gptoss-cluster serve: {err}", file=sys.stderr)
         code = 1
     finally:

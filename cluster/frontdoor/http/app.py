@@ -30,6 +30,7 @@ from cluster.frontdoor.http import chat, responses
 from cluster.frontdoor.http.fields import Fields, parse_json, read_sampling, read_stops, renamed
 from cluster.frontdoor.http.store import ResponseStore
 from cluster.frontdoor.http.turn import new_id
+from cluster.frontdoor.ports import PortUnavailable
 from cluster.frontdoor.servicer import (InferenceServicer, Violations, _Rpc, build_generate_request,
                                         encode_prompt_text)
 from cluster.harmony.tokenizer import load_tokenizer
@@ -160,6 +161,7 @@ class OpenAIApi:
     async def chat_completions(self, x: "Exchange"):
         model = self.check_model(x.json)
         call = chat.read_chat(x.json, self.info, x.call, x.context, model)
+        call = dataclasses.replace(call, internal=self.servicer._within_tenant_limits(x.call, call.internal, "messages"))
         output = chat.ChatOutput(call)
         events = self.servicer.chat_events(call.internal, call.stops, False, x.call, x.context, x.bookkeeping)
         if not call.stream:
@@ -188,6 +190,7 @@ class OpenAIApi:
     async def create_response(self, x: "Exchange"):
         model = self.check_model(x.json)
         call = await responses.read_responses(x.json, self.info, x.call, x.context, model, self.store)
+        call = dataclasses.replace(call, internal=self.servicer._within_tenant_limits(x.call, call.internal, "input"))
         output = responses.ResponsesOutput(call)
         events = self.servicer.chat_events(call.internal, (), False, x.call, x.context, x.bookkeeping)
 
@@ -281,6 +284,7 @@ class OpenAIApi:
                                               prompt_field="prompt", sampling_prefix="")
         except Exception as err:  # noqa: BLE001 - re-raised with the request's own field names
             raise renamed(err, {}) from None
+        internal = self.servicer._within_tenant_limits(x.call, internal, "prompt")
         completion_id, created = new_id("cmpl"), int(time.time())
         events = self.servicer.generate_events(internal, stops, True, x.call, x.context, x.bookkeeping)
 
@@ -352,6 +356,10 @@ class OpenAIApi:
         return self._model()
 
 
+# The routes that run the model: their calls are billed like gRPC's Generate and Chat.
+GENERATING_ROUTES = frozenset({"/v1/chat/completions", "/v1/responses", "/v1/completions"})
+
+
 class Exchange:
     """One HTTP request through admission, its route, and the one error mapping (an ASGI app)."""
 
@@ -406,8 +414,10 @@ class Exchange:
         finally:
             if watcher is not None:
                 watcher.cancel()
-            api.admission.leave()
+            api.admission.leave(self.call)
             self.bookkeeping.end()
+            if self.method in GENERATING_ROUTES:
+                servicer.record_usage(self.call, self.method, self.bookkeeping)
 
     async def _read_body(self, receive) -> bytes:
         chunks, size = [], 0
@@ -490,7 +500,7 @@ class HttpServer:
             self._socket.bind((host, port))
         except OSError as err:
             self._socket.close()
-            raise OSError(f"cannot listen on {host}:{port} (HTTP): {err}") from None
+            raise PortUnavailable("frontdoor.http_port", host, port, err.strerror or str(err)) from None
         self._socket.listen(2048)
         self._socket.setblocking(False)
         self.port = self._socket.getsockname()[1]
