@@ -67,7 +67,7 @@ class HttpContext:
         return self._metadata
 
     def peer(self) -> str:
-        """The client's address as grpc's context.peer() spells it ("ipv4:127.0.0.1:5555")."""
+        """The client's address in grpc's form ("ipv4:127.0.0.1:5555", "ipv6:[::1]:5555")."""
         if not self._client:
             return ""
         host, port = self._client[0], self._client[1]
