@@ -56,6 +56,7 @@ async def _serve(runtime, config) -> None:
     metrics = f"http://{config.frontdoor.host}:{server.metrics_port}/metrics" if server.metrics_port else "off"
     print(f"gptoss-cluster: serving {server.info.model_name} | gRPC {server.grpc_target} | metrics {metrics}",
           flush=True)
+    print(f"gptoss-cluster: {runtime.ray_notice}", flush=True)
     await stop.wait()
     print("gptoss-cluster: shutting down", flush=True)
     await server.stop()
