@@ -162,6 +162,11 @@ class ServingConfig:
     max_queued_requests: int = 64
     # Seconds Serve waits for in-flight requests when a replica stops.
     graceful_shutdown_timeout_s: float = 5.0
+    # Seconds `serve` waits for the replicas to be placed (resources found for them) before it
+    # reports what they ask for against what the cluster has, removes the app and exits non-zero.
+    # Serve reports an unplaceable replica after 30 s (RAY_SERVE_SLOW_STARTUP_WARNING_S), so the
+    # failure comes after the larger of the two.
+    placement_timeout_s: float = 60.0
     # Run the replica's methods on its main event loop rather than on a loop in a thread of their
     # own (Serve's RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD=0): a thread hop less per request and
     # per streamed chunk. Our engines decode in threads of their own and never block the loop;
@@ -241,6 +246,25 @@ class LimitsConfig:
     tenants_file: str | None = None
 
 
+RESPONSE_STORES = ("memory", "redis")
+
+
+@dataclass
+class ResponseStoreConfig:
+    # Where the HTTP Responses API keeps stored responses (store: true) for previous_response_id:
+    # "memory" lives in this front door process only (the embedded default; one process);
+    # "redis" is shared by every front door replica and survives their restarts.
+    kind: str = "memory"
+    # redis://[:password@]host:port/db (or rediss:// for TLS); required for kind redis.
+    redis_url: str = ""
+    # Seconds a stored response is kept after it was written.
+    ttl_s: float = 86400.0
+    # A response (with the conversation it continues) larger than this is not stored.
+    max_response_bytes: int = 1 << 20
+    # memory: most responses kept (least recently written go first).
+    max_entries: int = 10000
+
+
 @dataclass
 class FrontdoorConfig:
     # Interface the gRPC and metrics servers bind to.
@@ -249,10 +273,21 @@ class FrontdoorConfig:
     grpc_port: int = 50051
     # Prometheus /metrics port (0: pick a free one; -1: no metrics server).
     metrics_port: int = 9464
-    # Seconds in-flight RPCs get to finish on shutdown.
-    grace_period_s: float = 5.0
-    # Concurrent RPCs the front door accepts before answering RESOURCE_EXHAUSTED.
-    max_concurrent_rpcs: int = 256
+    # OpenAI-compatible HTTP API port (0: pick a free one; -1: no HTTP API).
+    http_port: int = 8088
+    # Seconds in-flight RPCs get to finish on shutdown (SIGTERM, Admin.Drain without timeout):
+    # sized for a chat's stream. Helm's terminationGracePeriodSeconds follows it.
+    grace_period_s: float = 120.0
+    # gRPC's own cap on concurrent RPCs (0: none). Its refusals carry no error details, so keep it
+    # off or well above what the replicas hold: the front door's admission refuses a stream the
+    # routable replicas have no room for (RESOURCE_EXHAUSTED with RetryInfo) before this cap is hit.
+    max_concurrent_rpcs: int = 0
+    # Seconds a request may wait for Serve to find it a replica (none routable: all dead, not yet
+    # placed) before it is answered UNAVAILABLE with RetryInfo.
+    replica_wait_s: float = 30.0
+    # Times a stream whose replica dies mid-way is resumed on another replica (prompt + tokens
+    # already sent; see cluster/frontdoor/migration.py); 0: never, the call ends UNAVAILABLE.
+    migration_attempts: int = 3
     # Seconds between polls of the replicas' load reports for the gptoss_replica_* metrics
     # (0: no polling; GetLoads still refreshes them).
     load_poll_interval_s: float = 5.0
@@ -262,6 +297,7 @@ class FrontdoorConfig:
     auth: AuthConfig = field(default_factory=AuthConfig)
     tls: TlsConfig = field(default_factory=TlsConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
+    responses: ResponseStoreConfig = field(default_factory=ResponseStoreConfig)
 
 
 @dataclass
@@ -350,6 +386,7 @@ class ClusterConfig:
             ("serving.max_ongoing_requests", self.serving.max_ongoing_requests >= 1, "must be >= 1"),
             ("serving.max_queued_requests", self.serving.max_queued_requests >= -1, "must be >= -1"),
             ("serving.graceful_shutdown_timeout_s", self.serving.graceful_shutdown_timeout_s >= 0, "must be >= 0"),
+            ("serving.placement_timeout_s", self.serving.placement_timeout_s > 0, "must be > 0"),
             ("serving.direct_stream_key_file", (self.serving.direct_stream_cert_file is None)
              == (self.serving.direct_stream_key_file is None), "must be set exactly when serving.direct_stream_cert_file is"),
             ("serving.router.policy", self.serving.router.policy in ROUTER_POLICIES,
@@ -378,8 +415,20 @@ class ClusterConfig:
              "must be > 0"),
             ("frontdoor.grpc_port", 0 <= self.frontdoor.grpc_port <= 65535, "must be in [0, 65535]"),
             ("frontdoor.metrics_port", -1 <= self.frontdoor.metrics_port <= 65535, "must be in [-1, 65535]"),
+            ("frontdoor.http_port", -1 <= self.frontdoor.http_port <= 65535, "must be in [-1, 65535]"),
+            ("frontdoor.responses.kind", self.frontdoor.responses.kind in RESPONSE_STORES,
+             f"must be one of {', '.join(RESPONSE_STORES)}"),
+            ("frontdoor.responses.redis_url", self.frontdoor.responses.kind != "redis"
+             or self.frontdoor.responses.redis_url.startswith(("redis://", "rediss://", "unix://")),
+             "must be a redis://, rediss:// or unix:// URL for kind redis"),
+            ("frontdoor.responses.ttl_s", self.frontdoor.responses.ttl_s > 0, "must be > 0"),
+            ("frontdoor.responses.max_response_bytes", self.frontdoor.responses.max_response_bytes >= 1024,
+             "must be >= 1024"),
+            ("frontdoor.responses.max_entries", self.frontdoor.responses.max_entries >= 1, "must be >= 1"),
             ("frontdoor.grace_period_s", self.frontdoor.grace_period_s >= 0, "must be >= 0"),
-            ("frontdoor.max_concurrent_rpcs", self.frontdoor.max_concurrent_rpcs >= 1, "must be >= 1"),
+            ("frontdoor.max_concurrent_rpcs", self.frontdoor.max_concurrent_rpcs >= 0, "must be >= 0"),
+            ("frontdoor.replica_wait_s", self.frontdoor.replica_wait_s > 0, "must be > 0"),
+            ("frontdoor.migration_attempts", self.frontdoor.migration_attempts >= 0, "must be >= 0"),
             ("frontdoor.load_poll_interval_s", self.frontdoor.load_poll_interval_s >= 0, "must be >= 0"),
             ("frontdoor.tls.key_file", (self.frontdoor.tls.cert_file is None) == (self.frontdoor.tls.key_file is None),
              "must be set exactly when frontdoor.tls.cert_file is"),

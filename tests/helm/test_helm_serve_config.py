@@ -123,7 +123,7 @@ def test_tiny_cpu_preset_serve_config_serves_a_request(ray_serving, tiny_checkpo
     from ray import serve
     from ray.serve._private.api import call_user_app_builder_with_args_if_necessary
 
-    from cluster.harmony.tokenizer import STOP_TOKEN_IDS
+    from cluster.harmony.tokenizer import load_tokenizer
     from cluster.metrics import FrontdoorMetrics
     from cluster.model.generate import greedy
     from gptoss.v1 import inference_pb2 as pb
@@ -153,8 +153,9 @@ def test_tiny_cpu_preset_serve_config_serves_a_request(ray_serving, tiny_checkpo
             (tmp_path / "api-keys" / tenant).write_text(key)
         fd_config = load_config(tmp_path / "config.yaml", env={}, overrides={
             "frontdoor.host": "127.0.0.1", "frontdoor.grpc_port": 0, "frontdoor.metrics_port": -1,
-            "frontdoor.auth.api_keys_file": str(tmp_path / "api-keys")})
+            "frontdoor.http_port": -1, "frontdoor.auth.api_keys_file": str(tmp_path / "api-keys")})
         assert dataclasses.replace(fd_config.frontdoor, host="0.0.0.0", grpc_port=50051, metrics_port=9464,
+                                   http_port=configs[name].frontdoor.http_port,
                                    auth=configs[name].frontdoor.auth) == configs[name].frontdoor
         assert configs[name].frontdoor.auth.api_keys_file == "/etc/gptoss/api-keys"
         metadata = (("authorization", f"Bearer {keys['default']}"),)
@@ -170,7 +171,7 @@ def test_tiny_cpu_preset_serve_config_serves_a_request(ray_serving, tiny_checkpo
             request = pb.GenerateRequest(prompt_token_ids=prompt, sampling=pb.SamplingParams(max_tokens=8))
             tokens = [t for r in stub.Generate(request, timeout=120, metadata=metadata)
                       if r.HasField("chunk") for t in r.chunk.token_ids]
-        assert tokens == greedy(tiny_model, prompt, 8, stop_token_ids=STOP_TOKEN_IDS)
+        assert tokens == greedy(tiny_model, prompt, 8, stop_token_ids=load_tokenizer().message_end_ids)
     finally:
         if door is not None:
             door.close()
