@@ -94,6 +94,6 @@ SCHEMAS: dict[str, dict] = {
         "final_answer": _STR}, "required": ["steps", "final_answer"], "additionalProperties": False},
     "unique_union_types": {"type": "object", "properties": {"id": {"type": ["integer", "string"]}},
                            "required": ["id"], "additionalProperties": False},
-    "many_properties": {"type": "object", "properties": {f"f{i}": _INT for i in range(12)},
-                        "required": [f"f{i}" for i in range(12)], "additionalProperties": False},
+    "many_properties": {"type": "object", "properties": {f"f{i}": _INT for i in range(8)},
+                        "required": [f"f{i}" for i in range(8)], "additionalProperties": False},
 }

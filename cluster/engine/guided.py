@@ -35,7 +35,7 @@ from cluster.harmony.tokenizer import VOCAB_SIZE
 
 log = logging.getLogger(__name__)
 
-WRAP_UP_TOKENS = 32
+WRAP_UP_TOKENS = 64
 _CLOSERS = b'"}]'
 _SEPARATORS = b'"}],:'
 

@@ -32,7 +32,8 @@ from cluster.frontdoor.chat_stream import ChatStream
 from cluster.frontdoor.loads import replica_load_to_proto, sample_loads
 from cluster.frontdoor.stops import StopMatcher
 from cluster.harmony.render import Message, ToolDefinition, render_prompt
-from cluster.harmony.tokenizer import FIRST_SPECIAL_ID, load_tokenizer
+from cluster.harmony.structured import ResponseFormat, StrictTool, TurnConstraint, check_constraint
+from cluster.harmony.tokenizer import FIRST_SPECIAL_ID, START_ID, load_tokenizer
 from cluster.metrics import FrontdoorMetrics
 from cluster.serving.model_info import ModelInfo
 from cluster.serving.replica_streams import ReplicaStreams
@@ -49,6 +50,8 @@ REASONING_EFFORTS = {pb.REASONING_EFFORT_UNSPECIFIED: "medium", pb.REASONING_EFF
                      pb.REASONING_EFFORT_MEDIUM: "medium", pb.REASONING_EFFORT_HIGH: "high"}
 FINISH_REASONS = {"stop": pb.FINISH_REASON_STOP, "length": pb.FINISH_REASON_LENGTH}
 QUANTIZATIONS = {"mxfp4": pb.QUANTIZATION_MXFP4, "none": pb.QUANTIZATION_NONE}
+GRAMMAR_SYNTAXES = {pb.GRAMMAR_SYNTAX_UNSPECIFIED: "lark", pb.GRAMMAR_SYNTAX_LARK: "lark",
+                    pb.GRAMMAR_SYNTAX_GBNF: "gbnf"}
 
 MAX_STOP_SEQUENCES, MAX_STOP_LENGTH, MAX_STOP_TOKEN_IDS = 16, 256, 64
 MAX_TOOLS = 128
@@ -133,11 +136,61 @@ def _check_sampling(sampling: SamplingParams, prompt_len: int, info: ModelInfo, 
         validate_sampling(SamplingParams(stop_token_ids=sampling.stop_token_ids), prompt_len, limits)
 
 
-def _request(prompt: list[int], sampling: SamplingParams, call: CallInfo, context) -> GenerateRequest:
+def _request(prompt: list[int], sampling: SamplingParams, call: CallInfo, context,
+             constraint: TurnConstraint | None = None) -> GenerateRequest:
     remaining = context.time_remaining()
     return GenerateRequest(prompt_token_ids=tuple(prompt), sampling=sampling, request_id=call.request_id,
                            session_id=call.session_id, tenant=call.tenant,
-                           deadline_s=None if remaining is None else time.time() + remaining)
+                           deadline_s=None if remaining is None else time.time() + remaining, constraint=constraint)
+
+
+def response_format_from_proto(fmt: pb.ResponseFormat, violations: Violations) -> ResponseFormat:
+    kind = fmt.WhichOneof("format")
+    if kind == "json_schema":
+        try:
+            schema = json.loads(fmt.json_schema.schema_json)
+        except ValueError as err:
+            violations.add("response_format.json_schema.schema_json", f"is not valid JSON: {err}")
+            return ResponseFormat()
+        return ResponseFormat("json_schema", schema=schema, strict=fmt.json_schema.strict, name=fmt.json_schema.name)
+    if kind == "json_object":
+        return ResponseFormat("json_object")
+    if kind == "regex":
+        return ResponseFormat("regex", pattern=fmt.regex)
+    if kind == "grammar":
+        return ResponseFormat("grammar", grammar=fmt.grammar.text,
+                              grammar_syntax=GRAMMAR_SYNTAXES.get(fmt.grammar.syntax, str(fmt.grammar.syntax)))
+    return ResponseFormat()
+
+
+_PROTO_FIELDS = {"response_format.schema": "response_format.json_schema.schema_json",
+                 "response_format.pattern": "response_format.regex",
+                 "response_format.grammar": "response_format.grammar.text",
+                 "response_format.grammar_syntax": "response_format.grammar.syntax"}
+
+
+def constraint_from_proto(request, tools: list[ToolDefinition], strict: list[bool],
+                          violations: Violations) -> TurnConstraint | None:
+    """The request's structured-output constraint, compiled once here so a bad one is refused
+    before anything is generated; None when the request constrains nothing."""
+    budget = request.reasoning_budget if request.HasField("reasoning_budget") else None
+    constraint = TurnConstraint(
+        response_format=response_format_from_proto(request.response_format, violations),
+        strict_tools=tuple(StrictTool(t.name, t.parameters or {"type": "object"})
+                           for t, is_strict in zip(tools, strict) if is_strict),
+        reasoning_budget=budget)
+    if not constraint.active:
+        return None
+    try:
+        check_constraint(constraint)
+    except ValueError as err:  # ConstraintError: .field, .problem
+        field = _PROTO_FIELDS.get(err.field, err.field)
+        if field.startswith("tools["):  # numbered among the strict tools: name the request's own index
+            strict_index = int(field[6:field.index("]")])
+            index = [i for i, is_strict in enumerate(strict) if is_strict][strict_index]
+            field = f"tools[{index}].parameters_json"
+        violations.add(field, err.problem)
+    return constraint
 
 
 def generate_request_from_proto(request: pb.GenerateRequest, info: ModelInfo, call: CallInfo,
@@ -159,8 +212,16 @@ def generate_request_from_proto(request: pb.GenerateRequest, info: ModelInfo, ca
         with violations.collect():
             validate_request(GenerateRequest(prompt_token_ids=tuple(prompt)), info.limits)
     _check_sampling(sampling, max(1, len(prompt)), info, violations)
+    constraint = constraint_from_proto(request, [], [], violations)
+    if constraint is not None:
+        if prompt[-2:] != [START_ID, load_tokenizer().encode("assistant")[0]]:
+            violations.add("response_format", "a constrained Generate needs a harmony prompt that ends with "
+                                              "<|start|>assistant (the constraint covers the assistant's turn)")
+        if sampling.ignore_stop:
+            violations.add("sampling.ignore_stop", "cannot be combined with a constrained output")
     violations.raise_any()
-    return _request(prompt, sampling, call, context)
+    return _request(prompt, sampling, call, context, constraint)
+
 
 
 def messages_from_proto(messages, violations: Violations) -> list[Message]:
@@ -220,8 +281,13 @@ def chat_request_from_proto(request: pb.ChatRequest, info: ModelInfo, call: Call
             violations.add("messages", f"the rendered prompt has {len(prompt)} tokens, more than the context "
                                        f"length {info.context_length} allows")
     _check_sampling(sampling, max(1, min(len(prompt), info.context_length - 1)), info, violations)
+    constraint = None
+    if len(tools) == len(request.tools):  # else a tool is already refused
+        constraint = constraint_from_proto(request, tools, [t.strict for t in request.tools], violations)
+    if constraint is not None and sampling.ignore_stop:
+        violations.add("sampling.ignore_stop", "cannot be combined with a constrained output")
     violations.raise_any()
-    return _request(prompt, sampling, call, context)
+    return _request(prompt, sampling, call, context, constraint)
 
 
 # ───────────────────────────────────── internal -> proto ─────────────────────────────────────

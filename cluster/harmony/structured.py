@@ -107,7 +107,7 @@ def _value_grammar(fmt: ResponseFormat, prefix: str) -> dict:
     if fmt.type not in FORMAT_TYPES:
         raise ConstraintError(f"{prefix}.type", f"must be one of {', '.join(FORMAT_TYPES)}, got {fmt.type!r}")
     if fmt.type == "text":
-        return {"lark_grammar": "start: TEXT\nTEXT: /(.|\\n)*/"}
+        return {"lark_grammar": _ANY_TEXT}
     if fmt.type == "json_object":
         return {"json_schema": _checked_schema({"type": "object"}, True, f"{prefix}.type")}
     if fmt.type == "json_schema":
@@ -151,6 +151,11 @@ def _checked_schema(schema: object, strict: bool, name: str) -> dict | bool:
     return schema
 
 
+# Any sequence of text tokens, token by token rather than as characters: a model's reasoning may
+# split a character across tokens in ways a character regex would refuse.
+_ANY_TEXT = f"start: <[0-{FIRST_SPECIAL_ID - 1}]>*"
+
+
 def _lark_string(text: str) -> str:
     return json.dumps(text)
 
@@ -172,7 +177,8 @@ def turn_grammar(constraint: TurnConstraint, max_tokens: int) -> str:
              "answer: " + "\n      | ".join(answers)]
     if budget:
         lines += ['analysis: "analysis" <|message|> reasoning <|end|> <|start|> "assistant" <|channel|>',
-                  f"reasoning[max_tokens={budget}]: /(.|\\n)*/"]
+                  f"reasoning[max_tokens={budget}]: @thought"]
+        grammars.append({"name": "thought", "lark_grammar": _ANY_TEXT})
     grammars.insert(0, {"name": "turn", "lark_grammar": "\n".join(lines) + "\n"})
     return json.dumps({"grammars": grammars})
 
@@ -193,16 +199,29 @@ def check_constraint(constraint: TurnConstraint, max_tokens: int = 2 * DEFAULT_R
     return grammar
 
 
+def _invalid(grammar: dict) -> str:
+    """The compiler's complaint about one sub-grammar alone ("" when it compiles)."""
+    try:
+        return llguidance.LLMatcher.validate_grammar(json.dumps({"grammars": [grammar]}), None, limits=parser_limits())
+    except ValueError as err:
+        return str(err)
+
+
 def _blame(constraint: TurnConstraint, message: str) -> tuple[str, str]:
-    """(field, reason) for a compiler message: the sub-grammar it names, else the response format."""
-    lines = [line.strip() for line in message.splitlines() if line.strip()]
-    first = " ".join(lines[:2]) if lines else message
-    for i in range(len(constraint.strict_tools)):
-        if f"tool{i}" in message:
-            return f"tools[{i}].parameters", first
+    """(field, reason) for a failed turn grammar: the first strict tool whose schema fails alone,
+    else the response format."""
+    for i, tool in enumerate(constraint.strict_tools):
+        alone = _invalid({"json_schema": _checked_schema(tool.parameters, True, f"tools[{i}].parameters")})
+        if alone:
+            return f"tools[{i}].parameters", _first_lines(alone)
     fmt = constraint.response_format
     part = {"json_schema": "schema", "regex": "pattern", "grammar": "grammar"}.get(fmt.type, "type")
-    return f"{constraint.field_prefix}.{part}", first
+    return f"{constraint.field_prefix}.{part}", _first_lines(message)
+
+
+def _first_lines(message: str) -> str:
+    lines = [line.strip() for line in message.splitlines() if line.strip()]
+    return " ".join(lines[:2]) if lines else message
 
 
 def parser_limits() -> llguidance.LLParserLimits:
