@@ -43,7 +43,8 @@ def test_chat_final_answer_matches_the_json_schema(stub, name):
     assert not any(d.raw for d in deltas)
     final = "".join(d.text for d in deltas if d.channel == pb.CHANNEL_FINAL)
     jsonschema.validate(json.loads(final), schema)
-    assert 0 < complete.usage.reasoning_tokens  # the analysis message (budget-bounded) is counted
+    # The model may skip the analysis; if it wrote one, the budget bounded it (plus its header and end).
+    assert complete.usage.reasoning_tokens <= BUDGET + 6
 
 
 def test_chat_strict_tool_call_arguments_match_the_parameters(stub):
