@@ -212,6 +212,25 @@ class LimitsConfig:
     token_burst: float = 0.0
 
 
+RESPONSE_STORES = ("memory", "redis")
+
+
+@dataclass
+class ResponseStoreConfig:
+    # Where the HTTP Responses API keeps stored responses (store: true) for previous_response_id:
+    # "memory" lives in this front door process only (the embedded default; one process);
+    # "redis" is shared by every front door replica and survives their restarts.
+    kind: str = "memory"
+    # redis://[:password@]host:port/db (or rediss:// for TLS); required for kind redis.
+    redis_url: str = ""
+    # Seconds a stored response is kept after it was written.
+    ttl_s: float = 86400.0
+    # A response (with the conversation it continues) larger than this is not stored.
+    max_response_bytes: int = 1 << 20
+    # memory: most responses kept (least recently written go first).
+    max_entries: int = 10000
+
+
 @dataclass
 class FrontdoorConfig:
     # Interface the gRPC and metrics servers bind to.
@@ -220,6 +239,8 @@ class FrontdoorConfig:
     grpc_port: int = 50051
     # Prometheus /metrics port (0: pick a free one; -1: no metrics server).
     metrics_port: int = 9464
+    # OpenAI-compatible HTTP API port (0: pick a free one; -1: no HTTP API).
+    http_port: int = 8088
     # Seconds in-flight RPCs get to finish on shutdown.
     grace_period_s: float = 5.0
     # Concurrent RPCs the front door accepts before answering RESOURCE_EXHAUSTED.
@@ -230,6 +251,7 @@ class FrontdoorConfig:
     auth: AuthConfig = field(default_factory=AuthConfig)
     tls: TlsConfig = field(default_factory=TlsConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
+    responses: ResponseStoreConfig = field(default_factory=ResponseStoreConfig)
 
 
 @dataclass
@@ -344,6 +366,16 @@ class ClusterConfig:
              "must be > 0"),
             ("frontdoor.grpc_port", 0 <= self.frontdoor.grpc_port <= 65535, "must be in [0, 65535]"),
             ("frontdoor.metrics_port", -1 <= self.frontdoor.metrics_port <= 65535, "must be in [-1, 65535]"),
+            ("frontdoor.http_port", -1 <= self.frontdoor.http_port <= 65535, "must be in [-1, 65535]"),
+            ("frontdoor.responses.kind", self.frontdoor.responses.kind in RESPONSE_STORES,
+             f"must be one of {', '.join(RESPONSE_STORES)}"),
+            ("frontdoor.responses.redis_url", self.frontdoor.responses.kind != "redis"
+             or self.frontdoor.responses.redis_url.startswith(("redis://", "rediss://", "unix://")),
+             "must be a redis://, rediss:// or unix:// URL for kind redis"),
+            ("frontdoor.responses.ttl_s", self.frontdoor.responses.ttl_s > 0, "must be > 0"),
+            ("frontdoor.responses.max_response_bytes", self.frontdoor.responses.max_response_bytes >= 1024,
+             "must be >= 1024"),
+            ("frontdoor.responses.max_entries", self.frontdoor.responses.max_entries >= 1, "must be >= 1"),
             ("frontdoor.grace_period_s", self.frontdoor.grace_period_s >= 0, "must be >= 0"),
             ("frontdoor.max_concurrent_rpcs", self.frontdoor.max_concurrent_rpcs >= 1, "must be >= 1"),
             ("frontdoor.load_poll_interval_s", self.frontdoor.load_poll_interval_s >= 0, "must be >= 0"),

@@ -1,5 +1,6 @@
 """FrontdoorServer: the grpc.aio server with gptoss.v1.Inference, gptoss.v1.Admin, health and
-reflection, optional TLS/mTLS, API-key auth, per-tenant limits and drain.
+reflection, optional TLS/mTLS, API-key auth, per-tenant limits and drain; and, on the same event
+loop and core, the OpenAI-compatible HTTP API (frontdoor.http_port; http/).
 
 At start it asks the Serve application for its ModelInfo (which also waits for a replica to be
 ready), decides whether auth is on (API keys configured; off only on a loopback host, or when
@@ -25,6 +26,7 @@ from cluster.frontdoor.admission import Admission, safe_deserializer
 from cluster.frontdoor.auth import ApiKeys, load_api_keys
 from cluster.frontdoor.loads import LoadPoller
 from cluster.frontdoor.limits import TenantLimits
+from cluster.frontdoor.ports import NO_REUSEPORT, PortUnavailable
 from cluster.frontdoor.servicer import InferenceServicer, fail
 from cluster.metrics import FrontdoorMetrics, serve_metrics
 from cluster.serving.handles import close_loop_handle, loop_handle
@@ -104,6 +106,9 @@ class FrontdoorServer:
         self.admission: Admission | None = None
         self.info: ModelInfo | None = None
         self.grpc_port: int | None = None
+        self.http_port: int | None = None
+        self._http = None
+        self._store = None
         self.metrics_port: int | None = None
         self.auth_notice = ""
 
@@ -134,9 +139,17 @@ class FrontdoorServer:
         # Our own handle, routed on this loop and talking gRPC to the replicas (serving/handles.py);
         # the caller's handle stays usable for synchronous calls.
         handle = self._loop_handle = loop_handle(self._handle)
+        try:
+            await self._start(handle, api_keys, credentials)
+        except BaseException:
+            await self._close()  # a port in use: nothing of ours outlives the failed start
+            raise
+
+    async def _start(self, handle, api_keys: ApiKeys | None, credentials: grpc.ServerCredentials | None) -> None:
         self.info = await handle.model_info.remote()
         self.admission = Admission(api_keys, TenantLimits(self._config.limits))
-        server = grpc.aio.server(maximum_concurrent_rpcs=self._config.max_concurrent_rpcs)
+        server = self._server = grpc.aio.server(maximum_concurrent_rpcs=self._config.max_concurrent_rpcs,
+                                                options=[NO_REUSEPORT])
         inference = self._inference = InferenceServicer(handle, self.info, self.metrics, self.admission)
         server.add_generic_rpc_handlers((
             generic_handler(inference, pb.DESCRIPTOR.services_by_name["Inference"]),
@@ -145,29 +158,58 @@ class FrontdoorServer:
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         reflection.enable_server_reflection(
             (SERVICE_NAME, ADMIN_SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
-        address = f"{self._config.host}:{self._config.grpc_port}"
+        host, port = self._config.host, self._config.grpc_port
+        address = f"{host}:{port}"
         try:
             if credentials is None:
                 self.grpc_port = server.add_insecure_port(address)
             else:
                 self.grpc_port = server.add_secure_port(address, credentials)
-        except RuntimeError as err:  # grpc reports a port in use this way
-            raise OSError(f"cannot listen on {address}: {err}") from None
+        except RuntimeError:  # grpc reports a port in use this way (or as port 0)
+            self.grpc_port = 0
         if self.grpc_port == 0:
-            raise OSError(f"cannot listen on {address}")
+            raise PortUnavailable("frontdoor.grpc_port", host, port, "address in use or not available")
         await server.start()
-        self._server = server
+        if self._config.http_port >= 0:
+            await self._start_http(inference)
         for service in ("", SERVICE_NAME, ADMIN_SERVICE_NAME):
             await self._health.set(service, health_pb2.HealthCheckResponse.SERVING)
         if self._config.metrics_port >= 0:
-            self._metrics_http = serve_metrics(self.metrics, self._config.host, self._config.metrics_port)
+            try:
+                self._metrics_http = serve_metrics(self.metrics, host, self._config.metrics_port)
+            except OSError as err:
+                raise PortUnavailable("frontdoor.metrics_port", host, self._config.metrics_port,
+                                      err.strerror or str(err)) from None
             self.metrics_port = self._metrics_http.server_address[1]
             if self._config.load_poll_interval_s > 0:
                 self._poller = LoadPoller(handle, self.info.replicas, self._config.load_poll_interval_s,
                                           self.metrics.replicas.update, on_counts=self._set_replica_counts)
                 self._poller.start()
         tls = "mTLS" if self._config.tls.client_ca_file else "TLS" if credentials else "plaintext"
-        log.warning("front door on %s (%s); %s", self.grpc_target, tls, self.auth_notice)
+        http = f"; HTTP on {self.http_url}" if self._http is not None else ""
+        log.warning("front door on %s (%s)%s; %s", self.grpc_target, tls, http, self.auth_notice)
+
+    async def _start_http(self, inference: InferenceServicer) -> None:
+        from cluster.frontdoor.http.app import HttpServer, OpenAIApi
+        from cluster.frontdoor.http.store import RedisResponseStore, open_store
+
+        if self._config.tls.cert_file is not None:
+            log.warning("the HTTP API serves plaintext; terminate TLS in front of it (Ingress)")
+        self._store = open_store(self._config.responses)
+        if isinstance(self._store, RedisResponseStore):
+            try:
+                await self._store.ping()
+            except ConnectionError as err:  # keep serving; stored responses answer 503 until Redis is back
+                log.warning("%s", err)
+        api = OpenAIApi(inference, self.admission, self.info, self._store)
+        self._http = HttpServer(api, self._config.host, self._config.http_port)
+        await self._http.start()
+        self.http_port = self._http.port
+
+    @property
+    def http_url(self) -> str:
+        host = f"[{self._config.host}]" if ":" in self._config.host else self._config.host
+        return f"http://{host}:{self.http_port}"
 
     def _set_replica_counts(self, application: str, deployment: str, target: int, running: int) -> None:
         self.metrics.autoscaler.desired_replicas.labels(application, deployment).set(target)
@@ -201,11 +243,22 @@ class FrontdoorServer:
             return
         grace = self._config.grace_period_s if grace_s is None else grace_s
         await self.drain(grace)
+        await self._close()
+
+    async def _close(self) -> None:
+        """Cancel what is left and release everything start() made."""
         if self._poller is not None:
             await self._poller.stop()
             self._poller = None
-        await self._server.stop(0.1)
-        self._server = None
+        if self._http is not None:
+            await self._http.stop()
+            self._http = None
+        if self._server is not None:
+            await self._server.stop(0.1)
+            self._server = None
+        if self._store is not None:
+            await self._store.close()
+            self._store = None
         if self._inference is not None:
             await self._inference.close()  # its channels to the replicas live on this loop
             self._inference = None
@@ -216,4 +269,3 @@ class FrontdoorServer:
             self._metrics_http.shutdown()
             self._metrics_http.server_close()
             self._metrics_http = None
-

@@ -34,7 +34,7 @@ from cluster.frontdoor.chat_stream import ChatStream
 from cluster.frontdoor.loads import replica_load_to_proto, sample_loads
 from cluster.frontdoor.stops import StopMatcher
 from cluster.harmony.render import MAX_SCHEMA_DEPTH, HarmonyInputError, Message, ToolDefinition, render_prompt
-from cluster.harmony.structured import ResponseFormat, StrictTool, TurnConstraint, check_constraint
+from cluster.harmony.structured import ConstraintError, ResponseFormat, StrictTool, TurnConstraint, check_constraint
 from cluster.harmony.tokenizer import FIRST_SPECIAL_ID, START_ID, load_tokenizer
 from cluster.metrics import FrontdoorMetrics
 from cluster.serving.model_info import ModelInfo
@@ -92,19 +92,11 @@ class Violations:
 
 def sampling_from_proto(sampling: pb.SamplingParams, info: ModelInfo, violations: Violations) -> SamplingParams:
     """Internal SamplingParams; checks the fields only the front door handles (stops, logprobs)."""
-    if len(sampling.stop) > MAX_STOP_SEQUENCES:
-        violations.add("sampling.stop", f"at most {MAX_STOP_SEQUENCES} stop sequences, got {len(sampling.stop)}")
-    for i, stop in enumerate(sampling.stop):
-        if not 1 <= len(stop) <= MAX_STOP_LENGTH:
-            violations.add(f"sampling.stop[{i}]", f"must be 1 to {MAX_STOP_LENGTH} characters, got {len(stop)}")
+    check_stops(sampling.stop, "sampling.stop", violations)
     if len(sampling.stop_token_ids) > MAX_STOP_TOKEN_IDS:
         violations.add("sampling.stop_token_ids", f"at most {MAX_STOP_TOKEN_IDS} ids, got {len(sampling.stop_token_ids)}")
     if sampling.HasField("logprobs"):
-        if not info.supports_logprobs:
-            violations.add("sampling.logprobs", f"the {info.engine} engine does not report log probabilities "
-                                                "(GetModelInfo.supports_logprobs)")
-        elif not 0 <= sampling.logprobs <= MAX_LOGPROBS:
-            violations.add("sampling.logprobs", f"must be in [0, {MAX_LOGPROBS}], got {sampling.logprobs}")
+        check_logprobs(sampling.logprobs, "sampling.logprobs", info, violations)
     return SamplingParams(
         max_tokens=sampling.max_tokens if sampling.HasField("max_tokens") else None,
         temperature=sampling.temperature if sampling.HasField("temperature") else 0.0,
@@ -117,11 +109,29 @@ def sampling_from_proto(sampling: pb.SamplingParams, info: ModelInfo, violations
     )
 
 
-def _check_sampling(sampling: SamplingParams, prompt_len: int, info: ModelInfo, violations: Violations) -> None:
+def check_stops(stops, field: str, violations: Violations) -> None:
+    """Stop sequences the front door matches on streamed text (both APIs)."""
+    if len(stops) > MAX_STOP_SEQUENCES:
+        violations.add(field, f"at most {MAX_STOP_SEQUENCES} stop sequences, got {len(stops)}")
+    for i, stop in enumerate(stops):
+        if not 1 <= len(stop) <= MAX_STOP_LENGTH:
+            violations.add(f"{field}[{i}]", f"must be 1 to {MAX_STOP_LENGTH} characters, got {len(stop)}")
+
+
+def check_logprobs(logprobs: int, field: str, info: ModelInfo, violations: Violations) -> None:
+    if not info.supports_logprobs:
+        violations.add(field, f"the {info.engine} engine does not report log probabilities "
+                              "(GetModelInfo.supports_logprobs)")
+    elif not 0 <= logprobs <= MAX_LOGPROBS:
+        violations.add(field, f"must be in [0, {MAX_LOGPROBS}], got {logprobs}")
+
+
+def _check_sampling(sampling: SamplingParams, prompt_len: int, info: ModelInfo, violations: Violations,
+                    prefix: str = "sampling.") -> None:
     """Every sampling field the engine would refuse, each reported (the engine stops at the first)."""
     limits = info.limits
     try:
-        validate_sampling(sampling, prompt_len, limits)
+        validate_sampling(sampling, prompt_len, limits, prefix)
         return  # the usual case: all valid, one pass
     except InvalidRequestError:
         pass  # find every bad field, one at a time
@@ -129,9 +139,9 @@ def _check_sampling(sampling: SamplingParams, prompt_len: int, info: ModelInfo, 
                         ("max_tokens", sampling.max_tokens)):
         alone = SamplingParams(**{name: value})
         with violations.collect():
-            validate_sampling(alone, prompt_len, limits)
+            validate_sampling(alone, prompt_len, limits, prefix)
     with violations.collect():
-        validate_sampling(SamplingParams(stop_token_ids=sampling.stop_token_ids), prompt_len, limits)
+        validate_sampling(SamplingParams(stop_token_ids=sampling.stop_token_ids), prompt_len, limits, prefix)
 
 
 def _request(prompt: list[int], sampling: SamplingParams, call: CallInfo, context,
@@ -181,7 +191,7 @@ def constraint_from_proto(request, tools: list[ToolDefinition], strict: list[boo
         return None
     try:
         check_constraint(constraint)
-    except ValueError as err:  # ConstraintError: .field, .problem
+    except ConstraintError as err:
         field = _PROTO_FIELDS.get(err.field, err.field)
         if field.startswith("tools["):  # numbered among the strict tools: name the request's own index
             strict_index = int(field[6:field.index("]")])
@@ -206,22 +216,45 @@ def generate_request_from_proto(request: pb.GenerateRequest, info: ModelInfo, ca
     if prompt and request.prompt_text:
         violations.add("prompt_text", "set either prompt_token_ids or prompt_text, not both")
     elif request.prompt_text:
-        if len(request.prompt_text.encode("utf-8", "surrogatepass")) > MAX_TEXT_BYTES:
-            violations.add("prompt_text", f"must be at most {MAX_TEXT_BYTES} bytes")
-        else:
-            prompt = load_tokenizer().encode(request.prompt_text, allow_special=True)
+        prompt = encode_prompt_text(request.prompt_text, "prompt_text", violations)
     elif not prompt:
         violations.add("prompt_token_ids", "must not be empty (or set prompt_text)")
+    return build_generate_request(prompt, sampling, info, call, context, violations, constraint=constraint)
+
+
+def _check_constrained_sampling(sampling: SamplingParams, violations: Violations, prefix: str) -> None:
+    if sampling.ignore_stop:
+        violations.add(f"{prefix}ignore_stop", "cannot be combined with a constrained output, which ends at the "
+                                               "end of the turn")
+
+
+def encode_prompt_text(text: str, field: str, violations: Violations) -> list[int]:
+    """A raw prompt's token ids (special tokens written as text are special)."""
+    if len(text.encode("utf-8", "surrogatepass")) > MAX_TEXT_BYTES:
+        violations.add(field, f"must be at most {MAX_TEXT_BYTES} bytes")
+        return []
+    return load_tokenizer().encode(text, allow_special=True)
+
+
+def build_generate_request(prompt: list[int], sampling: SamplingParams, info: ModelInfo, call: CallInfo, context,
+                           violations: Violations, *, prompt_field: str = "prompt_token_ids",
+                           sampling_prefix: str = "sampling.", constraint: TurnConstraint | None = None
+                           ) -> GenerateRequest:
+    """The engine request for a raw prompt (gRPC Generate and the HTTP completions route); raises
+    naming every bad field, those found while converting included. `constraint`: structured output,
+    already checked (constraint_from_proto; check_constraint for other callers)."""
     if prompt:
         with violations.collect():
-            validate_request(GenerateRequest(prompt_token_ids=tuple(prompt)), info.limits)
-    _check_sampling(sampling, max(1, len(prompt)), info, violations)
+            try:
+                validate_request(GenerateRequest(prompt_token_ids=tuple(prompt)), info.limits)
+            except InvalidRequestError as err:  # named as in gptoss.v1; the HTTP route names its own field
+                raise errors.FieldError(err.field.replace("prompt_token_ids", prompt_field, 1), err.reason) from None
+    _check_sampling(sampling, max(1, len(prompt)), info, violations, sampling_prefix)
     if constraint is not None:
         if prompt[-2:] != [START_ID, load_tokenizer().encode("assistant")[0]]:
-            violations.add("response_format", "a constrained Generate needs a harmony prompt that ends with "
-                                              "<|start|>assistant (the constraint covers the assistant's turn)")
-        if sampling.ignore_stop:
-            violations.add("sampling.ignore_stop", "cannot be combined with a constrained output")
+            violations.add(constraint.field_prefix, "a constrained raw prompt must be a harmony prompt that ends "
+                                                    "with <|start|>assistant (the constraint covers the assistant's turn)")
+        _check_constrained_sampling(sampling, violations, sampling_prefix)
     violations.raise_any()
     return _request(prompt, sampling, call, context, constraint)
 
@@ -284,22 +317,34 @@ def chat_request_from_proto(request: pb.ChatRequest, info: ModelInfo, call: Call
     if effort is None:
         violations.add("reasoning_effort", f"unknown value {request.reasoning_effort}")
     sampling = sampling_from_proto(request.sampling, info, violations)
-    prompt: list[int] = []
-    if not violations.errors:
-        try:
-            prompt = render_prompt(messages, reasoning_effort=effort, tools=tools,
-                                   instructions=request.instructions if request.HasField("instructions") else None)
-        except HarmonyInputError as err:
-            violations.add(proto_field(err.field), err.problem)
-        if len(prompt) >= info.context_length:
-            violations.add("messages", f"the rendered prompt has {len(prompt)} tokens, more than the context "
-                                       f"length {info.context_length} allows")
-    _check_sampling(sampling, max(1, min(len(prompt), info.context_length - 1)), info, violations)
     constraint = None
     if len(tools) == len(request.tools):  # else a tool is already refused
         constraint = constraint_from_proto(request, tools, [t.strict for t in request.tools], violations)
-    if constraint is not None and sampling.ignore_stop:
-        violations.add("sampling.ignore_stop", "cannot be combined with a constrained output")
+    return build_chat_request(messages, tools, effort, request.instructions if request.HasField("instructions") else None,
+                              sampling, info, call, context, violations, constraint=constraint)
+
+
+def build_chat_request(messages: list[Message], tools: list[ToolDefinition], effort: str | None,
+                       instructions: str | None, sampling: SamplingParams, info: ModelInfo, call: CallInfo, context,
+                       violations: Violations, *, messages_field: str = "messages",
+                       sampling_prefix: str = "sampling.", field_name=proto_field,
+                       constraint: TurnConstraint | None = None) -> GenerateRequest:
+    """Render converted chat input into an engine request (gRPC Chat and the OpenAI HTTP routes);
+    raises naming every bad field, those found while converting included. `field_name` turns a
+    render_prompt field into the request's own. `constraint`: structured output, already checked
+    (constraint_from_proto; check_constraint for other callers)."""
+    prompt: list[int] = []
+    if not violations.errors:
+        try:
+            prompt = render_prompt(messages, reasoning_effort=effort, tools=tools, instructions=instructions)
+        except HarmonyInputError as err:
+            violations.add(field_name(err.field), err.problem)
+        if len(prompt) >= info.context_length:
+            violations.add(messages_field, f"the rendered prompt has {len(prompt)} tokens, more than the context "
+                                           f"length {info.context_length} allows")
+    _check_sampling(sampling, max(1, min(len(prompt), info.context_length - 1)), info, violations, sampling_prefix)
+    if constraint is not None:
+        _check_constrained_sampling(sampling, violations, sampling_prefix)
     violations.raise_any()
     return _request(prompt, sampling, call, context, constraint)
 
@@ -338,21 +383,22 @@ def model_info_to_proto(info: ModelInfo) -> pb.GetModelInfoResponse:
 class _MethodMetrics:
     """One RPC method's labelled metric children, looked up once rather than on every chunk."""
 
-    def __init__(self, metrics: FrontdoorMetrics, method: str) -> None:
-        self.in_flight = metrics.requests_in_flight.labels(method)
-        self.prompt_tokens = metrics.prompt_tokens_total.labels(method)
-        self.completion_tokens = metrics.completion_tokens_total.labels(method)
-        self.ttft = metrics.time_to_first_token_seconds.labels(method)
-        self.itl = metrics.inter_token_latency_seconds.labels(method)
-        self.duration = metrics.request_duration_seconds.labels(method)
+    def __init__(self, metrics: FrontdoorMetrics, method: str, api: str = "grpc") -> None:
+        self.in_flight = metrics.requests_in_flight.labels(api, method)
+        self.prompt_tokens = metrics.prompt_tokens_total.labels(api, method)
+        self.completion_tokens = metrics.completion_tokens_total.labels(api, method)
+        self.ttft = metrics.time_to_first_token_seconds.labels(api, method)
+        self.itl = metrics.inter_token_latency_seconds.labels(api, method)
+        self.duration = metrics.request_duration_seconds.labels(api, method)
 
 
 class _Rpc:
     """Bookkeeping of one RPC: in-flight gauge, status code, latencies, token counters."""
 
-    def __init__(self, metrics: FrontdoorMetrics, method: str, children: _MethodMetrics) -> None:
+    def __init__(self, metrics: FrontdoorMetrics, method: str, children: _MethodMetrics, api: str = "grpc") -> None:
         self.metrics = metrics
         self.method = method
+        self.api = api
         self._m = children
         self.code = grpc.StatusCode.UNKNOWN
         self.start = time.perf_counter()
@@ -383,7 +429,7 @@ class _Rpc:
 
     def end(self) -> None:
         self._m.in_flight.dec()
-        self.metrics.requests_total.labels(self.method, errors.code_label(self.code)).inc()
+        self.metrics.requests_total.labels(self.api, self.method, errors.code_label(self.code)).inc()
         self._m.duration.observe(time.perf_counter() - self.start)
 
 
@@ -398,7 +444,8 @@ async def fail(context: grpc.aio.ServicerContext, err: BaseException, call: Call
     status = errors.status_for(err, request_id=call.request_id)
     bookkeeping.code = status.code
     if status.code == grpc.StatusCode.RESOURCE_EXHAUSTED and isinstance(bookkeeping, _Rpc):
-        bookkeeping.metrics.rejected_requests_total.labels(bookkeeping.method, status.reason or "").inc()
+        bookkeeping.metrics.rejected_requests_total.labels(bookkeeping.api, bookkeeping.method,
+                                                           status.reason or "").inc()
     call.logger(log).info("-> %s: %s", status.code.name, status.message)
     await announce(call, context)  # x-request-id first, as for every answer
     await context.abort_with_status(status.to_status())
@@ -466,12 +513,12 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         self._metrics = metrics
         self._admission = admission
         self._model_info = model_info_to_proto(info)
-        self._per_method: dict[str, _MethodMetrics] = {}
+        self._per_method: dict[tuple[str, str], _MethodMetrics] = {}
 
-    def _method_metrics(self, method: str) -> _MethodMetrics:
-        children = self._per_method.get(method)
+    def _method_metrics(self, method: str, api: str = "grpc") -> _MethodMetrics:
+        children = self._per_method.get((api, method))
         if children is None:
-            children = self._per_method[method] = _MethodMetrics(self._metrics, method)
+            children = self._per_method[(api, method)] = _MethodMetrics(self._metrics, method, api)
         return children
 
     async def close(self) -> None:
@@ -495,11 +542,22 @@ class InferenceServicer(pb_grpc.InferenceServicer):
     @rpc("Chat", streaming=True)
     async def Chat(self, request: pb.ChatRequest, context, call: CallInfo, bookkeeping: _Rpc):
         internal = chat_request_from_proto(request, self._info, call, context)
+        async with contextlib.aclosing(self.chat_events(internal, request.sampling.stop, request.return_token_ids,
+                                                        call, context, bookkeeping)) as events:
+            async for deltas, complete in events:
+                for delta in deltas:
+                    yield pb.ChatResponse(delta=delta)
+                if complete is not None:
+                    yield pb.ChatResponse(complete=complete)
+
+    async def chat_events(self, internal: GenerateRequest, stops, return_token_ids: bool, call: CallInfo, context,
+                          bookkeeping: _Rpc) -> AsyncIterator[tuple[list[pb.ChatDelta], pb.ChatComplete | None]]:
+        """The one chat path of both APIs: stream `internal` from a replica and parse the tokens
+        into deltas, counting and charging them; the last item carries the ChatComplete."""
         prompt_tokens = len(internal.prompt_token_ids)
         bookkeeping.prompt(prompt_tokens)
         self._charge(call, prompt_tokens)
-        stream = ChatStream(request.sampling.stop if not internal.sampling.ignore_stop else (),
-                            request.return_token_ids)
+        stream = ChatStream(stops if not internal.sampling.ignore_stop else (), return_token_ids)
         async with contextlib.aclosing(self._chunks(internal, call, context)) as chunks:
             async for chunk in chunks:
                 before = stream.completion_tokens
@@ -510,30 +568,43 @@ class InferenceServicer(pb_grpc.InferenceServicer):
                 used = stream.completion_tokens - before
                 bookkeeping.tokens(used)
                 self._charge(call, used)
-                for delta in deltas:
-                    yield pb.ChatResponse(delta=delta)
-                if finished:
-                    if stream.stop_sequence is not None:
-                        reason = pb.FINISH_REASON_STOP
-                    elif stream.ended_with_tool_call:
-                        reason = pb.FINISH_REASON_TOOL_CALL
-                    else:
-                        reason = FINISH_REASONS[chunk.finish_reason.value]
-                    yield pb.ChatResponse(complete=pb.ChatComplete(
-                        finish_reason=reason, stop_sequence=stream.stop_sequence or "",
-                        usage=usage_to_proto(prompt_tokens, stream.completion_tokens, chunk, stream.reasoning_tokens)))
-                    return
+                if not finished:
+                    yield deltas, None
+                    continue
+                if stream.stop_sequence is not None:
+                    reason = pb.FINISH_REASON_STOP
+                elif stream.ended_with_tool_call:
+                    reason = pb.FINISH_REASON_TOOL_CALL
+                else:
+                    reason = FINISH_REASONS[chunk.finish_reason.value]
+                yield deltas, pb.ChatComplete(
+                    finish_reason=reason, stop_sequence=stream.stop_sequence or "",
+                    usage=usage_to_proto(prompt_tokens, stream.completion_tokens, chunk, stream.reasoning_tokens))
+                return
 
     @rpc("Generate", streaming=True)
     async def Generate(self, request: pb.GenerateRequest, context, call: CallInfo, bookkeeping: _Rpc):
         internal = generate_request_from_proto(request, self._info, call, context)
+        send_text = bool(request.prompt_text or request.return_text)
+        async with contextlib.aclosing(self.generate_events(internal, request.sampling.stop, send_text,
+                                                            call, context, bookkeeping)) as events:
+            async for chunk, complete in events:
+                if chunk is not None:
+                    yield pb.GenerateResponse(chunk=chunk)
+                if complete is not None:
+                    yield pb.GenerateResponse(complete=complete)
+
+    async def generate_events(self, internal: GenerateRequest, stops, send_text: bool, call: CallInfo, context,
+                              bookkeeping: _Rpc
+                              ) -> AsyncIterator[tuple[pb.GenerateChunk | None, pb.GenerateComplete | None]]:
+        """The one raw-prompt path of both APIs: relay `internal`'s tokens (with text when asked,
+        cut at a stop sequence), counting and charging them; the last item has the complete."""
         prompt_tokens = len(internal.prompt_token_ids)
         bookkeeping.prompt(prompt_tokens)
         self._charge(call, prompt_tokens)
-        stops = tuple(request.sampling.stop) if not internal.sampling.ignore_stop else ()
+        stops = tuple(stops) if not internal.sampling.ignore_stop else ()
         matcher = StopMatcher(stops) if stops else None
-        decoder = load_tokenizer().stream_decoder() if (stops or request.prompt_text or request.return_text) else None
-        send_text = bool(request.prompt_text or request.return_text)
+        decoder = load_tokenizer().stream_decoder() if (stops or send_text) else None
         completion = 0
         async with contextlib.aclosing(self._chunks(internal, call, context)) as chunks:
             async for chunk in chunks:
@@ -553,17 +624,17 @@ class InferenceServicer(pb_grpc.InferenceServicer):
                 completion += len(ids)
                 bookkeeping.tokens(len(ids))
                 self._charge(call, len(ids))
-                if ids or text:
-                    yield pb.GenerateResponse(chunk=pb.GenerateChunk(
-                        token_ids=ids, text=text if send_text else "",
-                        logprobs=logprobs_to_proto(chunk.logprobs[:len(ids)])))
-                if finished:
-                    stopped = matcher.matched if matcher is not None else None
-                    reason = pb.FINISH_REASON_STOP if stopped else FINISH_REASONS[chunk.finish_reason.value]
-                    yield pb.GenerateResponse(complete=pb.GenerateComplete(
-                        finish_reason=reason, stop_sequence=stopped or "",
-                        usage=usage_to_proto(prompt_tokens, completion, chunk)))
-                    return
+                out = pb.GenerateChunk(token_ids=ids, text=text if send_text else "",
+                                       logprobs=logprobs_to_proto(chunk.logprobs[:len(ids)])) if ids or text else None
+                if not finished:
+                    if out is not None:
+                        yield out, None
+                    continue
+                stopped = matcher.matched if matcher is not None else None
+                reason = pb.FINISH_REASON_STOP if stopped else FINISH_REASONS[chunk.finish_reason.value]
+                yield out, pb.GenerateComplete(finish_reason=reason, stop_sequence=stopped or "",
+                                               usage=usage_to_proto(prompt_tokens, completion, chunk))
+                return
 
     @rpc("Tokenize", streaming=False)
     async def Tokenize(self, request: pb.TokenizeRequest, context, call: CallInfo, bookkeeping: _Rpc):

@@ -26,7 +26,7 @@ KEYS = {"acme": "acme-key-0123456789abcdef", "globex": "globex-key-0123456789abc
 
 
 def _door(ray_serving, tmp_path=None, **overrides):
-    config = load_config(env={}, overrides={"frontdoor.grpc_port": 0, "frontdoor.metrics_port": -1,
+    config = load_config(env={}, overrides={"frontdoor.grpc_port": 0, "frontdoor.http_port": -1, "frontdoor.metrics_port": -1,
                                             "frontdoor.grace_period_s": 5.0, **overrides})
     keys = ApiKeys(list(KEYS.items()), admin_tenants=["ops"])
     return BackgroundFrontdoor(ray_serving.handle, config.frontdoor, FrontdoorMetrics(CollectorRegistry()),
@@ -203,7 +203,7 @@ def test_unauthenticated_mode_is_refused_off_loopback(ray_serving):
     from cluster.config import ConfigError
     from cluster.frontdoor.server import FrontdoorServer
 
-    config = load_config(env={}, overrides={"frontdoor.host": "0.0.0.0", "frontdoor.grpc_port": 0,
+    config = load_config(env={}, overrides={"frontdoor.host": "0.0.0.0", "frontdoor.grpc_port": 0, "frontdoor.http_port": -1,
                                             "frontdoor.metrics_port": -1})
     with pytest.raises(ConfigError, match="frontdoor.auth"):
         FrontdoorServer(ray_serving.handle, config.frontdoor, FrontdoorMetrics(CollectorRegistry()),

@@ -74,7 +74,7 @@ def chunked(ids, size, finish=FinishReason.STOP, prompt_tokens=0):
 
 
 async def with_server(handle, body):
-    server = FrontdoorServer(handle, FrontdoorConfig(grpc_port=0, metrics_port=-1), FrontdoorMetrics(CollectorRegistry()))
+    server = FrontdoorServer(handle, FrontdoorConfig(grpc_port=0, metrics_port=-1, http_port=-1), FrontdoorMetrics(CollectorRegistry()))
     await server.start()
     try:
         async with grpc.aio.insecure_channel(server.grpc_target) as channel:

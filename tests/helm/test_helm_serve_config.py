@@ -145,7 +145,7 @@ def test_tiny_cpu_preset_serve_config_serves_a_request(ray_serving, tiny_checkpo
     try:
         (tmp_path / "config.yaml").write_text(one(objects, "ConfigMap", "-frontdoor")["data"]["config.yaml"])
         fd_config = load_config(tmp_path / "config.yaml", env={}, overrides={
-            "frontdoor.host": "127.0.0.1", "frontdoor.grpc_port": 0, "frontdoor.metrics_port": -1})
+            "frontdoor.host": "127.0.0.1", "frontdoor.grpc_port": 0, "frontdoor.metrics_port": -1, "frontdoor.http_port": -1})
         assert dataclasses.replace(fd_config.frontdoor, host="0.0.0.0", grpc_port=50051, metrics_port=9464) \
             == configs[name].frontdoor
         door = BackgroundFrontdoor(handle, fd_config.frontdoor, FrontdoorMetrics(CollectorRegistry()))

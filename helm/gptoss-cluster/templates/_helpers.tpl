@@ -92,6 +92,12 @@ configuration, validated by the same code (tests/helm/test_helm_serve_config.py 
 {{- $limits := dict "requests_per_s" $v.frontdoor.limits.requestsPerS "request_burst" $v.frontdoor.limits.requestBurst "tokens_per_s" $v.frontdoor.limits.tokensPerS "token_burst" $v.frontdoor.limits.tokenBurst -}}
 {{- $frontdoor := dict "host" "0.0.0.0" "grpc_port" $v.frontdoor.grpcPort "metrics_port" $v.frontdoor.metricsPort "grace_period_s" $v.frontdoor.gracePeriodS "max_concurrent_rpcs" $v.frontdoor.maxConcurrentRpcs "load_poll_interval_s" $v.frontdoor.loadPollIntervalS "auth" $auth "limits" $limits -}}
 {{- if $tls }}{{ $_ := set $frontdoor "tls" $tls }}{{ end -}}
+{{- $_ := set $frontdoor "http_port" (ternary (int $v.frontdoor.http.port) -1 $v.frontdoor.http.enabled) -}}
+{{- $r := $v.frontdoor.responses -}}
+{{- $responses := dict "kind" (ternary "redis" $r.store $r.redis.bundled.enabled) "ttl_s" $r.ttlS "max_response_bytes" (int $r.maxResponseBytes) -}}
+{{- if $r.redis.bundled.enabled }}{{ $_ := set $responses "redis_url" (printf "redis://%s-redis:6379/0" (include "gptoss-cluster.fullname" $)) }}
+{{- else if and $r.redis.url (not $r.redis.existingSecret) }}{{ $_ := set $responses "redis_url" $r.redis.url }}{{ end -}}
+{{- $_ := set $frontdoor "responses" $responses -}}
 {{- $config := dict "model" $model "engine" $engine "serving" $serving "parallel" $parallel "frontdoor" $frontdoor "log_level" $v.logLevel "cache_dir" "/tmp/gptoss-cache" -}}
 {{- toYaml $config }}
 {{- end }}
