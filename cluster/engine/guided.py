@@ -30,7 +30,7 @@ import torch
 
 from cluster.engine.errors import InvalidRequestError
 from cluster.harmony.structured import (CONSTRAINED_STOP_TOKEN_IDS, ConstraintError, TurnConstraint, check_constraint,
-                                        grammar_tokenizer, parser_limits, token_bytes)
+                                        grammar_tokenizer, parser_limits, token_bytes, turn_grammar)
 from cluster.harmony.tokenizer import VOCAB_SIZE
 
 log = logging.getLogger(__name__)
@@ -76,7 +76,7 @@ class GuideCompiler:
 
     def compile(self, constraint: TurnConstraint, max_tokens: int) -> Guide:
         try:
-            grammar = check_constraint(constraint, max_tokens)
+            grammar = turn_grammar(constraint, max_tokens)
         except ConstraintError as err:
             raise InvalidRequestError(err.field, err.problem) from None
         with self._lock:
@@ -84,15 +84,23 @@ class GuideCompiler:
             if template is not None:
                 self._cache.move_to_end(grammar)
         if template is None:
-            template = llguidance.LLMatcher(grammar_tokenizer(), grammar, log_level=0, limits=parser_limits())
-            if template.is_error():
-                field = f"{constraint.field_prefix}.schema"
-                raise InvalidRequestError(field, template.get_error().splitlines()[0][:500])
+            template = self._compile(constraint, max_tokens)
             with self._lock:
                 self._cache[grammar] = template
                 while len(self._cache) > self._cache_size:
                     self._cache.popitem(last=False)
         return Guide(template.deep_copy())
+
+    @staticmethod
+    def _compile(constraint: TurnConstraint, max_tokens: int) -> llguidance.LLMatcher:
+        try:
+            grammar = check_constraint(constraint, max_tokens)  # names the field of a bad part
+        except ConstraintError as err:
+            raise InvalidRequestError(err.field, err.problem) from None
+        matcher = llguidance.LLMatcher(grammar_tokenizer(), grammar, log_level=0, limits=parser_limits())
+        if matcher.is_error():
+            raise InvalidRequestError(f"{constraint.field_prefix}.schema", matcher.get_error().splitlines()[0][:500])
+        return matcher
 
     def shutdown(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
