@@ -83,8 +83,7 @@ async def _run(handle, config) -> None:
 
     from cluster.frontdoor.server import FrontdoorServer
 
-    server = FrontdoorServer(handle, config.frontdoor, default_max_tokens=config.engine.default_max_tokens,
-                             gpus_per_replica=config.serving.num_gpus)
+    server = FrontdoorServer(handle, config.frontdoor)
     await server.start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

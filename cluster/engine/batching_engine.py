@@ -21,7 +21,8 @@ from cluster.engine.core import EngineConfig, EngineCore
 from cluster.engine.protocol import EngineStats
 from cluster.engine.request import (FinishReason, GenerateRequest, ModelLimits, TokenChunk, resolved_length_and_stops,
                                     validate_request)
-from cluster.engine.sequence import HARMONY_STOP_TOKEN_IDS, EndReason, SamplingSettings
+from cluster.engine.sequence import EndReason, SamplingSettings
+from cluster.harmony.tokenizer import load_tokenizer
 
 FINISH_REASONS = {EndReason.STOP: FinishReason.STOP, EndReason.LENGTH: FinishReason.LENGTH}
 
@@ -29,12 +30,14 @@ FINISH_REASONS = {EndReason.STOP: FinishReason.STOP, EndReason.LENGTH: FinishRea
 class BatchingEngine:
     supports_logprobs = True
 
-    def __init__(self, engine: AsyncEngine, *, stop_token_ids: tuple[int, ...] = HARMONY_STOP_TOKEN_IDS,
+    def __init__(self, engine: AsyncEngine, *, stop_token_ids: tuple[int, ...] | None = None,
                  default_max_tokens: int = 256, chunk_interval_s: float = 0.01) -> None:
+        """`stop_token_ids`: the stop ids of a request that names none; None: the end of a harmony
+        assistant turn (HarmonyTokenizer.turn_end_ids: <|return|>, <|call|>)."""
         self._engine = engine
         config = engine.core.model.config
         self.limits = ModelLimits(vocab_size=config.vocab_size, context_length=config.max_position_embeddings)
-        self._stop_token_ids = tuple(stop_token_ids)
+        self._stop_token_ids = load_tokenizer().turn_end_ids if stop_token_ids is None else tuple(stop_token_ids)
         self._default_max_tokens = default_max_tokens
         self._chunk_interval_s = chunk_interval_s
         self._ids = itertools.count()

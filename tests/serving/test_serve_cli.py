@@ -12,7 +12,11 @@ import time
 import urllib.request
 from pathlib import Path
 
+import grpc
 import pytest
+
+from gptoss.v1 import inference_pb2 as pb
+from gptoss.v1.inference_pb2_grpc import InferenceStub
 
 pytestmark = pytest.mark.slow
 
@@ -132,11 +136,17 @@ def test_serve_with_ep_size_2_answers_and_exits_cleanly_on_sigterm(tmp_path, sho
     the CLI client gets its tokens, /metrics shows the expert load, SIGTERM takes the worker down too."""
     grpc_port, metrics_port = free_port(), free_port()
     env = dict(os.environ, GPTOSS_CACHE_DIR=str(tmp_path / "cache"), GPTOSS_RAY_TEMP_DIR=str(short_tmp),
-               GPTOSS_RAY_NUM_CPUS="2", GPTOSS_FRONTDOOR_LOAD_POLL_INTERVAL_S="0.5")
+               GPTOSS_RAY_NUM_CPUS="2", GPTOSS_FRONTDOOR_LOAD_POLL_INTERVAL_S="0.5",
+               GPTOSS_ENGINE_DEFAULT_MAX_TOKENS="48")
     serve, _ = start_serve(env, grpc_port, metrics_port, "--ep-size", "2")
     try:
         workers = [pid for pid in descendants(serve.pid) if "ExpertWorker" in process_table().get(pid, (0, ""))[1]]
         assert len(workers) == 1, "one expert worker (rank 1) beside the replica (rank 0)"
+
+        with grpc.insecure_channel(f"127.0.0.1:{grpc_port}") as channel:
+            info = InferenceStub(channel).GetModelInfo(pb.GetModelInfoRequest(), timeout=30)
+        assert (info.parallel.expert_parallel_size, info.parallel.tensor_parallel_size) == (2, 2)
+        assert info.default_max_tokens == 48  # as configured, not 0
 
         assert len(cli_generate(env, grpc_port)) == 4
         # 3 prompt + 3 fed-back tokens through the tiny model's top-4 routing: 24 per layer
