@@ -45,6 +45,10 @@ class ScriptedResponse:
 
 
 class ScriptedHandle:
+    """Stands in for a Serve DeploymentHandle (generate streams scripted per test)."""
+
+    app_name, deployment_name = "scripted", "ScriptedReplica"
+
     def __init__(self, response_factory):
         self.requests, self.responses = [], []
         self._factory = response_factory
@@ -74,7 +78,8 @@ def chunked(ids, size, finish=FinishReason.STOP, prompt_tokens=0):
 
 
 async def with_server(handle, body):
-    server = FrontdoorServer(handle, FrontdoorConfig(grpc_port=0, metrics_port=-1), FrontdoorMetrics(CollectorRegistry()))
+    server = FrontdoorServer(handle, FrontdoorConfig(grpc_port=0, metrics_port=-1), FrontdoorMetrics(CollectorRegistry()),
+                             bind_to_loop=False)
     await server.start()
     try:
         async with grpc.aio.insecure_channel(server.grpc_target) as channel:
