@@ -28,7 +28,7 @@ import pytest
 
 from cluster.engine.request import GenerateRequest, SamplingParams
 from cluster.serving.direct_stream import METHOD, TOKEN_HEADER, DirectAddress
-from cluster.serving.handles import request_router
+from cluster.serving.serve_internals import request_router
 from gptoss.v1 import admin_pb2
 from gptoss.v1 import inference_pb2 as pb
 from tests.frontdoor.status_details import details, retry_delay_s
