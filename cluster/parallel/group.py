@@ -52,6 +52,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def _ray_node() -> str:
+    """This process's Ray node id ("" outside Ray): ranks share memory only within one node."""
+    try:
+        import ray
+
+        return ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""
+    except Exception:  # noqa: BLE001 - no Ray context: a single-host test group
+        return ""
+
+
 def node_ip() -> str:
     try:
         import ray
@@ -288,8 +298,8 @@ class ShardRuntime:
         dist.all_reduce(warm)  # every rank is here: the group works
         if int(warm.item()) != spec.world:
             raise RuntimeError(f"warm-up all_reduce gave {warm.item()}, expected {spec.world}")
-        if spec.backend == "gloo" and spec.world > 1:  # None unless every rank maps one /dev/shm file
-            self.comm.use_shm(join_shm(store, rank, spec.world, spec.timeout_s))
+        if spec.backend == "gloo" and spec.world > 1:  # None unless every rank is on one node
+            self.comm.use_shm(join_shm(store, rank, spec.world, spec.timeout_s, node=_ray_node()))
 
     def execute(self, batch: PagedBatch) -> torch.Tensor:
         # CPU rank 0 runs its layers on the workers' thread count: more threads there contend for

@@ -66,3 +66,15 @@ def request_router(handle: DeploymentHandle):
         return getattr(asyncio_router, "request_router", None)
     except Exception:  # noqa: BLE001 - a lazily built router that fails to build is Serve's to report
         return None
+
+
+def replica_assignment(response) -> "asyncio.Future | None":
+    """The future that completes once Serve's router has given a handle call (a
+    DeploymentResponse or DeploymentResponseGenerator) a replica, or None where there is none to
+    be had (a test double, or Serve's internals changed): the caller then cannot bound that wait."""
+    import concurrent.futures
+
+    future = getattr(response, "_replica_result_future", None)
+    if isinstance(future, concurrent.futures.Future):
+        return asyncio.wrap_future(future)
+    return future if isinstance(future, asyncio.Future) else None
