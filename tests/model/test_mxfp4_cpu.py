@@ -104,3 +104,18 @@ def test_fused_experts_keep_transformers_parity(checkpoint_dir, monkeypatch):
         got = ours(ids, ours.new_cache(ids.shape[1] + 8))
         assert ours.blocks[0].mlp._fused_kernel_applies(ids.float())
     assert (got - expected).abs().max().item() < 1e-4
+
+
+def test_kernel_threads_follow_the_callers_torch_threads():
+    """Under Ray an actor gives torch its CPU share; the kernel must not run more threads than that."""
+    import numba
+
+    gen = torch.Generator().manual_seed(3)
+    blocks, scales = _packed(gen, 1, 8, 32)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        mxfp4_cpu.grouped_matmul(blocks, scales, torch.randn(1, 32), torch.tensor([0]), torch.tensor([0, 1]))
+        assert numba.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
