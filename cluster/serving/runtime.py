@@ -249,9 +249,9 @@ def start_serving(config: ClusterConfig) -> ServingRuntime:
     started_ray = start_ray(config)
     try:
         handle = deploy(config)
-    except BaseException:
-        if started_ray:  # deploy() removed the app; this stops the controller with the rest of Ray (see stop)
-            ray.shutdown()
+    except BaseException:  # deploy() removed the app already; a Ray started here goes too
+        if started_ray:
+            ray.shutdown()  # not serve.shutdown(): see ServingRuntime.stop
         raise
     return ServingRuntime(config=config, handle=handle, started_ray=started_ray,
                           ray_notice=ray_notice(config, started_ray))
