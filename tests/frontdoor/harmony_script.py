@@ -88,6 +88,8 @@ class HarmonyScriptHandle:
     chunk_tokens: tokens per chunk (0: the whole turn in one chunk); delay_s before each chunk;
     endless: after the turn, keep streaming filler so a test can cancel mid-stream."""
 
+    app_name, deployment_name = "scripted", "HarmonyScript"  # the labels of the front door's stream metrics
+
     def __init__(self, chunk_tokens: int = 3, delay_s: float = 0.0, cached_tokens: int = 0,
                  endless: bool = False) -> None:
         self.requests, self.responses = [], []

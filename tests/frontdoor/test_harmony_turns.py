@@ -12,6 +12,7 @@ with <|return|> or <|call|>. It plugs in where expert parallelism plugs its work
 from __future__ import annotations
 
 import asyncio
+import itertools
 
 import openai_harmony as oh
 import pytest
@@ -53,36 +54,48 @@ def harmony_turn(messages: list[oh.Message]) -> list[list[int]]:
 
 
 class ScriptedForward:
-    """The model's forward for one request at a time: all probability on the next token of `completion`.
+    """The model's forward for one request at a time: hidden states whose unembedding puts the
+    highest logit on the next token of `completion`.
+
+    A forward returns hidden states; the engine's runner unembeds them with the model's own
+    unembedding. So the script writes that weight: each token of the completion gets a distinct
+    pair of hidden dimensions (row = e_i + e_j), every other row is zero, and the hidden state for
+    a token is its own pair. Its logit is then 2, any other scripted token's at most 1, the rest 0.
 
     The first row it samples is the prompt's last position; each later position is one more
     completion token. Asked for more tokens than the script has, it fails the step (the engine
     should have stopped)."""
 
-    def __init__(self, completion: list[int], vocab_size: int) -> None:
-        self.completion, self.vocab_size = completion, vocab_size
+    def __init__(self, completion: list[int], model) -> None:
+        self.completion = completion
         self.first_position: int | None = None
+        hidden_size = model.config.hidden_size
+        pairs = itertools.combinations(range(hidden_size), 2)
+        self.codes: dict[int, torch.Tensor] = {}
+        weight = model.unembedding.weight
+        with torch.no_grad():
+            weight.zero_()
+            for token in dict.fromkeys(completion):
+                i, j = next(pairs)
+                code = torch.zeros(hidden_size)
+                code[i] = code[j] = 1.0
+                weight[token] = code
+                self.codes[token] = code
 
     def factory(self, spec, num_blocks):  # EngineCore's forward_factory
         return self
 
     def __call__(self, batch: PagedBatch) -> torch.Tensor:
         positions = batch.positions[batch.logits_indices].tolist()
-        logits = torch.full((len(positions), self.vocab_size), float("-inf"))
-        for row, position in enumerate(positions):
+        rows = []
+        for position in positions:
             if self.first_position is None:
                 self.first_position = position
             step = position - self.first_position
             assert step < len(self.completion), \
                 f"the engine asked for token {step + 1} of a {len(self.completion)}-token script"
-            logits[row, self.completion[step]] = 0.0
-        return logits
-
-
-@pytest.fixture(scope="module")
-def tiny_model():
-    # Only its shape is used (cache layout, vocabulary size): ScriptedForward replaces its forward.
-    return GptOssModel(GptOssConfig.from_preset("tiny"))
+            rows.append(self.codes[self.completion[step]])
+        return torch.stack(rows)  # [R, H]
 
 
 class EngineResponse:
@@ -99,7 +112,7 @@ class EngineResponse:
 
 
 def chat(model, completion: list[int], request: pb.ChatRequest) -> list[pb.ChatResponse]:
-    forward = ScriptedForward(completion, model.config.vocab_size)
+    forward = ScriptedForward(completion, model)
     engine = BatchingEngine(AsyncEngine(EngineCore(model, EngineConfig(block_size=16), forward.factory)),
                             chunk_interval_s=0.0)
     try:
@@ -176,7 +189,7 @@ def test_commentary_preamble_then_final_answer(tiny_model):
 
 
 def generate(model, completion: list[int], request: pb.GenerateRequest) -> list[pb.GenerateResponse]:
-    forward = ScriptedForward(completion, model.config.vocab_size)
+    forward = ScriptedForward(completion, model)
     engine = BatchingEngine(AsyncEngine(EngineCore(model, EngineConfig(block_size=16), forward.factory)),
                             chunk_interval_s=0.0)
     try:
