@@ -91,6 +91,7 @@ class HarmonyScriptHandle:
     def __init__(self, chunk_tokens: int = 3, delay_s: float = 0.0, cached_tokens: int = 0,
                  endless: bool = False) -> None:
         self.requests, self.responses = [], []
+        self.app_name, self.deployment_name = "scripted", "ScriptedReplica"  # as a DeploymentHandle names them
         self.chunk_tokens, self.delay_s, self.cached_tokens, self.endless = chunk_tokens, delay_s, cached_tokens, endless
         handle = self
 
@@ -162,7 +163,8 @@ class ThreadedFrontdoor:
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, name="frontdoor", daemon=True)
         self.thread.start()
-        self.server = FrontdoorServer(handle, config, FrontdoorMetrics(CollectorRegistry()), api_keys=api_keys)
+        self.server = FrontdoorServer(handle, config, FrontdoorMetrics(CollectorRegistry()), api_keys=api_keys,
+                                      bind_to_loop=False)  # a scripted handle, not a Serve one
         self.call(self.server.start())
 
     def call(self, coro, timeout: float = 60.0):
