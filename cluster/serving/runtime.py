@@ -264,10 +264,9 @@ def start_serving(config: ClusterConfig) -> ServingRuntime:
     started_ray = start_ray(config)
     try:
         handle = deploy(config)
-    except BaseException:
+    except BaseException:  # deploy() removed the app already; a Ray started here goes too
         if started_ray:
-            serve.shutdown()
-            ray.shutdown()
+            ray.shutdown()  # not serve.shutdown(): see ServingRuntime.stop
         raise
     return ServingRuntime(config=config, handle=handle, started_ray=started_ray,
                           ray_notice=ray_notice(config, started_ray))

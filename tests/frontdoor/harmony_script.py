@@ -91,7 +91,6 @@ class HarmonyScriptHandle:
     def __init__(self, chunk_tokens: int = 3, delay_s: float = 0.0, cached_tokens: int = 0,
                  endless: bool = False) -> None:
         self.requests, self.responses = [], []
-        self.app_name, self.deployment_name = "scripted", "ScriptedReplica"  # as a DeploymentHandle names them
         self.chunk_tokens, self.delay_s, self.cached_tokens, self.endless = chunk_tokens, delay_s, cached_tokens, endless
         handle = self
 
@@ -136,7 +135,7 @@ async def _serve(config_json: str) -> None:
 
     overrides = json.loads(config_json)
     config = load_config(None, overrides=overrides).frontdoor
-    server = FrontdoorServer(HarmonyScriptHandle(), config, FrontdoorMetrics(CollectorRegistry()))
+    server = FrontdoorServer(HarmonyScriptHandle(), config, FrontdoorMetrics(CollectorRegistry()), bind_to_loop=False)
     await server.start()
     print(f"READY {server.http_port} {server.grpc_port} {server.metrics_port}", flush=True)
     await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)
@@ -164,7 +163,7 @@ class ThreadedFrontdoor:
         self.thread = threading.Thread(target=self.loop.run_forever, name="frontdoor", daemon=True)
         self.thread.start()
         self.server = FrontdoorServer(handle, config, FrontdoorMetrics(CollectorRegistry()), api_keys=api_keys,
-                                      bind_to_loop=False)  # a scripted handle, not a Serve one
+                                     bind_to_loop=False)  # a scripted handle: no Serve router to bind
         self.call(self.server.start())
 
     def call(self, coro, timeout: float = 60.0):

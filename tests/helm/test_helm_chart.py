@@ -227,7 +227,7 @@ def test_http_api_port_service_and_ingress_path_with_sse_unbuffered():
     assert annotations["nginx.ingress.kubernetes.io/proxy-buffering"] == "off"
     path = ingress["spec"]["rules"][0]["http"]["paths"][0]
     assert path["path"] == "/v1" and path["backend"]["service"]["port"]["name"] == "http"
-    policy_ports = [p["port"] for rule in one(objects, "NetworkPolicy")["spec"]["ingress"] for p in rule.get("ports", [])]
+    policy_ports = [p["port"] for rule in one(objects, "NetworkPolicy", "-frontdoor")["spec"]["ingress"] for p in rule.get("ports", [])]
     assert 8088 in policy_ports
     off = render(**{"frontdoor.http.enabled": "false", "frontdoor.ingress.enabled": "true"})
     config = yaml.safe_load(one(off, "ConfigMap", "-frontdoor")["data"]["config.yaml"])
