@@ -100,6 +100,8 @@ class LoadPlan:
     ignore_stop: bool = True  # generate exactly max_tokens, so lengths are the workload's
     max_in_flight: int | None = None  # open loop only: a safety cap (then it is no longer open)
     seed: int = 0
+    temperature: float = 0.0  # 0: greedy
+    top_p: float | None = None  # None: not sent (the server's default, 1)
 
     def check(self) -> "LoadPlan":
         if (self.concurrency is None) == (self.rate is None):
@@ -114,7 +116,18 @@ class LoadPlan:
             raise ValueError(f"num_requests must be >= 1, got {self.num_requests}")
         if self.duration_s is not None and not self.duration_s > 0:
             raise ValueError(f"duration must be > 0, got {self.duration_s}")
+        if not 0 <= self.temperature <= 100:
+            raise ValueError(f"temperature must be in [0, 100], got {self.temperature}")
+        if self.top_p is not None and not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         return self
+
+    def request_seed(self, index: int) -> int | None:
+        """Request `index`'s sampling seed, derived from `seed` so a sampled run can be repeated
+        stream for stream; None when greedy (nothing to seed)."""
+        if self.temperature == 0:
+            return None
+        return random.Random(f"sampling-{self.seed}-{index}").getrandbits(63)
 
 
 @dataclass
@@ -124,18 +137,27 @@ class RunResult:
     warmup: list[RequestRecord] = field(default_factory=list)
 
 
-def build_request(spec: RequestSpec, api: str, ignore_stop: bool):
-    sampling = pb.SamplingParams(max_tokens=spec.max_tokens, ignore_stop=ignore_stop)
-    if api == "generate":
+def build_request(spec: RequestSpec, plan: LoadPlan, index: int):
+    seed = plan.request_seed(index)
+    sampling = pb.SamplingParams(max_tokens=spec.max_tokens, ignore_stop=plan.ignore_stop,
+                                 temperature=plan.temperature, top_p=plan.top_p, seed=seed)
+    if plan.api == "generate":
         return pb.GenerateRequest(prompt_token_ids=spec.prompt_token_ids, sampling=sampling)
     messages = [pb.ChatMessage(role=ROLES[role], content=content) for role, content in spec.messages]
     return pb.ChatRequest(messages=messages, sampling=sampling, reasoning_effort=pb.REASONING_EFFORT_LOW)
 
 
-def http_request(spec: RequestSpec, api: str, ignore_stop: bool, model: str) -> tuple[str, dict]:
-    """(route, body) of an HTTP API request; streamed, greedy, low reasoning effort as the gRPC
-    Chat of build_request; `ignore_eos` is the server's extension that ignores stop tokens."""
-    common = {"model": model, "stream": True, "temperature": 0, "ignore_eos": ignore_stop}
+def http_request(spec: RequestSpec, plan: LoadPlan, index: int, model: str) -> tuple[str, dict]:
+    """(route, body) of an HTTP API request; streamed, low reasoning effort and the same sampling
+    as the gRPC request of build_request. temperature is always sent (OpenAI's default is 1, not
+    greedy); `ignore_eos` is the server's (and vLLM's) extension that ignores stop tokens."""
+    common = {"model": model, "stream": True, "temperature": plan.temperature, "ignore_eos": plan.ignore_stop}
+    if plan.top_p is not None:
+        common["top_p"] = plan.top_p
+    seed = plan.request_seed(index)
+    if seed is not None:
+        common["seed"] = seed
+    api = plan.api
     if api == "completions":
         return "/v1/completions", {**common, "prompt": list(spec.prompt_token_ids), "max_tokens": spec.max_tokens,
                                    "stream_options": {"include_usage": True}}
@@ -202,7 +224,7 @@ class LoadGenerator:
         spec = self.workload.request(index)
         stub = self._stubs[index % len(self._stubs)]
         request_id = f"bench-{'w' if warmup else 'r'}{index}"
-        request = build_request(spec, self.plan.api, self.plan.ignore_stop)
+        request = build_request(spec, self.plan, index)
         method = stub.Generate if self.plan.api == "generate" else stub.Chat
         record = RequestRecord(index=index, session_id=spec.session_id)
         stamps: list[float] = []
@@ -241,7 +263,7 @@ class LoadGenerator:
         import aiohttp
 
         spec = self.workload.request(index)
-        route, body = http_request(spec, self.plan.api, self.plan.ignore_stop, self._model)
+        route, body = http_request(spec, self.plan, index, self._model)
         headers = dict(self.connection.call_metadata(spec.session_id, f"bench-{'w' if warmup else 'r'}{index}"))
         headers["x-request-timeout"] = str(self.plan.timeout_s)
         record = RequestRecord(index=index, session_id=spec.session_id)

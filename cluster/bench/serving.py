@@ -42,9 +42,17 @@ def add_parser(commands) -> None:
     w.add_argument("--prefix-groups", type=int, default=0, help="groups of requests sharing a prompt prefix")
     w.add_argument("--prefix-len", type=int, default=0, help="tokens of each group's shared prefix")
     w.add_argument("--sessions", type=int, default=0, help="session ids to spread requests over (x-session-id)")
-    w.add_argument("--honor-stop", action="store_true", help="let stop tokens end streams early "
-                                                             "(default: ignore_stop, exact output lengths)")
-    w.add_argument("--seed", type=int, default=0, help="workload and arrival seed (default 0)")
+    w.add_argument("--seed", type=int, default=0,
+                   help="seed of the workload, the arrivals and, when sampling, each request's sampling seed "
+                        "(default 0)")
+    s = p.add_argument_group("sampling (the same on every --api)")
+    s.add_argument("--ignore-eos", action=argparse.BooleanOptionalAction, default=True,
+                   help="generate exactly the requested output lengths, ignoring stop tokens, as vLLM's "
+                        "`vllm bench serve --ignore-eos` (default on here, off in vLLM's tool); "
+                        "--no-ignore-eos lets stop tokens end streams early")
+    s.add_argument("--honor-stop", dest="ignore_eos", action="store_false", help=argparse.SUPPRESS)  # old name
+    s.add_argument("--temperature", type=float, default=0.0, help="softmax temperature; 0 is greedy (default 0)")
+    s.add_argument("--top-p", type=float, help="nucleus sampling in (0, 1] (default: not sent, the server's 1)")
     c = p.add_argument_group("connection")
     c.add_argument("--tls", action="store_true", help="connect with TLS")
     c.add_argument("--ca-cert", help="PEM CA bundle for --tls (default: system roots)")
@@ -130,8 +138,8 @@ def run(args: argparse.Namespace) -> int:
         try:
             plan = LoadPlan(api=args.api, concurrency=concurrency, rate=rate, num_requests=num_requests,
                             duration_s=args.duration, warmup_requests=args.warmup, timeout_s=args.timeout,
-                            ignore_stop=not args.honor_stop, max_in_flight=args.max_in_flight,
-                            seed=args.seed).check()
+                            ignore_stop=args.ignore_eos, max_in_flight=args.max_in_flight,
+                            seed=args.seed, temperature=args.temperature, top_p=args.top_p).check()
         except ValueError as err:
             return _fail(str(err))
         title = f"{args.api} @ {f'{rate:g} req/s (open loop)' if rate else f'concurrency {concurrency}'}"
@@ -154,6 +162,8 @@ def run(args: argparse.Namespace) -> int:
         print(format_sweep(summaries))
     if args.json_path:
         doc = {"target": args.target, "api": args.api, "workload": workload.describe(),
+               "sampling": {"temperature": args.temperature, "top_p": args.top_p, "ignore_eos": args.ignore_eos,
+                            "seed": args.seed if args.temperature else None},
                "runs": [dict(summary=s, records=[record_to_json(r) for r in res.records]) for s, res in runs]}
         with open(args.json_path, "w") as f:
             json.dump(_clean(doc), f)

@@ -76,6 +76,21 @@ _auth_notice_filter = _DropDefaultAuthNotice()
 # up to 5 s for them by default; after a SIGTERM to the whole process group the GCS is gone already.
 LOCAL_RAY_SYSTEM_CONFIG = {"task_events_shutdown_flush_timeout_ms": 500}
 
+# Ray starts every worker process (our replica actors, and so the engine processes they spawn,
+# which inherit it) at nice 15 unless told otherwise, while the front door runs at 0: on a box
+# where both share the cores, the engine then loses the CPU to the serving path. Workers run at
+# the front door's priority instead (docs/performance.md, "Process priorities"). An explicit
+# RAY_worker_niceness in the environment is the operator's choice and is left to win.
+WORKER_NICENESS = 0
+_WORKER_NICENESS_VAR = "RAY_worker_niceness"
+
+
+def local_ray_system_config() -> dict:
+    """The _system_config of a Ray that start_ray starts itself."""
+    if _WORKER_NICENESS_VAR in os.environ:
+        return dict(LOCAL_RAY_SYSTEM_CONFIG)
+    return {**LOCAL_RAY_SYSTEM_CONFIG, "worker_niceness": WORKER_NICENESS}
+
 
 def start_ray(config: ClusterConfig) -> bool:
     """Connect to config.ray.address, or start a quiet local Ray. Returns True if started here.
@@ -100,7 +115,7 @@ def start_ray(config: ClusterConfig) -> bool:
         kwargs["_temp_dir"] = str(config.ray.temp_dir)
     with _single_machine_ray():
         ray.init(address="local", num_cpus=config.ray.num_cpus or os.cpu_count() or 2, include_dashboard=False,
-                 logging_level=ray_level, log_to_driver=verbose, _system_config=LOCAL_RAY_SYSTEM_CONFIG, **kwargs)
+                 logging_level=ray_level, log_to_driver=verbose, _system_config=local_ray_system_config(), **kwargs)
     return True
 
 

@@ -93,6 +93,7 @@ class HarmonyScriptHandle:
     def __init__(self, chunk_tokens: int = 3, delay_s: float = 0.0, cached_tokens: int = 0,
                  endless: bool = False) -> None:
         self.requests, self.responses = [], []
+        self.app_name, self.deployment_name = "scripted", "ScriptedReplica"  # as a DeploymentHandle names them
         self.chunk_tokens, self.delay_s, self.cached_tokens, self.endless = chunk_tokens, delay_s, cached_tokens, endless
         handle = self
 

@@ -145,6 +145,15 @@ is set here too so the front door pods, which join with `ray start`, and exec'd 
 {{- end }}
 
 {{/*
+gptoss-cluster.rayWorkerEnv: the environment of the Ray head and worker containers that sets the
+priority of Ray's worker processes (replicas and the engine processes they start), ray.workerNiceness;
+Ray's default, 15, would run the engine below the daemons and serving path sharing its cores.
+*/}}
+{{- define "gptoss-cluster.rayWorkerEnv" -}}
+- {name: RAY_worker_niceness, value: {{ .Values.ray.workerNiceness | int | quote }}}
+{{- end }}
+
+{{/*
 gptoss-cluster.releasePods: a NetworkPolicy peer matching this release's Ray pods and front doors.
 */}}
 {{- define "gptoss-cluster.releasePods" -}}
