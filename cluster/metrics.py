@@ -160,6 +160,25 @@ def router_metrics() -> RouterMetrics:
     return _process_metrics[RouterMetrics]
 
 
+class ServeInternalsMetrics:
+    """Ray Serve internals the direct path needs but did not find (cluster/serving/serve_internals.py);
+    counted in the process that looked them up (the front door)."""
+
+    def __init__(self, registry: CollectorRegistry = REGISTRY) -> None:
+        self.unavailable_total = Counter(
+            "gptoss_serve_internal_unavailable_total",
+            "Lookups of a Ray Serve private attribute that was not there (after a Ray upgrade), by "
+            "item; while it grows, requests take the slower Serve handle path instead of the direct one.",
+            ["item"], registry=registry)
+
+
+def serve_internals_metrics() -> ServeInternalsMetrics:
+    """The process's ServeInternalsMetrics on the default registry."""
+    if _process_metrics.get(ServeInternalsMetrics) is None:
+        _process_metrics[ServeInternalsMetrics] = ServeInternalsMetrics()
+    return _process_metrics[ServeInternalsMetrics]
+
+
 class _Registries:
     """Collects several registries as one, for one /metrics page."""
 

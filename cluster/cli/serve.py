@@ -60,6 +60,7 @@ async def _serve(runtime, config) -> None:
     http = server.http_url if server.http_port is not None else "off"
     print(f"gptoss-cluster: serving {server.info.model_name} | gRPC {server.grpc_target} | HTTP {http} | "
           f"metrics {metrics}", flush=True)
+    print(f"gptoss-cluster: {runtime.ray_notice}", flush=True)
     await stop.wait()
     print("gptoss-cluster: shutting down", flush=True)
     await server.stop()

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 
 from cluster.engine.core import EngineCore, EngineCoreStats, StepOutput
 from cluster.engine.errors import DeadlineExceededError, EngineDead, EngineOverloadedError, RequestTooLong, retry_after_s
+from cluster.engine.guided import Guide
 from cluster.engine.request import TokenLogprobs
 from cluster.engine.sequence import EndReason, SamplingSettings, Sequence
 
@@ -123,10 +124,12 @@ class AsyncEngine:
             self._wake.notify()
 
     async def generate(self, prompt_token_ids: list[int], sampling: SamplingSettings,
-                       request_id: str | None = None, deadline_s: float | None = None) -> AsyncIterator[SequenceChunk]:
+                       request_id: str | None = None, deadline_s: float | None = None,
+                       guide: Guide | None = None) -> AsyncIterator[SequenceChunk]:
         """Stream chunks of new tokens. Raises EngineOverloadedError/RequestTooLong/ValueError before the
         first chunk, and DeadlineExceededError if `deadline_s` (epoch seconds) passes while it is queued."""
-        seq = Sequence(request_id or f"req-{next(self._ids)}", list(prompt_token_ids), sampling, deadline_s=deadline_s)
+        seq = Sequence(request_id or f"req-{next(self._ids)}", list(prompt_token_ids), sampling, deadline_s=deadline_s,
+                       guide=guide)
         stream = self.submit(seq)
         finished = failed = False
         try:

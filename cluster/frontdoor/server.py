@@ -115,9 +115,13 @@ class _NoBookkeeping:
 
 class FrontdoorServer:
     def __init__(self, handle: DeploymentHandle, config: FrontdoorConfig,
-                 metrics: FrontdoorMetrics | None = None, *, api_keys: ApiKeys | None = None) -> None:
-        """api_keys: the key table; None loads it from config.auth (file and environment)."""
+                 metrics: FrontdoorMetrics | None = None, *, api_keys: ApiKeys | None = None,
+                 bind_to_loop: bool = True) -> None:
+        """api_keys: the key table; None loads it from config.auth (file and environment).
+        bind_to_loop: serve through our own handle routed on the serving loop (below); False uses
+        `handle` as given (a test's scripted stand-in for a Serve handle)."""
         self._handle = handle
+        self._bind_to_loop = bind_to_loop
         self._loop_handle = None  # ours, made in start() on the serving loop
         self._config = config
         self.metrics = metrics or FrontdoorMetrics()
@@ -174,7 +178,7 @@ class FrontdoorServer:
         credentials = self._credentials()
         # Our own handle, routed on this loop and talking gRPC to the replicas (serving/handles.py);
         # the caller's handle stays usable for synchronous calls.
-        handle = self._loop_handle = loop_handle(self._handle)
+        handle = self._loop_handle = loop_handle(self._handle) if self._bind_to_loop else self._handle
         try:
             await self._start(handle, api_keys, credentials)
         except BaseException:

@@ -37,7 +37,8 @@ from cluster.frontdoor.migration import MigratingStream
 from cluster.frontdoor.stops import StopMatcher
 from cluster.frontdoor.usage import Usage, UsageRecorder
 from cluster.harmony.render import MAX_SCHEMA_DEPTH, HarmonyInputError, Message, ToolDefinition, render_prompt
-from cluster.harmony.tokenizer import FIRST_SPECIAL_ID, load_tokenizer
+from cluster.harmony.structured import ConstraintError, ResponseFormat, StrictTool, TurnConstraint, check_constraint
+from cluster.harmony.tokenizer import FIRST_SPECIAL_ID, START_ID, load_tokenizer
 from cluster.metrics import FrontdoorMetrics
 from cluster.serving.model_info import ModelInfo
 from cluster.serving.replica_streams import ReplicaStreams
@@ -54,6 +55,8 @@ REASONING_EFFORTS = {pb.REASONING_EFFORT_UNSPECIFIED: "medium", pb.REASONING_EFF
                      pb.REASONING_EFFORT_MEDIUM: "medium", pb.REASONING_EFFORT_HIGH: "high"}
 FINISH_REASONS = {"stop": pb.FINISH_REASON_STOP, "length": pb.FINISH_REASON_LENGTH}
 QUANTIZATIONS = {"mxfp4": pb.QUANTIZATION_MXFP4, "none": pb.QUANTIZATION_NONE}
+GRAMMAR_SYNTAXES = {pb.GRAMMAR_SYNTAX_UNSPECIFIED: "lark", pb.GRAMMAR_SYNTAX_LARK: "lark",
+                    pb.GRAMMAR_SYNTAX_GBNF: "gbnf"}
 
 MAX_STOP_SEQUENCES, MAX_STOP_LENGTH, MAX_STOP_TOKEN_IDS = 16, 256, 64
 MAX_TOOLS = 128
@@ -145,11 +148,61 @@ def _check_sampling(sampling: SamplingParams, prompt_len: int, info: ModelInfo, 
         validate_sampling(SamplingParams(stop_token_ids=sampling.stop_token_ids), prompt_len, limits, prefix)
 
 
-def _request(prompt: list[int], sampling: SamplingParams, call: CallInfo, context) -> GenerateRequest:
+def _request(prompt: list[int], sampling: SamplingParams, call: CallInfo, context,
+             constraint: TurnConstraint | None = None) -> GenerateRequest:
     remaining = context.time_remaining()
     return GenerateRequest(prompt_token_ids=tuple(prompt), sampling=sampling, request_id=call.request_id,
                            session_id=call.session_id, tenant=call.tenant,
-                           deadline_s=None if remaining is None else time.time() + remaining)
+                           deadline_s=None if remaining is None else time.time() + remaining, constraint=constraint)
+
+
+def response_format_from_proto(fmt: pb.ResponseFormat, violations: Violations) -> ResponseFormat:
+    kind = fmt.WhichOneof("format")
+    if kind == "json_schema":
+        try:
+            schema = json.loads(fmt.json_schema.schema_json)
+        except ValueError as err:
+            violations.add("response_format.json_schema.schema_json", f"is not valid JSON: {err}")
+            return ResponseFormat()
+        return ResponseFormat("json_schema", schema=schema, strict=fmt.json_schema.strict, name=fmt.json_schema.name)
+    if kind == "json_object":
+        return ResponseFormat("json_object")
+    if kind == "regex":
+        return ResponseFormat("regex", pattern=fmt.regex)
+    if kind == "grammar":
+        return ResponseFormat("grammar", grammar=fmt.grammar.text,
+                              grammar_syntax=GRAMMAR_SYNTAXES.get(fmt.grammar.syntax, str(fmt.grammar.syntax)))
+    return ResponseFormat()
+
+
+_PROTO_FIELDS = {"response_format.schema": "response_format.json_schema.schema_json",
+                 "response_format.pattern": "response_format.regex",
+                 "response_format.grammar": "response_format.grammar.text",
+                 "response_format.grammar_syntax": "response_format.grammar.syntax"}
+
+
+def constraint_from_proto(request, tools: list[ToolDefinition], strict: list[bool],
+                          violations: Violations) -> TurnConstraint | None:
+    """The request's structured-output constraint, compiled once here so a bad one is refused
+    before anything is generated; None when the request constrains nothing."""
+    budget = request.reasoning_budget if request.HasField("reasoning_budget") else None
+    constraint = TurnConstraint(
+        response_format=response_format_from_proto(request.response_format, violations),
+        strict_tools=tuple(StrictTool(t.name, t.parameters or {"type": "object"})
+                           for t, is_strict in zip(tools, strict) if is_strict),
+        reasoning_budget=budget)
+    if not constraint.active:
+        return None
+    try:
+        check_constraint(constraint)
+    except ConstraintError as err:
+        field = _PROTO_FIELDS.get(err.field, err.field)
+        if field.startswith("tools["):  # numbered among the strict tools: name the request's own index
+            strict_index = int(field[6:field.index("]")])
+            index = [i for i, is_strict in enumerate(strict) if is_strict][strict_index]
+            field = f"tools[{index}].parameters_json"
+        violations.add(field, err.problem)
+    return constraint
 
 
 def generate_request_from_proto(request: pb.GenerateRequest, info: ModelInfo, call: CallInfo,
@@ -157,9 +210,11 @@ def generate_request_from_proto(request: pb.GenerateRequest, info: ModelInfo, ca
     """The engine request for a Generate call; raises naming every bad field."""
     violations = Violations()
     sampling = sampling_from_proto(request.sampling, info, violations)
-    if sampling.stop_token_ids is None:
+    constraint = constraint_from_proto(request, [], [], violations)
+    if sampling.stop_token_ids is None and constraint is None:
         # Generate keeps its documented default: every harmony message end, <|end|> included
-        # (Chat, through the engine's default, stops only at the end of the turn).
+        # (Chat, through the engine's default, stops only at the end of the turn, and so does a
+        # constrained Generate, whose grammar covers the whole turn).
         sampling = dataclasses.replace(sampling, stop_token_ids=load_tokenizer().message_end_ids)
     prompt: list[int] = list(request.prompt_token_ids)
     if prompt and request.prompt_text:
@@ -168,7 +223,13 @@ def generate_request_from_proto(request: pb.GenerateRequest, info: ModelInfo, ca
         prompt = encode_prompt_text(request.prompt_text, "prompt_text", violations)
     elif not prompt:
         violations.add("prompt_token_ids", "must not be empty (or set prompt_text)")
-    return build_generate_request(prompt, sampling, info, call, context, violations)
+    return build_generate_request(prompt, sampling, info, call, context, violations, constraint=constraint)
+
+
+def _check_constrained_sampling(sampling: SamplingParams, violations: Violations, prefix: str) -> None:
+    if sampling.ignore_stop:
+        violations.add(f"{prefix}ignore_stop", "cannot be combined with a constrained output, which ends at the "
+                                               "end of the turn")
 
 
 def encode_prompt_text(text: str, field: str, violations: Violations) -> list[int]:
@@ -181,9 +242,11 @@ def encode_prompt_text(text: str, field: str, violations: Violations) -> list[in
 
 def build_generate_request(prompt: list[int], sampling: SamplingParams, info: ModelInfo, call: CallInfo, context,
                            violations: Violations, *, prompt_field: str = "prompt_token_ids",
-                           sampling_prefix: str = "sampling.") -> GenerateRequest:
+                           sampling_prefix: str = "sampling.", constraint: TurnConstraint | None = None
+                           ) -> GenerateRequest:
     """The engine request for a raw prompt (gRPC Generate and the HTTP completions route); raises
-    naming every bad field, those found while converting included."""
+    naming every bad field, those found while converting included. `constraint`: structured output,
+    already checked (constraint_from_proto; check_constraint for other callers)."""
     if prompt:
         with violations.collect():
             try:
@@ -191,8 +254,14 @@ def build_generate_request(prompt: list[int], sampling: SamplingParams, info: Mo
             except InvalidRequestError as err:  # named as in gptoss.v1; the HTTP route names its own field
                 raise errors.FieldError(err.field.replace("prompt_token_ids", prompt_field, 1), err.reason) from None
     _check_sampling(sampling, max(1, len(prompt)), info, violations, sampling_prefix)
+    if constraint is not None:
+        if prompt[-2:] != [START_ID, load_tokenizer().encode("assistant")[0]]:
+            violations.add(constraint.field_prefix, "a constrained raw prompt must be a harmony prompt that ends "
+                                                    "with <|start|>assistant (the constraint covers the assistant's turn)")
+        _check_constrained_sampling(sampling, violations, sampling_prefix)
     violations.raise_any()
-    return _request(prompt, sampling, call, context)
+    return _request(prompt, sampling, call, context, constraint)
+
 
 
 def messages_from_proto(messages, violations: Violations) -> list[Message]:
@@ -252,17 +321,22 @@ def chat_request_from_proto(request: pb.ChatRequest, info: ModelInfo, call: Call
     if effort is None:
         violations.add("reasoning_effort", f"unknown value {request.reasoning_effort}")
     sampling = sampling_from_proto(request.sampling, info, violations)
+    constraint = None
+    if len(tools) == len(request.tools):  # else a tool is already refused
+        constraint = constraint_from_proto(request, tools, [t.strict for t in request.tools], violations)
     return build_chat_request(messages, tools, effort, request.instructions if request.HasField("instructions") else None,
-                              sampling, info, call, context, violations)
+                              sampling, info, call, context, violations, constraint=constraint)
 
 
 def build_chat_request(messages: list[Message], tools: list[ToolDefinition], effort: str | None,
                        instructions: str | None, sampling: SamplingParams, info: ModelInfo, call: CallInfo, context,
                        violations: Violations, *, messages_field: str = "messages",
-                       sampling_prefix: str = "sampling.", field_name=proto_field) -> GenerateRequest:
+                       sampling_prefix: str = "sampling.", field_name=proto_field,
+                       constraint: TurnConstraint | None = None) -> GenerateRequest:
     """Render converted chat input into an engine request (gRPC Chat and the OpenAI HTTP routes);
     raises naming every bad field, those found while converting included. `field_name` turns a
-    render_prompt field into the request's own."""
+    render_prompt field into the request's own. `constraint`: structured output, already checked
+    (constraint_from_proto; check_constraint for other callers)."""
     prompt: list[int] = []
     if not violations.errors:
         try:
@@ -273,8 +347,10 @@ def build_chat_request(messages: list[Message], tools: list[ToolDefinition], eff
             violations.add(messages_field, f"the rendered prompt has {len(prompt)} tokens, more than the context "
                                            f"length {info.context_length} allows")
     _check_sampling(sampling, max(1, min(len(prompt), info.context_length - 1)), info, violations, sampling_prefix)
+    if constraint is not None:
+        _check_constrained_sampling(sampling, violations, sampling_prefix)
     violations.raise_any()
-    return _request(prompt, sampling, call, context)
+    return _request(prompt, sampling, call, context, constraint)
 
 
 # ───────────────────────────────────── internal -> proto ─────────────────────────────────────

@@ -22,7 +22,7 @@ from ray.serve.handle import DeploymentHandle
 from cluster.engine.request import GenerateRequest, TokenChunk
 from cluster.metrics import router_metrics
 from cluster.serving.direct_stream import DirectStreamClient, Rejected
-from cluster.serving.handles import replica_assignment, request_router
+from cluster.serving.serve_internals import replica_assignment, request_router
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +60,7 @@ class ReplicaStreams:
         self._client = DirectStreamClient()
         self._replica_set_version = -1
         self._pruning: set[asyncio.Task] = set()
-        labels = (getattr(handle, "app_name", ""), getattr(handle, "deployment_name", ""))
+        labels = (handle.app_name, handle.deployment_name)
         streams = router_metrics().streams_total
         self._counted = {path: streams.labels(*labels, path) for path in (DIRECT, SERVE_HANDLE,
                                                                            SERVE_HANDLE_AFTER_REFUSAL)}

@@ -41,6 +41,7 @@ from cluster.metrics import router_metrics
 from cluster.serving.direct_stream import DirectAddress
 from cluster.serving.prefix_index import block_hashes
 from cluster.serving.routing_policy import RouteDecision, RouteRequest, RoutingPolicy, make_policy, replica_load
+from cluster.serving.serve_internals import router_deployment
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +70,7 @@ class GptossRouter(RequestRouter):
         self.metrics = router_metrics()
         self._in_flight: dict[str, int] = {}  # replica unique id -> requests this router has on it
         self._request_replica: dict[str, str] = {}  # internal request id -> replica unique id
-        self._labels = (self._deployment_id.app_name, self._deployment_id.name)  # application, deployment
+        self._labels = router_deployment(self)  # application, deployment
         self._control_next = 0  # rotation of the control calls over the replicas
         self._direct_count = 0  # direct streams routed (their in-flight keys)
         self.replica_set_version = 0  # bumped whenever the replicas change

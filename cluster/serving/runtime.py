@@ -11,6 +11,7 @@ exception) removes the app it deployed, and with it its replicas' placement grou
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
@@ -34,6 +35,7 @@ class ServingRuntime:
     config: ClusterConfig
     handle: DeploymentHandle
     started_ray: bool
+    ray_notice: str = ""  # one line on where Ray listens and whether it wants its token
 
     def stop(self) -> None:
         """Delete the app (its replicas stop gracefully), then disconnect; if this process started
@@ -68,18 +70,21 @@ class _DropDefaultAuthNotice(logging.Filter):
 
 
 _AUTH_LOGGER = "ray._private.authentication.authentication_token_setup"
+_auth_notice_filter = _DropDefaultAuthNotice()
 
 # At shutdown a driver sends its last task events (the dashboard's task list) to the GCS and waits
 # up to 5 s for them by default; after a SIGTERM to the whole process group the GCS is gone already.
 LOCAL_RAY_SYSTEM_CONFIG = {"task_events_shutdown_flush_timeout_ms": 500}
-_auth_notice_filter = _DropDefaultAuthNotice()
 
 
 def start_ray(config: ClusterConfig) -> bool:
     """Connect to config.ray.address, or start a quiet local Ray. Returns True if started here.
 
     Without an address this always starts a new Ray ("local"): a bare ray.init() would join whatever
-    cluster `ray start` last left on this machine."""
+    cluster `ray start` last left on this machine. That Ray listens on the loopback interface only
+    (node IP 127.0.0.1, no dashboard), so nothing off this host reaches its GCS, raylet or workers;
+    Ray Serve's replicas bind their inter-deployment gRPC server to every interface regardless
+    (hard-coded in Serve), guarded by Ray's token auth, which a new local Ray turns on."""
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # no usage-stats prompt or upload
     verbose = config.log_level in ("debug", "info")
     if verbose:
@@ -93,9 +98,51 @@ def start_ray(config: ClusterConfig) -> bool:
     kwargs = {}
     if config.ray.temp_dir:
         kwargs["_temp_dir"] = str(config.ray.temp_dir)
-    ray.init(address="local", num_cpus=config.ray.num_cpus or os.cpu_count() or 2, include_dashboard=False,
-             logging_level=ray_level, log_to_driver=verbose, _system_config=LOCAL_RAY_SYSTEM_CONFIG, **kwargs)
+    with _single_machine_ray():
+        ray.init(address="local", num_cpus=config.ray.num_cpus or os.cpu_count() or 2, include_dashboard=False,
+                 logging_level=ray_level, log_to_driver=verbose, _system_config=LOCAL_RAY_SYSTEM_CONFIG, **kwargs)
     return True
+
+
+LOOPBACK = "127.0.0.1"
+_SINGLE_MACHINE_VAR = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+
+
+@contextlib.contextmanager
+def _single_machine_ray():
+    """Start Ray in its single-machine mode (its default on macOS and Windows): the node IP is
+    127.0.0.1, so the GCS, raylet, object manager, agents and workers listen on loopback only (on
+    Linux Ray otherwise takes the host's routable IP, and several servers bind every interface).
+    Ray reads the switch from the environment in every process it spawns (they inherit it during
+    ray.init) and from a constant in this one; both are restored afterwards, so a later `ray start`
+    from this process is unaffected."""
+    from ray._private import ray_constants
+
+    previous_env, previous = os.environ.get(_SINGLE_MACHINE_VAR), ray_constants.ENABLE_RAY_CLUSTER
+    os.environ[_SINGLE_MACHINE_VAR] = "0"
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        yield
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = previous
+        if previous_env is None:
+            os.environ.pop(_SINGLE_MACHINE_VAR, None)
+        else:
+            os.environ[_SINGLE_MACHINE_VAR] = previous_env
+
+
+def ray_notice(config: ClusterConfig, started_ray: bool) -> str:
+    """Where the Ray this process uses listens, and whether it requires Ray's auth token."""
+    try:
+        from ray._private.authentication.authentication_utils import is_token_auth_enabled
+
+        auth = "token auth on" if is_token_auth_enabled() else "token auth OFF (RAY_AUTH_MODE)"
+    except ImportError:  # a Ray without token authentication
+        auth = "no token auth in this Ray"
+    if started_ray:
+        return (f"Ray: a local instance on {LOOPBACK} only (Serve's replica gRPC ports excepted: they bind every "
+                f"interface and check Ray's token), {auth}")
+    return f"Ray: joined {config.ray.address}, {auth}"
 
 
 class PlacementError(RuntimeError):
@@ -207,4 +254,5 @@ def start_serving(config: ClusterConfig) -> ServingRuntime:
             serve.shutdown()
             ray.shutdown()
         raise
-    return ServingRuntime(config=config, handle=handle, started_ray=started_ray)
+    return ServingRuntime(config=config, handle=handle, started_ray=started_ray,
+                          ray_notice=ray_notice(config, started_ray))

@@ -45,6 +45,10 @@ class ScriptedResponse:
 
 
 class ScriptedHandle:
+    """Stands in for a Serve DeploymentHandle (generate streams scripted per test)."""
+
+    app_name, deployment_name = "scripted", "ScriptedReplica"
+
     def __init__(self, response_factory):
         self.requests, self.responses = [], []
         self._factory = response_factory
@@ -75,7 +79,7 @@ def chunked(ids, size, finish=FinishReason.STOP, prompt_tokens=0):
 
 async def with_server(handle, body, **config):
     server = FrontdoorServer(handle, FrontdoorConfig(grpc_port=0, metrics_port=-1, http_port=-1, **config),
-                             FrontdoorMetrics(CollectorRegistry()))
+                             FrontdoorMetrics(CollectorRegistry()), bind_to_loop=False)
     await server.start()
     try:
         async with grpc.aio.insecure_channel(server.grpc_target) as channel:

@@ -47,8 +47,9 @@ _SSE_HEADERS = [(b"content-type", b"text/event-stream; charset=utf-8"), (b"cache
 class HttpContext:
     """What Admission and the servicer's request builders read of a gRPC context, for HTTP."""
 
-    def __init__(self, headers: list[tuple[bytes, bytes]]) -> None:
+    def __init__(self, headers: list[tuple[bytes, bytes]], client: tuple[str, int] | None = None) -> None:
         self._metadata = [(k.decode("latin-1").lower(), v.decode("latin-1")) for k, v in headers]
+        self._client = client
         self.deadline: float | None = None
         timeout = dict(self._metadata).get(TIMEOUT_HEADER)
         self.timeout_problem = None
@@ -64,6 +65,13 @@ class HttpContext:
 
     def invocation_metadata(self):
         return self._metadata
+
+    def peer(self) -> str:
+        """The client's address in grpc's form ("ipv4:127.0.0.1:5555", "ipv6:[::1]:5555")."""
+        if not self._client:
+            return ""
+        host, port = self._client[0], self._client[1]
+        return f"ipv6:[{host}]:{port}" if ":" in host else f"ipv4:{host}:{port}"
 
     def time_remaining(self) -> float | None:
         return None if self.deadline is None else max(0.0, self.deadline - time.monotonic())
@@ -381,7 +389,7 @@ class Exchange:
         servicer = api.servicer
         self.bookkeeping = _Rpc(servicer._metrics, self.method, servicer._method_metrics(self.method, "http"),
                                 api="http")
-        self.context = HttpContext(scope["headers"])
+        self.context = HttpContext(scope["headers"], scope.get("client"))
         self.call, problem = api.admission.open(self.method, self.context)
         self._send = send
         watcher = None
