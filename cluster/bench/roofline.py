@@ -7,7 +7,7 @@ large float32 `torch.sum` (best of N). Reported per part, batch 1 and batch B:
 - a layer: attention weights (qkv, out, in the model dtype) + KV cache read + router + the experts
   the batch chose (packed MXFP4 bytes, or dense). At batch > 1 the chosen experts are counted from
   the routers' actual choices during the timed step.
-- the unembedding (hidden -> vocabulary), timed through `unembed` as the decode loop calls it.
+- the unembedding (hidden -> vocabulary) and greedy pick, timed as the engine runs them.
 - a whole step (`model(ids, cache, last_only=True)`) and the greedy decode loop's tokens/s, and the
   extrapolation to `--full-layers` (the preset's layer count) from the per-layer time.
 
@@ -93,7 +93,8 @@ def run(args: argparse.Namespace) -> int:
 
     from cluster.model.checkpoint import load_model, write_checkpoint
     from cluster.model.config import GptOssConfig
-    from cluster.model.unembedding import argmax_rows, unembed
+    from cluster.engine.unembedding import Unembedding
+    from cluster.model.unembedding import argmax_rows
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -137,6 +138,7 @@ def run(args: argparse.Namespace) -> int:
     for b in model.blocks:
         handles += [b.register_forward_pre_hook(start_block), b.register_forward_hook(end_block)]
 
+    unembed = Unembedding(model.unembedding)  # as the engine runs it
     gen = torch.Generator().manual_seed(0)
     rows = []
     bandwidth()
@@ -160,7 +162,7 @@ def run(args: argparse.Namespace) -> int:
         step_s, layer_s = min(step_times[1:]), min(layer_times[1:])
         hidden = torch.randn(batch, config.hidden_size, generator=gen).to(dtype)
         with torch.no_grad():
-            unembed_s = _best(lambda: argmax_rows(unembed(model.unembedding, hidden)), args.runs)
+            unembed_s = _best(lambda: argmax_rows(unembed(hidden)), args.runs)
         bandwidth()
         lb = _layer_bytes(model, batch, args.context, experts_used)
         rows.append({"batch": batch, "experts_per_layer": experts_used, "layer_bytes": lb["total"],
