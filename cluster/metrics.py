@@ -64,10 +64,40 @@ class FrontdoorMetrics:
             "RPCs refused with RESOURCE_EXHAUSTED, by method and reason (MODEL_OVERLOADED: the "
             "replicas or Serve's queue are full; TENANT_RATE_LIMITED: the tenant's limits).",
             ["api", "method", "reason"], registry=registry)
+        self.routable_replicas = Gauge(
+            "gptoss_frontdoor_routable_replicas",
+            "Model replicas this front door can send requests to now; at 0 its health is "
+            "NOT_SERVING (degraded) and requests wait at most frontdoor.replica_wait_s.",
+            registry=registry)
+        self.migrations_total = Counter(
+            "gptoss_frontdoor_migrations_total",
+            "Streams whose replica failed mid-stream, by outcome (resumed: continued on another "
+            "replica; exhausted: frontdoor.migration_attempts used up; no_replica: no replica took "
+            "the rest; deadline: the call's deadline left no time).",
+            ["outcome"], registry=registry)
+
+        self.tenant = TenantUsageMetrics(registry)
 
         self.replicas = ReplicaLoadCollector()
         registry.register(self.replicas)
         self.autoscaler = AutoscalerMetrics(registry)
+
+
+class TenantUsageMetrics:
+    """Usage per tenant, for billing (cluster/frontdoor/usage.py). Label `tenant` is bounded: a
+    configured tenant's name, `_other` for any other, `_anonymous` when auth is off."""
+
+    def __init__(self, registry: CollectorRegistry = REGISTRY) -> None:
+        self.tokens_total = Counter(
+            "gptoss_tenant_tokens_total",
+            "Tokens of finished Generate/Chat calls by tenant and type: prompt (sent to the model), "
+            "cached_prompt (of those, served from the prefix cache), reasoning (of the completion, in "
+            "analysis messages), completion (streamed to the client, cancelled and failed calls included).",
+            ["tenant", "type"], registry=registry)
+        self.requests_total = Counter(
+            "gptoss_tenant_requests_total",
+            "Finished Generate/Chat calls of authenticated tenants, by tenant and gRPC status code.",
+            ["tenant", "code"], registry=registry)
 
 
 class RouterMetrics:
@@ -128,6 +158,25 @@ def router_metrics() -> RouterMetrics:
     if _process_metrics.get(RouterMetrics) is None:
         _process_metrics[RouterMetrics] = RouterMetrics()
     return _process_metrics[RouterMetrics]
+
+
+class ServeInternalsMetrics:
+    """Ray Serve internals the direct path needs but did not find (cluster/serving/serve_internals.py);
+    counted in the process that looked them up (the front door)."""
+
+    def __init__(self, registry: CollectorRegistry = REGISTRY) -> None:
+        self.unavailable_total = Counter(
+            "gptoss_serve_internal_unavailable_total",
+            "Lookups of a Ray Serve private attribute that was not there (after a Ray upgrade), by "
+            "item; while it grows, requests take the slower Serve handle path instead of the direct one.",
+            ["item"], registry=registry)
+
+
+def serve_internals_metrics() -> ServeInternalsMetrics:
+    """The process's ServeInternalsMetrics on the default registry."""
+    if _process_metrics.get(ServeInternalsMetrics) is None:
+        _process_metrics[ServeInternalsMetrics] = ServeInternalsMetrics()
+    return _process_metrics[ServeInternalsMetrics]
 
 
 class _Registries:

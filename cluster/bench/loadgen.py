@@ -184,8 +184,21 @@ class LoadGenerator:
         return time.perf_counter() - self._t0
 
     async def _one(self, index: int, scheduled_s: float | None = None, warmup: bool = False) -> RequestRecord:
-        if self.plan.api in HTTP_APIS:
-            return await self._one_http(index, scheduled_s, warmup)
+        send = self._one_http if self.plan.api in HTTP_APIS else self._one_grpc
+        record = await send(index, scheduled_s, warmup)
+        if self.on_done is not None and not warmup:
+            self.on_done(record)
+        return record
+
+    def _ended(self, record: RequestRecord, stamps: list[float], output_tokens: int) -> None:
+        record.end_s = self._now()
+        record.output_tokens = output_tokens
+        record.messages = len(stamps)
+        if stamps:
+            record.first_token_s = stamps[0] - self._t0
+            record.gaps_s = [b - a for a, b in zip(stamps, stamps[1:])]
+
+    async def _one_grpc(self, index: int, scheduled_s: float | None, warmup: bool) -> RequestRecord:
         spec = self.workload.request(index)
         stub = self._stubs[index % len(self._stubs)]
         request_id = f"bench-{'w' if warmup else 'r'}{index}"
@@ -220,14 +233,8 @@ class LoadGenerator:
             record.code = "CANCELLED"
             raise
         finally:
-            record.end_s = self._now()
-            record.output_tokens = tokens if self.plan.api == "generate" else (record.usage_completion_tokens or 0)
-            record.messages = len(stamps)
-            if stamps:
-                record.first_token_s = stamps[0] - self._t0
-                record.gaps_s = [b - a for a, b in zip(stamps, stamps[1:])]
-        if self.on_done is not None and not warmup:
-            self.on_done(record)
+            self._ended(record, stamps,
+                        tokens if self.plan.api == "generate" else (record.usage_completion_tokens or 0))
         return record
 
     async def _one_http(self, index: int, scheduled_s: float | None, warmup: bool) -> RequestRecord:
@@ -271,14 +278,7 @@ class LoadGenerator:
             record.code = "CANCELLED"
             raise
         finally:
-            record.end_s = self._now()
-            record.output_tokens = record.usage_completion_tokens or 0
-            record.messages = len(stamps)
-            if stamps:
-                record.first_token_s = stamps[0] - self._t0
-                record.gaps_s = [b - a for a, b in zip(stamps, stamps[1:])]
-        if self.on_done is not None and not warmup:
-            self.on_done(record)
+            self._ended(record, stamps, record.usage_completion_tokens or 0)
         return record
 
     async def _open_http(self) -> None:

@@ -60,9 +60,14 @@ async def _serve(runtime, config) -> None:
     http = server.http_url if server.http_port is not None else "off"
     print(f"gptoss-cluster: serving {server.info.model_name} | gRPC {server.grpc_target} | HTTP {http} | "
           f"metrics {metrics}", flush=True)
+    print(f"gptoss-cluster: {runtime.ray_notice}", flush=True)
     await stop.wait()
     print("gptoss-cluster: shutting down", flush=True)
     await server.stop()
+
+
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
 
 
 def run(args: argparse.Namespace) -> int:
@@ -86,20 +91,26 @@ def run(args: argparse.Namespace) -> int:
         return 1
 
     from cluster.frontdoor.ports import PortUnavailable
-    from cluster.serving.runtime import DeployFailed, start_serving
+    from cluster.serving.runtime import DeployFailed, PlacementError, start_serving
 
     runtime = None
     code = 0
+    # Until the server's loop handles it, SIGTERM interrupts start-up like Ctrl-C, so the app and
+    # placement groups created so far are removed (start_serving cleans up on any exception).
+    signal.signal(signal.SIGTERM, _interrupt)
     try:
         runtime = start_serving(config)
         asyncio.run(_serve(runtime, config))
-    except KeyboardInterrupt:  # Ctrl-C before the server was up
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM before the server was up
         pass
     except PortUnavailable as err:  # taken since the check above
         print(f"gptoss-cluster serve: {port_problem(err, FLAG_PATHS)}", file=sys.stderr)
         code = 1
     except DeployFailed as err:
         print(f"gptoss-cluster serve: the model replicas failed to start: {err}", file=sys.stderr)
+        code = 1
+    except PlacementError as err:
+        print(f"gptoss-cluster serve: {err}", file=sys.stderr)
         code = 1
     except (OSError, ConfigError) as err:  # e.g. an unreadable TLS file, no API keys on a public host
         print(f"gptoss-cluster serve: {err}", file=sys.stderr)

@@ -82,10 +82,12 @@ class PermissionDeniedError(Exception):
 
 
 class RateLimitedError(Exception):
-    """A tenant's token bucket is empty; `limit` is "requests" or "tokens"."""
+    """A tenant is over one of its limits: `limit` is "requests", "tokens" or "concurrent_streams";
+    `allowance` says what the limit is ("600 tokens per minute")."""
 
-    def __init__(self, tenant: str, limit: str, retry_after_s: float) -> None:
-        super().__init__(f"tenant rate limit on {limit} reached; retry in {retry_after_s:.1f} s")
+    def __init__(self, tenant: str, limit: str, retry_after_s: float, allowance: str = "") -> None:
+        over = f" of {allowance}" if allowance else ""
+        super().__init__(f"tenant {tenant or '-'} is over its {limit} limit{over}; retry in {retry_after_s:.1f} s")
         self.tenant = tenant
         self.limit = limit
         self.retry_after_s = retry_after_s

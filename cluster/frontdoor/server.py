@@ -8,10 +8,17 @@ explicitly allowed, and says so in the log), and reports SERVING for every servi
 grpc.health.v1. A drain (Admin.Drain, or stop()) turns health NOT_SERVING, refuses new calls
 with UNAVAILABLE and waits for calls in flight; stop() then cancels what is left. While it runs
 with a metrics server it polls the replicas' load reports for the gptoss_replica_* metrics.
+
+It also watches how many replicas its router can reach (gptoss_frontdoor_routable_replicas):
+with none, the Inference service (and the server's overall health, "") reports NOT_SERVING until
+one is back, so a load balancer sends the traffic elsewhere; requests that still arrive wait at
+most frontdoor.replica_wait_s.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import ipaddress
 import logging
 from pathlib import Path
@@ -23,11 +30,13 @@ from ray.serve.handle import DeploymentHandle
 
 from cluster.config import ConfigError, FrontdoorConfig
 from cluster.frontdoor.admission import Admission, safe_deserializer
-from cluster.frontdoor.auth import ApiKeys, load_api_keys
+from cluster.frontdoor.auth import ApiKeys, ReloadingApiKeys, admin_tenants
 from cluster.frontdoor.loads import LoadPoller
 from cluster.frontdoor.limits import TenantLimits
 from cluster.frontdoor.ports import NO_REUSEPORT, PortUnavailable
 from cluster.frontdoor.servicer import InferenceServicer, fail
+from cluster.frontdoor.tenants import Tenants
+from cluster.frontdoor.usage import UsageRecorder, configure_usage_log
 from cluster.metrics import FrontdoorMetrics, serve_metrics
 from cluster.serving.handles import close_loop_handle, loop_handle
 from cluster.serving.model_info import ModelInfo
@@ -38,6 +47,7 @@ log = logging.getLogger(__name__)
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Inference"].full_name  # "gptoss.v1.Inference"
 ADMIN_SERVICE_NAME = admin_pb2.DESCRIPTOR.services_by_name["Admin"].full_name  # "gptoss.v1.Admin"
+REPLICA_WATCH_S = 0.5  # how often the routable-replica count is read (a local lookup, no call)
 
 
 def is_loopback(host: str) -> bool:
@@ -85,15 +95,33 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
             admission.leave()
 
 
+    async def Resume(self, request: admin_pb2.ResumeRequest, context):
+        admission = self._server.admission
+        call, problem = admission.open("Resume", context)
+        try:
+            await admission.admit(call, problem, request, context, admin=True)
+            was_draining = await self._server.resume()
+            call.logger(log).warning("resume requested (was draining: %s)", was_draining)
+            return admin_pb2.ResumeResponse(was_draining=was_draining)
+        except Exception as err:  # noqa: BLE001 - every error leaves through errors.status_for
+            await fail(context, err, call, _NoBookkeeping())
+        finally:
+            admission.leave()
+
+
 class _NoBookkeeping:
     code = grpc.StatusCode.UNKNOWN
 
 
 class FrontdoorServer:
     def __init__(self, handle: DeploymentHandle, config: FrontdoorConfig,
-                 metrics: FrontdoorMetrics | None = None, *, api_keys: ApiKeys | None = None) -> None:
-        """api_keys: the key table; None loads it from config.auth (file and environment)."""
+                 metrics: FrontdoorMetrics | None = None, *, api_keys: ApiKeys | None = None,
+                 bind_to_loop: bool = True) -> None:
+        """api_keys: the key table; None loads it from config.auth (file and environment).
+        bind_to_loop: serve through our own handle routed on the serving loop (below); False uses
+        `handle` as given (a test's scripted stand-in for a Serve handle)."""
         self._handle = handle
+        self._bind_to_loop = bind_to_loop
         self._loop_handle = None  # ours, made in start() on the serving loop
         self._config = config
         self.metrics = metrics or FrontdoorMetrics()
@@ -103,6 +131,8 @@ class FrontdoorServer:
         self._health = health.aio.HealthServicer()
         self._metrics_http = None
         self._poller: LoadPoller | None = None
+        self._watcher: asyncio.Task | None = None
+        self._routable: int | None = None  # replicas the router can reach, as last read
         self.admission: Admission | None = None
         self.info: ModelInfo | None = None
         self.grpc_port: int | None = None
@@ -111,9 +141,11 @@ class FrontdoorServer:
         self._store = None
         self.metrics_port: int | None = None
         self.auth_notice = ""
+        self.tenants = Tenants.from_config(config.limits, admin_tenants(config.auth))
 
-    def _auth(self) -> ApiKeys | None:
-        keys = self._api_keys if self._api_keys is not None else load_api_keys(self._config.auth)
+    def _auth(self) -> ApiKeys | ReloadingApiKeys | None:
+        keys = self._api_keys if self._api_keys is not None else \
+            ReloadingApiKeys(self._config.auth, admins=self.tenants.admins)
         if len(keys):
             self.auth_notice = f"auth: on ({len(keys.tenants)} tenants)"
             return keys
@@ -121,9 +153,16 @@ class FrontdoorServer:
             raise ConfigError(f"config: frontdoor.auth: no API keys configured for host {self._config.host}; "
                               "set frontdoor.auth.api_keys_file or $" + (self._config.auth.api_keys_env or "?")
                               + ", or frontdoor.auth.allow_unauthenticated=true behind an authenticating gateway")
+        admin = ("gptoss.v1.Admin from this host only" if self._config.auth.loopback_admin
+                 else "gptoss.v1.Admin refused to everyone")
         self.auth_notice = (f"auth: OFF - no API keys configured; every caller of {self._config.host} is trusted "
-                            "(including gptoss.v1.Admin)")
+                            f"with inference ({admin})")
         return None
+
+    def _billed_tenants(self) -> set[str]:
+        """Tenants with their own usage label: those with keys and those configured in the tenants file."""
+        keys = self.admission.api_keys if self.admission is not None else None
+        return self.tenants.names | set(keys.tenants if keys is not None else ())
 
     def _credentials(self) -> grpc.ServerCredentials | None:
         tls = self._config.tls
@@ -134,11 +173,12 @@ class FrontdoorServer:
                                            root_certificates=client_ca, require_client_auth=client_ca is not None)
 
     async def start(self) -> None:
+        configure_usage_log(self._config.usage_log)
         api_keys = self._auth()
         credentials = self._credentials()
         # Our own handle, routed on this loop and talking gRPC to the replicas (serving/handles.py);
         # the caller's handle stays usable for synchronous calls.
-        handle = self._loop_handle = loop_handle(self._handle)
+        handle = self._loop_handle = loop_handle(self._handle) if self._bind_to_loop else self._handle
         try:
             await self._start(handle, api_keys, credentials)
         except BaseException:
@@ -147,10 +187,15 @@ class FrontdoorServer:
 
     async def _start(self, handle, api_keys: ApiKeys | None, credentials: grpc.ServerCredentials | None) -> None:
         self.info = await handle.model_info.remote()
-        self.admission = Admission(api_keys, TenantLimits(self._config.limits))
-        server = self._server = grpc.aio.server(maximum_concurrent_rpcs=self._config.max_concurrent_rpcs,
+        self.admission = Admission(api_keys, TenantLimits(self.tenants),
+                                   loopback_admin=self._config.auth.loopback_admin)
+        server = self._server = grpc.aio.server(maximum_concurrent_rpcs=self._config.max_concurrent_rpcs or None,
                                                 options=[NO_REUSEPORT])
-        inference = self._inference = InferenceServicer(handle, self.info, self.metrics, self.admission)
+        usage = UsageRecorder(self.metrics.tenant, self._billed_tenants, self.info.model_name)
+        inference = self._inference = InferenceServicer(handle, self.info, self.metrics, self.admission,
+                                                        replica_wait_s=self._config.replica_wait_s,
+                                                        migration_attempts=self._config.migration_attempts,
+                                                        usage=usage)
         server.add_generic_rpc_handlers((
             generic_handler(inference, pb.DESCRIPTOR.services_by_name["Inference"]),
             generic_handler(AdminServicer(self), admin_pb2.DESCRIPTOR.services_by_name["Admin"]),
@@ -172,8 +217,9 @@ class FrontdoorServer:
         await server.start()
         if self._config.http_port >= 0:
             await self._start_http(inference)
-        for service in ("", SERVICE_NAME, ADMIN_SERVICE_NAME):
-            await self._health.set(service, health_pb2.HealthCheckResponse.SERVING)
+        await self._health.set(ADMIN_SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
+        await self._set_inference_health()
+        self._watcher = asyncio.get_running_loop().create_task(self._watch_replicas())
         if self._config.metrics_port >= 0:
             try:
                 self._metrics_http = serve_metrics(self.metrics, host, self._config.metrics_port)
@@ -211,6 +257,27 @@ class FrontdoorServer:
         host = f"[{self._config.host}]" if ":" in self._config.host else self._config.host
         return f"http://{host}:{self.http_port}"
 
+    async def _set_inference_health(self) -> None:
+        """SERVING unless draining or no replica is routable (an unknown count counts as routable)."""
+        serving = not self.draining and self._routable != 0
+        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        for service in ("", SERVICE_NAME):
+            await self._health.set(service, status)
+
+    async def _watch_replicas(self) -> None:
+        while True:
+            routable = self._inference.routable_replicas() if self._inference is not None else None
+            if routable is not None:
+                self.metrics.routable_replicas.set(routable)
+            before, self._routable = self._routable, routable
+            if (routable == 0) != (before == 0):
+                if routable == 0:
+                    log.warning("no model replica is routable: health NOT_SERVING until one is back")
+                else:
+                    log.warning("%s model replica(s) routable again", routable)
+                await self._set_inference_health()
+            await asyncio.sleep(REPLICA_WATCH_S)
+
     def _set_replica_counts(self, application: str, deployment: str, target: int, running: int) -> None:
         self.metrics.autoscaler.desired_replicas.labels(application, deployment).set(target)
         self.metrics.autoscaler.replicas.labels(application, deployment).set(running)
@@ -228,10 +295,20 @@ class FrontdoorServer:
         assert self.admission is not None
         if not self.admission.draining:
             self.admission.draining = True
-            await self._health.enter_graceful_shutdown()  # every service NOT_SERVING, no further changes
+            for service in ("", SERVICE_NAME, ADMIN_SERVICE_NAME):
+                await self._health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
             log.warning("draining: %d calls in flight", max(0, self.admission.in_flight - besides))
         timeout = self._config.grace_period_s if timeout_s is None else timeout_s
         return await self.admission.wait_idle(timeout, besides=besides)
+
+    async def resume(self) -> bool:
+        """Undo a drain: admit new calls and report SERVING again; returns whether it was draining."""
+        assert self.admission is not None
+        was_draining, self.admission.draining = self.admission.draining, False
+        if was_draining:
+            await self._health.set(ADMIN_SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
+            await self._set_inference_health()
+        return was_draining
 
     async def wait_for_termination(self) -> None:
         assert self._server is not None
@@ -247,6 +324,11 @@ class FrontdoorServer:
 
     async def _close(self) -> None:
         """Cancel what is left and release everything start() made."""
+        if self._watcher is not None:
+            self._watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._watcher
+            self._watcher = None
         if self._poller is not None:
             await self._poller.stop()
             self._poller = None

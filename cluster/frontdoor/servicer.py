@@ -12,6 +12,7 @@ at that time.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import dataclasses
 import functools
@@ -24,7 +25,7 @@ from typing import AsyncIterator
 import grpc
 from ray.serve.handle import DeploymentHandle
 
-from cluster.engine.errors import InvalidRequestError
+from cluster.engine.errors import EngineOverloadedError, InvalidRequestError, retry_after_s
 from cluster.engine.request import (MAX_LOGPROBS, GenerateRequest, SamplingParams, TokenChunk, TokenLogprobs,
                                     validate_request, validate_sampling)
 from cluster.frontdoor import errors
@@ -32,7 +33,9 @@ from cluster.frontdoor.admission import Admission, announce
 from cluster.frontdoor.call import CallInfo
 from cluster.frontdoor.chat_stream import ChatStream
 from cluster.frontdoor.loads import replica_load_to_proto, sample_loads
+from cluster.frontdoor.migration import MigratingStream
 from cluster.frontdoor.stops import StopMatcher
+from cluster.frontdoor.usage import Usage, UsageRecorder
 from cluster.harmony.render import MAX_SCHEMA_DEPTH, HarmonyInputError, Message, ToolDefinition, render_prompt
 from cluster.harmony.structured import ConstraintError, ResponseFormat, StrictTool, TurnConstraint, check_constraint
 from cluster.harmony.tokenizer import FIRST_SPECIAL_ID, START_ID, load_tokenizer
@@ -60,6 +63,7 @@ MAX_TOOLS = 128
 MAX_TEXT_BYTES = 1 << 20
 MAX_DETOKENIZE_IDS = 1 << 20
 LOADS_TIMEOUT_S = 5.0
+ENDED_WINDOW_S = 10.0  # streams ended within this window give the rate a refusal's retry hint uses
 
 
 # ───────────────────────────── proto -> internal (with validation) ─────────────────────────────
@@ -401,6 +405,7 @@ class _Rpc:
         self.api = api
         self._m = children
         self.code = grpc.StatusCode.UNKNOWN
+        self.usage = Usage()  # what the client was sent, for the tenant's usage record
         self.start = time.perf_counter()
         self._last_token_at: float | None = None
         self._m.in_flight.inc()
@@ -464,7 +469,7 @@ def rpc(method: str, *, streaming: bool):
                 try:
                     try:
                         # Checked now, announced by the body once its downstream call is on its way.
-                        self._admission.check(call, problem, request)
+                        self._admission.check(call, problem, request, streaming=True)
                         async for message in body(self, request, context, call, bookkeeping):
                             if not call.announced:
                                 await announce(call, context)
@@ -477,8 +482,9 @@ def rpc(method: str, *, streaming: bool):
                     except Exception as err:  # noqa: BLE001 - every error leaves through errors.status_for
                         await fail(context, err, call, bookkeeping)
                 finally:
-                    self._admission.leave()
+                    self._admission.leave(call)
                     bookkeeping.end()
+                    self.record_usage(call, method, bookkeeping)
             return stream_wrapper
 
         @functools.wraps(body)
@@ -506,13 +512,18 @@ def rpc(method: str, *, streaming: bool):
 
 class InferenceServicer(pb_grpc.InferenceServicer):
     def __init__(self, handle: DeploymentHandle, info: ModelInfo, metrics: FrontdoorMetrics,
-                 admission: Admission) -> None:
+                 admission: Admission, *, replica_wait_s: float = 30.0, migration_attempts: int = 3,
+                 usage: UsageRecorder | None = None) -> None:
         self._handle = handle
-        self._replicas = ReplicaStreams(handle)
+        self._migration_attempts = migration_attempts
+        self._replicas = ReplicaStreams(handle, replica_wait_s)
         self._info = info
         self._metrics = metrics
         self._admission = admission
+        self._usage = usage or UsageRecorder(metrics.tenant, lambda: (), info.model_name)
         self._model_info = model_info_to_proto(info)
+        self._streams_in_flight = 0
+        self._ended: collections.deque[float] = collections.deque()  # when recent streams ended
         self._per_method: dict[tuple[str, str], _MethodMetrics] = {}
 
     def _method_metrics(self, method: str, api: str = "grpc") -> _MethodMetrics:
@@ -524,11 +535,41 @@ class InferenceServicer(pb_grpc.InferenceServicer):
     async def close(self) -> None:
         await self._replicas.close()
 
+    def routable_replicas(self) -> int | None:
+        return self._replicas.routable_replicas()
+
+    def _admit_stream(self) -> None:
+        """Refuse a stream the routable replicas have no room for (each holds
+        ModelInfo.max_active_requests), at once and with a retry hint from the queue ahead of it
+        and the rate streams ended at lately, instead of sending it to be refused by a replica."""
+        routable = self._replicas.routable_replicas()
+        capacity = (routable or 0) * self._info.max_active_requests
+        if capacity and self._streams_in_flight >= capacity:
+            now = time.monotonic()
+            while self._ended and self._ended[0] < now - ENDED_WINDOW_S:
+                self._ended.popleft()
+            queued = self._streams_in_flight - capacity + 1
+            raise EngineOverloadedError(self._streams_in_flight, capacity,
+                                        retry_after_s(queued, len(self._ended) / ENDED_WINDOW_S))
+
     async def _chunks(self, request: GenerateRequest, call: CallInfo, context) -> AsyncIterator[TokenChunk]:
         """Relay the replica's chunks; cancel the downstream call however this ends early.
 
         The call's x-request-id goes out while the request is on its way, not before."""
-        stream = self._replicas.open(request)
+        self._admit_stream()
+        self._streams_in_flight += 1
+        try:
+            async for chunk in self._relay(request, call, context):
+                yield chunk
+        finally:
+            self._streams_in_flight -= 1
+            self._ended.append(time.monotonic())
+
+    async def _relay(self, request: GenerateRequest, call: CallInfo, context) -> AsyncIterator[TokenChunk]:
+        stream = MigratingStream(self._replicas, request, attempts=self._migration_attempts,
+                                 default_max_tokens=self._info.default_max_tokens,
+                                 context_length=self._info.context_length, migrations=self._metrics.migrations_total,
+                                 retry_for_s=self._replicas.replica_wait_s)
         try:
             await announce(call, context)
             async for chunk in stream:
@@ -536,12 +577,29 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         finally:
             stream.close()
 
+    def record_usage(self, call: CallInfo, method: str, bookkeeping: _Rpc) -> None:
+        """The tenant's usage record and counters for a finished generating call, either API."""
+        if call.tenant or self._admission.api_keys is None:  # refused unauthenticated: no tenant to bill
+            self._usage.record(request_id=call.request_id, tenant=call.tenant, method=method,
+                               usage=bookkeeping.usage, outcome=bookkeeping.code.name,
+                               duration_s=time.perf_counter() - bookkeeping.start)
+
+    def _within_tenant_limits(self, call: CallInfo, request: GenerateRequest, prompt_field: str) -> GenerateRequest:
+        max_tokens = self._admission.limits.fit_request(call.tenant, len(request.prompt_token_ids),
+                                                        request.sampling.max_tokens, prompt_field=prompt_field)
+        if max_tokens == request.sampling.max_tokens:
+            return request
+        if request.sampling.max_tokens is None:  # the tenant's cap on an unset max_tokens still fits the context
+            max_tokens = max(1, min(max_tokens, self._info.context_length - len(request.prompt_token_ids)))
+        return dataclasses.replace(request, sampling=dataclasses.replace(request.sampling, max_tokens=max_tokens))
+
     def _charge(self, call: CallInfo, n_tokens: int) -> None:
         self._admission.limits.charge_tokens(call.tenant, n_tokens)
 
     @rpc("Chat", streaming=True)
     async def Chat(self, request: pb.ChatRequest, context, call: CallInfo, bookkeeping: _Rpc):
-        internal = chat_request_from_proto(request, self._info, call, context)
+        internal = self._within_tenant_limits(call, chat_request_from_proto(request, self._info, call, context),
+                                              "messages")
         async with contextlib.aclosing(self.chat_events(internal, request.sampling.stop, request.return_token_ids,
                                                         call, context, bookkeeping)) as events:
             async for deltas, complete in events:
@@ -553,7 +611,8 @@ class InferenceServicer(pb_grpc.InferenceServicer):
     async def chat_events(self, internal: GenerateRequest, stops, return_token_ids: bool, call: CallInfo, context,
                           bookkeeping: _Rpc) -> AsyncIterator[tuple[list[pb.ChatDelta], pb.ChatComplete | None]]:
         """The one chat path of both APIs: stream `internal` from a replica and parse the tokens
-        into deltas, counting and charging them; the last item carries the ChatComplete."""
+        into deltas, counting and charging them; the last item carries the ChatComplete. Tokens
+        count in the tenant's usage once the consumer took them (resumed this generator)."""
         prompt_tokens = len(internal.prompt_token_ids)
         bookkeeping.prompt(prompt_tokens)
         self._charge(call, prompt_tokens)
@@ -568,8 +627,9 @@ class InferenceServicer(pb_grpc.InferenceServicer):
                 used = stream.completion_tokens - before
                 bookkeeping.tokens(used)
                 self._charge(call, used)
+                yield deltas, None
+                bookkeeping.usage.sent(prompt_tokens, used, chunk.cached_prompt_tokens, stream.reasoning_tokens)
                 if not finished:
-                    yield deltas, None
                     continue
                 if stream.stop_sequence is not None:
                     reason = pb.FINISH_REASON_STOP
@@ -577,14 +637,15 @@ class InferenceServicer(pb_grpc.InferenceServicer):
                     reason = pb.FINISH_REASON_TOOL_CALL
                 else:
                     reason = FINISH_REASONS[chunk.finish_reason.value]
-                yield deltas, pb.ChatComplete(
+                yield [], pb.ChatComplete(
                     finish_reason=reason, stop_sequence=stream.stop_sequence or "",
                     usage=usage_to_proto(prompt_tokens, stream.completion_tokens, chunk, stream.reasoning_tokens))
                 return
 
     @rpc("Generate", streaming=True)
     async def Generate(self, request: pb.GenerateRequest, context, call: CallInfo, bookkeeping: _Rpc):
-        internal = generate_request_from_proto(request, self._info, call, context)
+        internal = self._within_tenant_limits(call, generate_request_from_proto(request, self._info, call, context),
+                                              "prompt_text" if request.prompt_text else "prompt_token_ids")
         send_text = bool(request.prompt_text or request.return_text)
         async with contextlib.aclosing(self.generate_events(internal, request.sampling.stop, send_text,
                                                             call, context, bookkeeping)) as events:
@@ -626,14 +687,15 @@ class InferenceServicer(pb_grpc.InferenceServicer):
                 self._charge(call, len(ids))
                 out = pb.GenerateChunk(token_ids=ids, text=text if send_text else "",
                                        logprobs=logprobs_to_proto(chunk.logprobs[:len(ids)])) if ids or text else None
+                if out is not None:
+                    yield out, None
+                bookkeeping.usage.sent(prompt_tokens, len(ids), chunk.cached_prompt_tokens)
                 if not finished:
-                    if out is not None:
-                        yield out, None
                     continue
                 stopped = matcher.matched if matcher is not None else None
                 reason = pb.FINISH_REASON_STOP if stopped else FINISH_REASONS[chunk.finish_reason.value]
-                yield out, pb.GenerateComplete(finish_reason=reason, stop_sequence=stopped or "",
-                                               usage=usage_to_proto(prompt_tokens, completion, chunk))
+                yield None, pb.GenerateComplete(finish_reason=reason, stop_sequence=stopped or "",
+                                                usage=usage_to_proto(prompt_tokens, completion, chunk))
                 return
 
     @rpc("Tokenize", streaming=False)

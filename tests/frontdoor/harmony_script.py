@@ -135,7 +135,7 @@ async def _serve(config_json: str) -> None:
 
     overrides = json.loads(config_json)
     config = load_config(None, overrides=overrides).frontdoor
-    server = FrontdoorServer(HarmonyScriptHandle(), config, FrontdoorMetrics(CollectorRegistry()))
+    server = FrontdoorServer(HarmonyScriptHandle(), config, FrontdoorMetrics(CollectorRegistry()), bind_to_loop=False)
     await server.start()
     print(f"READY {server.http_port} {server.grpc_port} {server.metrics_port}", flush=True)
     await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)
@@ -162,7 +162,8 @@ class ThreadedFrontdoor:
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, name="frontdoor", daemon=True)
         self.thread.start()
-        self.server = FrontdoorServer(handle, config, FrontdoorMetrics(CollectorRegistry()), api_keys=api_keys)
+        self.server = FrontdoorServer(handle, config, FrontdoorMetrics(CollectorRegistry()), api_keys=api_keys,
+                                     bind_to_loop=False)  # a scripted handle: no Serve router to bind
         self.call(self.server.start())
 
     def call(self, coro, timeout: float = 60.0):

@@ -428,3 +428,28 @@ def test_unknown_routes_and_methods_answer_in_the_error_shape(door):
             urllib.request.urlopen(request, timeout=10)
         assert err.value.code == status
         assert json.loads(err.value.read())["error"]["message"].startswith(f"{method} {path}")
+
+
+def test_a_client_that_disconnects_before_a_non_streamed_answer_cancels_the_engine_request():
+    """Raw HTTP here: the SDK gives no way to walk away from a non-streamed call mid-flight."""
+    import socket
+
+    door = ThreadedFrontdoor(HarmonyScriptHandle(chunk_tokens=2, delay_s=0.02, endless=True), config(),
+                             api_keys=keys())
+    try:
+        body = json.dumps({"model": MODEL, "messages": [{"role": "user", "content": "hi"}]}).encode()
+        head = (f"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {KEY}\r\n"
+                f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n").encode()
+        with socket.create_connection(("127.0.0.1", door.server.http_port)) as conn:
+            conn.sendall(head + body)
+            deadline = time.monotonic() + 5
+            while not door.handle.responses and time.monotonic() < deadline:
+                time.sleep(0.01)
+            time.sleep(0.2)  # tokens are flowing into the unfinished answer
+        response = door.handle.responses[-1]
+        deadline = time.monotonic() + 1.0
+        while not response.cancelled.is_set() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert response.cancelled.is_set(), "the replica stream was not cancelled within a second"
+    finally:
+        door.close()

@@ -65,7 +65,8 @@ def test_validation_refuses_a_broken_object():
 def test_defaults_render_only_the_core_objects():
     """Optional objects are off by default: they need operators (prometheus-operator, KEDA) not every cluster has."""
     objects = render()
-    assert kinds(objects) == CORE_DEFAULT_KINDS
+    # + the generated API keys and Ray token, and the NetworkPolicies around Ray
+    assert kinds(objects) == CORE_DEFAULT_KINDS | {"Secret", "NetworkPolicy"}
     assert not any(is_crd_kind(o) for o in objects if o["kind"] != "RayService")
 
 
@@ -80,7 +81,8 @@ def test_defaults_render_only_the_core_objects():
     ({"frontdoor.responses.redis.bundled.enabled": "true"}, set()),  # core kinds only: a Deployment, a Service
 ], ids=lambda v: ",".join(v) if isinstance(v, set) else None)
 def test_each_optional_object_renders_only_when_enabled(sets, expected):
-    assert (kinds(render(**sets)) & OPTIONAL_KINDS) == expected
+    # (the Ray NetworkPolicies are on by default: off here, so only the toggled objects count)
+    assert (kinds(render(**{"ray.networkPolicy.enabled": "false", **sets})) & OPTIONAL_KINDS) == expected
 
 
 def test_grafana_dashboard_configmap_should_not_render_when_disabled_and_holds_the_file_when_enabled():
@@ -200,10 +202,10 @@ def test_tls_and_api_keys_mount_existing_secrets_where_the_config_points():
 
 def test_tls_should_not_render_secret_mounts_when_off():
     pod = one(render(), "Deployment")["spec"]["template"]["spec"]
-    assert {v["name"] for v in pod["volumes"]} == {"config", "shm"}
+    assert {v["name"] for v in pod["volumes"]} == {"config", "shm", "api-keys"}
     assert pod["containers"][0]["readinessProbe"]["grpc"] == {"port": 50051}
     config = yaml.safe_load(one(render(), "ConfigMap", "-frontdoor")["data"]["config.yaml"])
-    assert "tls" not in config["frontdoor"] and "api_keys_file" not in config["frontdoor"]["auth"]
+    assert "tls" not in config["frontdoor"]
 
 
 def test_ingress_speaks_grpc_to_the_backend():
@@ -225,7 +227,7 @@ def test_http_api_port_service_and_ingress_path_with_sse_unbuffered():
     assert annotations["nginx.ingress.kubernetes.io/proxy-buffering"] == "off"
     path = ingress["spec"]["rules"][0]["http"]["paths"][0]
     assert path["path"] == "/v1" and path["backend"]["service"]["port"]["name"] == "http"
-    policy_ports = [p["port"] for rule in one(objects, "NetworkPolicy")["spec"]["ingress"] for p in rule.get("ports", [])]
+    policy_ports = [p["port"] for rule in one(objects, "NetworkPolicy", "-frontdoor")["spec"]["ingress"] for p in rule.get("ports", [])]
     assert 8088 in policy_ports
     off = render(**{"frontdoor.http.enabled": "false", "frontdoor.ingress.enabled": "true"})
     config = yaml.safe_load(one(off, "ConfigMap", "-frontdoor")["data"]["config.yaml"])

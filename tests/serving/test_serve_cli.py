@@ -77,6 +77,7 @@ def start_serve(env, grpc_port: int, metrics_port: int, *args: str,
             break
     assert banner is not None, "serve never became ready:\n" + "".join(seen)
     assert f"gRPC 127.0.0.1:{grpc_port}" in banner and f":{metrics_port}/metrics" in banner
+    assert "| HTTP http://127.0.0.1:" in banner
     return serve, banner
 
 
@@ -114,7 +115,7 @@ def test_serve_answers_chat_and_exits_cleanly_on_sigterm(tmp_path, short_tmp):
     grpc_port, metrics_port = free_port(), free_port()
     env = dict(os.environ, GPTOSS_CACHE_DIR=str(tmp_path / "cache"), GPTOSS_RAY_TEMP_DIR=str(short_tmp),
                GPTOSS_RAY_NUM_CPUS="2")
-    serve, _ = start_serve(env, grpc_port, metrics_port)
+    serve, banner = start_serve(env, grpc_port, metrics_port)
     try:
         # the tiny checkpoint was built into the private cache
         assert list((tmp_path / "cache" / "checkpoints").glob("tiny-*/config.json"))
@@ -142,6 +143,18 @@ def test_serve_answers_chat_and_exits_cleanly_on_sigterm(tmp_path, short_tmp):
                                          "with --grpc-port")
         assert len(cli_generate(env, grpc_port)) == 4
 
+        # The OpenAI-compatible HTTP API of the same process, through the official SDK, on the real
+        # tiny model (random weights: raw text as content, no reasoning).
+        import openai
+
+        http_url = banner.split("| HTTP ")[1].split()[0]
+        with openai.OpenAI(base_url=http_url + "/v1", api_key="unused", max_retries=0) as client:
+            model = client.models.list().data[0].id
+            assert model == "gpt-oss-tiny"
+            completion = client.chat.completions.create(model=model, messages=[{"role": "user", "content": "Say hi"}],
+                                                        max_completion_tokens=12, reasoning_effort="low")
+            assert completion.usage.completion_tokens == 12 and completion.choices[0].finish_reason == "length"
+            assert completion.choices[0].message.content
         stop_serve_and_check_nothing_left(serve, short_tmp)
     finally:
         if serve.poll() is None:

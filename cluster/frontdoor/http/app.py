@@ -47,8 +47,9 @@ _SSE_HEADERS = [(b"content-type", b"text/event-stream; charset=utf-8"), (b"cache
 class HttpContext:
     """What Admission and the servicer's request builders read of a gRPC context, for HTTP."""
 
-    def __init__(self, headers: list[tuple[bytes, bytes]]) -> None:
+    def __init__(self, headers: list[tuple[bytes, bytes]], client: tuple[str, int] | None = None) -> None:
         self._metadata = [(k.decode("latin-1").lower(), v.decode("latin-1")) for k, v in headers]
+        self._client = client
         self.deadline: float | None = None
         timeout = dict(self._metadata).get(TIMEOUT_HEADER)
         self.timeout_problem = None
@@ -64,6 +65,13 @@ class HttpContext:
 
     def invocation_metadata(self):
         return self._metadata
+
+    def peer(self) -> str:
+        """The client's address in grpc's form ("ipv4:127.0.0.1:5555", "ipv6:[::1]:5555")."""
+        if not self._client:
+            return ""
+        host, port = self._client[0], self._client[1]
+        return f"ipv6:[{host}]:{port}" if ":" in host else f"ipv4:{host}:{port}"
 
     def time_remaining(self) -> float | None:
         return None if self.deadline is None else max(0.0, self.deadline - time.monotonic())
@@ -161,6 +169,7 @@ class OpenAIApi:
     async def chat_completions(self, x: "Exchange"):
         model = self.check_model(x.json)
         call = chat.read_chat(x.json, self.info, x.call, x.context, model)
+        call = dataclasses.replace(call, internal=self.servicer._within_tenant_limits(x.call, call.internal, "messages"))
         output = chat.ChatOutput(call)
         events = self.servicer.chat_events(call.internal, call.stops, False, x.call, x.context, x.bookkeeping)
         if not call.stream:
@@ -189,6 +198,7 @@ class OpenAIApi:
     async def create_response(self, x: "Exchange"):
         model = self.check_model(x.json)
         call = await responses.read_responses(x.json, self.info, x.call, x.context, model, self.store)
+        call = dataclasses.replace(call, internal=self.servicer._within_tenant_limits(x.call, call.internal, "input"))
         output = responses.ResponsesOutput(call)
         events = self.servicer.chat_events(call.internal, (), False, x.call, x.context, x.bookkeeping)
 
@@ -282,6 +292,7 @@ class OpenAIApi:
                                               prompt_field="prompt", sampling_prefix="")
         except Exception as err:  # noqa: BLE001 - re-raised with the request's own field names
             raise renamed(err, {}) from None
+        internal = self.servicer._within_tenant_limits(x.call, internal, "prompt")
         completion_id, created = new_id("cmpl"), int(time.time())
         events = self.servicer.generate_events(internal, stops, True, x.call, x.context, x.bookkeeping)
 
@@ -353,6 +364,10 @@ class OpenAIApi:
         return self._model()
 
 
+# The routes that run the model: their calls are billed like gRPC's Generate and Chat.
+GENERATING_ROUTES = frozenset({"/v1/chat/completions", "/v1/responses", "/v1/completions"})
+
+
 class Exchange:
     """One HTTP request through admission, its route, and the one error mapping (an ASGI app)."""
 
@@ -374,7 +389,7 @@ class Exchange:
         servicer = api.servicer
         self.bookkeeping = _Rpc(servicer._metrics, self.method, servicer._method_metrics(self.method, "http"),
                                 api="http")
-        self.context = HttpContext(scope["headers"])
+        self.context = HttpContext(scope["headers"], scope.get("client"))
         self.call, problem = api.admission.open(self.method, self.context)
         self._send = send
         watcher = None
@@ -407,8 +422,10 @@ class Exchange:
         finally:
             if watcher is not None:
                 watcher.cancel()
-            api.admission.leave()
+            api.admission.leave(self.call)
             self.bookkeeping.end()
+            if self.method in GENERATING_ROUTES:
+                servicer.record_usage(self.call, self.method, self.bookkeeping)
 
     async def _read_body(self, receive) -> bytes:
         chunks, size = [], 0
