@@ -74,6 +74,10 @@ class VllmConfig:
     # threads bind to (VLLM_CPU_OMP_THREADS_BIND, e.g. "0-1"; "" : vLLM's "auto").
     cpu_kv_cache_space_gib: int = 1
     cpu_omp_threads_bind: str = ""
+    # Structured output (response_format, strict tools) through vLLM's guidance backend. vLLM then
+    # starts its tokenizer, so the model directory must hold gpt-oss's tokenizer files; off: a
+    # constrained request is refused (INVALID_ARGUMENT naming response_format).
+    structured_outputs: bool = False
 
 
 @dataclass

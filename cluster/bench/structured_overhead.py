@@ -1,9 +1,9 @@
 """Step-time cost of structured output in the torch engine, both sides measured in the same run.
 
-A batch of `in_flight` greedy sequences decodes `steps` tokens; on one side none is constrained, on
-the other half carry a JSON-schema constraint (schemas whose values keep the random model writing,
-so the batch stays whole). Runs alternate and the best of each side counts (background load on a
-shared box only ever adds time). Also: compile time per schema of cluster/bench/schemas.py (a fresh
+Two engines each decode a batch of `in_flight` greedy sequences; in one none is constrained, in the
+other half carry a JSON-schema constraint (schemas whose values keep the random model writing, so
+the batch stays whole). The engines step in turn, so each pair of steps sees the same background
+load (the box may be shared), and the overhead is the median ratio of the pairs. Also: compile time per schema of cluster/bench/schemas.py (a fresh
 compile, and a cache hit, which only copies the compiled matcher).
 """
 
@@ -27,7 +27,7 @@ LONG_RUNNING = ("flat_required", "optional_fields", "nested_object", "array_of_o
 MAX_TOKENS = 512  # far from the wrap-up window, which would end values early
 
 
-def _step_times(model, compiler: GuideCompiler, in_flight: int, steps: int, constrained: bool) -> list[float]:
+def _core(model, compiler: GuideCompiler, in_flight: int, constrained: bool) -> EngineCore:
     core = EngineCore(model, EngineConfig(block_size=16, max_num_seqs=in_flight, max_num_batched_tokens=4096,
                                           kv_cache_memory_bytes=256 << 20))
     free = SamplingSettings(max_tokens=MAX_TOKENS, temperature=0.0, stop_token_ids=())
@@ -41,14 +41,24 @@ def _step_times(model, compiler: GuideCompiler, in_flight: int, steps: int, cons
         else:
             core.add_request(Sequence(f"f{i}", prompt, free))
     core.step()  # the prefill of every prompt
-    times = []
+    return core
+
+
+def _paired_step_times(model, compiler: GuideCompiler, in_flight: int, steps: int) -> list[tuple[float, float]]:
+    """(unconstrained, constrained) step times, the two engines stepping in turn so both see the
+    same background load; only steps where both batches are whole count."""
+    cores = [_core(model, compiler, in_flight, False), _core(model, compiler, in_flight, True)]
+    pairs = []
     for _ in range(steps):
-        if core.stats.num_running != in_flight:
+        if any(core.stats.num_running != in_flight for core in cores):
             break  # a sequence finished: the batch is no longer the one compared
-        t0 = time.perf_counter()
-        core.step()
-        times.append(time.perf_counter() - t0)
-    return times
+        times = []
+        for core in cores:
+            t0 = time.perf_counter()
+            core.step()
+            times.append(time.perf_counter() - t0)
+        pairs.append((times[0], times[1]))
+    return pairs
 
 
 def measure(model, in_flight: int = 32, steps: int = 24, runs: int = 3) -> dict:
@@ -56,15 +66,11 @@ def measure(model, in_flight: int = 32, steps: int = 24, runs: int = 3) -> dict:
     compiler = GuideCompiler()
     try:
         compiler.compile(TurnConstraint(ResponseFormat("json_object")), MAX_TOKENS)  # the tokenizer index, once
-        best = {False: float("inf"), True: float("inf")}
-        measured_steps = {False: 0, True: 0}
+        pairs: list[tuple[float, float]] = []
         with torch.inference_mode():
-            _step_times(model, compiler, in_flight, 2, True)  # warm-up
+            _paired_step_times(model, compiler, in_flight, 2)  # warm-up
             for _ in range(runs):
-                for constrained in (False, True):
-                    times = _step_times(model, compiler, in_flight, steps, constrained)
-                    best[constrained] = min(best[constrained], statistics.fmean(times))
-                    measured_steps[constrained] = len(times)
+                pairs += _paired_step_times(model, compiler, in_flight, steps)
         fresh, cached = [], []
         for run in range(3):
             for name, schema in SCHEMAS.items():
@@ -83,8 +89,10 @@ def measure(model, in_flight: int = 32, steps: int = 24, runs: int = 3) -> dict:
     pct = lambda values, q: values[min(len(values) - 1, int(q * len(values)))] * 1000  # noqa: E731
     return {
         "in_flight": in_flight, "constrained": in_flight // 2,
-        "unconstrained_step_ms": round(best[False] * 1000, 2), "constrained_step_ms": round(best[True] * 1000, 2),
-        "overhead": round(best[True] / best[False] - 1, 3), "steps_measured": min(measured_steps.values()),
+        "unconstrained_step_ms": round(statistics.median(p[0] for p in pairs) * 1000, 2),
+        "constrained_step_ms": round(statistics.median(p[1] for p in pairs) * 1000, 2),
+        # The median of per-pair ratios: each pair ran back to back, under the same background load.
+        "overhead": round(statistics.median(c / u for u, c in pairs) - 1, 3), "steps_measured": len(pairs),
         "compile_ms_p50": round(pct(fresh, 0.5), 2), "compile_ms_p99": round(pct(fresh, 0.99), 2),
         "compile_cache_hit_ms_p50": round(pct(cached, 0.5), 3), "schemas_compiled": len(fresh),
     }

@@ -215,7 +215,7 @@ def structured_overhead(model, in_flight: int) -> dict:
 def print_structured(result: dict) -> None:
     print(f"structured output, {result['in_flight']} in flight, {result['constrained']} constrained: step "
           f"{result['constrained_step_ms']:.2f} ms vs {result['unconstrained_step_ms']:.2f} ms unconstrained "
-          f"(overhead {result['overhead'] * 100:+.1f}%, goal <= +10%; {result['steps_measured']} steps, best of 3); "
+          f"(overhead {result['overhead'] * 100:+.1f}%, goal <= +10%; median of {result['steps_measured']} paired steps); "
           f"schema compile p50 {result['compile_ms_p50']:.2f} ms p99 {result['compile_ms_p99']:.2f} ms "
           f"({result['schemas_compiled']} compiles), cache hit p50 {result['compile_cache_hit_ms_p50']:.3f} ms")
 

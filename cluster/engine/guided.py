@@ -53,10 +53,6 @@ class Guide:
             log.warning("constrained decoding: token %d refused (%s); the rest is unconstrained",
                         token_id, self.matcher.get_error()[:200])
 
-    @property
-    def is_error(self) -> bool:
-        return self.matcher.is_error()
-
 
 class GuideCompiler:
     """Compiles turn constraints into Guides on its own threads, caching the compiled grammar by its

@@ -45,6 +45,7 @@ from cluster.engine.request import (
     resolved_length_and_stops,
     validate_request,
 )
+from cluster.harmony.structured import ConstraintError, TurnConstraint, check_constraint, turn_lark
 from cluster.harmony.tokenizer import load_tokenizer
 
 log = logging.getLogger(__name__)
@@ -65,7 +66,8 @@ def engine_args_for(config, model_path: str | os.PathLike, dtype: str = "float32
     kwargs: dict[str, Any] = dict(
         model=str(model_path),
         dtype=dtype,
-        skip_tokenizer_init=True,  # ids in, ids out: harmony runs in the front door
+        # Ids in, ids out: harmony runs in the front door. Structured output needs vLLM's tokenizer.
+        skip_tokenizer_init=not v.structured_outputs,
         tensor_parallel_size=v.tensor_parallel_size,
         data_parallel_size=v.data_parallel_size,
         enable_expert_parallel=v.enable_expert_parallel,
@@ -76,6 +78,8 @@ def engine_args_for(config, model_path: str | os.PathLike, dtype: str = "float32
         # Our stat-logger hook gets the stats; vLLM's periodic log lines stay off.
         disable_log_stats=True,
     )
+    if v.structured_outputs:  # the turn grammar is llguidance Lark (cluster/harmony/structured.py)
+        kwargs["structured_outputs_config"] = {"backend": "guidance"}
     if v.max_model_len:
         kwargs["max_model_len"] = v.max_model_len
     if v.max_num_batched_tokens:
@@ -216,13 +220,19 @@ class VllmEngine:
         if sampling.logprobs is not None and sampling.logprobs > self.max_logprobs:
             raise InvalidRequestError("sampling.logprobs",
                                       f"vLLM here returns at most {self.max_logprobs} alternatives, asked {sampling.logprobs}")
+        structured = {}
+        if request.constraint is not None and request.constraint.active:
+            if self._llm.vllm_config.model_config.skip_tokenizer_init:
+                raise InvalidRequestError(request.constraint.field_prefix, "structured output is off on this vllm "
+                                          "replica (engine.vllm.structured_outputs)")
+            structured["structured_outputs"] = structured_outputs_for(request.constraint, max_tokens)
         try:
             return SamplingParams(
                 max_tokens=max_tokens, temperature=sampling.temperature, top_p=sampling.top_p,
                 top_k=sampling.top_k, seed=sampling.seed, stop_token_ids=list(stops),
                 ignore_eos=True,  # our stop ids above are the only stops
                 logprobs=sampling.logprobs, detokenize=False, skip_special_tokens=False,
-                output_kind=RequestOutputKind.DELTA)
+                output_kind=RequestOutputKind.DELTA, **structured)
         except (ValueError, TypeError) as err:
             raise _invalid(err) from None
 
@@ -329,6 +339,21 @@ class VllmEngine:
 
     def shutdown(self) -> None:
         self._llm.shutdown()
+
+
+def structured_outputs_for(constraint: TurnConstraint, max_tokens: int):
+    """vLLM's StructuredOutputsParams for a turn constraint: the same whole-turn grammar as the torch
+    engine, as one Lark text (vLLM's grammar option), which needs vLLM's guidance (llguidance)
+    backend, the only one that reads harmony's special tokens and per-rule token budgets in Lark.
+    Raises InvalidRequestError naming the field, as the torch engine does."""
+    from vllm.sampling_params import StructuredOutputsParams
+
+    try:
+        check_constraint(constraint, max_tokens)
+        grammar = turn_lark(constraint, max_tokens)
+    except ConstraintError as err:
+        raise InvalidRequestError(err.field, err.problem) from None
+    return StructuredOutputsParams(grammar=grammar)
 
 
 def _invalid(err: Exception) -> InvalidRequestError:

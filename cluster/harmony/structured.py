@@ -183,6 +183,19 @@ def turn_grammar(constraint: TurnConstraint, max_tokens: int) -> str:
     return json.dumps({"grammars": grammars})
 
 
+def turn_lark(constraint: TurnConstraint, max_tokens: int) -> str:
+    """The same turn grammar as one Lark text (sub-grammars inlined as `%json {...}` / `%lark {...}`),
+    for engines that take a grammar only as Lark: vLLM's `StructuredOutputsParams(grammar=...)`
+    with its guidance backend."""
+    grammars = json.loads(turn_grammar(constraint, max_tokens))["grammars"]
+    inline = {g["name"]: (f"%json {json.dumps(g['json_schema'])}" if g.get("json_schema") is not None
+                          else "%lark {\n" + g["lark_grammar"] + "\n}") for g in grammars[1:]}
+    lines = grammars[0]["lark_grammar"].replace("@thought", inline.pop("thought", "@thought")).splitlines()
+    for name, body in inline.items():
+        lines = [line.replace(f"@{name}", name) for line in lines] + [f"{name}: {body}"]
+    return "\n".join(lines) + "\n"
+
+
 def check_constraint(constraint: TurnConstraint, max_tokens: int = 2 * DEFAULT_REASONING_BUDGET) -> str:
     """Validate `constraint` without generating anything; returns its grammar, raises ConstraintError
     naming the field and the reason. Needs no tokenizer (so the front door can call it)."""

@@ -159,10 +159,10 @@ def test_preempted_constrained_requests_resume_with_their_grammar_state(make_eng
     roomy = make_engine(block_size=4)
     bytes_per_token = (64 << 20) / roomy.core.kv_cache.capacity_tokens
     longest = len(prompt()) + MAX_TOKENS
-    # Room for one and a half whole requests; eight in flight, each with a prompt of its own.
+    # Room for one and a quarter whole requests; twelve in flight, each with a prompt of its own.
     tight = make_engine(block_size=4, max_num_batched_tokens=256,
-                        kv_cache_memory_bytes=int(1.5 * longest * bytes_per_token))
-    all_cases = list(cases().items())[:8]
+                        kv_cache_memory_bytes=int(1.25 * longest * bytes_per_token))
+    all_cases = list(cases().items())[:12]
     prompts = [render_prompt([Message("user", f"Question {i}: {name}?")], reasoning_effort="low")
                for i, (name, _) in enumerate(all_cases)]
 

@@ -141,3 +141,49 @@ def test_fuzzed_schemas_compile_or_are_refused_never_crash(stub, schema, strict)
         assert bad_fields(err)[0].startswith("response_format"), err.details()
         return
     assert responses[-1].HasField("complete")
+
+
+# ── the OpenAI HTTP API (same front door): response_format, text.format, strict tools ──
+
+def _openai(frontdoor):
+    import openai
+
+    return openai.OpenAI(base_url=frontdoor.server.http_url + "/v1", api_key="x", max_retries=0)
+
+
+def test_http_chat_completions_response_format_json_schema(frontdoor):
+    schema = RANDOM_MODEL_SCHEMAS["refs_defs"]
+    with _openai(frontdoor) as client:
+        completion = client.chat.completions.create(
+            model="gpt-oss-tiny-test", messages=[{"role": "user", "content": "Two points, please."}],
+            max_tokens=MAX_TOKENS, extra_body={"reasoning_budget": BUDGET},
+            response_format={"type": "json_schema", "json_schema": {"name": "line", "schema": schema, "strict": True}})
+    assert completion.choices[0].finish_reason == "stop"
+    jsonschema.validate(json.loads(completion.choices[0].message.content), schema)
+
+
+def test_http_responses_text_format_and_strict_tool(frontdoor):
+    schema = RANDOM_MODEL_SCHEMAS["enum_string"]
+    parameters = RANDOM_MODEL_SCHEMAS["weather_tool"]
+    with _openai(frontdoor) as client:
+        response = client.responses.create(
+            model="gpt-oss-tiny-test", input="A color, or the weather.", max_output_tokens=MAX_TOKENS,
+            extra_body={"reasoning_budget": BUDGET},
+            text={"format": {"type": "json_schema", "name": "color", "schema": schema, "strict": True}},
+            tools=[{"type": "function", "name": "get_weather", "parameters": parameters, "strict": True}])
+    calls = [item for item in response.output if item.type == "function_call"]
+    if calls:
+        jsonschema.validate(json.loads(calls[0].arguments), parameters)
+    else:
+        jsonschema.validate(json.loads(response.output_text), schema)
+
+
+def test_http_bad_schema_is_400_naming_the_param(frontdoor):
+    import openai
+
+    with _openai(frontdoor) as client, pytest.raises(openai.BadRequestError) as info:
+        client.chat.completions.create(
+            model="gpt-oss-tiny-test", messages=[{"role": "user", "content": "x"}], max_tokens=8,
+            response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "strin"},
+                                                                    "strict": True}})
+    assert info.value.body["param"] == "response_format.json_schema.schema", info.value.body

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from cluster.engine.request import GenerateRequest
 from cluster.frontdoor.http.fields import (Fields, apply_tool_choice, read_effort, read_sampling, read_stops,
-                                           read_tool_choice, read_tools, renamed)
+                                           read_constraint, read_tool_choice, read_tools, renamed)
 from cluster.frontdoor.http.turn import CALL, REASONING, Turn, new_id
 from cluster.frontdoor.servicer import Violations, build_chat_request
 from cluster.harmony.render import Message
@@ -128,13 +128,11 @@ def read_chat(body: object, info, call, context, model: str) -> ChatCall:
     stream = bool(fields.get("stream", bool, False))
     options = fields.object("stream_options")
     include_usage = bool(options.get("include_usage", bool, False)) if options is not None else False
-    response_format = fields.object("response_format")
-    if response_format is not None and response_format.get("type", str) not in (None, "text"):
-        violations.add("response_format.type", "only text is supported for now")
+    constraint = read_constraint(fields, fields.object("response_format"), "response_format", tools, nested=True)
     max_key = next((key for key in MAX_TOKENS_KEYS if fields.has(key)), "max_tokens")
     try:
         internal = build_chat_request(messages, tools, effort, instructions, sampling, info, call, context, violations,
-                                      sampling_prefix="", field_name=_tool_field)
+                                      sampling_prefix="", field_name=_tool_field, constraint=constraint)
     except Exception as err:  # noqa: BLE001 - re-raised with the request's own field names
         raise renamed(err, {"max_tokens": max_key, "logprobs": "top_logprobs"}) from None
     return ChatCall(internal, stops, model, stream, include_usage, want_logprobs)

@@ -15,6 +15,7 @@ from cluster.engine.request import SamplingParams
 from cluster.frontdoor import errors
 from cluster.frontdoor.servicer import MAX_TOOLS, Violations, check_logprobs, check_stops
 from cluster.harmony.render import REASONING_EFFORTS, ToolDefinition
+from cluster.harmony.structured import ConstraintError, ResponseFormat, StrictTool, TurnConstraint, check_constraint
 from cluster.serving.model_info import ModelInfo
 
 _MISSING = object()
@@ -116,7 +117,7 @@ def read_tools(fields: Fields, *, nested: bool) -> list[ToolDefinition]:
         name = spec.get("name", str, required=True)
         description = spec.get("description", str, "")
         parameters = spec.get("parameters", dict)
-        spec.get("strict", bool)  # accepted; strict schemas are enforced once constrained decoding lands
+        spec.get("strict", bool)  # read again by read_constraint
         if name is not None:
             out.append(ToolDefinition(name=name, description=description, parameters=parameters))
     return out
@@ -224,3 +225,63 @@ def renamed(err: Exception, names: dict[str, str]) -> Exception:
         if head in names:
             return errors.FieldError(names[head] + field[len(head):], err.reason)
     return err
+
+
+def strict_tool_names(fields: Fields, *, nested: bool) -> set[str]:
+    """Names of the function tools declared with strict: true (their arguments are constrained)."""
+    names = set()
+    for raw in fields.body.get("tools") or ():
+        spec = raw.get("function") if nested and isinstance(raw, dict) else raw
+        if isinstance(spec, dict) and spec.get("strict") is True and isinstance(spec.get("name"), str):
+            names.add(spec["name"])
+    return names
+
+
+def read_response_format(fmt: Fields | None, prefix: str, *, nested: bool) -> ResponseFormat:
+    """Chat Completions' response_format (nested: {"type": "json_schema", "json_schema": {...}}) or
+    Responses' text.format (flat: {"type": "json_schema", "name", "schema", "strict"}); also
+    {"type": "regex", "pattern"} and {"type": "grammar", "grammar", "syntax": lark|gbnf}."""
+    if fmt is None:
+        return ResponseFormat()
+    kind = fmt.choice("type", ("text", "json_object", "json_schema", "regex", "grammar"), "text")
+    if kind == "json_schema":
+        spec = fmt.object("json_schema", required=True) if nested else fmt
+        if spec is None:
+            return ResponseFormat()
+        schema = spec.body.get("schema")
+        if not isinstance(schema, (dict, bool)):
+            fmt.violations.add(spec.name("schema"), "must be a JSON Schema (an object)")
+            return ResponseFormat()
+        return ResponseFormat("json_schema", schema=schema, strict=bool(spec.get("strict", bool, False)),
+                              name=spec.get("name", str, ""))
+    if kind == "regex":
+        return ResponseFormat("regex", pattern=fmt.get("pattern", str, "", required=True))
+    if kind == "grammar":
+        return ResponseFormat("grammar", grammar=fmt.get("grammar", str, "", required=True),
+                              grammar_syntax=fmt.choice("syntax", ("lark", "gbnf"), "lark"))
+    return ResponseFormat(kind or "text")
+
+
+def read_constraint(fields: Fields, fmt: Fields | None, prefix: str, tools: list[ToolDefinition], *,
+                    nested: bool) -> TurnConstraint | None:
+    """The structured-output constraint of an HTTP request (None when it constrains nothing),
+    checked here so a bad one is a 400 naming the param before anything is generated. The
+    reasoning budget is the extension field `reasoning_budget`."""
+    strict = strict_tool_names(fields, nested=nested)
+    strict_tools = tuple(StrictTool(t.name, t.parameters or {"type": "object"}) for t in tools if t.name in strict)
+    budget = fields.get("reasoning_budget", int)
+    constraint = TurnConstraint(read_response_format(fmt, prefix, nested=nested), strict_tools, budget, prefix)
+    if not constraint.active:
+        return None
+    try:
+        check_constraint(constraint)
+    except ConstraintError as err:
+        field = err.field
+        if nested:
+            field = field.replace(f"{prefix}.schema", f"{prefix}.json_schema.schema", 1)
+        if field.startswith("tools["):  # numbered among the strict tools: name the request's own index
+            name = strict_tools[int(field[6:field.index("]")])].name
+            index = next(i for i, t in enumerate(tools) if t.name == name)
+            field = f"tools[{index}].function.parameters" if nested else f"tools[{index}].parameters"
+        fields.violations.add(field, err.problem)
+    return constraint

@@ -18,7 +18,7 @@ from cluster.engine.request import GenerateRequest
 from cluster.frontdoor import errors
 from cluster.frontdoor.http.chat import JSON_CALL, text_content
 from cluster.frontdoor.http.fields import (Fields, apply_tool_choice, read_effort, read_sampling, read_tool_choice,
-                                           read_tools, renamed)
+                                           read_constraint, read_tools, renamed)
 from cluster.frontdoor.http.store import ResponseStore
 from cluster.frontdoor.http.turn import CALL, REASONING, TEXT, Event, Part, Turn, new_id
 from cluster.frontdoor.servicer import Violations, build_chat_request
@@ -122,8 +122,7 @@ async def read_responses(body: object, info, call, context, model: str, store: R
     sampling = read_sampling(fields, info, max_tokens_keys=("max_output_tokens",))
     text = fields.object("text")
     text_format = text.object("format") if text is not None else None
-    if text_format is not None and text_format.get("type", str) not in (None, "text"):
-        violations.add("text.format.type", "only text is supported for now")
+    constraint = read_constraint(fields, text_format, "text.format", rendered_tools, nested=False)
     if fields.get("background", bool, False):
         violations.add("background", "background responses are not supported; stream instead")
     metadata = fields.get("metadata", dict, {})
@@ -131,13 +130,14 @@ async def read_responses(body: object, info, call, context, model: str, store: R
     stream = fields.get("stream", bool, False)
     try:
         internal = build_chat_request(messages, rendered_tools, effort, rendered_instructions, sampling, info, call,
-                                      context, violations, messages_field="input", sampling_prefix="")
+                                      context, violations, messages_field="input", sampling_prefix="",
+                                      constraint=constraint)
     except Exception as err:  # noqa: BLE001 - re-raised with the request's own field names
         raise renamed(err, {"max_tokens": "max_output_tokens", "messages": "input"}) from None
     echo = {"instructions": instructions, "max_output_tokens": sampling.max_tokens, "model": model,
             "metadata": metadata, "parallel_tool_calls": True, "previous_response_id": previous_id,
             "reasoning": {"effort": effort, "summary": None}, "temperature": sampling.temperature,
-            "text": {"format": {"type": "text"}}, "tool_choice": fields.body.get("tool_choice", "auto"),
+            "text": {"format": text_format.body if text_format is not None else {"type": "text"}}, "tool_choice": fields.body.get("tool_choice", "auto"),
             "tools": fields.body.get("tools", []), "top_p": sampling.top_p, "truncation": "disabled",
             "store": store_it, "background": False, "user": fields.get("user", str)}
     return ResponsesCall(internal, messages, calls, echo, store_it, stream, previous_id)
