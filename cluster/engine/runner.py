@@ -102,5 +102,10 @@ class ModelRunner:
         sampling = [c.request for c in output.chunks if c.samples]
         if not sampling:
             return {}
-        result = self.sampler(logits, [s.sampling for s in sampling], [s.generator for s in sampling])
+        guides = [s.guide for s in sampling]
+        if any(g is not None for g in guides):
+            result = self.sampler(logits, [s.sampling for s in sampling], [s.generator for s in sampling],
+                                  guides, [s.num_tokens_left for s in sampling])
+        else:
+            result = self.sampler(logits, [s.sampling for s in sampling], [s.generator for s in sampling])
         return {s.request_id: (t, lp) for s, t, lp in zip(sampling, result.token_ids, result.logprobs)}

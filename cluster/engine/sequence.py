@@ -14,9 +14,14 @@ import enum
 import itertools
 from dataclasses import dataclass, field
 
+from typing import TYPE_CHECKING
+
 import torch
 
 from cluster.engine.request import TokenLogprobs
+
+if TYPE_CHECKING:
+    from cluster.engine.guided import Guide
 
 
 class EndReason(enum.Enum):
@@ -77,6 +82,9 @@ class Sequence:
     # Absolute deadline (time.time() seconds, as GenerateRequest.deadline_s); a request still
     # waiting past it is dropped at the next step. None: none.
     deadline_s: float | None = None
+    # The grammar state of a constrained request (structured output), advanced by every token taken;
+    # it depends only on the output tokens, so a preempted sequence keeps it through the recompute.
+    guide: Guide | None = None
 
     output_token_ids: list[int] = field(default_factory=list)
     output_logprobs: list[TokenLogprobs] = field(default_factory=list)
@@ -118,12 +126,19 @@ class Sequence:
         return self.prompt_token_ids[position] if position < n else self.output_token_ids[position - n]
 
     @property
+    def num_tokens_left(self) -> int:
+        """Tokens this sequence may still generate."""
+        return self.sampling.max_tokens - len(self.output_token_ids)
+
+    @property
     def is_finished(self) -> bool:
         return self.status is SequenceStatus.FINISHED
 
     def append_output_token(self, token_id: int, logprobs: TokenLogprobs | None = None) -> EndReason | None:
         """Record one sampled token; returns why the request is now finished, or None."""
         self.output_token_ids.append(token_id)
+        if self.guide is not None:
+            self.guide.consume(token_id)
         if logprobs is not None:
             self.output_logprobs.append(logprobs)
         if token_id in self.sampling.stop_token_ids:

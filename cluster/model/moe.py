@@ -17,6 +17,7 @@ from torch import nn
 
 from cluster.model import mxfp4
 from cluster.model.config import GptOssConfig
+from cluster.model.kernels import mxfp4_cpu
 from cluster.model.layers import swiglu
 
 # Up to this many gathered weight elements per call, the chosen experts are gathered into one
@@ -134,7 +135,9 @@ class MoE(ExpertWeights):
         top_logits, top_idx = torch.topk(self.router(x), A, dim=-1)  # [S, A]
         top_w = torch.softmax(top_logits, dim=-1)  # [S, A]
 
-        if self.gathers(S * A):
+        if self._fused_kernel_applies(x):  # kernels/mxfp4_cpu.py: packed experts, no dense copy
+            out = self._fused(x, top_idx, top_w)
+        elif self.gathers(S * A):
             out = self._gathered(x, top_idx, top_w)
         else:
             out = self._looped(x, top_idx, top_w)
@@ -148,6 +151,25 @@ class MoE(ExpertWeights):
         h = torch.bmm(w1, xs.unsqueeze(-1)).squeeze(-1) + self.gate_up_bias[idx]  # [S*A, 2I]
         h = swiglu(h, self.alpha, self.limit)  # [S*A, I]
         y = torch.bmm(w2, h.unsqueeze(-1)).squeeze(-1) + self.down_bias[idx]  # [S*A, H]
+        return torch.bmm(top_w.unsqueeze(1), y.view(S, A, -1)).squeeze(1)  # weighted sum over A: [S, H]
+
+    def _fused_kernel_applies(self, x: torch.Tensor) -> bool:
+        return (self.packed and x.device.type == "cpu" and mxfp4_cpu.available()
+                and self._small_dense_copy(x.dtype) is None)
+
+    def _fused(self, x: torch.Tensor, top_idx: torch.Tensor, top_w: torch.Tensor) -> torch.Tensor:
+        """The packed experts multiplied in place by the CPU kernel; dtypes as in _gathered."""
+        S, A = top_idx.shape
+        idx = top_idx.flatten()  # [S*A]
+        order = torch.argsort(idx, stable=True)  # token slots grouped by expert
+        experts, counts = torch.unique_consecutive(idx[order], return_counts=True)
+        offsets = torch.cat((counts.new_zeros(1), counts.cumsum(0)))
+        xs = x[order // A]  # [S*A, H]
+        h = mxfp4_cpu.grouped_matmul(self.gate_up_blocks, self.gate_up_scales, xs, experts, offsets)
+        h = swiglu((h + self.gate_up_bias[idx[order]]).to(x.dtype), self.alpha, self.limit)  # [S*A, I]
+        y = mxfp4_cpu.grouped_matmul(self.down_blocks, self.down_scales, h, experts, offsets)
+        y = (y + self.down_bias[idx[order]]).to(x.dtype)  # [S*A, H] in grouped order
+        y = torch.empty_like(y).index_copy_(0, order, y)  # back to token order
         return torch.bmm(top_w.unsqueeze(1), y.view(S, A, -1)).squeeze(1)  # weighted sum over A: [S, H]
 
     def _looped(self, x: torch.Tensor, top_idx: torch.Tensor, top_w: torch.Tensor) -> torch.Tensor:

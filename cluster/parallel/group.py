@@ -44,6 +44,16 @@ HEADER = 8
 MESSAGE = 256
 
 
+def _ray_node() -> str:
+    """This process's Ray node id ("" outside Ray): ranks share memory only within one node."""
+    try:
+        import ray
+
+        return ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""
+    except Exception:  # noqa: BLE001 - no Ray context: a single-host test group
+        return ""
+
+
 def node_ip() -> str:
     try:
         import ray
@@ -280,8 +290,8 @@ class ShardRuntime:
         dist.all_reduce(warm)  # every rank is here: the group works
         if int(warm.item()) != spec.world:
             raise RuntimeError(f"warm-up all_reduce gave {warm.item()}, expected {spec.world}")
-        if spec.backend == "gloo" and spec.world > 1:  # None unless every rank maps one /dev/shm file
-            self.comm.use_shm(join_shm(store, rank, spec.world, spec.timeout_s))
+        if spec.backend == "gloo" and spec.world > 1:  # None unless every rank is on one node
+            self.comm.use_shm(join_shm(store, rank, spec.world, spec.timeout_s, node=_ray_node()))
 
     def execute(self, batch: PagedBatch) -> torch.Tensor:
         """The step's forward on this rank's shard -> normed hidden states [R, H] (the engine unembeds)."""

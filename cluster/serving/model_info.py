@@ -37,6 +37,9 @@ class ModelInfo:
     tensor_parallel_size: int = 1  # ranks its attention heads are split over
     gpus_per_replica: float = 0.0
     default_max_tokens: int = 0  # max_tokens of a request that leaves it unset
+    # Requests one replica holds at once (its batch plus its waiting queue, within Serve's
+    # max_ongoing_requests); 0: unknown. The front door refuses what no routable replica has room for.
+    max_active_requests: int = 0
 
     @property
     def limits(self) -> ModelLimits:
@@ -87,4 +90,12 @@ def model_info_for(config: ClusterConfig, engine: Engine, checkpoint: Path | Non
         quantization=quantization, dtype=dtype, engine=config.engine.kind, replicas=config.serving.replicas,
         supports_logprobs=engine.supports_logprobs,
         expert_parallel_size=ep, tensor_parallel_size=tp, gpus_per_replica=gpus,
-        default_max_tokens=config.engine.default_max_tokens)
+        default_max_tokens=config.engine.default_max_tokens, max_active_requests=replica_capacity(config))
+
+
+def replica_capacity(config) -> int:
+    """Requests one replica holds at once: its engine's batch and waiting queue, within Serve's
+    max_ongoing_requests."""
+    e = config.engine
+    batch = (e.vllm.max_num_seqs or e.max_num_seqs) if e.kind == "vllm" else e.max_num_seqs
+    return min(batch + e.max_waiting_requests, config.serving.max_ongoing_requests)

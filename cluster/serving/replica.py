@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
-import os
 import time
 from pathlib import Path
 from typing import AsyncIterator
@@ -165,12 +164,27 @@ class ModelReplica:
     def _direct_stream_server(self, config: ClusterConfig):
         if not config.serving.direct_stream:
             return None
-        if os.environ.get("RAY_USE_TLS", "0").lower() in ("1", "true"):
-            log.info("direct stream off: Ray runs with TLS, so requests stay on Serve's TLS channel")
-            return None
         from cluster.serving.direct_stream import DirectStreamServer
 
+        self._direct_tls_settings = config.serving
         return DirectStreamServer(self._stream, full=lambda: self._in_flight >= self._max_ongoing)
+
+    def _direct_stream_tls(self, host: str):
+        """The direct stream's certificate (see serving.direct_stream_tls); None: plaintext."""
+        from cluster.serving.direct_stream import DirectStreamTls, ray_tls_files
+
+        settings = self._direct_tls_settings
+        if not settings.direct_stream_tls:
+            log.warning("direct stream in PLAINTEXT (serving.direct_stream_tls false): prompts and tokens "
+                        "cross the network unencrypted")
+            return None
+        if settings.direct_stream_cert_file:
+            return DirectStreamTls.from_files(settings.direct_stream_cert_file, settings.direct_stream_key_file,
+                                              settings.direct_stream_ca_file, settings.direct_stream_server_name)
+        ray_tls = ray_tls_files()
+        if ray_tls is not None:
+            return DirectStreamTls.from_files(*ray_tls, settings.direct_stream_server_name)
+        return DirectStreamTls.self_signed(host)
 
     async def record_replica_metadata(self) -> dict:
         """Serve calls this once the replica is ready and hands the result to every router of
@@ -180,7 +194,8 @@ class ModelReplica:
         import ray
 
         try:
-            return await self._direct.start(ray.util.get_node_ip_address())
+            host = ray.util.get_node_ip_address()
+            return await self._direct.start(host, self._direct_stream_tls(host))
         except OSError as err:  # the front doors then use the Serve handle only
             log.warning("direct stream off: %s", err)
             self._direct = None
@@ -274,6 +289,10 @@ class ModelReplica:
     def expert_memory(self) -> list[dict]:
         """Each rank's resident bytes, read by that rank from its own tensors."""
         return [] if self._group is None else self._group.memory_reports()
+
+    def expert_shm_bytes(self) -> list[int]:
+        """Bytes each rank copied into the group's shared memory (all 0 on the cross-node gloo path)."""
+        return [] if self._group is None else self._group.shm_bytes()
 
     def expert_worker_pids(self) -> list[int]:
         return [] if self._group is None else self._group.worker_pids()

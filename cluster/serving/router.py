@@ -126,7 +126,7 @@ class GptossRouter(RequestRouter):
         return [[chosen], [by_id[r] for r in others]] if others else [[chosen]]
 
     # -- the front door's direct streams (direct_stream.py) -------------------------------------
-    def choose_direct(self, request: Any, ready: Callable[[str], bool]) -> Optional[DirectRoute]:
+    def choose_direct(self, request: Any, ready: Callable[[DirectAddress], bool]) -> Optional[DirectRoute]:
         """Route a generate request to be streamed straight from the replica, as choose_replicas
         would route it; None when the chosen replica cannot take it that way (it publishes no
         direct address, this router already has its max_ongoing_requests on it, or the channel to
@@ -139,7 +139,7 @@ class GptossRouter(RequestRouter):
         replica = by_id[decision.replica]
         target = DirectAddress.from_metadata(replica.replica_metadata)
         if (target is None or self._in_flight.get(decision.replica, 0) >= replica.max_ongoing_requests
-                or not ready(target.address)):
+                or not ready(target)):
             return None
         self._direct_count += 1
         key = f"direct-{self._direct_count}"

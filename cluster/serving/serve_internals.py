@@ -102,6 +102,26 @@ async def close_bound_handle(handle: DeploymentHandle) -> None:
         unavailable("router long-poll clients")
 
 
+def replica_assignment(response) -> "asyncio.Future | None":
+    """The future that completes once Serve's router has given a handle call (a DeploymentResponse
+    or DeploymentResponseGenerator) a replica, or None where there is none to be had.
+
+    Private: `DeploymentResponse._replica_result_future`. No public API says when a call has been
+    assigned (as opposed to answered); the front door bounds that wait with frontdoor.replica_wait_s
+    (no routable replica: UNAVAILABLE with RetryInfo). If it disappears, the wait is bounded only
+    by the call's own deadline, and `unavailable` counts and logs it.
+    """
+    import concurrent.futures
+
+    future = getattr(response, "_replica_result_future", None)
+    if isinstance(future, concurrent.futures.Future):
+        return asyncio.wrap_future(future)
+    if isinstance(future, asyncio.Future):
+        return future
+    unavailable("DeploymentResponse._replica_result_future")
+    return None
+
+
 def router_deployment(router: Any) -> tuple[str, str]:
     """(application, deployment) a RequestRouter routes for.
 

@@ -261,14 +261,14 @@ def test_metrics_count_requests_codes_and_tokens(stub, frontdoor):
     def delta(name, **labels):
         return value(after, name, **labels) - value(before, name, **labels)
 
-    assert delta("gptoss_frontdoor_requests_total", method="Generate", code="OK") == 3
-    assert delta("gptoss_frontdoor_requests_total", method="Generate", code="INVALID_ARGUMENT") == 1
-    assert delta("gptoss_frontdoor_requests_total", method="GetModelInfo", code="OK") == 1
-    assert delta("gptoss_frontdoor_prompt_tokens_total", method="Generate") == 9
-    assert delta("gptoss_frontdoor_completion_tokens_total", method="Generate") == 15
-    assert delta("gptoss_frontdoor_time_to_first_token_seconds_count", method="Generate") == 3
-    assert delta("gptoss_frontdoor_inter_token_latency_seconds_count", method="Generate") == 12
-    assert value(after, "gptoss_frontdoor_requests_in_flight", method="Generate") == 0
+    assert delta("gptoss_frontdoor_requests_total", api="grpc", method="Generate", code="OK") == 3
+    assert delta("gptoss_frontdoor_requests_total", api="grpc", method="Generate", code="INVALID_ARGUMENT") == 1
+    assert delta("gptoss_frontdoor_requests_total", api="grpc", method="GetModelInfo", code="OK") == 1
+    assert delta("gptoss_frontdoor_prompt_tokens_total", api="grpc", method="Generate") == 9
+    assert delta("gptoss_frontdoor_completion_tokens_total", api="grpc", method="Generate") == 15
+    assert delta("gptoss_frontdoor_time_to_first_token_seconds_count", api="grpc", method="Generate") == 3
+    assert delta("gptoss_frontdoor_inter_token_latency_seconds_count", api="grpc", method="Generate") == 12
+    assert value(after, "gptoss_frontdoor_requests_in_flight", api="grpc", method="Generate") == 0
 
 
 def test_replica_validates_too_and_its_typed_error_survives_ray(ray_serving):

@@ -171,17 +171,10 @@ def describe_checkpoint(path: str | os.PathLike) -> dict:
     }
 
 
-def load_model(path: str | os.PathLike, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
-               dequantize: bool = False, progress: bool | None = None) -> GptOssModel:
-    """Load a gpt-oss checkpoint (HF or original layout, found automatically) into a `GptOssModel`.
-
-    `path` is an HF checkpoint directory (its `original/` folder is used only when there is no
-    HF config), or an `original/` folder. MXFP4 experts stay packed (uint8) and are unpacked per
-    chosen expert in the forward pass, unless `dequantize` unpacks them all now into `dtype`.
-    """
-    if not dtype.is_floating_point:
-        raise ValueError(f"dtype must be a floating point dtype, got {dtype}")
-    layout, directory, config, mx_by_config = _find_layout(Path(path))
+def _checked(path: Path) -> tuple[Path, GptOssConfig, _CheckpointFiles, list, bool]:
+    """(directory, config, files, entries, mxfp4): the layout found and every tensor's presence, dtype
+    and shape checked against config.json, from the safetensors headers only."""
+    layout, directory, config, mx_by_config = _find_layout(path)
     index = directory / HF_INDEX
     files = _CheckpointFiles(directory, index if layout == "hf" and index.is_file() else None)
     mx = any(is_mxfp4_tensor(n) for n in files.tensors)
@@ -199,6 +192,29 @@ def load_model(path: str | os.PathLike, *, dtype: torch.dtype = torch.float32, d
     for e in entries:
         for name, shape in zip(e.names, e.shapes):
             files.check(name, shape, e.packed)
+    return directory, config, files, entries, mx
+
+
+def verify_checkpoint(path: str | os.PathLike) -> GptOssConfig:
+    """Check a checkpoint as `load_model` does before reading any tensor (config.json, then every
+    tensor's presence, dtype and shape from the safetensors headers): quick even for gpt-oss-120b.
+    Raises CheckpointError naming the file and tensor."""
+    _, config, files, _, _ = _checked(Path(path))
+    files.close()
+    return config
+
+
+def load_model(path: str | os.PathLike, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+               dequantize: bool = False, progress: bool | None = None) -> GptOssModel:
+    """Load a gpt-oss checkpoint (HF or original layout, found automatically) into a `GptOssModel`.
+
+    `path` is an HF checkpoint directory (its `original/` folder is used only when there is no
+    HF config), or an `original/` folder. MXFP4 experts stay packed (uint8) and are unpacked per
+    chosen expert in the forward pass, unless `dequantize` unpacks them all now into `dtype`.
+    """
+    if not dtype.is_floating_point:
+        raise ValueError(f"dtype must be a floating point dtype, got {dtype}")
+    directory, config, files, entries, mx = _checked(Path(path))
 
     device = torch.device(device)
     with torch.device("meta"):
