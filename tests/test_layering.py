@@ -11,7 +11,7 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "cluster"
 LAYERS = ("model", "parallel", "engine", "serving", "frontdoor")  # bottom to top
-LEAVES = {"harmony", "config", "metrics", "logs", "protogen"}
+LEAVES = {"harmony", "config", "metrics", "logs", "protogen", "sockets"}
 TOOLS = {"bench", "simulate", "cli", "__main__", "__init__"}
 
 

@@ -195,7 +195,7 @@ def _combine_proc(rank: int, world: int, port: int, tokens: int, hidden: int, to
 def measure_combines(tokens: int, hidden: int, top_k: int, experts: int, world: int = 2, iters: int = 300) -> dict:
     import torch.multiprocessing as mp
 
-    from cluster.parallel.group import free_port
+    from cluster.sockets import free_port
 
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()

@@ -13,12 +13,12 @@ import argparse
 import logging
 import os
 import signal
-import socket
 import threading
 
 from ray import serve
 
 from cluster.bench.floor import paced_responses
+from cluster.sockets import free_port
 from gptoss.v1 import inference_pb2 as pb
 
 APP_NAME = "serve-proxy"
@@ -35,12 +35,6 @@ class ServeProxyEcho:
             yield response
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def main() -> None:
     import ray
 
@@ -50,14 +44,14 @@ def main() -> None:
     parser.add_argument("--num-cpus", type=int, default=os.cpu_count() or 2)
     args = parser.parse_args()
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    port = args.port or _free_port()
+    port = args.port or free_port()
     ray.init(address="local", num_cpus=args.num_cpus, include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False)
     logging.getLogger("ray.serve").setLevel("WARNING")
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
     try:
-        serve.start(proxy_location="HeadOnly", http_options={"host": "127.0.0.1", "port": _free_port()},
+        serve.start(proxy_location="HeadOnly", http_options={"host": "127.0.0.1", "port": free_port()},
                     grpc_options={"port": port, "grpc_servicer_functions": [SERVICER_FUNCTION]},
                     logging_config={"log_level": "WARNING", "enable_access_log": False})
         serve.run(ServeProxyEcho.bind(args.token_rate), name=APP_NAME, route_prefix=f"/{APP_NAME}")

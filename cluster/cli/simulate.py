@@ -45,8 +45,9 @@ def _simulate(args) -> int:
         pairs = []
         for policy in args.policies:
             started = time.perf_counter()
-            cfg = SimConfig(replicas=n, policy=policy, load_bound_ratio=args.load_bound_ratio,
-                            load_bound_slack=args.load_bound_slack, warmup_s=args.warmup, seed=args.seed,
+            router = RouterConfig(policy=policy, load_bound_ratio=args.load_bound_ratio,
+                                  load_bound_slack=args.load_bound_slack)
+            cfg = SimConfig(replicas=n, router=router, warmup_s=args.warmup, seed=args.seed,
                             workload=WorkloadSpec(kind=args.workload, rate_per_replica=args.rate_per_replica,
                                                   duration_s=args.duration, seed=args.seed))
             result = simulate(cfg)
@@ -66,7 +67,7 @@ def _simulate(args) -> int:
         n = args.replicas[0]
         settings = AutoscalingSettings(min_replicas=max(1, n // 8), max_replicas=n, target_ongoing_per_replica=48,
                                    target_kv_use=0.8, upscale_delay_s=5.0, downscale_delay_s=20.0)
-        cfg = SimConfig(replicas=settings.min_replicas, policy="prefix_affinity", autoscaling=settings, warmup_s=0.0, seed=args.seed,
+        cfg = SimConfig(replicas=settings.min_replicas, router=RouterConfig(policy="prefix_affinity"), autoscaling=settings, warmup_s=0.0, seed=args.seed,
                         workload=WorkloadSpec(kind="ramp", rate_per_replica=args.rate_per_replica * n / settings.min_replicas,
                                               duration_s=args.duration * 2, seed=args.seed))
         scaling = simulate(cfg)

@@ -7,27 +7,31 @@ oneDNN does with a weight reordered once for it (tiny preset, 2 threads: 32 rows
 weights up to PACKED_UNEMBEDDING_BYTES get one; everything else runs the model's nn.Linear.
 
 The model knows nothing of this: the engine's runner wraps `model.unembedding` in an `Unembedding`
-and applies it to the hidden states `paged_hidden` (or an expert-parallel group) returns.
+and applies it to the hidden states `paged_hidden` (or an expert-parallel group) returns. The
+reordered copies are kept per layer for the process (`_reordered`, dropped with the layer), so
+engines sharing a model share one.
 """
 
 from __future__ import annotations
+
+import weakref
 
 import torch
 from torch import nn
 
 PACKED_UNEMBEDDING_BYTES = 256 << 20
+# layer -> (weight stamp, reordered weight); one assignment per update, so a thread stepping
+# meanwhile sees the old or the new pair
+_reordered: weakref.WeakKeyDictionary[nn.Linear, tuple[tuple, torch.Tensor]] = weakref.WeakKeyDictionary()
 
 
 class Unembedding:
-    """`unembed(x)`: x [..., H] (normed) -> float32 logits [..., V], as `linear` computes them.
-
-    Holds the oneDNN-reordered copy of `linear`'s weight, made on first use and remade when the
-    weight changes (its storage, version or shape).
-    """
+    """`unembed(x)`: x [..., H] (normed) -> float32 logits [..., V], as `linear` computes them, on
+    the oneDNN-reordered copy of its weight where that applies (remade when the weight changes:
+    its storage, version or shape)."""
 
     def __init__(self, linear: nn.Linear):
         self.linear = linear
-        self._packed: tuple[tuple, torch.Tensor] | None = None  # (weight stamp, reordered weight)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         packed = self._packed_weight()
@@ -45,9 +49,9 @@ class Unembedding:
                 or weight.numel() * weight.element_size() > PACKED_UNEMBEDDING_BYTES):
             return None
         stamp = (weight.data_ptr(), weight._version, tuple(weight.shape))
-        entry = self._packed
+        entry = _reordered.get(linear)
         if entry is None or entry[0] != stamp:
             # The batch-size hint only picks the blocking; 32 measured best for 1..32 rows.
             entry = (stamp, torch.ops.mkldnn._reorder_linear_weight(weight.detach(), 32))
-            self._packed = entry  # one assignment: a thread stepping meanwhile sees the old or the new copy
+            _reordered[linear] = entry
         return entry[1]

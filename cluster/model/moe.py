@@ -49,7 +49,9 @@ class ExpertWeights(nn.Module):
     Kernels (`gathers(pairs)`): "gathered" copies the chosen (token, expert) pairs' matrices into
     one batched matmul (no Python loop, no host sync: small batches, decode); "looped" runs one
     matmul per expert used over its tokens (large batches, prefill: no weight copies). Above
-    GATHER_LIMIT gathered weight elements a caller should loop.
+    GATHER_LIMIT gathered weight elements a caller should loop. `MoE` has a third, "fused": packed
+    experts with no dense copy, on CPU, multiplied in place by kernels/mxfp4_cpu.py
+    (`MoE._fused_kernel_applies`).
     """
 
     def _init_experts(self, X: int, H: int, I: int, packed: bool) -> None:

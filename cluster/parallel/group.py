@@ -19,7 +19,6 @@ torch.distributed is imported here and in workers.py only; cluster/model never s
 from __future__ import annotations
 
 import logging
-import socket
 import threading
 import time
 from collections import deque
@@ -43,12 +42,6 @@ HEADER = 8
 # so a decode step of the bench's 8 short sequences (~110) is one broadcast; prefill chunks and
 # big batches add a second. On CPU a broadcast costs gloo's latency far more than its 2 KiB.
 MESSAGE = 256
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("", 0))
-        return s.getsockname()[1]
 
 
 def _ray_node() -> str:

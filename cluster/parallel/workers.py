@@ -17,7 +17,8 @@ import ray
 from ray.util.placement_group import get_current_placement_group, placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from cluster.parallel.group import ExpertLoadStats, GroupDriver, GroupSpec, ShardRuntime, free_port, node_ip
+from cluster.parallel.group import ExpertLoadStats, GroupDriver, GroupSpec, ShardRuntime, node_ip
+from cluster.sockets import free_port
 
 log = logging.getLogger(__name__)
 
@@ -117,7 +118,7 @@ def start_group(spec: GroupSpec, *, worker_cpus: float = 0.1, worker_gpus: float
     if not spec.address:
         spec = dataclasses.replace(spec, address=node_ip())
     if not spec.port:
-        spec = dataclasses.replace(spec, port=free_port())
+        spec = dataclasses.replace(spec, port=free_port(""))
     pg = get_current_placement_group()
     own_pg = None
     if pg is None:  # not inside a Serve replica with bundles: reserve the workers' own

@@ -5,6 +5,11 @@ The routing policy objects are those of cluster/serving/routing_policy.py, given
 router gives them: replica ids and each replica's load from the same `replica_load()` formula
 (here exact and fresh; in Serve, the larger of the last report and the router's in-flight count).
 Autoscaling calls cluster.serving.autoscaling.decide with the replicas' signals each tick.
+
+`Simulation` runs the loop: a heap of (time, seq, kind, payload) events, one handler per kind
+(`_on_<kind>`): step (a replica's step ended), conversation (a new conversation's first turn),
+turn (a conversation's next turn), sample (load sampling), ready (a started replica joins),
+autoscale (a policy tick).
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ import math
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 
-from cluster.config import AutoscalingSettings
+from cluster.config import AutoscalingSettings, RouterConfig
 from cluster.serving.autoscaling import decide
 from cluster.serving.routing_policy import RouteRequest, make_policy, replica_load
 from cluster.simulate.service import ServiceModel
@@ -145,13 +150,16 @@ class ReplicaSim:
         return not (self.waiting or self.prefilling or self.decoding)
 
 
+def _prefix_affinity() -> RouterConfig:
+    return RouterConfig(policy="prefix_affinity")
+
+
 @dataclass
 class SimConfig:
     replicas: int = 64
-    policy: str = "prefix_affinity"
-    load_bound_ratio: float = 0.5
-    load_bound_slack: float = 4.0
-    kv_weight: float = 4.0
+    # The serving.router section: policy, load bound and kv_weight as the Serve router uses them.
+    # (Its block_size and prefix memory come from `model` here.)
+    router: RouterConfig = field(default_factory=_prefix_affinity)
     autoscaling: AutoscalingSettings | None = None
     autoscale_tick_s: float = 1.0
     replica_start_s: float = 10.0
@@ -173,122 +181,144 @@ class SimResult:
 
 
 def simulate(cfg: SimConfig) -> SimResult:
-    model = cfg.model
-    seq = itertools.count()
-    events: list = []  # (time, seq, kind, payload)
+    return Simulation(cfg).run()
 
-    def push(t, kind, payload=None):
-        heapq.heappush(events, (t, next(seq), kind, payload))
 
-    policy = make_policy(cfg.policy, load_bound_ratio=cfg.load_bound_ratio, load_bound_slack=cfg.load_bound_slack,
-                         prefix_blocks_per_replica=model.kv_capacity_tokens // model.block_size, seed=cfg.seed)
-    initial = cfg.replicas if cfg.autoscaling is None else max(cfg.autoscaling.min_replicas,
-                                                              min(cfg.replicas, cfg.autoscaling.max_replicas))
-    replicas: dict[int, ReplicaSim] = {i: ReplicaSim(i, model) for i in range(initial)}
-    routable: list[int] = list(replicas)
-    loads: dict[int, float] = {i: 0.0 for i in routable}
-    policy.update_replicas(routable)
-    next_id = itertools.count(initial)
-    workload = Workload(cfg.workload, cfg.replicas)
-    finished: list[SimRequest] = []
-    outcomes: dict[str, int] = {}
-    counts: list[tuple[float, int, int]] = [(0.0, initial, initial)]
-    scale_state: dict = {}
-    desired = initial
+class Simulation:
+    """One run of `cfg`: the event heap, the replicas, the policy, and what is measured."""
 
-    def update_load(r: ReplicaSim) -> None:
-        if r.rid in loads:
-            loads[r.rid] = replica_load(len(r.waiting), r.running, r.kv_use(), cfg.kv_weight)
+    def __init__(self, cfg: SimConfig) -> None:
+        self.cfg = cfg
+        model = cfg.model
+        self.seq = itertools.count()  # event tie-breaker, shared with the replicas' finish heaps
+        self.events: list = []  # (time, seq, kind, payload)
+        self.policy = make_policy(cfg.router.policy, load_bound_ratio=cfg.router.load_bound_ratio,
+                                  load_bound_slack=cfg.router.load_bound_slack,
+                                  prefix_blocks_per_replica=model.kv_capacity_tokens // model.block_size,
+                                  seed=cfg.seed)
+        initial = cfg.replicas if cfg.autoscaling is None else max(cfg.autoscaling.min_replicas,
+                                                                  min(cfg.replicas, cfg.autoscaling.max_replicas))
+        self.replicas: dict[int, ReplicaSim] = {i: ReplicaSim(i, model) for i in range(initial)}
+        self.routable: list[int] = list(self.replicas)
+        self.loads: dict[int, float] = {i: 0.0 for i in self.routable}
+        self.policy.update_replicas(self.routable)
+        self.next_id = itertools.count(initial)
+        self.workload = Workload(cfg.workload, cfg.replicas)
+        self.finished: list[SimRequest] = []
+        self.outcomes: dict[str, int] = {}
+        self.counts: list[tuple[float, int, int]] = [(0.0, initial, initial)]
+        self.scale_state: dict = {}
+        self.desired = initial
+        self.end = cfg.workload.duration_s
+        self.conversation_arrivals = self.workload.conversation_arrivals()
 
-    def route(req: SimRequest, now: float) -> None:
+    def push(self, t: float, kind: str, payload=None) -> None:
+        heapq.heappush(self.events, (t, next(self.seq), kind, payload))
+
+    def run(self) -> SimResult:
+        handlers = {"step": self._on_step, "conversation": self._on_conversation, "turn": self._on_turn,
+                    "sample": self._on_sample, "ready": self._on_ready, "autoscale": self._on_autoscale}
+        first = next(self.conversation_arrivals, None)
+        if first is not None:
+            self.push(first[0], "conversation", first[1])
+        self.push(0.0, "sample")
+        if self.cfg.autoscaling is not None:
+            self.push(self.cfg.autoscale_tick_s, "autoscale")
+        now = 0.0
+        while self.events:
+            now, _, kind, payload = heapq.heappop(self.events)
+            handlers[kind](now, payload)
+        all_along = [r for r in self.replicas.values() if r.samples]
+        max_samples = max((r.samples for r in all_along), default=0)
+        replica_loads = [r.load_samples / r.samples for r in all_along if r.samples == max_samples]
+        return SimResult(self.cfg, self.finished, replica_loads, self.counts, self.outcomes, now)
+
+    # -- helpers ----------------------------------------------------------------------------------
+    def _update_load(self, r: ReplicaSim) -> None:
+        if r.rid in self.loads:
+            self.loads[r.rid] = replica_load(len(r.waiting), r.running, r.kv_use(), self.cfg.router.kv_weight)
+
+    def _route(self, req: SimRequest, now: float) -> None:
         rreq = RouteRequest(block_hashes=req.blocks, session_id=req.session)
-        decision = policy.choose(rreq, routable, loads)
-        policy.on_routed(rreq, decision.replica)
-        outcomes[decision.outcome] = outcomes.get(decision.outcome, 0) + 1
-        r = replicas[decision.replica]
+        decision = self.policy.choose(rreq, self.routable, self.loads)
+        self.policy.on_routed(rreq, decision.replica)
+        self.outcomes[decision.outcome] = self.outcomes.get(decision.outcome, 0) + 1
+        r = self.replicas[decision.replica]
         req.replica = r.rid
         r.waiting.append(req)
-        update_load(r)
+        self._update_load(r)
         if not r.busy:
             r.busy = True
             r.version += 1
-            push(now + r.begin(now, seq), "step", (r, r.version))
-        else:
-            cut = r.interrupt(now)
-            if cut is not None:
-                r.version += 1
-                push(cut, "step", (r, r.version))
+            self.push(now + r.begin(now, self.seq), "step", (r, r.version))
+            return
+        cut = r.interrupt(now)
+        if cut is not None:
+            r.version += 1
+            self.push(cut, "step", (r, r.version))
 
-    conv_arrivals = workload.conversation_arrivals()
-    first = next(conv_arrivals, None)
-    if first is not None:
-        push(first[0], "conversation", first[1])
-    push(0.0, "sample")
-    if cfg.autoscaling is not None:
-        push(cfg.autoscale_tick_s, "autoscale")
-    end = cfg.workload.duration_s
-    now = 0.0
-    while events:
-        now, _, kind, payload = heapq.heappop(events)
-        if kind == "step":
-            r, version = payload
-            if version != r.version:
-                continue
-            done = r.end(now)
-            for req in done:
-                finished.append(req)
-                conv = req.conversation
-                if conv is not None and conv.turns_left > 0 and req.done_s < end:
-                    push(req.done_s + workload.think_s(), "turn", conv)
-            update_load(r)
-            if r.idle():
-                r.busy = False
-                if r.draining:
-                    del replicas[r.rid]
-            else:
-                push(now + r.begin(now, seq), "step", (r, r.version))
-        elif kind == "conversation":
-            route(workload.request(payload, now), now)
-            nxt = next(conv_arrivals, None)
-            if nxt is not None:
-                push(nxt[0], "conversation", nxt[1])
-        elif kind == "turn":
-            route(workload.request(payload, now), now)
-        elif kind == "sample":
-            if now >= cfg.warmup_s:
-                for rid in routable:
-                    r = replicas[rid]
-                    r.load_samples += len(r.waiting) + r.running
-                    r.samples += 1
-            if now < end:
-                push(now + cfg.sample_s, "sample")
-        elif kind == "ready":
-            routable.append(payload.rid)
-            loads[payload.rid] = 0.0
-            policy.update_replicas(routable)
-        elif kind == "autoscale":
-            signals = [{"waiting": len(replicas[i].waiting), "running": replicas[i].running,
-                        "kv_use": replicas[i].kv_use()} for i in routable]
-            current = desired
-            desired, scale_state = decide(current, signals, cfg.autoscaling, scale_state, now)
-            for _ in range(desired - current):  # scale up: new replicas after their start time
-                r = ReplicaSim(next(next_id), model)
-                replicas[r.rid] = r
-                push(now + cfg.replica_start_s, "ready", r)
-            for _ in range(current - desired):  # scale down: drain the least loaded
-                if len(routable) <= 1:
-                    break
-                victim = min(routable, key=loads.__getitem__)
-                routable.remove(victim)
-                del loads[victim]
-                policy.update_replicas(routable)
-                replicas[victim].draining = True
-                if replicas[victim].idle():
-                    del replicas[victim]
-            counts.append((now, len(routable), desired))
-            if now < end:
-                push(now + cfg.autoscale_tick_s, "autoscale")
-    all_along = [r for r in replicas.values() if r.samples]
-    max_samples = max((r.samples for r in all_along), default=0)
-    replica_loads = [r.load_samples / r.samples for r in all_along if r.samples == max_samples]
-    return SimResult(cfg, finished, replica_loads, counts, outcomes, now)
+    # -- one handler per event kind ---------------------------------------------------------------
+    def _on_step(self, now: float, payload) -> None:
+        r, version = payload
+        if version != r.version:  # superseded by an interrupt
+            return
+        for req in r.end(now):
+            self.finished.append(req)
+            conv = req.conversation
+            if conv is not None and conv.turns_left > 0 and req.done_s < self.end:
+                self.push(req.done_s + self.workload.think_s(), "turn", conv)
+        self._update_load(r)
+        if not r.idle():
+            self.push(now + r.begin(now, self.seq), "step", (r, r.version))
+            return
+        r.busy = False
+        if r.draining:
+            del self.replicas[r.rid]
+
+    def _on_conversation(self, now: float, conversation) -> None:
+        self._route(self.workload.request(conversation, now), now)
+        nxt = next(self.conversation_arrivals, None)
+        if nxt is not None:
+            self.push(nxt[0], "conversation", nxt[1])
+
+    def _on_turn(self, now: float, conversation) -> None:
+        self._route(self.workload.request(conversation, now), now)
+
+    def _on_sample(self, now: float, _payload) -> None:
+        if now >= self.cfg.warmup_s:
+            for rid in self.routable:
+                r = self.replicas[rid]
+                r.load_samples += len(r.waiting) + r.running
+                r.samples += 1
+        if now < self.end:
+            self.push(now + self.cfg.sample_s, "sample")
+
+    def _on_ready(self, now: float, replica: ReplicaSim) -> None:
+        self.routable.append(replica.rid)
+        self.loads[replica.rid] = 0.0
+        self.policy.update_replicas(self.routable)
+
+    def _on_autoscale(self, now: float, _payload) -> None:
+        signals = [{"waiting": len(self.replicas[i].waiting), "running": self.replicas[i].running,
+                    "kv_use": self.replicas[i].kv_use()} for i in self.routable]
+        current = self.desired
+        self.desired, self.scale_state = decide(current, signals, self.cfg.autoscaling, self.scale_state, now)
+        for _ in range(self.desired - current):  # scale up: new replicas after their start time
+            r = ReplicaSim(next(self.next_id), self.cfg.model)
+            self.replicas[r.rid] = r
+            self.push(now + self.cfg.replica_start_s, "ready", r)
+        for _ in range(current - self.desired):  # scale down: drain the least loaded
+            if len(self.routable) <= 1:
+                break
+            self._drain(min(self.routable, key=self.loads.__getitem__))
+        self.counts.append((now, len(self.routable), self.desired))
+        if now < self.end:
+            self.push(now + self.cfg.autoscale_tick_s, "autoscale")
+
+    def _drain(self, victim: int) -> None:
+        self.routable.remove(victim)
+        del self.loads[victim]
+        self.policy.update_replicas(self.routable)
+        self.replicas[victim].draining = True
+        if self.replicas[victim].idle():
+            del self.replicas[victim]

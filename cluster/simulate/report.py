@@ -4,17 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from cluster.bench.report import percentile
 from cluster.simulate.cluster import SimResult
-
-
-def percentile(values: list[float], q: float) -> float:
-    if not values:
-        return float("nan")
-    values = sorted(values)
-    k = (len(values) - 1) * q / 100
-    lo = int(k)
-    hi = min(lo + 1, len(values) - 1)
-    return values[lo] + (values[hi] - values[lo]) * (k - lo)
 
 
 @dataclass
@@ -44,7 +35,7 @@ def summarize(result: SimResult) -> Summary:
     loads = result.replica_loads
     mean_load = sum(loads) / len(loads) if loads else 0.0
     return Summary(
-        policy=cfg.policy, replicas=cfg.replicas, requests=len(measured),
+        policy=cfg.router.policy, replicas=cfg.replicas, requests=len(measured),
         ttft_p50=percentile(ttft, 50), ttft_p90=percentile(ttft, 90), ttft_p99=percentile(ttft, 99),
         itl_p50=percentile(itl, 50), itl_p99=percentile(itl, 99),
         tokens_per_s=sum(r.output_tokens for r in measured) / span,
@@ -113,7 +104,7 @@ def plot(runs: dict[int, list[tuple[Summary, SimResult]]], scaling: SimResult | 
         ax.step(t, [c[2] for c in scaling.replica_counts], where="post", label="desired")
         ax.set_xlabel("time (s)")
         ax.set_ylabel("replicas")
-        ax.set_title(f"autoscaling on a ramp ({scaling.config.policy})")
+        ax.set_title(f"autoscaling on a ramp ({scaling.config.router.policy})")
         ax.legend()
         ax = axes[1][cols - 1]
         reqs = sorted(scaling.requests, key=lambda r: r.arrival_s)

@@ -18,16 +18,11 @@ import pytest
 
 from cluster.config import ResponseStoreConfig
 from cluster.frontdoor.http.store import MemoryResponseStore, RedisResponseStore
+from cluster.sockets import free_port
 from tests.frontdoor.harmony_script import INFO
 from tests.tooling import REPO_ROOT, missing
 
 KEY, OTHER_KEY = "acme-key-0123456789abcdef", "other-key-0123456789abcdef"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,8 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from cluster.parallel.group import HEADER, MESSAGE, STEP, Collectives, GroupDriver, _recv_message, free_port
+from cluster.parallel.group import HEADER, MESSAGE, STEP, Collectives, GroupDriver, _recv_message
+from cluster.sockets import free_port
 
 WORLD = 3
 PAYLOAD_SIZES = (0, 5, MESSAGE - HEADER, MESSAGE - HEADER + 1, 3 * MESSAGE)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import socket
 import subprocess
 import time
 import urllib.parse
@@ -16,14 +15,10 @@ import pytest
 from gptoss.v1 import inference_pb2 as pb
 from tests.tooling import missing
 
+from cluster.sockets import free_port
+
 N_REQUESTS = 3
 MAX_TOKENS = 4
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _query(port: int, promql: str) -> list:
@@ -51,7 +46,7 @@ def prometheus(frontdoor, short_tmp):
         "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\n"
         "scrape_configs:\n  - job_name: gptoss\n    scrape_interval: 1s\n"
         f"    static_configs:\n      - targets: ['127.0.0.1:{metrics_port}']\n")
-    port = _free_port()
+    port = free_port()
     proc = subprocess.Popen([binary, f"--config.file={config}", f"--storage.tsdb.path={short_tmp / 'tsdb'}",
                              f"--web.listen-address=127.0.0.1:{port}"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)

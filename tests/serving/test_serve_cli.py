@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -19,11 +18,7 @@ import pytest
 from gptoss.v1 import inference_pb2 as pb
 from gptoss.v1.inference_pb2_grpc import InferenceStub
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from cluster.sockets import free_port
 
 
 def process_table() -> dict[int, tuple[int, str]]:

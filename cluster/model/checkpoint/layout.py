@@ -62,67 +62,83 @@ def _transpose_out(t: torch.Tensor) -> list[torch.Tensor]:
 
 def tensor_layout(config: GptOssConfig, layout: str, mx: bool) -> list[TensorEntry]:
     """Every tensor of a checkpoint in `layout` ("hf" or "original"), with or without MXFP4 experts."""
-    c = config
-    H, D, E, I, V = c.hidden_size, c.head_dim, c.num_local_experts, c.intermediate_size, c.vocab_size
-    q, kv = c.num_attention_heads * D, c.num_key_value_heads * D
+    H, V = config.hidden_size, config.vocab_size
     hf = layout == "hf"
     entries = [
         TensorEntry("embedding.weight", ("model.embed_tokens.weight" if hf else "embedding.weight",), ((V, H),)),
         TensorEntry("unembedding.weight", ("lm_head.weight" if hf else "unembedding.weight",), ((V, H),)),
         TensorEntry("norm.scale", ("model.norm.weight" if hf else "norm.scale",), ((H,),)),
     ]
-    for n in range(c.num_hidden_layers):
-        p = f"blocks.{n}."
-        if hf:
-            a, m = f"model.layers.{n}.self_attn.", f"model.layers.{n}.mlp."
+    for n in range(config.num_hidden_layers):
+        layer_entries, expert_names = (_hf_layer if hf else _original_layer)(config, n)
+        entries += layer_entries + _expert_entries(config, n, expert_names, hf, mx)
+    return entries
+
+
+def _hf_layer(c: GptOssConfig, n: int) -> tuple[list[TensorEntry], dict[str, str]]:
+    """Layer n's non-expert tensors in the HF layout, and the stems of its expert tensors."""
+    H, D, E, I = c.hidden_size, c.head_dim, c.num_local_experts, c.intermediate_size
+    q, kv = c.num_attention_heads * D, c.num_key_value_heads * D
+    p, a, m = f"blocks.{n}.", f"model.layers.{n}.self_attn.", f"model.layers.{n}.mlp."
+    entries = [
+        TensorEntry(p + "attn_norm.scale", (f"model.layers.{n}.input_layernorm.weight",), ((H,),)),
+        TensorEntry(p + "mlp_norm.scale", (f"model.layers.{n}.post_attention_layernorm.weight",), ((H,),)),
+        *(
+            TensorEntry(p + f"attn.qkv.{kind}", tuple(a + f"{x}_proj.{kind}" for x in "qkv"),
+                        tuple((rows, H) if kind == "weight" else (rows,) for rows in (q, kv, kv)),
+                        join=lambda ts: torch.cat(ts, dim=0),
+                        split=lambda t: list(t.split((q, kv, kv), dim=0)))
+            for kind in ("weight", "bias")
+        ),
+        TensorEntry(p + "attn.out.weight", (a + "o_proj.weight",), ((H, q),)),
+        TensorEntry(p + "attn.out.bias", (a + "o_proj.bias",), ((H,),)),
+        TensorEntry(p + "attn.sinks", (a + "sinks",), ((c.num_attention_heads,),)),
+        TensorEntry(p + "mlp.router.weight", (m + "router.weight",), ((E, H),)),
+        TensorEntry(p + "mlp.router.bias", (m + "router.bias",), ((E,),)),
+        TensorEntry(p + "mlp.gate_up_bias", (m + "experts.gate_up_proj_bias",), ((E, 2 * I),)),
+        TensorEntry(p + "mlp.down_bias", (m + "experts.down_proj_bias",), ((E, H),)),
+    ]
+    return entries, {"gate_up": m + "experts.gate_up_proj", "down": m + "experts.down_proj"}
+
+
+def _original_layer(c: GptOssConfig, n: int) -> tuple[list[TensorEntry], dict[str, str]]:
+    """Layer n's non-expert tensors in the original layout, and the stems of its expert tensors."""
+    H, D, E, I = c.hidden_size, c.head_dim, c.num_local_experts, c.intermediate_size
+    q, kv = c.num_attention_heads * D, c.num_key_value_heads * D
+    p, a, m = f"blocks.{n}.", f"block.{n}.attn.", f"block.{n}.mlp."
+    entries = [
+        TensorEntry(p + "attn_norm.scale", (a + "norm.scale",), ((H,),)),
+        TensorEntry(p + "mlp_norm.scale", (m + "norm.scale",), ((H,),)),
+        TensorEntry(p + "attn.qkv.weight", (a + "qkv.weight",), ((q + 2 * kv, H),)),
+        TensorEntry(p + "attn.qkv.bias", (a + "qkv.bias",), ((q + 2 * kv,),)),
+        TensorEntry(p + "attn.out.weight", (a + "out.weight",), ((H, q),)),
+        TensorEntry(p + "attn.out.bias", (a + "out.bias",), ((H,),)),
+        TensorEntry(p + "attn.sinks", (a + "sinks",), ((c.num_attention_heads,),)),
+        TensorEntry(p + "mlp.router.weight", (m + "gate.weight",), ((E, H),)),
+        TensorEntry(p + "mlp.router.bias", (m + "gate.bias",), ((E,),)),
+        TensorEntry(p + "mlp.gate_up_bias", (m + "mlp1_bias",), ((E, 2 * I),)),
+        TensorEntry(p + "mlp.down_bias", (m + "mlp2_bias",), ((E, H),)),
+    ]
+    return entries, {"gate_up": m + "mlp1_weight", "down": m + "mlp2_weight"}
+
+
+def _expert_entries(c: GptOssConfig, n: int, names: dict[str, str], hf: bool, mx: bool) -> list[TensorEntry]:
+    """Layer n's expert matrices: MXFP4 (blocks, scales) pairs, or dense ([E, in, out] in HF, as
+    transformers holds them; [E, out, in] in the original layout)."""
+    H, E, I = c.hidden_size, c.num_local_experts, c.intermediate_size
+    p, sep = f"blocks.{n}.", "_" if hf else "."
+    entries = []
+    for proj, (rows, cols) in (("gate_up", (2 * I, H)), ("down", (H, I))):
+        if mx:
             entries += [
-                TensorEntry(p + "attn_norm.scale", (f"model.layers.{n}.input_layernorm.weight",), ((H,),)),
-                TensorEntry(p + "mlp_norm.scale", (f"model.layers.{n}.post_attention_layernorm.weight",), ((H,),)),
-                *(
-                    TensorEntry(p + f"attn.qkv.{kind}", tuple(a + f"{x}_proj.{kind}" for x in "qkv"),
-                           tuple((rows, H) if kind == "weight" else (rows,) for rows in (q, kv, kv)),
-                           join=lambda ts: torch.cat(ts, dim=0),
-                           split=lambda t: list(t.split((q, kv, kv), dim=0)))
-                    for kind in ("weight", "bias")
-                ),
-                TensorEntry(p + "attn.out.weight", (a + "o_proj.weight",), ((H, q),)),
-                TensorEntry(p + "attn.out.bias", (a + "o_proj.bias",), ((H,),)),
-                TensorEntry(p + "attn.sinks", (a + "sinks",), ((c.num_attention_heads,),)),
-                TensorEntry(p + "mlp.router.weight", (m + "router.weight",), ((E, H),)),
-                TensorEntry(p + "mlp.router.bias", (m + "router.bias",), ((E,),)),
-                TensorEntry(p + "mlp.gate_up_bias", (m + "experts.gate_up_proj_bias",), ((E, 2 * I),)),
-                TensorEntry(p + "mlp.down_bias", (m + "experts.down_proj_bias",), ((E, H),)),
+                TensorEntry(p + f"mlp.{proj}_blocks", (names[proj] + sep + "blocks",), ((E, rows, cols // 32, 16),),
+                            packed=True),
+                TensorEntry(p + f"mlp.{proj}_scales", (names[proj] + sep + "scales",), ((E, rows, cols // 32),),
+                            packed=True),
             ]
-            names = {"gate_up": m + "experts.gate_up_proj", "down": m + "experts.down_proj"}
-            sep = "_"
+        elif hf:
+            entries.append(TensorEntry(p + f"mlp.{proj}_weight", (names[proj],), ((E, cols, rows),),
+                                       join=_transposed, split=_transpose_out))
         else:
-            a, m = f"block.{n}.attn.", f"block.{n}.mlp."
-            entries += [
-                TensorEntry(p + "attn_norm.scale", (a + "norm.scale",), ((H,),)),
-                TensorEntry(p + "mlp_norm.scale", (m + "norm.scale",), ((H,),)),
-                TensorEntry(p + "attn.qkv.weight", (a + "qkv.weight",), ((q + 2 * kv, H),)),
-                TensorEntry(p + "attn.qkv.bias", (a + "qkv.bias",), ((q + 2 * kv,),)),
-                TensorEntry(p + "attn.out.weight", (a + "out.weight",), ((H, q),)),
-                TensorEntry(p + "attn.out.bias", (a + "out.bias",), ((H,),)),
-                TensorEntry(p + "attn.sinks", (a + "sinks",), ((c.num_attention_heads,),)),
-                TensorEntry(p + "mlp.router.weight", (m + "gate.weight",), ((E, H),)),
-                TensorEntry(p + "mlp.router.bias", (m + "gate.bias",), ((E,),)),
-                TensorEntry(p + "mlp.gate_up_bias", (m + "mlp1_bias",), ((E, 2 * I),)),
-                TensorEntry(p + "mlp.down_bias", (m + "mlp2_bias",), ((E, H),)),
-            ]
-            names = {"gate_up": m + "mlp1_weight", "down": m + "mlp2_weight"}
-            sep = "."
-        for proj, (rows, cols) in (("gate_up", (2 * I, H)), ("down", (H, I))):
-            if mx:
-                entries += [
-                    TensorEntry(p + f"mlp.{proj}_blocks", (names[proj] + sep + "blocks",), ((E, rows, cols // 32, 16),),
-                           packed=True),
-                    TensorEntry(p + f"mlp.{proj}_scales", (names[proj] + sep + "scales",), ((E, rows, cols // 32),),
-                           packed=True),
-                ]
-            elif hf:  # transformers holds dense experts as [E, in, out]
-                entries.append(TensorEntry(p + f"mlp.{proj}_weight", (names[proj],), ((E, cols, rows),),
-                                      join=_transposed, split=_transpose_out))
-            else:
-                entries.append(TensorEntry(p + f"mlp.{proj}_weight", (names[proj],), ((E, rows, cols),)))
+            entries.append(TensorEntry(p + f"mlp.{proj}_weight", (names[proj],), ((E, rows, cols),)))
     return entries
