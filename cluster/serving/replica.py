@@ -23,7 +23,7 @@ from cluster.config import ClusterConfig, ConfigError
 from cluster.engine.protocol import Engine, EngineStats, ExpertLoad
 from cluster.engine.request import GenerateRequest, TokenChunk
 from cluster.serving.model_info import ModelInfo, checkpoint_quantization
-from cluster.serving.model_store import ensure_preset_checkpoint
+from cluster.serving.model_store import ensure_preset_checkpoint, preset_model_name
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +94,7 @@ def _vllm_engine(config: ClusterConfig) -> tuple[Engine, ModelInfo]:
     hf = json.loads((path / "config.json").read_text())
     preset = "" if config.model.path else config.model.preset
     info = ModelInfo(
-        model_name=config.model.name or (f"gpt-oss-{preset}" if preset else path.name), preset=preset,
+        model_name=config.model.name or (preset_model_name(preset) if preset else path.name), preset=preset,
         vocab_size=engine.limits.vocab_size, context_length=engine.limits.context_length,
         num_layers=hf["num_hidden_layers"], num_experts=hf["num_local_experts"],
         experts_per_token=hf.get("num_experts_per_tok", hf.get("experts_per_token", 0)),
@@ -160,7 +160,7 @@ class ModelReplica:
         self._engine: Engine = _batching_engine(model, config, self._expert_parallel(config, path, device, model))
         preset = "" if config.model.path else config.model.preset
         self._info = ModelInfo(
-            model_name=config.model.name or (f"gpt-oss-{preset}" if preset else path.name),
+            model_name=config.model.name or (preset_model_name(preset) if preset else path.name),
             preset=preset,
             vocab_size=mc.vocab_size,
             context_length=mc.max_position_embeddings,
