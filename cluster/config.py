@@ -164,6 +164,11 @@ class ServingConfig:
     max_queued_requests: int = 64
     # Seconds Serve waits for in-flight requests when a replica stops.
     graceful_shutdown_timeout_s: float = 5.0
+    # Seconds `serve` waits for the replicas to be placed (resources found for them) before it
+    # reports what they ask for against what the cluster has, removes the app and exits non-zero.
+    # Serve reports an unplaceable replica after 30 s (RAY_SERVE_SLOW_STARTUP_WARNING_S), so the
+    # failure comes after the larger of the two.
+    placement_timeout_s: float = 60.0
     # Run the replica's methods on its main event loop rather than on a loop in a thread of their
     # own (Serve's RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD=0): a thread hop less per request and
     # per streamed chunk. Our engines decode in threads of their own and never block the loop;
@@ -174,6 +179,17 @@ class ServingConfig:
     # (cluster/serving/direct_stream.py); off, or with Ray's TLS on, requests go through Serve's
     # handle only.
     direct_stream: bool = True
+    # The direct stream's transport: TLS (besides the per-replica token), or plaintext when false
+    # (only on a network you trust: anyone on the path could read prompts and tokens).
+    direct_stream_tls: bool = True
+    # Its certificate chain and key (PEM files, e.g. a mounted Secret) and the CA front doors check it
+    # with; unset: Ray's TLS files when RAY_USE_TLS is on, else a fresh self-signed certificate per
+    # replica, announced to the front doors with its address (cluster/serving/direct_stream.py).
+    direct_stream_cert_file: str | None = None
+    direct_stream_key_file: str | None = None
+    direct_stream_ca_file: str | None = None
+    # The name that certificate is issued for, when it is not the node's IP.
+    direct_stream_server_name: str = ""
     router: RouterConfig = field(default_factory=RouterConfig)
     autoscaling: AutoscalingSettings = field(default_factory=AutoscalingSettings)
 
@@ -191,6 +207,12 @@ class AuthConfig:
     # With no API keys configured, auth is off only on a loopback host; set this to serve
     # unauthenticated on any other interface (behind a gateway that authenticates).
     allow_unauthenticated: bool = False
+    # gptoss.v1.Admin always needs the API key of an admin tenant; with this on, a call from this
+    # host (loopback or a unix socket) may call it without a key too.
+    loopback_admin: bool = False
+    # Seconds between checks of api_keys_file for changes (a rotated Secret is picked up without a
+    # restart; 0: read once at start).
+    reload_interval_s: float = 5.0
 
 
 @dataclass
@@ -212,6 +234,37 @@ class LimitsConfig:
     # refused new calls until its bucket refills.
     tokens_per_s: float = 0.0
     token_burst: float = 0.0
+    # The same token budget per minute (the burst then defaults to one minute's worth); set this or
+    # tokens_per_s, not both.
+    tokens_per_min: float = 0.0
+    # Streaming calls (Generate, Chat) one tenant may have open at once.
+    max_concurrent_streams: int = 0
+    # Prompt tokens and generated tokens (max_tokens) one request of a tenant may have; an unset
+    # max_tokens is capped at max_output_tokens.
+    max_context_tokens: int = 0
+    max_output_tokens: int = 0
+    # YAML file of per-tenant overrides of these limits and of the role (cluster/frontdoor/tenants.py):
+    # tenants: {acme: {tokens_per_min: 60000, max_concurrent_streams: 8}, ops: {role: admin}}
+    tenants_file: str | None = None
+
+
+RESPONSE_STORES = ("memory", "redis")
+
+
+@dataclass
+class ResponseStoreConfig:
+    # Where the HTTP Responses API keeps stored responses (store: true) for previous_response_id:
+    # "memory" lives in this front door process only (the embedded default; one process);
+    # "redis" is shared by every front door replica and survives their restarts.
+    kind: str = "memory"
+    # redis://[:password@]host:port/db (or rediss:// for TLS); required for kind redis.
+    redis_url: str = ""
+    # Seconds a stored response is kept after it was written.
+    ttl_s: float = 86400.0
+    # A response (with the conversation it continues) larger than this is not stored.
+    max_response_bytes: int = 1 << 20
+    # memory: most responses kept (least recently written go first).
+    max_entries: int = 10000
 
 
 @dataclass
@@ -222,16 +275,31 @@ class FrontdoorConfig:
     grpc_port: int = 50051
     # Prometheus /metrics port (0: pick a free one; -1: no metrics server).
     metrics_port: int = 9464
-    # Seconds in-flight RPCs get to finish on shutdown.
-    grace_period_s: float = 5.0
-    # Concurrent RPCs the front door accepts before answering RESOURCE_EXHAUSTED.
-    max_concurrent_rpcs: int = 256
+    # OpenAI-compatible HTTP API port (0: pick a free one; -1: no HTTP API).
+    http_port: int = 8088
+    # Seconds in-flight RPCs get to finish on shutdown (SIGTERM, Admin.Drain without timeout):
+    # sized for a chat's stream. Helm's terminationGracePeriodSeconds follows it.
+    grace_period_s: float = 120.0
+    # gRPC's own cap on concurrent RPCs (0: none). Its refusals carry no error details, so keep it
+    # off or well above what the replicas hold: the front door's admission refuses a stream the
+    # routable replicas have no room for (RESOURCE_EXHAUSTED with RetryInfo) before this cap is hit.
+    max_concurrent_rpcs: int = 0
+    # Seconds a request may wait for Serve to find it a replica (none routable: all dead, not yet
+    # placed) before it is answered UNAVAILABLE with RetryInfo.
+    replica_wait_s: float = 30.0
+    # Times a stream whose replica dies mid-way is resumed on another replica (prompt + tokens
+    # already sent; see cluster/frontdoor/migration.py); 0: never, the call ends UNAVAILABLE.
+    migration_attempts: int = 3
     # Seconds between polls of the replicas' load reports for the gptoss_replica_* metrics
     # (0: no polling; GetLoads still refreshes them).
     load_poll_interval_s: float = 5.0
+    # Where usage records go (one JSON line per finished Generate/Chat call, cluster/frontdoor/usage.py):
+    # "stdout", "stderr", a file path, or "" (the `gptoss.usage` logger, off at the default log level).
+    usage_log: str = ""
     auth: AuthConfig = field(default_factory=AuthConfig)
     tls: TlsConfig = field(default_factory=TlsConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
+    responses: ResponseStoreConfig = field(default_factory=ResponseStoreConfig)
 
 
 @dataclass
@@ -320,6 +388,9 @@ class ClusterConfig:
             ("serving.max_ongoing_requests", self.serving.max_ongoing_requests >= 1, "must be >= 1"),
             ("serving.max_queued_requests", self.serving.max_queued_requests >= -1, "must be >= -1"),
             ("serving.graceful_shutdown_timeout_s", self.serving.graceful_shutdown_timeout_s >= 0, "must be >= 0"),
+            ("serving.placement_timeout_s", self.serving.placement_timeout_s > 0, "must be > 0"),
+            ("serving.direct_stream_key_file", (self.serving.direct_stream_cert_file is None)
+             == (self.serving.direct_stream_key_file is None), "must be set exactly when serving.direct_stream_cert_file is"),
             ("serving.router.policy", self.serving.router.policy in ROUTER_POLICIES,
              f"must be one of {', '.join(ROUTER_POLICIES)}"),
             ("serving.router.load_bound_ratio", self.serving.router.load_bound_ratio >= 0, "must be >= 0"),
@@ -346,8 +417,20 @@ class ClusterConfig:
              "must be > 0"),
             ("frontdoor.grpc_port", 0 <= self.frontdoor.grpc_port <= 65535, "must be in [0, 65535]"),
             ("frontdoor.metrics_port", -1 <= self.frontdoor.metrics_port <= 65535, "must be in [-1, 65535]"),
+            ("frontdoor.http_port", -1 <= self.frontdoor.http_port <= 65535, "must be in [-1, 65535]"),
+            ("frontdoor.responses.kind", self.frontdoor.responses.kind in RESPONSE_STORES,
+             f"must be one of {', '.join(RESPONSE_STORES)}"),
+            ("frontdoor.responses.redis_url", self.frontdoor.responses.kind != "redis"
+             or self.frontdoor.responses.redis_url.startswith(("redis://", "rediss://", "unix://")),
+             "must be a redis://, rediss:// or unix:// URL for kind redis"),
+            ("frontdoor.responses.ttl_s", self.frontdoor.responses.ttl_s > 0, "must be > 0"),
+            ("frontdoor.responses.max_response_bytes", self.frontdoor.responses.max_response_bytes >= 1024,
+             "must be >= 1024"),
+            ("frontdoor.responses.max_entries", self.frontdoor.responses.max_entries >= 1, "must be >= 1"),
             ("frontdoor.grace_period_s", self.frontdoor.grace_period_s >= 0, "must be >= 0"),
-            ("frontdoor.max_concurrent_rpcs", self.frontdoor.max_concurrent_rpcs >= 1, "must be >= 1"),
+            ("frontdoor.max_concurrent_rpcs", self.frontdoor.max_concurrent_rpcs >= 0, "must be >= 0"),
+            ("frontdoor.replica_wait_s", self.frontdoor.replica_wait_s > 0, "must be > 0"),
+            ("frontdoor.migration_attempts", self.frontdoor.migration_attempts >= 0, "must be >= 0"),
             ("frontdoor.load_poll_interval_s", self.frontdoor.load_poll_interval_s >= 0, "must be >= 0"),
             ("frontdoor.tls.key_file", (self.frontdoor.tls.cert_file is None) == (self.frontdoor.tls.key_file is None),
              "must be set exactly when frontdoor.tls.cert_file is"),
@@ -357,6 +440,15 @@ class ClusterConfig:
             ("frontdoor.limits.request_burst", self.frontdoor.limits.request_burst >= 0, "must be >= 0"),
             ("frontdoor.limits.tokens_per_s", self.frontdoor.limits.tokens_per_s >= 0, "must be >= 0"),
             ("frontdoor.limits.token_burst", self.frontdoor.limits.token_burst >= 0, "must be >= 0"),
+            ("frontdoor.limits.tokens_per_min", self.frontdoor.limits.tokens_per_min >= 0, "must be >= 0"),
+            ("frontdoor.limits.tokens_per_min", not (self.frontdoor.limits.tokens_per_min > 0
+                                                     and self.frontdoor.limits.tokens_per_s > 0),
+             "and frontdoor.limits.tokens_per_s are one budget: set one of them"),
+            ("frontdoor.limits.max_concurrent_streams", self.frontdoor.limits.max_concurrent_streams >= 0,
+             "must be >= 0"),
+            ("frontdoor.limits.max_context_tokens", self.frontdoor.limits.max_context_tokens >= 0, "must be >= 0"),
+            ("frontdoor.limits.max_output_tokens", self.frontdoor.limits.max_output_tokens >= 0, "must be >= 0"),
+            ("frontdoor.auth.reload_interval_s", self.frontdoor.auth.reload_interval_s >= 0, "must be >= 0"),
             ("ray.num_cpus", self.ray.num_cpus is None or self.ray.num_cpus >= 1, "must be >= 1"),
             ("parallel.ep_size", 1 <= self.parallel.ep_size <= 64, "must be in [1, 64]"),
             ("parallel.placement_strategy", self.parallel.placement_strategy in PLACEMENT_STRATEGIES,

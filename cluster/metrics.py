@@ -24,48 +24,80 @@ _LATENCY_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1
 
 
 class FrontdoorMetrics:
-    """Metrics the gRPC front door records, one set per registry."""
+    """Metrics the front door records, one set per registry. `api` is grpc (gptoss.v1) or http
+    (the OpenAI-compatible routes, whose `method` is the route path, e.g. /v1/chat/completions);
+    `code` is the canonical status name for both (errors.py maps each internal error to one)."""
 
     def __init__(self, registry: CollectorRegistry = REGISTRY) -> None:
         self.registry = registry
         self.requests_total = Counter(
             "gptoss_frontdoor_requests_total",
-            "RPCs finished, by method and gRPC status code.",
-            ["method", "code"], registry=registry)
+            "Requests finished, by API, method and canonical (gRPC) status code.",
+            ["api", "method", "code"], registry=registry)
         self.requests_in_flight = Gauge(
             "gptoss_frontdoor_requests_in_flight",
-            "RPCs being served now, by method.",
-            ["method"], registry=registry)
+            "Requests being served now, by API and method.",
+            ["api", "method"], registry=registry)
         self.time_to_first_token_seconds = Histogram(
             "gptoss_frontdoor_time_to_first_token_seconds",
             "Time from receiving a streaming RPC to sending its first token.",
-            ["method"], buckets=_LATENCY_BUCKETS_S, registry=registry)
+            ["api", "method"], buckets=_LATENCY_BUCKETS_S, registry=registry)
         self.inter_token_latency_seconds = Histogram(
             "gptoss_frontdoor_inter_token_latency_seconds",
             "Time between consecutive tokens of a stream as clients see them (a chunk of n "
             "tokens after t seconds counts as n observations of t/n).",
-            ["method"], buckets=_LATENCY_BUCKETS_S, registry=registry)
+            ["api", "method"], buckets=_LATENCY_BUCKETS_S, registry=registry)
         self.request_duration_seconds = Histogram(
             "gptoss_frontdoor_request_duration_seconds",
             "Time from receiving an RPC to its end, by method.",
-            ["method"], buckets=_LATENCY_BUCKETS_S, registry=registry)
+            ["api", "method"], buckets=_LATENCY_BUCKETS_S, registry=registry)
         self.prompt_tokens_total = Counter(
             "gptoss_frontdoor_prompt_tokens_total",
             "Prompt tokens of requests sent to the model, by method.",
-            ["method"], registry=registry)
+            ["api", "method"], registry=registry)
         self.completion_tokens_total = Counter(
             "gptoss_frontdoor_completion_tokens_total",
             "Tokens generated and streamed to clients, by method.",
-            ["method"], registry=registry)
+            ["api", "method"], registry=registry)
         self.rejected_requests_total = Counter(
             "gptoss_frontdoor_rejected_requests_total",
             "RPCs refused with RESOURCE_EXHAUSTED, by method and reason (MODEL_OVERLOADED: the "
             "replicas or Serve's queue are full; TENANT_RATE_LIMITED: the tenant's limits).",
-            ["method", "reason"], registry=registry)
+            ["api", "method", "reason"], registry=registry)
+        self.routable_replicas = Gauge(
+            "gptoss_frontdoor_routable_replicas",
+            "Model replicas this front door can send requests to now; at 0 its health is "
+            "NOT_SERVING (degraded) and requests wait at most frontdoor.replica_wait_s.",
+            registry=registry)
+        self.migrations_total = Counter(
+            "gptoss_frontdoor_migrations_total",
+            "Streams whose replica failed mid-stream, by outcome (resumed: continued on another "
+            "replica; exhausted: frontdoor.migration_attempts used up; no_replica: no replica took "
+            "the rest; deadline: the call's deadline left no time).",
+            ["outcome"], registry=registry)
+
+        self.tenant = TenantUsageMetrics(registry)
 
         self.replicas = ReplicaLoadCollector()
         registry.register(self.replicas)
         self.autoscaler = AutoscalerMetrics(registry)
+
+
+class TenantUsageMetrics:
+    """Usage per tenant, for billing (cluster/frontdoor/usage.py). Label `tenant` is bounded: a
+    configured tenant's name, `_other` for any other, `_anonymous` when auth is off."""
+
+    def __init__(self, registry: CollectorRegistry = REGISTRY) -> None:
+        self.tokens_total = Counter(
+            "gptoss_tenant_tokens_total",
+            "Tokens of finished Generate/Chat calls by tenant and type: prompt (sent to the model), "
+            "cached_prompt (of those, served from the prefix cache), reasoning (of the completion, in "
+            "analysis messages), completion (streamed to the client, cancelled and failed calls included).",
+            ["tenant", "type"], registry=registry)
+        self.requests_total = Counter(
+            "gptoss_tenant_requests_total",
+            "Finished Generate/Chat calls of authenticated tenants, by tenant and gRPC status code.",
+            ["tenant", "code"], registry=registry)
 
 
 class RouterMetrics:
@@ -126,6 +158,25 @@ def router_metrics() -> RouterMetrics:
     if _process_metrics.get(RouterMetrics) is None:
         _process_metrics[RouterMetrics] = RouterMetrics()
     return _process_metrics[RouterMetrics]
+
+
+class ServeInternalsMetrics:
+    """Ray Serve internals the direct path needs but did not find (cluster/serving/serve_internals.py);
+    counted in the process that looked them up (the front door)."""
+
+    def __init__(self, registry: CollectorRegistry = REGISTRY) -> None:
+        self.unavailable_total = Counter(
+            "gptoss_serve_internal_unavailable_total",
+            "Lookups of a Ray Serve private attribute that was not there (after a Ray upgrade), by "
+            "item; while it grows, requests take the slower Serve handle path instead of the direct one.",
+            ["item"], registry=registry)
+
+
+def serve_internals_metrics() -> ServeInternalsMetrics:
+    """The process's ServeInternalsMetrics on the default registry."""
+    if _process_metrics.get(ServeInternalsMetrics) is None:
+        _process_metrics[ServeInternalsMetrics] = ServeInternalsMetrics()
+    return _process_metrics[ServeInternalsMetrics]
 
 
 class _Registries:

@@ -48,7 +48,7 @@ def serving_config(tiny_checkpoint, cache_dir):
     return load_config(env={}, overrides={
         "model.path": str(tiny_checkpoint), "model.preset": "", "model.name": "gpt-oss-tiny-test",
         "cache_dir": str(cache_dir), "ray.num_cpus": 2,
-        "frontdoor.grpc_port": 0, "frontdoor.metrics_port": 0, "frontdoor.grace_period_s": 1.0,
+        "frontdoor.grpc_port": 0, "frontdoor.metrics_port": 0, "frontdoor.http_port": 0, "frontdoor.grace_period_s": 1.0,
         "frontdoor.load_poll_interval_s": 0.5,
     })
 

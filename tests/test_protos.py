@@ -44,6 +44,19 @@ def test_every_enum_starts_with_unspecified_and_every_field_is_documented():
                 assert text[i - 1].strip().startswith("//"), f"{proto} line {i + 1} has no comment: {stripped}"
 
 
+def test_every_proto_names_where_each_language_puts_its_code():
+    """protoc --go_out/--java_out/--csharp_out... work without per-file mapping flags (issue 16)."""
+    from gptoss.v1 import admin_pb2, inference_pb2
+
+    for module in (inference_pb2, admin_pb2):
+        options = module.DESCRIPTOR.GetOptions()
+        assert options.go_package == "github.com/gptoss-cluster/gptoss-cluster/gen/go/gptoss/v1;gptossv1"
+        assert options.java_package == "com.gptoss.v1" and options.java_multiple_files
+        assert options.csharp_namespace == "Gptoss.V1"
+        assert (options.php_namespace, options.ruby_package, options.objc_class_prefix) == (
+            "Gptoss\\V1", "Gptoss::V1", "GXX")
+
+
 # ── buf: lint, and no breaking change against the committed v1 image (the compatibility baseline) ──
 
 BUF_IMAGE = protogen.PROTO_ROOT / "buf-image-v1.binpb"
@@ -76,3 +89,14 @@ def test_buf_breaking_catches_a_renumbered_field(tmp_path):
     result = _buf("breaking", "--against", str(BUF_IMAGE), cwd=copy)
     assert result.returncode != 0
     assert "temperature" in result.stdout + result.stderr
+
+
+def test_buf_breaking_catches_a_changed_go_package(tmp_path):
+    """The baseline records the language options: moving the Go package breaks Go clients."""
+    copy = tmp_path / "protos"
+    shutil.copytree(protogen.PROTO_ROOT, copy)
+    proto = copy / "gptoss" / "v1" / "admin.proto"
+    proto.write_text(proto.read_text().replace("gen/go/gptoss/v1;gptossv1", "gen/go/gptoss;gptoss"))
+    result = _buf("breaking", "--against", str(BUF_IMAGE), cwd=copy)
+    assert result.returncode != 0
+    assert "go_package" in result.stdout + result.stderr

@@ -1,4 +1,5 @@
-"""Locating tools that CI installs (.ci/run) but a developer machine may lack: node, npm packages, buf.
+"""Locating tools that CI installs (.ci/run) but a developer machine may lack: node, npm packages, buf,
+Go and protoc with Debian's Go packages.
 
 A test that needs one skips when it is missing, except under CI (env CI set), where it fails:
 CI must never pass by skipping.
@@ -38,6 +39,24 @@ def require_buf() -> str:
     if buf is None:
         missing("buf (npm @bufbuild/buf in tests/node)")
     return buf
+
+
+GO_DIR = REPO_ROOT / "tests" / "go"
+# What tests/go/build.sh needs: Debian's packages golang-go, protobuf-compiler, protoc-gen-go,
+# protoc-gen-go-grpc, and the Go libraries (golang-google-grpc-dev, golang-google-protobuf-dev,
+# golang-github-golang-protobuf-1-5-dev) as source under /usr/share/gocode.
+GO_TOOLS = ("go", "protoc", "protoc-gen-go", "protoc-gen-go-grpc")
+GO_LIBRARIES = ("google.golang.org/grpc", "google.golang.org/protobuf", "github.com/golang/protobuf",
+                "google.golang.org/genproto/googleapis/rpc/errdetails")
+
+
+def require_go_toolchain() -> None:
+    for tool in GO_TOOLS:
+        if shutil.which(tool) is None:
+            missing(f"{tool} (Debian's Go packages; .ci/run installs them)")
+    for library in GO_LIBRARIES:
+        if not (Path("/usr/share/gocode/src") / library).is_dir():
+            missing(f"/usr/share/gocode/src/{library} (Debian's Go packages; .ci/run installs them)")
 
 
 CI_BIN = REPO_ROOT / ".ci" / "bin"  # where .ci/install-helm puts helm and kubectl

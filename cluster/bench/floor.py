@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator
 
 import grpc
 
+from cluster.frontdoor.ports import NO_REUSEPORT
 from gptoss.v1 import inference_pb2 as pb
 from gptoss.v1 import inference_pb2_grpc as pb_grpc
 
@@ -51,7 +52,7 @@ class FloorServicer(pb_grpc.InferenceServicer):
 
 
 async def serve(host: str, port: int, tokens_per_s: float) -> None:
-    server = grpc.aio.server()
+    server = grpc.aio.server(options=[NO_REUSEPORT])
     pb_grpc.add_InferenceServicer_to_server(FloorServicer(tokens_per_s), server)
     bound = server.add_insecure_port(f"{host}:{port}")
     await server.start()

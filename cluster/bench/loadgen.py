@@ -1,4 +1,6 @@
-"""The load generator: a grpc.aio client sending a workload closed-loop or open-loop.
+"""The load generator: a grpc.aio client (or, for the OpenAI-compatible HTTP API, an aiohttp
+client over keep-alive connections reading server-sent events) sending a workload closed-loop or
+open-loop.
 
   * closed loop (`concurrency=N`): N workers, each sending its next request when the previous
     one ends; the load adapts to the server.
@@ -16,6 +18,7 @@ closed loop, and are counted apart. Only the generated gptoss.v1 stubs are used,
 from __future__ import annotations
 
 import asyncio
+import json
 import random
 import time
 from dataclasses import dataclass, field
@@ -25,7 +28,7 @@ from typing import Callable
 import grpc
 
 from cluster.bench.report import RequestRecord
-from cluster.bench.workload import RequestSpec
+from cluster.bench.workload import HTTP_APIS, RequestSpec
 from gptoss.v1 import inference_pb2 as pb
 from gptoss.v1 import inference_pb2_grpc as pb_grpc
 
@@ -68,6 +71,9 @@ class Connection:
             creds = grpc.ssl_channel_credentials(_read(self.ca_cert), _read(self.client_key), _read(self.client_cert))
             out.append(grpc.aio.secure_channel(self.target, creds, options=opts))
         return out
+
+    def http_base(self) -> str:
+        return f"{'https' if self.tls else 'http'}://{self.target}"
 
     def call_metadata(self, session_id: str | None, request_id: str | None = None) -> tuple[tuple[str, str], ...]:
         metadata = list(self.metadata)
@@ -126,6 +132,42 @@ def build_request(spec: RequestSpec, api: str, ignore_stop: bool):
     return pb.ChatRequest(messages=messages, sampling=sampling, reasoning_effort=pb.REASONING_EFFORT_LOW)
 
 
+def http_request(spec: RequestSpec, api: str, ignore_stop: bool, model: str) -> tuple[str, dict]:
+    """(route, body) of an HTTP API request; streamed, greedy, low reasoning effort as the gRPC
+    Chat of build_request; `ignore_eos` is the server's extension that ignores stop tokens."""
+    common = {"model": model, "stream": True, "temperature": 0, "ignore_eos": ignore_stop}
+    if api == "completions":
+        return "/v1/completions", {**common, "prompt": list(spec.prompt_token_ids), "max_tokens": spec.max_tokens,
+                                   "stream_options": {"include_usage": True}}
+    messages = [{"role": role, "content": content} for role, content in spec.messages]
+    if api == "responses":
+        return "/v1/responses", {**common, "input": messages, "max_output_tokens": spec.max_tokens,
+                                 "reasoning": {"effort": "low"}, "store": False}
+    return "/v1/chat/completions", {**common, "messages": messages, "max_completion_tokens": spec.max_tokens,
+                                    "reasoning_effort": "low", "stream_options": {"include_usage": True}}
+
+
+def _sse_usage(event: dict) -> tuple[int, int] | None:
+    """(prompt, completion) tokens if this event carries the final usage."""
+    usage = event.get("usage") or (event.get("response") or {}).get("usage")
+    if not usage:
+        return None
+    return (usage.get("prompt_tokens", usage.get("input_tokens", 0)),
+            usage.get("completion_tokens", usage.get("output_tokens", 0)))
+
+
+def _sse_has_output(event: dict) -> bool:
+    if event.get("type", "").endswith(".delta"):
+        return True
+    for choice in event.get("choices") or ():
+        delta = choice.get("delta")
+        if delta is None:  # completions
+            return bool(choice.get("text"))
+        if delta.get("content") or delta.get("reasoning_content") or delta.get("tool_calls"):
+            return True
+    return False
+
+
 class LoadGenerator:
     def __init__(self, connection: Connection, workload, plan: LoadPlan,
                  on_done: Callable[[RequestRecord], None] | None = None) -> None:
@@ -134,12 +176,29 @@ class LoadGenerator:
         self.plan = plan.check()
         self.on_done = on_done
         self._stubs: list[pb_grpc.InferenceStub] = []
+        self._http = None  # aiohttp.ClientSession for the HTTP APIs
+        self._model = ""
         self._t0 = 0.0
 
     def _now(self) -> float:
         return time.perf_counter() - self._t0
 
     async def _one(self, index: int, scheduled_s: float | None = None, warmup: bool = False) -> RequestRecord:
+        send = self._one_http if self.plan.api in HTTP_APIS else self._one_grpc
+        record = await send(index, scheduled_s, warmup)
+        if self.on_done is not None and not warmup:
+            self.on_done(record)
+        return record
+
+    def _ended(self, record: RequestRecord, stamps: list[float], output_tokens: int) -> None:
+        record.end_s = self._now()
+        record.output_tokens = output_tokens
+        record.messages = len(stamps)
+        if stamps:
+            record.first_token_s = stamps[0] - self._t0
+            record.gaps_s = [b - a for a, b in zip(stamps, stamps[1:])]
+
+    async def _one_grpc(self, index: int, scheduled_s: float | None, warmup: bool) -> RequestRecord:
         spec = self.workload.request(index)
         stub = self._stubs[index % len(self._stubs)]
         request_id = f"bench-{'w' if warmup else 'r'}{index}"
@@ -174,15 +233,64 @@ class LoadGenerator:
             record.code = "CANCELLED"
             raise
         finally:
-            record.end_s = self._now()
-            record.output_tokens = tokens if self.plan.api == "generate" else (record.usage_completion_tokens or 0)
-            record.messages = len(stamps)
-            if stamps:
-                record.first_token_s = stamps[0] - self._t0
-                record.gaps_s = [b - a for a, b in zip(stamps, stamps[1:])]
-        if self.on_done is not None and not warmup:
-            self.on_done(record)
+            self._ended(record, stamps,
+                        tokens if self.plan.api == "generate" else (record.usage_completion_tokens or 0))
         return record
+
+    async def _one_http(self, index: int, scheduled_s: float | None, warmup: bool) -> RequestRecord:
+        import aiohttp
+
+        spec = self.workload.request(index)
+        route, body = http_request(spec, self.plan.api, self.plan.ignore_stop, self._model)
+        headers = dict(self.connection.call_metadata(spec.session_id, f"bench-{'w' if warmup else 'r'}{index}"))
+        headers["x-request-timeout"] = str(self.plan.timeout_s)
+        record = RequestRecord(index=index, session_id=spec.session_id)
+        stamps: list[float] = []
+        perf = time.perf_counter
+        record.sent_s = self._now()
+        record.scheduled_s = record.sent_s if scheduled_s is None else scheduled_s
+        stream_error = False
+        try:
+            async with self._http.post(self.connection.http_base() + route, json=body, headers=headers,
+                                       timeout=aiohttp.ClientTimeout(total=self.plan.timeout_s)) as answer:
+                if answer.status != 200:
+                    error = (await answer.json(content_type=None)).get("error") or {}
+                    record.code = str(error.get("code") or answer.status).upper()
+                else:
+                    async for line in answer.content:
+                        if not line.startswith(b"data: ") or line.startswith(b"data: [DONE]"):
+                            continue
+                        event = json.loads(line[6:])
+                        if _sse_has_output(event):
+                            stamps.append(perf())
+                        usage = _sse_usage(event)
+                        if usage is not None:
+                            record.prompt_tokens, record.usage_completion_tokens = usage
+                        if "error" in event or event.get("type") == "error":
+                            stream_error = True
+                    if stream_error:
+                        record.code = "STREAM_ERROR"
+                    else:
+                        record.code = "OK" if record.usage_completion_tokens is not None else "INCOMPLETE"
+        except (aiohttp.ClientError, asyncio.TimeoutError) as err:
+            record.code = type(err).__name__
+        except asyncio.CancelledError:
+            record.code = "CANCELLED"
+            raise
+        finally:
+            self._ended(record, stamps, record.usage_completion_tokens or 0)
+        return record
+
+    async def _open_http(self) -> None:
+        import aiohttp
+
+        # One keep-alive connection per stream in flight, as a pool of HTTP/1.1 clients would hold.
+        self._http = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0, ssl=None if self.connection.tls
+                                                                          else False))
+        headers = dict(self.connection.call_metadata(None))
+        async with self._http.get(self.connection.http_base() + "/v1/models", headers=headers) as answer:
+            answer.raise_for_status()
+            self._model = (await answer.json())["data"][0]["id"]
 
     async def _closed(self, concurrency: int, count: int | None, deadline: float | None,
                       first_index: int, warmup: bool) -> list[RequestRecord]:
@@ -231,8 +339,11 @@ class LoadGenerator:
 
     async def run(self) -> RunResult:
         plan = self.plan
-        channels = self.connection.open_channels()
+        http = plan.api in HTTP_APIS
+        channels = [] if http else self.connection.open_channels()
         self._stubs = [pb_grpc.InferenceStub(c) for c in channels]
+        if http:
+            await self._open_http()
         self._t0 = time.perf_counter()
         result = RunResult(plan)
         try:
@@ -250,6 +361,8 @@ class LoadGenerator:
         finally:
             for channel in channels:
                 await channel.close()
+            if self._http is not None:
+                await self._http.close()
         return result
 
 

@@ -1,7 +1,8 @@
 """`gptoss-cluster bench serving`: load a running endpoint and report what operators size with.
 
 Closed loop (`--concurrency N`) or open loop (`--rate R`, or `--rate R1,R2,...` for a sweep),
-Generate or Chat, a workload from options or `--workload FILE.jsonl`. Prints a table per run
+Generate or Chat over gRPC, or the OpenAI-compatible HTTP API (openai-chat, responses,
+completions; server-sent events over keep-alive connections), a workload from options or `--workload FILE.jsonl`. Prints a table per run
 (with a progress bar on a terminal while it runs), writes every figure and per-request record to
 `--json`, a latency-vs-load PNG for a sweep to `--plot`, and ends with one JSON line of the
 summary figures.
@@ -23,8 +24,10 @@ API_KEY_ENV = "GPTOSS_API_KEY"
 def add_parser(commands) -> None:
     p = commands.add_parser("serving", help="gRPC load generator: closed/open loop, latency percentiles, goodput",
                             description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--target", required=True, help="HOST:PORT of the endpoint")
-    p.add_argument("--api", choices=APIS, default="generate", help="RPC to load (default generate)")
+    p.add_argument("--target", required=True, help="HOST:PORT of the endpoint (the HTTP port for the HTTP APIs)")
+    p.add_argument("--api", choices=APIS, default="generate",
+                   help="what to load: the gRPC RPCs generate or chat, or the HTTP API's openai-chat "
+                        "(/v1/chat/completions), responses (/v1/responses) or completions (default generate)")
     load = p.add_mutually_exclusive_group()
     load.add_argument("--concurrency", type=int, help="closed loop: requests in flight (default 8)")
     load.add_argument("--rate", help="open loop: Poisson arrivals per second; a comma list sweeps the rates")

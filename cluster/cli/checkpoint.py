@@ -4,7 +4,6 @@ preset's such as gpt-oss-tiny), or describe one."""
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import sys
 
@@ -21,7 +20,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     make.add_argument("--layout", choices=("hf", "original", "both"), default="hf",
                       help="hf: config.json + sharded safetensors; original: original/ folder; both")
     make.add_argument("--no-mxfp4", dest="mxfp4", action="store_false", help="store experts in bf16, not MXFP4")
-    make.add_argument("--vocab-size", type=int, default=None, help="override the preset's vocabulary size")
+    make.add_argument("--vocab-size", type=int, default=None,
+                      help="override the preset's vocabulary size (eos/pad ids outside it move to its top)")
     make.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                       help="show a progress bar (default: for large checkpoints on a terminal)")
     make.set_defaults(func=_make)
@@ -52,7 +52,7 @@ def _make(args: argparse.Namespace) -> int:
               f"checksums verified) to {out}")
         return 0
     if args.vocab_size is not None:
-        config = dataclasses.replace(config, vocab_size=args.vocab_size)
+        config = config.with_vocab_size(args.vocab_size)
     out = write_checkpoint(config, args.out, seed=args.seed, layout=args.layout, mxfp4=args.mxfp4,
                            progress=args.progress)
     print(f"wrote {args.preset} ({config.num_parameters():,} parameters, "

@@ -83,14 +83,14 @@ async def _run(handle, config) -> None:
 
     from cluster.frontdoor.server import FrontdoorServer
 
-    server = FrontdoorServer(handle, config.frontdoor, default_max_tokens=config.engine.default_max_tokens,
-                             gpus_per_replica=config.serving.num_gpus)
+    server = FrontdoorServer(handle, config.frontdoor)
     await server.start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    print(f"gptoss-cluster frontdoor: {server.info.model_name} | gRPC {server.grpc_target} | "
+    http = server.http_url if server.http_port is not None else "off"
+    print(f"gptoss-cluster frontdoor: {server.info.model_name} | gRPC {server.grpc_target} | HTTP {http} | "
           f"app {config.serving.app_name}", flush=True)
     watchdog = asyncio.create_task(watch_ray(stop))
     await stop.wait()
@@ -113,6 +113,14 @@ def run(args: argparse.Namespace) -> int:
         print("gptoss-cluster frontdoor: needs a Ray cluster to join (--address or ray.address)", file=sys.stderr)
         return 2
     logs.configure(config.log_level)
+    from cluster.cli.preflight import PreflightError, check_ports, port_problem
+    from cluster.frontdoor.ports import PortUnavailable
+
+    try:
+        check_ports(config, FLAG_PATHS)
+    except PreflightError as err:
+        print(f"gptoss-cluster frontdoor: {err}", file=sys.stderr)
+        return 1
 
     import ray
 
@@ -121,6 +129,9 @@ def run(args: argparse.Namespace) -> int:
     start_ray(config)
     try:
         asyncio.run(_run(wait_for_app(config.serving.app_name, args.wait_s), config))
+    except PortUnavailable as err:  # taken since the check above
+        print(f"gptoss-cluster frontdoor: {port_problem(err, FLAG_PATHS)}", file=sys.stderr)
+        return 1
     except (OSError, TimeoutError, ConfigError) as err:  # ConnectionError is an OSError
         print(f"gptoss-cluster frontdoor: {err}", file=sys.stderr)
         return 1

@@ -18,6 +18,7 @@ FLAG_PATHS = {
     "preset": "model.preset",
     "grpc_port": "frontdoor.grpc_port",
     "metrics_port": "frontdoor.metrics_port",
+    "http_port": "frontdoor.http_port",
     "host": "frontdoor.host",
     "address": "ray.address",
     "replicas": "serving.replicas",
@@ -27,7 +28,7 @@ FLAG_PATHS = {
 
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser("serve", help="serve a gpt-oss model over gRPC",
+    p = subparsers.add_parser("serve", help="serve a gpt-oss model over gRPC and HTTP",
                               description="Start (or join) Ray, deploy the model replicas and serve gptoss.v1 "
                                           "over gRPC. With no model, gpt-oss-tiny (a small model trained to speak harmony) is "
                                           "rebuilt once into the cache from the weights in the package.")
@@ -36,6 +37,8 @@ def register(subparsers) -> None:
     model.add_argument("--model", metavar="DIR", help="checkpoint directory (HF layout)")
     model.add_argument("--preset", help="build and serve a preset checkpoint (default: gpt-oss-tiny, trained; other presets random)")
     p.add_argument("--grpc-port", type=int, help="gRPC port (default 50051; 0 picks a free one)")
+    p.add_argument("--http-port", type=int, help="OpenAI-compatible HTTP API port (default 8088; 0 picks a free one; "
+                                                  "-1 disables)")
     p.add_argument("--metrics-port", type=int, help="Prometheus /metrics port (default 9464; -1 disables)")
     p.add_argument("--host", help="interface to listen on (default 127.0.0.1)")
     p.add_argument("--address", metavar="RAY_ADDRESS", help="join this Ray cluster instead of starting one")
@@ -55,15 +58,22 @@ async def _serve(runtime, config) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     metrics = f"http://{config.frontdoor.host}:{server.metrics_port}/metrics" if server.metrics_port else "off"
-    print(f"gptoss-cluster: serving {server.info.model_name} | gRPC {server.grpc_target} | metrics {metrics}",
-          flush=True)
+    http = server.http_url if server.http_port is not None else "off"
+    print(f"gptoss-cluster: serving {server.info.model_name} | gRPC {server.grpc_target} | HTTP {http} | "
+          f"metrics {metrics}", flush=True)
+    print(f"gptoss-cluster: {runtime.ray_notice}", flush=True)
     await stop.wait()
     print("gptoss-cluster: shutting down", flush=True)
     await server.stop()
 
 
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
+
+
 def run(args: argparse.Namespace) -> int:
     from cluster import logs
+    from cluster.cli.preflight import PreflightError, check_checkpoint, check_ports, port_problem
 
     overrides = {path: getattr(args, flag) for flag, path in FLAG_PATHS.items()}
     if args.model:
@@ -74,17 +84,36 @@ def run(args: argparse.Namespace) -> int:
         print(f"gptoss-cluster serve: {err}", file=sys.stderr)
         return 2
     logs.configure(config.log_level)
+    try:
+        check_ports(config, FLAG_PATHS)
+        check_checkpoint(config, FLAG_PATHS)
+    except PreflightError as err:
+        print(f"gptoss-cluster serve: {err}", file=sys.stderr)
+        return 1
 
-    from cluster.serving.runtime import start_serving
+    from cluster.frontdoor.ports import PortUnavailable
+    from cluster.serving.runtime import DeployFailed, PlacementError, start_serving
 
     runtime = None
     code = 0
+    # Until the server's loop handles it, SIGTERM interrupts start-up like Ctrl-C, so the app and
+    # placement groups created so far are removed (start_serving cleans up on any exception).
+    signal.signal(signal.SIGTERM, _interrupt)
     try:
         runtime = start_serving(config)
         asyncio.run(_serve(runtime, config))
-    except KeyboardInterrupt:  # Ctrl-C before the server was up
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM before the server was up
         pass
-    except OSError as err:  # e.g. the gRPC or metrics port is taken
+    except PortUnavailable as err:  # taken since the check above
+        print(f"gptoss-cluster serve: {port_problem(err, FLAG_PATHS)}", file=sys.stderr)
+        code = 1
+    except DeployFailed as err:
+        print(f"gptoss-cluster serve: the model replicas failed to start: {err}", file=sys.stderr)
+        code = 1
+    except PlacementError as err:
+        print(f"gptoss-cluster serve: {err}", file=sys.stderr)
+        code = 1
+    except (OSError, ConfigError) as err:  # e.g. an unreadable TLS file, no API keys on a public host
         print(f"gptoss-cluster serve: {err}", file=sys.stderr)
         code = 1
     finally:

@@ -25,7 +25,8 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 from cluster.engine.core import EngineCore, EngineCoreStats, StepOutput
-from cluster.engine.errors import DeadlineExceededError, EngineDead, EngineOverloadedError, RequestTooLong
+from cluster.engine.errors import DeadlineExceededError, EngineDead, EngineOverloadedError, RequestTooLong, retry_after_s
+from cluster.engine.guided import Guide
 from cluster.engine.request import TokenLogprobs
 from cluster.engine.sequence import EndReason, SamplingSettings, Sequence
 
@@ -43,19 +44,6 @@ class SequenceChunk:
     num_prompt_tokens: int
     num_output_tokens: int  # so far, this chunk included
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
-
-
-# Retry hints for a refused request: the time the queue ahead of it needs to drain at the recent
-# finish rate, within these bounds; the default when nothing has finished lately.
-RETRY_AFTER_BOUNDS_S = (0.05, 30.0)
-DEFAULT_RETRY_AFTER_S = 1.0
-
-
-def retry_after_s(queued: int, finished_per_s: float) -> float:
-    if finished_per_s <= 0:
-        return DEFAULT_RETRY_AFTER_S
-    low, high = RETRY_AFTER_BOUNDS_S
-    return min(high, max(low, queued / finished_per_s))
 
 
 class _Stream:
@@ -79,7 +67,7 @@ class AsyncEngine:
         self._wake = threading.Condition(self._lock)
         self._inbox_adds: list[tuple[Sequence, _Stream]] = []
         self._inbox_aborts: list[str] = []
-        self._streams: dict[str, _Stream] = {}  # step thread only
+        self._streams: dict[str, _Stream] = {}  # written by the step thread only (submit() reads its size)
         self._closed = False
         self._error: BaseException | None = None
         self._ids = itertools.count()
@@ -118,10 +106,13 @@ class AsyncEngine:
         with self._lock:
             if self._error is not None or self._closed:
                 raise EngineDead("the engine is not running") from self._error
-            stats = self.core.stats
-            queued = stats.num_waiting + len(self._inbox_adds)
+            # Capacity is the batch plus the waiting queue: a request the step loop has not yet
+            # pulled into a free batch slot is not waiting. Counted exactly, under the lock: the
+            # requests accepted and not yet ended (the step loop's streams, and the inbox).
+            slots = self.core.config.max_num_seqs
+            queued = len(self._streams) + len(self._inbox_adds) - slots
             if queued >= limit:
-                raise EngineOverloadedError(queued, limit, retry_after_s(queued, stats.finished_requests_per_s))
+                raise EngineOverloadedError(queued, limit, retry_after_s(queued, self.core.stats.finished_requests_per_s))
             self._inbox_adds.append((seq, stream))
             self._wake.notify()
         self.requests_total += 1
@@ -133,10 +124,12 @@ class AsyncEngine:
             self._wake.notify()
 
     async def generate(self, prompt_token_ids: list[int], sampling: SamplingSettings,
-                       request_id: str | None = None, deadline_s: float | None = None) -> AsyncIterator[SequenceChunk]:
+                       request_id: str | None = None, deadline_s: float | None = None,
+                       guide: Guide | None = None) -> AsyncIterator[SequenceChunk]:
         """Stream chunks of new tokens. Raises EngineOverloadedError/RequestTooLong/ValueError before the
         first chunk, and DeadlineExceededError if `deadline_s` (epoch seconds) passes while it is queued."""
-        seq = Sequence(request_id or f"req-{next(self._ids)}", list(prompt_token_ids), sampling, deadline_s=deadline_s)
+        seq = Sequence(request_id or f"req-{next(self._ids)}", list(prompt_token_ids), sampling, deadline_s=deadline_s,
+                       guide=guide)
         stream = self.submit(seq)
         finished = failed = False
         try:

@@ -18,10 +18,13 @@ from typing import AsyncIterator
 
 from cluster.engine.async_engine import AsyncEngine
 from cluster.engine.core import EngineConfig, EngineCore
+from cluster.engine.errors import InvalidRequestError
+from cluster.engine.guided import GuideCompiler
 from cluster.engine.protocol import EngineStats
 from cluster.engine.request import (FinishReason, GenerateRequest, ModelLimits, TokenChunk, resolved_length_and_stops,
                                     validate_request)
-from cluster.engine.sequence import HARMONY_STOP_TOKEN_IDS, EndReason, SamplingSettings
+from cluster.engine.sequence import EndReason, SamplingSettings
+from cluster.harmony.tokenizer import VOCAB_SIZE, load_tokenizer
 
 FINISH_REASONS = {EndReason.STOP: FinishReason.STOP, EndReason.LENGTH: FinishReason.LENGTH}
 
@@ -29,15 +32,18 @@ FINISH_REASONS = {EndReason.STOP: FinishReason.STOP, EndReason.LENGTH: FinishRea
 class BatchingEngine:
     supports_logprobs = True
 
-    def __init__(self, engine: AsyncEngine, *, stop_token_ids: tuple[int, ...] = HARMONY_STOP_TOKEN_IDS,
+    def __init__(self, engine: AsyncEngine, *, stop_token_ids: tuple[int, ...] | None = None,
                  default_max_tokens: int = 256, chunk_interval_s: float = 0.01) -> None:
+        """`stop_token_ids`: the stop ids of a request that names none; None: the end of a harmony
+        assistant turn (HarmonyTokenizer.turn_end_ids: <|return|>, <|call|>)."""
         self._engine = engine
         config = engine.core.model.config
         self.limits = ModelLimits(vocab_size=config.vocab_size, context_length=config.max_position_embeddings)
-        self._stop_token_ids = tuple(stop_token_ids)
+        self._stop_token_ids = load_tokenizer().turn_end_ids if stop_token_ids is None else tuple(stop_token_ids)
         self._default_max_tokens = default_max_tokens
         self._chunk_interval_s = chunk_interval_s
         self._ids = itertools.count()
+        self._guides: GuideCompiler | None = None  # made at the first constrained request
 
     @classmethod
     def for_model(cls, model, config: EngineConfig = EngineConfig(), **kwargs) -> BatchingEngine:
@@ -60,9 +66,15 @@ class BatchingEngine:
     async def generate(self, request: GenerateRequest) -> AsyncIterator[TokenChunk]:
         validate_request(request, self.limits)
         settings = self.settings_for(request)
+        guide = None
+        if request.constraint is not None and request.constraint.active:
+            # Compiled on the compiler's threads, never on the step loop; a bad schema is refused here,
+            # before anything is queued.
+            guide = await self._guide_compiler().guide_for(request.constraint, settings.max_tokens)
         # Engine-internal ids must be unique; a client may reuse its x-request-id.
         internal_id = f"{request.request_id or 'req'}#{next(self._ids)}"
-        stream = self._engine.generate(list(request.prompt_token_ids), settings, internal_id, request.deadline_s)
+        stream = self._engine.generate(list(request.prompt_token_ids), settings, internal_id, request.deadline_s,
+                                       guide)
         try:
             async for chunk in stream:
                 flushed_at = time.monotonic()
@@ -79,6 +91,14 @@ class BatchingEngine:
                     await asyncio.sleep(wait)
         finally:
             await stream.aclose()  # not finished: aborts the request at the next step
+
+    def _guide_compiler(self) -> GuideCompiler:
+        if self.limits.vocab_size != VOCAB_SIZE:
+            raise InvalidRequestError("response_format", f"structured output needs the o200k_harmony vocabulary "
+                                      f"({VOCAB_SIZE} ids); this model has {self.limits.vocab_size}")
+        if self._guides is None:
+            self._guides = GuideCompiler()
+        return self._guides
 
     def stats(self) -> EngineStats:
         core = self._engine.core.stats
@@ -106,3 +126,5 @@ class BatchingEngine:
 
     def shutdown(self) -> None:
         self._engine.shutdown()
+        if self._guides is not None:
+            self._guides.shutdown()

@@ -36,6 +36,19 @@ class RequestTooLong(InvalidRequestError):
         return (type(self), (self.num_tokens, self.capacity_tokens))
 
 
+# Retry hints for a refused request: the time the queue ahead of it needs to drain at the recent
+# finish rate, within these bounds; the default when nothing has finished lately.
+RETRY_AFTER_BOUNDS_S = (0.05, 30.0)
+DEFAULT_RETRY_AFTER_S = 1.0
+
+
+def retry_after_s(queued: int, finished_per_s: float) -> float:
+    if finished_per_s <= 0:
+        return DEFAULT_RETRY_AFTER_S
+    low, high = RETRY_AFTER_BOUNDS_S
+    return min(high, max(low, queued / finished_per_s))
+
+
 class EngineOverloadedError(EngineError):
     """The engine's queue is full: the request was refused, not queued. The front door maps this to
     RESOURCE_EXHAUSTED with `retry_after_s` as the RetryInfo hint."""

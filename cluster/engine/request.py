@@ -7,6 +7,7 @@ import math
 from dataclasses import dataclass, field
 
 from cluster.engine.errors import InvalidRequestError
+from cluster.harmony.structured import CONSTRAINED_STOP_TOKEN_IDS, TurnConstraint
 
 MAX_TEMPERATURE = 100.0
 MAX_LOGPROBS = 20  # most alternatives a request may ask for per token
@@ -44,6 +45,9 @@ class GenerateRequest:
     # Absolute deadline (time.time() seconds) of the client's call; None: no deadline.
     # Wall-clock, not monotonic, because it crosses processes and hosts.
     deadline_s: float | None = None
+    # Structured output: the grammar of the whole harmony turn (response format, strict tools,
+    # reasoning budget); the prompt must end with `<|start|>assistant`. None: unconstrained.
+    constraint: TurnConstraint | None = None
 
 
 @dataclass(frozen=True)
@@ -89,6 +93,9 @@ def validate_request(request: GenerateRequest, limits: ModelLimits) -> None:
         raise InvalidRequestError(
             "prompt_token_ids", f"{len(ids)} tokens leave no room in the context length {limits.context_length}")
     validate_sampling(request.sampling, len(ids), limits)
+    if request.constraint is not None and request.constraint.active and request.sampling.ignore_stop:
+        raise InvalidRequestError("sampling.ignore_stop", "cannot be combined with a constrained output, "
+                                  "which ends at the end of the turn")
 
 
 def validate_sampling(sampling: SamplingParams, prompt_len: int, limits: ModelLimits,
@@ -126,4 +133,7 @@ def resolved_length_and_stops(request: GenerateRequest, limits: ModelLimits, def
     max_tokens = sampling.max_tokens if sampling.max_tokens is not None else min(default_max_tokens, room)
     if sampling.ignore_stop:
         return max_tokens, ()
+    if request.constraint is not None and request.constraint.active:
+        # The grammar ends the turn at <|return|> or <|call|>; <|end|> only closes the analysis.
+        return max_tokens, tuple(dict.fromkeys(CONSTRAINED_STOP_TOKEN_IDS + tuple(sampling.stop_token_ids or ())))
     return max_tokens, tuple(sampling.stop_token_ids or ()) or default_stop_token_ids

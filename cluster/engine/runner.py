@@ -1,4 +1,4 @@
-"""Runs one scheduled step on the model: builds the flat batch, calls the paged forward, samples.
+"""Runs one scheduled step on the model: builds the flat batch, calls the paged forward, unembeds, samples.
 
 Letters: B sequences in the step, S new tokens (all sequences), R sampling rows.
 """
@@ -13,18 +13,20 @@ from cluster.engine.kv_cache import KVCacheManager
 from cluster.engine.sampler import Sampler
 from cluster.engine.scheduler import SchedulerOutput
 from cluster.engine.request import TokenLogprobs
-from cluster.model.paged import PagedBatch, PagedKVCache, paged_forward
+from cluster.engine.unembedding import Unembedding
+from cluster.model.paged import PagedBatch, PagedKVCache, paged_hidden
 from cluster.model.transformer import GptOssModel
 
 
 class ModelRunner:
     def __init__(self, model: GptOssModel, kv_cache: KVCacheManager,
                  forward: Callable[[PagedBatch], torch.Tensor] | None = None):
-        """`forward` replaces the local paged forward (and its cache): e.g. an expert-parallel
-        group's driver (cluster/parallel/group.py), which keeps each rank's slice of the cache."""
+        """`forward(batch) -> hidden [R, H]` replaces the local paged forward (and its cache): e.g. an
+        expert-parallel group's driver (cluster/parallel/group.py), which keeps each rank's slice of the cache."""
         self.model = model
         self.kv_cache = kv_cache
         self.forward = forward
+        self.unembed = Unembedding(model.unembedding)
         self.sampler = Sampler()
         if forward is not None:
             return
@@ -92,11 +94,18 @@ class ModelRunner:
         """Compute the step; returns request id -> (sampled token, logprobs) for each sampling chunk."""
         batch = self.prepare(output)
         if self.forward is not None:
-            logits = self.forward(batch)  # [R, V]
+            hidden = self.forward(batch)  # [R, H]
         else:
-            logits = paged_forward(self.model, batch, self.cache)  # [R, V]
+            hidden = paged_hidden(self.model, batch, self.cache)  # [R, H]
+        with torch.inference_mode():
+            logits = self.unembed(hidden)  # [R, V]
         sampling = [c.request for c in output.chunks if c.samples]
         if not sampling:
             return {}
-        result = self.sampler(logits, [s.sampling for s in sampling], [s.generator for s in sampling])
+        guides = [s.guide for s in sampling]
+        if any(g is not None for g in guides):
+            result = self.sampler(logits, [s.sampling for s in sampling], [s.generator for s in sampling],
+                                  guides, [s.num_tokens_left for s in sampling])
+        else:
+            result = self.sampler(logits, [s.sampling for s in sampling], [s.generator for s in sampling])
         return {s.request_id: (t, lp) for s, t, lp in zip(sampling, result.token_ids, result.logprobs)}

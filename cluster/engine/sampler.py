@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
+from cluster.engine.guided import Guide, apply_bitmask, guide_bitmask
 from cluster.engine.request import TokenLogprobs
 from cluster.engine.sequence import SamplingSettings
 from cluster.model.unembedding import argmax_rows
@@ -38,11 +39,21 @@ def apply_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Te
 
 class Sampler:
     def __call__(
-        self, logits: torch.Tensor, params: list[SamplingSettings], generators: list[torch.Generator]
+        self, logits: torch.Tensor, params: list[SamplingSettings], generators: list[torch.Generator],
+        guides: list[Guide | None] | None = None, tokens_left: list[int] | None = None,
     ) -> SamplerOutput:
-        """logits [S, V] (any float dtype) -> one token per row."""
+        """logits [S, V] (any float dtype) -> one token per row. A row with a Guide (structured
+        output) only draws among the tokens its grammar allows; `tokens_left` (per row) lets a
+        guide close its value before max_tokens cuts it off."""
         logits = logits.float()
         S, V = logits.shape
+        model_logits = logits  # logprobs report the model's own distribution, not the masked one
+        constrained = [i for i, g in enumerate(guides) if g is not None] if guides else []
+        if constrained:
+            bitmask = guide_bitmask([guides[i] for i in constrained], [tokens_left[i] for i in constrained])
+            if any(p.logprobs is not None for p in params):
+                logits = logits.clone()  # else masked in place: nothing reads the model's logits after this
+            apply_bitmask(logits, constrained, bitmask)
         greedy_rows = [i for i, p in enumerate(params) if p.greedy]
         if len(greedy_rows) == S:  # all greedy: no row gather (a copy of [S, V]), nothing to draw
             token_ids = argmax_rows(logits)
@@ -67,7 +78,7 @@ class Sampler:
         logprobs: list[TokenLogprobs | None] = [None] * S
         wanted = [i for i, p in enumerate(params) if p.logprobs is not None]
         if wanted:
-            all_logprobs = logits[wanted].log_softmax(dim=-1)  # [W, V], of the model's own distribution
+            all_logprobs = model_logits[wanted].log_softmax(dim=-1)  # [W, V], of the model's own distribution
             for row, i in enumerate(wanted):
                 n = min(params[i].logprobs, V)
                 top_values, top_ids = all_logprobs[row].topk(n) if n else (torch.empty(0), torch.empty(0, dtype=torch.long))

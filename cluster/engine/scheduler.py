@@ -77,8 +77,10 @@ class Scheduler:
 
     def add_request(self, request: Sequence) -> None:
         """Queue a request, or refuse it at once (EngineOverloadedError, RequestTooLong)."""
-        if len(self.waiting) >= self.config.max_waiting_requests:
-            raise EngineOverloadedError(len(self.waiting), self.config.max_waiting_requests)
+        # Free batch slots take waiting requests at the next step: those are not queued.
+        queued = len(self.waiting) - max(0, self.config.max_num_seqs - len(self.running))
+        if queued >= self.config.max_waiting_requests:
+            raise EngineOverloadedError(queued, self.config.max_waiting_requests)
         longest = request.num_prompt_tokens + request.sampling.max_tokens
         if not self.kv_cache.fits_alone(longest, self.config.max_num_batched_tokens):
             raise RequestTooLong(longest, self.kv_cache.capacity_tokens)

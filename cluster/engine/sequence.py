@@ -14,12 +14,14 @@ import enum
 import itertools
 from dataclasses import dataclass, field
 
+from typing import TYPE_CHECKING
+
 import torch
 
 from cluster.engine.request import TokenLogprobs
 
-# harmony's <|return|>, <|end|> and <|call|>: the model hands the turn back at any of them.
-HARMONY_STOP_TOKEN_IDS: tuple[int, ...] = (200002, 200007, 200012)
+if TYPE_CHECKING:
+    from cluster.engine.guided import Guide
 
 
 class EndReason(enum.Enum):
@@ -48,7 +50,7 @@ class SamplingSettings:
     top_k: int = 0  # 0: no top-k filter
     top_p: float = 1.0  # 1.0: no nucleus filter
     seed: int | None = None  # same seed -> same tokens, whatever else shares the batch
-    stop_token_ids: tuple[int, ...] = HARMONY_STOP_TOKEN_IDS
+    stop_token_ids: tuple[int, ...] = ()  # none unless given (BatchingEngine fills in its defaults)
     logprobs: int | None = None  # also return this many top alternatives per token (0: only the chosen one)
 
     def __post_init__(self) -> None:
@@ -80,6 +82,9 @@ class Sequence:
     # Absolute deadline (time.time() seconds, as GenerateRequest.deadline_s); a request still
     # waiting past it is dropped at the next step. None: none.
     deadline_s: float | None = None
+    # The grammar state of a constrained request (structured output), advanced by every token taken;
+    # it depends only on the output tokens, so a preempted sequence keeps it through the recompute.
+    guide: Guide | None = None
 
     output_token_ids: list[int] = field(default_factory=list)
     output_logprobs: list[TokenLogprobs] = field(default_factory=list)
@@ -121,12 +126,19 @@ class Sequence:
         return self.prompt_token_ids[position] if position < n else self.output_token_ids[position - n]
 
     @property
+    def num_tokens_left(self) -> int:
+        """Tokens this sequence may still generate."""
+        return self.sampling.max_tokens - len(self.output_token_ids)
+
+    @property
     def is_finished(self) -> bool:
         return self.status is SequenceStatus.FINISHED
 
     def append_output_token(self, token_id: int, logprobs: TokenLogprobs | None = None) -> EndReason | None:
         """Record one sampled token; returns why the request is now finished, or None."""
         self.output_token_ids.append(token_id)
+        if self.guide is not None:
+            self.guide.consume(token_id)
         if logprobs is not None:
             self.output_logprobs.append(logprobs)
         if token_id in self.sampling.stop_token_ids:

@@ -45,10 +45,10 @@ from cluster.engine.request import (
     resolved_length_and_stops,
     validate_request,
 )
+from cluster.harmony.tokenizer import load_tokenizer
 
 log = logging.getLogger(__name__)
 
-HARMONY_STOP_TOKEN_IDS = (200002, 200007, 200012)  # <|return|>, <|end|>, <|call|>
 RATE_WINDOW_S = 5.0  # generation_tokens_per_s is measured over this many seconds
 
 # vLLM's SamplingParams / request field -> ours (as named in gptoss.v1 protos)
@@ -158,7 +158,7 @@ def _stats_hook_factory(signals: _LoadSignals):
 class VllmEngine:
     supports_logprobs = True
 
-    def __init__(self, llm, *, stop_token_ids: tuple[int, ...] = HARMONY_STOP_TOKEN_IDS,
+    def __init__(self, llm, *, stop_token_ids: tuple[int, ...] | None = None,
                  default_max_tokens: int = 256, chunk_interval_s: float = 0.01,
                  max_num_seqs: int = 32, max_waiting_requests: int = 64,
                  signals: _LoadSignals | None = None) -> None:
@@ -169,7 +169,8 @@ class VllmEngine:
         self.max_logprobs = model_config.max_logprobs
         cache = llm.vllm_config.cache_config
         self.kv_blocks_total = int(cache.num_gpu_blocks or 0)
-        self._stop_token_ids = tuple(stop_token_ids)
+        # None: the end of a harmony assistant turn, as the torch engine (BatchingEngine) defaults.
+        self._stop_token_ids = load_tokenizer().turn_end_ids if stop_token_ids is None else tuple(stop_token_ids)
         self._default_max_tokens = default_max_tokens
         self._chunk_interval_s = chunk_interval_s
         self._max_in_engine = max_num_seqs + max_waiting_requests

@@ -1,6 +1,9 @@
 """API keys -> tenants: loading them (file, Kubernetes Secret directory, env var) and checking
 the `authorization: Bearer <key>` metadata of a call.
 
+`ReloadingApiKeys` re-reads the key file (or mounted Secret directory) when it changes, so keys
+are rotated without a restart; a change that does not parse keeps the keys in force and logs why.
+
 Keys are kept only as SHA-256 digests and compared with hmac.compare_digest against every
 known key (no early exit), so the time a check takes says nothing about which keys exist.
 A wrong key gets the same answer whatever it resembles. Keys never appear in messages or logs:
@@ -11,14 +14,19 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import logging
 import os
 import re
+import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Callable, Iterable, Mapping, Sequence
 
 from cluster.config import AuthConfig, ConfigError
 from cluster.frontdoor.errors import AuthenticationError
+
+log = logging.getLogger(__name__)
 
 _TENANT = re.compile(r"[A-Za-z0-9._-]{1,64}")
 MIN_KEY_LENGTH = 16
@@ -107,8 +115,9 @@ def _from_directory(directory: Path) -> list[tuple[str, str]]:
     return entries
 
 
-def load_api_keys(config: AuthConfig, env: Mapping[str, str] | None = None) -> ApiKeys:
-    """All keys from config.api_keys_file and the config.api_keys_env variable (either may be absent)."""
+def load_api_keys(config: AuthConfig, env: Mapping[str, str] | None = None, admins: Iterable[str] = ()) -> ApiKeys:
+    """All keys from config.api_keys_file and the config.api_keys_env variable (either may be absent);
+    the tenants of config.admin_tenants and of `admins` have the admin role."""
     env = os.environ if env is None else env
     entries: list[tuple[str, str]] = []
     if config.api_keys_file:
@@ -121,5 +130,69 @@ def load_api_keys(config: AuthConfig, env: Mapping[str, str] | None = None) -> A
             raise ConfigError(f"config: frontdoor.auth.api_keys_file: {path} does not exist")
     if config.api_keys_env and env.get(config.api_keys_env):
         entries += parse_key_lines(env[config.api_keys_env], f"${config.api_keys_env}")
-    admins = [t.strip() for t in config.admin_tenants.split(",") if t.strip()]
-    return ApiKeys(entries, admins)
+    return ApiKeys(entries, [*admin_tenants(config), *admins])
+
+
+def admin_tenants(config: AuthConfig) -> list[str]:
+    return [t.strip() for t in config.admin_tenants.split(",") if t.strip()]
+
+
+def _file_state(path: Path) -> tuple:
+    """What changes when the key file or a mounted Secret changes (Kubernetes swaps the ..data link)."""
+    try:
+        if path.is_dir():
+            return tuple((entry.name, os.readlink(entry) if entry.is_symlink() else None, entry.stat().st_mtime_ns,
+                          entry.stat().st_size) for entry in sorted(path.iterdir(), key=lambda e: e.name))
+        stat = path.stat()
+        return (stat.st_mtime_ns, stat.st_size, stat.st_ino)
+    except OSError:
+        return ()
+
+
+class ReloadingApiKeys:
+    """An ApiKeys that re-reads config.api_keys_file when it changed, checked at most every
+    config.reload_interval_s (on the next authentication after that)."""
+
+    def __init__(self, config: AuthConfig, env: Mapping[str, str] | None = None, admins: Iterable[str] = (),
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self._config = config
+        self._env = os.environ if env is None else env
+        self._admins = tuple(admins)
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._path = Path(config.api_keys_file).expanduser() if config.api_keys_file else None
+        self._state = _file_state(self._path) if self._path else ()
+        self._keys = load_api_keys(config, self._env, self._admins)
+        self._checked_at = clock()
+        self.reloads = 0
+
+    @property
+    def tenants(self) -> list[str]:
+        return self._keys.tenants
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+    def authenticate(self, metadata: Mapping[str, str]) -> Tenant:
+        self.refresh()
+        return self._keys.authenticate(metadata)
+
+    def refresh(self, *, force: bool = False) -> bool:
+        """Re-read the keys if the file changed (and the interval passed); True when they were replaced."""
+        interval = self._config.reload_interval_s
+        if self._path is None or (not force and (interval <= 0 or self._clock() - self._checked_at < interval)):
+            return False
+        with self._lock:
+            self._checked_at = self._clock()
+            state = _file_state(self._path)
+            if state == self._state:
+                return False
+            try:
+                keys = load_api_keys(self._config, self._env, self._admins)
+            except ConfigError as err:
+                log.error("API keys not reloaded, the previous ones stay in force: %s", err)
+                return False
+            self._state, self._keys = state, keys
+            self.reloads += 1
+        log.warning("API keys reloaded from %s: %d keys of %d tenants", self._path, len(keys), len(keys.tenants))
+        return True

@@ -37,11 +37,29 @@ class CallInfo:
     session_id: str = ""
     tenant: str = ""  # "" when auth is off
     admin: bool = False
+    peer: str = ""  # grpc's context.peer(): "ipv4:127.0.0.1:5555", "ipv6:[::1]:5555", "unix:..."
+    holds_stream: bool = False  # counts against the tenant's concurrent streams until Admission.leave
     announced: bool = False  # x-request-id sent in the initial metadata (admission.announce)
     metadata: dict[str, str] = field(default_factory=dict, repr=False)  # never logged: holds the API key
 
     def logger(self, base: logging.Logger) -> CallLog:
         return CallLog(base, {"call": self})
+
+
+def peer_is_local(peer: str) -> bool:
+    """Whether a grpc peer string names this host: a loopback address or a unix socket."""
+    import ipaddress
+
+    kind, _, rest = peer.partition(":")
+    if kind in ("unix", "unix-abstract"):
+        return True
+    if kind not in ("ipv4", "ipv6"):
+        return False
+    host = rest.rsplit(":", 1)[0].strip("[]")
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def new_request_id() -> str:

@@ -7,12 +7,18 @@ Clients get a short, stable message plus machine-readable details, never a trace
   INVALID_ARGUMENT    BadRequest (one violation per bad field), or ErrorInfo MALFORMED_MESSAGE
   UNAUTHENTICATED     ErrorInfo API_KEY_MISSING | API_KEY_INVALID
   PERMISSION_DENIED   ErrorInfo ADMIN_REQUIRED
+  NOT_FOUND           ErrorInfo RESPONSE_NOT_FOUND | MODEL_NOT_FOUND (the HTTP API's ids)
   RESOURCE_EXHAUSTED  RetryInfo + QuotaFailure (tenant limits) or ErrorInfo MODEL_OVERLOADED (the
                       engine's queue is full: RetryInfo is the engine's own estimate)
   UNAVAILABLE         RetryInfo + ErrorInfo DRAINING | NO_REPLICA (a dead engine counts as no replica)
+                      | STORE_UNAVAILABLE (the HTTP API's shared response store)
   DEADLINE_EXCEEDED, CANCELLED, INTERNAL
 and every status carries RequestInfo with the call's x-request-id. Unexpected errors are logged
 here with their traceback.
+
+The OpenAI-compatible HTTP routes answer the same RpcError as an HTTP status with OpenAI's error
+object (`http_error`): 400 invalid_request_error with `param` naming the field, 401, 403, 404,
+429 and 503 with Retry-After, 504, 500.
 """
 
 from __future__ import annotations
@@ -76,13 +82,29 @@ class PermissionDeniedError(Exception):
 
 
 class RateLimitedError(Exception):
-    """A tenant's token bucket is empty; `limit` is "requests" or "tokens"."""
+    """A tenant is over one of its limits: `limit` is "requests", "tokens" or "concurrent_streams";
+    `allowance` says what the limit is ("600 tokens per minute")."""
 
-    def __init__(self, tenant: str, limit: str, retry_after_s: float) -> None:
-        super().__init__(f"tenant rate limit on {limit} reached; retry in {retry_after_s:.1f} s")
+    def __init__(self, tenant: str, limit: str, retry_after_s: float, allowance: str = "") -> None:
+        over = f" of {allowance}" if allowance else ""
+        super().__init__(f"tenant {tenant or '-'} is over its {limit} limit{over}; retry in {retry_after_s:.1f} s")
         self.tenant = tenant
         self.limit = limit
         self.retry_after_s = retry_after_s
+
+
+class NotFoundError(Exception):
+    """An id the caller named does not exist for it (a stored response, a model). `reason` is
+    RESPONSE_NOT_FOUND or MODEL_NOT_FOUND; `field` the request field that named it."""
+
+    def __init__(self, reason: str, field: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.field = field
+
+
+class StoreUnavailableError(ConnectionError):
+    """The shared response store (Redis) cannot be reached."""
 
 
 class DrainingError(Exception):
@@ -194,6 +216,9 @@ def status_for(err: BaseException, *, request_id: str = "") -> RpcError:
         return RpcError(code.INVALID_ARGUMENT, str(cause), reason="MALFORMED_MESSAGE", request_id=request_id)
     if isinstance(cause, AuthenticationError):
         return RpcError(code.UNAUTHENTICATED, str(cause), reason=cause.reason, request_id=request_id)
+    if isinstance(cause, NotFoundError):
+        return RpcError(code.NOT_FOUND, str(cause), ((cause.field, str(cause)),), reason=cause.reason,
+                        request_id=request_id)
     if isinstance(cause, PermissionDeniedError):
         return RpcError(code.PERMISSION_DENIED, str(cause), reason=cause.reason, request_id=request_id)
     if isinstance(cause, RateLimitedError):
@@ -207,6 +232,10 @@ def status_for(err: BaseException, *, request_id: str = "") -> RpcError:
     if isinstance(cause, DrainingError):
         return RpcError(code.UNAVAILABLE, str(cause), reason="DRAINING", retry_after_s=UNAVAILABLE_RETRY_S,
                         request_id=request_id)
+    if isinstance(cause, StoreUnavailableError):
+        log.warning("request_id=%s %s", request_id or "-", cause)
+        return RpcError(code.UNAVAILABLE, "the response store is unavailable; retry later", reason="STORE_UNAVAILABLE",
+                        retry_after_s=UNAVAILABLE_RETRY_S, request_id=request_id)
     if isinstance(cause, (DeadlineExceededError, asyncio.TimeoutError, TimeoutError, ray_exceptions.GetTimeoutError)):
         return RpcError(code.DEADLINE_EXCEEDED, "deadline exceeded", request_id=request_id)
     if isinstance(cause, (serve_exceptions.RequestCancelledError, ray_exceptions.TaskCancelledError,
@@ -219,6 +248,42 @@ def status_for(err: BaseException, *, request_id: str = "") -> RpcError:
     log.error("request_id=%s failed", request_id or "-", exc_info=(type(err), err, err.__traceback__))
     return RpcError(code.INTERNAL, f"internal error (request {request_id or '-'}); see server logs",
                     request_id=request_id)
+
+
+# ───────────────────────────────── the same status over HTTP ─────────────────────────────────
+
+# status code -> (HTTP status, OpenAI error type)
+_HTTP = {
+    grpc.StatusCode.INVALID_ARGUMENT: (400, "invalid_request_error"),
+    grpc.StatusCode.UNAUTHENTICATED: (401, "authentication_error"),
+    grpc.StatusCode.PERMISSION_DENIED: (403, "permission_error"),
+    grpc.StatusCode.NOT_FOUND: (404, "not_found_error"),
+    grpc.StatusCode.RESOURCE_EXHAUSTED: (429, "rate_limit_error"),
+    grpc.StatusCode.UNAVAILABLE: (503, "service_unavailable_error"),
+    grpc.StatusCode.DEADLINE_EXCEEDED: (504, "timeout_error"),
+    grpc.StatusCode.CANCELLED: (499, "cancelled"),  # nginx's "client closed request"; no client reads it
+}
+
+
+@dataclass(frozen=True)
+class HttpError:
+    status: int
+    body: dict  # {"error": {"message", "type", "param", "code"}}
+    headers: dict[str, str]
+
+
+def http_error(status: RpcError) -> HttpError:
+    """The HTTP form of a status: OpenAI's error object; Retry-After (whole seconds, rounded up)
+    wherever the gRPC form carries RetryInfo."""
+    http_status, kind = _HTTP.get(status.code, (500, "server_error"))
+    code = status.reason.lower() if status.reason else ("invalid_value" if status.violations else None)
+    if http_status == 500:
+        code = "internal_error"
+    headers = {}
+    if status.retry_after_s is not None:
+        headers["retry-after"] = str(max(1, math.ceil(status.retry_after_s)))
+    error = {"message": status.message, "type": kind, "param": status.field, "code": code}
+    return HttpError(http_status, {"error": error}, headers)
 
 
 # Status codes as Prometheus label values ("OK", "INVALID_ARGUMENT", ...).

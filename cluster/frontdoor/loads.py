@@ -8,7 +8,7 @@ calls spread over replicas, but a replica can still be missed: the response says
 replicas were expected, and a gateway treats a missing one as unknown, not idle. Stats are
 what each engine last counted, so they are approximate by the time they arrive.
 
-The same poll asks the Serve controller for the deployment's replica counts (its target, which
+The same poll asks the Serve controller (serving/serve_internals.py) for the deployment's replica counts (its target, which
 an autoscaling deployment's policy sets, and the replicas running) for the
 `gptoss_autoscaler_*` gauges; the running count also sizes the next sample's probes.
 """
@@ -19,10 +19,10 @@ import asyncio
 import logging
 from collections.abc import Callable
 
-import ray
 from ray.serve.handle import DeploymentHandle
 
 from cluster.engine.protocol import EngineStats
+from cluster.serving.serve_internals import ReplicaCounts
 from gptoss.v1 import inference_pb2 as pb
 
 log = logging.getLogger(__name__)
@@ -46,30 +46,6 @@ async def sample_loads(handle: DeploymentHandle, expected_replicas: int, timeout
     if not reports and failures:
         raise failures[0]
     return sorted(reports.items())
-
-
-class ReplicaCounts:
-    """(target, running) replica counts of one deployment, read from the Serve controller."""
-
-    def __init__(self, app_name: str, deployment_name: str) -> None:
-        self.app_name = app_name
-        self.deployment_name = deployment_name
-        self._controller = None
-
-    async def read(self, timeout_s: float) -> tuple[int, int]:
-        if self._controller is None:
-            from ray.serve._private.constants import SERVE_CONTROLLER_NAME, SERVE_NAMESPACE
-
-            self._controller = await asyncio.get_running_loop().run_in_executor(
-                None, lambda: ray.get_actor(SERVE_CONTROLLER_NAME, namespace=SERVE_NAMESPACE))
-        try:
-            details = await asyncio.wait_for(self._controller.get_serve_instance_details.remote(), timeout_s)
-        except ray.exceptions.RayActorError:
-            self._controller = None  # the controller restarted: look it up again next time
-            raise
-        deployment = details["applications"][self.app_name]["deployments"][self.deployment_name]
-        running = sum(1 for r in deployment.get("replicas", ()) if r.get("state") == "RUNNING")
-        return int(deployment["target_num_replicas"]), running
 
 
 def replica_load_to_proto(replica_id: str, stats: EngineStats) -> pb.ReplicaLoad:

@@ -1,5 +1,6 @@
 """FrontdoorServer: the grpc.aio server with gptoss.v1.Inference, gptoss.v1.Admin, health and
-reflection, optional TLS/mTLS, API-key auth, per-tenant limits and drain.
+reflection, optional TLS/mTLS, API-key auth, per-tenant limits and drain; and, on the same event
+loop and core, the OpenAI-compatible HTTP API (frontdoor.http_port; http/).
 
 At start it asks the Serve application for its ModelInfo (which also waits for a replica to be
 ready), decides whether auth is on (API keys configured; off only on a loopback host, or when
@@ -7,10 +8,17 @@ explicitly allowed, and says so in the log), and reports SERVING for every servi
 grpc.health.v1. A drain (Admin.Drain, or stop()) turns health NOT_SERVING, refuses new calls
 with UNAVAILABLE and waits for calls in flight; stop() then cancels what is left. While it runs
 with a metrics server it polls the replicas' load reports for the gptoss_replica_* metrics.
+
+It also watches how many replicas its router can reach (gptoss_frontdoor_routable_replicas):
+with none, the Inference service (and the server's overall health, "") reports NOT_SERVING until
+one is back, so a load balancer sends the traffic elsewhere; requests that still arrive wait at
+most frontdoor.replica_wait_s.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import ipaddress
 import logging
 from pathlib import Path
@@ -22,10 +30,13 @@ from ray.serve.handle import DeploymentHandle
 
 from cluster.config import ConfigError, FrontdoorConfig
 from cluster.frontdoor.admission import Admission, safe_deserializer
-from cluster.frontdoor.auth import ApiKeys, load_api_keys
+from cluster.frontdoor.auth import ApiKeys, ReloadingApiKeys, admin_tenants
 from cluster.frontdoor.loads import LoadPoller
 from cluster.frontdoor.limits import TenantLimits
+from cluster.frontdoor.ports import NO_REUSEPORT, PortUnavailable
 from cluster.frontdoor.servicer import InferenceServicer, fail
+from cluster.frontdoor.tenants import Tenants
+from cluster.frontdoor.usage import UsageRecorder, configure_usage_log
 from cluster.metrics import FrontdoorMetrics, serve_metrics
 from cluster.serving.handles import close_loop_handle, loop_handle
 from cluster.serving.model_info import ModelInfo
@@ -36,6 +47,7 @@ log = logging.getLogger(__name__)
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Inference"].full_name  # "gptoss.v1.Inference"
 ADMIN_SERVICE_NAME = admin_pb2.DESCRIPTOR.services_by_name["Admin"].full_name  # "gptoss.v1.Admin"
+REPLICA_WATCH_S = 0.5  # how often the routable-replica count is read (a local lookup, no call)
 
 
 def is_loopback(host: str) -> bool:
@@ -83,6 +95,20 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
             admission.leave()
 
 
+    async def Resume(self, request: admin_pb2.ResumeRequest, context):
+        admission = self._server.admission
+        call, problem = admission.open("Resume", context)
+        try:
+            await admission.admit(call, problem, request, context, admin=True)
+            was_draining = await self._server.resume()
+            call.logger(log).warning("resume requested (was draining: %s)", was_draining)
+            return admin_pb2.ResumeResponse(was_draining=was_draining)
+        except Exception as err:  # noqa: BLE001 - every error leaves through errors.status_for
+            await fail(context, err, call, _NoBookkeeping())
+        finally:
+            admission.leave()
+
+
 class _NoBookkeeping:
     code = grpc.StatusCode.UNKNOWN
 
@@ -90,28 +116,36 @@ class _NoBookkeeping:
 class FrontdoorServer:
     def __init__(self, handle: DeploymentHandle, config: FrontdoorConfig,
                  metrics: FrontdoorMetrics | None = None, *, api_keys: ApiKeys | None = None,
-                 default_max_tokens: int = 0, gpus_per_replica: float = 0.0) -> None:
-        """api_keys: the key table; None loads it from config.auth (file and environment)."""
+                 bind_to_loop: bool = True) -> None:
+        """api_keys: the key table; None loads it from config.auth (file and environment).
+        bind_to_loop: serve through our own handle routed on the serving loop (below); False uses
+        `handle` as given (a test's scripted stand-in for a Serve handle)."""
         self._handle = handle
+        self._bind_to_loop = bind_to_loop
         self._loop_handle = None  # ours, made in start() on the serving loop
         self._config = config
         self.metrics = metrics or FrontdoorMetrics()
         self._api_keys = api_keys
-        self._default_max_tokens = default_max_tokens
-        self._gpus_per_replica = gpus_per_replica
         self._server: grpc.aio.Server | None = None
         self._inference: InferenceServicer | None = None
         self._health = health.aio.HealthServicer()
         self._metrics_http = None
         self._poller: LoadPoller | None = None
+        self._watcher: asyncio.Task | None = None
+        self._routable: int | None = None  # replicas the router can reach, as last read
         self.admission: Admission | None = None
         self.info: ModelInfo | None = None
         self.grpc_port: int | None = None
+        self.http_port: int | None = None
+        self._http = None
+        self._store = None
         self.metrics_port: int | None = None
         self.auth_notice = ""
+        self.tenants = Tenants.from_config(config.limits, admin_tenants(config.auth))
 
-    def _auth(self) -> ApiKeys | None:
-        keys = self._api_keys if self._api_keys is not None else load_api_keys(self._config.auth)
+    def _auth(self) -> ApiKeys | ReloadingApiKeys | None:
+        keys = self._api_keys if self._api_keys is not None else \
+            ReloadingApiKeys(self._config.auth, admins=self.tenants.admins)
         if len(keys):
             self.auth_notice = f"auth: on ({len(keys.tenants)} tenants)"
             return keys
@@ -119,9 +153,16 @@ class FrontdoorServer:
             raise ConfigError(f"config: frontdoor.auth: no API keys configured for host {self._config.host}; "
                               "set frontdoor.auth.api_keys_file or $" + (self._config.auth.api_keys_env or "?")
                               + ", or frontdoor.auth.allow_unauthenticated=true behind an authenticating gateway")
+        admin = ("gptoss.v1.Admin from this host only" if self._config.auth.loopback_admin
+                 else "gptoss.v1.Admin refused to everyone")
         self.auth_notice = (f"auth: OFF - no API keys configured; every caller of {self._config.host} is trusted "
-                            "(including gptoss.v1.Admin)")
+                            f"with inference ({admin})")
         return None
+
+    def _billed_tenants(self) -> set[str]:
+        """Tenants with their own usage label: those with keys and those configured in the tenants file."""
+        keys = self.admission.api_keys if self.admission is not None else None
+        return self.tenants.names | set(keys.tenants if keys is not None else ())
 
     def _credentials(self) -> grpc.ServerCredentials | None:
         tls = self._config.tls
@@ -132,17 +173,29 @@ class FrontdoorServer:
                                            root_certificates=client_ca, require_client_auth=client_ca is not None)
 
     async def start(self) -> None:
+        configure_usage_log(self._config.usage_log)
         api_keys = self._auth()
         credentials = self._credentials()
         # Our own handle, routed on this loop and talking gRPC to the replicas (serving/handles.py);
         # the caller's handle stays usable for synchronous calls.
-        handle = self._loop_handle = loop_handle(self._handle)
+        handle = self._loop_handle = loop_handle(self._handle) if self._bind_to_loop else self._handle
+        try:
+            await self._start(handle, api_keys, credentials)
+        except BaseException:
+            await self._close()  # a port in use: nothing of ours outlives the failed start
+            raise
+
+    async def _start(self, handle, api_keys: ApiKeys | None, credentials: grpc.ServerCredentials | None) -> None:
         self.info = await handle.model_info.remote()
-        self.admission = Admission(api_keys, TenantLimits(self._config.limits))
-        server = grpc.aio.server(maximum_concurrent_rpcs=self._config.max_concurrent_rpcs)
+        self.admission = Admission(api_keys, TenantLimits(self.tenants),
+                                   loopback_admin=self._config.auth.loopback_admin)
+        server = self._server = grpc.aio.server(maximum_concurrent_rpcs=self._config.max_concurrent_rpcs or None,
+                                                options=[NO_REUSEPORT])
+        usage = UsageRecorder(self.metrics.tenant, self._billed_tenants, self.info.model_name)
         inference = self._inference = InferenceServicer(handle, self.info, self.metrics, self.admission,
-                                      default_max_tokens=self._default_max_tokens,
-                                      gpus_per_replica=self._gpus_per_replica)
+                                                        replica_wait_s=self._config.replica_wait_s,
+                                                        migration_attempts=self._config.migration_attempts,
+                                                        usage=usage)
         server.add_generic_rpc_handlers((
             generic_handler(inference, pb.DESCRIPTOR.services_by_name["Inference"]),
             generic_handler(AdminServicer(self), admin_pb2.DESCRIPTOR.services_by_name["Admin"]),
@@ -150,29 +203,80 @@ class FrontdoorServer:
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         reflection.enable_server_reflection(
             (SERVICE_NAME, ADMIN_SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
-        address = f"{self._config.host}:{self._config.grpc_port}"
+        host, port = self._config.host, self._config.grpc_port
+        address = f"{host}:{port}"
         try:
             if credentials is None:
                 self.grpc_port = server.add_insecure_port(address)
             else:
                 self.grpc_port = server.add_secure_port(address, credentials)
-        except RuntimeError as err:  # grpc reports a port in use this way
-            raise OSError(f"cannot listen on {address}: {err}") from None
+        except RuntimeError:  # grpc reports a port in use this way (or as port 0)
+            self.grpc_port = 0
         if self.grpc_port == 0:
-            raise OSError(f"cannot listen on {address}")
+            raise PortUnavailable("frontdoor.grpc_port", host, port, "address in use or not available")
         await server.start()
-        self._server = server
-        for service in ("", SERVICE_NAME, ADMIN_SERVICE_NAME):
-            await self._health.set(service, health_pb2.HealthCheckResponse.SERVING)
+        if self._config.http_port >= 0:
+            await self._start_http(inference)
+        await self._health.set(ADMIN_SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
+        await self._set_inference_health()
+        self._watcher = asyncio.get_running_loop().create_task(self._watch_replicas())
         if self._config.metrics_port >= 0:
-            self._metrics_http = serve_metrics(self.metrics, self._config.host, self._config.metrics_port)
+            try:
+                self._metrics_http = serve_metrics(self.metrics, host, self._config.metrics_port)
+            except OSError as err:
+                raise PortUnavailable("frontdoor.metrics_port", host, self._config.metrics_port,
+                                      err.strerror or str(err)) from None
             self.metrics_port = self._metrics_http.server_address[1]
             if self._config.load_poll_interval_s > 0:
                 self._poller = LoadPoller(handle, self.info.replicas, self._config.load_poll_interval_s,
                                           self.metrics.replicas.update, on_counts=self._set_replica_counts)
                 self._poller.start()
         tls = "mTLS" if self._config.tls.client_ca_file else "TLS" if credentials else "plaintext"
-        log.warning("front door on %s (%s); %s", self.grpc_target, tls, self.auth_notice)
+        http = f"; HTTP on {self.http_url}" if self._http is not None else ""
+        log.warning("front door on %s (%s)%s; %s", self.grpc_target, tls, http, self.auth_notice)
+
+    async def _start_http(self, inference: InferenceServicer) -> None:
+        from cluster.frontdoor.http.app import HttpServer, OpenAIApi
+        from cluster.frontdoor.http.store import RedisResponseStore, open_store
+
+        if self._config.tls.cert_file is not None:
+            log.warning("the HTTP API serves plaintext; terminate TLS in front of it (Ingress)")
+        self._store = open_store(self._config.responses)
+        if isinstance(self._store, RedisResponseStore):
+            try:
+                await self._store.ping()
+            except ConnectionError as err:  # keep serving; stored responses answer 503 until Redis is back
+                log.warning("%s", err)
+        api = OpenAIApi(inference, self.admission, self.info, self._store)
+        self._http = HttpServer(api, self._config.host, self._config.http_port)
+        await self._http.start()
+        self.http_port = self._http.port
+
+    @property
+    def http_url(self) -> str:
+        host = f"[{self._config.host}]" if ":" in self._config.host else self._config.host
+        return f"http://{host}:{self.http_port}"
+
+    async def _set_inference_health(self) -> None:
+        """SERVING unless draining or no replica is routable (an unknown count counts as routable)."""
+        serving = not self.draining and self._routable != 0
+        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        for service in ("", SERVICE_NAME):
+            await self._health.set(service, status)
+
+    async def _watch_replicas(self) -> None:
+        while True:
+            routable = self._inference.routable_replicas() if self._inference is not None else None
+            if routable is not None:
+                self.metrics.routable_replicas.set(routable)
+            before, self._routable = self._routable, routable
+            if (routable == 0) != (before == 0):
+                if routable == 0:
+                    log.warning("no model replica is routable: health NOT_SERVING until one is back")
+                else:
+                    log.warning("%s model replica(s) routable again", routable)
+                await self._set_inference_health()
+            await asyncio.sleep(REPLICA_WATCH_S)
 
     def _set_replica_counts(self, application: str, deployment: str, target: int, running: int) -> None:
         self.metrics.autoscaler.desired_replicas.labels(application, deployment).set(target)
@@ -191,10 +295,20 @@ class FrontdoorServer:
         assert self.admission is not None
         if not self.admission.draining:
             self.admission.draining = True
-            await self._health.enter_graceful_shutdown()  # every service NOT_SERVING, no further changes
+            for service in ("", SERVICE_NAME, ADMIN_SERVICE_NAME):
+                await self._health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
             log.warning("draining: %d calls in flight", max(0, self.admission.in_flight - besides))
         timeout = self._config.grace_period_s if timeout_s is None else timeout_s
         return await self.admission.wait_idle(timeout, besides=besides)
+
+    async def resume(self) -> bool:
+        """Undo a drain: admit new calls and report SERVING again; returns whether it was draining."""
+        assert self.admission is not None
+        was_draining, self.admission.draining = self.admission.draining, False
+        if was_draining:
+            await self._health.set(ADMIN_SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
+            await self._set_inference_health()
+        return was_draining
 
     async def wait_for_termination(self) -> None:
         assert self._server is not None
@@ -206,11 +320,27 @@ class FrontdoorServer:
             return
         grace = self._config.grace_period_s if grace_s is None else grace_s
         await self.drain(grace)
+        await self._close()
+
+    async def _close(self) -> None:
+        """Cancel what is left and release everything start() made."""
+        if self._watcher is not None:
+            self._watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._watcher
+            self._watcher = None
         if self._poller is not None:
             await self._poller.stop()
             self._poller = None
-        await self._server.stop(0.1)
-        self._server = None
+        if self._http is not None:
+            await self._http.stop()
+            self._http = None
+        if self._server is not None:
+            await self._server.stop(0.1)
+            self._server = None
+        if self._store is not None:
+            await self._store.close()
+            self._store = None
         if self._inference is not None:
             await self._inference.close()  # its channels to the replicas live on this loop
             self._inference = None
@@ -221,4 +351,3 @@ class FrontdoorServer:
             self._metrics_http.shutdown()
             self._metrics_http.server_close()
             self._metrics_http = None
-

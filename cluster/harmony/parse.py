@@ -24,14 +24,13 @@ from dataclasses import dataclass
 import openai_harmony as oh
 
 from cluster.harmony.render import CHANNELS, Message
-from cluster.harmony.tokenizer import (CALL_ID, CHANNEL_ID, CONSTRAIN_ID, MESSAGE_ID, RETURN_ID, START_ID,
-                                       STOP_TOKEN_IDS, HarmonyTokenizer, StreamDecoder, load_tokenizer)
+from cluster.harmony.tokenizer import (CHANNEL_ID, CONSTRAIN_ID, MESSAGE_ID, START_ID, HarmonyTokenizer,
+                                       StreamDecoder, load_tokenizer)
 
 # A real header ("<|channel|>commentary to=functions.some_tool <|constrain|>json") is a few dozen
 # tokens at most; a longer one is output that will never reach <|message|>.
 MAX_HEADER_TOKENS = 64
 _HEADER_SPECIALS = (CHANNEL_ID, CONSTRAIN_ID)
-_TURN_ENDING_IDS = (RETURN_ID, CALL_ID)
 # How a header may open: the first message's role is already in the prompt; later ones name it.
 _FIRST_HEADER_OPENINGS = ("<|channel|>", " to=")
 _LATER_HEADER_OPENINGS = ("assistant<|channel|>", "assistant to=")
@@ -92,6 +91,8 @@ class StreamParser:
 
     def __init__(self, tokenizer: HarmonyTokenizer | None = None):
         self._tokenizer = tokenizer or load_tokenizer()
+        self._message_end_ids = frozenset(self._tokenizer.message_end_ids)
+        self._turn_end_ids = frozenset(self._tokenizer.turn_end_ids)
         self._state = _State.HEADER  # the prompt ends with the first message's "<|start|>assistant"
         # Tokens of the header being read (with its <|start|>): nothing of them has been shown,
         # so they open the raw text if the header turns out to be garbage.
@@ -139,7 +140,7 @@ class StreamParser:
         content_run: list[int] = []  # content ids of this chunk, decoded together
         for index, token in enumerate(ids):
             if self._state is _State.CONTENT:
-                if token in STOP_TOKEN_IDS:
+                if token in self._message_end_ids:
                     self._flush_content(content_run, deltas, final=True)
                     self._end_message(token, deltas)
                 else:
@@ -263,7 +264,7 @@ class StreamParser:
         self._content_parts = []
         self._first_message = False
         self._state = _State.EXPECT_START
-        if stop_token in _TURN_ENDING_IDS:
+        if stop_token in self._turn_end_ids:
             self._done = True
 
     # -- raw mode ----------------------------------------------------------------------------

@@ -8,6 +8,7 @@ naming the offending field, which the gRPC layer turns into INVALID_ARGUMENT.
 from __future__ import annotations
 
 import datetime
+import math
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -23,6 +24,10 @@ REASONING_EFFORTS = ("low", "medium", "high")
 _TOOL_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
 _DATE = re.compile(r"\d{4}-\d{2}-\d{2}")
 _INSTRUCTION_ROLES = ("system", "developer")
+# openai-harmony re-reads the whole conversation as JSON with a nesting limit of 128 levels, a
+# tool's schema sitting about 12 deep; real schemas nest a few levels, so 64 leaves room to spare.
+MAX_SCHEMA_DEPTH = 64
+_LARGEST_DOUBLE = int(float.fromhex("0x1.fffffffffffffp+1023"))  # JSON numbers are read back as doubles
 
 
 class HarmonyInputError(ValueError):
@@ -87,8 +92,8 @@ def render_prompt(
     effort = _check_reasoning_effort(reasoning_effort)
     tool_descriptions = _check_tools(tools)
     date = _check_date(conversation_start_date)
-    if instructions is not None and not isinstance(instructions, str):
-        raise HarmonyInputError("instructions", f"must be a string, got {type(instructions).__name__}")
+    if instructions is not None:
+        _check_text(instructions, "instructions")
     developer_instructions, chat = _split_instructions(messages)
     if instructions:
         developer_instructions.insert(0, instructions)
@@ -123,8 +128,49 @@ def _check_date(value: object) -> str | None:
     if isinstance(value, datetime.date):
         return value.isoformat()[:10]
     if isinstance(value, str) and _DATE.fullmatch(value):
-        return value
+        try:
+            return datetime.date.fromisoformat(value).isoformat()
+        except ValueError:
+            pass  # 2025-02-30: the right shape, but no such day
     raise HarmonyInputError("conversation_start_date", f"must be a date like 2025-08-05, got {value!r}")
+
+
+def _check_text(value: object, field: str, where: str = "") -> None:
+    """A string openai-harmony can take: str, and valid Unicode (no lone surrogate such as a JSON "\\ud800")."""
+    if not isinstance(value, str):
+        raise HarmonyInputError(field, f"must be a string, got {type(value).__name__}")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise HarmonyInputError(field, f"has a lone surrogate {value[err.start]!r} at character {err.start}"
+                                       f"{where}, which is not valid Unicode") from None
+
+
+def _check_schema(value: object, field: str, path: str = "$", depth: int = 1) -> None:
+    """`value` is plain JSON: objects with string keys, arrays, valid strings, finite numbers in the
+    range of a double, booleans and null, nested at most MAX_SCHEMA_DEPTH levels. `path` locates a
+    problem inside the schema, e.g. $.properties.city."""
+    if isinstance(value, (dict, list, tuple)):
+        if depth > MAX_SCHEMA_DEPTH:
+            raise HarmonyInputError(field, f"nests deeper than {MAX_SCHEMA_DEPTH} levels (at {path})")
+        if isinstance(value, dict):
+            for key, item in value.items():
+                if not isinstance(key, str):
+                    raise HarmonyInputError(field, f"has a key that is not a string at {path}: {key!r}")
+                _check_text(key, field, f" of a key at {path}")
+                _check_schema(item, field, f"{path}.{key}", depth + 1)
+        else:
+            for index, item in enumerate(value):
+                _check_schema(item, field, f"{path}[{index}]", depth + 1)
+    elif isinstance(value, str):
+        _check_text(value, field, f" at {path}")
+    elif isinstance(value, float) and not math.isfinite(value):
+        raise HarmonyInputError(field, f"has {value} at {path}: JSON numbers are finite (NaN, Infinity and values "
+                                       "beyond 1.8e308 such as 1e400 are not)")
+    elif isinstance(value, int) and not isinstance(value, bool) and abs(value) > _LARGEST_DOUBLE:
+        raise HarmonyInputError(field, f"has a number beyond the range of a double at {path}")
+    elif value is not None and not isinstance(value, (bool, int, float)):
+        raise HarmonyInputError(field, f"has a {type(value).__name__} at {path}, which is not a JSON value")
 
 
 def _check_tools(tools: Sequence[ToolDefinition]) -> list[oh.ToolDescription]:
@@ -139,10 +185,11 @@ def _check_tools(tools: Sequence[ToolDefinition]) -> list[oh.ToolDescription]:
         if tool.name in seen:
             raise HarmonyInputError(f"{field}.name", f"duplicate tool name {tool.name!r}")
         seen.add(tool.name)
-        if not isinstance(tool.description, str):
-            raise HarmonyInputError(f"{field}.description", "must be a string")
-        if tool.parameters is not None and not isinstance(tool.parameters, dict):
-            raise HarmonyInputError(f"{field}.parameters", "must be a JSON schema object (dict) or None")
+        _check_text(tool.description, f"{field}.description")
+        if tool.parameters is not None:
+            if not isinstance(tool.parameters, dict):
+                raise HarmonyInputError(f"{field}.parameters", "must be a JSON schema object (dict) or None")
+            _check_schema(tool.parameters, f"{field}.parameters")
         descriptions.append(oh.ToolDescription.new(tool.name, tool.description, tool.parameters))
     return descriptions
 
@@ -175,14 +222,15 @@ def _split_instructions(messages: Sequence[Message]) -> tuple[list[str], list[Me
 def _check_message(message: Message, field: str) -> None:
     if message.role not in ROLES:
         raise HarmonyInputError(f"{field}.role", f"must be one of {', '.join(ROLES)}, got {message.role!r}")
-    if not isinstance(message.content, str):
-        raise HarmonyInputError(f"{field}.content", f"must be a string, got {type(message.content).__name__}")
+    _check_text(message.content, f"{field}.content")
     if message.channel is not None and message.channel not in CHANNELS:
         raise HarmonyInputError(f"{field}.channel", f"must be one of {', '.join(CHANNELS)}, got {message.channel!r}")
     for name in ("recipient", "content_type", "name"):
         value = getattr(message, name)
         if value is not None and (not isinstance(value, str) or not value or any(c.isspace() for c in value)):
             raise HarmonyInputError(f"{field}.{name}", f"must be a non-empty string without spaces, got {value!r}")
+        if value is not None:
+            _check_text(value, f"{field}.{name}")
     if message.role == "tool" and message.name is None:
         raise HarmonyInputError(f"{field}.name", "a tool message needs the tool's name, e.g. functions.get_weather")
 

@@ -32,7 +32,6 @@ START_ID = 200006
 END_ID = 200007
 MESSAGE_ID = 200008
 CALL_ID = 200012
-STOP_TOKEN_IDS = (RETURN_ID, END_ID, CALL_ID)
 SPECIAL_TOKEN_IDS = {
     "<|startoftext|>": STARTOFTEXT_ID,
     "<|endoftext|>": ENDOFTEXT_ID,
@@ -175,6 +174,20 @@ class HarmonyTokenizer:
     def stream_decoder(self) -> StreamDecoder:
         """A fresh StreamDecoder for one stream of ids."""
         return StreamDecoder(self)
+
+    @functools.cached_property
+    def turn_end_ids(self) -> tuple[int, ...]:
+        """The ids that end an assistant's turn, so sampling stops at them: <|return|> (the answer is
+        complete) and <|call|> (a tool call), as openai-harmony defines them
+        (stop_tokens_for_assistant_actions). <|end|> is not one: it closes each message, and a
+        turn goes on after it (analysis, then final)."""
+        return tuple(sorted(self._encoding.stop_tokens_for_assistant_actions()))
+
+    @functools.cached_property
+    def message_end_ids(self) -> tuple[int, ...]:
+        """Every id that ends a harmony message: the turn's end ids plus <|end|> (openai-harmony's
+        stop_tokens)."""
+        return tuple(sorted(self._encoding.stop_tokens()))
 
     @staticmethod
     def is_special(token_id: int) -> bool:

@@ -22,11 +22,15 @@ tests exercise it with short prompts.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
+import logging
 import math
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
+
+log = logging.getLogger(__name__)
 
 
 def _default_rope_scaling() -> dict[str, Any]:
@@ -36,7 +40,9 @@ def _default_rope_scaling() -> dict[str, Any]:
         "original_max_position_embeddings": 4096,
         "beta_fast": 32.0,
         "beta_slow": 1.0,
-        "truncate": False,  # the reference ramps over the exact (fractional) correction range
+        # The reference ramps over the exact (fractional) correction range. transformers defaults to
+        # True when a config omits it, so configs we write always name it (and loading warns if absent).
+        "truncate": False,
     }
 
 
@@ -104,6 +110,11 @@ class GptOssConfig:
             raise ValueError(f"GptOssConfig.layer_types has unknown types {sorted(bad)}")
         if self.rope_scaling.get("rope_type", "yarn") != "yarn":
             raise ValueError(f"GptOssConfig.rope_scaling.rope_type must be 'yarn', got {self.rope_scaling['rope_type']!r}")
+        for name in ("eos_token_id", "pad_token_id"):
+            value = getattr(self, name)
+            if value is not None and not 0 <= value < self.vocab_size:
+                raise ValueError(f"GptOssConfig.{name} ({value}) must be a token id below vocab_size "
+                                 f"({self.vocab_size})")
         if self.tie_word_embeddings:
             raise ValueError("GptOssConfig.tie_word_embeddings must be false: gpt-oss unembedding is its own matrix")
 
@@ -117,6 +128,14 @@ class GptOssConfig:
             raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}") from None
         return cls(**copy.deepcopy(kwargs))
 
+    def with_vocab_size(self, vocab_size: int) -> GptOssConfig:
+        """This shape with another vocabulary; eos/pad ids that would fall outside it move to its
+        top (eos the last id, pad the one before), as the small-vocabulary preset has them."""
+        ids = {}
+        if not 0 <= self.eos_token_id < vocab_size or not 0 <= self.pad_token_id < vocab_size:
+            ids = {"eos_token_id": vocab_size - 1, "pad_token_id": vocab_size - 2}
+        return dataclasses.replace(self, vocab_size=vocab_size, **ids)
+
     # ---- HF config.json ------------------------------------------------------------------------
 
     @classmethod
@@ -128,6 +147,10 @@ class GptOssConfig:
             if "rope_theta" in rope:
                 data.setdefault("rope_theta", rope.pop("rope_theta"))
             data["rope_scaling"] = rope
+        rope = data.get("rope_scaling") or {}
+        if "truncate" not in rope:
+            log.warning("config.json's rope parameters do not name `truncate`; using %s as OpenAI's reference "
+                        "does (transformers would use True for such a config)", _default_rope_scaling()["truncate"])
         if "num_local_experts" not in data and "num_experts" in data:
             data["num_local_experts"] = data["num_experts"]
         known = {f.name for f in fields(cls)}
@@ -209,7 +232,9 @@ class GptOssConfig:
         kwargs = {renamed.get(k, k): v for k, v in data.items()}
         kwargs = {k: v for k, v in kwargs.items() if k in known}
         kwargs["rope_scaling"] = rope
-        return cls(**kwargs)
+        # The format names no special ids: the defaults, moved inside a smaller vocabulary.
+        vocab_size = kwargs.pop("vocab_size", cls.vocab_size)
+        return cls(**kwargs).with_vocab_size(vocab_size)
 
     # ---- sizes from shapes (no weights allocated) ----------------------------------------------
 

@@ -5,9 +5,8 @@ Shape letters are defined in layers.py (S tokens, H, E experts, A chosen per tok
 The router takes the top A of its E logits and softmaxes over those A only. Each expert is
     gate_up [2I, H] (+ bias) -> swiglu -> [I] -> down [H, I] (+ bias)
 with gate and linear rows interleaved in gate_up. Expert weights are [E, out, in], the row layout
-of MXFP4, and are held either dense (in the model dtype) or packed (MXFP4 blocks and scales,
-uint8); packed experts are dequantized on the fly, only those a token chose (small layers keep
-one dense copy instead, see DENSE_CACHE_BYTES).
+of MXFP4. How they are stored and which kernel applies them is decided in one place,
+`ExpertWeights`, which both this file's `MoE` and the expert-parallel MoE (parallel/sharding.py) are.
 """
 
 from __future__ import annotations
@@ -18,6 +17,7 @@ from torch import nn
 
 from cluster.model import mxfp4
 from cluster.model.config import GptOssConfig
+from cluster.model.kernels import mxfp4_cpu
 from cluster.model.layers import swiglu
 
 # Up to this many gathered weight elements per call, the chosen experts are gathered into one
@@ -29,31 +29,60 @@ GATHER_LIMIT = 1 << 19  # tiny preset on CPU: gathering wins up to ~10 tokens, l
 # 4.25 bits per weight and unpack only the experts each token chose.
 DENSE_CACHE_BYTES = 32 << 20
 
+PACKED_TENSORS = ("gate_up_blocks", "gate_up_scales", "down_blocks", "down_scales", "gate_up_bias", "down_bias")
+DENSE_TENSORS = ("gate_up_weight", "down_weight", "gate_up_bias", "down_bias")
 
-class MoE(nn.Module):
-    def __init__(self, config: GptOssConfig, *, packed: bool = False):
-        super().__init__()
-        E, H, I = config.num_local_experts, config.hidden_size, config.intermediate_size
-        self.num_experts, self.top_k = E, config.num_experts_per_tok
-        self.alpha, self.limit = config.swiglu_alpha, config.swiglu_limit
+
+class ExpertWeights(nn.Module):
+    """The strategy for a layer's expert matrices: three representations, two kernels, one place.
+
+    Representations (`packed`, and whether `_dense` is filled):
+      dense            gate_up_weight [X, 2I, H], down_weight [X, H, I] in the model dtype
+                       (bf16 checkpoints, or MXFP4 unpacked at load: `dequantize_`)
+      packed           MXFP4 gate_up/down blocks [X, rows, in/32, 16] and scales [X, rows, in/32],
+                       uint8; each call unpacks only the experts it is asked for
+      packed + copy    a packed layer whose X experts take at most DENSE_CACHE_BYTES dense is
+                       unpacked whole on first use and the copy kept beside the packed bytes
+    X is the number of experts held here (E, or a rank's slots under expert parallelism).
+    `expert_weights(idx, dtype)` hides the difference: dense matrices of the experts `idx`.
+
+    Kernels (`gathers(pairs)`): "gathered" copies the chosen (token, expert) pairs' matrices into
+    one batched matmul (no Python loop, no host sync: small batches, decode); "looped" runs one
+    matmul per expert used over its tokens (large batches, prefill: no weight copies). Above
+    GATHER_LIMIT gathered weight elements a caller should loop.
+    """
+
+    def _init_experts(self, X: int, H: int, I: int, packed: bool) -> None:
         self.packed = packed
-        self.router = nn.Linear(H, E, bias=True)
         if packed:
             u8 = torch.uint8
-            self.register_buffer("gate_up_blocks", torch.zeros(E, 2 * I, H // 32, 16, dtype=u8))
-            self.register_buffer("gate_up_scales", torch.zeros(E, 2 * I, H // 32, dtype=u8))
-            self.register_buffer("down_blocks", torch.zeros(E, H, I // 32, 16, dtype=u8))
-            self.register_buffer("down_scales", torch.zeros(E, H, I // 32, dtype=u8))
+            self.register_buffer("gate_up_blocks", torch.zeros(X, 2 * I, H // 32, 16, dtype=u8))
+            self.register_buffer("gate_up_scales", torch.zeros(X, 2 * I, H // 32, dtype=u8))
+            self.register_buffer("down_blocks", torch.zeros(X, H, I // 32, 16, dtype=u8))
+            self.register_buffer("down_scales", torch.zeros(X, H, I // 32, dtype=u8))
         else:
-            self.gate_up_weight = nn.Parameter(torch.zeros(E, 2 * I, H))
-            self.down_weight = nn.Parameter(torch.zeros(E, H, I))
-        self.gate_up_bias = nn.Parameter(torch.zeros(E, 2 * I))
-        self.down_bias = nn.Parameter(torch.zeros(E, H))
+            self.gate_up_weight = nn.Parameter(torch.zeros(X, 2 * I, H))
+            self.down_weight = nn.Parameter(torch.zeros(X, H, I))
+        self.gate_up_bias = nn.Parameter(torch.zeros(X, 2 * I))
+        self.down_bias = nn.Parameter(torch.zeros(X, H))
         self._matrix_elements = 3 * I * H  # gate_up + down, per expert
-        self._dense: tuple[torch.Tensor, torch.Tensor] | None = None  # see DENSE_CACHE_BYTES
+        self._dense: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    @property
+    def tensor_names(self) -> tuple[str, ...]:
+        """The per-expert tensors of the current representation (each [X, ...])."""
+        return PACKED_TENSORS if self.packed else DENSE_TENSORS
+
+    def expert_bytes(self) -> int:
+        """Resident bytes of the expert tensors (packed as loaded; a dense copy not counted)."""
+        return sum(getattr(self, n).numel() * getattr(self, n).element_size() for n in self.tensor_names)
+
+    def gathers(self, pairs: int) -> bool:
+        """Whether `pairs` (token, expert) products should use the gathered kernel rather than the loop."""
+        return pairs * self._matrix_elements <= GATHER_LIMIT
 
     def expert_weights(self, idx: torch.Tensor | int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """gate_up [..., 2I, H] and down [..., H, I] of the experts `idx`, dense in `dtype`."""
+        """gate_up [..., 2I, H] and down [..., H, I] of the held experts `idx`, dense in `dtype`."""
         if not self.packed:
             return self.gate_up_weight[idx], self.down_weight[idx]
         dense = self._small_dense_copy(dtype)
@@ -66,12 +95,38 @@ class MoE(nn.Module):
         dense = self._dense
         if dense is not None and dense[0].dtype == dtype and dense[0].device == self.gate_up_blocks.device:
             return dense
-        if self.num_experts * self._matrix_elements * dtype.itemsize > DENSE_CACHE_BYTES:
+        if self.gate_up_blocks.shape[0] * self._matrix_elements * dtype.itemsize > DENSE_CACHE_BYTES:
             return None
         dense = (mxfp4.unpack(self.gate_up_blocks, self.gate_up_scales, dtype),
                  mxfp4.unpack(self.down_blocks, self.down_scales, dtype))
         self._dense = dense  # one assignment: threads decoding meanwhile see the old or the new pair
         return dense
+
+    def dequantize_(self) -> None:
+        """Replace packed experts by dense ones in the dtype of the biases, in place."""
+        if not self.packed:
+            return
+        dtype = self.gate_up_bias.dtype
+        X = self.gate_up_blocks.shape[0]
+        w1 = torch.stack([mxfp4.unpack(self.gate_up_blocks[e], self.gate_up_scales[e], dtype) for e in range(X)])
+        w2 = torch.stack([mxfp4.unpack(self.down_blocks[e], self.down_scales[e], dtype) for e in range(X)])
+        for name in ("gate_up_blocks", "gate_up_scales", "down_blocks", "down_scales"):
+            delattr(self, name)
+        self.gate_up_weight, self.down_weight = nn.Parameter(w1, requires_grad=False), nn.Parameter(w2, requires_grad=False)
+        self.packed = False
+        self._dense = None
+
+
+class MoE(ExpertWeights):
+    """The router and all E experts of one layer."""
+
+    def __init__(self, config: GptOssConfig, *, packed: bool = False):
+        super().__init__()
+        E, H, I = config.num_local_experts, config.hidden_size, config.intermediate_size
+        self.num_experts, self.top_k = E, config.num_experts_per_tok
+        self.alpha, self.limit = config.swiglu_alpha, config.swiglu_limit
+        self.router = nn.Linear(H, E, bias=True)
+        self._init_experts(E, H, I, packed)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
@@ -80,7 +135,9 @@ class MoE(nn.Module):
         top_logits, top_idx = torch.topk(self.router(x), A, dim=-1)  # [S, A]
         top_w = torch.softmax(top_logits, dim=-1)  # [S, A]
 
-        if S * A * self._matrix_elements <= GATHER_LIMIT:
+        if self._fused_kernel_applies(x):  # kernels/mxfp4_cpu.py: packed experts, no dense copy
+            out = self._fused(x, top_idx, top_w)
+        elif self.gathers(S * A):
             out = self._gathered(x, top_idx, top_w)
         else:
             out = self._looped(x, top_idx, top_w)
@@ -96,6 +153,25 @@ class MoE(nn.Module):
         y = torch.bmm(w2, h.unsqueeze(-1)).squeeze(-1) + self.down_bias[idx]  # [S*A, H]
         return torch.bmm(top_w.unsqueeze(1), y.view(S, A, -1)).squeeze(1)  # weighted sum over A: [S, H]
 
+    def _fused_kernel_applies(self, x: torch.Tensor) -> bool:
+        return (self.packed and x.device.type == "cpu" and mxfp4_cpu.available()
+                and self._small_dense_copy(x.dtype) is None)
+
+    def _fused(self, x: torch.Tensor, top_idx: torch.Tensor, top_w: torch.Tensor) -> torch.Tensor:
+        """The packed experts multiplied in place by the CPU kernel; dtypes as in _gathered."""
+        S, A = top_idx.shape
+        idx = top_idx.flatten()  # [S*A]
+        order = torch.argsort(idx, stable=True)  # token slots grouped by expert
+        experts, counts = torch.unique_consecutive(idx[order], return_counts=True)
+        offsets = torch.cat((counts.new_zeros(1), counts.cumsum(0)))
+        xs = x[order // A]  # [S*A, H]
+        h = mxfp4_cpu.grouped_matmul(self.gate_up_blocks, self.gate_up_scales, xs, experts, offsets)
+        h = swiglu((h + self.gate_up_bias[idx[order]]).to(x.dtype), self.alpha, self.limit)  # [S*A, I]
+        y = mxfp4_cpu.grouped_matmul(self.down_blocks, self.down_scales, h, experts, offsets)
+        y = (y + self.down_bias[idx[order]]).to(x.dtype)  # [S*A, H] in grouped order
+        y = torch.empty_like(y).index_copy_(0, order, y)  # back to token order
+        return torch.bmm(top_w.unsqueeze(1), y.view(S, A, -1)).squeeze(1)  # weighted sum over A: [S, H]
+
     def _looped(self, x: torch.Tensor, top_idx: torch.Tensor, top_w: torch.Tensor) -> torch.Tensor:
         out = torch.zeros_like(x)
         for e in torch.unique(top_idx).tolist():
@@ -107,18 +183,3 @@ class MoE(nn.Module):
             # exact; index_add_ would open an OpenMP region, which costs milliseconds on a busy box.
             out[rows] += y * top_w[rows, slot].unsqueeze(-1)
         return out
-
-    def dequantize_(self) -> None:
-        """Replace packed experts by dense ones in the dtype of the biases, in place."""
-        if not self.packed:
-            return
-        dtype = self.gate_up_bias.dtype
-        w1 = torch.stack([mxfp4.unpack(self.gate_up_blocks[e], self.gate_up_scales[e], dtype)
-                          for e in range(self.num_experts)])
-        w2 = torch.stack([mxfp4.unpack(self.down_blocks[e], self.down_scales[e], dtype)
-                          for e in range(self.num_experts)])
-        for name in ("gate_up_blocks", "gate_up_scales", "down_blocks", "down_scales"):
-            delattr(self, name)
-        self.gate_up_weight, self.down_weight = nn.Parameter(w1, requires_grad=False), nn.Parameter(w2, requires_grad=False)
-        self.packed = False
-        self._dense = None

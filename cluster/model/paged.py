@@ -1,11 +1,11 @@
-"""gpt-oss over a paged KV cache: one flat forward for a ragged batch of sequences.
+"""The paged KV cache: the `AttentionCache` the serving engine hands the model.
 
 The continuous-batching engine (cluster/engine/) hands over every token it wants computed this
 step, sequence after sequence, as one flat list; each token carries its position. New keys and
 values go to cache *slots* (block_id * block_size + offset) given by a slot mapping; attention reads
-a sequence's earlier keys through its block table. The math is the model's own: the same modules
-and weights (`GptOssModel.blocks`), YaRN tables (`model.rope`), sinks, sliding window and
-`apply_rotary`; only where K/V live and how they are gathered differs from attention.py.
+a sequence's earlier keys through its block table. The forward is the model's own
+(`GptOssModel.run_blocks`: the same blocks, YaRN tables, sinks and windows as the plain decode
+loop); this file only says where K/V live and which of them each query reads.
 
 Shape letters as in layers.py, plus: S new tokens in the step (all sequences), R rows whose logits
 are wanted, P physical blocks, C block size, M blocks gathered per sequence, Q queries of one
@@ -18,10 +18,8 @@ from dataclasses import dataclass
 
 import torch
 
-from cluster.model.attention import Attention
-from cluster.model.layers import apply_rotary
+from cluster.model.attention import Attention, oldest_visible_key, sink_attention, visible_keys
 from cluster.model.transformer import GptOssModel
-from cluster.model.unembedding import unembed
 
 
 @dataclass
@@ -47,6 +45,11 @@ class PagedKVCache:
     def block_size(self) -> int:
         return self.k[0].shape[1]
 
+    def layers(self, batch: PagedBatch, plan: StepPlan) -> list[PagedLayerCache]:
+        """Each layer's view of the cache for this step."""
+        return [PagedLayerCache(self.k[j], self.v[j], batch.slot_mapping[g], batch.block_tables[g], plan)
+                for g, j in zip(self.layer_group, self.layer_tensor)]
+
 
 @dataclass
 class PagedBatch:
@@ -63,28 +66,17 @@ class PagedBatch:
 
 
 @torch.inference_mode()
-def paged_forward(model: GptOssModel, batch: PagedBatch, cache: PagedKVCache) -> torch.Tensor:
-    """Run the step, writing its K/V into `cache`; returns float32 logits [R, V] for `logits_indices`."""
-    return unembed(model.unembedding, paged_hidden(model, batch, cache))  # [R, V]
-
-
-@torch.inference_mode()
 def paged_hidden(model: GptOssModel, batch: PagedBatch, cache: PagedKVCache) -> torch.Tensor:
-    """paged_forward up to the unembedding: the normed hidden states [R, H] of `logits_indices`."""
+    """Run the step, writing its K/V into `cache`; returns the normed hidden states [R, H] of
+    `logits_indices` (the unembedding is the caller's: see cluster/engine/unembedding.py)."""
     max_position = max(batch.context_lens)
     cos_table, sin_table = model.rope.ensure(max_position, model.dtype)
-    plan = _AttentionPlan(batch, cache.block_size)
+    plan = StepPlan(batch, cache.block_size)
     if plan.lone_decode:  # one token, at the end of its context: slices, not gathers
         cos, sin = cos_table[max_position - 1 : max_position], sin_table[max_position - 1 : max_position]
     else:
         cos, sin = cos_table[batch.positions], sin_table[batch.positions]  # [S, D/2]
-    x = model.embedding(batch.input_ids)  # [S, H]
-    for layer, block in enumerate(model.blocks):
-        g, j = cache.layer_group[layer], cache.layer_tensor[layer]
-        h = _paged_attention(block.attn, block.attn_norm(x), cache.k[j], cache.v[j], batch.slot_mapping[g],
-                             batch.block_tables[g], plan, cos, sin)
-        x = x + h
-        x = x + block.mlp(block.mlp_norm(x))
+    x = model.run_blocks(batch.input_ids, cos, sin, cache.layers(batch, plan))  # [S, H]
     if len(batch.logits_indices) != len(x):  # else every token samples (a decode step): all rows, in order
         x = x[batch.logits_indices]  # [R, H]
     return model.norm(x)  # [R, H]
@@ -101,7 +93,7 @@ class _DecodeKeys:
     span: slice
 
 
-class _AttentionPlan:
+class StepPlan:
     """Per-step bookkeeping shared by all layers: which sequences decode (one query) and which prefill."""
 
     def __init__(self, batch: PagedBatch, block_size: int):
@@ -135,7 +127,7 @@ class _AttentionPlan:
         """One user alone: gather just the blocks its visible keys sit in and slice those keys out,
         so no mask is built or applied."""
         C, n = self.block_size, self.decode_context[0]
-        oldest = max(0, n - window) if window else 0
+        oldest = oldest_visible_key(n - 1, window)
         first = oldest // C
         physical = block_tables[:, first : (n - 1) // C + 1]  # [1, M]
         return _DecodeKeys(physical, None, slice(oldest - first * C, n - first * C))
@@ -151,7 +143,7 @@ class _AttentionPlan:
         tables = block_tables if self.all_decode else block_tables[self.decode_rows]  # [Bd, max blocks]
         physical = tables.gather(1, logical.clamp(min=0))  # [Bd, M]
         key_pos = first * C + torch.arange(M * C)  # [Bd, M*C]; negative: clamped duplicates of block 0
-        oldest = torch.tensor([[max(0, n - window) if window else 0] for n in self.decode_context])  # [Bd, 1]
+        oldest = torch.tensor([[oldest_visible_key(n - 1, window)] for n in self.decode_context])  # [Bd, 1]
         newest = torch.tensor([[n - 1] for n in self.decode_context])  # [Bd, 1]
         visible = (key_pos >= oldest) & (key_pos <= newest)
         return _DecodeKeys(physical, visible.unsqueeze(1), slice(None))
@@ -159,57 +151,59 @@ class _AttentionPlan:
 
 def _attend(attn: Attention, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
             visible: torch.Tensor | None) -> torch.Tensor:
-    """q [B, Q, N, D], keys/values [B, L, K, D], visible [B, Q, L] bool (None: all) -> [B, Q, N*D], with sinks."""
-    B, Q, N, D = q.shape
-    L, K = keys.shape[1], keys.shape[2]
-    G = N // K
-    q = q.permute(0, 2, 1, 3).reshape(B, K, G * Q, D)  # query head n = kv head n // G
-    scores = torch.matmul(q, keys.permute(0, 2, 3, 1)) * attn.sm_scale  # [B, K, G*Q, L]
-    scores = scores.view(B, K, G, Q, L)
-    if visible is not None:
-        scores = scores.masked_fill(~visible.view(B, 1, 1, Q, L), float("-inf"))
-    sinks = attn.sinks.to(scores.dtype).view(1, K, G, 1, 1).expand(B, K, G, Q, 1)
-    probs = torch.softmax(torch.cat((scores, sinks), dim=-1), dim=-1)[..., :-1]  # [B, K, G, Q, L]
-    y = torch.matmul(probs.reshape(B, K, G * Q, L), values.transpose(1, 2))  # [B, K, G*Q, D]
-    return y.view(B, K, G, Q, D).permute(0, 3, 1, 2, 4).reshape(B, Q, N * D)
+    """q [B, Q, N, D], keys/values [B, L, K, D] (the cache's layout), visible [B, Q, L] bool (None: all) -> [B, Q, N*D]."""
+    B, Q, L = q.shape[0], q.shape[1], keys.shape[1]
+    mask = None if visible is None else visible.view(B, 1, 1, Q, L)
+    return sink_attention(q.permute(0, 2, 1, 3), keys.transpose(1, 2), values.transpose(1, 2), attn.sinks,
+                          attn.sm_scale, mask)
 
 
-def _paged_attention(attn: Attention, x: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                     slot_mapping: torch.Tensor, block_tables: torch.Tensor, plan: _AttentionPlan,
-                     cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x [S, H] -> [S, H]: project, rotate, store the new K/V, attend over each sequence's cache."""
-    S = x.shape[0]
-    N, K, D, C = attn.num_heads, attn.num_kv_heads, attn.head_dim, plan.block_size
-    qk, v = attn.qkv(x).split(((N + K) * D, K * D), dim=-1)
-    qk = apply_rotary(qk.view(S, N + K, D).transpose(0, 1), cos, sin).transpose(0, 1)  # q and k heads at once
-    q, k = qk.split((N, K), dim=1)  # [S, N, D], [S, K, D]
-    k_cache.view(-1, K, D).index_copy_(0, slot_mapping, k)
-    v_cache.view(-1, K, D).index_copy_(0, slot_mapping, v.view(S, K, D))
+class PagedLayerCache:
+    """An `AttentionCache` over one layer's paged K/V for one step: decode rows read their blocks in
+    one gather (the step's `StepPlan` says which), each prefill chunk reads its own blocks."""
 
-    window = attn.window
-    out = None if plan.all_decode else torch.empty(S, N * D, dtype=x.dtype, device=x.device)
-    if plan.decode_rows:
-        decode = plan.decode_keys(window, block_tables)
-        Bd, M = decode.physical.shape
-        keys = k_cache.index_select(0, decode.physical.view(-1)).view(Bd, M * C, K, D)[:, decode.span]
-        values = v_cache.index_select(0, decode.physical.view(-1)).view(Bd, M * C, K, D)[:, decode.span]
-        if plan.all_decode:  # every sequence brings one token: no gather from q, no scatter into `out`
-            return attn.out(_attend(attn, q.unsqueeze(1), keys, values, decode.visible).squeeze(1))
-        rows = plan.decode_tokens
-        out[rows] = _attend(attn, q[rows].unsqueeze(1), keys, values, decode.visible).squeeze(1)
-    for b in plan.prefill_rows:
-        first, last = plan.query_start[b], plan.query_start[b + 1]
-        context = plan.context_lens[b]
-        start = context - (last - first)  # position of the first query
-        lo = max(0, start - window + 1) if window else 0  # oldest key any query can see
+    def __init__(self, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor,
+                 block_tables: torch.Tensor, plan: StepPlan):
+        self.k_cache, self.v_cache = k_cache, v_cache  # [P, C, K, D]
+        self.slot_mapping, self.block_tables, self.plan = slot_mapping, block_tables, plan
+
+    def attend(self, attn: Attention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """q [N, S, D], k [K, S, D], v [S, K, D] -> [S, N*D]."""
+        q, k = q.transpose(0, 1), k.transpose(0, 1)  # [S, N, D], [S, K, D]
+        S, N, D = q.shape
+        K, plan = k.shape[1], self.plan
+        C = plan.block_size
+        k_cache, v_cache = self.k_cache, self.v_cache
+        k_cache.view(-1, K, D).index_copy_(0, self.slot_mapping, k)
+        v_cache.view(-1, K, D).index_copy_(0, self.slot_mapping, v)
+
+        window = attn.window
+        out = None if plan.all_decode else torch.empty(S, N * D, dtype=q.dtype, device=q.device)
+        if plan.decode_rows:
+            decode = plan.decode_keys(window, self.block_tables)
+            Bd, M = decode.physical.shape
+            keys = k_cache.index_select(0, decode.physical.view(-1)).view(Bd, M * C, K, D)[:, decode.span]
+            values = v_cache.index_select(0, decode.physical.view(-1)).view(Bd, M * C, K, D)[:, decode.span]
+            if plan.all_decode:  # every sequence brings one token: no gather from q, no scatter into `out`
+                return _attend(attn, q.unsqueeze(1), keys, values, decode.visible).squeeze(1)
+            rows = plan.decode_tokens
+            out[rows] = _attend(attn, q[rows].unsqueeze(1), keys, values, decode.visible).squeeze(1)
+        for b in plan.prefill_rows:
+            first, last = plan.query_start[b], plan.query_start[b + 1]
+            out[first:last] = self._prefill(attn, b, q[first:last])
+        return out
+
+    def _prefill(self, attn: Attention, b: int, q: torch.Tensor) -> torch.Tensor:
+        """Sequence b's chunk of Q queries [Q, N, D] over its cached keys -> [Q, N*D]."""
+        C, K, D = self.plan.block_size, self.k_cache.shape[2], self.k_cache.shape[3]
+        context = self.plan.context_lens[b]
+        start = context - q.shape[0]  # position of the first query
+        lo = oldest_visible_key(start, attn.window)  # oldest key any query can see
         first_block, num_blocks = lo // C, (context - 1) // C + 1 - lo // C
-        physical = block_tables[b, first_block : first_block + num_blocks]  # [M]
-        keys = k_cache[physical].view(1, num_blocks * C, K, D)
-        values = v_cache[physical].view(1, num_blocks * C, K, D)
+        physical = self.block_tables[b, first_block : first_block + num_blocks]  # [M]
+        keys = self.k_cache[physical].view(1, num_blocks * C, K, D)
+        values = self.v_cache[physical].view(1, num_blocks * C, K, D)
         q_pos = torch.arange(start, context).unsqueeze(1)  # [Q, 1]
         key_pos = (first_block * C + torch.arange(num_blocks * C)).unsqueeze(0)  # [1, M*C]
-        visible = key_pos <= q_pos
-        if window:
-            visible &= q_pos - key_pos < window
-        out[first:last] = _attend(attn, q[first:last].unsqueeze(0), keys, values, visible.unsqueeze(0)).squeeze(0)
-    return attn.out(out)
+        visible = visible_keys(q_pos, key_pos, attn.window)
+        return _attend(attn, q.unsqueeze(0), keys, values, visible.unsqueeze(0)).squeeze(0)

@@ -1,7 +1,9 @@
 """gpt-oss: token embedding, a stack of (attention, MoE) blocks, final norm, unembedding.
 
 Shape letters are defined in layers.py. Read top to bottom: `Block` then `GptOssModel`.
-No parallelism lives here; sharding wraps this model from the outside.
+No parallelism lives here; sharding wraps this model from the outside. `run_blocks` is the one
+forward through the layers: the plain decode loop (`forward`, with the contiguous KVCache) and the
+serving engine (paged.py, with the paged cache) both call it; only the cache objects differ.
 """
 
 from __future__ import annotations
@@ -9,11 +11,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from cluster.model.attention import Attention, KVCache
+from cluster.model.attention import Attention, AttentionCache, KVCache
 from cluster.model.config import GptOssConfig
 from cluster.model.layers import RMSNorm, RotaryEmbedding
 from cluster.model.moe import MoE
-from cluster.model.unembedding import unembed
 
 
 class Block(nn.Module):
@@ -26,9 +27,8 @@ class Block(nn.Module):
         self.mlp_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = MoE(config, packed=packed_experts)
 
-    def forward(self, x: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, start: int,
-                cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.attn_norm(x), k_cache, v_cache, start, cos, sin)
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: AttentionCache) -> torch.Tensor:
+        x = x + self.attn(self.attn_norm(x), cos, sin, cache)
         return x + self.mlp(self.mlp_norm(x))
 
 
@@ -70,13 +70,23 @@ class GptOssModel(nn.Module):
         if B != cache.batch_size:
             raise ValueError(f"batch of {B} does not match the cache's batch size {cache.batch_size}")
         cos, sin = self.rope.tables(start, T, self.dtype)  # [T, D/2]
-        x = self.embedding(input_ids)  # [B, T, H]
-        for block, k_cache, v_cache in zip(self.blocks, cache.k, cache.v):
-            x = block(x, k_cache, v_cache, start, cos, sin)
+        x = self.run_blocks(input_ids, cos, sin, cache.layers(start))  # [B, T, H]
         cache.length = start + T
         if last_only:
             x = x[:, -1:]
-        return unembed(self.unembedding, self.norm(x))  # [B, T, V]
+        return self.unembedding(self.norm(x)).float()  # [B, T, V]
+
+    def run_blocks(self, input_ids: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                   caches: list[AttentionCache]) -> torch.Tensor:
+        """input_ids [..., T] -> hidden states [..., T, H] after every block (before the final norm).
+
+        cos/sin [T, D/2] are the rotary tables of the T tokens' positions; `caches[l]` stores layer
+        l's keys and values and attends over them (attention.AttentionCache).
+        """
+        x = self.embedding(input_ids)
+        for block, cache in zip(self.blocks, caches):
+            x = block(x, cos, sin, cache)
+        return x
 
     def dequantize_experts_(self) -> None:
         """Unpack every layer's MXFP4 experts into dense weights (faster decode, ~4x the memory)."""

@@ -30,7 +30,6 @@ import torch
 import torch.distributed as dist
 
 from cluster.model.paged import PagedBatch, PagedKVCache, paged_hidden
-from cluster.model.unembedding import unembed
 from cluster.model.transformer import GptOssModel
 from cluster.parallel.expert_map import ExpertPlacement, static_placement
 from cluster.parallel.sharding import ExpertParallelMoE, ShardInfo, memory_report, shard_model_
@@ -50,6 +49,16 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("", 0))
         return s.getsockname()[1]
+
+
+def _ray_node() -> str:
+    """This process's Ray node id ("" outside Ray): ranks share memory only within one node."""
+    try:
+        import ray
+
+        return ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""
+    except Exception:  # noqa: BLE001 - no Ray context: a single-host test group
+        return ""
 
 
 def node_ip() -> str:
@@ -288,10 +297,11 @@ class ShardRuntime:
         dist.all_reduce(warm)  # every rank is here: the group works
         if int(warm.item()) != spec.world:
             raise RuntimeError(f"warm-up all_reduce gave {warm.item()}, expected {spec.world}")
-        if spec.backend == "gloo" and spec.world > 1:  # None unless every rank maps one /dev/shm file
-            self.comm.use_shm(join_shm(store, rank, spec.world, spec.timeout_s))
+        if spec.backend == "gloo" and spec.world > 1:  # None unless every rank is on one node
+            self.comm.use_shm(join_shm(store, rank, spec.world, spec.timeout_s, node=_ray_node()))
 
     def execute(self, batch: PagedBatch) -> torch.Tensor:
+        """The step's forward on this rank's shard -> normed hidden states [R, H] (the engine unembeds)."""
         # CPU rank 0 runs its layers on the workers' thread count: more threads there contend for
         # the cores the workers compute on. Its unembedding and the engine's sampling, while the
         # workers wait, get its own count back. Tiny preset, 2-core VM, shared-memory collectives,
@@ -307,10 +317,9 @@ class ShardRuntime:
         finally:
             if split:
                 torch.set_num_threads(outer)
-        logits = unembed(self.model.unembedding, hidden)
         if self.stats is not None:
             self.stats.end_step()
-        return logits
+        return hidden
 
     def moe_layers(self) -> list[ExpertParallelMoE]:
         return [block.mlp for block in self.model.blocks]
@@ -404,8 +413,8 @@ def worker_loop(runtime: ShardRuntime) -> int:
 class GroupDriver:
     """Rank 0: sends each message to the group, then does its own part. Thread-safe; one message at a time.
 
-    Use as the engine runner's forward: `driver(batch) -> logits`. A keepalive thread sends NOOP
-    when no message went out for `keepalive_s`, so idle workers never hit the collective timeout.
+    Use as the engine runner's forward: `driver(batch) -> hidden states` (the runner unembeds). A
+    keepalive thread sends NOOP when no message went out for `keepalive_s`, so idle workers never hit the collective timeout.
     """
 
     def __init__(self, runtime: ShardRuntime, keepalive_s: float = 1.0, rebalancer=None):

@@ -23,17 +23,13 @@ from typing import Callable
 import torch
 from torch import nn
 
-from cluster.model import mxfp4
 from cluster.model.attention import Attention
 from cluster.model.layers import swiglu
-from cluster.model.moe import DENSE_CACHE_BYTES, MoE
+from cluster.model.moe import ExpertWeights, MoE
 from cluster.model.transformer import GptOssModel
 from cluster.parallel.expert_map import ExpertPlacement, head_split
 
 Reduce = Callable[[torch.Tensor], None]
-
-EXPERT_TENSORS_PACKED = ("gate_up_blocks", "gate_up_scales", "down_blocks", "down_scales", "gate_up_bias", "down_bias")
-EXPERT_TENSORS_DENSE = ("gate_up_weight", "down_weight", "gate_up_bias", "down_bias")
 
 
 # ---- attention --------------------------------------------------------------------------------
@@ -88,21 +84,22 @@ class RoutingTable:
         return rows, cols, self.local_slot[top_idx[rows, cols]]
 
 
-class ExpertParallelMoE(nn.Module):
-    """The MoE of one rank: the full router, the experts of its slots, a SUM all-reduce at the end."""
+class ExpertParallelMoE(ExpertWeights):
+    """The MoE of one rank: the full router, the experts of its slots, a SUM all-reduce at the end.
+
+    Its experts are held like MoE's (same representations, model/moe.py `ExpertWeights`); it always
+    runs the gathered kernel, over the (token, expert) pairs routed to its slots.
+    """
 
     def __init__(self, moe: MoE, placement: ExpertPlacement, rank: int, reduce: Reduce,
                  record: Callable[[torch.Tensor], None] | None = None):
         super().__init__()
         self.router, self.top_k, self.num_experts = moe.router, moe.top_k, moe.num_experts
         self.alpha, self.limit, self.packed = moe.alpha, moe.limit, moe.packed
+        self._matrix_elements = moe._matrix_elements
         self.reduce, self.record = reduce, record
         self.rank = rank
         self.set_experts(placement, {n: getattr(moe, n)[list(placement.slots[rank])].clone() for n in self.tensor_names})
-
-    @property
-    def tensor_names(self) -> tuple[str, ...]:
-        return EXPERT_TENSORS_PACKED if self.packed else EXPERT_TENSORS_DENSE
 
     def set_experts(self, placement: ExpertPlacement, tensors: dict[str, torch.Tensor]) -> None:
         """Hold `tensors` ([X, ...] each, in the order of placement.slots[rank]) as the local experts."""
@@ -112,30 +109,10 @@ class ExpertParallelMoE(nn.Module):
             self.register_buffer(name, tensors[name])
         self.placement = placement
         self.routing = RoutingTable(placement, self.rank, self.router.weight.device)
-        self._dense: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._dense = None
 
     def local_experts(self) -> tuple[int, ...]:
         return self.placement.slots[self.rank]
-
-    def expert_bytes(self) -> int:
-        """Resident bytes of this rank's expert parameters (packed as loaded; dense copies not counted)."""
-        return sum(getattr(self, n).numel() * getattr(self, n).element_size() for n in self.tensor_names)
-
-    def _weights(self, slots: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """gate_up [.., 2I, H] and down [.., H, I] of local slots, dense in `dtype`."""
-        if not self.packed:
-            return self.gate_up_weight[slots], self.down_weight[slots]
-        dense = self._dense
-        X = self.gate_up_blocks.shape[0]
-        small = X * (self.gate_up_blocks[0].numel() + self.down_blocks[0].numel()) * 2 * dtype.itemsize
-        if dense is None or dense[0].dtype != dtype:
-            if small > DENSE_CACHE_BYTES:
-                return (mxfp4.unpack(self.gate_up_blocks[slots], self.gate_up_scales[slots], dtype),
-                        mxfp4.unpack(self.down_blocks[slots], self.down_scales[slots], dtype))
-            dense = (mxfp4.unpack(self.gate_up_blocks, self.gate_up_scales, dtype),
-                     mxfp4.unpack(self.down_blocks, self.down_scales, dtype))
-            self._dense = dense
-        return dense[0][slots], dense[1][slots]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
@@ -147,7 +124,7 @@ class ExpertParallelMoE(nn.Module):
         rows, cols, slots = self.routing.local_pairs(top_idx)  # P pairs computed here
         out = torch.zeros_like(x)
         if rows.numel():
-            w1, w2 = self._weights(slots, x.dtype)  # [P, 2I, H], [P, H, I]
+            w1, w2 = self.expert_weights(slots, x.dtype)  # [P, 2I, H], [P, H, I]
             h = torch.bmm(w1, x[rows].unsqueeze(-1)).squeeze(-1) + self.gate_up_bias[slots]  # [P, 2I]
             h = swiglu(h, self.alpha, self.limit)  # [P, I]
             y = torch.bmm(w2, h.unsqueeze(-1)).squeeze(-1) + self.down_bias[slots]  # [P, H]
@@ -186,13 +163,8 @@ def memory_report(model: GptOssModel) -> dict[str, int]:
     counted: set[int] = set()
     for block in model.blocks:
         mlp = block.mlp
-        if isinstance(mlp, ExpertParallelMoE):
-            experts += mlp.expert_bytes()
-            counted.update(id(getattr(mlp, n)) for n in mlp.tensor_names)
-        else:
-            names = EXPERT_TENSORS_PACKED if mlp.packed else EXPERT_TENSORS_DENSE
-            experts += sum(getattr(mlp, n).numel() * getattr(mlp, n).element_size() for n in names)
-            counted.update(id(getattr(mlp, n)) for n in names)
+        experts += mlp.expert_bytes()
+        counted.update(id(getattr(mlp, n)) for n in mlp.tensor_names)
         for t in list(block.attn.parameters()):
             attention += t.numel() * t.element_size()
             counted.add(id(t))

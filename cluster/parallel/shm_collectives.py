@@ -262,16 +262,21 @@ class ShmCollectives:
         self.seg.close()
 
 
-def join_shm(store, rank: int, world: int, timeout_s: float, slot_bytes: int = SLOT_BYTES) -> ShmCollectives | None:
+def join_shm(store, rank: int, world: int, timeout_s: float, slot_bytes: int = SLOT_BYTES,
+             node: str = "") -> ShmCollectives | None:
     """Every rank of the group calls this once, over the group's TCPStore; all get a ShmCollectives or
-    all get None (then the group stays on gloo): when a rank is not on x86-64 with a /dev/shm, when the
-    ranks are in different pid namespaces, or when a rank cannot map rank 0's file (another node, or a
-    container with its own /dev/shm) — mapping the same file is the test of "same node"."""
+    all get None (then the group stays on gloo): when the ranks are on different nodes (`node`: the
+    rank's Ray node id, decided by the scheduler, not by which files happen to be visible: several
+    Ray nodes may share one host and its /dev/shm), when a rank is not on x86-64 with a /dev/shm,
+    when the ranks are in different pid namespaces, or when a rank cannot map rank 0's file (a
+    container with its own /dev/shm)."""
     import json
 
-    store.set(f"shm/rank/{rank}", json.dumps({"pid": os.getpid(), "pidns": pid_namespace(), "ok": available()}))
+    store.set(f"shm/rank/{rank}", json.dumps({"pid": os.getpid(), "pidns": pid_namespace(), "ok": available(),
+                                              "node": node}))
     infos = [json.loads(store.get(f"shm/rank/{r}")) for r in range(world)]
-    eligible = all(i["ok"] for i in infos) and len({i["pidns"] for i in infos}) == 1 and infos[0]["pidns"]
+    eligible = (all(i["ok"] for i in infos) and len({i["pidns"] for i in infos}) == 1 and infos[0]["pidns"]
+                and len({i["node"] for i in infos}) == 1)
     seg = None
     try:
         if rank == 0:

@@ -57,6 +57,32 @@ def replica_env_vars(config: ClusterConfig) -> dict[str, str]:
     return env
 
 
+def replica_placement(config: ClusterConfig) -> dict[str, Any]:
+    """The deployment options that place one replica's ranks (empty: the replica actor alone)."""
+    serving, parallel = config.serving, config.parallel
+    if config.engine.kind == "vllm":
+        return vllm_placement(config)  # vLLM lays out its own tensor/expert parallelism
+    if parallel.ep_size <= 1:
+        return {}
+    # One bundle per rank; the replica (rank 0) lands in bundle 0, its workers in 1..N-1.
+    bundle: dict = {"CPU": max(parallel.bundle_cpus, serving.num_cpus)}
+    if serving.num_gpus:
+        bundle["GPU"] = serving.num_gpus
+    return {"placement_group_bundles": [dict(bundle) for _ in range(parallel.ep_size)],
+            "placement_group_strategy": parallel.placement_strategy}
+
+
+def replica_resources(config: ClusterConfig) -> list[dict[str, float]]:
+    """What one replica reserves: its placement group's bundles, or its actor's own resources."""
+    placement = replica_placement(config)
+    if "placement_group_bundles" in placement:
+        return placement["placement_group_bundles"]
+    actor = placement.get("ray_actor_options", {"num_cpus": config.serving.num_cpus,
+                                                "num_gpus": config.serving.num_gpus})
+    return [{"CPU": float(actor.get("num_cpus") or 0), **({"GPU": float(actor["num_gpus"])}
+                                                          if actor.get("num_gpus") else {})}]
+
+
 def build_app(config: ClusterConfig) -> Application:
     """A Serve application of `config.serving.replicas` ModelReplica copies."""
     serving = config.serving
@@ -83,17 +109,9 @@ def build_app(config: ClusterConfig) -> Application:
             policy=AutoscalingPolicy(policy_function=EngineSignalPolicy, policy_kwargs=dataclasses.asdict(auto)))}
         # How often replicas push record_autoscaling_stats (read when the replica process starts).
         env_vars["RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S"] = str(auto.metrics_interval_s)
-    placement: dict[str, Any] = {}
+    placement = replica_placement(config)
     parallel = config.parallel
-    if config.engine.kind == "vllm":
-        placement = vllm_placement(config)  # vLLM lays out its own tensor/expert parallelism
-    elif parallel.ep_size > 1:
-        # One bundle per rank; the replica (rank 0) lands in bundle 0, its workers in 1..N-1.
-        bundle: dict = {"CPU": max(parallel.bundle_cpus, serving.num_cpus)}
-        if serving.num_gpus:
-            bundle["GPU"] = serving.num_gpus
-        placement = {"placement_group_bundles": [dict(bundle) for _ in range(parallel.ep_size)],
-                     "placement_group_strategy": parallel.placement_strategy}
+    if config.engine.kind != "vllm" and parallel.ep_size > 1:
         if not serving.num_gpus:  # rank 0 shares the cores with its CPU workers, as they do: see WORKER_ENV
             from cluster.parallel.workers import WORKER_ENV  # here: that module loads torch
 

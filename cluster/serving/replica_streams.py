@@ -5,6 +5,10 @@ publishes a direct-stream address and the front door's channel to it is connecte
 come straight from it (direct_stream.py); otherwise, and whenever a replica refuses a direct
 stream before its first token (full, stopping, unreachable), the request goes through the Serve
 handle, whose router queues it, re-routes it, or refuses it as Serve does.
+
+Serve's router waits for a replica for as long as it takes (none routable: all dead, or not
+placed yet); ours gives up after `replica_wait_s` with NoReplicaError, which the front door
+answers UNAVAILABLE with RetryInfo.
 """
 
 from __future__ import annotations
@@ -18,23 +22,45 @@ from ray.serve.handle import DeploymentHandle
 from cluster.engine.request import GenerateRequest, TokenChunk
 from cluster.metrics import router_metrics
 from cluster.serving.direct_stream import DirectStreamClient, Rejected
-from cluster.serving.handles import request_router
+from cluster.serving.serve_internals import replica_assignment, request_router
 
 log = logging.getLogger(__name__)
 
 DIRECT, SERVE_HANDLE, SERVE_HANDLE_AFTER_REFUSAL = "direct", "serve_handle", "serve_handle_after_refusal"
 
 
+class NoReplicaError(ConnectionError):
+    """No replica took the request within the wait allowed (ConnectionError: UNAVAILABLE)."""
+
+
+def replica_lost(err: BaseException) -> bool:
+    """Whether `err` ended a stream because its replica is gone or going (its process, node or an
+    expert-parallel rank died, its engine stopped, it shut down): the rest of the request may be
+    sent to another replica. Not a refusal before the request was taken, not the request's own
+    fault (bad input, deadline, cancellation)."""
+    from ray import exceptions as ray_exceptions
+
+    from cluster.engine.errors import EngineDead
+
+    if isinstance(err, NoReplicaError):
+        return False
+    if isinstance(err, ray_exceptions.RayTaskError) and isinstance(getattr(err, "cause", None), BaseException):
+        err = err.cause
+    return isinstance(err, (ConnectionError, EngineDead, ray_exceptions.RayActorError,
+                            ray_exceptions.ActorUnavailableError))
+
+
 class ReplicaStreams:
     """The front door's way to its replicas: `open(request)` starts one stream."""
 
-    def __init__(self, handle: DeploymentHandle) -> None:
+    def __init__(self, handle: DeploymentHandle, replica_wait_s: float = 30.0) -> None:
         self._generate = handle.options(stream=True).generate
         self._handle = handle
+        self.replica_wait_s = replica_wait_s
         self._client = DirectStreamClient()
         self._replica_set_version = -1
         self._pruning: set[asyncio.Task] = set()
-        labels = (getattr(handle, "app_name", ""), getattr(handle, "deployment_name", ""))
+        labels = (handle.app_name, handle.deployment_name)
         streams = router_metrics().streams_total
         self._counted = {path: streams.labels(*labels, path) for path in (DIRECT, SERVE_HANDLE,
                                                                            SERVE_HANDLE_AFTER_REFUSAL)}
@@ -53,6 +79,12 @@ class ReplicaStreams:
             return ReplicaStream(self, request, None)
         self._counted[DIRECT].inc()
         return ReplicaStream(self, request, route)
+
+    def routable_replicas(self) -> int | None:
+        """Replicas the router can send requests to now; None before the router exists."""
+        router = request_router(self._handle)
+        replicas = getattr(router, "curr_replicas", None)
+        return None if replicas is None else len(replicas)
 
     def _prune(self, addresses: set[str]) -> None:
         task = asyncio.get_running_loop().create_task(self._client.retain(addresses))
@@ -99,9 +131,23 @@ class ReplicaStream:
             self._direct = None
             self._streams._counted[SERVE_HANDLE_AFTER_REFUSAL].inc()
             self._response = self._streams._generate.remote(self._request)
+        await self._assigned()
         async for chunk in self._response:
             self._finished = chunk.finish_reason is not None
             yield chunk
+
+    async def _assigned(self) -> None:
+        """Wait for Serve to give the handle call a replica, at most replica_wait_s."""
+        assignment = replica_assignment(self._response)
+        if assignment is None or assignment.done():
+            return
+        try:
+            async with asyncio.timeout(self._streams.replica_wait_s):
+                await asyncio.shield(assignment)
+        except TimeoutError:
+            self._response.cancel()
+            raise NoReplicaError(f"no model replica took the request within {self._streams.replica_wait_s:g} s "
+                                 "(frontdoor.replica_wait_s)") from None
 
     def close(self) -> None:
         if self._finished:

@@ -41,6 +41,7 @@ from cluster.metrics import router_metrics
 from cluster.serving.direct_stream import DirectAddress
 from cluster.serving.prefix_index import block_hashes
 from cluster.serving.routing_policy import RouteDecision, RouteRequest, RoutingPolicy, make_policy, replica_load
+from cluster.serving.serve_internals import router_deployment
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +70,7 @@ class GptossRouter(RequestRouter):
         self.metrics = router_metrics()
         self._in_flight: dict[str, int] = {}  # replica unique id -> requests this router has on it
         self._request_replica: dict[str, str] = {}  # internal request id -> replica unique id
-        self._labels = (self._deployment_id.app_name, self._deployment_id.name)  # application, deployment
+        self._labels = router_deployment(self)  # application, deployment
         self._control_next = 0  # rotation of the control calls over the replicas
         self._direct_count = 0  # direct streams routed (their in-flight keys)
         self.replica_set_version = 0  # bumped whenever the replicas change
@@ -125,7 +126,7 @@ class GptossRouter(RequestRouter):
         return [[chosen], [by_id[r] for r in others]] if others else [[chosen]]
 
     # -- the front door's direct streams (direct_stream.py) -------------------------------------
-    def choose_direct(self, request: Any, ready: Callable[[str], bool]) -> Optional[DirectRoute]:
+    def choose_direct(self, request: Any, ready: Callable[[DirectAddress], bool]) -> Optional[DirectRoute]:
         """Route a generate request to be streamed straight from the replica, as choose_replicas
         would route it; None when the chosen replica cannot take it that way (it publishes no
         direct address, this router already has its max_ongoing_requests on it, or the channel to
@@ -138,7 +139,7 @@ class GptossRouter(RequestRouter):
         replica = by_id[decision.replica]
         target = DirectAddress.from_metadata(replica.replica_metadata)
         if (target is None or self._in_flight.get(decision.replica, 0) >= replica.max_ongoing_requests
-                or not ready(target.address)):
+                or not ready(target)):
             return None
         self._direct_count += 1
         key = f"direct-{self._direct_count}"

@@ -91,9 +91,7 @@ def logits_with_rest(model: GptOssModel, inputs: torch.Tensor, rest: float) -> t
     B, T = inputs.shape
     cache = KVCache(model.config, T, B, torch.float32, "cpu")
     cos, sin = model.rope.tables(0, T, torch.float32)
-    x = model.embedding(inputs)
-    for block, k, v in zip(model.blocks, cache.k, cache.v):
-        x = block(x, k, v, 0, cos, sin)
+    x = model.run_blocks(inputs, cos, sin, cache.layers(0))
     logits = F.linear(model.norm(x), model.unembedding.weight)
     return torch.cat((logits, logits.new_full((B, T, 1), rest)), dim=-1)
 

@@ -24,17 +24,22 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15gptoss/v1/admin.proto\x12\tgptoss.v1\"!\n\x0c\x44rainRequest\x12\x11\n\ttimeout_s\x18\x01 \x01(\x02\"E\n\rDrainResponse\x12\x1a\n\x12in_flight_at_start\x18\x01 \x01(\r\x12\x18\n\x10in_flight_at_end\x18\x02 \x01(\r2C\n\x05\x41\x64min\x12:\n\x05\x44rain\x12\x17.gptoss.v1.DrainRequest\x1a\x18.gptoss.v1.DrainResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15gptoss/v1/admin.proto\x12\tgptoss.v1\"!\n\x0c\x44rainRequest\x12\x11\n\ttimeout_s\x18\x01 \x01(\x02\"E\n\rDrainResponse\x12\x1a\n\x12in_flight_at_start\x18\x01 \x01(\r\x12\x18\n\x10in_flight_at_end\x18\x02 \x01(\r\"\x0f\n\rResumeRequest\"&\n\x0eResumeResponse\x12\x14\n\x0cwas_draining\x18\x01 \x01(\x08\x32\x82\x01\n\x05\x41\x64min\x12:\n\x05\x44rain\x12\x17.gptoss.v1.DrainRequest\x1a\x18.gptoss.v1.DrainResponse\x12=\n\x06Resume\x12\x18.gptoss.v1.ResumeRequest\x1a\x19.gptoss.v1.ResumeResponseB\x8c\x01\n\rcom.gptoss.v1B\nAdminProtoP\x01ZBgithub.com/gptoss-cluster/gptoss-cluster/gen/go/gptoss/v1;gptossv1\xa2\x02\x03GXX\xaa\x02\tGptoss.V1\xca\x02\tGptoss\\V1\xea\x02\nGptoss::V1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'gptoss.v1.admin_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
-  DESCRIPTOR._loaded_options = None
+  _globals['DESCRIPTOR']._loaded_options = None
+  _globals['DESCRIPTOR']._serialized_options = b'\n\rcom.gptoss.v1B\nAdminProtoP\001ZBgithub.com/gptoss-cluster/gptoss-cluster/gen/go/gptoss/v1;gptossv1\242\002\003GXX\252\002\tGptoss.V1\312\002\tGptoss\\V1\352\002\nGptoss::V1'
   _globals['_DRAINREQUEST']._serialized_start=36
   _globals['_DRAINREQUEST']._serialized_end=69
   _globals['_DRAINRESPONSE']._serialized_start=71
   _globals['_DRAINRESPONSE']._serialized_end=140
-  _globals['_ADMIN']._serialized_start=142
-  _globals['_ADMIN']._serialized_end=209
+  _globals['_RESUMEREQUEST']._serialized_start=142
+  _globals['_RESUMEREQUEST']._serialized_end=157
+  _globals['_RESUMERESPONSE']._serialized_start=159
+  _globals['_RESUMERESPONSE']._serialized_end=197
+  _globals['_ADMIN']._serialized_start=200
+  _globals['_ADMIN']._serialized_end=330
 # @@protoc_insertion_point(module_scope)

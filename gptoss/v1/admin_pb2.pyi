@@ -17,3 +17,13 @@ class DrainResponse(_message.Message):
     in_flight_at_start: int
     in_flight_at_end: int
     def __init__(self, in_flight_at_start: _Optional[int] = ..., in_flight_at_end: _Optional[int] = ...) -> None: ...
+
+class ResumeRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ResumeResponse(_message.Message):
+    __slots__ = ("was_draining",)
+    WAS_DRAINING_FIELD_NUMBER: _ClassVar[int]
+    was_draining: bool
+    def __init__(self, was_draining: _Optional[bool] = ...) -> None: ...

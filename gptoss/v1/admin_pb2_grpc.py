@@ -40,6 +40,11 @@ class AdminStub:
                 request_serializer=gptoss_dot_v1_dot_admin__pb2.DrainRequest.SerializeToString,
                 response_deserializer=gptoss_dot_v1_dot_admin__pb2.DrainResponse.FromString,
                 _registered_method=True)
+        self.Resume = channel.unary_unary(
+                '/gptoss.v1.Admin/Resume',
+                request_serializer=gptoss_dot_v1_dot_admin__pb2.ResumeRequest.SerializeToString,
+                response_deserializer=gptoss_dot_v1_dot_admin__pb2.ResumeResponse.FromString,
+                _registered_method=True)
 
 
 class AdminServicer:
@@ -55,6 +60,14 @@ class AdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Resume(self, request, context):
+        """Resume undoes a drain: new calls are admitted again and health reports SERVING again (the
+        Inference service only while a model replica is routable). A no-op when not draining.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -62,6 +75,11 @@ def add_AdminServicer_to_server(servicer, server):
                     servicer.Drain,
                     request_deserializer=gptoss_dot_v1_dot_admin__pb2.DrainRequest.FromString,
                     response_serializer=gptoss_dot_v1_dot_admin__pb2.DrainResponse.SerializeToString,
+            ),
+            'Resume': grpc.unary_unary_rpc_method_handler(
+                    servicer.Resume,
+                    request_deserializer=gptoss_dot_v1_dot_admin__pb2.ResumeRequest.FromString,
+                    response_serializer=gptoss_dot_v1_dot_admin__pb2.ResumeResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -92,6 +110,33 @@ class Admin:
             '/gptoss.v1.Admin/Drain',
             gptoss_dot_v1_dot_admin__pb2.DrainRequest.SerializeToString,
             gptoss_dot_v1_dot_admin__pb2.DrainResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Resume(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/gptoss.v1.Admin/Resume',
+            gptoss_dot_v1_dot_admin__pb2.ResumeRequest.SerializeToString,
+            gptoss_dot_v1_dot_admin__pb2.ResumeResponse.FromString,
             options,
             channel_credentials,
             insecure,

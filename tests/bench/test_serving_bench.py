@@ -57,13 +57,13 @@ def test_client_figures_agree_with_the_front_doors_counters(echo_frontdoor, tmp_
     assert last["output_tokens"] == summary["output_tokens"]
     assert summary["completed"] == 60 and summary["failed"] == 0 and summary["warmup"]["requests"] == 4
     client_tokens = summary["output_tokens"] + summary["warmup"]["output_tokens"]
-    server_tokens = delta(before, after, "gptoss_frontdoor_completion_tokens_total", method=method)
+    server_tokens = delta(before, after, "gptoss_frontdoor_completion_tokens_total", api="grpc", method=method)
     assert server_tokens > 60 * 16
     assert abs(client_tokens - server_tokens) <= 0.01 * server_tokens, (client_tokens, server_tokens)
-    assert delta(before, after, "gptoss_frontdoor_requests_total", method=method, code="OK") == 64
-    server_prompt = delta(before, after, "gptoss_frontdoor_prompt_tokens_total", method=method)
+    assert delta(before, after, "gptoss_frontdoor_requests_total", api="grpc", method=method, code="OK") == 64
+    server_prompt = delta(before, after, "gptoss_frontdoor_prompt_tokens_total", api="grpc", method=method)
     assert summary["prompt_tokens"] <= server_prompt  # warm-up prompts are counted by the server only
-    assert delta(before, after, "gptoss_frontdoor_time_to_first_token_seconds_count", method=method) == 64
+    assert delta(before, after, "gptoss_frontdoor_time_to_first_token_seconds_count", api="grpc", method=method) == 64
     # Each request got the output length the workload asked for (ignore_stop), and the token
     # count the client saw matches the server's usage report.
     assert all(r["usage_completion_tokens"] == r["output_tokens"] for r in records)

@@ -94,7 +94,7 @@ def test_jsonl_chat_workload(tmp_path):
     ("generate", {"prompt_len": 3, "prompt": "x"}, ":1: give exactly one of"),
     ("generate", {"prompt_token_ids": []}, "non-empty list"),
     ("generate", {"prompt_token_ids": [1, -2]}, "non-empty list"),
-    ("generate", {"prompt": "hi"}, "needs --api chat"),
+    ("generate", {"prompt": "hi"}, "needs a chat API"),
     ("chat", {"prompt_token_ids": [1]}, "needs --api generate"),
     ("chat", {"messages": [{"role": "robot", "content": "x"}]}, "role one of"),
     ("generate", {"prompt_len": 0}, "prompt_len must be"),

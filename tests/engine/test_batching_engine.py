@@ -144,7 +144,7 @@ def test_cancelling_mid_stream_aborts_and_frees_blocks(make_engine, engine_model
 
 
 def test_overload_hint_grows_with_the_queue_and_falls_with_throughput(make_engine, engine_model):
-    from cluster.engine.async_engine import DEFAULT_RETRY_AFTER_S, retry_after_s
+    from cluster.engine.errors import DEFAULT_RETRY_AFTER_S, retry_after_s
 
     assert retry_after_s(4, 0.0) == DEFAULT_RETRY_AFTER_S
     assert retry_after_s(8, 4.0) == pytest.approx(2.0) and retry_after_s(8, 16.0) == pytest.approx(0.5)

@@ -124,19 +124,20 @@ def test_logprobs_are_returned_per_token(engine_model):
 def test_the_step_unembedding_matches_the_model_layer(engine_model):
     # The unembedding may run on a reordered (oneDNN) copy of the weight: same logits as the
     # nn.Linear up to float rounding, for one row and for a batch, and remade when the weight changes.
-    from cluster.model.unembedding import unembed
+    from cluster.engine.unembedding import Unembedding
 
     model = engine_model("tiny")
+    unembed = Unembedding(model.unembedding)
     x = torch.randn(33, model.config.hidden_size, generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
         for rows in (x[:1], x[:32], x):
-            torch.testing.assert_close(unembed(model.unembedding, rows), model.unembedding(rows).float(), rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(unembed(rows), model.unembedding(rows).float(), rtol=1e-5, atol=1e-5)
     before = model.unembedding.weight.detach().clone()
     try:
         with torch.no_grad():
             model.unembedding.weight.mul_(2)
         with torch.inference_mode():
-            torch.testing.assert_close(unembed(model.unembedding, x[:4]), model.unembedding(x[:4]).float(), rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(unembed(x[:4]), model.unembedding(x[:4]).float(), rtol=1e-5, atol=1e-5)
     finally:
         with torch.no_grad():
             model.unembedding.weight.copy_(before)

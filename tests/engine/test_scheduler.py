@@ -82,13 +82,11 @@ def test_newest_is_preempted_when_blocks_run_out_and_later_recomputed():
 
 def test_full_waiting_queue_refuses_at_once():
     s = make_scheduler(max_waiting_requests=2, max_num_seqs=2, max_num_batched_tokens=8)
-    s.add_request(req("a", 4))
-    s.add_request(req("b", 4))
+    for name in "abcd":  # a and b take the free batch slots at the next step: they are not queued
+        s.add_request(req(name, 4))
     with pytest.raises(EngineOverloadedError) as err:
-        s.add_request(req("c", 4))
-    assert err.value.retry_after_s > 0
-    fake_step(s)  # a and b start running; the queue has room again
-    s.add_request(req("c", 4))
+        s.add_request(req("e", 4))
+    assert (err.value.queued, err.value.limit) == (2, 2) and err.value.retry_after_s > 0
 
 
 def test_request_that_can_never_fit_is_refused():

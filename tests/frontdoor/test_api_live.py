@@ -80,6 +80,7 @@ def test_model_info_reports_layout_and_engine(stub):
     info = stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=10)
     assert info.parallel.expert_parallel_size == 1 and info.parallel.tensor_parallel_size == 1
     assert info.engine == "torch" and info.supports_logprobs
+    assert info.default_max_tokens == 256  # the replica's engine.default_max_tokens, whoever built the front door
 
 
 def _idle_loads(stub, timeout_s: float = 30.0):

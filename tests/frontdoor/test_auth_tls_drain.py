@@ -26,7 +26,7 @@ KEYS = {"acme": "acme-key-0123456789abcdef", "globex": "globex-key-0123456789abc
 
 
 def _door(ray_serving, tmp_path=None, **overrides):
-    config = load_config(env={}, overrides={"frontdoor.grpc_port": 0, "frontdoor.metrics_port": -1,
+    config = load_config(env={}, overrides={"frontdoor.grpc_port": 0, "frontdoor.http_port": -1, "frontdoor.metrics_port": -1,
                                             "frontdoor.grace_period_s": 5.0, **overrides})
     keys = ApiKeys(list(KEYS.items()), admin_tenants=["ops"])
     return BackgroundFrontdoor(ray_serving.handle, config.frontdoor, FrontdoorMetrics(CollectorRegistry()),
@@ -203,7 +203,7 @@ def test_unauthenticated_mode_is_refused_off_loopback(ray_serving):
     from cluster.config import ConfigError
     from cluster.frontdoor.server import FrontdoorServer
 
-    config = load_config(env={}, overrides={"frontdoor.host": "0.0.0.0", "frontdoor.grpc_port": 0,
+    config = load_config(env={}, overrides={"frontdoor.host": "0.0.0.0", "frontdoor.grpc_port": 0, "frontdoor.http_port": -1,
                                             "frontdoor.metrics_port": -1})
     with pytest.raises(ConfigError, match="frontdoor.auth"):
         FrontdoorServer(ray_serving.handle, config.frontdoor, FrontdoorMetrics(CollectorRegistry()),
@@ -239,5 +239,15 @@ def test_drain_finishes_in_flight_refuses_new_and_reports_not_serving(ray_servin
             assert rest[-1].complete.usage.completion_tokens == 80
             drainer.join(60)
             assert drained["response"].in_flight_at_start == 1 and drained["response"].in_flight_at_end == 0
+
+            admin = admin_pb2_grpc.AdminStub(channel)  # Resume undoes the drain
+            err = _error(lambda: admin.Resume(admin_pb2.ResumeRequest(), timeout=5, metadata=_bearer("acme")))
+            assert err.code() == grpc.StatusCode.PERMISSION_DENIED
+            assert admin.Resume(admin_pb2.ResumeRequest(), timeout=5, metadata=_bearer("ops")).was_draining
+            for service in ("", "gptoss.v1.Inference", "gptoss.v1.Admin"):
+                status = health.Check(health_pb2.HealthCheckRequest(service=service), timeout=5).status
+                assert status == health_pb2.HealthCheckResponse.SERVING
+            assert stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=5, metadata=_bearer("acme")).model_name
+            assert not admin.Resume(admin_pb2.ResumeRequest(), timeout=5, metadata=_bearer("ops")).was_draining
     finally:
         door.close()

@@ -8,7 +8,9 @@ from ray import exceptions as ray_exceptions
 from ray.serve.exceptions import BackPressureError
 
 from cluster.engine.errors import DeadlineExceededError, EngineOverloadedError, InvalidRequestError
-from cluster.frontdoor.errors import FieldError, status_for
+from cluster.frontdoor.errors import (AuthenticationError, DrainingError, FieldError, NotFoundError,
+                                     PermissionDeniedError, RateLimitedError, StoreUnavailableError, http_error,
+                                     status_for)
 from cluster.harmony.render import HarmonyInputError
 
 
@@ -100,3 +102,35 @@ def test_a_dead_engine_is_unavailable_and_a_too_long_request_names_max_tokens():
     status = status_for(too_long)
     assert (status.code, status.field) == (grpc.StatusCode.INVALID_ARGUMENT, "sampling.max_tokens")
     assert "5000 tokens" in status.message
+
+
+@pytest.mark.parametrize("err, grpc_code, http_status, kind, code, retry_after", [
+    (FieldError("messages[1].role", "must be one of system, user"), grpc.StatusCode.INVALID_ARGUMENT, 400,
+     "invalid_request_error", "invalid_value", None),
+    (AuthenticationError("API_KEY_MISSING", "missing API key"), grpc.StatusCode.UNAUTHENTICATED, 401,
+     "authentication_error", "api_key_missing", None),
+    (PermissionDeniedError("ADMIN_REQUIRED", "admin only"), grpc.StatusCode.PERMISSION_DENIED, 403,
+     "permission_error", "admin_required", None),
+    (NotFoundError("RESPONSE_NOT_FOUND", "response_id", "no stored response 'resp_1'"), grpc.StatusCode.NOT_FOUND,
+     404, "not_found_error", "response_not_found", None),
+    (RateLimitedError("acme", "requests", 2.2), grpc.StatusCode.RESOURCE_EXHAUSTED, 429, "rate_limit_error",
+     "tenant_rate_limited", "3"),
+    (EngineOverloadedError(4, 4, retry_after_s=0.2), grpc.StatusCode.RESOURCE_EXHAUSTED, 429, "rate_limit_error",
+     "model_overloaded", "1"),
+    (DrainingError(), grpc.StatusCode.UNAVAILABLE, 503, "service_unavailable_error", "draining", "1"),
+    (StoreUnavailableError("redis down"), grpc.StatusCode.UNAVAILABLE, 503, "service_unavailable_error",
+     "store_unavailable", "1"),
+    (DeadlineExceededError("r1", 0.5), grpc.StatusCode.DEADLINE_EXCEEDED, 504, "timeout_error", None, None),
+    (RuntimeError("secret internals"), grpc.StatusCode.INTERNAL, 500, "server_error", "internal_error", None),
+])
+def test_one_internal_error_maps_to_both_a_grpc_status_and_an_openai_error(err, grpc_code, http_status, kind, code,
+                                                                           retry_after):
+    status = status_for(err, request_id="r1")
+    assert status.code == grpc_code
+    answer = http_error(status)
+    assert answer.status == http_status
+    error = answer.body["error"]
+    assert (error["type"], error["code"]) == (kind, code)
+    assert error["message"] == status.message and "secret" not in error["message"]
+    assert answer.headers.get("retry-after") == retry_after
+    assert error["param"] == {400: "messages[1].role", 404: "response_id"}.get(http_status)

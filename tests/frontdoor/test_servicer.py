@@ -45,6 +45,10 @@ class ScriptedResponse:
 
 
 class ScriptedHandle:
+    """Stands in for a Serve DeploymentHandle (generate streams scripted per test)."""
+
+    app_name, deployment_name = "scripted", "ScriptedReplica"
+
     def __init__(self, response_factory):
         self.requests, self.responses = [], []
         self._factory = response_factory
@@ -73,8 +77,9 @@ def chunked(ids, size, finish=FinishReason.STOP, prompt_tokens=0):
     return chunks
 
 
-async def with_server(handle, body):
-    server = FrontdoorServer(handle, FrontdoorConfig(grpc_port=0, metrics_port=-1), FrontdoorMetrics(CollectorRegistry()))
+async def with_server(handle, body, **config):
+    server = FrontdoorServer(handle, FrontdoorConfig(grpc_port=0, metrics_port=-1, http_port=-1, **config),
+                             FrontdoorMetrics(CollectorRegistry()), bind_to_loop=False)
     await server.start()
     try:
         async with grpc.aio.insecure_channel(server.grpc_target) as channel:
@@ -194,7 +199,76 @@ def test_errors_mid_stream_end_with_their_status(error, code):
                 got.append(response)
         return got, info.value
 
-    got, err = asyncio.run(with_server(handle, body))
+    got, err = asyncio.run(with_server(handle, body, migration_attempts=0))
     assert [list(r.chunk.token_ids) for r in got] == [[1, 2]]
     assert err.code() == code
     assert "secret" not in err.details() and "Traceback" not in err.details()
+
+
+class PositionReplica:
+    """A scripted replica whose next token is the position it lands at (a deterministic model: a
+    resumed request continues exactly where the lost one stopped); it dies after `dies_after`
+    tokens, as a replica whose process is killed."""
+
+    def __init__(self, request, dies_after=None, error=None):
+        self.request, self.dies_after = request, dies_after
+        self.error = error or ray_exceptions.ActorDiedError()
+        self.cancelled = asyncio.Event()
+
+    def cancel(self):
+        self.cancelled.set()
+
+    async def __aiter__(self):
+        start = len(self.request.prompt_token_ids)
+        total = self.request.sampling.max_tokens
+        for i in range(total):
+            if self.dies_after is not None and i == self.dies_after:
+                raise self.error
+            await asyncio.sleep(0.001)
+            last = i == total - 1
+            yield TokenChunk((start + i,), FinishReason.LENGTH if last else None,
+                             prompt_tokens=start, completion_tokens=i + 1)
+
+
+def _generate_all(stub_call_args):
+    async def body(stub):
+        ids = []
+        async for response in stub.Generate(*stub_call_args, timeout=10):
+            if response.HasField("chunk"):
+                ids += response.chunk.token_ids
+            else:
+                complete = response.complete
+        return ids, complete
+    return body
+
+
+def test_a_stream_whose_replica_dies_resumes_on_another_with_nothing_lost_or_repeated():
+    deaths = [5, 3]  # the first replica dies after 5 tokens, the next after 3 more, the third lives
+    handle = ScriptedHandle(lambda request: PositionReplica(request, deaths.pop(0) if deaths else None))
+    request = pb.GenerateRequest(prompt_token_ids=[7, 7, 7], sampling=pb.SamplingParams(max_tokens=12, seed=5))
+
+    ids, complete = asyncio.run(with_server(handle, _generate_all((request,))))
+    assert ids == list(range(3, 15))  # positions 3..14: one stream, no token lost or repeated
+    assert complete.finish_reason == pb.FINISH_REASON_LENGTH and complete.usage.completion_tokens == 12
+    assert complete.usage.prompt_tokens == 3  # the client's prompt, not the resumed one
+    first, second, third = handle.requests
+    assert second.prompt_token_ids == (7, 7, 7, 3, 4, 3 + 2, 6, 7) and second.sampling.max_tokens == 7
+    assert third.prompt_token_ids == second.prompt_token_ids + (8, 9, 10) and third.sampling.max_tokens == 4
+    assert len({first.sampling.seed, second.sampling.seed, third.sampling.seed}) == 3  # a fresh draw each time
+    assert second.deadline_s == first.deadline_s and second.request_id == first.request_id
+
+
+def test_migration_gives_up_after_its_attempts_with_unavailable():
+    handle = ScriptedHandle(lambda request: PositionReplica(request, dies_after=2))
+    request = pb.GenerateRequest(prompt_token_ids=[1], sampling=pb.SamplingParams(max_tokens=50))
+
+    async def body(stub):
+        got = []
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            async for response in stub.Generate(request, timeout=10):
+                got += response.chunk.token_ids
+        return got, info.value
+
+    got, err = asyncio.run(with_server(handle, body, migration_attempts=2))
+    assert got == list(range(1, 7))  # 2 tokens from each of the 3 replicas, in order
+    assert err.code() == grpc.StatusCode.UNAVAILABLE and len(handle.requests) == 3

@@ -49,11 +49,20 @@ def reference_o200k():
 def test_module_constants_are_the_real_special_ids():
     for text, token_id in EXPECTED_SPECIAL_IDS.items():
         assert tokenizer_module.SPECIAL_TOKEN_IDS[text] == token_id
-    assert tokenizer_module.STOP_TOKEN_IDS == (200002, 200007, 200012)
     assert (tokenizer_module.START_ID, tokenizer_module.END_ID, tokenizer_module.MESSAGE_ID) == (200006, 200007, 200008)
     assert (tokenizer_module.CHANNEL_ID, tokenizer_module.CONSTRAIN_ID) == (200005, 200003)
     assert (tokenizer_module.RETURN_ID, tokenizer_module.CALL_ID) == (200002, 200012)
     assert (tokenizer_module.STARTOFTEXT_ID, tokenizer_module.ENDOFTEXT_ID) == (199998, 199999)
+
+
+def test_stop_sets_are_openai_harmonys(tokenizer):
+    import openai_harmony
+
+    encoding = openai_harmony.load_harmony_encoding(openai_harmony.HarmonyEncodingName.HARMONY_GPT_OSS)
+    # Sampling an assistant turn stops at <|return|> and <|call|>, never at <|end|>: that one
+    # closes the analysis before the final answer.
+    assert set(tokenizer.turn_end_ids) == set(encoding.stop_tokens_for_assistant_actions()) == {200002, 200012}
+    assert set(tokenizer.message_end_ids) == set(encoding.stop_tokens()) == {200002, 200007, 200012}
 
 
 @pytest.mark.parametrize("text,token_id", EXPECTED_SPECIAL_IDS.items())

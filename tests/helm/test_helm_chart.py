@@ -65,7 +65,8 @@ def test_validation_refuses_a_broken_object():
 def test_defaults_render_only_the_core_objects():
     """Optional objects are off by default: they need operators (prometheus-operator, KEDA) not every cluster has."""
     objects = render()
-    assert kinds(objects) == CORE_DEFAULT_KINDS
+    # + the generated API keys and Ray token, and the NetworkPolicies around Ray
+    assert kinds(objects) == CORE_DEFAULT_KINDS | {"Secret", "NetworkPolicy"}
     assert not any(is_crd_kind(o) for o in objects if o["kind"] != "RayService")
 
 
@@ -77,9 +78,11 @@ def test_defaults_render_only_the_core_objects():
     ({"frontdoor.podDisruptionBudget.enabled": "true"}, {"PodDisruptionBudget"}),
     ({"frontdoor.networkPolicy.enabled": "true"}, {"NetworkPolicy"}),
     ({"frontdoor.ingress.enabled": "true"}, {"Ingress"}),
+    ({"frontdoor.responses.redis.bundled.enabled": "true"}, set()),  # core kinds only: a Deployment, a Service
 ], ids=lambda v: ",".join(v) if isinstance(v, set) else None)
 def test_each_optional_object_renders_only_when_enabled(sets, expected):
-    assert (kinds(render(**sets)) & OPTIONAL_KINDS) == expected
+    # (the Ray NetworkPolicies are on by default: off here, so only the toggled objects count)
+    assert (kinds(render(**{"ray.networkPolicy.enabled": "false", **sets})) & OPTIONAL_KINDS) == expected
 
 
 def test_grafana_dashboard_configmap_should_not_render_when_disabled_and_holds_the_file_when_enabled():
@@ -156,7 +159,8 @@ def test_frontdoor_service_is_grpc_on_50051_and_metrics_service_selects_the_same
     objects = render()
     grpc_svc = one(objects, "Service", "-frontdoor")
     assert grpc_svc["spec"]["ports"] == [
-        {"name": "grpc", "port": 50051, "targetPort": "grpc", "protocol": "TCP", "appProtocol": "grpc"}]
+        {"name": "grpc", "port": 50051, "targetPort": "grpc", "protocol": "TCP", "appProtocol": "grpc"},
+        {"name": "http", "port": 8088, "targetPort": "http", "protocol": "TCP", "appProtocol": "http"}]
     metrics_svc = one(objects, "Service", "-metrics")
     assert metrics_svc["spec"]["ports"][0]["port"] == 9464
     deployment = one(objects, "Deployment")
@@ -198,17 +202,55 @@ def test_tls_and_api_keys_mount_existing_secrets_where_the_config_points():
 
 def test_tls_should_not_render_secret_mounts_when_off():
     pod = one(render(), "Deployment")["spec"]["template"]["spec"]
-    assert {v["name"] for v in pod["volumes"]} == {"config", "shm"}
+    assert {v["name"] for v in pod["volumes"]} == {"config", "shm", "api-keys"}
     assert pod["containers"][0]["readinessProbe"]["grpc"] == {"port": 50051}
     config = yaml.safe_load(one(render(), "ConfigMap", "-frontdoor")["data"]["config.yaml"])
-    assert "tls" not in config["frontdoor"] and "api_keys_file" not in config["frontdoor"]["auth"]
+    assert "tls" not in config["frontdoor"]
 
 
 def test_ingress_speaks_grpc_to_the_backend():
-    ingress = one(render(**{"frontdoor.ingress.enabled": "true"}), "Ingress")
+    ingress = one(render(**{"frontdoor.ingress.enabled": "true"}), "Ingress", "-frontdoor")
     assert ingress["metadata"]["annotations"]["nginx.ingress.kubernetes.io/backend-protocol"] == "GRPC"
-    ingress = one(render("defaults", ("tls",), **{"frontdoor.ingress.enabled": "true"}), "Ingress")
+    ingress = one(render("defaults", ("tls",), **{"frontdoor.ingress.enabled": "true"}), "Ingress", "-frontdoor")
     assert ingress["metadata"]["annotations"]["nginx.ingress.kubernetes.io/backend-protocol"] == "GRPCS"
+
+
+def test_http_api_port_service_and_ingress_path_with_sse_unbuffered():
+    objects = render(**{"frontdoor.ingress.enabled": "true", "frontdoor.networkPolicy.enabled": "true"})
+    container = one(objects, "Deployment", "-frontdoor")["spec"]["template"]["spec"]["containers"][0]
+    assert {"name": "http", "containerPort": 8088, "protocol": "TCP"} in container["ports"]
+    config = yaml.safe_load(one(objects, "ConfigMap", "-frontdoor")["data"]["config.yaml"])
+    assert config["frontdoor"]["http_port"] == 8088 and config["frontdoor"]["responses"]["kind"] == "memory"
+    ingress = one(objects, "Ingress", "-frontdoor-http")
+    annotations = ingress["metadata"]["annotations"]
+    assert annotations["nginx.ingress.kubernetes.io/backend-protocol"] == "HTTP"
+    assert annotations["nginx.ingress.kubernetes.io/proxy-buffering"] == "off"
+    path = ingress["spec"]["rules"][0]["http"]["paths"][0]
+    assert path["path"] == "/v1" and path["backend"]["service"]["port"]["name"] == "http"
+    policy_ports = [p["port"] for rule in one(objects, "NetworkPolicy")["spec"]["ingress"] for p in rule.get("ports", [])]
+    assert 8088 in policy_ports
+    off = render(**{"frontdoor.http.enabled": "false", "frontdoor.ingress.enabled": "true"})
+    config = yaml.safe_load(one(off, "ConfigMap", "-frontdoor")["data"]["config.yaml"])
+    assert config["frontdoor"]["http_port"] == -1
+    assert [o["metadata"]["name"][-len("-frontdoor"):] for o in off if o["kind"] == "Ingress"] == ["-frontdoor"]
+
+
+def test_response_store_bundled_redis_or_an_external_url_from_a_secret():
+    objects = render(**{"frontdoor.responses.redis.bundled.enabled": "true"})
+    redis = one(objects, "Deployment", "-redis")
+    args = redis["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert "--maxmemory" in args and "volatile-lru" in args
+    service = one(objects, "Service", "-redis")
+    config = yaml.safe_load(one(objects, "ConfigMap", "-frontdoor")["data"]["config.yaml"])
+    assert config["frontdoor"]["responses"]["kind"] == "redis"
+    assert config["frontdoor"]["responses"]["redis_url"] == f"redis://{service['metadata']['name']}:6379/0"
+    objects = render(**{"frontdoor.responses.store": "redis", "frontdoor.responses.redis.existingSecret": "redis-auth"})
+    assert not [o for o in objects if o["metadata"]["name"].endswith("-redis")]
+    config = yaml.safe_load(one(objects, "ConfigMap", "-frontdoor")["data"]["config.yaml"])
+    assert "redis_url" not in config["frontdoor"]["responses"]  # the URL holds a password: env from the Secret
+    env = one(objects, "Deployment", "-frontdoor")["spec"]["template"]["spec"]["containers"][0]["env"]
+    assert env == [{"name": "GPTOSS_FRONTDOOR_RESPONSES_REDIS_URL",
+                    "valueFrom": {"secretKeyRef": {"name": "redis-auth", "key": "redis-url"}}}]
 
 
 def test_names_are_truncated_to_63_characters():

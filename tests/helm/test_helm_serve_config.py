@@ -5,6 +5,7 @@ tiny CPU preset's config actually serves a request on the session's Ray cluster.
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 
 import pytest
@@ -122,7 +123,7 @@ def test_tiny_cpu_preset_serve_config_serves_a_request(ray_serving, tiny_checkpo
     from ray import serve
     from ray.serve._private.api import call_user_app_builder_with_args_if_necessary
 
-    from cluster.harmony.tokenizer import STOP_TOKEN_IDS
+    from cluster.harmony.tokenizer import load_tokenizer
     from cluster.metrics import FrontdoorMetrics
     from cluster.model.generate import greedy
     from gptoss.v1 import inference_pb2 as pb
@@ -144,19 +145,33 @@ def test_tiny_cpu_preset_serve_config_serves_a_request(ray_serving, tiny_checkpo
     door = None
     try:
         (tmp_path / "config.yaml").write_text(one(objects, "ConfigMap", "-frontdoor")["data"]["config.yaml"])
+        # The generated API-key Secret, as its volume mounts it: a file per tenant.
+        keys = {tenant: base64.b64decode(value).decode()
+                for tenant, value in one(objects, "Secret", "-api-keys")["data"].items()}
+        (tmp_path / "api-keys").mkdir()
+        for tenant, key in keys.items():
+            (tmp_path / "api-keys" / tenant).write_text(key)
         fd_config = load_config(tmp_path / "config.yaml", env={}, overrides={
-            "frontdoor.host": "127.0.0.1", "frontdoor.grpc_port": 0, "frontdoor.metrics_port": -1})
-        assert dataclasses.replace(fd_config.frontdoor, host="0.0.0.0", grpc_port=50051, metrics_port=9464) \
-            == configs[name].frontdoor
+            "frontdoor.host": "127.0.0.1", "frontdoor.grpc_port": 0, "frontdoor.metrics_port": -1,
+            "frontdoor.http_port": -1, "frontdoor.auth.api_keys_file": str(tmp_path / "api-keys")})
+        assert dataclasses.replace(fd_config.frontdoor, host="0.0.0.0", grpc_port=50051, metrics_port=9464,
+                                   http_port=configs[name].frontdoor.http_port,
+                                   auth=configs[name].frontdoor.auth) == configs[name].frontdoor
+        assert configs[name].frontdoor.auth.api_keys_file == "/etc/gptoss/api-keys"
+        metadata = (("authorization", f"Bearer {keys['default']}"),)
         door = BackgroundFrontdoor(handle, fd_config.frontdoor, FrontdoorMetrics(CollectorRegistry()))
         prompt = [200006, 1428, 200008, 13225, 11, 2375, 0, 200007, 200006, 173781]
         with grpc.insecure_channel(door.target) as channel:
             stub = inference_pb2_grpc.InferenceStub(channel)
-            info = stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=60)
+            with pytest.raises(grpc.RpcError) as refused:
+                stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=60)
+            assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+            info = stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=60, metadata=metadata)
             assert info.model_name == "gpt-oss-tiny"
             request = pb.GenerateRequest(prompt_token_ids=prompt, sampling=pb.SamplingParams(max_tokens=8))
-            tokens = [t for r in stub.Generate(request, timeout=120) if r.HasField("chunk") for t in r.chunk.token_ids]
-        assert tokens == greedy(tiny_model, prompt, 8, stop_token_ids=STOP_TOKEN_IDS)
+            tokens = [t for r in stub.Generate(request, timeout=120, metadata=metadata)
+                      if r.HasField("chunk") for t in r.chunk.token_ids]
+        assert tokens == greedy(tiny_model, prompt, 8, stop_token_ids=load_tokenizer().message_end_ids)
     finally:
         if door is not None:
             door.close()

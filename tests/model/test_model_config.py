@@ -79,3 +79,39 @@ def test_invalid_configs_name_the_field():
         GptOssConfig(num_attention_heads=6, num_key_value_heads=4)
     with pytest.raises(ValueError, match="layer_types"):
         GptOssConfig(num_hidden_layers=2, layer_types=["full_attention"])
+    with pytest.raises(ValueError, match=r"eos_token_id \(200002\) must be a token id below vocab_size \(2048\)"):
+        GptOssConfig(vocab_size=2048)
+
+
+def test_a_smaller_vocabulary_moves_special_ids_inside_it():
+    small = GptOssConfig.from_preset("tiny").with_vocab_size(2048)
+    assert (small.vocab_size, small.eos_token_id, small.pad_token_id) == (2048, 2047, 2046)
+    # ids already inside the new vocabulary stay where they are
+    kept = GptOssConfig.from_preset("tiny-small-vocab").with_vocab_size(2048)
+    assert (kept.eos_token_id, kept.pad_token_id) == (1023, 1022)
+
+
+def test_hf_config_names_yarn_truncate_and_transformers_reads_it(tmp_path):
+    # transformers defaults `truncate` to True when a config omits it; the reference (and we) use False.
+    transformers = pytest.importorskip("transformers")
+    data = GptOssConfig.from_preset("tiny").to_hf_dict()
+    assert data["rope_scaling"]["truncate"] is False
+    (tmp_path / "config.json").write_text(json.dumps(data))
+    theirs = transformers.AutoConfig.from_pretrained(tmp_path)
+    assert theirs.rope_parameters["truncate"] is False
+
+
+@pytest.mark.parametrize("key", ["rope_scaling", "rope_parameters"])
+def test_loading_a_config_without_truncate_warns_which_value_is_used(caplog, key):
+    data = GptOssConfig.from_preset("tiny").to_hf_dict()
+    del data["rope_scaling"]["truncate"]
+    if key == "rope_parameters":
+        data["rope_parameters"] = dict(data.pop("rope_scaling"), rope_theta=data.pop("rope_theta"))
+    with caplog.at_level("WARNING", logger="cluster.model.config"):
+        config = GptOssConfig.from_hf_dict(data)
+    assert config.rope_scaling["truncate"] is False
+    assert "truncate" in caplog.text and "using False" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="cluster.model.config"):
+        GptOssConfig.from_preset("tiny").from_hf_dict(GptOssConfig.from_preset("tiny").to_hf_dict())
+    assert "truncate" not in caplog.text

@@ -22,7 +22,7 @@ def _random_model(config: GptOssConfig, seed: int = 0) -> GptOssModel:
     return model.eval().requires_grad_(False)
 
 
-SMALL = dataclasses.replace(GptOssConfig.from_preset("tiny-small-vocab"), vocab_size=128)
+SMALL = GptOssConfig.from_preset("tiny-small-vocab").with_vocab_size(128)
 
 
 def test_yarn_matches_transformers_for_the_real_config():

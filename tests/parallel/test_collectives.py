@@ -155,3 +155,27 @@ def test_shared_memory_collective_raises_soon_when_a_peer_exits():
         message, waited = outcomes[rank]
         assert f"rank {WORLD - 1}" in message and "exited" in message, message
         assert waited < 2.0, waited  # the liveness check, not the 60 s timeout
+
+
+@pytest.mark.parametrize("nodes, shared", [(("node-a", "node-a"), True), (("node-a", "node-b"), False)])
+def test_ranks_share_memory_only_when_ray_places_them_on_one_node(nodes, shared):
+    """Two Ray nodes on one host see the same /dev/shm; the node ids, not the file system, decide."""
+    import threading
+
+    import torch.distributed as dist
+
+    from cluster.parallel.shm_collectives import available, join_shm
+
+    if not available():
+        pytest.skip("no shared-memory collectives on this platform")
+    store, got = dist.HashStore(), {}
+    threads = [threading.Thread(target=lambda r: got.update({r: join_shm(store, r, 2, 5.0, node=nodes[r])}), args=(r,))
+               for r in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert [got[r] is not None for r in range(2)] == [shared, shared]
+    for comm in got.values():
+        if comm is not None:
+            comm.close()

@@ -2,7 +2,7 @@
 
 Each run drives EngineCore (continuous batching, paged KV) with greedy sequences; the EP run's
 forward is the group driver (rank 0 here, ranks 1..N-1 as Ray actors). Every step's float32 logits
-must agree to 1e-5 and the greedy tokens must be identical.
+(the hidden states it returns, through the unembedding) must agree to 1e-5 and the greedy tokens must be identical.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from conftest import prompts_of
 from cluster.engine.core import EngineConfig, EngineCore, run_to_completion
 from cluster.engine.sequence import SamplingSettings, Sequence
 from cluster.model.checkpoint import load_model
-from cluster.model.paged import PagedKVCache, paged_forward
+from cluster.model.paged import PagedKVCache, paged_hidden
 from cluster.parallel.expert_map import plan_placement
 from cluster.parallel.workers import ep_forward_factory
 
@@ -28,9 +28,10 @@ def local_factory(model, record):
                                       [g for g, _ in locations], [j for _, j in locations], model.dtype)
 
         def forward(batch):
-            logits = paged_forward(model, batch, cache)
-            record.append(logits.clone())
-            return logits
+            hidden = paged_hidden(model, batch, cache)
+            with torch.inference_mode():
+                record.append(model.unembedding(hidden).float())
+            return hidden
         return forward
     return factory
 
@@ -40,9 +41,10 @@ def recording(factory, record):
         driver = factory(spec, num_blocks)
 
         def forward(batch):
-            logits = driver(batch)
-            record.append(logits.clone())
-            return logits
+            hidden = driver(batch)
+            with torch.inference_mode():
+                record.append(driver.runtime.model.unembedding(hidden).float())
+            return hidden
         return forward
     return wrapped
 

@@ -59,6 +59,16 @@ def test_ep2_serving_matches_ep1_through_grpc(ep_app, stub):
     assert len(ratios) == 4 and all(r >= 1.0 for r in ratios)
 
 
+
+def test_ep2_model_info_reports_the_layout(ep_app, serving_config):
+    _, ep_stub, _ = ep_app
+    info = ep_stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=30)
+    # Each of the 2 ranks holds half the experts and half the attention heads; no GPU on this box.
+    assert (info.parallel.expert_parallel_size, info.parallel.tensor_parallel_size) == (2, 2)
+    assert info.parallel.gpus_per_replica == 0.0
+    assert info.default_max_tokens == serving_config.engine.default_max_tokens
+    assert (info.engine, info.num_experts) == ("torch", 8)
+
 def test_killed_worker_fails_requests_fast_and_the_replica_comes_back(ep_app, stub):
     handle, ep_stub, _ = ep_app
     expected = generate(stub, PROMPT, 16)

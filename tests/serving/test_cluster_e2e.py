@@ -11,7 +11,7 @@ import grpc
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from cluster.harmony.tokenizer import STOP_TOKEN_IDS
+from cluster.harmony.tokenizer import load_tokenizer
 from cluster.model.generate import greedy
 from gptoss.v1 import inference_pb2 as pb
 from tests.serving.replica_probe import replica_stats, wait_idle
@@ -19,6 +19,7 @@ from tests.serving.replica_probe import replica_stats, wait_idle
 pytestmark = pytest.mark.slow
 
 PROMPT = [200006, 1428, 200008, 13225, 11, 2375, 0, 200007, 200006, 173781]
+STOP_TOKEN_IDS = load_tokenizer().message_end_ids  # what Generate stops at by default
 
 
 def collect_generate(stub, prompt, max_tokens, **kwargs):
@@ -260,14 +261,14 @@ def test_metrics_count_requests_codes_and_tokens(stub, frontdoor):
     def delta(name, **labels):
         return value(after, name, **labels) - value(before, name, **labels)
 
-    assert delta("gptoss_frontdoor_requests_total", method="Generate", code="OK") == 3
-    assert delta("gptoss_frontdoor_requests_total", method="Generate", code="INVALID_ARGUMENT") == 1
-    assert delta("gptoss_frontdoor_requests_total", method="GetModelInfo", code="OK") == 1
-    assert delta("gptoss_frontdoor_prompt_tokens_total", method="Generate") == 9
-    assert delta("gptoss_frontdoor_completion_tokens_total", method="Generate") == 15
-    assert delta("gptoss_frontdoor_time_to_first_token_seconds_count", method="Generate") == 3
-    assert delta("gptoss_frontdoor_inter_token_latency_seconds_count", method="Generate") == 12
-    assert value(after, "gptoss_frontdoor_requests_in_flight", method="Generate") == 0
+    assert delta("gptoss_frontdoor_requests_total", api="grpc", method="Generate", code="OK") == 3
+    assert delta("gptoss_frontdoor_requests_total", api="grpc", method="Generate", code="INVALID_ARGUMENT") == 1
+    assert delta("gptoss_frontdoor_requests_total", api="grpc", method="GetModelInfo", code="OK") == 1
+    assert delta("gptoss_frontdoor_prompt_tokens_total", api="grpc", method="Generate") == 9
+    assert delta("gptoss_frontdoor_completion_tokens_total", api="grpc", method="Generate") == 15
+    assert delta("gptoss_frontdoor_time_to_first_token_seconds_count", api="grpc", method="Generate") == 3
+    assert delta("gptoss_frontdoor_inter_token_latency_seconds_count", api="grpc", method="Generate") == 12
+    assert value(after, "gptoss_frontdoor_requests_in_flight", api="grpc", method="Generate") == 0
 
 
 def test_replica_validates_too_and_its_typed_error_survives_ray(ray_serving):

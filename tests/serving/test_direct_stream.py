@@ -6,12 +6,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 
 import pytest
 
 from cluster.engine.errors import EngineOverloadedError, InvalidRequestError
 from cluster.engine.request import FinishReason, GenerateRequest, SamplingParams, TokenChunk
-from cluster.serving.direct_stream import DirectAddress, DirectStreamClient, DirectStreamServer, Rejected
+from cluster.serving.direct_stream import (DirectAddress, DirectStreamClient, DirectStreamServer, DirectStreamTls,
+                                          Rejected)
 
 
 def request(n: int = 3, request_id: str = "r1") -> GenerateRequest:
@@ -57,9 +59,11 @@ class FakeEngine:
 
 
 @contextlib.asynccontextmanager
-async def served(engine: FakeEngine):
+async def served(engine: FakeEngine, tls="self-signed"):
+    """A direct-stream server on loopback, with TLS (a self-signed certificate, the replicas'
+    default) unless tls is None."""
     server = DirectStreamServer(engine.generate, engine.full)
-    metadata = await server.start("127.0.0.1")
+    metadata = await server.start("127.0.0.1", DirectStreamTls.self_signed("127.0.0.1") if tls == "self-signed" else tls)
     target = DirectAddress.from_metadata(metadata)
     client = DirectStreamClient()
     try:
@@ -119,11 +123,11 @@ def test_ready_connects_an_idle_channel():
     async def main():
         async with served(FakeEngine()) as (_, client, target):
             for _ in range(200):
-                if client.ready(target.address):
+                if client.ready(target):
                     break
                 await asyncio.sleep(0.01)
-            assert client.ready(target.address)
-            assert not client.ready("127.0.0.1:1")  # nothing listens there
+            assert client.ready(target)
+            assert not client.ready(DirectAddress("127.0.0.1:1", "x"))  # nothing listens there
     run(main())
 
 
@@ -146,7 +150,7 @@ def test_a_wrong_token_is_refused_before_anything_runs():
         async with served(engine) as (_, client, target):
             for wrong in ("not-the-token", ""):
                 with pytest.raises(Rejected, match="token"):
-                    await collect(client.open(DirectAddress(target.address, wrong), request()))
+                    await collect(client.open(dataclasses.replace(target, token=wrong), request()))
             assert not engine.started.is_set()
     run(main())
 
@@ -225,4 +229,92 @@ def test_a_stream_cut_after_its_first_token_is_a_connection_error_not_a_refusal(
                 async for chunk in stream:
                     await server.stop(0)  # no grace: the replica goes away mid-stream
             assert stream.started
+    run(main())
+
+
+# ─────────────────────────────────────────── TLS ───────────────────────────────────────────
+
+def test_tls_is_on_by_default_and_the_replica_announces_what_to_trust():
+    async def main():
+        async with served(FakeEngine()) as (_, client, target):
+            assert target.trust_pem.startswith("-----BEGIN CERTIFICATE-----")
+            chunks = await collect(client.open(target, request(3)))
+            assert [c.token_ids for c in chunks] == [(5,), (6,), (7,)]
+    run(main())
+
+
+def test_a_plaintext_client_is_refused_by_a_tls_replica():
+    async def main():
+        engine = FakeEngine()
+        async with served(engine) as (_, client, target):
+            with pytest.raises(Rejected, match="unreachable"):  # no TLS handshake: nothing reaches the RPC
+                await collect(client.open(dataclasses.replace(target, trust_pem=""), request()))
+            assert not engine.started.is_set()
+    run(main())
+
+
+def test_a_client_trusting_another_certificate_is_refused():
+    """Someone else's certificate (a man in the middle presents one) fails the handshake."""
+    async def main():
+        engine = FakeEngine()
+        other = DirectStreamTls.self_signed("127.0.0.1").trust_pem.decode()
+        async with served(engine) as (_, client, target):
+            with pytest.raises(Rejected, match="unreachable"):
+                await collect(client.open(dataclasses.replace(target, trust_pem=other), request()))
+            assert not engine.started.is_set()
+    run(main())
+
+
+def test_over_tls_a_missing_token_is_still_refused():
+    async def main():
+        engine = FakeEngine()
+        async with served(engine) as (_, client, target):
+            with pytest.raises(Rejected, match="token"):
+                await collect(client.open(dataclasses.replace(target, token=""), request()))
+            assert not engine.started.is_set()
+    run(main())
+
+
+def test_a_certificate_from_files_with_its_ca(tmp_path):
+    """A certificate signed by a CA (what a Secret or Ray's TLS holds): the replica announces the CA."""
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    now = datetime.datetime.now(datetime.timezone.utc)
+    ca_key, key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "test ca")])
+    ca = (x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name).public_key(ca_key.public_key())
+          .serial_number(1).not_valid_before(now).not_valid_after(now + datetime.timedelta(days=1))
+          .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True).sign(ca_key, hashes.SHA256()))
+    cert = (x509.CertificateBuilder().subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "replica")]))
+            .issuer_name(ca_name).public_key(key.public_key()).serial_number(2).not_valid_before(now)
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName([x509.DNSName("replicas.gptoss.internal")]), critical=False)
+            .sign(ca_key, hashes.SHA256()))
+    pem = serialization.Encoding.PEM
+    (tmp_path / "ca.crt").write_bytes(ca.public_bytes(pem))
+    (tmp_path / "tls.crt").write_bytes(cert.public_bytes(pem))
+    (tmp_path / "tls.key").write_bytes(key.private_bytes(pem, serialization.PrivateFormat.PKCS8,
+                                                        serialization.NoEncryption()))
+    tls = DirectStreamTls.from_files(str(tmp_path / "tls.crt"), str(tmp_path / "tls.key"), str(tmp_path / "ca.crt"),
+                                     server_name="replicas.gptoss.internal")
+
+    async def main():
+        async with served(FakeEngine(), tls) as (_, client, target):
+            assert target.trust_pem == ca.public_bytes(pem).decode()
+            assert len(await collect(client.open(target, request(2)))) == 2
+            with pytest.raises(Rejected, match="unreachable"):  # the certificate is not for this name
+                await collect(client.open(dataclasses.replace(target, server_name="other.example"), request()))
+    run(main())
+
+
+def test_plaintext_only_when_chosen():
+    async def main():
+        async with served(FakeEngine(), None) as (_, client, target):
+            assert target.trust_pem == ""
+            assert len(await collect(client.open(target, request(2)))) == 2
     run(main())

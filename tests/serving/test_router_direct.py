@@ -58,8 +58,8 @@ def on_a_loop(test):
 def test_least_loaded_routes_direct_counts_in_flight_and_releases():
     a, b = replica("a"), replica("b")
     r = router("least_loaded", [a, b])
-    first = r.choose_direct(REQUEST, lambda address: True)
-    second = r.choose_direct(REQUEST, lambda address: True)
+    first = r.choose_direct(REQUEST, lambda target: True)
+    second = r.choose_direct(REQUEST, lambda target: True)
     assert {first.replica, second.replica} == {"a", "b"}  # the first one counts as load
     assert first.target.token == "t-" + first.replica
     assert r._load(a) == 1 and r._load(b) == 1
@@ -73,10 +73,10 @@ def test_least_loaded_routes_direct_counts_in_flight_and_releases():
 def test_declines_a_replica_at_its_max_ongoing_requests_then_takes_it_again():
     only = replica("a", max_ongoing_requests=2)
     r = router("round_robin", [only])
-    routes = [r.choose_direct(REQUEST, lambda address: True) for _ in range(2)]
-    assert all(routes) and r.choose_direct(REQUEST, lambda address: True) is None
+    routes = [r.choose_direct(REQUEST, lambda target: True) for _ in range(2)]
+    assert all(routes) and r.choose_direct(REQUEST, lambda target: True) is None
     routes[0].release()
-    assert r.choose_direct(REQUEST, lambda address: True) is not None
+    assert r.choose_direct(REQUEST, lambda target: True) is not None
 
 
 @pytest.mark.parametrize("case", ["no address published", "channel not connected", "no replicas"])
@@ -86,8 +86,8 @@ def test_declines_when_the_replica_takes_no_direct_stream(case):
     r = router("least_loaded", replicas)
     asked: list[str] = []
 
-    def ready(address: str) -> bool:
-        asked.append(address)
+    def ready(target) -> bool:
+        asked.append(target.address)
         return case != "channel not connected"
 
     assert r.choose_direct(REQUEST, ready) is None
@@ -102,7 +102,7 @@ def test_session_routes_a_session_to_the_same_replica_and_the_set_version_follow
     request = GenerateRequest(prompt_token_ids=(1,), session_id="s-1")
     chosen = set()
     for _ in range(5):
-        route = r.choose_direct(request, lambda address: True)
+        route = r.choose_direct(request, lambda target: True)
         chosen.add(route.replica)
         route.release()
     assert len(chosen) == 1

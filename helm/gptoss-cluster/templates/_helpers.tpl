@@ -79,21 +79,95 @@ configuration, validated by the same code (tests/helm/test_helm_serve_config.py 
 {{- $router := dict "policy" $r.policy "load_bound_ratio" $r.loadBoundRatio "load_bound_slack" $r.loadBoundSlack "kv_weight" $r.kvWeight -}}
 {{- $a := $v.serving.autoscaling -}}
 {{- $autoscaling := dict "enabled" $a.enabled "min_replicas" (int $a.minReplicas) "max_replicas" (int $a.maxReplicas) "target_ongoing_per_replica" $a.targetOngoingPerReplica "target_kv_use" $a.targetKvUse "upscale_delay_s" $a.upscaleDelayS "downscale_delay_s" $a.downscaleDelayS "look_back_period_s" $a.lookBackPeriodS "metrics_interval_s" $a.metricsIntervalS -}}
-{{- $serving := dict "app_name" $v.serving.appName "replicas" (int $v.serving.replicas) "num_cpus" $v.serving.numCpus "num_gpus" $v.serving.numGpus "max_ongoing_requests" (int $v.serving.maxOngoingRequests) "max_queued_requests" (int $v.serving.maxQueuedRequests) "graceful_shutdown_timeout_s" $v.serving.gracefulShutdownTimeoutS "user_code_on_main_loop" $v.serving.userCodeOnMainLoop "direct_stream" $v.serving.directStream "router" $router "autoscaling" $autoscaling -}}
+{{- $serving := dict "app_name" $v.serving.appName "replicas" (int $v.serving.replicas) "num_cpus" $v.serving.numCpus "num_gpus" $v.serving.numGpus "max_ongoing_requests" (int $v.serving.maxOngoingRequests) "max_queued_requests" (int $v.serving.maxQueuedRequests) "graceful_shutdown_timeout_s" $v.serving.gracefulShutdownTimeoutS "user_code_on_main_loop" $v.serving.userCodeOnMainLoop "direct_stream" $v.serving.directStream "direct_stream_tls" $v.serving.directStreamTls.enabled "direct_stream_server_name" $v.serving.directStreamTls.serverName "router" $router "autoscaling" $autoscaling -}}
+{{- if $v.serving.directStreamTls.existingSecret }}
+{{- $_ := set $serving "direct_stream_cert_file" "/etc/gptoss/direct-stream-tls/tls.crt" }}{{ $_ := set $serving "direct_stream_key_file" "/etc/gptoss/direct-stream-tls/tls.key" }}{{ $_ := set $serving "direct_stream_ca_file" "/etc/gptoss/direct-stream-tls/ca.crt" }}
+{{- end -}}
 {{- $p := $v.parallel -}}
 {{- $parallel := dict "ep_size" (int $p.epSize) "placement_strategy" $p.placementStrategy "placement_policy" $p.placementPolicy "rebalance_interval_s" $p.rebalanceIntervalS "redundant_experts" (int $p.redundantExperts) "expert_token_series" $p.expertTokenSeries -}}
-{{- $auth := dict "admin_tenants" $v.frontdoor.auth.adminTenants "allow_unauthenticated" $v.frontdoor.auth.allowUnauthenticated -}}
-{{- if $v.frontdoor.auth.existingSecret }}{{ $_ := set $auth "api_keys_file" "/etc/gptoss/api-keys" }}{{ end -}}
+{{- $fa := $v.frontdoor.auth -}}
+{{- $admins := $fa.adminTenants -}}
+{{- if and (not $fa.existingSecret) (not $fa.allowUnauthenticated) }}{{ $admins = join "," (compact (list $fa.adminTenants "admin")) }}{{ end -}}
+{{- $auth := dict "admin_tenants" $admins "allow_unauthenticated" $fa.allowUnauthenticated "loopback_admin" $fa.loopbackAdmin "reload_interval_s" $fa.reloadIntervalS -}}
+{{- if include "gptoss-cluster.apiKeysSecret" . }}{{ $_ := set $auth "api_keys_file" "/etc/gptoss/api-keys" }}{{ end -}}
 {{- $tls := dict -}}
 {{- if $v.frontdoor.tls.existingSecret }}
 {{- $_ := set $tls "cert_file" "/etc/gptoss/tls/tls.crt" }}{{ $_ := set $tls "key_file" "/etc/gptoss/tls/tls.key" }}
 {{- if $v.frontdoor.tls.clientCa }}{{ $_ := set $tls "client_ca_file" "/etc/gptoss/tls/ca.crt" }}{{ end }}
 {{- end -}}
-{{- $limits := dict "requests_per_s" $v.frontdoor.limits.requestsPerS "request_burst" $v.frontdoor.limits.requestBurst "tokens_per_s" $v.frontdoor.limits.tokensPerS "token_burst" $v.frontdoor.limits.tokenBurst -}}
-{{- $frontdoor := dict "host" "0.0.0.0" "grpc_port" $v.frontdoor.grpcPort "metrics_port" $v.frontdoor.metricsPort "grace_period_s" $v.frontdoor.gracePeriodS "max_concurrent_rpcs" $v.frontdoor.maxConcurrentRpcs "load_poll_interval_s" $v.frontdoor.loadPollIntervalS "auth" $auth "limits" $limits -}}
+{{- $l := $v.frontdoor.limits -}}
+{{- $limits := dict "requests_per_s" $l.requestsPerS "request_burst" $l.requestBurst "tokens_per_s" $l.tokensPerS "token_burst" $l.tokenBurst "tokens_per_min" $l.tokensPerMin "max_concurrent_streams" (int $l.maxConcurrentStreams) "max_context_tokens" (int $l.maxContextTokens) "max_output_tokens" (int $l.maxOutputTokens) -}}
+{{- if $v.frontdoor.tenants }}{{ $_ := set $limits "tenants_file" "/etc/gptoss/config/tenants.yaml" }}{{ end -}}
+{{- $frontdoor := dict "host" "0.0.0.0" "grpc_port" $v.frontdoor.grpcPort "metrics_port" $v.frontdoor.metricsPort "grace_period_s" $v.frontdoor.gracePeriodS "max_concurrent_rpcs" $v.frontdoor.maxConcurrentRpcs "load_poll_interval_s" $v.frontdoor.loadPollIntervalS "usage_log" $v.frontdoor.usageLog "auth" $auth "limits" $limits -}}
 {{- if $tls }}{{ $_ := set $frontdoor "tls" $tls }}{{ end -}}
+{{- $_ := set $frontdoor "http_port" (ternary (int $v.frontdoor.http.port) -1 $v.frontdoor.http.enabled) -}}
+{{- $r := $v.frontdoor.responses -}}
+{{- $responses := dict "kind" (ternary "redis" $r.store $r.redis.bundled.enabled) "ttl_s" $r.ttlS "max_response_bytes" (int $r.maxResponseBytes) -}}
+{{- if $r.redis.bundled.enabled }}{{ $_ := set $responses "redis_url" (printf "redis://%s-redis:6379/0" (include "gptoss-cluster.fullname" $)) }}
+{{- else if and $r.redis.url (not $r.redis.existingSecret) }}{{ $_ := set $responses "redis_url" $r.redis.url }}{{ end -}}
+{{- $_ := set $frontdoor "responses" $responses -}}
 {{- $config := dict "model" $model "engine" $engine "serving" $serving "parallel" $parallel "frontdoor" $frontdoor "log_level" $v.logLevel "cache_dir" "/tmp/gptoss-cache" -}}
 {{- toYaml $config }}
+{{- end }}
+
+{{/*
+gptoss-cluster.apiKeysSecret: the Secret of the front door's API keys (mounted as a directory: each
+key of the Secret is a tenant, its value that tenant's key): frontdoor.auth.existingSecret, else the
+one the chart generates (secret-api-keys.yaml), else "" when frontdoor.auth.allowUnauthenticated.
+*/}}
+{{- define "gptoss-cluster.apiKeysSecret" -}}
+{{- if .Values.frontdoor.auth.existingSecret }}{{ .Values.frontdoor.auth.existingSecret }}
+{{- else if not .Values.frontdoor.auth.allowUnauthenticated }}{{ include "gptoss-cluster.fullname" . }}-api-keys
+{{- end }}
+{{- end }}
+
+{{/*
+gptoss-cluster.rayAuthSecret: the Secret holding Ray's auth token under the key `auth_token` (KubeRay's
+convention): ray.auth.existingSecret, else the one the chart generates (secret-ray-auth.yaml).
+*/}}
+{{- define "gptoss-cluster.rayAuthSecret" -}}
+{{- default (printf "%s-ray-auth" (include "gptoss-cluster.fullname" .)) .Values.ray.auth.existingSecret }}
+{{- end }}
+
+{{/*
+gptoss-cluster.rayAuthEnv: the environment that turns on Ray's token authentication in a container
+(Ray >= 2.52): every Ray process of the pod (raylet, GCS, dashboard, workers, `ray` CLI, ray.init)
+then sends and requires the token. KubeRay injects the same for its own pods from authOptions; it
+is set here too so the front door pods, which join with `ray start`, and exec'd CLIs match.
+*/}}
+{{- define "gptoss-cluster.rayAuthEnv" -}}
+- {name: RAY_AUTH_MODE, value: token}
+- name: RAY_AUTH_TOKEN
+  valueFrom:
+    secretKeyRef:
+      name: {{ include "gptoss-cluster.rayAuthSecret" . }}
+      key: auth_token
+{{- end }}
+
+{{/*
+gptoss-cluster.releasePods: a NetworkPolicy peer matching this release's Ray pods and front doors.
+*/}}
+{{- define "gptoss-cluster.releasePods" -}}
+- podSelector:
+    matchExpressions:
+      - {key: app.kubernetes.io/instance, operator: In, values: [{{ .Release.Name | quote }}]}
+      - {key: app.kubernetes.io/name, operator: In, values: [{{ include "gptoss-cluster.name" . | quote }}]}
+      - {key: app.kubernetes.io/component, operator: In, values: [ray-head, ray-worker, frontdoor]}
+{{- end }}
+
+{{/*
+gptoss-cluster.tenantsFile: frontdoor.tenants as the tenants file of cluster/frontdoor/tenants.py
+(camelCase settings -> snake_case).
+*/}}
+{{- define "gptoss-cluster.tenantsFile" -}}
+{{- $names := dict "role" "role" "requestsPerS" "requests_per_s" "requestBurst" "request_burst" "tokensPerMin" "tokens_per_min" "tokenBurst" "token_burst" "maxConcurrentStreams" "max_concurrent_streams" "maxContextTokens" "max_context_tokens" "maxOutputTokens" "max_output_tokens" -}}
+{{- $tenants := dict -}}
+{{- range $tenant, $settings := .Values.frontdoor.tenants }}
+{{- $entry := dict -}}
+{{- range $key, $value := $settings }}{{ $_ := set $entry (index $names $key) $value }}{{ end -}}
+{{- $_ := set $tenants $tenant $entry -}}
+{{- end -}}
+{{- toYaml (dict "tenants" $tenants) }}
 {{- end }}
 
 {{/*

@@ -1,0 +1,168 @@
+"""Constrained decoding in the torch engine: compile a request's turn grammar off the step loop, keep
+one matcher per sequence, and mask a step's logits for all constrained rows in one tensor operation.
+
+    GenerateRequest.constraint --GuideCompiler (thread pool, LRU cache)--> Guide (one per Sequence)
+    step: Guide.fill -> packed bitmask [R, V/32] (llguidance, in parallel) -> logits masked in one op
+          sampled token -> Guide.consume
+
+The grammar (cluster/harmony/structured.py) covers the whole harmony turn, so the mask is on from
+the first generated token; its analysis part allows any text. Requests without a constraint carry
+no Guide and cost nothing: the sampler only looks for Guides.
+
+Wrap-up: a constrained answer that is cut off by max_tokens is invalid, so in the last
+`WRAP_UP_TOKENS` tokens the mask is narrowed to the allowed tokens that close things (quotes,
+brackets, the end of the turn), or failing those, separators; a model that writes the value
+briskly never notices, and one that rambles (a random model, say) still ends with a valid value.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import concurrent.futures
+import functools
+import logging
+import threading
+
+import llguidance
+import llguidance.torch as llg_torch
+import torch
+
+from cluster.engine.errors import InvalidRequestError
+from cluster.harmony.structured import (CONSTRAINED_STOP_TOKEN_IDS, ConstraintError, TurnConstraint, check_constraint,
+                                        grammar_tokenizer, parser_limits, token_bytes, turn_grammar)
+from cluster.harmony.tokenizer import VOCAB_SIZE
+
+log = logging.getLogger(__name__)
+
+WRAP_UP_TOKENS = 64
+_CLOSERS = b'"}]'
+_SEPARATORS = b'"}],:'
+
+
+class Guide:
+    """The grammar state of one sequence: which tokens may come next, advanced by each token taken."""
+
+    def __init__(self, matcher: llguidance.LLMatcher) -> None:
+        self.matcher = matcher
+
+    def consume(self, token_id: int) -> None:
+        if not self.matcher.consume_token(token_id):
+            # The mask allowed only tokens the grammar accepts, so this is a bug (or a stop token
+            # after the end); generation goes on unconstrained rather than failing the batch.
+            log.warning("constrained decoding: token %d refused (%s); the rest is unconstrained",
+                        token_id, self.matcher.get_error()[:200])
+
+    @property
+    def is_error(self) -> bool:
+        return self.matcher.is_error()
+
+
+class GuideCompiler:
+    """Compiles turn constraints into Guides on its own threads, caching the compiled grammar by its
+    text (a schema used again costs one matcher copy)."""
+
+    def __init__(self, max_workers: int = 2, cache_size: int = 256) -> None:
+        self._pool = concurrent.futures.ThreadPoolExecutor(max_workers, thread_name_prefix="grammar-compile")
+        self._cache: collections.OrderedDict[str, llguidance.LLMatcher] = collections.OrderedDict()
+        self._lock = threading.Lock()
+        self._cache_size = cache_size
+        self._pool.submit(grammar_tokenizer)  # build the vocabulary's index before the first request
+
+    async def guide_for(self, constraint: TurnConstraint, max_tokens: int) -> Guide:
+        """A fresh Guide for one request; raises InvalidRequestError naming the bad field."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._pool, self.compile, constraint, max_tokens)
+
+    def compile(self, constraint: TurnConstraint, max_tokens: int) -> Guide:
+        try:
+            grammar = turn_grammar(constraint, max_tokens)
+        except ConstraintError as err:
+            raise InvalidRequestError(err.field, err.problem) from None
+        with self._lock:
+            template = self._cache.get(grammar)
+            if template is not None:
+                self._cache.move_to_end(grammar)
+        if template is None:
+            template = self._compile(constraint, max_tokens)
+            with self._lock:
+                self._cache[grammar] = template
+                while len(self._cache) > self._cache_size:
+                    self._cache.popitem(last=False)
+        return Guide(template.deep_copy())
+
+    @staticmethod
+    def _compile(constraint: TurnConstraint, max_tokens: int) -> llguidance.LLMatcher:
+        try:
+            grammar = check_constraint(constraint, max_tokens)  # names the field of a bad part
+        except ConstraintError as err:
+            raise InvalidRequestError(err.field, err.problem) from None
+        matcher = llguidance.LLMatcher(grammar_tokenizer(), grammar, log_level=0, limits=parser_limits())
+        if matcher.is_error():
+            raise InvalidRequestError(f"{constraint.field_prefix}.schema", matcher.get_error().splitlines()[0][:500])
+        return matcher
+
+    def shutdown(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+@functools.cache
+def _executor() -> llguidance.LLExecutor:
+    return llguidance.LLExecutor()
+
+
+@functools.cache
+def _wrap_up_masks() -> tuple[torch.Tensor, torch.Tensor]:
+    """Packed masks [V/32] of the closing tokens and of the closing-or-separating tokens."""
+    closers, separators = [False] * VOCAB_SIZE, [False] * VOCAB_SIZE
+    for token_id, piece in enumerate(token_bytes()):
+        if piece and not piece.startswith(b"<|"):  # specials are spelled <|name|>
+            closers[token_id] = not piece.translate(None, _CLOSERS)
+            separators[token_id] = not piece.translate(None, _SEPARATORS)
+    for token_id in CONSTRAINED_STOP_TOKEN_IDS:
+        closers[token_id] = separators[token_id] = True
+    return _pack(torch.tensor(closers)), _pack(torch.tensor(separators))
+
+
+def _pack(allowed: torch.Tensor) -> torch.Tensor:
+    """bool [V] -> int32 [V/32], bit j of word i for token 32 i + j (llguidance's layout)."""
+    bytes_ = allowed.view(-1, 8).to(torch.uint8).mul(_BIT_VALUES).sum(dim=1, dtype=torch.uint8)
+    return bytes_.view(torch.int32)  # little-endian: byte k of a word holds its bits 8 k .. 8 k + 7
+
+
+def guide_bitmask(guides: list[Guide], tokens_left: list[int]) -> torch.Tensor:
+    """Packed allowed-token bits [R, V/32] (int32) of each guide's next token, computed in parallel;
+    rows with `tokens_left` <= WRAP_UP_TOKENS are narrowed to closing tokens where any is allowed."""
+    bitmask = torch.empty((len(guides), VOCAB_SIZE // 32), dtype=torch.int32)
+    llg_torch.fill_next_token_bitmask_par(_executor(), [(g.matcher, i) for i, g in enumerate(guides)], bitmask)
+    wrap = [i for i, left in enumerate(tokens_left) if left <= WRAP_UP_TOKENS]
+    if wrap:
+        rows = bitmask[wrap]  # [W, V/32]
+        for tier in _wrap_up_masks():
+            narrowed = rows & tier
+            rows = torch.where(narrowed.any(dim=1, keepdim=True), narrowed, rows)
+        bitmask[wrap] = rows
+    return bitmask
+
+
+def apply_bitmask(logits: torch.Tensor, rows: list[int], bitmask: torch.Tensor) -> None:
+    """Set to -inf, in place, each logit of `rows` (of logits [S, V]) whose bit in `bitmask`
+    [len(rows), V/32] is 0: one table lookup (byte -> 8 blocked flags) and one masked fill for the
+    step, whatever the number of rows."""
+    S, V = logits.shape
+    packed = bitmask.to(logits.device, non_blocking=True).view(torch.uint8).flatten().long()  # little-endian words
+    blocked = _blocked_table(logits.device).index_select(0, packed).view(len(rows), -1)[:, :V]
+    if len(rows) == S:
+        logits.masked_fill_(blocked, float("-inf"))
+        return
+    index = torch.tensor(rows, device=logits.device)
+    logits.index_copy_(0, index, logits.index_select(0, index).masked_fill_(blocked, float("-inf")))
+
+
+_BIT_VALUES = torch.tensor([1 << j for j in range(8)], dtype=torch.uint8)
+
+
+@functools.cache
+def _blocked_table(device: torch.device) -> torch.Tensor:
+    """[256, 8] bool: whether bit j of byte b is 0."""
+    return ((torch.arange(256).unsqueeze(1) >> torch.arange(8)) & 1).eq(0).to(device)

@@ -1,0 +1,535 @@
+"""The ASGI app of the OpenAI-compatible API (a route table, no framework: every route is the
+same Exchange) and the uvicorn server that runs it on the front door's event loop, beside grpc.aio.
+
+Every route is one Exchange: admission as for a gRPC call (request id, drain, API key from
+`Authorization: Bearer`, tenant budget; Admission reads the HTTP headers as call metadata), the
+route's body, and errors through errors.status_for -> errors.http_error. While a route runs,
+the exchange watches the connection: a client that goes away cancels the route, which closes
+the replica stream exactly as a cancelled gRPC call does. An `x-request-timeout` header
+(seconds) is the call's deadline, as grpc-timeout is for gRPC. Responses carry x-request-id.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import json
+import logging
+import re
+import socket
+import time
+from typing import AsyncIterator, Awaitable, Callable
+
+import grpc
+
+from cluster.frontdoor import errors
+from cluster.frontdoor.admission import Admission
+from cluster.frontdoor.call import REQUEST_ID, CallInfo
+from cluster.frontdoor.http import chat, responses
+from cluster.frontdoor.http.fields import Fields, parse_json, read_sampling, read_stops, renamed
+from cluster.frontdoor.http.store import ResponseStore
+from cluster.frontdoor.http.turn import new_id
+from cluster.frontdoor.ports import PortUnavailable
+from cluster.frontdoor.servicer import (InferenceServicer, Violations, _Rpc, build_generate_request,
+                                        encode_prompt_text)
+from cluster.harmony.tokenizer import load_tokenizer
+from cluster.serving.model_info import ModelInfo
+
+log = logging.getLogger(__name__)
+
+MAX_BODY_BYTES = 64 << 20  # the gRPC side's message limit
+TIMEOUT_HEADER = "x-request-timeout"
+_SSE_HEADERS = [(b"content-type", b"text/event-stream; charset=utf-8"), (b"cache-control", b"no-cache"),
+                (b"x-accel-buffering", b"no")]
+
+
+class HttpContext:
+    """What Admission and the servicer's request builders read of a gRPC context, for HTTP."""
+
+    def __init__(self, headers: list[tuple[bytes, bytes]], client: tuple[str, int] | None = None) -> None:
+        self._metadata = [(k.decode("latin-1").lower(), v.decode("latin-1")) for k, v in headers]
+        self._client = client
+        self.deadline: float | None = None
+        timeout = dict(self._metadata).get(TIMEOUT_HEADER)
+        self.timeout_problem = None
+        if timeout is not None:
+            try:
+                seconds = float(timeout)
+                if not 0 < seconds < 1e9:
+                    raise ValueError
+                self.deadline = time.monotonic() + seconds
+            except ValueError:
+                self.timeout_problem = errors.FieldError(TIMEOUT_HEADER, f"must be a positive number of seconds, "
+                                                                         f"got {timeout!r}")
+
+    def invocation_metadata(self):
+        return self._metadata
+
+    def peer(self) -> str:
+        """The client's address in grpc's form ("ipv4:127.0.0.1:5555", "ipv6:[::1]:5555")."""
+        if not self._client:
+            return ""
+        host, port = self._client[0], self._client[1]
+        return f"ipv6:[{host}]:{port}" if ":" in host else f"ipv4:{host}:{port}"
+
+    def time_remaining(self) -> float | None:
+        return None if self.deadline is None else max(0.0, self.deadline - time.monotonic())
+
+    async def send_initial_metadata(self, metadata) -> None:
+        return None  # x-request-id rides on every HTTP response's headers
+
+
+class Stream:
+    """A route's streamed answer: SSE events, and how to say an error after they started."""
+
+    def __init__(self, events: AsyncIterator[bytes], error_event: Callable[[dict], bytes]) -> None:
+        self.events = events
+        self.error_event = error_event
+
+
+def sse(data: dict | str, event: str | None = None) -> bytes:
+    text = data if isinstance(data, str) else json.dumps(data, separators=(",", ":"))
+    head = f"event: {event}\n" if event else ""
+    return f"{head}data: {text}\n\n".encode()
+
+
+class OpenAIApi:
+    """The routes, over the gRPC servicer's core."""
+
+    def __init__(self, servicer: InferenceServicer, admission: Admission, info: ModelInfo,
+                 store: ResponseStore) -> None:
+        self.servicer = servicer
+        self.admission = admission
+        self.info = info
+        self.store = store
+        self.model = info.model_name
+        self.created = int(time.time())
+        # (HTTP method, path pattern) -> (the route's metric label, its body); a plain table rather
+        # than a framework router: every route runs the same Exchange, and a request costs less.
+        self.routes = [
+            ("POST", re.compile(r"/v1/chat/completions"), "/v1/chat/completions", self.chat_completions),
+            ("POST", re.compile(r"/v1/responses"), "/v1/responses", self.create_response),
+            ("GET", re.compile(r"/v1/responses/(?P<response_id>[^/]+)"), "/v1/responses/{id}", self.get_response),
+            ("DELETE", re.compile(r"/v1/responses/(?P<response_id>[^/]+)"), "/v1/responses/{id}",
+             self.delete_response),
+            ("POST", re.compile(r"/v1/responses/(?P<response_id>[^/]+)/cancel"), "/v1/responses/{id}/cancel",
+             self.cancel_response),
+            ("POST", re.compile(r"/v1/completions"), "/v1/completions", self.completions),
+            ("GET", re.compile(r"/v1/models"), "/v1/models", self.list_models),
+            ("GET", re.compile(r"/v1/models/(?P<model_id>.+)"), "/v1/models/{id}", self.get_model),
+        ]
+
+    async def __call__(self, scope, receive, send) -> None:
+        """The ASGI app."""
+        if scope["type"] != "http":
+            return  # lifespan is off; websockets are not served
+        path = scope["path"].rstrip("/") or "/"
+        allowed = []
+        for method, pattern, label, body in self.routes:
+            match = pattern.fullmatch(path)
+            if match is None:
+                continue
+            if method == scope["method"]:
+                await Exchange(self, label, body, match.groupdict())(scope, receive, send)
+                return
+            allowed.append(method)
+        status = 405 if allowed else 404
+        message = f"{scope['method']} {scope['path']} is not a route of this API"
+        data = json.dumps({"error": {"message": message, "type": "not_found_error" if status == 404 else
+                                     "invalid_request_error", "param": None, "code": None}}).encode()
+        headers = [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode())]
+        if allowed:
+            headers.append((b"allow", ", ".join(allowed).encode()))
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        await send({"type": "http.response.body", "body": data})
+
+    # ── helpers the routes share ──
+
+    def check_model(self, body: object) -> str:
+        model = body.get("model") if isinstance(body, dict) else None
+        if not isinstance(model, str):
+            raise errors.FieldError("model", "is required (a string)" if model is None else "must be a string")
+        if model != self.model:
+            raise errors.NotFoundError("MODEL_NOT_FOUND", "model", f"model: {model!r} is not served here "
+                                                                   f"(GET /v1/models lists {self.model!r})")
+        return self.model
+
+    async def primed(self, events: AsyncIterator) -> tuple[object, AsyncIterator]:
+        """The first item of `events` (so errors before the first token are HTTP errors) and the rest."""
+        try:
+            first = await events.__anext__()
+        except BaseException:
+            await events.aclose()
+            raise
+        return first, events
+
+    # ── routes ──
+
+    async def chat_completions(self, x: "Exchange"):
+        model = self.check_model(x.json)
+        call = chat.read_chat(x.json, self.info, x.call, x.context, model)
+        call = dataclasses.replace(call, internal=self.servicer._within_tenant_limits(x.call, call.internal, "messages"))
+        output = chat.ChatOutput(call)
+        events = self.servicer.chat_events(call.internal, call.stops, False, x.call, x.context, x.bookkeeping)
+        if not call.stream:
+            async with contextlib.aclosing(events):
+                async for deltas, complete in events:
+                    output.feed(deltas)
+                    if complete is not None:
+                        return output.completion(complete)
+        first, events = await self.primed(events)
+
+        async def stream() -> AsyncIterator[bytes]:
+            async with contextlib.aclosing(events):
+                head = sse(output.first_chunk())
+                item = first
+                while True:  # one write per engine chunk, however many deltas it made
+                    deltas, complete = item
+                    data = head + b"".join(sse(chunk) for chunk in output.chunks(deltas, complete))
+                    head = b""
+                    if complete is not None:
+                        yield data + sse("[DONE]")
+                        return
+                    yield data
+                    item = await events.__anext__()
+        return Stream(stream(), lambda error: sse(error) + sse("[DONE]"))
+
+    async def create_response(self, x: "Exchange"):
+        model = self.check_model(x.json)
+        call = await responses.read_responses(x.json, self.info, x.call, x.context, model, self.store)
+        call = dataclasses.replace(call, internal=self.servicer._within_tenant_limits(x.call, call.internal, "input"))
+        output = responses.ResponsesOutput(call)
+        events = self.servicer.chat_events(call.internal, (), False, x.call, x.context, x.bookkeeping)
+
+        async def finish(complete) -> dict:
+            final = output.response("completed", complete)
+            if call.store:
+                await self.store.put(x.call.tenant, call.id, output.record(final))
+            return final
+
+        if not call.stream:
+            async with contextlib.aclosing(events):
+                async for deltas, complete in events:
+                    output.feed(deltas)
+                    if complete is not None:
+                        output.turn.finish()
+                        return await finish(complete)
+        first, events = await self.primed(events)
+
+        async def stream() -> AsyncIterator[bytes]:
+            async with contextlib.aclosing(events):
+                head = b"".join(sse(event, event["type"]) for event in output.opening())
+                item = first
+                while True:  # one write per engine chunk, however many events it made
+                    deltas, complete = item
+                    data = head + b"".join(sse(event, event["type"])
+                                           for event in output.events(deltas, complete is not None))
+                    head = b""
+                    if complete is not None:
+                        await finish(complete)
+                        yield data + b"".join(sse(event, event["type"]) for event in output.closing(complete))
+                        return
+                    yield data
+                    item = await events.__anext__()
+
+        def error_event(error: dict) -> bytes:
+            body = error["error"]
+            return sse({"type": "error", "sequence_number": output._sequence, "code": body["code"],
+                        "message": body["message"], "param": body["param"]}, "error")
+        return Stream(stream(), error_event)
+
+    async def _stored(self, x: "Exchange") -> dict:
+        response_id = x.path_params["response_id"]
+        record = await self.store.get(x.call.tenant, response_id)
+        if record is None:
+            raise errors.NotFoundError("RESPONSE_NOT_FOUND", "response_id", f"no stored response {response_id!r}")
+        return record
+
+    async def get_response(self, x: "Exchange"):
+        return (await self._stored(x))["response"]
+
+    async def delete_response(self, x: "Exchange"):
+        response_id = x.path_params["response_id"]
+        if not await self.store.delete(x.call.tenant, response_id):
+            raise errors.NotFoundError("RESPONSE_NOT_FOUND", "response_id", f"no stored response {response_id!r}")
+        return {"id": response_id, "object": "response.deleted", "deleted": True}
+
+    async def cancel_response(self, x: "Exchange"):
+        await self._stored(x)
+        raise errors.FieldError("response_id", "only background responses can be cancelled, and this server runs "
+                                               "none (cancel a streamed response by closing its connection)")
+
+    async def completions(self, x: "Exchange"):
+        model = self.check_model(x.json)
+        violations = Violations()
+        fields = Fields(x.json, violations)
+        prompt_value = fields.get("prompt", (str, list), required=True)
+        prompt: list[int] = []
+        if isinstance(prompt_value, str):
+            prompt = encode_prompt_text(prompt_value, "prompt", violations)
+        elif isinstance(prompt_value, list):
+            if prompt_value and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt_value):
+                prompt = list(prompt_value)
+            elif len(prompt_value) == 1 and isinstance(prompt_value[0], str):
+                prompt = encode_prompt_text(prompt_value[0], "prompt[0]", violations)
+            else:
+                violations.add("prompt", "must be a string, an array of token ids, or an array of one string")
+        for key in ("echo", "suffix", "best_of"):
+            if fields.body.get(key) not in (None, False, 1):
+                violations.add(key, "is not supported")
+        top = fields.get("logprobs", int)
+        stops = read_stops(fields)
+        sampling = read_sampling(fields, self.info, max_tokens_keys=("max_tokens",), logprobs=top,
+                                 logprobs_field="logprobs")
+        # Generate's default stop set, as for the raw prompt of a gRPC Generate: every message end.
+        sampling = dataclasses.replace(sampling, stop_token_ids=load_tokenizer().message_end_ids)
+        stream = fields.get("stream", bool, False)
+        options = fields.object("stream_options")
+        include_usage = bool(options.get("include_usage", bool, False)) if options is not None else False
+        try:
+            internal = build_generate_request(prompt, sampling, self.info, x.call, x.context, violations,
+                                              prompt_field="prompt", sampling_prefix="")
+        except Exception as err:  # noqa: BLE001 - re-raised with the request's own field names
+            raise renamed(err, {}) from None
+        internal = self.servicer._within_tenant_limits(x.call, internal, "prompt")
+        completion_id, created = new_id("cmpl"), int(time.time())
+        events = self.servicer.generate_events(internal, stops, True, x.call, x.context, x.bookkeeping)
+
+        def body(text: str, finish: str | None, logprobs=None) -> dict:
+            choice = {"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish}
+            return {"id": completion_id, "object": "text_completion", "created": created, "model": model,
+                    "system_fingerprint": None, "choices": [choice]}
+
+        def logprobs_of(chunk) -> dict | None:
+            if top is None or chunk is None:
+                return None
+            content = chat.logprobs_content(chunk.logprobs)
+            return {"tokens": [c["token"] for c in content], "token_logprobs": [c["logprob"] for c in content],
+                    "top_logprobs": [{t["token"]: t["logprob"] for t in c["top_logprobs"]} for c in content],
+                    "text_offset": []}
+
+        def finish_reason(complete) -> str:
+            return chat.FINISH.get(complete.finish_reason, "stop")
+
+        def completion_usage(complete) -> dict:
+            u = chat.usage(complete)
+            del u["completion_tokens_details"]
+            return u
+
+        if not stream:
+            text, tokens, lps = [], [], {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+            async with contextlib.aclosing(events):
+                async for chunk, complete in events:
+                    if chunk is not None:
+                        text.append(chunk.text)
+                        tokens.extend(chunk.token_ids)
+                        more = logprobs_of(chunk)
+                        if more:
+                            for key in lps:
+                                lps[key] += more[key]
+                    if complete is not None:
+                        return {**body("".join(text), finish_reason(complete), lps if top is not None else None),
+                                "usage": completion_usage(complete)}
+        first, events = await self.primed(events)
+
+        async def stream_events() -> AsyncIterator[bytes]:
+            async with contextlib.aclosing(events):
+                item = first
+                while True:
+                    chunk, complete = item
+                    data = sse(body(chunk.text, None, logprobs_of(chunk))) if chunk is not None and chunk.text else b""
+                    if complete is not None:
+                        data += sse(body("", finish_reason(complete)))
+                        if include_usage:
+                            data += sse({**body("", None), "choices": [], "usage": completion_usage(complete)})
+                        yield data + sse("[DONE]")
+                        return
+                    if data:
+                        yield data
+                    item = await events.__anext__()
+        return Stream(stream_events(), lambda error: sse(error) + sse("[DONE]"))
+
+    def _model(self) -> dict:
+        return {"id": self.model, "object": "model", "created": self.created, "owned_by": "gptoss-cluster",
+                "context_length": self.info.context_length}
+
+    async def list_models(self, x: "Exchange"):
+        return {"object": "list", "data": [self._model()]}
+
+    async def get_model(self, x: "Exchange"):
+        if x.path_params["model_id"] != self.model:
+            raise errors.NotFoundError("MODEL_NOT_FOUND", "model", f"model {x.path_params['model_id']!r} is not "
+                                                                   f"served here")
+        return self._model()
+
+
+# The routes that run the model: their calls are billed like gRPC's Generate and Chat.
+GENERATING_ROUTES = frozenset({"/v1/chat/completions", "/v1/responses", "/v1/completions"})
+
+
+class Exchange:
+    """One HTTP request through admission, its route, and the one error mapping (an ASGI app)."""
+
+    def __init__(self, api: OpenAIApi, method: str, body: Callable[["Exchange"], Awaitable],
+                 path_params: dict) -> None:
+        self.api = api
+        self.method = method
+        self.body = body
+        self.path_params = path_params
+        self.json: object = None
+        self.call: CallInfo | None = None
+        self.context: HttpContext | None = None
+        self.bookkeeping: _Rpc | None = None
+        self._started = False
+        self._disconnected = False
+
+    async def __call__(self, scope, receive, send) -> None:
+        api = self.api
+        servicer = api.servicer
+        self.bookkeeping = _Rpc(servicer._metrics, self.method, servicer._method_metrics(self.method, "http"),
+                                api="http")
+        self.context = HttpContext(scope["headers"], scope.get("client"))
+        self.call, problem = api.admission.open(self.method, self.context)
+        self._send = send
+        watcher = None
+        try:
+            try:
+                api.admission.check(self.call, problem or self.context.timeout_problem, None)
+                if scope["method"] == "POST":
+                    violations = Violations()
+                    raw = await self._read_body(receive)
+                    self.json = parse_json(raw, violations) if raw.strip() else {}
+                    violations.raise_any()
+                task = asyncio.current_task()
+                watcher = asyncio.get_running_loop().create_task(self._watch(receive, task))
+                remaining = self.context.time_remaining()
+                async with asyncio.timeout(remaining):
+                    result = await self.body(self)
+                    if isinstance(result, Stream):
+                        await self._stream(result)
+                    else:
+                        await self._answer(200, result)
+                self.bookkeeping.code = grpc.StatusCode.OK
+            except asyncio.CancelledError:
+                if not self._disconnected:
+                    raise
+                asyncio.current_task().uncancel()
+                self.bookkeeping.code = grpc.StatusCode.CANCELLED
+                self.call.logger(log).info("-> CANCELLED by the client (disconnected)")
+            except Exception as err:  # noqa: BLE001 - every error leaves through errors.status_for
+                await self._fail(err)
+        finally:
+            if watcher is not None:
+                watcher.cancel()
+            api.admission.leave(self.call)
+            self.bookkeeping.end()
+            if self.method in GENERATING_ROUTES:
+                servicer.record_usage(self.call, self.method, self.bookkeeping)
+
+    async def _read_body(self, receive) -> bytes:
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                self._disconnected = True
+                raise asyncio.CancelledError()
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > MAX_BODY_BYTES:
+                raise errors.FieldError("body", f"must be at most {MAX_BODY_BYTES} bytes")
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                return b"".join(chunks)
+
+    async def _watch(self, receive, task: asyncio.Task) -> None:
+        """Cancel the route when the client goes away (uvicorn reports it at once)."""
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                self._disconnected = True
+                task.cancel()
+                return
+
+    def _headers(self, extra: dict[str, str] | None = None) -> list[tuple[bytes, bytes]]:
+        headers = [(REQUEST_ID.encode(), self.call.request_id.encode())]
+        for key, value in (extra or {}).items():
+            headers.append((key.encode(), value.encode()))
+        return headers
+
+    async def _answer(self, status: int, body: dict, extra: dict[str, str] | None = None) -> None:
+        data = json.dumps(body, separators=(",", ":")).encode()
+        self._started = True
+        await self._send({"type": "http.response.start", "status": status,
+                          "headers": [(b"content-type", b"application/json"),
+                                      (b"content-length", str(len(data)).encode())] + self._headers(extra)})
+        await self._send({"type": "http.response.body", "body": data})
+
+    async def _stream(self, stream: Stream) -> None:
+        self._error_event = stream.error_event
+        async with contextlib.aclosing(stream.events) as events:
+            self._started = True
+            await self._send({"type": "http.response.start", "status": 200, "headers": _SSE_HEADERS + self._headers()})
+            async for data in events:
+                await self._send({"type": "http.response.body", "body": data, "more_body": True})
+        await self._send({"type": "http.response.body", "body": b""})
+
+    async def _fail(self, err: BaseException) -> None:
+        status = errors.status_for(err, request_id=self.call.request_id)
+        self.bookkeeping.code = status.code
+        if status.code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+            self.bookkeeping.metrics.rejected_requests_total.labels("http", self.method, status.reason or "").inc()
+        self.call.logger(log).info("-> %s: %s", status.code.name, status.message)
+        answer = errors.http_error(status)
+        if self._disconnected:
+            return
+        if not self._started:
+            await self._answer(answer.status, answer.body, answer.headers)
+            return
+        with contextlib.suppress(Exception):  # mid-stream: say it in the stream's own form, then end it
+            await self._send({"type": "http.response.body", "body": self._error_event(answer.body), "more_body": True})
+            await self._send({"type": "http.response.body", "body": b""})
+
+
+# ───────────────────────────────────────── the server ─────────────────────────────────────────
+
+class HttpServer:
+    """uvicorn on the running event loop (no thread, no signal handlers of its own)."""
+
+    def __init__(self, app, host: str, port: int) -> None:
+        import uvicorn
+
+        # IPPROTO_TCP explicitly: asyncio sets TCP_NODELAY only on sockets that say so, and without
+        # it the first event after the headers waits out the client's delayed ACK (~40 ms).
+        self._socket = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM,
+                                     socket.IPPROTO_TCP)
+        self._socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            self._socket.bind((host, port))
+        except OSError as err:
+            self._socket.close()
+            raise PortUnavailable("frontdoor.http_port", host, port, err.strerror or str(err)) from None
+        self._socket.listen(2048)
+        self._socket.setblocking(False)
+        self.port = self._socket.getsockname()[1]
+        config = uvicorn.Config(app, lifespan="off", log_config=None, log_level="warning", access_log=False,
+                                timeout_keep_alive=30, timeout_graceful_shutdown=1)
+        self._server = uvicorn.Server(config)
+        self._task: asyncio.Task | None = None
+
+    async def start(self) -> None:
+        config = self._server.config
+        if not config.loaded:
+            config.load()
+        self._server.lifespan = config.lifespan_class(config)
+        await self._server.startup(sockets=[self._socket])
+        self._task = asyncio.get_running_loop().create_task(self._server.main_loop())
+
+    async def stop(self) -> None:
+        if self._task is None:
+            return
+        self._server.should_exit = True
+        await self._task
+        self._task = None
+        await self._server.shutdown(sockets=[self._socket])
+        self._socket.close()

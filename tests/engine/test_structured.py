@@ -1,0 +1,202 @@
+"""Structured output through the torch engine on the random `tiny` model (real vocabulary): the
+constraint alone must make every answer valid, the analysis must be the unconstrained one, a bad
+constraint is refused before anything runs, and preemption keeps the grammar state."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import torch
+from engine_fixtures import engine_model, one_intra_op_thread  # noqa: F401  (fixtures)
+from structured_cases import BUDGET, MAX_TOKENS, cases, check_output, prompt
+
+from cluster.engine.batching_engine import BatchingEngine
+from cluster.engine.core import EngineConfig
+from cluster.engine.errors import InvalidRequestError
+from cluster.engine.guided import WRAP_UP_TOKENS, GuideCompiler, apply_bitmask, guide_bitmask
+from cluster.engine.request import FinishReason, GenerateRequest, SamplingParams
+from cluster.harmony.render import Message, render_prompt
+from cluster.harmony.structured import ResponseFormat, StrictTool, TurnConstraint
+from cluster.harmony.tokenizer import CHANNEL_ID, END_ID, MESSAGE_ID, RETURN_ID, START_ID, load_tokenizer
+
+
+@pytest.fixture
+def make_engine(engine_model):
+    engines = []
+
+    def make(**config):
+        settings = dict(max_num_seqs=48, max_num_batched_tokens=2048, kv_cache_memory_bytes=64 << 20)
+        engine = BatchingEngine.for_model(engine_model("tiny"), EngineConfig(**{**settings, **config}),
+                                          chunk_interval_s=0.0)
+        engines.append(engine)
+        return engine
+
+    yield make
+    for engine in engines:
+        engine.shutdown()
+
+
+async def run(engine, constraint, *, seed=None, temperature=0.0, max_tokens=MAX_TOKENS, request_id="r", ids=None):
+    request = GenerateRequest(tuple(ids or prompt()), SamplingParams(max_tokens=max_tokens, temperature=temperature,
+                                                                     seed=seed),
+                              request_id=request_id, constraint=constraint)
+    chunks = [c async for c in engine.generate(request)]
+    return [t for c in chunks for t in c.token_ids], chunks[-1].finish_reason
+
+
+def test_every_case_validates_greedy_and_sampled_in_one_batch(make_engine):
+    """33 schemas + json_object, regex, grammar and a strict tool, each greedy and a third of them
+    also sampled (sampling a 201088-token row costs more on CPU), batched together with
+    unconstrained requests, on random weights."""
+    engine = make_engine()
+    runs = [(name, c, 0.0) for name, c in cases().items()]
+    runs += [(name, c, 1.0) for name, c in list(cases().items())[::3]]
+
+    async def main():
+        jobs = [run(engine, c, temperature=t, seed=7, request_id=f"{name}-{t}") for name, c, t in runs]
+        jobs += [run(engine, None, max_tokens=20, request_id=f"free{i}") for i in range(4)]
+        return await asyncio.gather(*jobs)
+
+    results = asyncio.run(main())
+    assert len({name for name, _, _ in runs}) >= 30
+    for (name, constraint, _), (ids, finish) in zip(runs, results):
+        assert finish is FinishReason.STOP, (name, load_tokenizer().decode(ids)[-200:])
+        check_output(name, constraint, ids)
+    for ids, finish in results[len(runs):]:  # unconstrained neighbours: untouched (no grammar, no header)
+        assert finish is FinishReason.LENGTH and len(ids) == 20
+
+
+def test_analysis_is_the_unconstrained_one_up_to_the_final_header(make_engine):
+    """Greedy: the analysis text of a constrained request is what the model writes without a
+    constraint after the same analysis header (the mask allows all text there)."""
+    engine = make_engine()
+    tokenizer = load_tokenizer()
+    header = [CHANNEL_ID, *tokenizer.encode("analysis"), MESSAGE_ID]
+    constraint = TurnConstraint(ResponseFormat("json_schema", {"type": "object", "properties": {
+        "a": {"type": "integer"}}, "required": ["a"]}, strict=True), reasoning_budget=24)
+
+    async def main():
+        # Random weights pick "analysis" or "final" after <|channel|> by chance: take the first
+        # question whose greedy answer starts with an analysis.
+        for question in ("Why?", "What is 2+2?", "Hello", "Tell me a story", "Weather?", "Name a color",
+                         "Pick one", "Count to three"):
+            ids = render_prompt([Message("user", question)], reasoning_effort="low")
+            constrained, _ = await run(engine, constraint, max_tokens=96, ids=ids)
+            if constrained[:len(header)] == header:
+                break
+        else:
+            pytest.fail("no question led the random model into an analysis")
+        end = constrained.index(END_ID)
+        analysis = constrained[len(header):end]
+        free, _ = await run(engine, None, ids=ids + header, max_tokens=len(analysis))
+        return analysis, free, constrained[end:]
+
+    analysis, free, rest = asyncio.run(main())
+    assert len(analysis) == 24  # random weights never end on their own: the budget ended it
+    assert analysis == free
+    assert rest[:5] == [END_ID, START_ID, load_tokenizer().encode("assistant")[0], CHANNEL_ID,
+                        load_tokenizer().encode("final")[0]]
+    assert rest[-1] == RETURN_ID
+
+
+@pytest.mark.parametrize("budget", [0, 5])
+def test_the_reasoning_budget_alone_bounds_the_analysis(make_engine, budget):
+    engine = make_engine()
+    ids, finish = asyncio.run(run(engine, TurnConstraint(reasoning_budget=budget), temperature=1.0, seed=3,
+                                  max_tokens=64))
+    text = load_tokenizer().decode(ids)
+    if budget == 0:
+        assert text.startswith("<|channel|>final<|message|>")
+    else:
+        analysis = ids[3:ids.index(END_ID)]
+        assert len(analysis) == budget and text.startswith("<|channel|>analysis<|message|>")
+    assert finish is FinishReason.STOP and ids[-1] == RETURN_ID  # the free final text wrapped up
+
+
+@pytest.mark.parametrize("constraint, field", [
+    (TurnConstraint(ResponseFormat("json_schema", {"type": "object", "properties": {"a": {"type": "strin"}}},
+                                   strict=True)), "response_format.schema"),
+    (TurnConstraint(ResponseFormat("json_schema", {"type": "string", "pattern": "(?<=a)b"}, strict=True)),
+     "response_format.schema"),
+    (TurnConstraint(ResponseFormat("json_schema", None)), "response_format.schema"),
+    (TurnConstraint(ResponseFormat("regex", pattern="a(b")), "response_format.pattern"),
+    (TurnConstraint(ResponseFormat("grammar", grammar="start: missing_rule")), "response_format.grammar"),
+    (TurnConstraint(ResponseFormat("xml")), "response_format.type"),
+    (TurnConstraint(strict_tools=(StrictTool("t", {"type": "object", "properties": {"x": {"$ref": "#/nope"}}}),)),
+     "tools[0].parameters"),
+    (TurnConstraint(reasoning_budget=-1), "reasoning_budget"),
+])
+def test_a_bad_constraint_is_refused_naming_the_field_before_anything_runs(make_engine, constraint, field):
+    engine = make_engine()
+
+    async def main():
+        with pytest.raises(InvalidRequestError) as info:
+            await run(engine, constraint)
+        return info.value
+
+    err = asyncio.run(main())
+    assert err.field == field, err
+    assert engine.stats().requests_total == 0 and engine.core.stats.steps_total == 0
+
+
+def test_ignore_stop_with_a_constraint_is_refused(make_engine):
+    engine = make_engine()
+    request = GenerateRequest(tuple(prompt()), SamplingParams(max_tokens=8, ignore_stop=True),
+                              constraint=TurnConstraint(ResponseFormat("json_object")))
+
+    async def main():
+        with pytest.raises(InvalidRequestError) as info:
+            [c async for c in engine.generate(request)]
+        return info.value
+
+    assert asyncio.run(main()).field == "sampling.ignore_stop"
+
+
+def test_preempted_constrained_requests_resume_with_their_grammar_state(make_engine):
+    """A KV pool too small for the batch: sequences are preempted and recomputed mid-answer, and
+    end with the same (valid) answers as without preemption."""
+    roomy = make_engine(block_size=4)
+    bytes_per_token = (64 << 20) / roomy.core.kv_cache.capacity_tokens
+    longest = len(prompt()) + MAX_TOKENS
+    # Room for one and a half whole requests; eight in flight, each with a prompt of its own.
+    tight = make_engine(block_size=4, max_num_batched_tokens=256,
+                        kv_cache_memory_bytes=int(1.5 * longest * bytes_per_token))
+    all_cases = list(cases().items())[:8]
+    prompts = [render_prompt([Message("user", f"Question {i}: {name}?")], reasoning_effort="low")
+               for i, (name, _) in enumerate(all_cases)]
+
+    async def answers(engine):
+        return await asyncio.gather(*[run(engine, c, request_id=name, ids=ids)
+                                      for (name, c), ids in zip(all_cases, prompts)])
+
+    expected, got = asyncio.run(answers(roomy)), asyncio.run(answers(tight))
+    assert tight.stats().preemptions_total > 0
+    assert got == expected
+    for (name, constraint), (ids, _) in zip(all_cases, got):
+        check_output(name, constraint, ids)
+
+
+def test_the_mask_of_a_batch_is_one_op_and_leaves_unconstrained_rows_alone():
+    compiler = GuideCompiler()
+    try:
+        guide = compiler.compile(TurnConstraint(ResponseFormat("regex", pattern="ab")), 64)
+        guide.consume(CHANNEL_ID)
+        logits = torch.randn(3, 201088)
+        before = logits.clone()
+        bitmask = guide_bitmask([guide], [64])
+        apply_bitmask(logits, [1], bitmask)
+        allowed = torch.isfinite(logits[1]).nonzero().flatten().tolist()
+        tokenizer = load_tokenizer()
+        assert {tokenizer.decode([t]) for t in allowed} == {"analysis", "final"} or len(allowed) < 10
+        assert torch.equal(logits[0], before[0]) and torch.equal(logits[2], before[2])
+        # Wrap-up: with few tokens left the closing tokens win where the grammar allows any.
+        json_guide = compiler.compile(TurnConstraint(ResponseFormat("json_object"), reasoning_budget=0), 64)
+        for token in tokenizer.encode('<|channel|>final<|message|>{"k":"abc', allow_special=True):
+            json_guide.consume(token)
+        narrowed = torch.zeros(1, 201088)
+        apply_bitmask(narrowed, [0], guide_bitmask([json_guide], [WRAP_UP_TOKENS]))
+        closing = {tokenizer.decode([t]) for t in torch.isfinite(narrowed[0]).nonzero().flatten().tolist()}
+        assert closing and all(set(text) <= set('"}]') for text in closing), closing
+    finally:
+        compiler.shutdown()

@@ -1,0 +1,143 @@
+"""Structured output through the real gRPC front door, Serve and the random tiny model: Chat and
+Generate answers match their format, a strict tool's arguments match its schema, a bad format is
+INVALID_ARGUMENT naming the field, and fuzzed schemas never break the server."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import grpc
+import jsonschema
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from cluster.harmony.tokenizer import load_tokenizer
+from gptoss.v1 import inference_pb2 as pb
+from tests.frontdoor.status_details import bad_fields
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "engine"))
+from structured_cases import BUDGET, MAX_TOKENS, RANDOM_MODEL_SCHEMAS  # noqa: E402
+
+pytestmark = pytest.mark.slow
+
+USER = [pb.ChatMessage(role=pb.ROLE_USER, content="Reply in the requested format.")]
+SAMPLING = pb.SamplingParams(max_tokens=MAX_TOKENS)
+
+
+def chat(stub, **fields):
+    responses = list(stub.Chat(pb.ChatRequest(messages=USER, sampling=SAMPLING, reasoning_budget=BUDGET, **fields),
+                               timeout=120))
+    return [r.delta for r in responses if r.HasField("delta")], responses[-1].complete
+
+
+@pytest.mark.parametrize("name", ["nested_object", "array_of_objects", "enum_string", "pattern", "recursive_tree",
+                                  "one_of_objects"])
+def test_chat_final_answer_matches_the_json_schema(stub, name):
+    schema = RANDOM_MODEL_SCHEMAS[name]
+    fmt = pb.ResponseFormat(json_schema=pb.JsonSchemaFormat(name=name, schema_json=json.dumps(schema), strict=True))
+    deltas, complete = chat(stub, response_format=fmt)
+    assert complete.finish_reason == pb.FINISH_REASON_STOP
+    assert not any(d.raw for d in deltas)
+    final = "".join(d.text for d in deltas if d.channel == pb.CHANNEL_FINAL)
+    jsonschema.validate(json.loads(final), schema)
+    # The model may skip the analysis; if it wrote one, the budget bounded it (plus its header and end).
+    assert complete.usage.reasoning_tokens <= BUDGET + 6
+
+
+def test_chat_strict_tool_call_arguments_match_the_parameters(stub):
+    parameters = RANDOM_MODEL_SCHEMAS["weather_tool"]
+    tool = pb.ToolDefinition(name="get_weather", description="Weather", parameters_json=json.dumps(parameters),
+                             strict=True)
+    # A final answer is an enum value the model is unlikely to pick over a call; either way it validates.
+    fmt = pb.ResponseFormat(regex="no")
+    calls = 0
+    for seed in range(4):
+        sampling = pb.SamplingParams(max_tokens=MAX_TOKENS, temperature=1.0, seed=seed)
+        responses = list(stub.Chat(pb.ChatRequest(messages=USER, sampling=sampling, tools=[tool], response_format=fmt,
+                                                  reasoning_budget=2), timeout=120))
+        deltas = [r.delta for r in responses if r.HasField("delta")]
+        complete = responses[-1].complete
+        tool_calls = [d.tool_call for d in deltas if d.HasField("tool_call")]
+        if complete.finish_reason == pb.FINISH_REASON_TOOL_CALL:
+            calls += 1
+            assert tool_calls[0].name == "get_weather"
+            jsonschema.validate(json.loads(tool_calls[0].arguments_json), parameters)
+        else:
+            assert "".join(d.text for d in deltas if d.channel == pb.CHANNEL_FINAL) == "no"
+    assert calls > 0
+
+
+def test_generate_with_a_regex_and_a_harmony_prompt(stub):
+    prompt = load_tokenizer().encode("<|start|>user<|message|>Code?<|end|><|start|>assistant", allow_special=True)
+    responses = list(stub.Generate(pb.GenerateRequest(prompt_token_ids=prompt, sampling=SAMPLING, reasoning_budget=0,
+                                                      response_format=pb.ResponseFormat(regex="[A-Z]{3}-[0-9]{2}")),
+                                   timeout=120))
+    ids = [t for r in responses if r.HasField("chunk") for t in r.chunk.token_ids]
+    text = load_tokenizer().decode(ids)
+    assert text.startswith("<|channel|>final<|message|>") and text.endswith("<|return|>"), text
+    body = text.removeprefix("<|channel|>final<|message|>").removesuffix("<|return|>")
+    assert len(body) == 6 and body[3] == "-" and body[:3].isupper() and body[4:].isdigit(), body
+
+
+@pytest.mark.parametrize("fields, field", [
+    (dict(response_format=pb.ResponseFormat(json_schema=pb.JsonSchemaFormat(schema_json='{"type": "strin"}',
+                                                                             strict=True))),
+     "response_format.json_schema.schema_json"),
+    (dict(response_format=pb.ResponseFormat(json_schema=pb.JsonSchemaFormat(schema_json="{not json"))),
+     "response_format.json_schema.schema_json"),
+    (dict(response_format=pb.ResponseFormat(regex="a(b")), "response_format.regex"),
+    (dict(response_format=pb.ResponseFormat(grammar=pb.GrammarFormat(text="start: nowhere"))),
+     "response_format.grammar.text"),
+    (dict(tools=[pb.ToolDefinition(name="a", parameters_json="{}"),
+                 pb.ToolDefinition(name="b", parameters_json='{"type": "object", "properties": {"x": {"$ref": "#/no"}}}',
+                                   strict=True)]), "tools[1].parameters_json"),
+    (dict(reasoning_budget=-3), "reasoning_budget"),
+])
+def test_a_bad_format_is_invalid_argument_naming_the_field(stub, fields, field):
+    fields.setdefault("reasoning_budget", BUDGET)
+    with pytest.raises(grpc.RpcError) as info:
+        list(stub.Chat(pb.ChatRequest(messages=USER, sampling=SAMPLING, **fields), timeout=60))
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert bad_fields(info.value) == [field], info.value.details()
+
+
+def test_generate_refuses_a_constraint_on_a_prompt_that_is_not_an_assistant_turn(stub):
+    with pytest.raises(grpc.RpcError) as info:
+        list(stub.Generate(pb.GenerateRequest(prompt_text="The sky is", response_format=pb.ResponseFormat(
+            json_object=pb.JsonObjectFormat())), timeout=60))
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert bad_fields(info.value) == ["response_format"]
+
+
+_KEYWORDS = ["type", "properties", "required", "items", "enum", "const", "pattern", "minLength", "maxLength",
+             "minimum", "maximum", "anyOf", "oneOf", "allOf", "$ref", "$defs", "additionalProperties", "format",
+             "minItems", "maxItems", "prefixItems", "not", "uniqueItems", "multipleOf"]
+_TYPES = st.sampled_from(["string", "integer", "number", "boolean", "null", "object", "array", "strin"])
+_LEAF = st.one_of(_TYPES, st.integers(-3, 20), st.booleans(), st.none(), st.text(max_size=8),
+                  st.sampled_from(["#/$defs/a", "#", "^[a-z]+$", "(", "date", "email"]))
+_SCHEMAS = st.recursive(
+    st.dictionaries(st.sampled_from(_KEYWORDS), _LEAF, max_size=4),
+    lambda inner: st.one_of(
+        st.dictionaries(st.sampled_from(_KEYWORDS), st.one_of(_LEAF, inner, st.lists(inner, max_size=3),
+                                                               st.dictionaries(st.text(max_size=4), inner,
+                                                                               max_size=3)), max_size=5),
+        st.lists(_LEAF, max_size=3)),
+    max_leaves=12)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
+                                                                 HealthCheck.too_slow])
+@given(schema=_SCHEMAS, strict=st.booleans())
+def test_fuzzed_schemas_compile_or_are_refused_never_crash(stub, schema, strict):
+    fmt = pb.ResponseFormat(json_schema=pb.JsonSchemaFormat(schema_json=json.dumps(schema), strict=strict))
+    try:
+        responses = list(stub.Chat(pb.ChatRequest(messages=USER, sampling=pb.SamplingParams(max_tokens=12),
+                                                  response_format=fmt, reasoning_budget=0), timeout=60))
+    except grpc.RpcError as err:
+        assert err.code() == grpc.StatusCode.INVALID_ARGUMENT, (err.code(), err.details())
+        assert bad_fields(err)[0].startswith("response_format"), err.details()
+        return
+    assert responses[-1].HasField("complete")

@@ -1,0 +1,121 @@
+"""The fused CPU MXFP4 kernel against unpack-then-matmul, and the MoE layer that uses it."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from cluster.model import moe as moe_module
+from cluster.model import mxfp4
+from cluster.model.checkpoint import load_model
+from cluster.model.config import GptOssConfig
+from cluster.model.kernels import mxfp4_cpu
+from cluster.model.moe import MoE
+
+pytestmark = pytest.mark.skipif(not mxfp4_cpu.available(), reason="numba is not installed")
+
+
+def _packed(gen: torch.Generator, E: int, R: int, C: int):
+    blocks = torch.randint(0, 256, (E, R, C // 32, 16), dtype=torch.uint8, generator=gen)
+    scales = torch.randint(117, 131, (E, R, C // 32), dtype=torch.uint8, generator=gen)
+    return blocks, scales
+
+
+@pytest.mark.parametrize("tokens_per_expert", [[1, 1, 1], [3, 0, 5], [1, 7, 2]], ids=["decode", "skip", "batched"])
+def test_grouped_matmul_matches_unpack_then_matmul(tokens_per_expert):
+    gen = torch.Generator().manual_seed(0)
+    E, R, C = 4, 40, 96
+    blocks, scales = _packed(gen, E, R, C)
+    experts = torch.tensor([2, 0, 3])
+    counts = torch.tensor(tokens_per_expert)
+    offsets = torch.cat((torch.zeros(1, dtype=torch.long), counts.cumsum(0)))
+    x = torch.randn(int(counts.sum()), C, generator=gen)
+
+    got = mxfp4_cpu.grouped_matmul(blocks, scales, x, experts, offsets)
+
+    dense = mxfp4.unpack(blocks, scales, torch.float64)
+    expected = torch.cat([x[offsets[m]:offsets[m + 1]].double() @ dense[e].T for m, e in enumerate(experts.tolist())])
+    assert got.dtype == torch.float32 and got.shape == (x.shape[0], R)
+    # float32 products are exact (codes * power-of-two scales); only the summation order differs
+    tol = 1e-5 * (x.double().abs() @ dense.abs().amax(dim=(0, 1)).unsqueeze(1)).max().item()
+    assert (got.double() - expected).abs().max().item() <= tol
+
+
+def test_grouped_matmul_is_exact_when_every_sum_is_representable():
+    """Small integers times powers of two sum exactly in float32 in any order: then the kernel is bitwise."""
+    gen = torch.Generator().manual_seed(1)
+    blocks, scales = _packed(gen, 2, 16, 64)
+    scales.fill_(127)  # scale 1
+    x = torch.randint(-4, 5, (3, 64), generator=gen).float()
+    experts, offsets = torch.tensor([1, 0]), torch.tensor([0, 1, 3])
+    got = mxfp4_cpu.grouped_matmul(blocks, scales, x, experts, offsets)
+    dense = mxfp4.unpack(blocks, scales)
+    expected = torch.cat((x[:1] @ dense[1].T, x[1:] @ dense[0].T))
+    assert torch.equal(got, expected)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("tokens", [1, 9])
+def test_moe_fused_path_matches_the_unpacking_path(monkeypatch, dtype, tokens):
+    config = GptOssConfig.from_preset("tiny-small-vocab")
+    torch.manual_seed(0)
+    layer = MoE(config, packed=True)
+    gen = torch.Generator().manual_seed(2)
+    for name in ("gate_up", "down"):
+        b, s = _packed(gen, *getattr(layer, f"{name}_scales").shape[:2], getattr(layer, f"{name}_blocks").shape[2] * 32)
+        getattr(layer, f"{name}_blocks").copy_(b)
+        getattr(layer, f"{name}_scales").copy_(s - 4)
+    with torch.no_grad():
+        for p in (layer.gate_up_bias, layer.down_bias, layer.router.weight, layer.router.bias):
+            p.normal_(0, 0.1)
+    layer = layer.to(dtype)
+    x = torch.randn(1, tokens, config.hidden_size).to(dtype)
+
+    with torch.no_grad():
+        monkeypatch.setattr(moe_module, "DENSE_CACHE_BYTES", 0)  # a "large" layer: the fused kernel
+        assert layer._fused_kernel_applies(x)
+        fused = layer(x)
+        monkeypatch.setattr(mxfp4_cpu, "available", lambda: False)  # the unpack-then-matmul path
+        assert not layer._fused_kernel_applies(x)
+        unpacked = layer(x)
+        exact = copy.deepcopy(layer).double()(x.double())  # the same weights and input, in float64
+    assert fused.dtype == unpacked.dtype == dtype
+    if dtype == torch.float32:
+        assert (fused - unpacked).abs().max().item() <= 1e-5 * unpacked.abs().max().item()
+    else:  # both round the experts' outputs to bf16 at the same points: the fused path is no less accurate
+        fused_err = (fused.double() - exact).abs().max().item()
+        unpacked_err = (unpacked.double() - exact).abs().max().item()
+        assert fused_err <= 1.25 * unpacked_err
+
+
+def test_fused_experts_keep_transformers_parity(checkpoint_dir, monkeypatch):
+    """The whole model with the fused kernel against transformers' dequantized MXFP4 (greedy and logits)."""
+    transformers = pytest.importorskip("transformers")
+    monkeypatch.setattr(moe_module, "DENSE_CACHE_BYTES", 0)
+    path = checkpoint_dir("tiny-small-vocab", True)
+    ours = load_model(path)
+    ref = transformers.GptOssForCausalLM.from_pretrained(
+        path, dtype=torch.float32, quantization_config=transformers.Mxfp4Config(dequantize=True)).eval()
+    ids = torch.randint(0, ours.config.vocab_size, (1, 24), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = ref(ids).logits
+        got = ours(ids, ours.new_cache(ids.shape[1] + 8))
+        assert ours.blocks[0].mlp._fused_kernel_applies(ids.float())
+    assert (got - expected).abs().max().item() < 1e-4
+
+
+def test_kernel_threads_follow_the_callers_torch_threads():
+    """Under Ray an actor gives torch its CPU share; the kernel must not run more threads than that."""
+    import numba
+
+    gen = torch.Generator().manual_seed(3)
+    blocks, scales = _packed(gen, 1, 8, 32)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        mxfp4_cpu.grouped_matmul(blocks, scales, torch.randn(1, 32), torch.tensor([0]), torch.tensor([0, 1]))
+        assert numba.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
