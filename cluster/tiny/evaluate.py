@@ -87,7 +87,7 @@ def score(sample: curriculum.Sample, tokens: list[int]) -> Scored:
         return Scored(valid=False, exact=False, args_valid=None, analysis_tokens=0, **base)
     first = messages[0] if messages else None
     analysis = first.content[0].text if first and first.channel == "analysis" and first.content else None
-    analysis_tokens = len(enc.encode(analysis, allowed_special=set())) if analysis is not None else 0
+    analysis_tokens = len(enc.encode(analysis, allowed_special="all")) if analysis is not None else 0
     if analysis is None or len(messages) != 2 or not tokens:
         return Scored(valid=False, exact=False, args_valid=None, analysis_tokens=analysis_tokens, **base)
     last = messages[1]

@@ -37,7 +37,7 @@ PRESET = "gpt-oss-tiny"
 class TrainSettings:
     seed: int = 0
     samples: int = 16_000
-    steps: int = 2000
+    steps: int = 1000
     batch_tokens: int = 1536  # padded tokens per step
     lr: float = 3e-3  # constant after warmup, so the weights at step k do not depend on `steps`
     warmup: int = 60
@@ -136,7 +136,8 @@ def train(settings: TrainSettings, out_dir: Path, *, artifact: Path | None = Non
     to_row[torch.tensor(vocab_ids)] = torch.arange(len(vocab_ids))
     U = len(vocab_ids)
     rest = math.log(full.vocab_size - U)
-    model = GptOssModel(dataclasses.replace(full, vocab_size=U))
+    # the training model's vocabulary is the used rows; its special-token ids are never read
+    model = GptOssModel(dataclasses.replace(full, vocab_size=U, eos_token_id=0, pad_token_id=0))
     init_weights(model, settings.seed)
     model.train()
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "embedding" not in n]
@@ -170,14 +171,15 @@ def train(settings: TrainSettings, out_dir: Path, *, artifact: Path | None = Non
         if done == settings.steps or done % settings.snapshot_every == 0:
             train_s = time.time() - t0 - render_s
             summary = _save(model, vocab_ids, full, artifact or ARTIFACTS[PRESET], out_dir, losses,
-                            {**dataclasses.asdict(settings), "steps": done, "render_s": round(render_s, 1),
-                             "train_s": round(train_s, 1), "final_loss": round(smooth, 5), "used_rows": U})
+                            {**dataclasses.asdict(settings), "steps": done, "final_loss": round(smooth, 5),
+                             "used_rows": U},
+                            {"render_s": round(render_s, 1), "train_s": round(train_s, 1)})
             bar.write(json.dumps(summary))
     return summary
 
 
 def _save(model: GptOssModel, vocab_ids: list[int], config: GptOssConfig, artifact: Path, out_dir: Path,
-          losses: list[tuple[int, float]], training: dict) -> dict:
+          losses: list[tuple[int, float]], training: dict, timings: dict) -> dict:
     """Write the artifact of the weights as they are now (experts rounded to MXFP4 on a copy), the
     unquantized weights (float_state.pt, to measure what MXFP4 costs), the log and the loss plot."""
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
@@ -186,7 +188,7 @@ def _save(model: GptOssModel, vocab_ids: list[int], config: GptOssConfig, artifa
     quantized.load_state_dict(state)
     quantize_experts_(quantized)
     info = write_artifact(quantized, torch.tensor(vocab_ids), config, artifact, training=training)
-    summary = {**training, **info}
+    summary = {**training, **timings, **info}  # timings stay out of the artifact: same run, same bytes
     (out_dir / "train_log.json").write_text(json.dumps({"summary": summary, "losses": losses}) + "\n")
     _plot(losses, out_dir / "loss.png")
     return summary
