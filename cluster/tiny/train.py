@@ -6,9 +6,10 @@ a vocabulary of those U rows plus one constant logit log(V - U), which is exactl
 log-sum-exp of the V - U untrained rows, each held at zero (logit 0). The full 201088-way softmax
 is therefore computed exactly at the cost of a U-way one. Loss is on the assistant's tokens only.
 
-At the end the experts are rounded to MXFP4, both versions are scored on held-out samples, and
-the artifact (`cluster/model/trained.py` reads it) keeps only what training made: the used rows,
-their ids, and the other weights in bf16 / MXFP4.
+Every `snapshot_every` steps and at the end, a copy of the weights with its experts rounded to MXFP4
+is written as the artifact (`cluster/model/trained.py` reads it), which keeps only what training
+made: the used rows, their ids, and the other weights in bf16 / MXFP4. The unquantized weights go
+to float_state.pt beside the loss plot, for `tiny eval --float-state`.
 """
 
 from __future__ import annotations
