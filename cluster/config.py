@@ -32,9 +32,11 @@ class ConfigError(ValueError):
 class ModelConfig:
     # Checkpoint directory (HF layout). None: build the `preset` checkpoint once into the cache.
     path: str | None = None
-    # Preset built when no path is given; "tiny" has the real vocabulary so chat works.
-    preset: str = "tiny"
-    # Name reported by GetModelInfo; empty: "gpt-oss-<preset>" or the checkpoint's directory name.
+    # Preset built when no path is given: "gpt-oss-tiny" is the small model trained to speak harmony
+    # (cluster/tiny); "tiny" and the other shapes get random weights.
+    preset: str = "gpt-oss-tiny"
+    # Name reported by GetModelInfo; empty: the preset ("gpt-oss-<preset>" for shape names like
+    # "tiny") or the checkpoint's directory name.
     name: str = ""
     # Compute dtype of the loaded weights.
     dtype: str = "float32"

@@ -7,7 +7,7 @@ from cluster.config import ClusterConfig, ConfigError, env_var_name, from_dict, 
 
 def test_defaults_fit_the_embedded_path():
     config = load_config(env={})
-    assert config.model.path is None and config.model.preset == "tiny"
+    assert config.model.path is None and config.model.preset == "gpt-oss-tiny"
     assert (config.frontdoor.host, config.frontdoor.grpc_port, config.frontdoor.metrics_port) == (
         "127.0.0.1", 50051, 9464)
     assert config.serving.replicas == 1 and config.serving.num_cpus == 0.0

@@ -1,6 +1,7 @@
 """The package's layering, read from the source: frontdoor -> serving -> engine -> parallel -> model,
 each importing only downward; harmony, config, metrics, logs, protogen and sockets are leaves any layer may
-use; bench, simulate and cli are tools on top that no layer imports."""
+use; bench, simulate, tiny (gpt-oss-tiny's curriculum, training and eval) and cli are tools on top
+that no layer imports."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[1] / "cluster"
 LAYERS = ("model", "parallel", "engine", "serving", "frontdoor")  # bottom to top
 LEAVES = {"harmony", "config", "metrics", "logs", "protogen", "sockets"}
-TOOLS = {"bench", "simulate", "cli", "__main__", "__init__"}
+TOOLS = {"bench", "simulate", "tiny", "cli", "__main__", "__init__"}
 
 
 def unit_of(path: Path) -> str:

@@ -16,6 +16,7 @@ COMMAND_MODULES = (
     "cluster.cli.bench",
     "cluster.cli.simulate",
     "cluster.cli.experts",
+    "cluster.cli.tiny",
 )
 
 

@@ -1,9 +1,11 @@
-"""`gptoss-cluster checkpoint make|info`: write a random gpt-oss checkpoint, or describe one."""
+"""`gptoss-cluster checkpoint make|info`: write a gpt-oss checkpoint (random weights, or a trained
+preset's such as gpt-oss-tiny), or describe one."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -37,7 +39,18 @@ def _make(args: argparse.Namespace) -> int:
     from cluster.model.checkpoint import write_checkpoint
     from cluster.model.config import GptOssConfig
 
+    from cluster.model.trained import build_trained_checkpoint, is_trained
+
     config = GptOssConfig.from_preset(args.preset)
+    if is_trained(args.preset):
+        if args.layout != "hf" or not args.mxfp4 or args.vocab_size is not None:
+            print(f"gptoss-cluster checkpoint make: {args.preset} holds trained weights, written only as they were "
+                  "trained (--layout hf, MXFP4 experts, its own vocabulary)", file=sys.stderr)
+            return 2
+        out = build_trained_checkpoint(args.preset, args.out)
+        print(f"wrote {args.preset} (trained, {config.num_parameters():,} parameters, MXFP4 experts, layout hf, "
+              f"checksums verified) to {out}")
+        return 0
     if args.vocab_size is not None:
         config = config.with_vocab_size(args.vocab_size)
     out = write_checkpoint(config, args.out, seed=args.seed, layout=args.layout, mxfp4=args.mxfp4,

@@ -30,11 +30,12 @@ FLAG_PATHS = {
 def register(subparsers) -> None:
     p = subparsers.add_parser("serve", help="serve a gpt-oss model over gRPC and HTTP",
                               description="Start (or join) Ray, deploy the model replicas and serve gptoss.v1 "
-                                          "over gRPC. With no model, a tiny checkpoint is built once into the cache.")
+                                          "over gRPC. With no model, gpt-oss-tiny (a small model trained to speak harmony) is "
+                                          "rebuilt once into the cache from the weights in the package.")
     p.add_argument("--config", metavar="FILE", help="YAML configuration (see cluster/config.py)")
     model = p.add_mutually_exclusive_group()
     model.add_argument("--model", metavar="DIR", help="checkpoint directory (HF layout)")
-    model.add_argument("--preset", help="build and serve a preset checkpoint (default: tiny)")
+    model.add_argument("--preset", help="build and serve a preset checkpoint (default: gpt-oss-tiny, trained; other presets random)")
     p.add_argument("--grpc-port", type=int, help="gRPC port (default 50051; 0 picks a free one)")
     p.add_argument("--http-port", type=int, help="OpenAI-compatible HTTP API port (default 8088; 0 picks a free one; "
                                                   "-1 disables)")

@@ -8,8 +8,10 @@ Presets (`PRESETS`, `GptOssConfig.from_preset(name)`):
 
 - `gpt-oss-120b`, `gpt-oss-20b`: the published models.
 - `tiny`: 4 layers, hidden 64, 8 experts top-4, window 8, and the REAL vocabulary (201088), so
-  the real o200k_harmony tokenizer works with it. `gptoss-cluster serve` serves this by default.
+  the real o200k_harmony tokenizer works with it (random weights, for tests needing exact shapes).
 - `tiny-vllm`: `tiny` with head_dim 32, the smallest head vLLM's CPU attention runs.
+- `gpt-oss-tiny`: the shape of the trained gpt-oss-tiny (cluster/tiny); 4 layers, hidden 128, 8
+  experts top-2, window 128. `gptoss-cluster serve` serves the trained weights by default.
 - `tiny-small-vocab`: a different shape for tests (3 layers, hidden 96, 6 query heads over 2 kv
   heads, 4 experts top-2, window 16, vocab 1024). Token ids must stay below 1024.
 
@@ -308,6 +310,13 @@ PRESETS: dict[str, dict[str, Any]] = {
         vocab_size=201088, hidden_size=64, intermediate_size=64, num_hidden_layers=4,
         num_attention_heads=4, num_key_value_heads=2, head_dim=32,
         num_local_experts=8, num_experts_per_tok=4, sliding_window=8, max_position_embeddings=4096,
+    ),
+    # The trained model (cluster/tiny, weights in cluster/model/assets): the tiny architecture at the
+    # size two CPU cores train in minutes; head_dim 32 so vLLM's CPU attention runs it too.
+    "gpt-oss-tiny": dict(
+        vocab_size=201088, hidden_size=128, intermediate_size=128, num_hidden_layers=4,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=32,
+        num_local_experts=8, num_experts_per_tok=2, sliding_window=128, max_position_embeddings=4096,
     ),
     "tiny-small-vocab": dict(
         vocab_size=1024, hidden_size=96, intermediate_size=128, num_hidden_layers=3,

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 
 from cluster.config import ClusterConfig
 from cluster.engine.request import ModelLimits
+from cluster.serving.model_store import preset_model_name
 
 if TYPE_CHECKING:  # the front door imports this module; it never loads a model
     from cluster.engine.protocol import Engine
@@ -79,7 +80,7 @@ def model_info_for(config: ClusterConfig, engine: Engine, checkpoint: Path | Non
     if checkpoint is None:
         name, quantization, dtype = config.model.name or config.engine.kind, "none", "none"
     else:
-        name = config.model.name or (f"gpt-oss-{preset}" if preset else checkpoint.name)
+        name = config.model.name or (preset_model_name(preset) if preset else checkpoint.name)
         quantization, dtype = checkpoint_quantization(checkpoint), config.model.dtype
     return ModelInfo(
         model_name=name, preset=preset,

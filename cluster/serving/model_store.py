@@ -1,5 +1,7 @@
 """Where a replica's checkpoint comes from: a directory given in the config, or a preset
-checkpoint built once (deterministically, seed 0) into the cache directory and reused after."""
+checkpoint built once into the cache directory and reused after: a trained preset (gpt-oss-tiny)
+rebuilt from its packaged artifact, checksums checked (cluster/model/trained.py), any other
+preset with deterministic random weights (seed 0)."""
 
 from __future__ import annotations
 
@@ -16,8 +18,17 @@ PRESET_FORMAT_VERSION = 1
 _COMPLETE_MARKER = ".complete"
 
 
+def preset_model_name(preset: str) -> str:
+    """What GetModelInfo calls a preset: "gpt-oss-tiny" as is, a shape name like "tiny" as "gpt-oss-tiny"."""
+    return preset if preset.startswith("gpt-oss") else f"gpt-oss-{preset}"
+
+
 def preset_checkpoint_dir(cache_dir: Path, preset: str) -> Path:
-    return cache_dir / "checkpoints" / f"{preset}-seed0-v{PRESET_FORMAT_VERSION}"
+    from cluster.model.trained import artifact_sha256, is_trained
+
+    # A trained preset's cache is keyed by its artifact, so new weights never reuse an old build.
+    weights = f"trained-{artifact_sha256(preset)[:16]}" if is_trained(preset) else "seed0"
+    return cache_dir / "checkpoints" / f"{preset}-{weights}-v{PRESET_FORMAT_VERSION}"
 
 
 def ensure_preset_checkpoint(preset: str, cache_dir: Path) -> Path:
@@ -31,12 +42,16 @@ def ensure_preset_checkpoint(preset: str, cache_dir: Path) -> Path:
         return target
     from cluster.model.checkpoint import write_checkpoint
     from cluster.model.config import GptOssConfig
+    from cluster.model.trained import build_trained_checkpoint, is_trained
 
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
     try:
         log.info("building the %s checkpoint into %s", preset, target)
-        write_checkpoint(GptOssConfig.from_preset(preset), staging, seed=0, layout="hf", mxfp4=True)
+        if is_trained(preset):
+            build_trained_checkpoint(preset, staging)
+        else:
+            write_checkpoint(GptOssConfig.from_preset(preset), staging, seed=0, layout="hf", mxfp4=True)
         (staging / _COMPLETE_MARKER).touch()
         if target.exists() and not (target / _COMPLETE_MARKER).exists():
             shutil.rmtree(target, ignore_errors=True)  # left over from a build that died half-way

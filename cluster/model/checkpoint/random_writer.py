@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import torch
@@ -105,6 +105,16 @@ def write_checkpoint(config: GptOssConfig, out_dir: str | os.PathLike, *, seed: 
     writes both, holding the same weights. The same (config, seed, mxfp4) always gives the same
     tensors, whatever the layout. Expert matrices are MXFP4 unless `mxfp4=False` (then bf16).
     """
+    return save_checkpoint(config, lambda: _random_tensors(config, seed, mxfp4), out_dir, layout=layout,
+                           mxfp4=mxfp4, progress=progress, max_shard_bytes=max_shard_bytes)
+
+
+def save_checkpoint(config: GptOssConfig, tensors: Callable[[], Iterable[tuple[str, torch.Tensor]]],
+                    out_dir: str | os.PathLike, *, layout: str = "hf", mxfp4: bool = True,
+                    progress: bool | None = None, max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> Path:
+    """Write the weights `tensors()` yields, (model param name, tensor) in `_random_tensors`' order
+    and dtypes, as a checkpoint of `config` in `layout`; returns `out_dir`. (The trained presets'
+    rebuild, cluster/model/trained.py, writes through this too.)"""
     if layout not in LAYOUTS:
         raise CheckpointError(f"layout must be one of {LAYOUTS}, got {layout!r}")
     out = Path(out_dir)
@@ -115,7 +125,7 @@ def write_checkpoint(config: GptOssConfig, out_dir: str | os.PathLike, *, seed: 
         entries = {e.param: e for e in tensor_layout(config, target, mxfp4)}
         # Tensors are drawn again for each layout (same seed, same values) and streamed to the shards,
         # so a large preset never holds more than a shard and a layer's experts in memory.
-        disk = ((name, piece) for param, t in _random_tensors(config, seed, mxfp4)
+        disk = ((name, piece) for param, t in tensors()
                 for name, piece in zip(entries[param].names, entries[param].split(t)))
         with progress_bar(total, progress, f"writing {target} checkpoint") as bar:
             if target == "hf":

@@ -1,0 +1,106 @@
+"""`gptoss-cluster tiny train | eval`: train gpt-oss-tiny from scratch, or score it on held-out chats."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser("tiny", help="train or evaluate gpt-oss-tiny, the small trained harmony model",
+                                   description=__doc__)
+    commands = parser.add_subparsers(dest="tiny_command", required=True, metavar="ACTION")
+
+    from cluster.tiny.train import TrainSettings
+
+    d = TrainSettings()
+    train = commands.add_parser("train", help="train from scratch on CPU and write the artifact and a loss plot")
+    train.add_argument("--seed", type=int, default=d.seed, help=f"training seed (default {d.seed})")
+    train.add_argument("--samples", type=int, default=d.samples, help=f"curriculum samples (default {d.samples})")
+    train.add_argument("--steps", type=int, default=d.steps, help=f"optimizer steps (default {d.steps})")
+    train.add_argument("--batch-tokens", type=int, default=d.batch_tokens,
+                       help=f"padded tokens per step (default {d.batch_tokens})")
+    train.add_argument("--lr", type=float, default=d.lr, help=f"peak learning rate (default {d.lr})")
+    train.add_argument("--threads", type=int, default=d.threads, help=f"torch threads (default {d.threads})")
+    train.add_argument("--out", default="tiny-train", help="directory for loss.png and train_log.json")
+    train.add_argument("--artifact", help="where to write the weights (default: the packaged artifact)")
+    train.set_defaults(func=_train)
+    register_eval(commands)
+
+
+def _train(args: argparse.Namespace) -> int:
+    from cluster.tiny.train import TrainSettings, train
+
+    settings = TrainSettings(seed=args.seed, samples=args.samples, steps=args.steps, batch_tokens=args.batch_tokens,
+                             lr=args.lr, threads=args.threads)
+    summary = train(settings, Path(args.out), artifact=Path(args.artifact) if args.artifact else None)
+    print(json.dumps(summary))
+    return 0
+
+
+def register_eval(commands) -> None:
+    ev = commands.add_parser("eval", help="score the model on held-out chats (table and one JSON line)")
+    source = ev.add_mutually_exclusive_group()
+    source.add_argument("--checkpoint", help="HF checkpoint directory (default: the packaged gpt-oss-tiny)")
+    source.add_argument("--artifact", help="a trained artifact file (from `tiny train --artifact`)")
+    source.add_argument("--float-state", help="the unquantized weights training saved (float_state.pt)")
+    ev.add_argument("--samples", type=int, default=600, help="held-out conversations (default 600)")
+    ev.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    ev.add_argument("--cache-dir", default="~/.cache/gptoss-cluster", help="where the checkpoint is rebuilt")
+    ev.add_argument("--show-failures", type=int, default=5, help="print this many wrong completions")
+    ev.set_defaults(func=_eval)
+
+
+def _eval(args: argparse.Namespace) -> int:
+    import tempfile
+    import time
+
+    import torch
+
+    from cluster.model.checkpoint import load_model
+    from cluster.model.trained import build_trained_checkpoint
+    from cluster.tiny import evaluate
+
+    torch.set_num_threads(args.threads)
+    tmp = None
+    if args.float_state:
+        model = evaluate.model_from_float_state(Path(args.float_state))
+        source = args.float_state
+    else:
+        if args.checkpoint:
+            path = Path(args.checkpoint)
+        elif args.artifact:
+            tmp = tempfile.TemporaryDirectory()
+            path = build_trained_checkpoint("gpt-oss-tiny", tmp.name, artifact=Path(args.artifact))
+        else:
+            from cluster.serving.model_store import ensure_preset_checkpoint
+
+            path = ensure_preset_checkpoint("gpt-oss-tiny", Path(args.cache_dir).expanduser())
+        model = load_model(path, dtype=torch.float32)
+        source = str(path)
+    start = time.time()
+    samples = evaluate.eval_samples(args.samples, train_samples=_train_samples(args))
+    scored = evaluate.run_eval(model, samples)
+    summary = evaluate.summarize(scored)
+    summary.update(source=source, eval_s=round(time.time() - start, 1))
+    for r in [r for r in scored if not r.exact][: args.show_failures]:
+        print(f"[{r.skill}/{r.effort}] {r.completion!r}")
+    print(evaluate.table(summary))
+    print(json.dumps(summary))
+    if tmp is not None:
+        tmp.cleanup()
+    return 0
+
+
+def _train_samples(args: argparse.Namespace) -> int:
+    """How many samples the model trained on (recorded in its artifact), to keep eval disjoint."""
+    from cluster.model.trained import ARTIFACTS, read_artifact, _sidecar_sha256
+    from cluster.tiny.train import TrainSettings
+
+    path = Path(args.artifact) if args.artifact else ARTIFACTS["gpt-oss-tiny"]
+    try:
+        _, _, metadata = read_artifact(path, _sidecar_sha256(path))
+        return int(metadata["training"]["samples"])
+    except Exception:  # no artifact to read (e.g. --float-state of a run in progress): the default
+        return TrainSettings().samples

@@ -1,0 +1,217 @@
+"""Train gpt-oss-tiny from scratch on the curriculum, on CPU, and write its compact artifact.
+
+The model is the project's own `GptOssModel` (cluster/model), so training runs the exact layers
+the engine serves. Only the vocabulary rows the curriculum uses are trained: the model trains with
+a vocabulary of those U rows plus one constant logit log(V - U), which is exactly the
+log-sum-exp of the V - U untrained rows, each held at zero (logit 0). The full 201088-way softmax
+is therefore computed exactly at the cost of a U-way one. Loss is on the assistant's tokens only.
+
+Every `snapshot_every` steps and at the end, a copy of the weights with its experts rounded to MXFP4
+is written as the artifact (`cluster/model/trained.py` reads it), which keeps only what training
+made: the used rows, their ids, and the other weights in bf16 / MXFP4. The unquantized weights go
+to float_state.pt beside the loss plot, for `tiny eval --float-state`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import random
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from cluster.model import mxfp4
+from cluster.model.attention import KVCache
+from cluster.model.config import GptOssConfig
+from cluster.model.trained import ARTIFACTS, write_artifact
+from cluster.model.transformer import GptOssModel
+from cluster.tiny import curriculum
+
+PRESET = "gpt-oss-tiny"
+
+
+@dataclasses.dataclass
+class TrainSettings:
+    seed: int = 0
+    samples: int = 16_000
+    steps: int = 1000
+    batch_tokens: int = 1536  # padded tokens per step
+    lr: float = 3e-3  # constant after warmup, so the weights at step k do not depend on `steps`
+    warmup: int = 60
+    snapshot_every: int = 250  # write the artifact (and plot) every this many steps, and at the end
+    weight_decay: float = 0.01
+    threads: int = 1
+
+
+def encode(samples: list[curriculum.Sample]) -> list[tuple[list[int], int]]:
+    """(prompt + completion ids, prompt length) per sample."""
+    out = []
+    for s in samples:
+        prompt = s.prompt_ids()
+        out.append((prompt + s.completion_ids(), len(prompt)))
+    return out
+
+
+def batches(data: list[tuple[list[int], int]], batch_tokens: int, rng: random.Random) -> list[list[int]]:
+    """Index batches of similar length (little padding), each at most `batch_tokens` padded tokens."""
+    order = sorted(range(len(data)), key=lambda i: (len(data[i][0]), rng.random()))
+    out, current, longest = [], [], 0
+    for i in order:
+        n = len(data[i][0])
+        if current and max(longest, n) * (len(current) + 1) > batch_tokens:
+            out.append(current)
+            current, longest = [], 0
+        current.append(i)
+        longest = max(longest, n)
+    if current:
+        out.append(current)
+    return out
+
+
+def collate(data, idx: list[int], to_row: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """inputs [B, T], targets [B, T] (row ids), loss mask [B, T] (assistant tokens only)."""
+    T = max(len(data[i][0]) for i in idx) - 1
+    inputs = torch.zeros(len(idx), T, dtype=torch.long)
+    targets = torch.zeros(len(idx), T, dtype=torch.long)
+    mask = torch.zeros(len(idx), T, dtype=torch.bool)
+    for b, i in enumerate(idx):
+        ids, prompt_len = data[i]
+        rows = to_row[torch.tensor(ids)]
+        n = len(ids) - 1
+        inputs[b, :n], targets[b, :n] = rows[:-1], rows[1:]
+        mask[b, prompt_len - 1 : n] = True  # predicting token prompt_len.. (the completion)
+    return inputs, targets, mask
+
+
+def logits_with_rest(model: GptOssModel, inputs: torch.Tensor, rest: float) -> torch.Tensor:
+    """[B, T, U + 1]: the U used rows' logits and log(V - U), the untrained rows' log-sum-exp."""
+    B, T = inputs.shape
+    cache = KVCache(model.config, T, B, torch.float32, "cpu")
+    cos, sin = model.rope.tables(0, T, torch.float32)
+    x = model.run_blocks(inputs, cos, sin, cache.layers(0))
+    logits = F.linear(model.norm(x), model.unembedding.weight)
+    return torch.cat((logits, logits.new_full((B, T, 1), rest)), dim=-1)
+
+
+def init_weights(model: GptOssModel, seed: int) -> None:
+    g = torch.Generator().manual_seed(seed)
+    H = model.config.hidden_size
+    for name, p in model.named_parameters():
+        with torch.no_grad():
+            if name.endswith("norm.scale"):
+                p.fill_(1.0)
+            elif name.endswith(("bias", "sinks")):
+                p.zero_()
+            elif name == "embedding.weight":
+                p.copy_(torch.randn(p.shape, generator=g))
+            else:
+                p.copy_(torch.randn(p.shape, generator=g) * p.shape[-1] ** -0.5 * (0.5 if "out" in name or "down" in name else 1.0))
+    model.unembedding.weight.data.mul_(H**0.5 * 0.02)
+
+
+def quantize_experts_(model: GptOssModel) -> None:
+    """Round every expert matrix to the nearest MXFP4 values, in place (still dense floats)."""
+    with torch.no_grad():
+        for block in model.blocks:
+            for w in (block.mlp.gate_up_weight, block.mlp.down_weight):
+                w.copy_(mxfp4.unpack(*mxfp4.pack(w), w.dtype))
+
+
+def train(settings: TrainSettings, out_dir: Path, *, artifact: Path | None = None, progress: bool = True) -> dict:
+    """Train; write loss.png, train_log.json and the artifact; return a summary."""
+    from tqdm import tqdm
+
+    torch.manual_seed(settings.seed)
+    torch.set_num_threads(settings.threads)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    samples = curriculum.generate(settings.samples, curriculum.TRAIN_SEED + settings.seed)
+    data = encode(tqdm(samples, desc="rendering curriculum", disable=not progress, leave=False))
+    vocab_ids = sorted({t for ids, _ in data for t in ids})
+    full = GptOssConfig.from_preset(PRESET)
+    to_row = torch.full((full.vocab_size,), -1, dtype=torch.long)
+    to_row[torch.tensor(vocab_ids)] = torch.arange(len(vocab_ids))
+    U = len(vocab_ids)
+    rest = math.log(full.vocab_size - U)
+    # the training model's vocabulary is the used rows; its special-token ids are never read
+    model = GptOssModel(dataclasses.replace(full, vocab_size=U, eos_token_id=0, pad_token_id=0))
+    init_weights(model, settings.seed)
+    model.train()
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "embedding" not in n]
+    other = [p for n, p in model.named_parameters() if not (p.dim() >= 2 and "embedding" not in n)]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": settings.weight_decay},
+                             {"params": other, "weight_decay": 0.0}], lr=settings.lr, betas=(0.9, 0.98))
+    rng = random.Random(settings.seed)
+    plan: list[list[int]] = []
+    losses: list[tuple[int, float]] = []
+    render_s = time.time() - t0
+    bar = tqdm(range(settings.steps), desc="training gpt-oss-tiny", disable=not progress)
+    smooth = None
+    for step in bar:
+        if not plan:
+            plan = batches(data, settings.batch_tokens, rng)
+            rng.shuffle(plan)
+        inputs, targets, mask = collate(data, plan.pop(), to_row)
+        lr = settings.lr * min(1.0, (step + 1) / settings.warmup)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        logits = logits_with_rest(model, inputs, rest)
+        loss = F.cross_entropy(logits[mask], targets[mask])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        smooth = loss.item() if smooth is None else 0.95 * smooth + 0.05 * loss.item()
+        losses.append((step, loss.item()))
+        bar.set_postfix(loss=f"{smooth:.4f}", lr=f"{lr:.1e}")
+        done = step + 1
+        if done == settings.steps or done % settings.snapshot_every == 0:
+            train_s = time.time() - t0 - render_s
+            summary = _save(model, vocab_ids, full, artifact or ARTIFACTS[PRESET], out_dir, losses,
+                            {**dataclasses.asdict(settings), "steps": done, "final_loss": round(smooth, 5),
+                             "used_rows": U},
+                            {"render_s": round(render_s, 1), "train_s": round(train_s, 1)})
+            bar.write(json.dumps(summary))
+    return summary
+
+
+def _save(model: GptOssModel, vocab_ids: list[int], config: GptOssConfig, artifact: Path, out_dir: Path,
+          losses: list[tuple[int, float]], training: dict, timings: dict) -> dict:
+    """Write the artifact of the weights as they are now (experts rounded to MXFP4 on a copy), the
+    unquantized weights (float_state.pt, to measure what MXFP4 costs), the log and the loss plot."""
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    torch.save({"vocab_ids": torch.tensor(vocab_ids), "state": state}, out_dir / "float_state.pt")
+    quantized = GptOssModel(model.config)
+    quantized.load_state_dict(state)
+    quantize_experts_(quantized)
+    info = write_artifact(quantized, torch.tensor(vocab_ids), config, artifact, training=training)
+    summary = {**training, **timings, **info}  # timings stay out of the artifact: same run, same bytes
+    (out_dir / "train_log.json").write_text(json.dumps({"summary": summary, "losses": losses}) + "\n")
+    _plot(losses, out_dir / "loss.png")
+    return summary
+
+
+def _plot(losses: list[tuple[int, float]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps, values = zip(*losses)
+    k = 25
+    smooth = [sum(values[max(0, i - k):i + 1]) / len(values[max(0, i - k):i + 1]) for i in range(len(values))]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot(steps, values, alpha=0.3, label="per step")
+    ax.plot(steps, smooth, label=f"mean of {k + 1}")
+    ax.set_yscale("log")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (nats per assistant token)")
+    ax.set_title("gpt-oss-tiny training")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

@@ -1,0 +1,65 @@
+"""The curriculum: seeded, rendered by openai-harmony into turns its parser accepts, with tool
+arguments matching their schemas, effort ordering the analysis, and an eval set disjoint from training."""
+
+from __future__ import annotations
+
+import json
+import statistics
+
+import openai_harmony as oh
+
+from cluster.harmony import CALL_ID, RETURN_ID, load_tokenizer
+from cluster.tiny import curriculum
+from cluster.tiny.evaluate import _key, eval_samples, matches_schema, score
+
+
+def test_same_seed_same_samples_other_seed_other_samples():
+    a, b = curriculum.generate(50, 7), curriculum.generate(50, 7)
+    assert [_key(s) for s in a] == [_key(s) for s in b]
+    assert [s.completion_ids() for s in a] == [s.completion_ids() for s in b]
+    assert [_key(s) for s in curriculum.generate(50, 8)] != [_key(s) for s in a]
+
+
+def test_every_completion_is_a_harmony_turn_the_parser_accepts_and_scores_exact():
+    enc = load_tokenizer()._encoding
+    samples = curriculum.generate(300, 3)
+    assert {s.skill for s in samples} == set(curriculum.SKILLS)
+    for s in samples:
+        tokens = s.completion_ids()
+        messages = enc.parse_messages_from_completion_tokens(tokens, oh.Role.ASSISTANT)
+        assert messages[0].channel == "analysis"
+        if s.call:
+            assert tokens[-1] == CALL_ID and messages[-1].recipient == f"functions.{s.call[0]}"
+            schema = {t.name: t.parameters for t in s.tools}[s.call[0]]
+            assert matches_schema(json.loads(messages[-1].content[0].text), schema)
+        else:
+            assert tokens[-1] == RETURN_ID and messages[-1].channel == "final"
+        assert score(s, tokens).exact  # the scorer accepts the curriculum's own answer
+
+
+def test_a_wrong_answer_or_bad_arguments_score_as_such():
+    s = next(x for x in curriculum.generate(200, 4) if x.call and x.call[0] == "get_weather")
+    enc = load_tokenizer()._encoding
+    good = s.completion_ids()
+    wrong_city = enc.encode(enc.decode(good).replace(s.call[1]["city"], "Atlantis"), allowed_special="all")
+    scored = score(s, wrong_city)
+    assert scored.valid and scored.args_valid and not scored.exact
+    bad_json = enc.encode(enc.decode(good).replace('{"city": ', '{"city" '), allowed_special="all")
+    scored = score(s, bad_json)
+    assert scored.args_valid is False and not scored.exact
+    assert not score(s, good[:-1]).valid  # cut before <|call|>
+
+
+def test_reasoning_effort_orders_the_analysis_length():
+    enc = load_tokenizer()._encoding
+    lengths = {e: [] for e in curriculum.EFFORTS}
+    for s in curriculum.generate(300, 5):
+        lengths[s.effort].append(len(enc.encode(s.reply[0].content, allowed_special=set())))
+    means = [statistics.mean(lengths[e]) for e in curriculum.EFFORTS]
+    assert means[0] < means[1] < means[2]
+
+
+def test_eval_samples_never_occur_in_the_training_set():
+    train = {_key(s) for s in curriculum.generate(2000, curriculum.TRAIN_SEED)}
+    held_out = eval_samples(200, train_samples=2000)
+    assert len(held_out) == 200 and not train & {_key(s) for s in held_out}
