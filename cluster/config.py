@@ -164,7 +164,8 @@ class ServingConfig:
     # engine.max_num_seqs + engine.max_waiting_requests lets the engine's own queue fill, so its
     # waiting count means something to routing and autoscaling.
     max_ongoing_requests: int = 96
-    # Requests waiting in a caller's queue before Serve rejects more (-1: unbounded).
+    # Requests waiting in a caller's queue before Serve rejects more (-1: unbounded, and then the
+    # front door does not refuse streams for lack of replica room either).
     max_queued_requests: int = 64
     # Seconds Serve waits for in-flight requests when a replica stops.
     graceful_shutdown_timeout_s: float = 5.0

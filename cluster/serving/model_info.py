@@ -96,7 +96,10 @@ def model_info_for(config: ClusterConfig, engine: Engine, checkpoint: Path | Non
 
 def replica_capacity(config) -> int:
     """Requests one replica holds at once: its engine's batch and waiting queue, within Serve's
-    max_ongoing_requests."""
+    max_ongoing_requests. 0 (no cap in the front door) when serving.max_queued_requests is -1:
+    the operator asked Serve to queue without bound, so the front door refuses nothing for room."""
+    if config.serving.max_queued_requests == -1:
+        return 0
     e = config.engine
     batch = (e.vllm.max_num_seqs or e.max_num_seqs) if e.kind == "vllm" else e.max_num_seqs
     return min(batch + e.max_waiting_requests, config.serving.max_ongoing_requests)
