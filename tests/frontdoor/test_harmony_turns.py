@@ -111,7 +111,9 @@ class EngineResponse:
         return self._stream
 
 
-def chat(model, completion: list[int], request: pb.ChatRequest) -> list[pb.ChatResponse]:
+def over_engine(model, completion: list[int], rpc: str, request) -> list:
+    """The responses of one `rpc` call ("Chat" or "Generate") through a real front door whose
+    replica is the real engine over a ScriptedForward of `completion`."""
     forward = ScriptedForward(completion, model)
     engine = BatchingEngine(AsyncEngine(EngineCore(model, EngineConfig(block_size=16), forward.factory)),
                             chunk_interval_s=0.0)
@@ -119,11 +121,15 @@ def chat(model, completion: list[int], request: pb.ChatRequest) -> list[pb.ChatR
         handle = ScriptedHandle(lambda generate_request: EngineResponse(engine, generate_request))
 
         async def body(stub):
-            return [r async for r in stub.Chat(request, timeout=30)]
+            return [r async for r in getattr(stub, rpc)(request, timeout=30)]
 
         return asyncio.run(with_server(handle, body))
     finally:
         engine.shutdown()
+
+
+def chat(model, completion: list[int], request: pb.ChatRequest) -> list[pb.ChatResponse]:
+    return over_engine(model, completion, "Chat", request)
 
 
 def channel_texts(responses) -> list[tuple[int, str]]:
@@ -189,18 +195,7 @@ def test_commentary_preamble_then_final_answer(tiny_model):
 
 
 def generate(model, completion: list[int], request: pb.GenerateRequest) -> list[pb.GenerateResponse]:
-    forward = ScriptedForward(completion, model)
-    engine = BatchingEngine(AsyncEngine(EngineCore(model, EngineConfig(block_size=16), forward.factory)),
-                            chunk_interval_s=0.0)
-    try:
-        handle = ScriptedHandle(lambda generate_request: EngineResponse(engine, generate_request))
-
-        async def body(stub):
-            return [r async for r in stub.Generate(request, timeout=30)]
-
-        return asyncio.run(with_server(handle, body))
-    finally:
-        engine.shutdown()
+    return over_engine(model, completion, "Generate", request)
 
 
 def streamed_ids(responses) -> list[int]:
