@@ -293,7 +293,7 @@ def test_a_bad_chat_field_is_400_naming_it(client, kwargs, param):
     ({"input": []}, "input"),
     ({"max_output_tokens": -5}, "max_output_tokens"),
     ({"reasoning": {"effort": "max"}}, "reasoning.effort"),
-    ({"text": {"format": {"type": "json_object"}}}, "text.format.type"),
+    ({"text": {"format": {"type": "xml"}}}, "text.format.type"),
     ({"background": True}, "background"),
     ({"input": [{"type": "function_call_output", "call_id": "nope", "output": "x"}]}, "input[0].call_id"),
 ])
