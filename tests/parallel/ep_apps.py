@@ -29,6 +29,9 @@ class EpApp:
         for key, value in parallel.items():
             setattr(config.parallel, key, value)
         config.serving.graceful_shutdown_timeout_s = 1.0
+        # A lost rank ends the call UNAVAILABLE here, so the tests see the group fail and come back;
+        # resuming such a stream on another replica is tests/faults' ep_rank_killed scenario.
+        config.frontdoor.migration_attempts = 0
         config.validate()
         self.name = name
         self.handle = serve.run(build_app(config), name=name, route_prefix=None)
