@@ -98,6 +98,13 @@ class ScriptedForward:
         return torch.stack(rows)  # [R, H]
 
 
+@pytest.fixture(scope="module")
+def scripted_model():
+    """A tiny-shaped model of this module's own: only its cache layout and its unembedding (which
+    ScriptedForward rewrites, so it must not be the session's shared tiny_model) are used."""
+    return GptOssModel(GptOssConfig.from_preset("tiny"))
+
+
 class EngineResponse:
     """What a Serve handle's streaming call returns, over the engine in this process."""
 
@@ -151,10 +158,10 @@ def ask(**fields) -> pb.ChatRequest:
     return pb.ChatRequest(messages=[pb.ChatMessage(role=pb.ROLE_USER, content=USER.content[0].text)], **fields)
 
 
-def test_analysis_then_final_answer_reaches_the_client(tiny_model):
+def test_analysis_then_final_answer_reaches_the_client(scripted_model):
     segments = harmony_turn([ANALYSIS, FINAL])
     completion = [t for s in segments for t in s]
-    responses = chat(tiny_model, completion, ask())
+    responses = chat(scripted_model, completion, ask())
 
     assert channel_texts(responses) == [(pb.CHANNEL_ANALYSIS, ANALYSIS.content[0].text),
                                         (pb.CHANNEL_FINAL, FINAL.content[0].text)]
@@ -164,10 +171,10 @@ def test_analysis_then_final_answer_reaches_the_client(tiny_model):
     assert complete.usage.reasoning_tokens == len(segments[0])  # the analysis message, header and <|end|> included
 
 
-def test_analysis_then_tool_call_ends_the_turn_with_the_call(tiny_model):
+def test_analysis_then_tool_call_ends_the_turn_with_the_call(scripted_model):
     segments = harmony_turn([ANALYSIS, TOOL_CALL])
     completion = [t for s in segments for t in s]
-    responses = chat(tiny_model, completion, ask(tools=[WEATHER_TOOL]))
+    responses = chat(scripted_model, completion, ask(tools=[WEATHER_TOOL]))
 
     assert channel_texts(responses) == [(pb.CHANNEL_ANALYSIS, ANALYSIS.content[0].text),
                                         (pb.CHANNEL_COMMENTARY, '{"city": "Paris"}')]
@@ -180,10 +187,10 @@ def test_analysis_then_tool_call_ends_the_turn_with_the_call(tiny_model):
     assert complete.usage.reasoning_tokens == len(segments[0])
 
 
-def test_commentary_preamble_then_final_answer(tiny_model):
+def test_commentary_preamble_then_final_answer(scripted_model):
     segments = harmony_turn([PREAMBLE, FINAL])
     completion = [t for s in segments for t in s]
-    responses = chat(tiny_model, completion, ask(tools=[WEATHER_TOOL]))
+    responses = chat(scripted_model, completion, ask(tools=[WEATHER_TOOL]))
 
     assert channel_texts(responses) == [(pb.CHANNEL_COMMENTARY, PREAMBLE.content[0].text),
                                         (pb.CHANNEL_FINAL, FINAL.content[0].text)]
@@ -202,15 +209,15 @@ def streamed_ids(responses) -> list[int]:
     return [t for r in responses if r.HasField("chunk") for t in r.chunk.token_ids]
 
 
-def test_generate_keeps_its_default_of_stopping_at_every_message_end(tiny_model):
+def test_generate_keeps_its_default_of_stopping_at_every_message_end(scripted_model):
     segments = harmony_turn([ANALYSIS, FINAL])
     completion = [t for s in segments for t in s]
     prompt = load_tokenizer().encode("<|start|>user<|message|>Hi<|end|><|start|>assistant", allow_special=True)
 
-    one_message = generate(tiny_model, completion, pb.GenerateRequest(prompt_token_ids=prompt))
+    one_message = generate(scripted_model, completion, pb.GenerateRequest(prompt_token_ids=prompt))
     assert streamed_ids(one_message) == segments[0]  # the analysis, ending in <|end|>
     assert one_message[-1].complete.finish_reason == pb.FINISH_REASON_STOP
 
-    whole_turn = generate(tiny_model, completion, pb.GenerateRequest(
+    whole_turn = generate(scripted_model, completion, pb.GenerateRequest(
         prompt_token_ids=prompt, sampling=pb.SamplingParams(stop_token_ids=[200002, 200012])))
     assert streamed_ids(whole_turn) == completion
