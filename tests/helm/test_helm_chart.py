@@ -129,7 +129,7 @@ def test_tiny_cpu_preset_needs_no_gpu_and_builds_its_weights_in_the_cluster():
     assert "nvidia.com/gpu" not in text
     pod = one(objects, "RayService")["spec"]["rayClusterConfig"]["workerGroupSpecs"][0]["template"]["spec"]
     init = pod["initContainers"][0]
-    assert "gptoss-cluster checkpoint make --preset \"tiny\"" in init["args"][0]
+    assert "gptoss-cluster checkpoint make --preset \"gpt-oss-tiny\"" in init["args"][0]
     assert "mv -T" in init["args"][0] and "/models/gpt-oss-tiny" in init["args"][0]
     assert {v["name"]: v for v in pod["volumes"]}["model-weights"]["emptyDir"]
     assert all(c["image"].endswith("-cpu") for c in pod["containers"])
