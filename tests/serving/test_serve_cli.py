@@ -166,7 +166,7 @@ def test_serve_with_ep_size_2_answers_and_exits_cleanly_on_sigterm(tmp_path, sho
     env = dict(os.environ, GPTOSS_CACHE_DIR=str(tmp_path / "cache"), GPTOSS_RAY_TEMP_DIR=str(short_tmp),
                GPTOSS_RAY_NUM_CPUS="2", GPTOSS_FRONTDOOR_LOAD_POLL_INTERVAL_S="0.5",
                GPTOSS_ENGINE_DEFAULT_MAX_TOKENS="48")
-    serve, _ = start_serve(env, grpc_port, metrics_port, "--ep-size", "2")
+    serve, _ = start_serve(env, grpc_port, metrics_port, "--ep-size", "2", "--preset", "tiny")
     try:
         workers = [pid for pid in descendants(serve.pid) if "ExpertWorker" in process_table().get(pid, (0, ""))[1]]
         assert len(workers) == 1, "one expert worker (rank 1) beside the replica (rank 0)"
