@@ -111,7 +111,9 @@ def test_serve_answers_chat_and_exits_cleanly_on_sigterm(tmp_path, short_tmp):
     grpc_port, metrics_port = free_port(), free_port()
     env = dict(os.environ, GPTOSS_CACHE_DIR=str(tmp_path / "cache"), GPTOSS_RAY_TEMP_DIR=str(short_tmp),
                GPTOSS_RAY_NUM_CPUS="2")
-    serve, banner = start_serve(env, grpc_port, metrics_port)
+    # The random tiny preset: this test reads its unparsed output and exact lengths (the trained
+    # default, gpt-oss-tiny, goes through the stack in tests/tiny/test_trained_e2e.py).
+    serve, banner = start_serve(env, grpc_port, metrics_port, "--preset", "tiny")
     try:
         # the tiny checkpoint was built into the private cache
         assert list((tmp_path / "cache" / "checkpoints").glob("tiny-*/config.json"))
