@@ -85,11 +85,19 @@ def _model_tensors(model: GptOssModel, vocab_ids: torch.Tensor) -> dict[str, tor
     return tensors
 
 
-def _checkpoint_tensors(config: GptOssConfig, tensors: dict[str, torch.Tensor]):
-    """(param, tensor) for the full checkpoint: used rows scattered into zero V x H tables."""
+def _checkpoint_tensors(config: GptOssConfig, tensors: dict[str, torch.Tensor], mxfp4: bool = True):
+    """(param, tensor) for the full checkpoint: used rows scattered into zero V x H tables; with
+    `mxfp4` False the experts as the bf16 values their MXFP4 blocks hold (exactly)."""
+    from cluster.model import mxfp4 as fp4
+
     ids = tensors["vocab_ids"]
     for name in _packed_order(config):
         t = tensors[name]
+        if not mxfp4 and name.endswith("_scales"):
+            continue
+        if not mxfp4 and name.endswith("_blocks"):
+            stem = name.removesuffix("_blocks")
+            name, t = stem + "_weight", fp4.unpack(t, tensors[stem + "_scales"], torch.bfloat16)
         if name in _ROWS:
             full = torch.zeros(config.vocab_size, config.hidden_size, dtype=torch.bfloat16)
             full[ids] = t
@@ -97,9 +105,10 @@ def _checkpoint_tensors(config: GptOssConfig, tensors: dict[str, torch.Tensor]):
         yield name, t
 
 
-def _write(config: GptOssConfig, tensors: dict[str, torch.Tensor], out_dir: Path) -> dict[str, str]:
-    save_checkpoint(config, lambda: _checkpoint_tensors(config, tensors), out_dir, layout="hf", mxfp4=True,
-                    progress=False)
+def _write(config: GptOssConfig, tensors: dict[str, torch.Tensor], out_dir: Path, mxfp4: bool = True
+           ) -> dict[str, str]:
+    save_checkpoint(config, lambda: _checkpoint_tensors(config, tensors, mxfp4), out_dir, layout="hf",
+                    mxfp4=mxfp4, progress=False)
     return {p.name: file_sha256(p) for p in sorted(out_dir.iterdir()) if p.is_file()}
 
 
@@ -133,13 +142,18 @@ def read_artifact(path: Path, expected_sha256: str) -> tuple[GptOssConfig, dict[
     return config, tensors, {k: json.loads(v) for k, v in metadata.items()}
 
 
-def build_trained_checkpoint(preset: str, out_dir: str | os.PathLike, *, artifact: Path | None = None) -> Path:
+def build_trained_checkpoint(preset: str, out_dir: str | os.PathLike, *, artifact: Path | None = None,
+                             mxfp4: bool = True) -> Path:
     """Rebuild the full HF checkpoint of a trained preset (or of the artifact file `artifact`)
-    into `out_dir`, checksums checked."""
+    into `out_dir`, checksums checked. `mxfp4` False writes the same weights with bf16 experts,
+    for engines without MXFP4 kernels on this machine (vLLM's CPU build); only the artifact's
+    checksum is checked then, since the recorded ones are of the MXFP4 files."""
     out = Path(out_dir)
     path = artifact or ARTIFACTS[preset]
     config, tensors, metadata = read_artifact(path, _sidecar_sha256(path))
-    written = _write(config, tensors, out)
+    written = _write(config, tensors, out, mxfp4)
+    if not mxfp4:
+        return out
     expected = metadata["checkpoint_sha256"]
     if written != expected:
         bad = sorted(name for name in set(written) | set(expected) if written.get(name) != expected.get(name))

@@ -221,9 +221,10 @@ def sample(rng: random.Random) -> Sample:
     effort = rng.choice(EFFORTS)
     instructions = rng.choice((None, None) + INSTRUCTIONS)
     history: list[Message] = []
-    if rng.random() < 0.25:  # an earlier, finished turn: the model must answer the latest one
+    # earlier, finished turns: the model must answer the latest one (their answers are trained too)
+    for _ in range(rng.choices((0, 1, 2, 3), weights=(4, 3, 2, 1))[0]):
         _, text, reply, = rng.choice(SIMPLE_SKILLS[:5])(rng, effort)[:3]
-        history = [Message("user", text), Message("assistant", reply[-1].content, channel="final")]
+        history += [Message("user", text), Message("assistant", reply[-1].content, channel="final")]
     kind = rng.random()
     if kind < 0.5:
         skill, text, reply = rng.choice(SIMPLE_SKILLS)(rng, effort)

@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from cluster.harmony import CALL_ID, END_ID, MESSAGE_ID, START_ID, load_tokenizer
 from cluster.model import mxfp4
 from cluster.model.attention import KVCache
 from cluster.model.config import GptOssConfig
@@ -40,20 +41,42 @@ class TrainSettings:
     samples: int = 16_000
     steps: int = 1000
     batch_tokens: int = 1536  # padded tokens per step
-    lr: float = 3e-3  # constant after warmup, so the weights at step k do not depend on `steps`
+    lr: float = 3e-3  # peak, held after warmup until the decay
     warmup: int = 60
+    decay: float = 0.2  # the last fraction of the steps decays the rate linearly to a tenth
     snapshot_every: int = 250  # write the artifact (and plot) every this many steps, and at the end
     weight_decay: float = 0.01
     threads: int = 1
 
 
-def encode(samples: list[curriculum.Sample]) -> list[tuple[list[int], int]]:
-    """(prompt + completion ids, prompt length) per sample."""
+def encode(samples: list[curriculum.Sample]) -> list[tuple[list[int], list[int]]]:
+    """(prompt + completion ids, the positions whose token is trained) per sample."""
     out = []
     for s in samples:
         prompt = s.prompt_ids()
-        out.append((prompt + s.completion_ids(), len(prompt)))
+        ids = prompt + s.completion_ids()
+        out.append((ids, earlier_answers(prompt) + list(range(len(prompt), len(ids)))))
     return out
+
+
+def earlier_answers(prompt: list[int]) -> list[int]:
+    """Positions of the assistant's own words in the prompt: the content of earlier assistant
+    messages, and the <|end|>/<|call|> closing an analysis or a tool call. The closing <|end|> of an
+    earlier final is left out (the model must end its own final with <|return|>), and so are the
+    headers (earlier turns' analysis is dropped from the prompt, so their final headers follow
+    <|start|>assistant directly, which the model must not learn)."""
+    (assistant,), (final,) = (load_tokenizer().encode(word) for word in ("assistant", "final"))
+    positions: list[int] = []
+    i = 0
+    while i < len(prompt) - 2:  # the prompt ends with the open <|start|>assistant of the reply
+        if prompt[i] == START_ID and prompt[i + 1] == assistant:
+            body = prompt.index(MESSAGE_ID, i) + 1
+            close = next(j for j in range(body, len(prompt)) if prompt[j] in (END_ID, CALL_ID))
+            keep_close = final not in prompt[i:body]
+            positions += range(body, close + 1 if keep_close else close)
+            i = close
+        i += 1
+    return positions
 
 
 def batches(data: list[tuple[list[int], int]], batch_tokens: int, rng: random.Random) -> list[list[int]]:
@@ -73,17 +96,17 @@ def batches(data: list[tuple[list[int], int]], batch_tokens: int, rng: random.Ra
 
 
 def collate(data, idx: list[int], to_row: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """inputs [B, T], targets [B, T] (row ids), loss mask [B, T] (assistant tokens only)."""
+    """inputs [B, T], targets [B, T] (row ids), loss mask [B, T] (the assistant's tokens only)."""
     T = max(len(data[i][0]) for i in idx) - 1
     inputs = torch.zeros(len(idx), T, dtype=torch.long)
     targets = torch.zeros(len(idx), T, dtype=torch.long)
     mask = torch.zeros(len(idx), T, dtype=torch.bool)
     for b, i in enumerate(idx):
-        ids, prompt_len = data[i]
+        ids, trained = data[i]
         rows = to_row[torch.tensor(ids)]
         n = len(ids) - 1
         inputs[b, :n], targets[b, :n] = rows[:-1], rows[1:]
-        mask[b, prompt_len - 1 : n] = True  # predicting token prompt_len.. (the completion)
+        mask[b, torch.tensor(trained) - 1] = True  # position p - 1 predicts token p
     return inputs, targets, mask
 
 
@@ -95,6 +118,14 @@ def logits_with_rest(model: GptOssModel, inputs: torch.Tensor, rest: float) -> t
     x = model.run_blocks(inputs, cos, sin, cache.layers(0))
     logits = F.linear(model.norm(x), model.unembedding.weight)
     return torch.cat((logits, logits.new_full((B, T, 1), rest)), dim=-1)
+
+
+def learning_rate_factor(step: int, settings: TrainSettings) -> float:
+    """Warmup, then constant, then a linear decay to 0.1 over the last `decay` of the steps."""
+    decay_from = settings.steps * (1.0 - settings.decay)
+    if step >= decay_from:
+        return 1.0 - 0.9 * (step - decay_from) / max(1.0, settings.steps - decay_from)
+    return min(1.0, (step + 1) / settings.warmup)
 
 
 def init_weights(model: GptOssModel, seed: int) -> None:
@@ -156,7 +187,7 @@ def train(settings: TrainSettings, out_dir: Path, *, artifact: Path | None = Non
             plan = batches(data, settings.batch_tokens, rng)
             rng.shuffle(plan)
         inputs, targets, mask = collate(data, plan.pop(), to_row)
-        lr = settings.lr * min(1.0, (step + 1) / settings.warmup)
+        lr = settings.lr * learning_rate_factor(step, settings)
         for group in opt.param_groups:
             group["lr"] = lr
         logits = logits_with_rest(model, inputs, rest)
