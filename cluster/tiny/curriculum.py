@@ -81,6 +81,7 @@ class Sample:
     reply: list[Reply]
     tools: list[ToolDefinition] = field(default_factory=list)
     instructions: str | None = None
+    bare: bool = False  # rendered without the system message (see _drill)
 
     @property
     def final(self) -> str:
@@ -92,6 +93,12 @@ class Sample:
         return (last.recipient.removeprefix("functions."), json.loads(last.content)) if last.recipient else None
 
     def prompt_ids(self) -> list[int]:
+        if self.bare:
+            enc = load_tokenizer()._encoding
+            messages = [oh.Message.from_role_and_content(oh.Role(m.role), m.content).with_channel(m.channel)
+                        if m.channel else oh.Message.from_role_and_content(oh.Role(m.role), m.content)
+                        for m in self.messages]
+            return enc.render_conversation_for_completion(oh.Conversation.from_messages(messages), oh.Role.ASSISTANT)
         return render_prompt(self.messages, reasoning_effort=self.effort, tools=self.tools,
                              instructions=self.instructions)
 
@@ -217,9 +224,29 @@ SIMPLE_SKILLS = (_repeat, _reverse, _count, _upper, _fact, _out_of_scope)
 SKILLS = ("repeat", "reverse", "count", "upper", "fact", "decline", "tool_call", "tool_choice", "tool_answer")
 
 
+COPYING_SKILLS = (_repeat, _reverse, _count, _upper)
+DRILL_SHARE = 0.25  # conversations of many copying turns: dense copying is what teaches it
+DRILL_TURNS = (2, 8)
+
+
+def _drill(rng: random.Random, effort: str) -> Sample:
+    """A chat of copying turns and nothing else: no system message (openai-harmony renders the
+    conversation as it is), their answers trained too (see train.earlier_answers). Copying from far
+    back is learned slowly behind the long system and developer messages; in these short, dense
+    chats it is learned quickly, and the skill then carries over to the full prompts."""
+    history: list[Message] = []
+    for _ in range(rng.randint(*DRILL_TURNS)):
+        _, text, reply = rng.choice(COPYING_SKILLS)(rng, effort)
+        history += [Message("user", text), Message("assistant", reply[-1].content, channel="final")]
+    skill, text, reply = rng.choice(COPYING_SKILLS)(rng, effort)
+    return Sample(skill, effort, history + [Message("user", text)], reply, bare=True)
+
+
 def sample(rng: random.Random) -> Sample:
     effort = rng.choice(EFFORTS)
     instructions = rng.choice((None, None) + INSTRUCTIONS)
+    if rng.random() < DRILL_SHARE:
+        return _drill(rng, effort)
     history: list[Message] = []
     # earlier, finished turns: the model must answer the latest one (their answers are trained too)
     for _ in range(rng.choices((0, 1, 2, 3), weights=(4, 3, 2, 1))[0]):

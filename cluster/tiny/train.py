@@ -38,13 +38,13 @@ PRESET = "gpt-oss-tiny"
 @dataclasses.dataclass
 class TrainSettings:
     seed: int = 0
-    samples: int = 16_000
-    steps: int = 1000
-    batch_tokens: int = 1536  # padded tokens per step
+    samples: int = 40_000
+    steps: int = 6000
+    batch_tokens: int = 2048  # padded tokens per step
     lr: float = 3e-3  # peak, held after warmup until the decay
     warmup: int = 60
     decay: float = 0.2  # the last fraction of the steps decays the rate linearly to a tenth
-    snapshot_every: int = 250  # write the artifact (and plot) every this many steps, and at the end
+    snapshot_every: int = 500  # write the artifact (and plot) every this many steps, and at the end
     weight_decay: float = 0.01
     threads: int = 1
 
