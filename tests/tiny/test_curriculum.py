@@ -63,3 +63,27 @@ def test_eval_samples_never_occur_in_the_training_set():
     train = {_key(s) for s in curriculum.generate(2000, curriculum.TRAIN_SEED)}
     held_out = eval_samples(200, train_samples=2000)
     assert len(held_out) == 200 and not train & {_key(s) for s in held_out}
+
+
+def test_training_targets_the_assistants_words_in_earlier_turns_but_not_an_earlier_finals_end():
+    from cluster.harmony import END_ID
+    from cluster.tiny.train import encode
+
+    tokenizer = load_tokenizer()
+    s = next(x for x in curriculum.generate(200, 6) if x.bare and len(x.messages) >= 3)
+    (ids, trained), = encode([s])
+    prompt_len = len(s.prompt_ids())
+    assert trained[-(len(ids) - prompt_len):] == list(range(prompt_len, len(ids)))  # the whole reply
+    earlier = [p for p in trained if p < prompt_len]
+    answers = [m.content for m in s.messages if m.role == "assistant"]
+    assert tokenizer.decode([ids[p] for p in earlier]) == "".join(answers)  # their words, nothing else
+    assert all(ids[p] != END_ID for p in earlier)  # a final's <|end|> is the prompt's, <|return|> the model's
+
+
+def test_drills_are_copying_chats_without_a_system_message():
+    drills = [s for s in curriculum.generate(400, 2) if s.bare]
+    assert 0.15 < len(drills) / 400 < 0.35
+    for s in drills[:20]:
+        prompt = load_tokenizer().decode(s.prompt_ids())
+        assert prompt.startswith("<|start|>user<|message|>") and "<|start|>system" not in prompt
+        assert s.skill in ("repeat", "reverse", "count", "upper")
