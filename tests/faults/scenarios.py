@@ -424,6 +424,43 @@ def burst_ten_times_capacity(env: dict) -> dict:
     return row
 
 
+def replicas_spread(env: dict) -> dict:
+    """3 replicas that ask for no CPU (the embedded default) on a cluster of 3 worker nodes, with
+    serving.max_replicas_per_node 1: each lands on a node of its own (read from the Serve
+    controller's replica details), so losing one node loses one replica, and all three serve."""
+    import ray
+
+    from cluster.serving.runtime import start_serving
+
+    cluster, _ = _cluster(3, env["temp_dir"])
+    try:
+        config = _config(cluster.address, env["cache_dir"], Path(env["checkpoint"]), **{
+            "serving.replicas": 3, "serving.num_cpus": 0.0, "serving.max_replicas_per_node": 1,
+            "serving.placement_timeout_s": 200.0})  # three replicas starting at once on a loaded box
+        started = time.monotonic()
+        runtime = start_serving(config)
+        placed_s = time.monotonic() - started
+        door = Door(runtime.handle, config)
+        try:
+            controller = ray.get_actor("SERVE_CONTROLLER_ACTOR", namespace="serve")
+            details = ray.get(controller.get_serve_instance_details.remote(), timeout=30)
+            replicas = details["applications"][config.serving.app_name]["deployments"]["ModelReplica"]["replicas"]
+            nodes = [r["node_id"] for r in replicas if r["state"] == "RUNNING"]
+            streams = Streams(door.stub, _prompts(6, 5), 16)
+            streams.join(120)
+            row = _counts(streams.results, 0)
+            row.update(scenario="3 replicas, max 1 per node", recover_s=round(placed_s, 2), replica_nodes=nodes,
+                       checks={"3 replicas running": len(nodes) == 3,
+                               f"each on a node of its own ({len(set(nodes))} nodes)": len(set(nodes)) == 3,
+                               "every request completed": row["completed"] == row["sent"], "0 hung": row["hung"] == 0})
+        finally:
+            door.close()
+            runtime.stop()
+    finally:
+        cluster.shutdown()
+    return row
+
+
 def drain_with_streams(env: dict) -> dict:
     """4 streams in flight when the front door drains with the default grace (as on SIGTERM): new
     calls are refused UNAVAILABLE (DRAINING), every stream in flight completes, then it stops."""
@@ -562,6 +599,7 @@ SCENARIOS = {
     "controller_killed": controller_killed,
     "ep_rank_killed": expert_rank_killed,
     "burst": burst_ten_times_capacity,
+    "spread": replicas_spread,
     "drain": drain_with_streams,
     "replica_killed": lambda env: lose_replica_mid_stream(env, "actor"),
     "node_lost": lambda env: lose_replica_mid_stream(env, "node"),
