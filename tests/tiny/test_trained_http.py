@@ -22,6 +22,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from cluster.sockets import free_port
 from tests.serving.test_serve_cli import start_serve
+from tests.tooling import NODE_DIR, missing
 
 pytestmark = pytest.mark.slow
 
@@ -213,6 +214,33 @@ def test_a_background_cancel_stops_the_engine_request(server):
         time.sleep(0.6)
         assert server.replica("gptoss_replica_generation_tokens_total") == generated
         assert client.responses.retrieve(created.id).status == "cancelled"
+
+
+def test_node_openai_sdk_chats_calls_a_tool_and_streams_responses(server):
+    """The official npm package (tests/node/openai_client.mjs, greedy) on the same server."""
+    node = shutil.which("node")
+    if node is None:
+        missing("node")
+    if not (NODE_DIR / "node_modules" / "openai").is_dir():
+        missing("tests/node/node_modules/openai (npm ci --prefix tests/node)")
+    result = subprocess.run([node, str(NODE_DIR / "openai_client.mjs"), server.base_url, KEY, "gpt-oss-tiny", "0"],
+                            cwd=NODE_DIR, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["chat"]["content"].strip() and report["chat"]["reasoning"].strip()
+    assert 0 < report["chat"]["usage"]["completion_tokens_details"]["reasoning_tokens"] < \
+        report["chat"]["usage"]["completion_tokens"]
+    call = report["toolCall"]
+    assert call["finish"] == "tool_calls" and call["name"] and call["argumentDeltas"] > 1
+    assert isinstance(json.loads(call["arguments"]).get("city"), str)
+    assert report["toolAnswer"].strip()
+    events = report["responses"]["events"]
+    assert events[:2] == ["response.created", "response.in_progress"] and events[-1] == "response.completed"
+    assert events.index("response.reasoning_text.done") < events.index("response.output_text.delta")
+    assert report["responses"]["followUp"].strip()
+    errors = report["errors"]
+    assert (errors["badField"]["status"], errors["unknownModel"]["status"], errors["unknownResponse"]["status"],
+            errors["badKey"]["status"]) == (400, 404, 404, 401)
 
 
 # ─────────────────── what the model should say (once it is trained enough) ───────────────────
