@@ -15,18 +15,13 @@ from prometheus_client.parser import text_string_to_metric_families
 from tests.frontdoor.harmony_script import HarmonyScriptHandle, ThreadedFrontdoor, completion_for
 from tests.frontdoor.test_openai_http import KEY, MODEL, OTHER_KEY, config, counter, keys
 from tests.frontdoor.test_response_store import FrontdoorProcess, redis_url  # noqa: F401 - a fixture
+from tests.parallel.ep_apps import wait_for
 
 ROUTE = "/v1/responses"
 
 
 def wait_until(predicate, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.02)
+    return wait_for(predicate, timeout, what, interval_s=0.02)
 
 
 def scrape(url: str) -> dict:
@@ -37,8 +32,8 @@ def scrape(url: str) -> dict:
 
 @pytest.fixture
 def slow_door():
-    """Chunks of 2 tokens every 20 ms: a response takes long enough to be seen in progress."""
-    door = ThreadedFrontdoor(HarmonyScriptHandle(chunk_tokens=2, delay_s=0.02), config(), api_keys=keys())
+    """One token every 80 ms: a response runs for seconds, so it is seen in progress even on a busy box."""
+    door = ThreadedFrontdoor(HarmonyScriptHandle(chunk_tokens=1, delay_s=0.08), config(), api_keys=keys())
     yield door
     door.close()
 
@@ -60,8 +55,8 @@ def test_background_response_answers_at_once_and_is_polled_to_completion_with_us
         assert created.usage is None
         seen = {client.responses.retrieve(created.id).status}
         final = wait_until(lambda: (r := client.responses.retrieve(created.id)).status == "completed" and r,
-                           10, "the background response to complete")
-        assert "in_progress" in seen  # polled while it ran (~25 chunks of 20 ms)
+                           30, "the background response to complete")
+        assert "in_progress" in seen  # polled while it ran
     assert final.output_text == "You said: in the background. (user turns: 1)"
     request = door.handle.requests[-1]
     assert final.usage.input_tokens == len(request.prompt_token_ids)
@@ -98,7 +93,7 @@ def test_cancel_stops_the_replica_stream_within_a_second_and_only_its_tenant_may
     with openai.OpenAI(base_url=door.base_url, api_key=KEY, max_retries=0) as client, \
             openai.OpenAI(base_url=door.base_url, api_key=OTHER_KEY, max_retries=0) as other:
         created = client.responses.create(model=MODEL, input="go on forever", background=True)
-        wait_until(lambda: len(client.responses.retrieve(created.id).output) >= 1, 10, "output to flow")
+        wait_until(lambda: len(client.responses.retrieve(created.id).output) >= 1, 30, "output to flow")
         with pytest.raises(openai.NotFoundError):
             other.responses.cancel(created.id)
         with pytest.raises(openai.NotFoundError):
@@ -155,7 +150,7 @@ def test_cancel_reaches_the_front_door_process_that_runs_it_through_redis(redis_
             assert on_b.responses.retrieve(created.id).status == "in_progress"  # B sees A's record
             labels = {"api": "http", "method": ROUTE}
             wait_until(lambda: counter(scrape(a.metrics_url), "gptoss_frontdoor_completion_tokens_total",
-                                       **labels) > 20, 10, "tokens to flow on A")
+                                       **labels) > 20, 30, "tokens to flow on A")
             with b.client(OTHER_KEY) as other:
                 with pytest.raises(openai.NotFoundError):
                     other.responses.cancel(created.id)
@@ -181,7 +176,7 @@ def test_a_running_background_response_is_recorded_cancelled_when_its_front_door
     store = door.server._store  # in-process: it outlives the server's stop, for this check
     with openai.OpenAI(base_url=door.base_url, api_key=KEY, max_retries=0) as client:
         created = client.responses.create(model=MODEL, input="forever", background=True)
-    wait_until(lambda: door.handle.responses, 5, "the replica call")
+    wait_until(lambda: door.handle.responses, 30, "the replica call")
     door.call(door.server.stop(0.2))  # the drain waits for it 0.2 s, then it is cancelled
     assert door.handle.responses[-1].cancelled.is_set()
     assert door.call(store.get("acme", created.id))["response"]["status"] == "cancelled"
