@@ -9,7 +9,7 @@ import asyncio
 import pytest
 import torch
 from engine_fixtures import engine_model, one_intra_op_thread  # noqa: F401  (fixtures)
-from structured_cases import BUDGET, MAX_TOKENS, cases, check_output, prompt
+from structured_cases import ANALYSIS_QUESTIONS, BUDGET, MAX_TOKENS, cases, check_output, prompt
 
 from cluster.engine.batching_engine import BatchingEngine
 from cluster.engine.core import EngineConfig
@@ -78,10 +78,7 @@ def test_analysis_is_the_unconstrained_one_up_to_the_final_header(make_engine):
         "a": {"type": "integer"}}, "required": ["a"]}, strict=True), reasoning_budget=24)
 
     async def main():
-        # Random weights pick "analysis" or "final" after <|channel|> by chance: take the first
-        # question whose greedy answer starts with an analysis.
-        for question in ("Why?", "What is 2+2?", "Hello", "Tell me a story", "Weather?", "Name a color",
-                         "Pick one", "Count to three"):
+        for question in ANALYSIS_QUESTIONS:
             ids = render_prompt([Message("user", question)], reasoning_effort="low")
             constrained, _ = await run(engine, constraint, max_tokens=96, ids=ids)
             if constrained[:len(header)] == header:

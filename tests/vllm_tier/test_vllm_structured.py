@@ -25,7 +25,7 @@ from gptoss.v1 import inference_pb2 as pb
 from tests.vllm_tier.conftest import require_vllm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "engine"))
-from structured_cases import BUDGET, GRAMMAR, MAX_TOKENS, REGEX, check_output  # noqa: E402
+from structured_cases import ANALYSIS_QUESTIONS, BUDGET, GRAMMAR, MAX_TOKENS, REGEX, check_output  # noqa: E402
 
 # vLLM has no wrap-up near max_tokens (docs/structured-output.md): on random weights, the schemas
 # whose values are bounded (enums, bounded numbers and lengths, patterns, formats, fixed arrays).
@@ -131,8 +131,7 @@ def test_vllm_analysis_is_the_unconstrained_one_up_to_the_final_header(vllm_stub
     fmt = pb.ResponseFormat(json_schema=pb.JsonSchemaFormat(name="a", schema_json=json.dumps(
         {"type": "object", "properties": {"a": {"type": "integer", "minimum": 0, "maximum": 99}},
          "required": ["a"]}), strict=True))
-    for question in ("Why?", "What is 2+2?", "Hello", "Tell me a story", "Weather?", "Name a color",
-                     "Pick one", "Count to three"):
+    for question in ANALYSIS_QUESTIONS:
         prompt = render_prompt([Message("user", question)], reasoning_effort="low")
         constrained, finish = _generate(vllm_stub, prompt, fmt, budget=24, max_tokens=96, temperature=0.0)
         if constrained[:len(header)] == header:
