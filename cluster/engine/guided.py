@@ -7,7 +7,7 @@ one matcher per sequence, and mask a step's logits for all constrained rows in o
 
 The grammar (cluster/harmony/structured.py) covers the whole harmony turn, so the mask is on from
 the first generated token; its analysis part allows any text. Requests without a constraint carry
-no Guide and cost nothing: the sampler only looks for Guides.
+no Guide and cost nothing: the runner only looks for Guides.
 
 Wrap-up: a constrained answer that is cut off by max_tokens is invalid, so in the last
 `wrap_up_tokens` tokens (engine.structured_wrap_up_tokens, default WRAP_UP_TOKENS; 0: off) the mask
