@@ -77,8 +77,9 @@ class VllmConfig:
     cpu_kv_cache_space_gib: int = 1
     cpu_omp_threads_bind: str = ""
     # Structured output (response_format, strict tools) through vLLM's guidance backend. vLLM then
-    # starts its tokenizer, so the model directory must hold gpt-oss's tokenizer files; off: a
-    # constrained request is refused (INVALID_ARGUMENT naming response_format).
+    # starts its tokenizer: the model directory's tokenizer files, or o200k_harmony's built once
+    # into the cache (transformers + tiktoken, ~1 min); off: a constrained request is refused
+    # (INVALID_ARGUMENT naming response_format).
     structured_outputs: bool = False
 
 
@@ -111,6 +112,11 @@ class EngineConfig:
     torch_threads: int = 1
     # engine.kind echo only: tokens per second per stream (0: every token at once).
     echo_tokens_per_s: float = 1000.0
+    # Structured output (torch engine): in a constrained request's last this many tokens before
+    # max_tokens, only tokens that close the value (quotes, brackets, the turn's end) are allowed
+    # where the grammar allows any, so a long answer ends shortened but valid (finish reason stop)
+    # instead of cut off and invalid (length). 0: off. See docs/structured-output.md.
+    structured_wrap_up_tokens: int = 64
     vllm: VllmConfig = field(default_factory=VllmConfig)
 
 
@@ -378,6 +384,7 @@ class ClusterConfig:
              and self.engine.kv_cache_memory_mib > 0, "must be > 0"),
             ("engine.default_max_tokens", self.engine.default_max_tokens >= 1, "must be >= 1"),
             ("engine.chunk_interval_ms", 0 <= self.engine.chunk_interval_ms <= 1000, "must be in [0, 1000]"),
+            ("engine.structured_wrap_up_tokens", self.engine.structured_wrap_up_tokens >= 0, "must be >= 0"),
             ("engine.torch_threads", self.engine.torch_threads >= 1, "must be >= 1"),
             ("engine.echo_tokens_per_s", self.engine.echo_tokens_per_s >= 0, "must be >= 0"),
             ("engine.vllm.tensor_parallel_size", self.engine.vllm.tensor_parallel_size >= 1, "must be >= 1"),

@@ -19,7 +19,7 @@ from typing import AsyncIterator
 from cluster.engine.async_engine import AsyncEngine
 from cluster.engine.core import EngineConfig, EngineCore
 from cluster.engine.errors import InvalidRequestError
-from cluster.engine.guided import GuideCompiler
+from cluster.engine.guided import WRAP_UP_TOKENS, GuideCompiler
 from cluster.engine.protocol import EngineStats
 from cluster.engine.request import (FinishReason, GenerateRequest, ModelLimits, TokenChunk, resolved_length_and_stops,
                                     validate_request)
@@ -33,9 +33,11 @@ class BatchingEngine:
     supports_logprobs = True
 
     def __init__(self, engine: AsyncEngine, *, stop_token_ids: tuple[int, ...] | None = None,
-                 default_max_tokens: int = 256, chunk_interval_s: float = 0.01) -> None:
+                 default_max_tokens: int = 256, chunk_interval_s: float = 0.01,
+                 structured_wrap_up_tokens: int = WRAP_UP_TOKENS) -> None:
         """`stop_token_ids`: the stop ids of a request that names none; None: the end of a harmony
-        assistant turn (HarmonyTokenizer.turn_end_ids: <|return|>, <|call|>)."""
+        assistant turn (HarmonyTokenizer.turn_end_ids: <|return|>, <|call|>).
+        `structured_wrap_up_tokens`: see cluster/engine/guided.py (wrap-up)."""
         self._engine = engine
         config = engine.core.model.config
         self.limits = ModelLimits(vocab_size=config.vocab_size, context_length=config.max_position_embeddings)
@@ -44,6 +46,7 @@ class BatchingEngine:
         self._chunk_interval_s = chunk_interval_s
         self._ids = itertools.count()
         self._guides: GuideCompiler | None = None  # made at the first constrained request
+        self._wrap_up_tokens = structured_wrap_up_tokens
 
     @classmethod
     def for_model(cls, model, config: EngineConfig = EngineConfig(), **kwargs) -> BatchingEngine:
@@ -97,7 +100,7 @@ class BatchingEngine:
             raise InvalidRequestError("response_format", f"structured output needs the o200k_harmony vocabulary "
                                       f"({VOCAB_SIZE} ids); this model has {self.limits.vocab_size}")
         if self._guides is None:
-            self._guides = GuideCompiler()
+            self._guides = GuideCompiler(wrap_up_tokens=self._wrap_up_tokens)
         return self._guides
 
     def stats(self) -> EngineStats:

@@ -32,6 +32,7 @@ import os
 import threading
 import time
 from collections import deque
+from pathlib import Path
 from typing import Any, AsyncIterator
 
 from cluster.engine.errors import EngineDead, EngineOverloadedError, InvalidRequestError
@@ -89,6 +90,18 @@ def engine_args_for(config, model_path: str | os.PathLike, dtype: str = "float32
     if v.distributed_executor_backend:
         kwargs["distributed_executor_backend"] = v.distributed_executor_backend
     return kwargs
+
+
+def with_tokenizer(engine_args: dict[str, Any]) -> dict[str, Any]:
+    """With vLLM's tokenizer on (structured outputs), a Hugging Face tokenizer directory: the model
+    directory's own if it has one (a real gpt-oss checkpoint), else o200k_harmony's, built locally
+    once (cluster/harmony/hf_tokenizer.py; the checkpoints this cluster writes have none)."""
+    if (engine_args.get("skip_tokenizer_init") or engine_args.get("tokenizer")
+            or (Path(engine_args["model"]) / "tokenizer.json").is_file()):
+        return engine_args
+    from cluster.harmony.hf_tokenizer import hf_tokenizer_dir
+
+    return {**engine_args, "tokenizer": str(hf_tokenizer_dir())}
 
 
 def set_cpu_environment(config) -> None:
@@ -196,7 +209,7 @@ class VllmEngine:
         from vllm.v1.engine.async_llm import AsyncLLM
 
         signals = _LoadSignals()
-        vllm_config = AsyncEngineArgs(**engine_args).create_engine_config(UsageContext.ENGINE_CONTEXT)
+        vllm_config = AsyncEngineArgs(**with_tokenizer(engine_args)).create_engine_config(UsageContext.ENGINE_CONTEXT)
         if vllm_config.parallel_config.distributed_executor_backend == "ray":
             import ray
 

@@ -58,7 +58,8 @@ def _batching_engine(model, config: ClusterConfig, forward_factory=None) -> Engi
                                max_waiting_requests=e.max_waiting_requests,
                                enable_prefix_caching=e.enable_prefix_caching)
     try:
-        kwargs = dict(default_max_tokens=e.default_max_tokens, chunk_interval_s=e.chunk_interval_ms / 1000.0)
+        kwargs = dict(default_max_tokens=e.default_max_tokens, chunk_interval_s=e.chunk_interval_ms / 1000.0,
+                      structured_wrap_up_tokens=e.structured_wrap_up_tokens)
         if forward_factory is not None:
             from cluster.engine.async_engine import AsyncEngine
             from cluster.engine.core import EngineCore

@@ -75,6 +75,8 @@ configuration, validated by the same code (tests/helm/test_helm_serve_config.py 
 {{- $vl := $e.vllm -}}
 {{- $vllm := dict "tensor_parallel_size" (int $vl.tensorParallelSize) "data_parallel_size" (int $vl.dataParallelSize) "enable_expert_parallel" $vl.enableExpertParallel "gpu_memory_utilization" $vl.gpuMemoryUtilization "max_model_len" (int $vl.maxModelLen) "max_num_seqs" (int $vl.maxNumSeqs) "max_num_batched_tokens" (int $vl.maxNumBatchedTokens) "async_scheduling" $vl.asyncScheduling "enforce_eager" $vl.enforceEager "distributed_executor_backend" $vl.distributedExecutorBackend -}}
 {{- $engine := dict "kind" $e.kind "max_num_seqs" (int $e.maxNumSeqs) "max_num_batched_tokens" (int $e.maxNumBatchedTokens) "max_waiting_requests" (int $e.maxWaitingRequests) "block_size" (int $e.blockSize) "kv_cache_memory_mib" $e.kvCacheMemoryMib "enable_prefix_caching" $e.enablePrefixCaching "default_max_tokens" (int $e.defaultMaxTokens) "chunk_interval_ms" $e.chunkIntervalMs "torch_threads" (int $e.torchThreads) "vllm" $vllm -}}
+{{- $_ := set $vllm "structured_outputs" $vl.structuredOutputs -}}
+{{- $_ := set $engine "structured_wrap_up_tokens" (int $e.structuredWrapUpTokens) -}}
 {{- $r := $v.serving.router -}}
 {{- $router := dict "policy" $r.policy "load_bound_ratio" $r.loadBoundRatio "load_bound_slack" $r.loadBoundSlack "kv_weight" $r.kvWeight -}}
 {{- $a := $v.serving.autoscaling -}}
