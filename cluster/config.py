@@ -14,6 +14,7 @@ paths can tell the levels apart.
 
 from __future__ import annotations
 
+import copy
 import os
 import sys
 import types
@@ -22,7 +23,7 @@ from pathlib import Path
 from typing import Any, Iterable, Literal, Mapping
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
 ENV_PREFIX = "GPTOSS_"
@@ -54,6 +55,11 @@ class Section(BaseModel):
 
     model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, coerce_numbers_to_str=True,
                               allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _paths_as_text(cls, value: Any) -> Any:
+        return os.fspath(value) if isinstance(value, os.PathLike) else value
 
 
 def _rule(field: str, ok: bool, message: str, reads: tuple[str, ...]) -> InitErrorDetails | None:
@@ -519,9 +525,13 @@ _CONSTRAINT_ERRORS = {"greater_than", "greater_than_equal", "less_than", "less_t
 
 
 def _shown(path: str, value: Any) -> Any:
-    """The value as the field's type holds it (a float field shows 5000 as 5000.0)."""
-    if _type_name(path) == "float" and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
+    """The value as the field's type holds it (5000 or "5000" for a float field shows as 5000.0)."""
+    base = {"float": float, "int": int}.get(_type_name(path))
+    if base is not None and isinstance(value, (int, str)) and not isinstance(value, bool):
+        try:
+            return base(value)
+        except ValueError:
+            pass
     return value
 
 
@@ -550,17 +560,13 @@ def _error_path(error: Mapping[str, Any]) -> tuple[str, ...]:
 
 def _without(data: Mapping[str, Any], paths: Iterable[tuple[str, ...]]) -> dict[str, Any]:
     """A copy of nested `data` with the values at `paths` taken out (defaults stand in for them)."""
-    out = {k: dict(v) if isinstance(v, Mapping) else v for k, v in data.items()}
+    out = copy.deepcopy(dict(data))
     for path in paths:
         target: Any = out
         for part in path[:-1]:
-            child = target.get(part) if isinstance(target, dict) else None
-            if not isinstance(child, Mapping):
-                break
-            target[part] = target = {k: dict(v) if isinstance(v, Mapping) else v for k, v in child.items()}
-        else:
-            if isinstance(target, dict):
-                target.pop(path[-1], None)
+            target = target.get(part) if isinstance(target, dict) else None
+        if isinstance(target, dict):
+            target.pop(path[-1], None)
     return out
 
 
@@ -666,3 +672,61 @@ def from_dict(data: Mapping[str, Any]) -> ClusterConfig:
     for path, value in _flatten(data).items():
         _put(nested, path, value)
     return _build(nested, {}, "dict")
+
+
+def _type_text(annotation: Any) -> str:
+    if typing.get_origin(annotation) is Literal:
+        return " \\| ".join(f"`{c!r}`" if c == "" else f"`{c}`" for c in typing.get_args(annotation))
+    if isinstance(annotation, types.UnionType):
+        return " or ".join("none" if a is type(None) else a.__name__ for a in typing.get_args(annotation))
+    return annotation.__name__
+
+
+def _sections(cls: type[BaseModel], prefix: str = "") -> Iterable[tuple[str, type[BaseModel]]]:
+    yield prefix, cls
+    for name, info in cls.model_fields.items():
+        if isinstance(info.annotation, type) and issubclass(info.annotation, BaseModel):
+            yield from _sections(info.annotation, f"{prefix}{name}.")
+
+
+def markdown_reference() -> str:
+    """docs/configuration.md: every key with its type, default, constraint, environment variable and
+    description, from the models above (tests/test_config_docs.py keeps the committed file current)."""
+    lines = [
+        "# Configuration reference",
+        "",
+        "<!-- Generated from cluster/config.py by `python -m cluster.config --markdown > docs/configuration.md`;",
+        "     edit the field docstrings there, not this file (tests/test_config_docs.py checks it is current). -->",
+        "",
+        "A deployment has one configuration, `ClusterConfig` in `cluster/config.py`. Its sources, later ones",
+        "winning: the defaults below (which run the embedded path: a local Ray, the gpt-oss-tiny model, CPU), a",
+        "YAML file (`--config`), environment variables `GPTOSS_<KEY PATH>` (`GPTOSS_SERVING_REPLICAS=2`), then",
+        "command-line flags. An optional key takes `none`, `null` or an empty string for none. Loading reports",
+        "every invalid key at once, one `config: <key path> ...` line each. The Helm chart sets these keys from",
+        "its camelCase values (`helm/gptoss-cluster/templates/_helpers.tpl`); `deploy/config.example.yaml` is",
+        "an example file.",
+    ]
+    for prefix, cls in _sections(ClusterConfig):
+        leaves = [(name, info) for name, info in cls.model_fields.items()
+                  if not (isinstance(info.annotation, type) and issubclass(info.annotation, BaseModel))]
+        if not leaves:
+            continue
+        lines += ["", f"## `{prefix.rstrip('.')}`" if prefix else "## Top level", ""]
+        if cls.__doc__ and cls is not ClusterConfig and cls.__doc__ != Section.__doc__:
+            lines += [" ".join(cls.__doc__.split()), ""]
+        lines += ["| Key | Type | Default | Accepts | Environment variable | Description |",
+                  "|---|---|---|---|---|---|"]
+        for name, info in leaves:
+            path = prefix + name
+            default = info.get_default(call_default_factory=True)
+            accepts = rule_text(path).removeprefix("must be ") if info.metadata else ""
+            description = " ".join((info.description or "").split()).replace("|", "\\|")
+            lines.append(f"| `{path}` | {_type_text(info.annotation)} | `{yaml.safe_dump(default).splitlines()[0]}` "
+                         f"| {accepts} | `{env_var_name(path)}` | {description} |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    if sys.argv[1:] != ["--markdown"]:
+        sys.exit("usage: python -m cluster.config --markdown  (prints docs/configuration.md)")
+    sys.stdout.write(markdown_reference())
