@@ -15,7 +15,8 @@ import time
 import torch
 
 from cluster.bench.schemas import SCHEMAS
-from cluster.engine.core import EngineConfig, EngineCore
+from cluster.config import EngineConfig
+from cluster.engine.core import EngineCore
 from cluster.engine.guided import GuideCompiler
 from cluster.engine.sequence import SamplingSettings, Sequence
 from cluster.harmony.render import Message, render_prompt
@@ -29,7 +30,7 @@ MAX_TOKENS = 512  # far from the wrap-up window, which would end values early
 
 def _core(model, compiler: GuideCompiler, in_flight: int, constrained: bool) -> EngineCore:
     core = EngineCore(model, EngineConfig(block_size=16, max_num_seqs=in_flight, max_num_batched_tokens=4096,
-                                          kv_cache_memory_bytes=256 << 20))
+                                          kv_cache_memory_mib=256))
     free = SamplingSettings(max_tokens=MAX_TOKENS, temperature=0.0, stop_token_ids=())
     guided = SamplingSettings(max_tokens=MAX_TOKENS, temperature=0.0, stop_token_ids=CONSTRAINED_STOP_TOKEN_IDS)
     for i in range(in_flight):

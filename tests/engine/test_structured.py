@@ -12,7 +12,7 @@ from engine_fixtures import engine_model, one_intra_op_thread  # noqa: F401  (fi
 from structured_cases import ANALYSIS_QUESTIONS, BUDGET, MAX_TOKENS, cases, check_output, prompt
 
 from cluster.engine.batching_engine import BatchingEngine
-from cluster.engine.core import EngineConfig
+from cluster.config import EngineConfig
 from cluster.engine.errors import InvalidRequestError
 from cluster.engine.bitmask import apply_bitmask
 from cluster.engine.guided import WRAP_UP_TOKENS, GuideCompiler, guide_bitmask
@@ -27,9 +27,9 @@ def make_engine(engine_model):
     engines = []
 
     def make(wrap_up_tokens=WRAP_UP_TOKENS, **config):
-        settings = dict(max_num_seqs=48, max_num_batched_tokens=2048, kv_cache_memory_bytes=64 << 20)
-        engine = BatchingEngine.for_model(engine_model("tiny"), EngineConfig(**{**settings, **config}),
-                                          chunk_interval_s=0.0, structured_wrap_up_tokens=wrap_up_tokens)
+        settings = dict(max_num_seqs=48, max_num_batched_tokens=2048, kv_cache_memory_mib=64, chunk_interval_ms=0,
+                        structured_wrap_up_tokens=wrap_up_tokens)
+        engine = BatchingEngine.for_model(engine_model("tiny"), EngineConfig(**{**settings, **config}))
         engines.append(engine)
         return engine
 
@@ -173,7 +173,7 @@ def test_preempted_constrained_requests_resume_with_their_grammar_state(make_eng
     longest = len(prompt()) + MAX_TOKENS
     # Room for one and a quarter whole requests; twelve in flight, each with a prompt of its own.
     tight = make_engine(block_size=4, max_num_batched_tokens=256,
-                        kv_cache_memory_bytes=int(1.25 * longest * bytes_per_token))
+                        kv_cache_memory_mib=int(1.25 * longest * bytes_per_token) / (1 << 20))
     all_cases = list(cases().items())[:12]
     prompts = [render_prompt([Message("user", f"Question {i}: {name}?")], reasoning_effort="low")
                for i, (name, _) in enumerate(all_cases)]

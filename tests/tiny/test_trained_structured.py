@@ -18,8 +18,8 @@ import re
 import jsonschema
 import pytest
 
+from cluster.config import EngineConfig
 from cluster.engine.batching_engine import BatchingEngine
-from cluster.engine.core import EngineConfig
 from cluster.engine.request import FinishReason, GenerateRequest, SamplingParams
 from cluster.harmony.parse import StreamParser
 from cluster.harmony.render import Message, ToolDefinition, render_prompt
@@ -33,8 +33,8 @@ CAPITAL = r"The capital of [A-Z][a-z]+ is [A-Z][a-z]+\."
 
 @pytest.fixture(scope="module")
 def engine(trained_model):
-    engine = BatchingEngine.for_model(trained_model, EngineConfig(max_num_seqs=4, kv_cache_memory_bytes=32 << 20),
-                                      chunk_interval_s=0.0)
+    engine = BatchingEngine.for_model(trained_model, EngineConfig(max_num_seqs=4, kv_cache_memory_mib=32,
+                                                                  chunk_interval_ms=0))
     yield engine
     engine.shutdown()
 

@@ -99,6 +99,8 @@ def vllm_torch_engine(vllm_checkpoint):
     from cluster.engine.batching_engine import BatchingEngine
     from cluster.model.checkpoint import load_model
 
-    engine = BatchingEngine.for_model(load_model(vllm_checkpoint, dtype=torch.float32))
+    from cluster.config import EngineConfig
+
+    engine = BatchingEngine.for_model(load_model(vllm_checkpoint, dtype=torch.float32), EngineConfig())
     yield engine
     engine.shutdown()
