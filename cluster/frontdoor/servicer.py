@@ -470,6 +470,9 @@ def rpc(method: str, *, streaming: bool):
                     try:
                         # Checked now, announced by the body once its downstream call is on its way.
                         self._admission.check(call, problem, request, streaming=True)
+                        # Overload is refused before the request is converted: under a burst the
+                        # refusals are most of the calls, and each is then only a few lookups.
+                        self.admit_stream()
                         async for message in body(self, request, context, call, bookkeeping):
                             if not call.announced:
                                 await announce(call, context)
@@ -538,25 +541,35 @@ class InferenceServicer(pb_grpc.InferenceServicer):
     def routable_replicas(self) -> int | None:
         return self._replicas.routable_replicas()
 
-    def _admit_stream(self) -> None:
+    def connect_replicas(self) -> None:
+        self._replicas.connect()
+
+    def admit_stream(self) -> None:
         """Refuse a stream the routable replicas have no room for (each holds
         ModelInfo.max_active_requests), at once and with a retry hint from the queue ahead of it
-        and the rate streams ended at lately, instead of sending it to be refused by a replica."""
+        and the rate streams ended at lately, instead of sending it to be refused by a replica.
+
+        What they hold: per replica, the larger of its last load report (which counts other front
+        doors' requests too) and what this front door's router has on it, plus this front door's
+        streams the router has not placed yet (a burst arrives faster than the router runs)."""
         routable = self._replicas.routable_replicas()
         capacity = (routable or 0) * self._info.max_active_requests
-        if capacity and self._streams_in_flight >= capacity:
+        if not capacity:
+            return
+        held, routed = self._replicas.requests_held()
+        holding = held + max(0, self._streams_in_flight - routed)
+        if holding >= capacity:
             now = time.monotonic()
             while self._ended and self._ended[0] < now - ENDED_WINDOW_S:
                 self._ended.popleft()
-            queued = self._streams_in_flight - capacity + 1
-            raise EngineOverloadedError(self._streams_in_flight, capacity,
-                                        retry_after_s(queued, len(self._ended) / ENDED_WINDOW_S))
+            raise EngineOverloadedError(holding, capacity,
+                                        retry_after_s(holding - capacity + 1, len(self._ended) / ENDED_WINDOW_S))
 
     async def _chunks(self, request: GenerateRequest, call: CallInfo, context) -> AsyncIterator[TokenChunk]:
         """Relay the replica's chunks; cancel the downstream call however this ends early.
 
         The call's x-request-id goes out while the request is on its way, not before."""
-        self._admit_stream()
+        self.admit_stream()  # every stream of both APIs (a gRPC call was checked before its conversion too)
         self._streams_in_flight += 1
         try:
             async for chunk in self._relay(request, call, context):
