@@ -122,8 +122,10 @@ async def _generate_all(engine: BatchingEngine, prompts: list[list[int]], max_to
 
 
 def run_eval(model, samples: list[curriculum.Sample], *, max_tokens: int = 160, max_num_seqs: int = 64) -> list[Scored]:
+    # every sample is queued at once, so the queue bound is the sample count
     engine = BatchingEngine.for_model(model, EngineConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=2048,
-                                                          kv_cache_memory_mib=256))
+                                                          kv_cache_memory_mib=256,
+                                                          max_waiting_requests=max(1, len(samples))))
     try:
         completions = asyncio.run(_generate_all(engine, [s.prompt_ids() for s in samples], max_tokens))
     finally:
