@@ -21,8 +21,6 @@ import socket
 import time
 from typing import AsyncIterator, Awaitable, Callable
 
-import grpc
-
 from cluster.frontdoor import errors
 from cluster.frontdoor.admission import Admission
 from cluster.frontdoor.call import REQUEST_ID, CallInfo
@@ -31,8 +29,9 @@ from cluster.frontdoor.http.fields import Fields, parse_json, read_sampling, rea
 from cluster.frontdoor.http.store import ResponseStore
 from cluster.frontdoor.http.turn import new_id
 from cluster.frontdoor.ports import PortUnavailable
-from cluster.frontdoor.servicer import (InferenceServicer, Violations, _Rpc, build_generate_request,
-                                        encode_prompt_text)
+from cluster.frontdoor.call_record import CallRecord
+from cluster.frontdoor.conversion import Violations, build_generate_request, encode_prompt_text
+from cluster.frontdoor.servicer import InferenceServicer
 from cluster.harmony.tokenizer import load_tokenizer
 from cluster.serving.model_info import ModelInfo
 
@@ -169,7 +168,7 @@ class OpenAIApi:
     async def chat_completions(self, x: "Exchange"):
         model = self.check_model(x.json)
         call = chat.read_chat(x.json, self.info, x.call, x.context, model)
-        call = dataclasses.replace(call, internal=self.servicer._within_tenant_limits(x.call, call.internal, "messages"))
+        call = dataclasses.replace(call, internal=self.servicer.fit_to_tenant(x.call, call.internal, "messages"))
         output = chat.ChatOutput(call)
         events = self.servicer.chat_events(call.internal, call.stops, False, x.call, x.context, x.bookkeeping)
         if not call.stream:
@@ -198,7 +197,7 @@ class OpenAIApi:
     async def create_response(self, x: "Exchange"):
         model = self.check_model(x.json)
         call = await responses.read_responses(x.json, self.info, x.call, x.context, model, self.store)
-        call = dataclasses.replace(call, internal=self.servicer._within_tenant_limits(x.call, call.internal, "input"))
+        call = dataclasses.replace(call, internal=self.servicer.fit_to_tenant(x.call, call.internal, "input"))
         output = responses.ResponsesOutput(call)
         events = self.servicer.chat_events(call.internal, (), False, x.call, x.context, x.bookkeeping)
 
@@ -292,7 +291,7 @@ class OpenAIApi:
                                               prompt_field="prompt", sampling_prefix="")
         except Exception as err:  # noqa: BLE001 - re-raised with the request's own field names
             raise renamed(err, {}) from None
-        internal = self.servicer._within_tenant_limits(x.call, internal, "prompt")
+        internal = self.servicer.fit_to_tenant(x.call, internal, "prompt")
         completion_id, created = new_id("cmpl"), int(time.time())
         events = self.servicer.generate_events(internal, stops, True, x.call, x.context, x.bookkeeping)
 
@@ -368,6 +367,10 @@ class OpenAIApi:
 GENERATING_ROUTES = frozenset({"/v1/chat/completions", "/v1/responses", "/v1/completions"})
 
 
+class Answered(Exception):
+    """An exchange whose error is answered (Exchange._fail) ends with this."""
+
+
 class Exchange:
     """One HTTP request through admission, its route, and the one error mapping (an ASGI app)."""
 
@@ -380,52 +383,40 @@ class Exchange:
         self.json: object = None
         self.call: CallInfo | None = None
         self.context: HttpContext | None = None
-        self.bookkeeping: _Rpc | None = None
+        self.bookkeeping: CallRecord | None = None
         self._started = False
         self._disconnected = False
 
     async def __call__(self, scope, receive, send) -> None:
-        api = self.api
-        servicer = api.servicer
-        self.bookkeeping = _Rpc(servicer._metrics, self.method, servicer._method_metrics(self.method, "http"),
-                                api="http")
         self.context = HttpContext(scope["headers"], scope.get("client"))
-        self.call, problem = api.admission.open(self.method, self.context)
         self._send = send
         watcher = None
+        call = self.api.servicer.call_context(self.method, self.context, api="http",
+                                              billed=self.method in GENERATING_ROUTES,
+                                              problem=self.context.timeout_problem, answer=self._fail)
         try:
-            try:
-                api.admission.check(self.call, problem or self.context.timeout_problem, None)
+            async with call as (self.call, self.bookkeeping):
                 if scope["method"] == "POST":
                     violations = Violations()
                     raw = await self._read_body(receive)
                     self.json = parse_json(raw, violations) if raw.strip() else {}
                     violations.raise_any()
-                task = asyncio.current_task()
-                watcher = asyncio.get_running_loop().create_task(self._watch(receive, task))
-                remaining = self.context.time_remaining()
-                async with asyncio.timeout(remaining):
+                watcher = asyncio.get_running_loop().create_task(self._watch(receive, asyncio.current_task()))
+                async with asyncio.timeout(self.context.time_remaining()):
                     result = await self.body(self)
                     if isinstance(result, Stream):
                         await self._stream(result)
                     else:
                         await self._answer(200, result)
-                self.bookkeeping.code = grpc.StatusCode.OK
-            except asyncio.CancelledError:
-                if not self._disconnected:
-                    raise
-                asyncio.current_task().uncancel()
-                self.bookkeeping.code = grpc.StatusCode.CANCELLED
-                self.call.logger(log).info("-> CANCELLED by the client (disconnected)")
-            except Exception as err:  # noqa: BLE001 - every error leaves through errors.status_for
-                await self._fail(err)
+        except Answered:
+            pass
+        except asyncio.CancelledError:
+            if not self._disconnected:
+                raise
+            asyncio.current_task().uncancel()  # the client went away: nothing left to answer
         finally:
             if watcher is not None:
                 watcher.cancel()
-            api.admission.leave(self.call)
-            self.bookkeeping.end()
-            if self.method in GENERATING_ROUTES:
-                servicer.record_usage(self.call, self.method, self.bookkeeping)
 
     async def _read_body(self, receive) -> bytes:
         chunks, size = [], 0
@@ -474,21 +465,20 @@ class Exchange:
                 await self._send({"type": "http.response.body", "body": data, "more_body": True})
         await self._send({"type": "http.response.body", "body": b""})
 
-    async def _fail(self, err: BaseException) -> None:
-        status = errors.status_for(err, request_id=self.call.request_id)
-        self.bookkeeping.code = status.code
-        if status.code == grpc.StatusCode.RESOURCE_EXHAUSTED:
-            self.bookkeeping.metrics.rejected_requests_total.labels("http", self.method, status.reason or "").inc()
-        self.call.logger(log).info("-> %s: %s", status.code.name, status.message)
+    async def _fail(self, call: CallInfo, context: HttpContext, status: errors.RpcError) -> None:
+        """Answer a call that failed: an error body, or mid-stream an error event that ends it.
+        Raises Answered, ending the exchange as grpc's abort ends a call."""
+        self.call = call
         answer = errors.http_error(status)
         if self._disconnected:
-            return
+            raise Answered()
         if not self._started:
             await self._answer(answer.status, answer.body, answer.headers)
-            return
+            raise Answered()
         with contextlib.suppress(Exception):  # mid-stream: say it in the stream's own form, then end it
             await self._send({"type": "http.response.body", "body": self._error_event(answer.body), "more_body": True})
             await self._send({"type": "http.response.body", "body": b""})
+        raise Answered()
 
 
 # ───────────────────────────────────────── the server ─────────────────────────────────────────
