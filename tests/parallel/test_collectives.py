@@ -7,13 +7,13 @@ import os
 import pickle
 import time
 from datetime import timedelta
-from types import SimpleNamespace
 
 import pytest
 import torch
 import torch.multiprocessing as mp
 
-from cluster.parallel.group import HEADER, MESSAGE, STEP, Collectives, GroupDriver, _recv_message
+from cluster.parallel.collectives import Collectives
+from cluster.parallel.protocol import HEADER, MESSAGE, STEP, recv_message, send_message
 from cluster.sockets import free_port
 
 WORLD = 3
@@ -58,14 +58,12 @@ def _rank(rank: int, port: int, queue, shm: bool) -> None:
     broadcasts_before = comm.broadcast_calls
     t = torch.randn(8, 64, generator=torch.Generator().manual_seed(rank))
     comm.all_reduce(t)
-    runtime = SimpleNamespace(device=torch.device("cpu"), comm=comm)
     received = []
     for n in PAYLOAD_SIZES:
         if rank == 0:  # the driver's framing, without its keepalive thread
-            driver = SimpleNamespace(error=None, runtime=runtime, _last=0.0)
-            GroupDriver._send(driver, STEP, torch.arange(n, dtype=torch.long) if n else None)
+            send_message(comm, STEP, torch.arange(n, dtype=torch.long) if n else None, torch.device("cpu"))
         else:
-            op, payload = _recv_message(runtime)
+            op, payload = recv_message(comm, torch.device("cpu"))
             received.append((op, None if payload is None else payload.tolist()))
     framing_broadcasts = comm.broadcast_calls - broadcasts_before
     rounds = []
