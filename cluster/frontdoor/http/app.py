@@ -24,15 +24,13 @@ from typing import AsyncIterator, Awaitable, Callable
 from cluster.frontdoor import errors
 from cluster.frontdoor.admission import Admission
 from cluster.frontdoor.call import REQUEST_ID, CallInfo
-from cluster.frontdoor.http import chat, responses
-from cluster.frontdoor.http.fields import Fields, parse_json, read_sampling, read_stops, renamed
+from cluster.frontdoor.http import chat, completions, responses
+from cluster.frontdoor.http.fields import parse_json
 from cluster.frontdoor.http.store import ResponseStore
-from cluster.frontdoor.http.turn import new_id
 from cluster.frontdoor.ports import PortUnavailable
 from cluster.frontdoor.call_record import CallRecord
-from cluster.frontdoor.conversion import Violations, build_generate_request, encode_prompt_text
+from cluster.frontdoor.conversion import Violations
 from cluster.frontdoor.servicer import InferenceServicer
-from cluster.harmony.tokenizer import load_tokenizer
 from cluster.serving.model_info import ModelInfo
 
 log = logging.getLogger(__name__)
@@ -260,94 +258,32 @@ class OpenAIApi:
                                                "none (cancel a streamed response by closing its connection)")
 
     async def completions(self, x: "Exchange"):
-        model = self.check_model(x.json)
-        violations = Violations()
-        fields = Fields(x.json, violations)
-        prompt_value = fields.get("prompt", (str, list), required=True)
-        prompt: list[int] = []
-        if isinstance(prompt_value, str):
-            prompt = encode_prompt_text(prompt_value, "prompt", violations)
-        elif isinstance(prompt_value, list):
-            if prompt_value and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt_value):
-                prompt = list(prompt_value)
-            elif len(prompt_value) == 1 and isinstance(prompt_value[0], str):
-                prompt = encode_prompt_text(prompt_value[0], "prompt[0]", violations)
-            else:
-                violations.add("prompt", "must be a string, an array of token ids, or an array of one string")
-        for key in ("echo", "suffix", "best_of"):
-            if fields.body.get(key) not in (None, False, 1):
-                violations.add(key, "is not supported")
-        top = fields.get("logprobs", int)
-        stops = read_stops(fields)
-        sampling = read_sampling(fields, self.info, max_tokens_keys=("max_tokens",), logprobs=top,
-                                 logprobs_field="logprobs")
-        # Generate's default stop set, as for the raw prompt of a gRPC Generate: every message end.
-        sampling = dataclasses.replace(sampling, stop_token_ids=load_tokenizer().message_end_ids)
-        stream = fields.get("stream", bool, False)
-        options = fields.object("stream_options")
-        include_usage = bool(options.get("include_usage", bool, False)) if options is not None else False
-        try:
-            internal = build_generate_request(prompt, sampling, self.info, x.call, x.context, violations,
-                                              prompt_field="prompt", sampling_prefix="")
-        except Exception as err:  # noqa: BLE001 - re-raised with the request's own field names
-            raise renamed(err, {}) from None
-        internal = self.servicer.fit_to_tenant(x.call, internal, "prompt")
-        completion_id, created = new_id("cmpl"), int(time.time())
-        events = self.servicer.generate_events(internal, stops, True, x.call, x.context, x.bookkeeping)
-
-        def body(text: str, finish: str | None, logprobs=None) -> dict:
-            choice = {"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish}
-            return {"id": completion_id, "object": "text_completion", "created": created, "model": model,
-                    "system_fingerprint": None, "choices": [choice]}
-
-        def logprobs_of(chunk) -> dict | None:
-            if top is None or chunk is None:
-                return None
-            content = chat.logprobs_content(chunk.logprobs)
-            return {"tokens": [c["token"] for c in content], "token_logprobs": [c["logprob"] for c in content],
-                    "top_logprobs": [{t["token"]: t["logprob"] for t in c["top_logprobs"]} for c in content],
-                    "text_offset": []}
-
-        def finish_reason(complete) -> str:
-            return chat.FINISH.get(complete.finish_reason, "stop")
-
-        def completion_usage(complete) -> dict:
-            u = chat.usage(complete)
-            del u["completion_tokens_details"]
-            return u
-
-        if not stream:
-            text, tokens, lps = [], [], {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+        call = completions.read_completions(x.json, self.info, x.call, x.context, self.check_model(x.json))
+        call = dataclasses.replace(call, internal=self.servicer.fit_to_tenant(x.call, call.internal, "prompt"))
+        output = completions.CompletionsOutput(call)
+        events = self.servicer.generate_events(call.internal, call.stops, True, x.call, x.context, x.bookkeeping)
+        if not call.stream:
             async with contextlib.aclosing(events):
                 async for chunk, complete in events:
                     if chunk is not None:
-                        text.append(chunk.text)
-                        tokens.extend(chunk.token_ids)
-                        more = logprobs_of(chunk)
-                        if more:
-                            for key in lps:
-                                lps[key] += more[key]
+                        output.feed(chunk)
                     if complete is not None:
-                        return {**body("".join(text), finish_reason(complete), lps if top is not None else None),
-                                "usage": completion_usage(complete)}
+                        return output.completion(complete)
         first, events = await self.primed(events)
 
-        async def stream_events() -> AsyncIterator[bytes]:
+        async def stream() -> AsyncIterator[bytes]:
             async with contextlib.aclosing(events):
                 item = first
                 while True:
                     chunk, complete = item
-                    data = sse(body(chunk.text, None, logprobs_of(chunk))) if chunk is not None and chunk.text else b""
+                    data = b"".join(sse(body) for body in output.chunks(chunk, complete))
                     if complete is not None:
-                        data += sse(body("", finish_reason(complete)))
-                        if include_usage:
-                            data += sse({**body("", None), "choices": [], "usage": completion_usage(complete)})
                         yield data + sse("[DONE]")
                         return
                     if data:
                         yield data
                     item = await events.__anext__()
-        return Stream(stream_events(), lambda error: sse(error) + sse("[DONE]"))
+        return Stream(stream(), lambda error: sse(error) + sse("[DONE]"))
 
     def _model(self) -> dict:
         return {"id": self.model, "object": "model", "created": self.created, "owned_by": "gptoss-cluster",
