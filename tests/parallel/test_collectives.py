@@ -126,8 +126,11 @@ def test_all_reduce_is_bitwise_equal_on_every_rank_and_messages_survive_framing(
         assert all(results[r][5] > 0 for r in range(WORLD)) and results[0][5] > results[1][5]
 
 
+PEER_TIMEOUT_S = 60.0
+
+
 def _rank_that_loses_a_peer(rank: int, port: int, queue) -> None:
-    comm = _join(rank, port, shm=True, timeout_s=60.0)
+    comm = _join(rank, port, shm=True, timeout_s=PEER_TIMEOUT_S)
     t = torch.ones(4)
     comm.all_reduce(t)
     if rank == WORLD - 1:
@@ -153,7 +156,9 @@ def test_shared_memory_collective_raises_soon_when_a_peer_exits():
     for rank in range(WORLD - 1):
         message, waited = outcomes[rank]
         assert f"rank {WORLD - 1}" in message and "exited" in message, message
-        assert waited < 2.0, waited  # the liveness check, not the 60 s timeout
+        # The liveness check, not the timeout, ended the wait (a bound relative to that timeout, which
+        # holds on a loaded box too: the check notices a dead peer within milliseconds).
+        assert waited < PEER_TIMEOUT_S / 10, waited
 
 
 @pytest.mark.parametrize("nodes, shared", [(("node-a", "node-a"), True), (("node-a", "node-b"), False)])
