@@ -174,6 +174,12 @@ class ServingConfig:
     # Serve reports an unplaceable replica after 30 s (RAY_SERVE_SLOW_STARTUP_WARNING_S), so the
     # failure comes after the larger of the two.
     placement_timeout_s: float = 60.0
+    # At most this many replicas on one Ray node (Serve's max_replicas_per_node, a hard limit:
+    # replicas beyond nodes x this stay pending), so a node's loss takes at most this many; 0: no
+    # limit, and Serve spreads single-actor replicas over the nodes as best it can (its default
+    # SPREAD scheduling, which packs when nodes are few). Not with placement groups (parallel.ep_size
+    # > 1, vLLM's Ray executor): Serve 2.60 refuses the two together.
+    max_replicas_per_node: int = 0
     # Run the replica's methods on its main event loop rather than on a loop in a thread of their
     # own (Serve's RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD=0): a thread hop less per request and
     # per streamed chunk. Our engines decode in threads of their own and never block the loop;
@@ -394,6 +400,8 @@ class ClusterConfig:
             ("serving.max_queued_requests", self.serving.max_queued_requests >= -1, "must be >= -1"),
             ("serving.graceful_shutdown_timeout_s", self.serving.graceful_shutdown_timeout_s >= 0, "must be >= 0"),
             ("serving.placement_timeout_s", self.serving.placement_timeout_s > 0, "must be > 0"),
+            ("serving.max_replicas_per_node", 0 <= self.serving.max_replicas_per_node <= 100,
+             "must be 0 (no limit) to 100"),
             ("serving.direct_stream_key_file", (self.serving.direct_stream_cert_file is None)
              == (self.serving.direct_stream_key_file is None), "must be set exactly when serving.direct_stream_cert_file is"),
             ("serving.router.policy", self.serving.router.policy in ROUTER_POLICIES,

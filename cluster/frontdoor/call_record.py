@@ -6,6 +6,7 @@ The per-method metric children are looked up once (MethodMetrics) rather than on
 from __future__ import annotations
 
 import time
+from typing import Callable
 
 import grpc
 
@@ -39,6 +40,8 @@ class CallRecord:
         self.start = time.perf_counter()
         self._last_token_at: float | None = None
         self._m.in_flight.inc()
+        self.detached = False  # someone else (a background response) calls release() later
+        self.release: Callable[[], None] = self.end  # the call ended: out of flight, counted, billed
 
     def prompt(self, n_tokens: int) -> None:
         self._m.prompt_tokens.inc(n_tokens)

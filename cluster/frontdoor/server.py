@@ -37,6 +37,7 @@ from cluster.frontdoor.ports import NO_REUSEPORT, PortUnavailable
 from cluster.frontdoor.servicer import InferenceServicer, fail
 from cluster.frontdoor.tenants import Tenants
 from cluster.frontdoor.usage import UsageRecorder, configure_usage_log
+from cluster.harmony.tokenizer import load_tokenizer
 from cluster.metrics import FrontdoorMetrics, serve_metrics
 from cluster.serving.handles import close_loop_handle, loop_handle
 from cluster.serving.model_info import ModelInfo
@@ -183,6 +184,9 @@ class FrontdoorServer:
 
     async def _start(self, handle, api_keys: ApiKeys | None, credentials: grpc.ServerCredentials | None) -> None:
         self.info = await handle.model_info.remote()
+        # Built now (about 0.2 s) rather than by the first request, which would hold this loop,
+        # and every call that arrives with it, for that long.
+        await asyncio.get_running_loop().run_in_executor(None, load_tokenizer)
         self.admission = Admission(api_keys, TenantLimits(self.tenants),
                                    loopback_admin=self._config.auth.loopback_admin)
         server = self._server = grpc.aio.server(maximum_concurrent_rpcs=self._config.max_concurrent_rpcs or None,
@@ -263,6 +267,8 @@ class FrontdoorServer:
     async def _watch_replicas(self) -> None:
         while True:
             routable = self._inference.routable_replicas() if self._inference is not None else None
+            if routable:
+                self._inference.connect_replicas()
             if routable is not None:
                 self.metrics.routable_replicas.set(routable)
             before, self._routable = self._routable, routable

@@ -107,14 +107,26 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         x-request-id once its downstream call is on its way (a unary call sends it first).
         `billed` (default: `streaming`): the call generates, so it leaves a usage record.
         `problem`: one more reason to refuse the call (an HTTP header that did not parse).
-        An exception from the body leaves as the status errors.status_for chooses, through `answer`."""
+        An exception from the body leaves as the status errors.status_for chooses, through `answer`.
+        A body that hands the call on (record.detached) leaves record.release() to its new owner."""
         record = CallRecord(self._metrics, method, self._method_metrics(method, api), api)
         call, metadata_problem = self._admission.open(method, context)
+
+        def release() -> None:
+            self._admission.leave(call)
+            record.end()
+            if streaming if billed is None else billed:
+                self.record_usage(call, record)
+        record.release = release
         try:
             try:
                 if not streaming:
                     await call.announce(context)
                 self._admission.check(call, metadata_problem or problem, request, streaming=streaming)
+                if streaming:
+                    # Overload is refused before the request is converted: under a burst the
+                    # refusals are most of the calls, and each is then only a few lookups.
+                    self.admit_stream()
                 yield call, record
                 record.code = grpc.StatusCode.OK
             except (asyncio.CancelledError, GeneratorExit):  # client went away or deadline passed
@@ -127,10 +139,8 @@ class InferenceServicer(pb_grpc.InferenceServicer):
                 call.logger(log).info("-> %s: %s", status.code.name, status.message)
                 await answer(call, context, status)
         finally:
-            self._admission.leave(call)
-            record.end()
-            if streaming if billed is None else billed:
-                self.record_usage(call, record)
+            if not record.detached:
+                release()
 
     def _method_metrics(self, method: str, api: str) -> MethodMetrics:
         children = self._per_method.get((api, method))
@@ -158,19 +168,29 @@ class InferenceServicer(pb_grpc.InferenceServicer):
 
     # ── the replica stream ──
 
-    def _admit_stream(self) -> None:
+    def connect_replicas(self) -> None:
+        self._replicas.connect()
+
+    def admit_stream(self) -> None:
         """Refuse a stream the routable replicas have no room for (each holds
         ModelInfo.max_active_requests), at once and with a retry hint from the queue ahead of it
-        and the rate streams ended at lately, instead of sending it to be refused by a replica."""
+        and the rate streams ended at lately, instead of sending it to be refused by a replica.
+
+        What they hold: per replica, the larger of its last load report (which counts other front
+        doors' requests too) and what this front door's router has on it, plus this front door's
+        streams the router has not placed yet (a burst arrives faster than the router runs)."""
         routable = self._replicas.routable_replicas()
         capacity = (routable or 0) * self._info.max_active_requests
-        if capacity and self._streams_in_flight >= capacity:
+        if not capacity:
+            return
+        held, routed = self._replicas.requests_held()
+        holding = held + max(0, self._streams_in_flight - routed)
+        if holding >= capacity:
             now = time.monotonic()
             while self._ended and self._ended[0] < now - ENDED_WINDOW_S:
                 self._ended.popleft()
-            queued = self._streams_in_flight - capacity + 1
-            raise EngineOverloadedError(self._streams_in_flight, capacity,
-                                        retry_after_s(queued, len(self._ended) / ENDED_WINDOW_S))
+            raise EngineOverloadedError(holding, capacity,
+                                        retry_after_s(holding - capacity + 1, len(self._ended) / ENDED_WINDOW_S))
 
     async def _chunks(self, request: GenerateRequest, call: CallInfo, context,
                       record: CallRecord) -> AsyncIterator[TokenChunk]:
@@ -181,7 +201,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         prompt_tokens = len(request.prompt_token_ids)
         record.prompt(prompt_tokens)
         self._charge(call, prompt_tokens)
-        self._admit_stream()
+        self.admit_stream()  # every stream of both APIs (a gRPC call was checked before its conversion too)
         self._streams_in_flight += 1
         try:
             stream = MigratingStream(self._replicas, request, attempts=self._migration_attempts,

@@ -8,7 +8,7 @@ from typing import Any
 from ray.serve import Application
 from ray.serve.config import AutoscalingConfig, AutoscalingPolicy, RequestRouterConfig
 
-from cluster.config import ClusterConfig
+from cluster.config import ClusterConfig, ConfigError
 from cluster.serving.autoscaling import EngineSignalPolicy
 from cluster.serving.replica import ModelReplica
 from cluster.serving.router import ROUTERS, router_kwargs
@@ -118,6 +118,12 @@ def build_app(config: ClusterConfig) -> Application:
             env_vars.update(WORKER_ENV)
     actor_options["runtime_env"] = {"env_vars": env_vars}
     actor_options.update(placement.pop("ray_actor_options", {}))
+    if serving.max_replicas_per_node:
+        if "placement_group_bundles" in placement:
+            raise ConfigError("config: serving.max_replicas_per_node cannot be combined with a replica placed "
+                              "as a placement group (parallel.ep_size > 1, or engine.vllm with the Ray executor): "
+                              "Ray Serve 2.60 refuses the two together; set it to 0")
+        placement["max_replicas_per_node"] = serving.max_replicas_per_node
     return ModelReplica.options(
         **placement,
         **scaling,

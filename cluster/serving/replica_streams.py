@@ -86,6 +86,23 @@ class ReplicaStreams:
         replicas = getattr(router, "curr_replicas", None)
         return None if replicas is None else len(replicas)
 
+    def requests_held(self) -> tuple[int, int]:
+        """(requests the routable replicas hold, of which this router placed), see
+        router.GptossRouter.requests_held; (0, 0) before the router exists."""
+        router = request_router(self._handle)
+        if router is None or not hasattr(router, "requests_held"):
+            return 0, 0
+        return router.requests_held()
+
+    def connect(self) -> None:
+        """Ask the channel to each routable replica's direct stream to connect, so that the first
+        requests to a replica (a burst after start-up, say) find it ready instead of all taking the
+        Serve handle path while it connects."""
+        router = request_router(self._handle)
+        if router is not None and hasattr(router, "direct_targets"):
+            for target in router.direct_targets():
+                self._client.ready(target)
+
     def _prune(self, addresses: set[str]) -> None:
         task = asyncio.get_running_loop().create_task(self._client.retain(addresses))
         self._pruning.add(task)

@@ -82,6 +82,18 @@ class GptossRouter(RequestRouter):
         seqs = max(engine_seqs, float(self._in_flight.get(replica.replica_id.unique_id, 0)))
         return replica_load(0.0, seqs, float(stats.get("kv_use", 0.0)), self.kv_weight)
 
+    def requests_held(self) -> tuple[int, int]:
+        """(requests the routable replicas hold, of those the ones this router placed): per replica
+        the larger of its last engine report (waiting + running, every caller's requests, at most
+        serving.router.stats_period_s old) and this router's own count (fresh, only its own)."""
+        held = own = 0
+        for replica in self.curr_replicas.values():
+            stats = replica.routing_stats or {}
+            mine = self._in_flight.get(replica.replica_id.unique_id, 0)
+            held += max(int(float(stats.get("waiting", 0)) + float(stats.get("running", 0))), mine)
+            own += mine
+        return held, own
+
     def _route_request(self, pending_request: Optional[PendingRequest]) -> RouteRequest:
         if pending_request is None or not pending_request.args:
             return RouteRequest()
@@ -147,10 +159,14 @@ class GptossRouter(RequestRouter):
         self._count_decision(route_request, decision)
         return DirectRoute(decision.replica, target, functools.partial(self.on_request_completed, None, key))
 
+    def direct_targets(self) -> set[DirectAddress]:
+        """Where the replicas routable now take direct streams."""
+        targets = (DirectAddress.from_metadata(r.replica_metadata) for r in self.curr_replicas.values())
+        return {t for t in targets if t is not None}
+
     def direct_addresses(self) -> set[str]:
         """The direct-stream addresses of the replicas routable now."""
-        targets = (DirectAddress.from_metadata(r.replica_metadata) for r in self.curr_replicas.values())
-        return {t.address for t in targets if t is not None}
+        return {t.address for t in self.direct_targets()}
 
     def _commit(self, request_id: str, request: RouteRequest, replica: str) -> bool:
         """Count `request_id` in flight on `replica`; True the first time this request is routed."""

@@ -7,7 +7,7 @@ tool calls, counting and cancellation run for real around it.
 The final answer repeats the last user message and counts the user turns it saw ("You said: hi.
 (user turns: 2)"), so a test can tell that earlier turns were rendered into the prompt. Run as a
 module it serves a front door on this script (for tests that need separate processes):
-`python -m tests.frontdoor.harmony_script CONFIG_JSON` prints `READY <http_port> <grpc_port>
+`python -m tests.frontdoor.harmony_script CONFIG_JSON [HANDLE_KWARGS_JSON]` prints `READY <http_port> <grpc_port>
 <metrics_port>` and serves until stdin closes.
 """
 
@@ -131,7 +131,7 @@ class HarmonyScriptHandle:
         return chunks
 
 
-async def _serve(config_json: str) -> None:
+async def _serve(config_json: str, handle_json: str = "{}") -> None:
     from prometheus_client import CollectorRegistry
 
     from cluster.config import load_config
@@ -140,7 +140,7 @@ async def _serve(config_json: str) -> None:
 
     overrides = json.loads(config_json)
     config = load_config(None, overrides=overrides).frontdoor
-    server = FrontdoorServer(HarmonyScriptHandle(), config, FrontdoorMetrics(CollectorRegistry()), bind_to_loop=False)
+    server = FrontdoorServer(HarmonyScriptHandle(**json.loads(handle_json)), config, FrontdoorMetrics(CollectorRegistry()), bind_to_loop=False)
     await server.start()
     print(f"READY {server.http_port} {server.grpc_port} {server.metrics_port}", flush=True)
     await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)
@@ -148,7 +148,7 @@ async def _serve(config_json: str) -> None:
 
 
 if __name__ == "__main__":
-    asyncio.run(_serve(sys.argv[1]))
+    asyncio.run(_serve(*sys.argv[1:3]))
 
 
 class ThreadedFrontdoor:

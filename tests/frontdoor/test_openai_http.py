@@ -295,7 +295,8 @@ def test_a_bad_chat_field_is_400_naming_it(client, kwargs, param):
     ({"max_output_tokens": -5}, "max_output_tokens"),
     ({"reasoning": {"effort": "max"}}, "reasoning.effort"),
     ({"text": {"format": {"type": "xml"}}}, "text.format.type"),
-    ({"background": True}, "background"),
+    ({"background": True, "store": False}, "store"),
+    ({"background": "yes"}, "background"),
     ({"input": [{"type": "function_call_output", "call_id": "nope", "output": "x"}]}, "input[0].call_id"),
 ])
 def test_a_bad_response_field_is_400_naming_it(client, kwargs, param):

@@ -91,16 +91,19 @@ def test_memory_store_drops_the_oldest_beyond_max_entries():
 class FrontdoorProcess:
     """`python -m tests.frontdoor.harmony_script`: a front door process over the harmony script."""
 
-    def __init__(self, redis_url: str) -> None:
-        overrides = {"frontdoor.http_port": 0, "frontdoor.grpc_port": 0, "frontdoor.metrics_port": -1,
+    def __init__(self, redis_url: str, **handle) -> None:
+        overrides = {"frontdoor.http_port": 0, "frontdoor.grpc_port": 0, "frontdoor.metrics_port": 0,
+                     "frontdoor.load_poll_interval_s": 0,  # a scripted handle: no Serve replicas to poll
                      "frontdoor.responses.kind": "redis", "frontdoor.responses.redis_url": redis_url}
         env = dict(os.environ, PYTHONPATH=str(REPO_ROOT), GPTOSS_API_KEYS=f"acme:{KEY},other:{OTHER_KEY}")
-        self.proc = subprocess.Popen([sys.executable, "-m", "tests.frontdoor.harmony_script", json.dumps(overrides)],
+        self.proc = subprocess.Popen([sys.executable, "-m", "tests.frontdoor.harmony_script", json.dumps(overrides),
+                                      json.dumps(handle)],
                                      cwd=REPO_ROOT, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      stderr=subprocess.PIPE, text=True)
         line = self.proc.stdout.readline()
         assert line.startswith("READY"), self.proc.stderr.read()[-3000:]
         self.base_url = f"http://127.0.0.1:{line.split()[1]}/v1"
+        self.metrics_url = f"http://127.0.0.1:{line.split()[3]}/metrics"
 
     def client(self, key: str = KEY) -> openai.OpenAI:
         return openai.OpenAI(base_url=self.base_url, api_key=key, max_retries=0)

@@ -176,3 +176,9 @@ def test_tiny_cpu_preset_serve_config_serves_a_request(ray_serving, tiny_checkpo
         if door is not None:
             door.close()
         serve.delete(name)
+
+
+def test_max_replicas_per_node_value_reaches_the_serve_config():
+    assert load_rendered("defaults")[0]["gptoss"].serving.max_replicas_per_node == 0
+    data = yaml.safe_load(serve_config_text(render("defaults", **{"serving.maxReplicasPerNode": "1"})))
+    assert load_serve_config(data)["gptoss"].serving.max_replicas_per_node == 1

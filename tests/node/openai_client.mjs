@@ -2,7 +2,9 @@
 // tests/node/test_node_openai.py, which checks the JSON report this prints.
 import OpenAI from "openai";
 
-const [baseURL, apiKey, model] = process.argv.slice(2);
+// An optional fourth argument is the temperature of every generating call (0: greedy, for a real model).
+const [baseURL, apiKey, model, temperature] = process.argv.slice(2);
+const sampling = temperature === undefined ? {} : { temperature: Number(temperature) };
 const client = new OpenAI({ baseURL, apiKey, maxRetries: 0 });
 const tools = [{
   type: "function",
@@ -13,14 +15,14 @@ const tools = [{
 }];
 const report = {};
 
-const chat = await client.chat.completions.create({ model, messages: [{ role: "user", content: "hi" }] });
+const chat = await client.chat.completions.create({ model, messages: [{ role: "user", content: "hi" }], ...sampling });
 report.chat = { content: chat.choices[0].message.content, reasoning: chat.choices[0].message.reasoning_content,
                  usage: chat.usage };
 
 // Streamed tool call: the arguments arrive as deltas.
 const stream = await client.chat.completions.create({
-  model, messages: [{ role: "user", content: "Weather in Paris?" }], tools, stream: true,
-  stream_options: { include_usage: true },
+  model, messages: [{ role: "user", content: "What is the weather in Paris?" }], tools, stream: true,
+  stream_options: { include_usage: true }, ...sampling,
 });
 const call = { id: "", name: "", arguments: "", argumentDeltas: 0 };
 let finish = null;
@@ -39,8 +41,8 @@ report.toolCall = { ...call, finish, usage };
 
 // The round trip: the tool's result goes back and the model answers with it.
 const answer = await client.chat.completions.create({
-  model, tools, messages: [
-    { role: "user", content: "Weather in Paris?" },
+  model, tools, ...sampling, messages: [
+    { role: "user", content: "What is the weather in Paris?" },
     { role: "assistant", tool_calls: [{ id: call.id, type: "function",
                                          function: { name: call.name, arguments: call.arguments } }] },
     { role: "tool", tool_call_id: call.id, content: "18 C and sunny" },
@@ -51,12 +53,13 @@ report.toolAnswer = answer.choices[0].message.content;
 // Responses: streamed events, then a follow-up that continues the stored response.
 const events = [];
 let responseId = "";
-const responseStream = await client.responses.create({ model, input: "hello", stream: true });
+const responseStream = await client.responses.create({ model, input: "hello", stream: true, ...sampling });
 for await (const event of responseStream) {
   events.push(event.type);
   if (event.type === "response.completed") responseId = event.response.id;
 }
-const followUp = await client.responses.create({ model, input: "again", previous_response_id: responseId });
+const followUp = await client.responses.create({ model, input: "again", previous_response_id: responseId,
+                                                 ...sampling });
 report.responses = { events, followUp: followUp.output_text, usage: followUp.usage };
 
 async function status(promise) {

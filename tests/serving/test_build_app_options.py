@@ -38,3 +38,16 @@ def test_ep1_replica_keeps_openmp_defaults(autoscaling):
 def test_gpu_ep2_replica_keeps_openmp_defaults():
     options = actor_options(**{"parallel.ep_size": 2, "serving.num_gpus": 1})
     assert options["num_gpus"] == 1 and not env_vars(options).keys() & WORKER_ENV.keys()
+
+
+def test_max_replicas_per_node_reaches_serve_and_is_refused_with_placement_groups():
+    from cluster.config import ConfigError
+
+    app = build_app(load_config(env={}, overrides={"serving.max_replicas_per_node": 1, "serving.replicas": 3}))
+    assert app._bound_deployment._replica_config.max_replicas_per_node == 1
+    unlimited = build_app(load_config(env={}, overrides={"serving.replicas": 3}))
+    assert unlimited._bound_deployment._replica_config.max_replicas_per_node is None
+    with pytest.raises(ConfigError, match="serving.max_replicas_per_node"):
+        build_app(load_config(env={}, overrides={"serving.max_replicas_per_node": 1, "parallel.ep_size": 2}))
+    with pytest.raises(ConfigError, match="serving.max_replicas_per_node must be 0"):
+        load_config(env={}, overrides={"serving.max_replicas_per_node": -1})

@@ -45,6 +45,15 @@ def small_queue_stub(ray_serving, serving_config):
     serve.delete(config.serving.app_name)
 
 
+def dispatched_streams(app_name: str) -> float:
+    """Generate streams this process's front-door routers have sent to a replica of `app_name`."""
+    from cluster.metrics import router_metrics
+
+    return sum(s.value for m in router_metrics().streams_total.collect() for s in m.samples
+               if s.name.endswith("_total") and s.labels["application"] == app_name
+               and s.labels["path"] in ("direct", "serve_handle"))
+
+
 def test_ten_times_the_queue_gets_prompt_resource_exhausted_and_the_rest_complete(small_queue_stub, tiny_model):
     stub, handle = small_queue_stub
     g = torch.Generator().manual_seed(21)
@@ -64,11 +73,13 @@ def test_ten_times_the_queue_gets_prompt_resource_exhausted_and_the_rest_complet
             results[i] = ("error", err, time.monotonic() - started)
 
     threads = [threading.Thread(target=run, args=(i,)) for i in range(FLOOD)]
+    dispatched_before = dispatched_streams("small-queue")
     for t in threads:
         t.start()
     for t in threads:
         t.join(300)
 
+    dispatched = dispatched_streams("small-queue") - dispatched_before
     refused = [(i, r) for i, r in enumerate(results) if r[0] == "error"]
     accepted = [(i, r) for i, r in enumerate(results) if r[0] == "ok"]
     assert len(refused) + len(accepted) == FLOOD
@@ -78,6 +89,7 @@ def test_ten_times_the_queue_gets_prompt_resource_exhausted_and_the_rest_complet
     # it runs between arrivals, which a burst from 40 threads may not give it time to do.
     assert len(accepted) >= QUEUE, len(accepted)
     slowest_accepted = max(r[2] for _, r in accepted)
+    assert dispatched == len(accepted), "the front door sent a refused request to the replica"
     for _, (_, err, elapsed) in refused:
         assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, err
         info = details(err)
@@ -94,3 +106,67 @@ def test_ten_times_the_queue_gets_prompt_resource_exhausted_and_the_rest_complet
     assert after.kv_blocks_used == 0 and after.finished_total == len(accepted)
     print(f"{len(refused)} refused (max {max(r[2] for _, r in refused) * 1000:.0f} ms), {len(accepted)} accepted "
           f"(slowest {slowest_accepted:.2f} s)")
+
+
+def drain(stream) -> None:
+    """Read a stream to its end (or until it is cancelled)."""
+    try:
+        for _ in stream:
+            pass
+    except grpc.RpcError:
+        pass
+
+
+def test_a_second_front_door_refuses_from_the_replicas_load_reports_without_sending(small_queue_stub, serving_config):
+    """Another front door (its own router, as a second pod's) has sent nothing to the replica, so
+    its own count says the replica is empty; the replica's load report says it holds all it can.
+    It refuses at once, RESOURCE_EXHAUSTED with RetryInfo, and sends nothing to the replica; once
+    the streams are gone from the reports it takes requests again."""
+    from prometheus_client import CollectorRegistry
+    from ray import serve
+
+    from cluster.metrics import FrontdoorMetrics
+    from gptoss.v1 import inference_pb2_grpc
+    from tests.conftest import BackgroundFrontdoor
+
+    stub, handle = small_queue_stub
+    capacity = 2 + QUEUE  # 2 running, 2 waiting for a minute or more
+    holding = [stub.Generate(pb.GenerateRequest(prompt_token_ids=[11 + i, 12], sampling=pb.SamplingParams(
+        max_tokens=4000, ignore_stop=True)), timeout=300) for i in range(capacity)]
+    readers = [threading.Thread(target=drain, args=(s,), daemon=True) for s in holding]
+    for reader in readers:
+        reader.start()
+    deadline = time.monotonic() + 30
+    while handle.stats.remote().result(timeout_s=30).active_requests < capacity:
+        assert time.monotonic() < deadline, "the replica never held the 4 streams"
+        time.sleep(0.1)
+    other = BackgroundFrontdoor(serve.get_app_handle("small-queue"), serving_config.frontdoor,
+                                FrontdoorMetrics(CollectorRegistry()))
+    channel = grpc.insecure_channel(other.target)
+    try:
+        other_stub = inference_pb2_grpc.InferenceStub(channel)
+        request = pb.GenerateRequest(prompt_token_ids=[5, 6, 7], sampling=pb.SamplingParams(max_tokens=4))
+        time.sleep(3 * serving_config.serving.router.stats_period_s + 1)  # the replica's report arrived
+        before = dispatched_streams("small-queue")
+        with pytest.raises(grpc.RpcError) as refused:
+            list(other_stub.Generate(request, timeout=30))
+        assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, refused.value
+        assert details(refused.value)["ErrorInfo"].reason == "MODEL_OVERLOADED" and retry_delay_s(refused.value) > 0
+        assert dispatched_streams("small-queue") == before, "the refused request was sent to the replica"
+        for stream in holding:
+            stream.cancel()
+        deadline = time.monotonic() + 30
+        while True:  # the next reports show the room again
+            try:
+                assert len([t for r in other_stub.Generate(request, timeout=30) for t in r.chunk.token_ids]) == 4
+                break
+            except grpc.RpcError as err:
+                assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and time.monotonic() < deadline, err
+                time.sleep(0.2)
+        for reader in readers:
+            reader.join(10)
+    finally:
+        for stream in holding:
+            stream.cancel()
+        channel.close()
+        other.close()

@@ -19,12 +19,15 @@ import logging
 import re
 import socket
 import time
+import urllib.parse
 from typing import AsyncIterator, Awaitable, Callable
+
+import grpc
 
 from cluster.frontdoor import errors
 from cluster.frontdoor.admission import Admission
 from cluster.frontdoor.call import REQUEST_ID, CallInfo
-from cluster.frontdoor.http import chat, completions, responses
+from cluster.frontdoor.http import background, chat, completions, responses
 from cluster.frontdoor.http.fields import parse_json
 from cluster.frontdoor.http.store import ResponseStore
 from cluster.frontdoor.ports import PortUnavailable
@@ -102,6 +105,7 @@ class OpenAIApi:
         self.store = store
         self.model = info.model_name
         self.created = int(time.time())
+        self.background = background.BackgroundResponses(store)
         # (HTTP method, path pattern) -> (the route's metric label, its body); a plain table rather
         # than a framework router: every route runs the same Exchange, and a request costs less.
         self.routes = [
@@ -140,6 +144,9 @@ class OpenAIApi:
             headers.append((b"allow", ", ".join(allowed).encode()))
         await send({"type": "http.response.start", "status": status, "headers": headers})
         await send({"type": "http.response.body", "body": data})
+
+    async def close(self) -> None:
+        await self.background.close()
 
     # ── helpers the routes share ──
 
@@ -205,6 +212,8 @@ class OpenAIApi:
                 await self.store.put(x.call.tenant, call.id, output.record(final))
             return final
 
+        if call.background:
+            return await self._background(x, output, events)
         if not call.stream:
             async with contextlib.aclosing(events):
                 async for deltas, complete in events:
@@ -230,11 +239,36 @@ class OpenAIApi:
                     yield data
                     item = await events.__anext__()
 
+        return Stream(stream(), self._error_event(output))
+
+    @staticmethod
+    def _error_event(output: responses.ResponsesOutput) -> Callable[[dict], bytes]:
         def error_event(error: dict) -> bytes:
             body = error["error"]
             return sse({"type": "error", "sequence_number": output._sequence, "code": body["code"],
                         "message": body["message"], "param": body["param"]}, "error")
-        return Stream(stream(), error_event)
+        return error_event
+
+    async def _background(self, x: "Exchange", output: responses.ResponsesOutput, events: AsyncIterator):
+        """Run the response detached from this exchange, which answers at once (or, streamed,
+        follows its events: a client that goes away stops following, not the response)."""
+        deadline_s = x.context.time_remaining()
+
+        async def body(run: background.BackgroundRun) -> None:
+            try:
+                outcome = await background.respond(run, events, self.store, x.call.tenant, sse, deadline_s)
+                x.bookkeeping.code = grpc.StatusCode[outcome]
+            finally:
+                x.release()
+        try:
+            run = await self.background.start(x.call.tenant, output, body)
+        except BaseException:
+            await events.aclose()
+            raise
+        x.detached = True
+        if output.call.stream:
+            return Stream(run.follow(), self._error_event(output))
+        return output.response("in_progress")
 
     async def _stored(self, x: "Exchange") -> dict:
         response_id = x.path_params["response_id"]
@@ -244,7 +278,25 @@ class OpenAIApi:
         return record
 
     async def get_response(self, x: "Exchange"):
-        return (await self._stored(x))["response"]
+        record = await self._stored(x)
+        run = self.background.runs.get((x.call.tenant, record["response"]["id"]))
+        query = urllib.parse.parse_qs(x.query)
+        if query.get("stream", [""])[-1].lower() == "true":
+            if not record["response"].get("background"):
+                raise errors.FieldError("stream", "only a background response can be streamed again")
+            if run is None:
+                if record["response"]["status"] not in background.ENDED:
+                    raise errors.FieldError("stream", "this response runs on another front door: poll it, or "
+                                                      "stream it from the front door that runs it")
+                raise errors.FieldError("stream", f"the response is {record['response']['status']}: its events "
+                                                  f"are gone; poll it")
+            after = query.get("starting_after", ["-1"])[-1]
+            if not after.lstrip("-").isdigit():
+                raise errors.FieldError("starting_after", f"must be an integer, got {after!r}")
+            return Stream(run.follow(int(after)), self._error_event(run.output))
+        if run is not None:
+            return run.output.response("in_progress")  # its output so far
+        return record["response"]
 
     async def delete_response(self, x: "Exchange"):
         response_id = x.path_params["response_id"]
@@ -253,9 +305,11 @@ class OpenAIApi:
         return {"id": response_id, "object": "response.deleted", "deleted": True}
 
     async def cancel_response(self, x: "Exchange"):
-        await self._stored(x)
-        raise errors.FieldError("response_id", "only background responses can be cancelled, and this server runs "
-                                               "none (cancel a streamed response by closing its connection)")
+        response = (await self._stored(x))["response"]
+        if not response.get("background"):
+            raise errors.FieldError("response_id", "only a background response can be cancelled (cancel a streamed "
+                                                   "response by closing its connection)")
+        return await self.background.cancel(x.call.tenant, response)
 
     async def completions(self, x: "Exchange"):
         call = completions.read_completions(x.json, self.info, x.call, x.context, self.check_model(x.json))
@@ -320,11 +374,13 @@ class Exchange:
         self.call: CallInfo | None = None
         self.context: HttpContext | None = None
         self.bookkeeping: CallRecord | None = None
+        self.query = ""
         self._started = False
         self._disconnected = False
 
     async def __call__(self, scope, receive, send) -> None:
         self.context = HttpContext(scope["headers"], scope.get("client"))
+        self.query = scope.get("query_string", b"").decode("latin-1")
         self._send = send
         watcher = None
         call = self.api.servicer.call_context(self.method, self.context, api="http",
@@ -353,6 +409,19 @@ class Exchange:
         finally:
             if watcher is not None:
                 watcher.cancel()
+
+    @property
+    def detached(self) -> bool:
+        """A background response took the call over: it releases it (call_context does not)."""
+        return self.bookkeeping.detached
+
+    @detached.setter
+    def detached(self, value: bool) -> None:
+        self.bookkeeping.detached = value
+
+    def release(self) -> None:
+        """The call ended: out of flight, counted, billed."""
+        self.bookkeeping.release()
 
     async def _read_body(self, receive) -> bytes:
         chunks, size = [], 0
@@ -441,6 +510,7 @@ class HttpServer:
         config = uvicorn.Config(app, lifespan="off", log_config=None, log_level="warning", access_log=False,
                                 timeout_keep_alive=30, timeout_graceful_shutdown=1)
         self._server = uvicorn.Server(config)
+        self._app = app
         self._task: asyncio.Task | None = None
 
     async def start(self) -> None:
@@ -456,6 +526,7 @@ class HttpServer:
             return
         self._server.should_exit = True
         await self._task
+        await self._app.close()  # its background responses record themselves cancelled
         self._task = None
         await self._server.shutdown(sockets=[self._socket])
         self._socket.close()

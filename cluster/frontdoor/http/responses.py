@@ -4,9 +4,8 @@ previous_response_id.
 
 A stored record holds the response and the harmony conversation it ended (earlier turns, this
 input, this output), so a follow-up with previous_response_id renders the whole conversation
-on whichever front door it reaches (store.py). Background responses are not supported
-(background: true is refused), so POST /v1/responses/{id}/cancel never applies: it answers 404
-for an unknown id and 400 for a finished one.
+on whichever front door it reaches (store.py). A background response (background: true) runs
+detached from its HTTP exchange (background.py); its record holds only the response until it ends.
 """
 
 from __future__ import annotations
@@ -37,6 +36,7 @@ class ResponsesCall:
     store: bool
     stream: bool
     previous_response_id: str | None
+    background: bool = False
     id: str = field(default_factory=lambda: new_id("resp"))
     created_at: int = field(default_factory=lambda: int(time.time()))
 
@@ -109,6 +109,9 @@ async def read_responses(body: object, info, call, context, model: str, store: R
         if record is None:
             raise errors.NotFoundError("RESPONSE_NOT_FOUND", "previous_response_id",
                                        f"previous_response_id: no stored response {previous_id!r}")
+        if "conversation" not in record:  # a background response that has not ended
+            raise errors.FieldError("previous_response_id", f"response {previous_id!r} is "
+                                                            f"{record['response']['status']}: continue it once it ended")
         history = [Message(**m) for m in record["conversation"]]
         calls = dict(record.get("calls", {}))
     messages = history + read_input(fields, calls)
@@ -123,11 +126,13 @@ async def read_responses(body: object, info, call, context, model: str, store: R
     text = fields.object("text")
     text_format = text.object("format") if text is not None else None
     constraint = read_constraint(fields, text_format, "text.format", rendered_tools, nested=False)
-    if fields.get("background", bool, False):
-        violations.add("background", "background responses are not supported; stream instead")
+    background = bool(fields.get("background", bool, False))
     metadata = fields.get("metadata", dict, {})
     store_it = fields.get("store", bool, True)
     stream = fields.get("stream", bool, False)
+    if background and store_it is False:
+        violations.add("store", "must be true for a background response (background: true): it is polled from the "
+                                "store")
     try:
         internal = build_chat_request(messages, rendered_tools, effort, rendered_instructions, sampling, info, call,
                                       context, violations, messages_field="input", sampling_prefix="",
@@ -139,8 +144,8 @@ async def read_responses(body: object, info, call, context, model: str, store: R
             "reasoning": {"effort": effort, "summary": None}, "temperature": sampling.temperature,
             "text": {"format": text_format.body if text_format is not None else {"type": "text"}}, "tool_choice": fields.body.get("tool_choice", "auto"),
             "tools": fields.body.get("tools", []), "top_p": sampling.top_p, "truncation": "disabled",
-            "store": store_it, "background": False, "user": fields.get("user", str)}
-    return ResponsesCall(internal, messages, calls, echo, store_it, stream, previous_id)
+            "store": store_it, "background": background, "user": fields.get("user", str)}
+    return ResponsesCall(internal, messages, calls, echo, store_it, stream, previous_id, background)
 
 
 # ───────────────────────────────────────── output ─────────────────────────────────────────
@@ -213,6 +218,9 @@ class ResponsesOutput:
         final = self.response("completed", complete)
         kind = "response.incomplete" if final["status"] == "incomplete" else "response.completed"
         return [self._event(kind, response=final)]
+
+    def failure(self, final: dict) -> list[dict]:
+        return [self._event("response.failed", response=final)]
 
     def _stream_event(self, event: Event) -> list[dict]:
         part = event.part

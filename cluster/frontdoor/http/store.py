@@ -9,15 +9,18 @@ is not stored.
 
 MemoryResponseStore lives in one process (the embedded default): a second front door, or a
 restart, does not see its responses. RedisResponseStore is shared by every front door that
-points at the same Redis and survives their restarts.
+points at the same Redis and survives their restarts; it also carries the cancels of background
+responses to the front door that runs them (a Redis pub/sub channel).
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
 from collections import OrderedDict
+from typing import Callable
 
 from cluster.config import ResponseStoreConfig
 from cluster.frontdoor.errors import StoreUnavailableError
@@ -25,6 +28,7 @@ from cluster.frontdoor.errors import StoreUnavailableError
 log = logging.getLogger(__name__)
 
 KEY_PREFIX = "gptoss:response"
+CANCEL_CHANNEL = "gptoss:response-cancel"  # messages "<tenant>:<response id>"
 
 
 class ResponseStore:
@@ -51,6 +55,15 @@ class ResponseStore:
 
     async def delete(self, tenant: str, response_id: str) -> bool:
         raise NotImplementedError
+
+    async def publish_cancel(self, tenant: str, response_id: str) -> None:
+        """Ask whichever front door runs this background response to cancel it (none but this
+        process shares an in-process store, and this one was asked directly)."""
+        return None
+
+    async def watch_cancels(self, on_cancel: Callable[[str, str], None]) -> None:
+        """Call on_cancel(tenant, response_id) for every cancel another front door publishes."""
+        return None
 
     async def close(self) -> None:
         return None
@@ -99,6 +112,7 @@ class RedisResponseStore(ResponseStore):
         import redis.asyncio as redis
 
         self._redis = redis.Redis.from_url(config.redis_url, socket_connect_timeout=5, socket_timeout=5)
+        self._cancels: asyncio.Task | None = None
 
     @staticmethod
     def _key(tenant: str, response_id: str) -> str:
@@ -130,7 +144,41 @@ class RedisResponseStore(ResponseStore):
     async def ping(self) -> None:
         await self._run(self._redis.ping)
 
+    async def publish_cancel(self, tenant: str, response_id: str) -> None:
+        await self._run(self._redis.publish, CANCEL_CHANNEL, f"{tenant}:{response_id}")
+
+    async def watch_cancels(self, on_cancel: Callable[[str, str], None]) -> None:
+        if self._cancels is not None:
+            return
+        pubsub = self._redis.pubsub(ignore_subscribe_messages=True)
+        await self._run(pubsub.subscribe, CANCEL_CHANNEL)  # before the first background response is answered
+        self._cancels = asyncio.get_running_loop().create_task(self._listen(pubsub, on_cancel))
+
+    async def _listen(self, pubsub, on_cancel: Callable[[str, str], None]) -> None:
+        from redis.exceptions import RedisError
+
+        try:
+            while True:
+                try:
+                    if not pubsub.subscribed:
+                        await pubsub.subscribe(CANCEL_CHANNEL)
+                    # A bounded wait: the client's socket_timeout would fail an unbounded one.
+                    message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
+                except (RedisError, OSError) as err:
+                    log.warning("response store: cancel channel lost (%s); retrying", err)
+                    await asyncio.sleep(1.0)
+                    continue
+                if message is not None and message["type"] == "message":
+                    tenant, _, response_id = message["data"].decode().partition(":")
+                    on_cancel(tenant, response_id)
+        finally:
+            await pubsub.aclose()
+
     async def close(self) -> None:
+        if self._cancels is not None:
+            self._cancels.cancel()
+            await asyncio.gather(self._cancels, return_exceptions=True)
+            self._cancels = None
         await self._redis.aclose()
 
 
