@@ -34,15 +34,14 @@ def process_table() -> dict[int, tuple[int, str]]:
     return table
 
 
-def descendants(root: int, table: dict[int, tuple[int, str]] | None = None) -> list[int]:
-    """Every process below `root`, children before grandchildren."""
+def descendants(root: int, table: dict[int, tuple[int, str]] | None = None) -> set[int]:
+    """Every process below `root`."""
     table = process_table() if table is None else table
-    found: list[int] = []
+    found: set[int] = set()
     frontier = {root}
     while frontier:
-        children = [pid for pid, (parent, _) in table.items() if parent in frontier and pid not in found]
-        found += children
-        frontier = set(children)
+        frontier = {pid for pid, (parent, _) in table.items() if parent in frontier} - found
+        found |= frontier
     return found
 
 
