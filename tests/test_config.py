@@ -86,3 +86,67 @@ def test_round_trips_through_a_dict():
     config = load_config(env={}, overrides={"serving.replicas": 2})
     assert from_dict(to_dict(config)) == config
     assert isinstance(from_dict(to_dict(ClusterConfig())), ClusterConfig)
+
+
+def test_every_bad_value_is_reported_at_once_each_naming_its_key(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("engine:\n  max_waiting_requests: 0\n  max_num_seqs: 64\n  max_num_batched_tokens: 32\n"
+                    "serving:\n  replica: 2\n  autoscaling: {min_replicas: 3, max_replicas: 2}\n"
+                    "frontdoor:\n  tls: {key_file: /k.pem}\n")
+    env = {"GPTOSS_FRONTDOOR_HTTP_PORT": "web", "GPTOSS_LOG_LEVEL": "loud", "GPTOSS_PARALLEL_EP_SIZE": "2"}
+    with pytest.raises(ConfigError) as info:
+        load_config(path, env=env, overrides={"engine.kind": "echo"})
+    assert sorted(info.value.messages) == sorted([
+        "config: engine.max_waiting_requests must be >= 1, got 0",
+        "config: engine.max_num_batched_tokens must be >= engine.max_num_seqs (else running requests could starve), got 32",
+        f"config: unknown field 'serving.replica' ({path})",
+        "config: serving.autoscaling.max_replicas must be >= serving.autoscaling.min_replicas, got 2",
+        "config: frontdoor.tls.key_file must be set exactly when frontdoor.tls.cert_file is, got '/k.pem'",
+        "config: frontdoor.http_port must be int, got 'web' (GPTOSS_FRONTDOOR_HTTP_PORT)",
+        "config: log_level must be one of debug, info, warning, error, got 'loud'",
+        "config: parallel.ep_size needs engine.kind torch, got 2",  # a rule across sections, checked too
+    ])
+    assert str(info.value) == "\n".join(info.value.messages)
+
+
+def test_a_rule_over_a_bad_value_is_not_reported_twice():
+    # engine.max_num_seqs is bad itself; the batched-tokens rule that reads it says nothing more.
+    with pytest.raises(ConfigError) as info:
+        load_config(env={}, overrides={"engine.max_num_seqs": 0, "engine.max_num_batched_tokens": 16})
+    assert info.value.messages == ("config: engine.max_num_seqs must be >= 1, got 0",)
+
+
+def test_validate_checks_values_assigned_after_loading():
+    config = load_config(env={})
+    config.engine.max_num_seqs = 1024
+    config.frontdoor.grpc_port = -5
+    with pytest.raises(ConfigError) as info:
+        config.validate()
+    assert info.value.messages == (
+        "config: engine.max_num_batched_tokens must be >= engine.max_num_seqs (else running requests could starve), got 512",
+        "config: frontdoor.grpc_port must be in [0, 65535], got -5")
+
+
+def test_the_engine_components_take_their_sizes_from_the_one_engine_config():
+    """engine.max_waiting_requests has one default, the config's: the core's scheduler refuses the
+    request past max_num_seqs + max_waiting_requests with nothing of its own in between."""
+    import torch
+
+    from cluster.config import EngineConfig
+    from cluster.engine.core import EngineCore
+    from cluster.engine.errors import EngineOverloadedError
+    from cluster.engine.sequence import SamplingSettings, Sequence
+    from cluster.model.config import GptOssConfig
+    from cluster.model.transformer import GptOssModel
+
+    torch.manual_seed(0)
+    model = GptOssModel(GptOssConfig.from_preset("tiny")).eval()
+    engine = ClusterConfig().engine
+    assert engine.max_waiting_requests == 64 and isinstance(engine, EngineConfig)
+    core = EngineCore(model, EngineConfig(max_num_seqs=2, max_num_batched_tokens=8, max_waiting_requests=3))
+    assert core.scheduler.config is core.config
+    settings = SamplingSettings(max_tokens=1, stop_token_ids=())
+    for i in range(5):
+        core.add_request(Sequence(f"r{i}", [1, 2, 3], settings))
+    with pytest.raises(EngineOverloadedError):
+        core.add_request(Sequence("r5", [1, 2, 3], settings))

@@ -88,7 +88,8 @@ def run_engine_bench(args: argparse.Namespace) -> int:
         return 2
 
     from cluster.bench.engine_prompts import make_workload
-    from cluster.engine.core import EngineConfig, EngineCore, run_to_completion
+    from cluster.config import EngineConfig
+    from cluster.engine.core import EngineCore, run_to_completion
     from cluster.engine.sequence import SamplingSettings, Sequence
     from cluster.model.checkpoint import load_model, write_checkpoint
     from cluster.model.config import GptOssConfig
@@ -108,7 +109,7 @@ def run_engine_bench(args: argparse.Namespace) -> int:
     settings = SamplingSettings(max_tokens=n_new, temperature=0.0, stop_token_ids=())
     # A budget that fits the whole workload's K/V, so this measures batching, not preemption.
     engine_config = EngineConfig(block_size=16, max_num_seqs=args.in_flight, max_num_batched_tokens=512,
-                                 max_waiting_requests=args.requests, kv_cache_memory_bytes=512 << 20)
+                                 max_waiting_requests=args.requests, kv_cache_memory_mib=512)
 
     # --- 1. throughput ---------------------------------------------------------------------------
     def engine_throughput() -> tuple[float, dict[str, list[int]], EngineCore]:
@@ -150,7 +151,7 @@ def run_engine_bench(args: argparse.Namespace) -> int:
     # --- 2. single-stream latency ----------------------------------------------------------------
     prompt = prompts[1][:64]
     # One engine, built once like a replica's; no prefix caching, so every run computes the prompt.
-    alone = EngineCore(model, EngineConfig(block_size=16, kv_cache_memory_bytes=64 << 20, enable_prefix_caching=False))
+    alone = EngineCore(model, EngineConfig(block_size=16, kv_cache_memory_mib=64, enable_prefix_caching=False))
 
     def engine_alone() -> list[int]:
         return run_to_completion(alone, [Sequence("one", prompt, settings)])["one"]

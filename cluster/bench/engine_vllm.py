@@ -34,7 +34,8 @@ def run_vllm_bench(args: argparse.Namespace) -> int:
     import torch
 
     from cluster.bench.engine_prompts import make_workload
-    from cluster.engine.core import EngineConfig, EngineCore, run_to_completion
+    from cluster.config import EngineConfig
+    from cluster.engine.core import EngineCore, run_to_completion
     from cluster.engine.sequence import SamplingSettings, Sequence
     from cluster.model.checkpoint import load_model, write_checkpoint
     from cluster.model.config import GptOssConfig
@@ -51,9 +52,9 @@ def run_vllm_bench(args: argparse.Namespace) -> int:
     prompts = make_workload(args.requests, args.min_prompt, args.max_prompt, model.config.vocab_size)
     settings = SamplingSettings(max_tokens=n_new, temperature=0.0, stop_token_ids=())
     engine_config = EngineConfig(block_size=16, max_num_seqs=args.in_flight, max_num_batched_tokens=512,
-                                 max_waiting_requests=args.requests, kv_cache_memory_bytes=512 << 20)
+                                 max_waiting_requests=args.requests, kv_cache_memory_mib=512)
     single = prompts[1][:64]
-    alone = EngineCore(model, EngineConfig(block_size=16, kv_cache_memory_bytes=64 << 20, enable_prefix_caching=False))
+    alone = EngineCore(model, EngineConfig(block_size=16, kv_cache_memory_mib=64, enable_prefix_caching=False))
 
     def ours_throughput() -> tuple[float, dict[str, list[int]]]:
         core = EngineCore(model, engine_config)

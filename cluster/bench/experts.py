@@ -79,7 +79,8 @@ def _ep1_fresh_proc(conn, path: str, threads: int, engine_kwargs: dict, workload
     one timed run per message from the parent, so its runs alternate with the parent's."""
     import torch
 
-    from cluster.engine.core import EngineConfig, EngineCore
+    from cluster.config import EngineConfig
+    from cluster.engine.core import EngineCore
     from cluster.model.checkpoint import load_model
 
     torch.set_num_threads(threads)
@@ -225,7 +226,8 @@ def run(args: argparse.Namespace) -> int:
     import ray
     import torch
 
-    from cluster.engine.core import EngineConfig, EngineCore
+    from cluster.config import EngineConfig
+    from cluster.engine.core import EngineCore
     from cluster.model.checkpoint import load_model
     from cluster.parallel.workers import ep_forward_factory
     from cluster.serving.model_store import ensure_preset_checkpoint
@@ -240,7 +242,7 @@ def run(args: argparse.Namespace) -> int:
         ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="WARNING")
         started = True
     engine_kwargs = dict(block_size=16, max_num_seqs=args.sequences, max_num_batched_tokens=256,
-                         kv_cache_memory_bytes=16 << 20)
+                         kv_cache_memory_mib=16)
     engine = EngineConfig(**engine_kwargs)
     ep1_model = load_model(path)
     vocab = ep1_model.config.vocab_size

@@ -16,8 +16,9 @@ import itertools
 import time
 from typing import AsyncIterator
 
+from cluster.config import EngineConfig
 from cluster.engine.async_engine import AsyncEngine
-from cluster.engine.core import EngineConfig, EngineCore
+from cluster.engine.core import EngineCore
 from cluster.engine.errors import InvalidRequestError
 from cluster.engine.guided import GuideCompiler
 from cluster.engine.protocol import EngineStats
@@ -32,21 +33,22 @@ FINISH_REASONS = {EndReason.STOP: FinishReason.STOP, EndReason.LENGTH: FinishRea
 class BatchingEngine:
     supports_logprobs = True
 
-    def __init__(self, engine: AsyncEngine, *, stop_token_ids: tuple[int, ...] | None = None,
-                 default_max_tokens: int = 256, chunk_interval_s: float = 0.01) -> None:
+    def __init__(self, engine: AsyncEngine, *, stop_token_ids: tuple[int, ...] | None = None) -> None:
         """`stop_token_ids`: the stop ids of a request that names none; None: the end of a harmony
-        assistant turn (HarmonyTokenizer.turn_end_ids: <|return|>, <|call|>)."""
+        assistant turn (HarmonyTokenizer.turn_end_ids: <|return|>, <|call|>). default_max_tokens and
+        chunk_interval_ms come from the core's EngineConfig."""
         self._engine = engine
         config = engine.core.model.config
         self.limits = ModelLimits(vocab_size=config.vocab_size, context_length=config.max_position_embeddings)
         self._stop_token_ids = load_tokenizer().turn_end_ids if stop_token_ids is None else tuple(stop_token_ids)
-        self._default_max_tokens = default_max_tokens
-        self._chunk_interval_s = chunk_interval_s
+        self._default_max_tokens = engine.core.config.default_max_tokens
+        self._chunk_interval_s = engine.core.config.chunk_interval_ms / 1000.0
         self._ids = itertools.count()
         self._guides: GuideCompiler | None = None  # made at the first constrained request
+        self._wrap_up_tokens = engine.core.config.structured_wrap_up_tokens
 
     @classmethod
-    def for_model(cls, model, config: EngineConfig = EngineConfig(), **kwargs) -> BatchingEngine:
+    def for_model(cls, model, config: EngineConfig, **kwargs) -> BatchingEngine:
         """Start an engine (its step-loop thread included) over `model`."""
         return cls(AsyncEngine(EngineCore(model, config)), **kwargs)
 
@@ -97,7 +99,7 @@ class BatchingEngine:
             raise InvalidRequestError("response_format", f"structured output needs the o200k_harmony vocabulary "
                                       f"({VOCAB_SIZE} ids); this model has {self.limits.vocab_size}")
         if self._guides is None:
-            self._guides = GuideCompiler()
+            self._guides = GuideCompiler(wrap_up_tokens=self._wrap_up_tokens)
         return self._guides
 
     def stats(self) -> EngineStats:

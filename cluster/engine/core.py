@@ -12,25 +12,13 @@ from dataclasses import dataclass
 
 import torch
 
+from cluster.config import EngineConfig
 from cluster.engine.kv_cache import KVCacheManager, KVCacheSpec
 from cluster.engine.runner import ModelRunner
-from cluster.engine.scheduler import Scheduler, SchedulerConfig
+from cluster.engine.scheduler import Scheduler
 from cluster.engine.request import TokenLogprobs
 from cluster.engine.sequence import EndReason, Sequence
 from cluster.model.transformer import GptOssModel
-
-
-@dataclass(frozen=True)
-class EngineConfig:
-    block_size: int = 16  # tokens per KV block
-    kv_cache_memory_bytes: int = 64 << 20  # K/V for all layers; sets the number of blocks
-    max_num_seqs: int = 32  # sequences in one forward pass
-    max_num_batched_tokens: int = 512  # tokens in one forward pass (the prefill chunk)
-    max_waiting_requests: int = 256  # queued beyond this -> EngineOverloadedError
-    enable_prefix_caching: bool = True
-
-    def scheduler_config(self) -> SchedulerConfig:
-        return SchedulerConfig(self.max_num_seqs, self.max_num_batched_tokens, self.max_waiting_requests)
 
 
 @dataclass(frozen=True)
@@ -77,15 +65,17 @@ class StepOutput:
 class EngineCore:
     RATE_WINDOW_S = 5.0
 
-    def __init__(self, model: GptOssModel, config: EngineConfig = EngineConfig(), forward_factory=None):
-        """`forward_factory(spec, num_blocks) -> forward` swaps the runner's paged forward for another
-        (an expert-parallel group: cluster/parallel/); it sees the cache layout the engine chose."""
+    def __init__(self, model: GptOssModel, config: EngineConfig, forward_factory=None):
+        """Sized by `config`, the engine section of cluster/config.py (block size, KV memory, batch and
+        queue bounds, prefix caching). `forward_factory(spec, num_blocks) -> forward` swaps the runner's
+        paged forward for another (an expert-parallel group: cluster/parallel/); it sees the cache
+        layout the engine chose."""
         self.model = model
         self.config = config
         self.spec = KVCacheSpec.from_model_config(model.config, config.block_size, dtype=model.dtype)
         num_blocks = self.spec.num_blocks_for_budget(config.kv_cache_memory_bytes)
         self.kv_cache = KVCacheManager(self.spec, num_blocks, config.enable_prefix_caching)
-        self.scheduler = Scheduler(config.scheduler_config(), self.kv_cache)
+        self.scheduler = Scheduler(config, self.kv_cache)
         forward = None if forward_factory is None else forward_factory(self.spec, num_blocks)
         self.runner = ModelRunner(model, self.kv_cache, forward)
         self._recent: deque[tuple[float, int, int]] = deque()  # (time, tokens sampled, requests ended) per step

@@ -2,17 +2,18 @@
 one matcher per sequence, and mask a step's logits for all constrained rows in one tensor operation.
 
     GenerateRequest.constraint --GuideCompiler (thread pool, LRU cache)--> Guide (one per Sequence)
-    step: Guide.fill -> packed bitmask [R, V/32] (llguidance, in parallel) -> logits masked in one op
-          sampled token -> Guide.consume
+    step: guide masks -> packed bitmask [R, V/32] (llguidance, in parallel; on a thread, during the forward)
+          -> logits masked in one op (cluster/engine/bitmask.py) -> sampled token -> Guide.consume
 
 The grammar (cluster/harmony/structured.py) covers the whole harmony turn, so the mask is on from
 the first generated token; its analysis part allows any text. Requests without a constraint carry
-no Guide and cost nothing: the sampler only looks for Guides.
+no Guide and cost nothing: the runner only looks for Guides.
 
 Wrap-up: a constrained answer that is cut off by max_tokens is invalid, so in the last
-`WRAP_UP_TOKENS` tokens the mask is narrowed to the allowed tokens that close things (quotes,
-brackets, the end of the turn), or failing those, separators; a model that writes the value
-briskly never notices, and one that rambles (a random model, say) still ends with a valid value.
+`wrap_up_tokens` tokens (engine.structured_wrap_up_tokens, default WRAP_UP_TOKENS; 0: off) the mask
+is narrowed to the allowed tokens that close things (quotes, brackets, the end of the turn), or
+failing those, separators; a model that writes the value briskly never notices, and one that
+rambles (a random model, say) still ends with a valid, if shortened, value.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from cluster.harmony.tokenizer import VOCAB_SIZE
 
 log = logging.getLogger(__name__)
 
-WRAP_UP_TOKENS = 64
+WRAP_UP_TOKENS = 64  # the default of engine.structured_wrap_up_tokens: room to close a few nested values
 _CLOSERS = b'"}]'
 _SEPARATORS = b'"}],:'
 
@@ -43,8 +44,9 @@ _SEPARATORS = b'"}],:'
 class Guide:
     """The grammar state of one sequence: which tokens may come next, advanced by each token taken."""
 
-    def __init__(self, matcher: llguidance.LLMatcher) -> None:
+    def __init__(self, matcher: llguidance.LLMatcher, wrap_up_tokens: int = WRAP_UP_TOKENS) -> None:
         self.matcher = matcher
+        self.wrap_up_tokens = wrap_up_tokens  # tokens before max_tokens where closing tokens win
 
     def consume(self, token_id: int) -> None:
         if not self.matcher.consume_token(token_id):
@@ -58,7 +60,8 @@ class GuideCompiler:
     """Compiles turn constraints into Guides on its own threads, caching the compiled grammar by its
     text (a schema used again costs one matcher copy)."""
 
-    def __init__(self, max_workers: int = 2, cache_size: int = 256) -> None:
+    def __init__(self, max_workers: int = 2, cache_size: int = 256, wrap_up_tokens: int = WRAP_UP_TOKENS) -> None:
+        self.wrap_up_tokens = wrap_up_tokens
         self._pool = concurrent.futures.ThreadPoolExecutor(max_workers, thread_name_prefix="grammar-compile")
         self._cache: collections.OrderedDict[str, llguidance.LLMatcher] = collections.OrderedDict()
         self._lock = threading.Lock()
@@ -85,7 +88,7 @@ class GuideCompiler:
                 self._cache[grammar] = template
                 while len(self._cache) > self._cache_size:
                     self._cache.popitem(last=False)
-        return Guide(template.deep_copy())
+        return Guide(template.deep_copy(), self.wrap_up_tokens)
 
     @staticmethod
     def _compile(constraint: TurnConstraint, max_tokens: int) -> llguidance.LLMatcher:
@@ -128,10 +131,10 @@ def _pack(allowed: torch.Tensor) -> torch.Tensor:
 
 def guide_bitmask(guides: list[Guide], tokens_left: list[int]) -> torch.Tensor:
     """Packed allowed-token bits [R, V/32] (int32) of each guide's next token, computed in parallel;
-    rows with `tokens_left` <= WRAP_UP_TOKENS are narrowed to closing tokens where any is allowed."""
+    rows with `tokens_left` within their guide's wrap-up are narrowed to closing tokens where any is allowed."""
     bitmask = torch.empty((len(guides), VOCAB_SIZE // 32), dtype=torch.int32)
     llg_torch.fill_next_token_bitmask_par(_executor(), [(g.matcher, i) for i, g in enumerate(guides)], bitmask)
-    wrap = [i for i, left in enumerate(tokens_left) if left <= WRAP_UP_TOKENS]
+    wrap = [i for i, (guide, left) in enumerate(zip(guides, tokens_left)) if left <= guide.wrap_up_tokens]
     if wrap:
         rows = bitmask[wrap]  # [W, V/32]
         for tier in _wrap_up_masks():
@@ -141,24 +144,16 @@ def guide_bitmask(guides: list[Guide], tokens_left: list[int]) -> torch.Tensor:
     return bitmask
 
 
-def apply_bitmask(logits: torch.Tensor, rows: list[int], bitmask: torch.Tensor) -> None:
-    """Set to -inf, in place, each logit of `rows` (of logits [S, V]) whose bit in `bitmask`
-    [len(rows), V/32] is 0: one table lookup (byte -> 8 blocked flags) and one masked fill for the
-    step, whatever the number of rows."""
-    S, V = logits.shape
-    packed = bitmask.to(logits.device, non_blocking=True).view(torch.uint8).flatten().long()  # little-endian words
-    blocked = _blocked_table(logits.device).index_select(0, packed).view(len(rows), -1)[:, :V]
-    if len(rows) == S:
-        logits.masked_fill_(blocked, float("-inf"))
-        return
-    index = torch.tensor(rows, device=logits.device)
-    logits.index_copy_(0, index, logits.index_select(0, index).masked_fill_(blocked, float("-inf")))
+def start_guide_bitmask(guides: list[Guide], tokens_left: list[int]) -> concurrent.futures.Future[torch.Tensor]:
+    """guide_bitmask on a thread of its own, started before the step's forward: llguidance and the
+    forward both release the GIL, so the mask is usually ready when the logits are."""
+    return _mask_thread().submit(guide_bitmask, guides, tokens_left)
+
+
+@functools.cache
+def _mask_thread() -> concurrent.futures.ThreadPoolExecutor:
+    return concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="guide-mask")
 
 
 _BIT_VALUES = torch.tensor([1 << j for j in range(8)], dtype=torch.uint8)
 
-
-@functools.cache
-def _blocked_table(device: torch.device) -> torch.Tensor:
-    """[256, 8] bool: whether bit j of byte b is 0."""
-    return ((torch.arange(256).unsqueeze(1) >> torch.arange(8)) & 1).eq(0).to(device)

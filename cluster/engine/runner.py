@@ -9,6 +9,7 @@ from typing import Callable
 
 import torch
 
+from cluster.engine.guided import start_guide_bitmask
 from cluster.engine.kv_cache import KVCacheManager
 from cluster.engine.sampler import Sampler
 from cluster.engine.scheduler import SchedulerOutput
@@ -92,6 +93,11 @@ class ModelRunner:
 
     def execute(self, output: SchedulerOutput) -> dict[str, tuple[int, TokenLogprobs | None]]:
         """Compute the step; returns request id -> (sampled token, logprobs) for each sampling chunk."""
+        sampling = [c.request for c in output.chunks if c.samples]
+        constrained = [i for i, s in enumerate(sampling) if s.guide is not None]
+        # The grammar masks depend only on tokens already taken: computed while the forward runs.
+        masks = start_guide_bitmask([sampling[i].guide for i in constrained],
+                                    [sampling[i].num_tokens_left for i in constrained]) if constrained else None
         batch = self.prepare(output)
         if self.forward is not None:
             hidden = self.forward(batch)  # [R, H]
@@ -99,13 +105,8 @@ class ModelRunner:
             hidden = paged_hidden(self.model, batch, self.cache)  # [R, H]
         with torch.inference_mode():
             logits = self.unembed(hidden)  # [R, V]
-        sampling = [c.request for c in output.chunks if c.samples]
         if not sampling:
             return {}
-        guides = [s.guide for s in sampling]
-        if any(g is not None for g in guides):
-            result = self.sampler(logits, [s.sampling for s in sampling], [s.generator for s in sampling],
-                                  guides, [s.num_tokens_left for s in sampling])
-        else:
-            result = self.sampler(logits, [s.sampling for s in sampling], [s.generator for s in sampling])
+        result = self.sampler(logits, [s.sampling for s in sampling], [s.generator for s in sampling],
+                              constrained, masks.result() if masks else None)
         return {s.request_id: (t, lp) for s, t, lp in zip(sampling, result.token_ids, result.logprobs)}

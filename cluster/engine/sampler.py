@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from cluster.engine.guided import Guide, apply_bitmask, guide_bitmask
+from cluster.engine.bitmask import apply_bitmask
 from cluster.engine.request import TokenLogprobs
 from cluster.engine.sequence import SamplingSettings
 from cluster.model.unembedding import argmax_rows
@@ -40,17 +40,15 @@ def apply_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Te
 class Sampler:
     def __call__(
         self, logits: torch.Tensor, params: list[SamplingSettings], generators: list[torch.Generator],
-        guides: list[Guide | None] | None = None, tokens_left: list[int] | None = None,
+        constrained: list[int] = (), bitmask: torch.Tensor | None = None,
     ) -> SamplerOutput:
-        """logits [S, V] (any float dtype) -> one token per row. A row with a Guide (structured
-        output) only draws among the tokens its grammar allows; `tokens_left` (per row) lets a
-        guide close its value before max_tokens cuts it off."""
+        """logits [S, V] (any float dtype) -> one token per row. The `constrained` rows (structured
+        output) only draw among the tokens their grammar allows: `bitmask` [len(constrained), V/32]
+        holds their allowed tokens' bits (cluster/engine/guided.py)."""
         logits = logits.float()
         S, V = logits.shape
         model_logits = logits  # logprobs report the model's own distribution, not the masked one
-        constrained = [i for i, g in enumerate(guides) if g is not None] if guides else []
         if constrained:
-            bitmask = guide_bitmask([guides[i] for i in constrained], [tokens_left[i] for i in constrained])
             if any(p.logprobs is not None for p in params):
                 logits = logits.clone()  # else masked in place: nothing reads the model's logits after this
             apply_bitmask(logits, constrained, bitmask)

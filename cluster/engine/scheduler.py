@@ -15,27 +15,11 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
+from cluster.config import EngineConfig
 from cluster.engine.errors import EngineOverloadedError, RequestTooLong
 from cluster.engine.kv_cache import KVCacheManager
 from cluster.engine.request import TokenLogprobs
 from cluster.engine.sequence import EndReason, Sequence, SequenceStatus
-
-
-@dataclass(frozen=True)
-class SchedulerConfig:
-    max_num_seqs: int = 32  # requests in one forward pass
-    max_num_batched_tokens: int = 512  # tokens in one forward pass: the prefill chunk size
-    max_waiting_requests: int = 128  # queue bound; beyond it add_request raises EngineOverloadedError
-
-    def __post_init__(self) -> None:
-        for name in ("max_num_seqs", "max_num_batched_tokens", "max_waiting_requests"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.max_num_batched_tokens < self.max_num_seqs:
-            raise ValueError(
-                f"max_num_batched_tokens ({self.max_num_batched_tokens}) must be >= max_num_seqs ({self.max_num_seqs}),"
-                " or running requests could starve for lack of budget"
-            )
 
 
 @dataclass
@@ -64,7 +48,9 @@ class SchedulerOutput:
 
 
 class Scheduler:
-    def __init__(self, config: SchedulerConfig, kv_cache: KVCacheManager):
+    def __init__(self, config: EngineConfig, kv_cache: KVCacheManager):
+        """Bounded by config.max_num_seqs, max_num_batched_tokens (>= max_num_seqs, checked by the config)
+        and max_waiting_requests."""
         self.config = config
         self.kv_cache = kv_cache
         self.waiting: deque[Sequence] = deque()

@@ -32,8 +32,10 @@ import os
 import threading
 import time
 from collections import deque
+from pathlib import Path
 from typing import Any, AsyncIterator
 
+from cluster.config import EngineConfig
 from cluster.engine.errors import EngineDead, EngineOverloadedError, InvalidRequestError
 from cluster.engine.protocol import EngineStats
 from cluster.engine.request import (
@@ -89,6 +91,18 @@ def engine_args_for(config, model_path: str | os.PathLike, dtype: str = "float32
     if v.distributed_executor_backend:
         kwargs["distributed_executor_backend"] = v.distributed_executor_backend
     return kwargs
+
+
+def with_tokenizer(engine_args: dict[str, Any]) -> dict[str, Any]:
+    """With vLLM's tokenizer on (structured outputs), a Hugging Face tokenizer directory: the model
+    directory's own if it has one (a real gpt-oss checkpoint), else o200k_harmony's, built locally
+    once (cluster/harmony/hf_tokenizer.py; the checkpoints this cluster writes have none)."""
+    if (engine_args.get("skip_tokenizer_init") or engine_args.get("tokenizer")
+            or (Path(engine_args["model"]) / "tokenizer.json").is_file()):
+        return engine_args
+    from cluster.harmony.hf_tokenizer import hf_tokenizer_dir
+
+    return {**engine_args, "tokenizer": str(hf_tokenizer_dir())}
 
 
 def set_cpu_environment(config) -> None:
@@ -162,10 +176,10 @@ def _stats_hook_factory(signals: _LoadSignals):
 class VllmEngine:
     supports_logprobs = True
 
-    def __init__(self, llm, *, stop_token_ids: tuple[int, ...] | None = None,
-                 default_max_tokens: int = 256, chunk_interval_s: float = 0.01,
-                 max_num_seqs: int = 32, max_waiting_requests: int = 64,
+    def __init__(self, llm, config: EngineConfig, *, stop_token_ids: tuple[int, ...] | None = None,
                  signals: _LoadSignals | None = None) -> None:
+        """`config`: the engine section (default_max_tokens, chunk_interval_ms, and the batch + queue
+        bound: engine.vllm.max_num_seqs or engine.max_num_seqs, plus engine.max_waiting_requests)."""
         self._llm = llm
         self._signals = signals or _LoadSignals()
         model_config = llm.model_config
@@ -175,16 +189,16 @@ class VllmEngine:
         self.kv_blocks_total = int(cache.num_gpu_blocks or 0)
         # None: the end of a harmony assistant turn, as the torch engine (BatchingEngine) defaults.
         self._stop_token_ids = load_tokenizer().turn_end_ids if stop_token_ids is None else tuple(stop_token_ids)
-        self._default_max_tokens = default_max_tokens
-        self._chunk_interval_s = chunk_interval_s
-        self._max_in_engine = max_num_seqs + max_waiting_requests
+        self._default_max_tokens = config.default_max_tokens
+        self._chunk_interval_s = config.chunk_interval_ms / 1000.0
+        self._max_in_engine = (config.vllm.max_num_seqs or config.max_num_seqs) + config.max_waiting_requests
         self._ids = itertools.count()
         self._lock = threading.Lock()
         self._in_engine = 0  # requests handed to vLLM and not ended
         self._requests = self._finished = self._cancelled = self._failed = 0
 
     @classmethod
-    def start(cls, engine_args: dict[str, Any], **kwargs) -> "VllmEngine":
+    def start(cls, engine_args: dict[str, Any], config: EngineConfig, **kwargs) -> "VllmEngine":
         """Start vLLM's AsyncLLM (tens of seconds: it loads and profiles the model) with our stats hook.
 
         With engine args that need Ray workers (distributed_executor_backend "ray"), the placement
@@ -196,7 +210,7 @@ class VllmEngine:
         from vllm.v1.engine.async_llm import AsyncLLM
 
         signals = _LoadSignals()
-        vllm_config = AsyncEngineArgs(**engine_args).create_engine_config(UsageContext.ENGINE_CONTEXT)
+        vllm_config = AsyncEngineArgs(**with_tokenizer(engine_args)).create_engine_config(UsageContext.ENGINE_CONTEXT)
         if vllm_config.parallel_config.distributed_executor_backend == "ray":
             import ray
 
@@ -205,7 +219,7 @@ class VllmEngine:
                 vllm_config.parallel_config.placement_group = pg
         llm = AsyncLLM.from_vllm_config(vllm_config, stat_loggers=[_stats_hook_factory(signals)],
                                         disable_log_stats=True)
-        return cls(llm, signals=signals, **kwargs)
+        return cls(llm, config, signals=signals, **kwargs)
 
     # --- requests ----------------------------------------------------------------------------------
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import fields
 from typing import Any, Iterable, Mapping
 
 from cluster.config import AutoscalingSettings
@@ -71,7 +70,7 @@ class EngineSignalPolicy:
     policy_kwargs=the AutoscalingSettings fields). Serve instantiates it once and calls it each tick."""
 
     def __init__(self, **settings: Any) -> None:
-        known = {f.name for f in fields(AutoscalingSettings)}
+        known = AutoscalingSettings.model_fields
         self.settings = AutoscalingSettings(**{k: v for k, v in settings.items() if k in known})
 
     def __call__(self, ctx) -> tuple[int, dict[str, Any]]:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any
 
 from ray.serve import Application
@@ -106,7 +105,7 @@ def build_app(config: ClusterConfig) -> Application:
             metrics_interval_s=auto.metrics_interval_s,
             # The policy applies its own delays (hysteresis); Serve's would stack on top.
             upscale_delay_s=0.0, downscale_delay_s=0.0,
-            policy=AutoscalingPolicy(policy_function=EngineSignalPolicy, policy_kwargs=dataclasses.asdict(auto)))}
+            policy=AutoscalingPolicy(policy_function=EngineSignalPolicy, policy_kwargs=auto.model_dump()))}
         # How often replicas push record_autoscaling_stats (read when the replica process starts).
         env_vars["RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S"] = str(auto.metrics_interval_s)
     placement = replica_placement(config)

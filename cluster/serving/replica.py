@@ -50,21 +50,15 @@ def _batching_engine(model, config: ClusterConfig, forward_factory=None) -> Engi
 
     `forward_factory` (expert parallelism) runs each step's forward on a worker group instead."""
     from cluster.engine.batching_engine import BatchingEngine
-    from cluster.engine.core import EngineConfig
 
     e = config.engine
-    core_config = EngineConfig(block_size=e.block_size, kv_cache_memory_bytes=int(e.kv_cache_memory_mib * (1 << 20)),
-                               max_num_seqs=e.max_num_seqs, max_num_batched_tokens=e.max_num_batched_tokens,
-                               max_waiting_requests=e.max_waiting_requests,
-                               enable_prefix_caching=e.enable_prefix_caching)
     try:
-        kwargs = dict(default_max_tokens=e.default_max_tokens, chunk_interval_s=e.chunk_interval_ms / 1000.0)
         if forward_factory is not None:
             from cluster.engine.async_engine import AsyncEngine
             from cluster.engine.core import EngineCore
 
-            return BatchingEngine(AsyncEngine(EngineCore(model, core_config, forward_factory)), **kwargs)
-        return BatchingEngine.for_model(model, core_config, **kwargs)
+            return BatchingEngine(AsyncEngine(EngineCore(model, e, forward_factory)))
+        return BatchingEngine.for_model(model, e)
     except ValueError as err:  # a budget too small for this model's blocks
         raise ConfigError(f"config: engine.kv_cache_memory_mib {e.kv_cache_memory_mib} is too small for "
                           f"this model: {err}") from err
@@ -77,11 +71,7 @@ def _vllm_engine(config: ClusterConfig) -> tuple[Engine, ModelInfo]:
 
     path = resolve_checkpoint(config)
     set_cpu_environment(config)
-    e = config.engine
-    engine = VllmEngine.start(engine_args_for(config, path, config.model.dtype),
-                              default_max_tokens=e.default_max_tokens, chunk_interval_s=e.chunk_interval_ms / 1000.0,
-                              max_num_seqs=e.vllm.max_num_seqs or e.max_num_seqs,
-                              max_waiting_requests=e.max_waiting_requests)
+    engine = VllmEngine.start(engine_args_for(config, path, config.model.dtype), config.engine)
     info = model_info_for(config, engine, path, GptOssConfig.from_json(path / "config.json"))
     log.info("replica ready: vLLM engine over %s", path)
     return engine, info

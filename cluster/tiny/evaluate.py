@@ -25,7 +25,7 @@ import openai_harmony as oh
 import torch
 
 from cluster.engine.batching_engine import BatchingEngine
-from cluster.engine.core import EngineConfig
+from cluster.config import EngineConfig
 from cluster.engine.request import GenerateRequest, SamplingParams
 from cluster.harmony import CALL_ID, RETURN_ID, load_tokenizer
 from cluster.tiny import curriculum
@@ -123,7 +123,7 @@ async def _generate_all(engine: BatchingEngine, prompts: list[list[int]], max_to
 
 def run_eval(model, samples: list[curriculum.Sample], *, max_tokens: int = 160, max_num_seqs: int = 64) -> list[Scored]:
     engine = BatchingEngine.for_model(model, EngineConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=2048,
-                                                          kv_cache_memory_bytes=256 << 20))
+                                                          kv_cache_memory_mib=256))
     try:
         completions = asyncio.run(_generate_all(engine, [s.prompt_ids() for s in samples], max_tokens))
     finally:

@@ -22,6 +22,10 @@ RANDOM_MODEL_SCHEMAS = {name: schema for name, schema in SCHEMAS.items() if name
 REGEX = r"[A-Z]{2}-[0-9]{3}"
 GRAMMAR = 'start: "yes" | "no" | "n=" NUMBER\nNUMBER: /[0-9]{1,3}/'
 TOOL = StrictTool("get_weather", SCHEMAS["weather_tool"])
+# Random weights pick "analysis" or "final" after <|channel|> by chance: the analysis tests take the
+# first of these questions whose greedy answer starts with an analysis.
+ANALYSIS_QUESTIONS = ("Why?", "What is 2+2?", "Hello", "Tell me a story", "Weather?", "Name a color", "Pick one",
+                      "Count to three")
 
 
 def prompt() -> list[int]:

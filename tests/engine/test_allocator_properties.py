@@ -5,10 +5,11 @@ import torch
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
+from cluster.config import EngineConfig
 from cluster.engine.kv_cache import KVCacheManager, KVCacheSpec, LayerGroup
 from cluster.engine.sequence import EndReason, Sequence, SamplingSettings
 from cluster.engine.errors import EngineOverloadedError
-from cluster.engine.scheduler import Scheduler, SchedulerConfig
+from cluster.engine.scheduler import Scheduler
 
 SHARED_PREFIXES = [list(range(1, 33)), list(range(50, 70)), []]
 
@@ -51,7 +52,7 @@ def step(scheduler: Scheduler, finished: list[Sequence]) -> None:
 def test_no_block_leaks_or_double_frees(ops, num_blocks, block_size, window, budget):
     spec = KVCacheSpec(block_size, 1, 2, (LayerGroup((1,), None), LayerGroup((0,), window)), torch.float32)
     kv = KVCacheManager(spec, num_blocks)
-    scheduler = Scheduler(SchedulerConfig(max_num_seqs=6, max_num_batched_tokens=budget, max_waiting_requests=6), kv)
+    scheduler = Scheduler(EngineConfig(max_num_seqs=6, max_num_batched_tokens=budget, max_waiting_requests=6), kv)
     added: list[Sequence] = []
     finished: list[Sequence] = []
     for op in ops:

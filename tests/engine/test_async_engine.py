@@ -10,7 +10,8 @@ import torch
 from engine_fixtures import engine_model, one_intra_op_thread  # noqa: F401  (fixtures)
 
 from cluster.engine.async_engine import AsyncEngine
-from cluster.engine.core import EngineConfig, EngineCore
+from cluster.config import EngineConfig
+from cluster.engine.core import EngineCore
 from cluster.engine.errors import DeadlineExceededError, EngineOverloadedError, RequestTooLong
 from cluster.engine.sequence import EndReason, SamplingSettings
 from cluster.model.generate import greedy
@@ -162,7 +163,7 @@ def test_closing_a_stream_frees_its_blocks_at_the_next_step(engine_factory, engi
 
 
 def test_request_that_cannot_fit_is_refused_before_queueing(engine_factory, engine_model):
-    engine = engine_factory(kv_cache_memory_bytes=1 << 16)
+    engine = engine_factory(kv_cache_memory_mib=1 / 16)
 
     async def main():
         await engine.generate([1] * 50, SamplingSettings(max_tokens=4000), "big").__anext__()

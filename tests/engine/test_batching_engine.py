@@ -10,7 +10,7 @@ import torch
 from engine_fixtures import engine_model, one_intra_op_thread  # noqa: F401  (fixtures)
 
 from cluster.engine.batching_engine import BatchingEngine
-from cluster.engine.core import EngineConfig
+from cluster.config import EngineConfig
 from cluster.engine.errors import EngineDead, EngineOverloadedError, InvalidRequestError
 from cluster.engine.request import FinishReason, GenerateRequest, SamplingParams
 from cluster.model.generate import decode_stream, greedy
@@ -28,8 +28,9 @@ def make_engine(engine_model):
     engines = []
 
     def make(stop_token_ids=(), **config):
-        engine = BatchingEngine.for_model(engine_model(MODEL), EngineConfig(block_size=4, **config),
-                                          stop_token_ids=stop_token_ids, default_max_tokens=7, chunk_interval_s=0.0)
+        engine = BatchingEngine.for_model(engine_model(MODEL), EngineConfig(block_size=4, default_max_tokens=7,
+                                                                            chunk_interval_ms=0, **config),
+                                          stop_token_ids=stop_token_ids)
         engines.append(engine)
         return engine
 

@@ -9,6 +9,7 @@ import openai_harmony
 import pytest
 from engine_fixtures import engine_model, one_intra_op_thread  # noqa: F401  (fixtures)
 
+from cluster.config import EngineConfig
 from cluster.engine.batching_engine import BatchingEngine
 from cluster.engine.request import GenerateRequest
 from cluster.engine.vllm_engine import VllmEngine
@@ -23,7 +24,7 @@ def harmony_turn_stops() -> set[int]:
 
 
 def test_torch_engine_defaults_to_harmonys_turn_end(engine_model, harmony_turn_stops):
-    engine = BatchingEngine.for_model(engine_model("tiny"))
+    engine = BatchingEngine.for_model(engine_model("tiny"), EngineConfig())
     try:
         settings = engine.settings_for(GenerateRequest(prompt_token_ids=(200006, 173781)))
     finally:
@@ -37,4 +38,4 @@ def test_vllm_adapter_defaults_to_harmonys_turn_end(harmony_turn_stops):
     model_config = SimpleNamespace(get_vocab_size=lambda: 201088, max_model_len=4096, max_logprobs=20)
     llm = SimpleNamespace(model_config=model_config,
                           vllm_config=SimpleNamespace(cache_config=SimpleNamespace(num_gpu_blocks=0)))
-    assert set(VllmEngine(llm)._stop_token_ids) == harmony_turn_stops
+    assert set(VllmEngine(llm, EngineConfig())._stop_token_ids) == harmony_turn_stops

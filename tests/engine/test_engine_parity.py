@@ -6,7 +6,8 @@ import pytest
 import torch
 from engine_fixtures import engine_model, one_intra_op_thread  # noqa: F401  (fixtures)
 
-from cluster.engine.core import EngineConfig, EngineCore, run_to_completion
+from cluster.config import EngineConfig
+from cluster.engine.core import EngineCore, run_to_completion
 from cluster.engine.sequence import SamplingSettings, Sequence
 from cluster.model.generate import greedy
 
@@ -53,7 +54,7 @@ def test_preempted_sequences_are_recomputed_to_the_same_tokens(engine_model):
     # A pool of 40 blocks: all eight cannot hold their K/V at once, so some must be preempted.
     budget = 41 * probe.spec.bytes_per_block
     core = EngineCore(model, EngineConfig(block_size=4, max_num_seqs=8, max_num_batched_tokens=64,
-                                          kv_cache_memory_bytes=budget))
+                                          kv_cache_memory_mib=budget / (1 << 20)))
     seqs = [Sequence(f"r{i}", p, greedy_settings(24)) for i, p in enumerate(prompts)]
     got = run_to_completion(core, seqs)
     assert core.stats.preemptions_total > 0

@@ -3,15 +3,16 @@ import time
 import pytest
 import torch
 
+from cluster.config import EngineConfig
 from cluster.engine.kv_cache import KVCacheManager, KVCacheSpec, LayerGroup
 from cluster.engine.sequence import EndReason, Sequence, SequenceStatus, SamplingSettings
 from cluster.engine.errors import EngineOverloadedError, RequestTooLong
-from cluster.engine.scheduler import Scheduler, SchedulerConfig
+from cluster.engine.scheduler import Scheduler
 
 
 def make_scheduler(num_blocks=256, block_size=4, window=16, **config) -> Scheduler:
     spec = KVCacheSpec(block_size, 1, 4, (LayerGroup((1,), None), LayerGroup((0,), window)), torch.float32)
-    return Scheduler(SchedulerConfig(**config), KVCacheManager(spec, num_blocks))
+    return Scheduler(EngineConfig(**config), KVCacheManager(spec, num_blocks))
 
 
 def fake_step(scheduler: Scheduler):
@@ -139,6 +140,6 @@ def test_waiting_request_past_its_deadline_is_dropped_at_the_next_step():
 
 def test_config_validation_names_the_field():
     with pytest.raises(ValueError, match="max_num_seqs"):
-        SchedulerConfig(max_num_seqs=0)
+        EngineConfig(max_num_seqs=0)
     with pytest.raises(ValueError, match="max_num_batched_tokens"):
-        SchedulerConfig(max_num_seqs=64, max_num_batched_tokens=32)
+        EngineConfig(max_num_seqs=64, max_num_batched_tokens=32)

@@ -9,12 +9,13 @@ import asyncio
 import pytest
 import torch
 from engine_fixtures import engine_model, one_intra_op_thread  # noqa: F401  (fixtures)
-from structured_cases import BUDGET, MAX_TOKENS, cases, check_output, prompt
+from structured_cases import ANALYSIS_QUESTIONS, BUDGET, MAX_TOKENS, cases, check_output, prompt
 
 from cluster.engine.batching_engine import BatchingEngine
-from cluster.engine.core import EngineConfig
+from cluster.config import EngineConfig
 from cluster.engine.errors import InvalidRequestError
-from cluster.engine.guided import WRAP_UP_TOKENS, GuideCompiler, apply_bitmask, guide_bitmask
+from cluster.engine.bitmask import apply_bitmask
+from cluster.engine.guided import WRAP_UP_TOKENS, GuideCompiler, guide_bitmask
 from cluster.engine.request import FinishReason, GenerateRequest, SamplingParams
 from cluster.harmony.render import Message, render_prompt
 from cluster.harmony.structured import ResponseFormat, StrictTool, TurnConstraint
@@ -25,10 +26,10 @@ from cluster.harmony.tokenizer import CHANNEL_ID, END_ID, MESSAGE_ID, RETURN_ID,
 def make_engine(engine_model):
     engines = []
 
-    def make(**config):
-        settings = dict(max_num_seqs=48, max_num_batched_tokens=2048, kv_cache_memory_bytes=64 << 20)
-        engine = BatchingEngine.for_model(engine_model("tiny"), EngineConfig(**{**settings, **config}),
-                                          chunk_interval_s=0.0)
+    def make(wrap_up_tokens=WRAP_UP_TOKENS, **config):
+        settings = dict(max_num_seqs=48, max_num_batched_tokens=2048, kv_cache_memory_mib=64, chunk_interval_ms=0,
+                        structured_wrap_up_tokens=wrap_up_tokens)
+        engine = BatchingEngine.for_model(engine_model("tiny"), EngineConfig(**{**settings, **config}))
         engines.append(engine)
         return engine
 
@@ -77,10 +78,7 @@ def test_analysis_is_the_unconstrained_one_up_to_the_final_header(make_engine):
         "a": {"type": "integer"}}, "required": ["a"]}, strict=True), reasoning_budget=24)
 
     async def main():
-        # Random weights pick "analysis" or "final" after <|channel|> by chance: take the first
-        # question whose greedy answer starts with an analysis.
-        for question in ("Why?", "What is 2+2?", "Hello", "Tell me a story", "Weather?", "Name a color",
-                         "Pick one", "Count to three"):
+        for question in ANALYSIS_QUESTIONS:
             ids = render_prompt([Message("user", question)], reasoning_effort="low")
             constrained, _ = await run(engine, constraint, max_tokens=96, ids=ids)
             if constrained[:len(header)] == header:
@@ -112,6 +110,20 @@ def test_the_reasoning_budget_alone_bounds_the_analysis(make_engine, budget):
         analysis = ids[3:ids.index(END_ID)]
         assert len(analysis) == budget and text.startswith("<|channel|>analysis<|message|>")
     assert finish is FinishReason.STOP and ids[-1] == RETURN_ID  # the free final text wrapped up
+
+
+def test_the_wrap_up_window_closes_a_long_value_and_is_a_setting(make_engine):
+    """A free string the random model never ends: with the wrap-up (default) the answer is closed in
+    time, valid and STOP; with engine.structured_wrap_up_tokens 0 it runs into max_tokens (LENGTH)."""
+    schema = {"type": "object", "properties": {"note": {"type": "string"}}, "required": ["note"]}
+    constraint = TurnConstraint(ResponseFormat("json_schema", schema, strict=True), reasoning_budget=0)
+    closed, finish = asyncio.run(run(make_engine(), constraint, max_tokens=80))
+    assert finish is FinishReason.STOP
+    check_output("note", constraint, closed)
+    assert len(closed) > 80 - WRAP_UP_TOKENS  # the model wrote on until the window, then closed
+    cut, finish = asyncio.run(run(make_engine(wrap_up_tokens=0), constraint, max_tokens=80))
+    assert finish is FinishReason.LENGTH and len(cut) == 80 and cut[-1] != RETURN_ID
+    assert cut[:80 - WRAP_UP_TOKENS] == closed[:80 - WRAP_UP_TOKENS]  # the same until the window
 
 
 @pytest.mark.parametrize("constraint, field", [
@@ -161,7 +173,7 @@ def test_preempted_constrained_requests_resume_with_their_grammar_state(make_eng
     longest = len(prompt()) + MAX_TOKENS
     # Room for one and a quarter whole requests; twelve in flight, each with a prompt of its own.
     tight = make_engine(block_size=4, max_num_batched_tokens=256,
-                        kv_cache_memory_bytes=int(1.25 * longest * bytes_per_token))
+                        kv_cache_memory_mib=int(1.25 * longest * bytes_per_token) / (1 << 20))
     all_cases = list(cases().items())[:12]
     prompts = [render_prompt([Message("user", f"Question {i}: {name}?")], reasoning_effort="low")
                for i, (name, _) in enumerate(all_cases)]

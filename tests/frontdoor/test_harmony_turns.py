@@ -21,7 +21,8 @@ from test_servicer import ScriptedHandle, with_server
 
 from cluster.engine.async_engine import AsyncEngine
 from cluster.engine.batching_engine import BatchingEngine
-from cluster.engine.core import EngineConfig, EngineCore
+from cluster.config import EngineConfig
+from cluster.engine.core import EngineCore
 from cluster.harmony.tokenizer import load_tokenizer
 from cluster.model.config import GptOssConfig
 from cluster.model.paged import PagedBatch
@@ -122,8 +123,8 @@ def over_engine(model, completion: list[int], rpc: str, request) -> list:
     """The responses of one `rpc` call ("Chat" or "Generate") through a real front door whose
     replica is the real engine over a ScriptedForward of `completion`."""
     forward = ScriptedForward(completion, model)
-    engine = BatchingEngine(AsyncEngine(EngineCore(model, EngineConfig(block_size=16), forward.factory)),
-                            chunk_interval_s=0.0)
+    engine = BatchingEngine(AsyncEngine(EngineCore(model, EngineConfig(block_size=16, chunk_interval_ms=0),
+                                                   forward.factory)))
     try:
         handle = ScriptedHandle(lambda generate_request: EngineResponse(engine, generate_request))
 

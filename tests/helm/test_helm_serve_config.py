@@ -6,7 +6,6 @@ tiny CPU preset's config actually serves a request on the session's Ray cluster.
 from __future__ import annotations
 
 import base64
-import dataclasses
 
 import pytest
 import yaml
@@ -154,9 +153,9 @@ def test_tiny_cpu_preset_serve_config_serves_a_request(ray_serving, tiny_checkpo
         fd_config = load_config(tmp_path / "config.yaml", env={}, overrides={
             "frontdoor.host": "127.0.0.1", "frontdoor.grpc_port": 0, "frontdoor.metrics_port": -1,
             "frontdoor.http_port": -1, "frontdoor.auth.api_keys_file": str(tmp_path / "api-keys")})
-        assert dataclasses.replace(fd_config.frontdoor, host="0.0.0.0", grpc_port=50051, metrics_port=9464,
-                                   http_port=configs[name].frontdoor.http_port,
-                                   auth=configs[name].frontdoor.auth) == configs[name].frontdoor
+        assert fd_config.frontdoor.model_copy(update=dict(
+            host="0.0.0.0", grpc_port=50051, metrics_port=9464, http_port=configs[name].frontdoor.http_port,
+            auth=configs[name].frontdoor.auth)) == configs[name].frontdoor
         assert configs[name].frontdoor.auth.api_keys_file == "/etc/gptoss/api-keys"
         metadata = (("authorization", f"Bearer {keys['default']}"),)
         door = BackgroundFrontdoor(handle, fd_config.frontdoor, FrontdoorMetrics(CollectorRegistry()))

@@ -11,14 +11,15 @@ import pytest
 import torch
 from conftest import prompts_of
 
-from cluster.engine.core import EngineConfig, EngineCore, run_to_completion
+from cluster.config import EngineConfig
+from cluster.engine.core import EngineCore, run_to_completion
 from cluster.engine.sequence import SamplingSettings, Sequence
 from cluster.model.checkpoint import load_model
 from cluster.model.paged import PagedKVCache, paged_hidden
 from cluster.parallel.expert_map import plan_placement
 from cluster.parallel.workers import ep_forward_factory
 
-ENGINE = EngineConfig(block_size=4, max_num_seqs=8, max_num_batched_tokens=24, kv_cache_memory_bytes=4 << 20)
+ENGINE = EngineConfig(block_size=4, max_num_seqs=8, max_num_batched_tokens=24, kv_cache_memory_mib=4)
 
 
 def local_factory(model, record):

@@ -6,7 +6,8 @@ import torch
 from conftest import prompts_of
 from prometheus_client import CollectorRegistry
 
-from cluster.engine.core import EngineConfig, EngineCore, run_to_completion
+from cluster.config import EngineConfig
+from cluster.engine.core import EngineCore, run_to_completion
 from cluster.engine.protocol import EngineStats, ExpertLoad
 from cluster.engine.sequence import SamplingSettings, Sequence
 from cluster.metrics import ReplicaLoadCollector
@@ -78,7 +79,7 @@ def test_window_stats_rebalancer_and_metrics():
 
 def test_rebalancing_while_serving_drops_nothing_and_keeps_parity(ray_cluster, tiny_checkpoint):
     torch.set_num_threads(1)
-    engine = EngineConfig(block_size=4, max_num_seqs=8, max_num_batched_tokens=24, kv_cache_memory_bytes=4 << 20)
+    engine = EngineConfig(block_size=4, max_num_seqs=8, max_num_batched_tokens=24, kv_cache_memory_mib=4)
     settings = SamplingSettings(max_tokens=10, temperature=0.0, stop_token_ids=())
     prompts = prompts_of([4, 11, 6, 15, 2, 8], 201088, seed=3)
     expected = run_to_completion(EngineCore(load_model(tiny_checkpoint), engine),

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import torch
 
-from cluster.engine.core import EngineConfig, EngineCore, run_to_completion
+from cluster.config import EngineConfig
+from cluster.engine.core import EngineCore, run_to_completion
 from cluster.engine.guided import GuideCompiler
 from cluster.engine.sequence import SamplingSettings, Sequence
 from cluster.harmony.structured import CONSTRAINED_STOP_TOKEN_IDS
@@ -18,7 +19,7 @@ from cluster.parallel.workers import ep_forward_factory
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "engine"))
 from structured_cases import MAX_TOKENS, cases, check_output, prompt  # noqa: E402
 
-ENGINE = EngineConfig(block_size=16, max_num_seqs=16, max_num_batched_tokens=1024, kv_cache_memory_bytes=32 << 20)
+ENGINE = EngineConfig(block_size=16, max_num_seqs=16, max_num_batched_tokens=1024, kv_cache_memory_mib=32)
 NAMES = ["nested_object", "array_of_objects", "recursive_tree", "pattern", "enum_mixed", "regex", "grammar",
          "strict_tool_only"]
 

@@ -168,12 +168,10 @@ def test_metrics_show_the_replica_engine_gauges(stub, frontdoor, ray_serving):
 
 
 def test_a_kv_budget_too_small_for_the_model_fails_naming_the_field(tiny_model, serving_config):
-    import dataclasses
-
     from cluster.config import ConfigError
     from cluster.serving.replica import _batching_engine
 
-    config = dataclasses.replace(serving_config, engine=dataclasses.replace(serving_config.engine,
-                                                                             kv_cache_memory_mib=0.001))
+    config = serving_config.model_copy(update={"engine": serving_config.engine.model_copy(
+        update={"kv_cache_memory_mib": 0.001})})
     with pytest.raises(ConfigError, match="engine.kv_cache_memory_mib"):
         _batching_engine(tiny_model, config)

@@ -49,5 +49,5 @@ def test_max_replicas_per_node_reaches_serve_and_is_refused_with_placement_group
     assert unlimited._bound_deployment._replica_config.max_replicas_per_node is None
     with pytest.raises(ConfigError, match="serving.max_replicas_per_node"):
         build_app(load_config(env={}, overrides={"serving.max_replicas_per_node": 1, "parallel.ep_size": 2}))
-    with pytest.raises(ConfigError, match="serving.max_replicas_per_node must be 0"):
+    with pytest.raises(ConfigError, match=r"serving.max_replicas_per_node must be in \[0, 100\]"):
         load_config(env={}, overrides={"serving.max_replicas_per_node": -1})

@@ -50,7 +50,8 @@ def vllm_config(serving_config, vllm_checkpoint):
     data["model"].update(path=str(vllm_checkpoint), preset="", name="gpt-oss-tiny-vllm-test")
     data["serving"]["app_name"] = VLLM_APP
     data["engine"]["kind"] = "vllm"
-    data["engine"]["vllm"].update(enforce_eager=True, cpu_kv_cache_space_gib=1)
+    # structured_outputs: vLLM's tokenizer on (o200k_harmony built locally, cached), guidance backend.
+    data["engine"]["vllm"].update(enforce_eager=True, cpu_kv_cache_space_gib=1, structured_outputs=True)
     return from_dict(data)
 
 
@@ -98,6 +99,8 @@ def vllm_torch_engine(vllm_checkpoint):
     from cluster.engine.batching_engine import BatchingEngine
     from cluster.model.checkpoint import load_model
 
-    engine = BatchingEngine.for_model(load_model(vllm_checkpoint, dtype=torch.float32))
+    from cluster.config import EngineConfig
+
+    engine = BatchingEngine.for_model(load_model(vllm_checkpoint, dtype=torch.float32), EngineConfig())
     yield engine
     engine.shutdown()

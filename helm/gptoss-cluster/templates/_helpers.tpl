@@ -73,10 +73,12 @@ configuration, validated by the same code (tests/helm/test_helm_serve_config.py 
 {{- $model := dict "path" $v.model.path "preset" "" "name" $v.model.name "dtype" $v.model.dtype -}}
 {{- $e := $v.engine -}}
 {{- $vl := $e.vllm -}}
-{{- $vllm := dict "tensor_parallel_size" (int $vl.tensorParallelSize) "data_parallel_size" (int $vl.dataParallelSize) "enable_expert_parallel" $vl.enableExpertParallel "gpu_memory_utilization" $vl.gpuMemoryUtilization "max_model_len" (int $vl.maxModelLen) "max_num_seqs" (int $vl.maxNumSeqs) "max_num_batched_tokens" (int $vl.maxNumBatchedTokens) "async_scheduling" $vl.asyncScheduling "enforce_eager" $vl.enforceEager "distributed_executor_backend" $vl.distributedExecutorBackend -}}
+{{- $vllm := dict "tensor_parallel_size" (int $vl.tensorParallelSize) "data_parallel_size" (int $vl.dataParallelSize) "enable_expert_parallel" $vl.enableExpertParallel "gpu_memory_utilization" $vl.gpuMemoryUtilization "max_model_len" (int $vl.maxModelLen) "max_num_seqs" (int $vl.maxNumSeqs) "max_num_batched_tokens" (int $vl.maxNumBatchedTokens) "async_scheduling" $vl.asyncScheduling "enforce_eager" $vl.enforceEager "distributed_executor_backend" $vl.distributedExecutorBackend "structured_outputs" $vl.structuredOutputs -}}
 {{- $engine := dict "kind" $e.kind "max_num_seqs" (int $e.maxNumSeqs) "max_num_batched_tokens" (int $e.maxNumBatchedTokens) "max_waiting_requests" (int $e.maxWaitingRequests) "block_size" (int $e.blockSize) "kv_cache_memory_mib" $e.kvCacheMemoryMib "enable_prefix_caching" $e.enablePrefixCaching "default_max_tokens" (int $e.defaultMaxTokens) "chunk_interval_ms" $e.chunkIntervalMs "torch_threads" (int $e.torchThreads) "vllm" $vllm -}}
+{{- $_ := set $vllm "structured_outputs" $vl.structuredOutputs -}}
+{{- $_ := set $engine "structured_wrap_up_tokens" (int $e.structuredWrapUpTokens) -}}
 {{- $r := $v.serving.router -}}
-{{- $router := dict "policy" $r.policy "load_bound_ratio" $r.loadBoundRatio "load_bound_slack" $r.loadBoundSlack "kv_weight" $r.kvWeight -}}
+{{- $router := dict "policy" $r.policy "load_bound_ratio" $r.loadBoundRatio "load_bound_slack" $r.loadBoundSlack "kv_weight" $r.kvWeight "block_size" (int $r.blockSize) "prefix_blocks_per_replica" (int $r.prefixBlocksPerReplica) "stats_period_s" $r.statsPeriodS -}}
 {{- $a := $v.serving.autoscaling -}}
 {{- $autoscaling := dict "enabled" $a.enabled "min_replicas" (int $a.minReplicas) "max_replicas" (int $a.maxReplicas) "target_ongoing_per_replica" $a.targetOngoingPerReplica "target_kv_use" $a.targetKvUse "upscale_delay_s" $a.upscaleDelayS "downscale_delay_s" $a.downscaleDelayS "look_back_period_s" $a.lookBackPeriodS "metrics_interval_s" $a.metricsIntervalS -}}
 {{- $serving := dict "app_name" $v.serving.appName "replicas" (int $v.serving.replicas) "num_cpus" $v.serving.numCpus "num_gpus" $v.serving.numGpus "max_ongoing_requests" (int $v.serving.maxOngoingRequests) "max_queued_requests" (int $v.serving.maxQueuedRequests) "graceful_shutdown_timeout_s" $v.serving.gracefulShutdownTimeoutS "max_replicas_per_node" (int $v.serving.maxReplicasPerNode) "user_code_on_main_loop" $v.serving.userCodeOnMainLoop "direct_stream" $v.serving.directStream "direct_stream_tls" $v.serving.directStreamTls.enabled "direct_stream_server_name" $v.serving.directStreamTls.serverName "router" $router "autoscaling" $autoscaling -}}
@@ -84,7 +86,7 @@ configuration, validated by the same code (tests/helm/test_helm_serve_config.py 
 {{- $_ := set $serving "direct_stream_cert_file" "/etc/gptoss/direct-stream-tls/tls.crt" }}{{ $_ := set $serving "direct_stream_key_file" "/etc/gptoss/direct-stream-tls/tls.key" }}{{ $_ := set $serving "direct_stream_ca_file" "/etc/gptoss/direct-stream-tls/ca.crt" }}
 {{- end -}}
 {{- $p := $v.parallel -}}
-{{- $parallel := dict "ep_size" (int $p.epSize) "placement_strategy" $p.placementStrategy "placement_policy" $p.placementPolicy "rebalance_interval_s" $p.rebalanceIntervalS "redundant_experts" (int $p.redundantExperts) "expert_token_series" $p.expertTokenSeries -}}
+{{- $parallel := dict "ep_size" (int $p.epSize) "placement_strategy" $p.placementStrategy "placement_policy" $p.placementPolicy "rebalance_interval_s" $p.rebalanceIntervalS "redundant_experts" (int $p.redundantExperts) "expert_token_series" $p.expertTokenSeries "stats_window_steps" (int $p.statsWindowSteps) "bundle_cpus" $p.bundleCpus "collective_timeout_s" $p.collectiveTimeoutS -}}
 {{- $fa := $v.frontdoor.auth -}}
 {{- $admins := $fa.adminTenants -}}
 {{- if and (not $fa.existingSecret) (not $fa.allowUnauthenticated) }}{{ $admins = join "," (compact (list $fa.adminTenants "admin")) }}{{ end -}}
@@ -98,11 +100,11 @@ configuration, validated by the same code (tests/helm/test_helm_serve_config.py 
 {{- $l := $v.frontdoor.limits -}}
 {{- $limits := dict "requests_per_s" $l.requestsPerS "request_burst" $l.requestBurst "tokens_per_s" $l.tokensPerS "token_burst" $l.tokenBurst "tokens_per_min" $l.tokensPerMin "max_concurrent_streams" (int $l.maxConcurrentStreams) "max_context_tokens" (int $l.maxContextTokens) "max_output_tokens" (int $l.maxOutputTokens) -}}
 {{- if $v.frontdoor.tenants }}{{ $_ := set $limits "tenants_file" "/etc/gptoss/config/tenants.yaml" }}{{ end -}}
-{{- $frontdoor := dict "host" "0.0.0.0" "grpc_port" $v.frontdoor.grpcPort "metrics_port" $v.frontdoor.metricsPort "grace_period_s" $v.frontdoor.gracePeriodS "max_concurrent_rpcs" $v.frontdoor.maxConcurrentRpcs "load_poll_interval_s" $v.frontdoor.loadPollIntervalS "usage_log" $v.frontdoor.usageLog "auth" $auth "limits" $limits -}}
+{{- $frontdoor := dict "host" "0.0.0.0" "grpc_port" $v.frontdoor.grpcPort "metrics_port" $v.frontdoor.metricsPort "grace_period_s" $v.frontdoor.gracePeriodS "max_concurrent_rpcs" $v.frontdoor.maxConcurrentRpcs "replica_wait_s" $v.frontdoor.replicaWaitS "migration_attempts" (int $v.frontdoor.migrationAttempts) "load_poll_interval_s" $v.frontdoor.loadPollIntervalS "usage_log" $v.frontdoor.usageLog "auth" $auth "limits" $limits -}}
 {{- if $tls }}{{ $_ := set $frontdoor "tls" $tls }}{{ end -}}
 {{- $_ := set $frontdoor "http_port" (ternary (int $v.frontdoor.http.port) -1 $v.frontdoor.http.enabled) -}}
 {{- $r := $v.frontdoor.responses -}}
-{{- $responses := dict "kind" (ternary "redis" $r.store $r.redis.bundled.enabled) "ttl_s" $r.ttlS "max_response_bytes" (int $r.maxResponseBytes) -}}
+{{- $responses := dict "kind" (ternary "redis" $r.store $r.redis.bundled.enabled) "ttl_s" $r.ttlS "max_response_bytes" (int $r.maxResponseBytes) "max_entries" (int $r.maxEntries) -}}
 {{- if $r.redis.bundled.enabled }}{{ $_ := set $responses "redis_url" (printf "redis://%s-redis:6379/0" (include "gptoss-cluster.fullname" $)) }}
 {{- else if and $r.redis.url (not $r.redis.existingSecret) }}{{ $_ := set $responses "redis_url" $r.redis.url }}{{ end -}}
 {{- $_ := set $frontdoor "responses" $responses -}}
