@@ -17,50 +17,21 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
-from pathlib import Path
 
-TICKS = os.sysconf("SC_CLK_TCK")
+from cluster.bench.processes import cpu_s, descendants, process_table
+from cluster.sockets import free_port
+
 OUTPUT_LEN = 128
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _stat(pid: int) -> list[str]:
-    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()  # fields after "pid (comm)"
-
-
-def _cpu_s(pids: list[int]) -> float:
-    return sum(int(_stat(p)[11]) + int(_stat(p)[12]) for p in pids) / TICKS
-
-
-def _descendants(root: int) -> list[int]:
-    parents = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                parents[int(entry.name)] = int(_stat(int(entry.name))[1])
-            except (OSError, IndexError):
-                pass
-    found, frontier = [], [root]
-    while frontier:
-        frontier = [pid for pid, parent in parents.items() if parent in frontier]
-        found += frontier
-    return found
-
-
 def main() -> None:
-    port = _free_port()
+    port = free_port()
     env = dict(os.environ, GPTOSS_ENGINE_KIND="echo", GPTOSS_FRONTDOOR_GRPC_PORT=str(port),
-               GPTOSS_FRONTDOOR_METRICS_PORT=str(_free_port()), GPTOSS_FRONTDOOR_HTTP_PORT=str(_free_port()),
+               GPTOSS_FRONTDOOR_METRICS_PORT=str(free_port()), GPTOSS_FRONTDOOR_HTTP_PORT=str(free_port()),
                GPTOSS_ENGINE_ECHO_TOKENS_PER_S=sys.argv[1] if len(sys.argv) > 1 else "100",
                GPTOSS_RAY_NUM_CPUS="2", GPTOSS_CACHE_DIR=tempfile.mkdtemp(prefix="gptoss-cpu-"),
                GPTOSS_SERVING_MAX_ONGOING_REQUESTS="128")
@@ -73,19 +44,20 @@ def main() -> None:
         else:
             raise SystemExit("serve exited before serving")
         front = [serve.pid]
-        replica = [p for p in _descendants(serve.pid) if b"ServeReplica" in Path(f"/proc/{p}/cmdline").read_bytes()]
+        table = process_table()
+        replica = [p for p in descendants(serve.pid, table) if "ServeReplica" in table[p][1]]
         bench = [sys.executable, "-m", "cluster", "bench", "serving", "--target", f"127.0.0.1:{port}",
                  "--api", "generate", "--prompt-len", "256", "--output-len", str(OUTPUT_LEN), "--quiet"]
         subprocess.run(bench + ["--concurrency", "32", "--num-requests", "32"], check=True, capture_output=True)
-        idle = (_cpu_s(front), _cpu_s(replica))
+        idle = (cpu_s(front), cpu_s(replica))
         time.sleep(10)
-        print(json.dumps({"idle_10s_frontdoor_cpu_s": round(_cpu_s(front) - idle[0], 2),
-                          "idle_10s_replica_cpu_s": round(_cpu_s(replica) - idle[1], 2)}), flush=True)
+        print(json.dumps({"idle_10s_frontdoor_cpu_s": round(cpu_s(front) - idle[0], 2),
+                          "idle_10s_replica_cpu_s": round(cpu_s(replica) - idle[1], 2)}), flush=True)
         for concurrency, requests in ((32, 256), (1, 20)):
-            before = (_cpu_s(front), _cpu_s(replica))
+            before = (cpu_s(front), cpu_s(replica))
             out = subprocess.run(bench + ["--concurrency", str(concurrency), "--num-requests", str(requests)],
                                  check=True, capture_output=True, text=True).stdout
-            front_s, replica_s = _cpu_s(front) - before[0], _cpu_s(replica) - before[1]
+            front_s, replica_s = cpu_s(front) - before[0], cpu_s(replica) - before[1]
             summary = json.loads(out.strip().splitlines()[-1])
             tokens = summary["output_tokens"]
             print(json.dumps({"concurrency": concurrency, "output_tokens": tokens,

@@ -121,7 +121,7 @@ def _combine_proc(rank: int, world: int, port: int, tokens: int, hidden: int, to
     import torch
     import torch.distributed as dist
 
-    from cluster.parallel.group import Collectives
+    from cluster.parallel.collectives import Collectives
     from cluster.parallel.shm_collectives import join_shm
     from cluster.parallel.workers import io_write_bytes
 

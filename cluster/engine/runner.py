@@ -23,7 +23,7 @@ class ModelRunner:
     def __init__(self, model: GptOssModel, kv_cache: KVCacheManager,
                  forward: Callable[[PagedBatch], torch.Tensor] | None = None):
         """`forward(batch) -> hidden [R, H]` replaces the local paged forward (and its cache): e.g. an
-        expert-parallel group's driver (cluster/parallel/group.py), which keeps each rank's slice of the cache."""
+        expert-parallel group's driver (cluster/parallel/driver.py), which keeps each rank's slice of the cache."""
         self.model = model
         self.kv_cache = kv_cache
         self.forward = forward

@@ -15,7 +15,7 @@ import asyncio
 import grpc
 
 from cluster.frontdoor.auth import ApiKeys, ReloadingApiKeys
-from cluster.frontdoor.call import REQUEST_ID, CallInfo, peer_is_local, read_call
+from cluster.frontdoor.call import CallInfo, peer_is_local, read_call
 from cluster.frontdoor.errors import DrainingError, MalformedMessageError, PermissionDeniedError
 from cluster.frontdoor.limits import TenantLimits
 
@@ -34,13 +34,6 @@ def safe_deserializer(message_class):
         except Exception:  # noqa: BLE001 - protobuf raises DecodeError and, on some inputs, others
             return MalformedRequest(message_class.DESCRIPTOR.full_name)
     return deserialize
-
-
-async def announce(call: CallInfo, context: grpc.aio.ServicerContext) -> None:
-    """Send the call's x-request-id in the initial metadata, once."""
-    if not call.announced:
-        call.announced = True
-        await context.send_initial_metadata(((REQUEST_ID, call.request_id),))
 
 
 NO_ADMIN_KEYS = ("gptoss.v1.Admin needs an admin API key and this front door has no API keys: configure "
@@ -68,7 +61,7 @@ class Admission:
     async def admit(self, call: CallInfo, problem: Exception | None, request, context: grpc.aio.ServicerContext,
                     *, admin: bool = False) -> None:
         """Send x-request-id back, then admit the call or raise the reason it is refused."""
-        await announce(call, context)
+        await call.announce(context)
         self.check(call, problem, request, admin=admin)
 
     def check(self, call: CallInfo, problem: Exception | None, request, *, admin: bool = False,

@@ -39,11 +39,18 @@ class CallInfo:
     admin: bool = False
     peer: str = ""  # grpc's context.peer(): "ipv4:127.0.0.1:5555", "ipv6:[::1]:5555", "unix:..."
     holds_stream: bool = False  # counts against the tenant's concurrent streams until Admission.leave
-    announced: bool = False  # x-request-id sent in the initial metadata (admission.announce)
+    announced: bool = False  # x-request-id sent in the initial metadata (announce)
     metadata: dict[str, str] = field(default_factory=dict, repr=False)  # never logged: holds the API key
 
     def logger(self, base: logging.Logger) -> CallLog:
         return CallLog(base, {"call": self})
+
+    async def announce(self, context) -> None:
+        """Send x-request-id in the call's initial metadata, once (before any answer; a
+        streaming RPC sends it once its downstream call is on its way)."""
+        if not self.announced:
+            self.announced = True
+            await context.send_initial_metadata(((REQUEST_ID, self.request_id),))
 
 
 def peer_is_local(peer: str) -> bool:

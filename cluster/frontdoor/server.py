@@ -91,7 +91,7 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
             left = await self._server.drain(timeout, besides=1)
             return admin_pb2.DrainResponse(in_flight_at_start=at_start, in_flight_at_end=left)
         except Exception as err:  # noqa: BLE001 - every error leaves through errors.status_for
-            await fail(context, err, call, _NoBookkeeping())
+            await fail(context, err, call)
         finally:
             admission.leave()
 
@@ -105,13 +105,9 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
             call.logger(log).warning("resume requested (was draining: %s)", was_draining)
             return admin_pb2.ResumeResponse(was_draining=was_draining)
         except Exception as err:  # noqa: BLE001 - every error leaves through errors.status_for
-            await fail(context, err, call, _NoBookkeeping())
+            await fail(context, err, call)
         finally:
             admission.leave()
-
-
-class _NoBookkeeping:
-    code = grpc.StatusCode.UNKNOWN
 
 
 class FrontdoorServer:

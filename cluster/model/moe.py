@@ -32,6 +32,8 @@ DENSE_CACHE_BYTES = 32 << 20
 PACKED_TENSORS = ("gate_up_blocks", "gate_up_scales", "down_blocks", "down_scales", "gate_up_bias", "down_bias")
 DENSE_TENSORS = ("gate_up_weight", "down_weight", "gate_up_bias", "down_bias")
 
+FUSED, GATHERED, LOOPED = "fused", "gathered", "looped"  # ExpertWeights.kernel
+
 
 class ExpertWeights(nn.Module):
     """The strategy for a layer's expert matrices: three representations, two kernels, one place.
@@ -46,12 +48,11 @@ class ExpertWeights(nn.Module):
     X is the number of experts held here (E, or a rank's slots under expert parallelism).
     `expert_weights(idx, dtype)` hides the difference: dense matrices of the experts `idx`.
 
-    Kernels (`gathers(pairs)`): "gathered" copies the chosen (token, expert) pairs' matrices into
-    one batched matmul (no Python loop, no host sync: small batches, decode); "looped" runs one
-    matmul per expert used over its tokens (large batches, prefill: no weight copies). Above
-    GATHER_LIMIT gathered weight elements a caller should loop. `MoE` has a third, "fused": packed
-    experts with no dense copy, on CPU, multiplied in place by kernels/mxfp4_cpu.py
-    (`MoE._fused_kernel_applies`).
+    Kernels (`kernel(x, pairs)` chooses): FUSED multiplies packed experts that have no dense copy
+    in place, on CPU (kernels/mxfp4_cpu.py); else GATHERED copies the chosen (token, expert) pairs'
+    matrices into one batched matmul (no Python loop, no host sync: small batches, decode) up to
+    GATHER_LIMIT gathered weight elements; beyond it LOOPED runs one matmul per expert used over
+    its tokens (large batches, prefill: no weight copies).
     """
 
     def _init_experts(self, X: int, H: int, I: int, packed: bool) -> None:
@@ -79,9 +80,12 @@ class ExpertWeights(nn.Module):
         """Resident bytes of the expert tensors (packed as loaded; a dense copy not counted)."""
         return sum(getattr(self, n).numel() * getattr(self, n).element_size() for n in self.tensor_names)
 
-    def gathers(self, pairs: int) -> bool:
-        """Whether `pairs` (token, expert) products should use the gathered kernel rather than the loop."""
-        return pairs * self._matrix_elements <= GATHER_LIMIT
+    def kernel(self, x: torch.Tensor, pairs: int) -> str:
+        """The kernel for `pairs` (token, expert) products of the activations `x`: FUSED, GATHERED or LOOPED."""
+        if (self.packed and x.device.type == "cpu" and mxfp4_cpu.available()
+                and self._small_dense_copy(x.dtype) is None):
+            return FUSED
+        return GATHERED if pairs * self._matrix_elements <= GATHER_LIMIT else LOOPED
 
     def expert_weights(self, idx: torch.Tensor | int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """gate_up [..., 2I, H] and down [..., H, I] of the held experts `idx`, dense in `dtype`."""
@@ -137,13 +141,8 @@ class MoE(ExpertWeights):
         top_logits, top_idx = torch.topk(self.router(x), A, dim=-1)  # [S, A]
         top_w = torch.softmax(top_logits, dim=-1)  # [S, A]
 
-        if self._fused_kernel_applies(x):  # kernels/mxfp4_cpu.py: packed experts, no dense copy
-            out = self._fused(x, top_idx, top_w)
-        elif self.gathers(S * A):
-            out = self._gathered(x, top_idx, top_w)
-        else:
-            out = self._looped(x, top_idx, top_w)
-        return out.view(shape)
+        kernel = {FUSED: self._fused, GATHERED: self._gathered, LOOPED: self._looped}[self.kernel(x, S * A)]
+        return kernel(x, top_idx, top_w).view(shape)
 
     def _gathered(self, x: torch.Tensor, top_idx: torch.Tensor, top_w: torch.Tensor) -> torch.Tensor:
         S, A = top_idx.shape
@@ -154,10 +153,6 @@ class MoE(ExpertWeights):
         h = swiglu(h, self.alpha, self.limit)  # [S*A, I]
         y = torch.bmm(w2, h.unsqueeze(-1)).squeeze(-1) + self.down_bias[idx]  # [S*A, H]
         return torch.bmm(top_w.unsqueeze(1), y.view(S, A, -1)).squeeze(1)  # weighted sum over A: [S, H]
-
-    def _fused_kernel_applies(self, x: torch.Tensor) -> bool:
-        return (self.packed and x.device.type == "cpu" and mxfp4_cpu.available()
-                and self._small_dense_copy(x.dtype) is None)
 
     def _fused(self, x: torch.Tensor, top_idx: torch.Tensor, top_w: torch.Tensor) -> torch.Tensor:
         """The packed experts multiplied in place by the CPU kernel; dtypes as in _gathered."""

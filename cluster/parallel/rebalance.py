@@ -9,10 +9,45 @@ is dropped or paused for longer than the expert moves take.
 
 from __future__ import annotations
 
+import threading
 import time
+from collections import deque
 from dataclasses import dataclass
 
+import torch
+
 from cluster.parallel.expert_map import ExpertPlacement, plan_placement
+
+
+class ExpertLoadStats:
+    """Tokens routed to each expert of each layer: totals since start and over the last `window` steps."""
+
+    def __init__(self, num_layers: int, num_experts: int, window: int = 256):
+        self.totals = torch.zeros(num_layers, num_experts, dtype=torch.long)
+        self._step = torch.zeros(num_layers, num_experts, dtype=torch.long)
+        self._window: deque[torch.Tensor] = deque(maxlen=window)
+        self._window_sum = torch.zeros_like(self.totals)  # kept with the window: every load report reads it
+        self._lock = threading.Lock()
+
+    def record(self, layer: int, top_idx: torch.Tensor) -> None:
+        self._step[layer] += torch.bincount(top_idx.flatten().cpu(), minlength=self._step.shape[1])
+
+    def end_step(self) -> None:
+        with self._lock:
+            self.totals += self._step
+            if len(self._window) == self._window.maxlen:
+                self._window_sum -= self._window[0]  # about to fall out of the window
+            self._window.append(self._step.clone())
+            self._window_sum += self._step
+        self._step.zero_()
+
+    def window_loads(self) -> torch.Tensor:
+        """[L, E] tokens over the window."""
+        with self._lock:
+            return self._window_sum.clone()
+
+    def to_dict(self) -> dict:
+        return {"tokens_per_expert": self.window_loads().tolist(), "tokens_per_expert_total": self.totals.tolist()}
 
 
 @dataclass(frozen=True)

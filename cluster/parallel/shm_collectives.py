@@ -262,6 +262,21 @@ class ShmCollectives:
         self.seg.close()
 
 
+def _map_offer(offer: dict, world: int, slot_bytes: int) -> ShmSegment | None:
+    """Rank 0's segment as another rank maps it; None when there is none or this rank cannot map
+    it (a container with its own /dev/shm), or the file it maps is not the one offered."""
+    if not offer:
+        return None
+    try:
+        seg = ShmSegment(offer["name"], world, slot_bytes, create=False)
+    except (OSError, RuntimeError):
+        return None
+    if seg.nonce != offer["nonce"]:
+        seg.close()
+        return None
+    return seg
+
+
 def join_shm(store, rank: int, world: int, timeout_s: float, slot_bytes: int = SLOT_BYTES,
              node: str = "") -> ShmCollectives | None:
     """Every rank of the group calls this once, over the group's TCPStore; all get a ShmCollectives or
@@ -284,15 +299,7 @@ def join_shm(store, rank: int, world: int, timeout_s: float, slot_bytes: int = S
                 seg = ShmSegment.create(world, slot_bytes)
             store.set("shm/segment", json.dumps({"name": seg.name, "nonce": seg.nonce} if seg else {}))
         else:
-            offer = json.loads(store.get("shm/segment"))
-            if offer:
-                try:
-                    seg = ShmSegment(offer["name"], world, slot_bytes, create=False)
-                    if seg.nonce != offer["nonce"]:
-                        seg.close()
-                        seg = None
-                except (OSError, RuntimeError):
-                    seg = None
+            seg = _map_offer(json.loads(store.get("shm/segment")), world, slot_bytes)
         store.set(f"shm/mapped/{rank}", "1" if seg else "0")
         mapped = [store.get(f"shm/mapped/{r}") == b"1" for r in range(world)]
     finally:

@@ -17,7 +17,9 @@ import ray
 from ray.util.placement_group import get_current_placement_group, placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from cluster.parallel.group import ExpertLoadStats, GroupDriver, GroupSpec, ShardRuntime, node_ip
+from cluster.parallel.driver import GroupDriver
+from cluster.parallel.rebalance import ExpertLoadStats
+from cluster.parallel.runtime import GroupSpec, ShardRuntime, node_ip
 from cluster.sockets import free_port
 
 log = logging.getLogger(__name__)
@@ -41,7 +43,7 @@ class ExpertWorker:
         return os.getpid()
 
     def run(self) -> int:
-        from cluster.parallel.group import worker_loop
+        from cluster.parallel.runtime import worker_loop
 
         try:
             return worker_loop(self.runtime)

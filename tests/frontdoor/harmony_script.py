@@ -69,6 +69,7 @@ class ScriptedResponse:
         self.chunks, self.delay_s = chunks, delay_s
         self.cancelled = asyncio.Event()
         self.finished = False
+        self.yielded = 0  # chunks handed to the front door so far
 
     def cancel(self) -> None:
         self.cancelled.set()
@@ -78,6 +79,7 @@ class ScriptedResponse:
             await asyncio.sleep(self.delay_s)
             if self.cancelled.is_set():
                 return
+            self.yielded += 1
             yield chunk
         self.finished = True
 

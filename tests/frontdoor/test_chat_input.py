@@ -23,7 +23,7 @@ from test_servicer import INFO, ScriptedHandle, with_server
 
 from cluster.frontdoor import errors
 from cluster.frontdoor.call import CallInfo
-from cluster.frontdoor.servicer import chat_request_from_proto
+from cluster.frontdoor.conversion import chat_request_from_proto
 from cluster.harmony.render import MAX_SCHEMA_DEPTH, HarmonyInputError, Message, ToolDefinition, render_prompt
 from gptoss.v1 import inference_pb2 as pb
 

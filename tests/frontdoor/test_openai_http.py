@@ -24,6 +24,7 @@ from gptoss.v1 import inference_pb2 as pb
 from gptoss.v1 import inference_pb2_grpc as pb_grpc
 from tests.frontdoor.harmony_script import (CALL_ARGUMENTS, CALL_REASONING, INFO, REASONING, HarmonyScriptHandle,
                                             ThreadedFrontdoor, completion_for)
+from tests.waiting import wait_until
 
 MODEL = INFO.model_name
 KEY, OTHER_KEY = "acme-key-0123456789abcdef", "other-key-0123456789abcdef"
@@ -443,10 +444,8 @@ def test_a_client_that_disconnects_before_a_non_streamed_answer_cancels_the_engi
                 f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n").encode()
         with socket.create_connection(("127.0.0.1", door.server.http_port)) as conn:
             conn.sendall(head + body)
-            deadline = time.monotonic() + 5
-            while not door.handle.responses and time.monotonic() < deadline:
-                time.sleep(0.01)
-            time.sleep(0.2)  # tokens are flowing into the unfinished answer
+            # tokens are flowing into the unfinished answer
+            wait_until(lambda: door.handle.responses and door.handle.responses[-1].yielded >= 3, timeout=30)
         response = door.handle.responses[-1]
         deadline = time.monotonic() + 1.0
         while not response.cancelled.is_set() and time.monotonic() < deadline:

@@ -21,6 +21,7 @@ from cluster.frontdoor.http.store import MemoryResponseStore, RedisResponseStore
 from cluster.sockets import free_port
 from tests.frontdoor.harmony_script import INFO
 from tests.tooling import REPO_ROOT, missing
+from tests.waiting import async_wait_until
 
 KEY, OTHER_KEY = "acme-key-0123456789abcdef", "other-key-0123456789abcdef"
 
@@ -68,8 +69,10 @@ def test_both_stores_keep_records_per_tenant_with_ttl_and_size_bound(redis_url):
             assert not await store.delete("other", "resp_1"), name
             assert not await store.put("acme", "resp_big", {"conversation": ["x" * 4096]}), name
             assert await store.get("acme", "resp_big") is None, name
-            await asyncio.sleep(0.7)
-            assert await store.get("acme", "resp_1") is None, f"{name}: kept past its TTL"
+            async def expired():
+                return await store.get("acme", "resp_1") is None
+
+            await async_wait_until(expired, timeout=10, message=f"{name}: kept past its TTL")
             assert await store.put("acme", "resp_2", record) and await store.delete("acme", "resp_2"), name
             assert await store.get("acme", "resp_2") is None, name
             await store.close()

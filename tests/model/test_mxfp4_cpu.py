@@ -75,10 +75,10 @@ def test_moe_fused_path_matches_the_unpacking_path(monkeypatch, dtype, tokens):
 
     with torch.no_grad():
         monkeypatch.setattr(moe_module, "DENSE_CACHE_BYTES", 0)  # a "large" layer: the fused kernel
-        assert layer._fused_kernel_applies(x)
+        assert layer.kernel(x, tokens * layer.top_k) == moe_module.FUSED
         fused = layer(x)
         monkeypatch.setattr(mxfp4_cpu, "available", lambda: False)  # the unpack-then-matmul path
-        assert not layer._fused_kernel_applies(x)
+        assert layer.kernel(x, tokens * layer.top_k) != moe_module.FUSED
         unpacked = layer(x)
         exact = copy.deepcopy(layer).double()(x.double())  # the same weights and input, in float64
     assert fused.dtype == unpacked.dtype == dtype
@@ -102,7 +102,7 @@ def test_fused_experts_keep_transformers_parity(checkpoint_dir, monkeypatch):
     with torch.no_grad():
         expected = ref(ids).logits
         got = ours(ids, ours.new_cache(ids.shape[1] + 8))
-        assert ours.blocks[0].mlp._fused_kernel_applies(ids.float())
+        assert ours.blocks[0].mlp.kernel(ids.float(), ids.numel()) == moe_module.FUSED
     assert (got - expected).abs().max().item() < 1e-4
 
 

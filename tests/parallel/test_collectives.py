@@ -7,13 +7,13 @@ import os
 import pickle
 import time
 from datetime import timedelta
-from types import SimpleNamespace
 
 import pytest
 import torch
 import torch.multiprocessing as mp
 
-from cluster.parallel.group import HEADER, MESSAGE, STEP, Collectives, GroupDriver, _recv_message
+from cluster.parallel.collectives import Collectives
+from cluster.parallel.protocol import HEADER, MESSAGE, STEP, recv_message, send_message
 from cluster.sockets import free_port
 
 WORLD = 3
@@ -58,14 +58,12 @@ def _rank(rank: int, port: int, queue, shm: bool) -> None:
     broadcasts_before = comm.broadcast_calls
     t = torch.randn(8, 64, generator=torch.Generator().manual_seed(rank))
     comm.all_reduce(t)
-    runtime = SimpleNamespace(device=torch.device("cpu"), comm=comm)
     received = []
     for n in PAYLOAD_SIZES:
         if rank == 0:  # the driver's framing, without its keepalive thread
-            driver = SimpleNamespace(error=None, runtime=runtime, _last=0.0)
-            GroupDriver._send(driver, STEP, torch.arange(n, dtype=torch.long) if n else None)
+            send_message(comm, STEP, torch.arange(n, dtype=torch.long) if n else None, torch.device("cpu"))
         else:
-            op, payload = _recv_message(runtime)
+            op, payload = recv_message(comm, torch.device("cpu"))
             received.append((op, None if payload is None else payload.tolist()))
     framing_broadcasts = comm.broadcast_calls - broadcasts_before
     rounds = []
@@ -128,8 +126,11 @@ def test_all_reduce_is_bitwise_equal_on_every_rank_and_messages_survive_framing(
         assert all(results[r][5] > 0 for r in range(WORLD)) and results[0][5] > results[1][5]
 
 
+PEER_TIMEOUT_S = 60.0
+
+
 def _rank_that_loses_a_peer(rank: int, port: int, queue) -> None:
-    comm = _join(rank, port, shm=True, timeout_s=60.0)
+    comm = _join(rank, port, shm=True, timeout_s=PEER_TIMEOUT_S)
     t = torch.ones(4)
     comm.all_reduce(t)
     if rank == WORLD - 1:
@@ -155,7 +156,9 @@ def test_shared_memory_collective_raises_soon_when_a_peer_exits():
     for rank in range(WORLD - 1):
         message, waited = outcomes[rank]
         assert f"rank {WORLD - 1}" in message and "exited" in message, message
-        assert waited < 2.0, waited  # the liveness check, not the 60 s timeout
+        # The liveness check, not the timeout, ended the wait (a bound relative to that timeout, which
+        # holds on a loaded box too: the check notices a dead peer within milliseconds).
+        assert waited < PEER_TIMEOUT_S / 10, waited
 
 
 @pytest.mark.parametrize("nodes, shared", [(("node-a", "node-a"), True), (("node-a", "node-b"), False)])

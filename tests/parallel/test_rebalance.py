@@ -13,7 +13,7 @@ from cluster.engine.sequence import SamplingSettings, Sequence
 from cluster.metrics import ReplicaLoadCollector
 from cluster.model.checkpoint import load_model
 from cluster.parallel.expert_map import contiguous
-from cluster.parallel.group import ExpertLoadStats
+from cluster.parallel.rebalance import ExpertLoadStats
 from cluster.parallel.rebalance import Rebalancer
 from cluster.parallel.workers import ep_forward_factory
 

@@ -19,38 +19,8 @@ import pytest
 from gptoss.v1 import inference_pb2 as pb
 from gptoss.v1.inference_pb2_grpc import InferenceStub
 
+from cluster.bench.processes import alive, descendants, process_table
 from cluster.sockets import free_port
-
-
-def process_table() -> dict[int, tuple[int, str]]:
-    """pid -> (parent pid, command line) for every process, read from /proc."""
-    table = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
-            continue
-        ppid = int(stat.rsplit(")", 1)[1].split()[1])
-        table[int(entry.name)] = (ppid, cmdline)
-    return table
-
-
-def descendants(root: int) -> set[int]:
-    table = process_table()
-    found, frontier = set(), {root}
-    while frontier:
-        children = {pid for pid, (ppid, _) in table.items() if ppid in frontier} - found
-        found |= children
-        frontier = children
-    return found
-
-
-def alive(pids) -> set[int]:
-    table = process_table()
-    return {pid for pid in pids if pid in table}
 
 
 def start_serve(env, grpc_port: int, metrics_port: int, *args: str,

@@ -27,14 +27,13 @@ import grpc
 from cluster.frontdoor import errors
 from cluster.frontdoor.admission import Admission
 from cluster.frontdoor.call import REQUEST_ID, CallInfo
-from cluster.frontdoor.http import background, chat, responses
-from cluster.frontdoor.http.fields import Fields, parse_json, read_sampling, read_stops, renamed
+from cluster.frontdoor.http import background, chat, completions, responses
+from cluster.frontdoor.http.fields import parse_json
 from cluster.frontdoor.http.store import ResponseStore
-from cluster.frontdoor.http.turn import new_id
 from cluster.frontdoor.ports import PortUnavailable
-from cluster.frontdoor.servicer import (InferenceServicer, Violations, _Rpc, build_generate_request,
-                                        encode_prompt_text)
-from cluster.harmony.tokenizer import load_tokenizer
+from cluster.frontdoor.call_record import CallRecord
+from cluster.frontdoor.conversion import Violations
+from cluster.frontdoor.servicer import InferenceServicer
 from cluster.serving.model_info import ModelInfo
 
 log = logging.getLogger(__name__)
@@ -174,7 +173,7 @@ class OpenAIApi:
     async def chat_completions(self, x: "Exchange"):
         model = self.check_model(x.json)
         call = chat.read_chat(x.json, self.info, x.call, x.context, model)
-        call = dataclasses.replace(call, internal=self.servicer._within_tenant_limits(x.call, call.internal, "messages"))
+        call = dataclasses.replace(call, internal=self.servicer.fit_to_tenant(x.call, call.internal, "messages"))
         output = chat.ChatOutput(call)
         events = self.servicer.chat_events(call.internal, call.stops, False, x.call, x.context, x.bookkeeping)
         if not call.stream:
@@ -203,7 +202,7 @@ class OpenAIApi:
     async def create_response(self, x: "Exchange"):
         model = self.check_model(x.json)
         call = await responses.read_responses(x.json, self.info, x.call, x.context, model, self.store)
-        call = dataclasses.replace(call, internal=self.servicer._within_tenant_limits(x.call, call.internal, "input"))
+        call = dataclasses.replace(call, internal=self.servicer.fit_to_tenant(x.call, call.internal, "input"))
         output = responses.ResponsesOutput(call)
         events = self.servicer.chat_events(call.internal, (), False, x.call, x.context, x.bookkeeping)
 
@@ -313,94 +312,32 @@ class OpenAIApi:
         return await self.background.cancel(x.call.tenant, response)
 
     async def completions(self, x: "Exchange"):
-        model = self.check_model(x.json)
-        violations = Violations()
-        fields = Fields(x.json, violations)
-        prompt_value = fields.get("prompt", (str, list), required=True)
-        prompt: list[int] = []
-        if isinstance(prompt_value, str):
-            prompt = encode_prompt_text(prompt_value, "prompt", violations)
-        elif isinstance(prompt_value, list):
-            if prompt_value and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt_value):
-                prompt = list(prompt_value)
-            elif len(prompt_value) == 1 and isinstance(prompt_value[0], str):
-                prompt = encode_prompt_text(prompt_value[0], "prompt[0]", violations)
-            else:
-                violations.add("prompt", "must be a string, an array of token ids, or an array of one string")
-        for key in ("echo", "suffix", "best_of"):
-            if fields.body.get(key) not in (None, False, 1):
-                violations.add(key, "is not supported")
-        top = fields.get("logprobs", int)
-        stops = read_stops(fields)
-        sampling = read_sampling(fields, self.info, max_tokens_keys=("max_tokens",), logprobs=top,
-                                 logprobs_field="logprobs")
-        # Generate's default stop set, as for the raw prompt of a gRPC Generate: every message end.
-        sampling = dataclasses.replace(sampling, stop_token_ids=load_tokenizer().message_end_ids)
-        stream = fields.get("stream", bool, False)
-        options = fields.object("stream_options")
-        include_usage = bool(options.get("include_usage", bool, False)) if options is not None else False
-        try:
-            internal = build_generate_request(prompt, sampling, self.info, x.call, x.context, violations,
-                                              prompt_field="prompt", sampling_prefix="")
-        except Exception as err:  # noqa: BLE001 - re-raised with the request's own field names
-            raise renamed(err, {}) from None
-        internal = self.servicer._within_tenant_limits(x.call, internal, "prompt")
-        completion_id, created = new_id("cmpl"), int(time.time())
-        events = self.servicer.generate_events(internal, stops, True, x.call, x.context, x.bookkeeping)
-
-        def body(text: str, finish: str | None, logprobs=None) -> dict:
-            choice = {"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish}
-            return {"id": completion_id, "object": "text_completion", "created": created, "model": model,
-                    "system_fingerprint": None, "choices": [choice]}
-
-        def logprobs_of(chunk) -> dict | None:
-            if top is None or chunk is None:
-                return None
-            content = chat.logprobs_content(chunk.logprobs)
-            return {"tokens": [c["token"] for c in content], "token_logprobs": [c["logprob"] for c in content],
-                    "top_logprobs": [{t["token"]: t["logprob"] for t in c["top_logprobs"]} for c in content],
-                    "text_offset": []}
-
-        def finish_reason(complete) -> str:
-            return chat.FINISH.get(complete.finish_reason, "stop")
-
-        def completion_usage(complete) -> dict:
-            u = chat.usage(complete)
-            del u["completion_tokens_details"]
-            return u
-
-        if not stream:
-            text, tokens, lps = [], [], {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+        call = completions.read_completions(x.json, self.info, x.call, x.context, self.check_model(x.json))
+        call = dataclasses.replace(call, internal=self.servicer.fit_to_tenant(x.call, call.internal, "prompt"))
+        output = completions.CompletionsOutput(call)
+        events = self.servicer.generate_events(call.internal, call.stops, True, x.call, x.context, x.bookkeeping)
+        if not call.stream:
             async with contextlib.aclosing(events):
                 async for chunk, complete in events:
                     if chunk is not None:
-                        text.append(chunk.text)
-                        tokens.extend(chunk.token_ids)
-                        more = logprobs_of(chunk)
-                        if more:
-                            for key in lps:
-                                lps[key] += more[key]
+                        output.feed(chunk)
                     if complete is not None:
-                        return {**body("".join(text), finish_reason(complete), lps if top is not None else None),
-                                "usage": completion_usage(complete)}
+                        return output.completion(complete)
         first, events = await self.primed(events)
 
-        async def stream_events() -> AsyncIterator[bytes]:
+        async def stream() -> AsyncIterator[bytes]:
             async with contextlib.aclosing(events):
                 item = first
                 while True:
                     chunk, complete = item
-                    data = sse(body(chunk.text, None, logprobs_of(chunk))) if chunk is not None and chunk.text else b""
+                    data = b"".join(sse(body) for body in output.chunks(chunk, complete))
                     if complete is not None:
-                        data += sse(body("", finish_reason(complete)))
-                        if include_usage:
-                            data += sse({**body("", None), "choices": [], "usage": completion_usage(complete)})
                         yield data + sse("[DONE]")
                         return
                     if data:
                         yield data
                     item = await events.__anext__()
-        return Stream(stream_events(), lambda error: sse(error) + sse("[DONE]"))
+        return Stream(stream(), lambda error: sse(error) + sse("[DONE]"))
 
     def _model(self) -> dict:
         return {"id": self.model, "object": "model", "created": self.created, "owned_by": "gptoss-cluster",
@@ -420,6 +357,10 @@ class OpenAIApi:
 GENERATING_ROUTES = frozenset({"/v1/chat/completions", "/v1/responses", "/v1/completions"})
 
 
+class Answered(Exception):
+    """An exchange whose error is answered (Exchange._fail) ends with this."""
+
+
 class Exchange:
     """One HTTP request through admission, its route, and the one error mapping (an ASGI app)."""
 
@@ -432,60 +373,55 @@ class Exchange:
         self.json: object = None
         self.call: CallInfo | None = None
         self.context: HttpContext | None = None
-        self.bookkeeping: _Rpc | None = None
+        self.bookkeeping: CallRecord | None = None
         self.query = ""
-        self.detached = False  # a background response took the call over: it releases it
         self._started = False
         self._disconnected = False
 
     async def __call__(self, scope, receive, send) -> None:
-        api = self.api
-        servicer = api.servicer
-        self.bookkeeping = _Rpc(servicer._metrics, self.method, servicer._method_metrics(self.method, "http"),
-                                api="http")
         self.context = HttpContext(scope["headers"], scope.get("client"))
         self.query = scope.get("query_string", b"").decode("latin-1")
-        self.call, problem = api.admission.open(self.method, self.context)
         self._send = send
         watcher = None
+        call = self.api.servicer.call_context(self.method, self.context, api="http",
+                                              billed=self.method in GENERATING_ROUTES,
+                                              problem=self.context.timeout_problem, answer=self._fail)
         try:
-            try:
-                api.admission.check(self.call, problem or self.context.timeout_problem, None)
+            async with call as (self.call, self.bookkeeping):
                 if scope["method"] == "POST":
                     violations = Violations()
                     raw = await self._read_body(receive)
                     self.json = parse_json(raw, violations) if raw.strip() else {}
                     violations.raise_any()
-                task = asyncio.current_task()
-                watcher = asyncio.get_running_loop().create_task(self._watch(receive, task))
-                remaining = self.context.time_remaining()
-                async with asyncio.timeout(remaining):
+                watcher = asyncio.get_running_loop().create_task(self._watch(receive, asyncio.current_task()))
+                async with asyncio.timeout(self.context.time_remaining()):
                     result = await self.body(self)
                     if isinstance(result, Stream):
                         await self._stream(result)
                     else:
                         await self._answer(200, result)
-                self.bookkeeping.code = grpc.StatusCode.OK
-            except asyncio.CancelledError:
-                if not self._disconnected:
-                    raise
-                asyncio.current_task().uncancel()
-                self.bookkeeping.code = grpc.StatusCode.CANCELLED
-                self.call.logger(log).info("-> CANCELLED by the client (disconnected)")
-            except Exception as err:  # noqa: BLE001 - every error leaves through errors.status_for
-                await self._fail(err)
+        except Answered:
+            pass
+        except asyncio.CancelledError:
+            if not self._disconnected:
+                raise
+            asyncio.current_task().uncancel()  # the client went away: nothing left to answer
         finally:
             if watcher is not None:
                 watcher.cancel()
-            if not self.detached:
-                self.release()
+
+    @property
+    def detached(self) -> bool:
+        """A background response took the call over: it releases it (call_context does not)."""
+        return self.bookkeeping.detached
+
+    @detached.setter
+    def detached(self, value: bool) -> None:
+        self.bookkeeping.detached = value
 
     def release(self) -> None:
         """The call ended: out of flight, counted, billed."""
-        self.api.admission.leave(self.call)
-        self.bookkeeping.end()
-        if self.method in GENERATING_ROUTES:
-            self.api.servicer.record_usage(self.call, self.method, self.bookkeeping)
+        self.bookkeeping.release()
 
     async def _read_body(self, receive) -> bytes:
         chunks, size = [], 0
@@ -534,21 +470,20 @@ class Exchange:
                 await self._send({"type": "http.response.body", "body": data, "more_body": True})
         await self._send({"type": "http.response.body", "body": b""})
 
-    async def _fail(self, err: BaseException) -> None:
-        status = errors.status_for(err, request_id=self.call.request_id)
-        self.bookkeeping.code = status.code
-        if status.code == grpc.StatusCode.RESOURCE_EXHAUSTED:
-            self.bookkeeping.metrics.rejected_requests_total.labels("http", self.method, status.reason or "").inc()
-        self.call.logger(log).info("-> %s: %s", status.code.name, status.message)
+    async def _fail(self, call: CallInfo, context: HttpContext, status: errors.RpcError) -> None:
+        """Answer a call that failed: an error body, or mid-stream an error event that ends it.
+        Raises Answered, ending the exchange as grpc's abort ends a call."""
+        self.call = call
         answer = errors.http_error(status)
         if self._disconnected:
-            return
+            raise Answered()
         if not self._started:
             await self._answer(answer.status, answer.body, answer.headers)
-            return
+            raise Answered()
         with contextlib.suppress(Exception):  # mid-stream: say it in the stream's own form, then end it
             await self._send({"type": "http.response.body", "body": self._error_event(answer.body), "more_body": True})
             await self._send({"type": "http.response.body", "body": b""})
+        raise Answered()
 
 
 # ───────────────────────────────────────── the server ─────────────────────────────────────────

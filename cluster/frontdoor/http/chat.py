@@ -16,7 +16,7 @@ from cluster.engine.request import GenerateRequest
 from cluster.frontdoor.http.fields import (Fields, apply_tool_choice, read_effort, read_sampling, read_stops,
                                            read_constraint, read_tool_choice, read_tools, renamed)
 from cluster.frontdoor.http.turn import CALL, REASONING, Turn, new_id
-from cluster.frontdoor.servicer import Violations, build_chat_request
+from cluster.frontdoor.conversion import Violations, build_chat_request
 from cluster.harmony.render import Message
 from cluster.harmony.tokenizer import load_tokenizer
 from gptoss.v1 import inference_pb2 as pb

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from cluster.engine.errors import InvalidRequestError
 from cluster.engine.request import SamplingParams
 from cluster.frontdoor import errors
-from cluster.frontdoor.servicer import MAX_TOOLS, Violations, check_logprobs, check_stops
+from cluster.frontdoor.conversion import MAX_TOOLS, Violations, check_logprobs, check_stops
 from cluster.harmony.render import REASONING_EFFORTS, ToolDefinition
 from cluster.harmony.structured import ConstraintError, ResponseFormat, StrictTool, TurnConstraint, check_constraint
 from cluster.serving.model_info import ModelInfo

@@ -20,7 +20,7 @@ from cluster.frontdoor.http.fields import (Fields, apply_tool_choice, read_effor
                                            read_constraint, read_tools, renamed)
 from cluster.frontdoor.http.store import ResponseStore
 from cluster.frontdoor.http.turn import CALL, REASONING, TEXT, Event, Part, Turn, new_id
-from cluster.frontdoor.servicer import Violations, build_chat_request
+from cluster.frontdoor.conversion import Violations, build_chat_request
 from cluster.harmony.render import Message
 from gptoss.v1 import inference_pb2 as pb
 

