@@ -6,7 +6,12 @@ and the grammar starts there:
 
     <|channel|>analysis<|message|> free text (at most `reasoning_budget` tokens) <|end|>
     <|start|>assistant<|channel|>final<|message|> VALUE <|return|>
-  | ... <|channel|>commentary to=functions.NAME <|constrain|>json<|message|> ARGUMENTS <|call|>
+  | ... <|start|>assistant to=functions.NAME<|channel|>commentary <|constrain|>json<|message|> ARGUMENTS <|call|>
+  | ... <|start|>assistant<|channel|>commentary to=functions.NAME <|constrain|>json<|message|> ARGUMENTS <|call|>
+
+A tool call's recipient may stand in either place of its header, as harmony allows; the first is
+how openai-harmony renders a call (and so how gpt-oss writes one), and masking it away would push a
+model that knows the format off its own path.
 
 The analysis message is optional and unconstrained (only its end, and the control tokens that lead
 to the answer, are imposed); VALUE is the response format, ARGUMENTS the parameter schema of a
@@ -143,10 +148,11 @@ def _checked_schema(schema: object, strict: bool, name: str) -> dict | bool:
     if len(text) > MAX_SCHEMA_BYTES:
         raise ConstraintError(name, f"must be at most {MAX_SCHEMA_BYTES} bytes of JSON, got {len(text)}")
     if isinstance(schema, dict):
-        # Compact JSON (no optional whitespace: a model cannot pad the answer with blank lines).
-        # Not strict: keywords the compiler cannot enforce are ignored (the output may then miss
-        # them); strict refuses such a schema instead.
-        options = {"whitespace_flexible": False, "item_separator": ",", "key_separator": ":", "lenient": not strict}
+        # At most one space where JSON allows whitespace: both the compact form and json.dumps'
+        # `{"a": 1, "b": 2}` pass (a model trained on either keeps to its own path), but a model
+        # cannot pad the answer with blank lines. Not strict: keywords the compiler cannot enforce
+        # are ignored (the output may then miss them); strict refuses such a schema instead.
+        options = {"whitespace_flexible": True, "whitespace_pattern": "[ ]?", "lenient": not strict}
         schema = {**schema, "x-guidance": options}
     return schema
 
@@ -166,17 +172,18 @@ def turn_grammar(constraint: TurnConstraint, max_tokens: int) -> str:
     prefix = constraint.field_prefix
     fmt = constraint.response_format
     grammars: list[dict] = [{**_value_grammar(fmt, prefix), "name": "value"}]
-    answers = ['"final" <|message|> @value <|return|>']
+    answers = ['<|channel|> "final" <|message|> @value <|return|>']
     for i, tool in enumerate(constraint.strict_tools):
         grammars.append({"name": f"tool{i}", "json_schema": _checked_schema(
             tool.parameters, True, f"tools[{i}].parameters")})
-        recipient = f"commentary to=functions.{tool.name} "
-        answers.append(f'{_lark_string(recipient)} <|constrain|> "json" <|message|> @tool{i} <|call|>')
+        arguments = f'<|constrain|> "json" <|message|> @tool{i} <|call|>'
+        answers.append(f'{_lark_string(f" to=functions.{tool.name}")} <|channel|> "commentary " {arguments}')
+        answers.append(f'<|channel|> {_lark_string(f"commentary to=functions.{tool.name} ")} {arguments}')
     budget = constraint.budget_for(max_tokens)
-    lines = ["start: <|channel|> analysis? answer" if budget else "start: <|channel|> answer",
+    lines = ["start: analysis? answer" if budget else "start: answer",
              "answer: " + "\n      | ".join(answers)]
     if budget:
-        lines += ['analysis: "analysis" <|message|> reasoning <|end|> <|start|> "assistant" <|channel|>',
+        lines += ['analysis: <|channel|> "analysis" <|message|> reasoning <|end|> <|start|> "assistant"',
                   f"reasoning[max_tokens={budget}]: @thought"]
         grammars.append({"name": "thought", "lark_grammar": _ANY_TEXT})
     grammars.insert(0, {"name": "turn", "lark_grammar": "\n".join(lines) + "\n"})

@@ -1,8 +1,7 @@
 """The OpenAI HTTP API through the OFFICIAL `openai` Python package against a real server serving the
 trained demo model: `python -m cluster serve` (default preset gpt-oss-tiny: Ray Serve replica,
 torch engine, front door) as a user starts it. Harmony structure, tool calls and usage are asserted
-on whatever the model writes (greedy); what it should SAY is asserted apart, in tests marked
-xfail(strict=False) while the packaged artifact is under-trained, so they pass once it is not."""
+on whatever the model writes (greedy); what it should SAY is asserted apart (test_content_*)."""
 
 from __future__ import annotations
 
@@ -31,8 +30,7 @@ WEATHER = {"name": "get_weather", "description": "Current weather in a city.",
            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}
 CHAT_TOOLS = [{"type": "function", "function": WEATHER}]
 RESPONSE_TOOLS = [{"type": "function", **WEATHER}]
-WEATHER_RESULT = json.dumps({"city": "Paris", "temperature_c": 18, "sky": "sunny"})
-UNDER_TRAINED = "under-trained artifact: gpt-oss-tiny is being retrained; harmony structure is asserted elsewhere"
+WEATHER_RESULT = json.dumps({"temperature_c": 18, "sky": "sunny"})  # the result shape gpt-oss-tiny learned
 GREEDY = {"temperature": 0}
 
 
@@ -160,7 +158,7 @@ def test_chat_tool_call_streams_json_arguments_and_round_trips_to_an_answer(serv
 def test_response_streams_reasoning_then_message_with_usage_equal_to_the_counters(server):
     before = server.tokens("/v1/responses")
     with server.client() as client:
-        with client.responses.stream(model="gpt-oss-tiny", input="Repeat after me: good morning",
+        with client.responses.stream(model="gpt-oss-tiny", input="Repeat after me: green apple",
                                      max_output_tokens=200, **GREEDY) as stream:
             events = list(stream)
             final = stream.get_final_response()
@@ -245,18 +243,16 @@ def test_node_openai_sdk_chats_calls_a_tool_and_streams_responses(server):
 
 # ─────────────────── what the model should say (once it is trained enough) ───────────────────
 
-@pytest.mark.xfail(strict=False, reason=UNDER_TRAINED)
 def test_content_repeat_after_me(server):
     with server.client() as client:
         chat = client.chat.completions.create(model="gpt-oss-tiny", messages=user("Repeat after me: hello world"),
                                               max_completion_tokens=200, **GREEDY)
-        response = client.responses.create(model="gpt-oss-tiny", input="Repeat after me: good morning",
+        response = client.responses.create(model="gpt-oss-tiny", input="Repeat after me: green apple",
                                            max_output_tokens=200, **GREEDY)
     assert chat.choices[0].message.content.strip() == "hello world"
-    assert response.output_text.strip() == "good morning"
+    assert response.output_text.strip() == "green apple"
 
 
-@pytest.mark.xfail(strict=False, reason=UNDER_TRAINED)
 def test_content_the_weather_tool_is_called_with_the_city_asked_and_its_result_answered(server):
     with server.client() as client:
         chat = client.chat.completions.create(model="gpt-oss-tiny", messages=user("What is the weather in Paris?"),

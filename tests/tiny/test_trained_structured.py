@@ -4,9 +4,8 @@ answer valid, and the content makes sense for the question.
 Two kinds of assertion, marked as such:
 * FORMAT: what the constraint guarantees (a strict tool's arguments match its parameters, the final
   answer matches the regex). These must hold for any weights.
-* CONTENT: what a trained model should write (the city asked for, the right capital). They depend
-  on the packaged artifact's training; on an under-trained artifact they are expected failures
-  (xfail, not strict), so a better artifact turns them into passes without a code change.
+* CONTENT: what the trained model writes (the city asked for, the right capital): the constraint
+  must let a model that knows harmony keep to its own path (its tool-call header, its JSON style).
 """
 
 from __future__ import annotations
@@ -25,7 +24,6 @@ from cluster.harmony.parse import StreamParser
 from cluster.harmony.render import Message, ToolDefinition, render_prompt
 from cluster.harmony.structured import ResponseFormat, StrictTool, TurnConstraint
 
-UNDER_TRAINED = "content depends on the packaged gpt-oss-tiny artifact; the current one is an under-trained artifact"
 WEATHER = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"],
            "additionalProperties": False}
 CAPITAL = r"The capital of [A-Z][a-z]+ is [A-Z][a-z]+\."
@@ -78,7 +76,6 @@ def test_format_a_strict_tool_call_has_arguments_matching_the_schema(weather_cal
     jsonschema.validate(json.loads(message.content), WEATHER)
 
 
-@pytest.mark.xfail(strict=False, reason=UNDER_TRAINED)
 def test_content_the_model_calls_the_tool_for_the_city_asked_for(weather_call):
     message, _ = weather_call
     assert message.recipient == "functions.get_weather"
@@ -91,7 +88,6 @@ def test_format_the_final_answer_matches_the_regex(capital_answer):
     assert re.fullmatch(CAPITAL, message.content), message.content
 
 
-@pytest.mark.xfail(strict=False, reason=UNDER_TRAINED)
 def test_content_the_final_answer_names_paris_for_france(capital_answer):
     message, _ = capital_answer
     assert message.content == "The capital of France is Paris."
