@@ -481,7 +481,7 @@ def drain_with_streams(env: dict) -> dict:
     from cluster.config import FrontdoorConfig
     from gptoss.v1 import inference_pb2 as pb
 
-    with _serving(env, 1, **{"frontdoor.grace_period_s": FrontdoorConfig.grace_period_s}) as s:
+    with _serving(env, 1, **{"frontdoor.grace_period_s": FrontdoorConfig().grace_period_s}) as s:
         streams = Streams(s.door.stub, _prompts(4, 9), 240)
         streams.wait_tokens(4)
         started = time.monotonic()
