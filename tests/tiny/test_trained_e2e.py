@@ -10,7 +10,7 @@ import copy
 import pytest
 
 from tests.parallel.ep_apps import EpApp
-from tests.tiny.conversations import CHECKS, COPYING_CHECKS, UNDER_TRAINED
+from tests.tiny.conversations import EVERY_CONVERSATION
 
 pytestmark = pytest.mark.slow
 
@@ -24,8 +24,6 @@ def tiny_stub(request, ray_serving, serving_config, trained_checkpoint):
     app.close()
 
 
-@pytest.mark.parametrize("check", CHECKS + [pytest.param(c, marks=pytest.mark.xfail(reason=UNDER_TRAINED, strict=False))
-                                    for c in COPYING_CHECKS],
-                         ids=lambda check: check.__name__.removeprefix("check_"))
+@EVERY_CONVERSATION
 def test_a_real_conversation(tiny_stub, check):
     check(tiny_stub)

@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 
 from tests.parallel.ep_apps import EpApp
-from tests.tiny.conversations import CHECKS, COPYING_CHECKS, UNDER_TRAINED
+from tests.tiny.conversations import EVERY_CONVERSATION
 from tests.vllm_tier.conftest import require_vllm
 
 pytestmark = pytest.mark.slow
@@ -30,8 +30,6 @@ def vllm_tiny_stub(ray_serving, serving_config, tmp_path_factory):
     app.close()
 
 
-@pytest.mark.parametrize("check", CHECKS + [pytest.param(c, marks=pytest.mark.xfail(reason=UNDER_TRAINED, strict=False))
-                                    for c in COPYING_CHECKS],
-                         ids=lambda check: check.__name__.removeprefix("check_"))
+@EVERY_CONVERSATION
 def test_a_real_conversation_on_vllm(vllm_tiny_stub, check):
     check(vllm_tiny_stub)
