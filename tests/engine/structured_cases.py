@@ -69,3 +69,26 @@ def check_output(name: str, constraint: TurnConstraint, ids: list[int]) -> str:
     elif fmt.type == "grammar":
         assert re.fullmatch(r"yes|no|n=[0-9]{1,3}", answer.content), answer.content
     return answer.content
+
+
+def strict_tool_chats(stub, messages, tool, parameters: dict, seeds, *, max_tokens: int, timeout: float) -> int:
+    """Sampled gRPC Chats with the strict `tool` (gptoss.v1 ToolDefinition) and a final answer held to
+    the regex "no": each one ends in a call whose arguments match `parameters`, or in exactly "no".
+    Returns how many called the tool."""
+    from gptoss.v1 import inference_pb2 as pb
+
+    calls = 0
+    for seed in seeds:
+        sampling = pb.SamplingParams(max_tokens=max_tokens, temperature=1.0, seed=seed)
+        responses = list(stub.Chat(pb.ChatRequest(messages=messages, sampling=sampling, tools=[tool],
+                                                  response_format=pb.ResponseFormat(regex="no"), reasoning_budget=2),
+                                   timeout=timeout))
+        deltas = [r.delta for r in responses if r.HasField("delta")]
+        tool_calls = [d.tool_call for d in deltas if d.HasField("tool_call")]
+        if responses[-1].complete.finish_reason == pb.FINISH_REASON_TOOL_CALL:
+            calls += 1
+            assert tool_calls[0].name == tool.name
+            jsonschema.validate(json.loads(tool_calls[0].arguments_json), parameters)
+        else:
+            assert "".join(d.text for d in deltas if d.channel == pb.CHANNEL_FINAL) == "no"
+    return calls

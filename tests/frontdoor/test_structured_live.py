@@ -19,7 +19,7 @@ from gptoss.v1 import inference_pb2 as pb
 from tests.frontdoor.status_details import bad_fields
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "engine"))
-from structured_cases import BUDGET, MAX_TOKENS, RANDOM_MODEL_SCHEMAS  # noqa: E402
+from structured_cases import BUDGET, MAX_TOKENS, RANDOM_MODEL_SCHEMAS, strict_tool_chats  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -52,21 +52,7 @@ def test_chat_strict_tool_call_arguments_match_the_parameters(stub):
     tool = pb.ToolDefinition(name="get_weather", description="Weather", parameters_json=json.dumps(parameters),
                              strict=True)
     # A final answer is an enum value the model is unlikely to pick over a call; either way it validates.
-    fmt = pb.ResponseFormat(regex="no")
-    calls = 0
-    for seed in range(4):
-        sampling = pb.SamplingParams(max_tokens=MAX_TOKENS, temperature=1.0, seed=seed)
-        responses = list(stub.Chat(pb.ChatRequest(messages=USER, sampling=sampling, tools=[tool], response_format=fmt,
-                                                  reasoning_budget=2), timeout=120))
-        deltas = [r.delta for r in responses if r.HasField("delta")]
-        complete = responses[-1].complete
-        tool_calls = [d.tool_call for d in deltas if d.HasField("tool_call")]
-        if complete.finish_reason == pb.FINISH_REASON_TOOL_CALL:
-            calls += 1
-            assert tool_calls[0].name == "get_weather"
-            jsonschema.validate(json.loads(tool_calls[0].arguments_json), parameters)
-        else:
-            assert "".join(d.text for d in deltas if d.channel == pb.CHANNEL_FINAL) == "no"
+    calls = strict_tool_chats(stub, USER, tool, parameters, range(4), max_tokens=MAX_TOKENS, timeout=120)
     assert calls > 0
 
 

@@ -11,7 +11,6 @@ import json
 import sys
 from pathlib import Path
 
-import jsonschema
 import llguidance
 import pytest
 
@@ -25,7 +24,7 @@ from gptoss.v1 import inference_pb2 as pb
 from tests.vllm_tier.conftest import require_vllm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "engine"))
-from structured_cases import BUDGET, GRAMMAR, MAX_TOKENS, REGEX, check_output  # noqa: E402
+from structured_cases import BUDGET, GRAMMAR, MAX_TOKENS, REGEX, check_output, strict_tool_chats  # noqa: E402
 
 # vLLM has no wrap-up near max_tokens (docs/structured-output.md): on random weights, the schemas
 # whose values are bounded (enums, bounded numbers and lengths, patterns, formats, fixed arrays).
@@ -106,19 +105,7 @@ def test_vllm_answers_validate_greedy_and_sampled(vllm_stub):
 def test_vllm_strict_tool_call_arguments_match_the_parameters(vllm_stub):
     tool = pb.ToolDefinition(name="get_weather", description="Weather in a city",
                              parameters_json=json.dumps(BOUNDED_TOOL), strict=True)
-    calls = 0
-    for seed in range(6):
-        responses = list(vllm_stub.Chat(pb.ChatRequest(
-            messages=[pb.ChatMessage(role=pb.ROLE_USER, content="What is the weather in Paris?")], tools=[tool],
-            sampling=pb.SamplingParams(max_tokens=MAX_TOKENS, temperature=1.0, seed=seed),
-            response_format=pb.ResponseFormat(regex="no"), reasoning_budget=2), timeout=300))
-        deltas = [r.delta for r in responses if r.HasField("delta")]
-        tool_calls = [d.tool_call for d in deltas if d.HasField("tool_call")]
-        if responses[-1].complete.finish_reason == pb.FINISH_REASON_TOOL_CALL:
-            calls += 1
-            assert tool_calls[0].name == "get_weather"
-            jsonschema.validate(json.loads(tool_calls[0].arguments_json), BOUNDED_TOOL)
-        else:
-            assert "".join(d.text for d in deltas if d.channel == pb.CHANNEL_FINAL) == "no"
+    messages = [pb.ChatMessage(role=pb.ROLE_USER, content="What is the weather in Paris?")]
+    calls = strict_tool_chats(vllm_stub, messages, tool, BOUNDED_TOOL, range(6), max_tokens=MAX_TOKENS, timeout=300)
     assert calls > 0
 
