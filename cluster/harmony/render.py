@@ -109,7 +109,7 @@ def render_prompt(
         if tool_descriptions:
             developer = developer.with_function_tools(tool_descriptions)
         harmony_messages.append(oh.Message.from_role_and_content(oh.Role.DEVELOPER, developer))
-    harmony_messages.extend(_to_harmony(message) for message in chat)
+    harmony_messages.extend(to_harmony(message) for message in chat)
 
     conversation = oh.Conversation.from_messages(harmony_messages)
     encoding = load_tokenizer()._encoding
@@ -235,7 +235,8 @@ def _check_message(message: Message, field: str) -> None:
         raise HarmonyInputError(f"{field}.name", "a tool message needs the tool's name, e.g. functions.get_weather")
 
 
-def _to_harmony(message: Message) -> oh.Message:
+def to_harmony(message: Message) -> oh.Message:
+    """openai-harmony's message for `message`, with the format's default channel and recipient."""
     channel, recipient = message.channel, message.recipient
     if message.role == "assistant" and channel is None:
         channel = "commentary" if recipient else "final"

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 import openai_harmony as oh
 
 from cluster.harmony import Message, ToolDefinition, load_tokenizer, render_prompt
+from cluster.harmony.render import to_harmony
 
 TRAIN_SEED = 0
 EVAL_SEED = 1_000_003
@@ -94,11 +95,8 @@ class Sample:
 
     def prompt_ids(self) -> list[int]:
         if self.bare:
-            enc = load_tokenizer()._encoding
-            messages = [oh.Message.from_role_and_content(oh.Role(m.role), m.content).with_channel(m.channel)
-                        if m.channel else oh.Message.from_role_and_content(oh.Role(m.role), m.content)
-                        for m in self.messages]
-            return enc.render_conversation_for_completion(oh.Conversation.from_messages(messages), oh.Role.ASSISTANT)
+            conversation = oh.Conversation.from_messages([to_harmony(m) for m in self.messages])
+            return load_tokenizer()._encoding.render_conversation_for_completion(conversation, oh.Role.ASSISTANT)
         return render_prompt(self.messages, reasoning_effort=self.effort, tools=self.tools,
                              instructions=self.instructions)
 
@@ -229,15 +227,21 @@ DRILL_SHARE = 0.25  # conversations of many copying turns: dense copying is what
 DRILL_TURNS = (2, 8)
 
 
+def _earlier_turns(rng: random.Random, effort: str, skills, count: int) -> list[Message]:
+    """`count` finished turns of `skills`: the user's ask and the assistant's final answer."""
+    turns: list[Message] = []
+    for _ in range(count):
+        _, text, reply = rng.choice(skills)(rng, effort)
+        turns += [Message("user", text), Message("assistant", reply[-1].content, channel="final")]
+    return turns
+
+
 def _drill(rng: random.Random, effort: str) -> Sample:
     """A chat of copying turns and nothing else: no system message (openai-harmony renders the
     conversation as it is), their answers trained too (see train.earlier_answers). Copying from far
     back is learned slowly behind the long system and developer messages; in these short, dense
     chats it is learned quickly, and the skill then carries over to the full prompts."""
-    history: list[Message] = []
-    for _ in range(rng.randint(*DRILL_TURNS)):
-        _, text, reply = rng.choice(COPYING_SKILLS)(rng, effort)
-        history += [Message("user", text), Message("assistant", reply[-1].content, channel="final")]
+    history = _earlier_turns(rng, effort, COPYING_SKILLS, rng.randint(*DRILL_TURNS))
     skill, text, reply = rng.choice(COPYING_SKILLS)(rng, effort)
     return Sample(skill, effort, history + [Message("user", text)], reply, bare=True)
 
@@ -247,11 +251,8 @@ def sample(rng: random.Random) -> Sample:
     instructions = rng.choice((None, None) + INSTRUCTIONS)
     if rng.random() < DRILL_SHARE:
         return _drill(rng, effort)
-    history: list[Message] = []
     # earlier, finished turns: the model must answer the latest one (their answers are trained too)
-    for _ in range(rng.choices((0, 1, 2, 3), weights=(4, 3, 2, 1))[0]):
-        _, text, reply, = rng.choice(SIMPLE_SKILLS[:5])(rng, effort)[:3]
-        history += [Message("user", text), Message("assistant", reply[-1].content, channel="final")]
+    history = _earlier_turns(rng, effort, SIMPLE_SKILLS[:5], rng.choices((0, 1, 2, 3), weights=(4, 3, 2, 1))[0])
     kind = rng.random()
     if kind < 0.5:
         skill, text, reply = rng.choice(SIMPLE_SKILLS)(rng, effort)

@@ -79,7 +79,7 @@ def earlier_answers(prompt: list[int]) -> list[int]:
     return positions
 
 
-def batches(data: list[tuple[list[int], int]], batch_tokens: int, rng: random.Random) -> list[list[int]]:
+def batches(data: list[tuple[list[int], list[int]]], batch_tokens: int, rng: random.Random) -> list[list[int]]:
     """Index batches of similar length (little padding), each at most `batch_tokens` padded tokens."""
     order = sorted(range(len(data)), key=lambda i: (len(data[i][0]), rng.random()))
     out, current, longest = [], [], 0
