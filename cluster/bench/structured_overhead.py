@@ -64,7 +64,7 @@ def _paired_step_times(model, compiler: GuideCompiler, in_flight: int, steps: in
 
 def measure(model, in_flight: int = 32, steps: int = 24, runs: int = 3) -> dict:
     """{"overhead": constrained/unconstrained mean step time - 1, step times, compile p50/p99 ms, ...}."""
-    compiler = GuideCompiler()
+    compiler = GuideCompiler(EngineConfig().structured_wrap_up_tokens)
     try:
         compiler.compile(TurnConstraint(ResponseFormat("json_object")), MAX_TOKENS)  # the tokenizer index, once
         pairs: list[tuple[float, float]] = []

@@ -99,7 +99,7 @@ class BatchingEngine:
             raise InvalidRequestError("response_format", f"structured output needs the o200k_harmony vocabulary "
                                       f"({VOCAB_SIZE} ids); this model has {self.limits.vocab_size}")
         if self._guides is None:
-            self._guides = GuideCompiler(wrap_up_tokens=self._wrap_up_tokens)
+            self._guides = GuideCompiler(self._wrap_up_tokens)
         return self._guides
 
     def stats(self) -> EngineStats:

@@ -10,7 +10,7 @@ the first generated token; its analysis part allows any text. Requests without a
 no Guide and cost nothing: the runner only looks for Guides.
 
 Wrap-up: a constrained answer that is cut off by max_tokens is invalid, so in the last
-`wrap_up_tokens` tokens (engine.structured_wrap_up_tokens, default WRAP_UP_TOKENS; 0: off) the mask
+`wrap_up_tokens` tokens (engine.structured_wrap_up_tokens; 0: off) the mask
 is narrowed to the allowed tokens that close things (quotes, brackets, the end of the turn), or
 failing those, separators; a model that writes the value briskly never notices, and one that
 rambles (a random model, say) still ends with a valid, if shortened, value.
@@ -36,7 +36,6 @@ from cluster.harmony.tokenizer import VOCAB_SIZE
 
 log = logging.getLogger(__name__)
 
-WRAP_UP_TOKENS = 64  # the default of engine.structured_wrap_up_tokens: room to close a few nested values
 _CLOSERS = b'"}]'
 _SEPARATORS = b'"}],:'
 
@@ -44,7 +43,7 @@ _SEPARATORS = b'"}],:'
 class Guide:
     """The grammar state of one sequence: which tokens may come next, advanced by each token taken."""
 
-    def __init__(self, matcher: llguidance.LLMatcher, wrap_up_tokens: int = WRAP_UP_TOKENS) -> None:
+    def __init__(self, matcher: llguidance.LLMatcher, wrap_up_tokens: int) -> None:
         self.matcher = matcher
         self.wrap_up_tokens = wrap_up_tokens  # tokens before max_tokens where closing tokens win
 
@@ -60,7 +59,7 @@ class GuideCompiler:
     """Compiles turn constraints into Guides on its own threads, caching the compiled grammar by its
     text (a schema used again costs one matcher copy)."""
 
-    def __init__(self, max_workers: int = 2, cache_size: int = 256, wrap_up_tokens: int = WRAP_UP_TOKENS) -> None:
+    def __init__(self, wrap_up_tokens: int, max_workers: int = 2, cache_size: int = 256) -> None:
         self.wrap_up_tokens = wrap_up_tokens
         self._pool = concurrent.futures.ThreadPoolExecutor(max_workers, thread_name_prefix="grammar-compile")
         self._cache: collections.OrderedDict[str, llguidance.LLMatcher] = collections.OrderedDict()

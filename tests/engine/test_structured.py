@@ -15,11 +15,13 @@ from cluster.engine.batching_engine import BatchingEngine
 from cluster.config import EngineConfig
 from cluster.engine.errors import InvalidRequestError
 from cluster.engine.bitmask import apply_bitmask
-from cluster.engine.guided import WRAP_UP_TOKENS, GuideCompiler, guide_bitmask
+from cluster.engine.guided import GuideCompiler, guide_bitmask
 from cluster.engine.request import FinishReason, GenerateRequest, SamplingParams
 from cluster.harmony.render import Message, render_prompt
 from cluster.harmony.structured import ResponseFormat, StrictTool, TurnConstraint
 from cluster.harmony.tokenizer import CHANNEL_ID, END_ID, MESSAGE_ID, RETURN_ID, START_ID, load_tokenizer
+
+WRAP_UP_TOKENS = EngineConfig().structured_wrap_up_tokens  # the configured default
 
 
 @pytest.fixture
@@ -190,7 +192,7 @@ def test_preempted_constrained_requests_resume_with_their_grammar_state(make_eng
 
 
 def test_the_mask_of_a_batch_is_one_op_and_leaves_unconstrained_rows_alone():
-    compiler = GuideCompiler()
+    compiler = GuideCompiler(WRAP_UP_TOKENS)
     try:
         guide = compiler.compile(TurnConstraint(ResponseFormat("regex", pattern="ab")), 64)
         guide.consume(CHANNEL_ID)

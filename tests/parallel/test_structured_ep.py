@@ -33,7 +33,7 @@ def run(core, compiler):
 
 def test_constrained_answers_validate_under_ep_size_2_and_match_ep_1(ray_cluster, tiny_checkpoint):
     torch.set_num_threads(1)
-    compiler = GuideCompiler()
+    compiler = GuideCompiler(ENGINE.structured_wrap_up_tokens)
     groups = []
     model = load_model(tiny_checkpoint)
     try:
