@@ -127,7 +127,9 @@ def _analysis(effort: str, intent: str, core: str) -> Reply:
 
 
 def _words(rng: random.Random, lo: int = 1, hi: int = 6) -> list[str]:
-    return [rng.choice(WORDS) for _ in range(rng.randint(lo, hi))]
+    """Distinct words: a model this small copies by looking up where the word it just wrote stands in
+    the user's text and taking its neighbour, which is ambiguous when a word occurs twice."""
+    return rng.sample(WORDS, rng.randint(lo, hi))
 
 
 # ---- skills: each returns (skill, user text, replies, tools) for the last user turn -----------------
@@ -267,10 +269,12 @@ def sample(rng: random.Random) -> Sample:
         skill = "tool_choice" if len(tools) > 1 else "tool_call"
         return Sample(skill, effort, messages, [think, call], tools, instructions)
     output, answer = _tool_result(rng, name, args)
-    messages += [Message("assistant", think.content, channel="analysis"),
-                 Message("assistant", call.content, channel="commentary", recipient=call.recipient,
-                         content_type="<|constrain|>json"),
-                 Message("tool", output, name=call.recipient)]
+    # harmony asks clients to send the call's analysis back with the result, but Chat Completions
+    # clients usually drop it: the model learns to answer either way
+    sent_back = [Message("assistant", think.content, channel="analysis")] if rng.random() < 0.5 else []
+    messages += sent_back + [Message("assistant", call.content, channel="commentary", recipient=call.recipient,
+                                     content_type="<|constrain|>json"),
+                             Message("tool", output, name=call.recipient)]
     final_think = _analysis(effort, "The tool answered.", f"Report the result: {answer}")
     return Sample("tool_answer", effort, messages, [final_think, Reply("final", answer)], tools, instructions)
 
