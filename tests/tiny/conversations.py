@@ -93,15 +93,16 @@ def check_a_tool_result_fed_back_is_reported(stub):
     text, calls, _, _, _ = chat(stub, [question], tools=[WEATHER, CLOCK])
     (call,) = calls
     assert (call.name, json.loads(call.arguments_json)) == ("get_time", {"city": "Tokyo"})
-    # The call's reasoning goes back with it: harmony drops analysis only once a final answer follows.
-    messages = [question, pb.ChatMessage(role=pb.ROLE_ASSISTANT, channel=pb.CHANNEL_ANALYSIS, content=text["analysis"]),
-                pb.ChatMessage(role=pb.ROLE_ASSISTANT, channel=pb.CHANNEL_COMMENTARY, recipient=call.recipient,
-                               content_type="<|constrain|>json", content=call.arguments_json),
-                pb.ChatMessage(role=pb.ROLE_TOOL, name=call.recipient, content=json.dumps({"time": "07:45"}))]
-    text, calls, complete, tokens, order = chat(stub, messages, tools=[WEATHER, CLOCK])
-    assert order == ["analysis", "final"] and not calls
-    assert text["final"] == "It is 07:45 in Tokyo."
-    assert complete.finish_reason == pb.FINISH_REASON_STOP and tokens[-1] == RETURN_ID
+    call_message = pb.ChatMessage(role=pb.ROLE_ASSISTANT, channel=pb.CHANNEL_COMMENTARY, recipient=call.recipient,
+                                  content_type="<|constrain|>json", content=call.arguments_json)
+    result = pb.ChatMessage(role=pb.ROLE_TOOL, name=call.recipient, content=json.dumps({"time": "07:45"}))
+    # harmony asks for the call's reasoning to be sent back with it; Chat Completions clients usually drop it
+    reasoning = pb.ChatMessage(role=pb.ROLE_ASSISTANT, channel=pb.CHANNEL_ANALYSIS, content=text["analysis"])
+    for messages in ([question, reasoning, call_message, result], [question, call_message, result]):
+        text, calls, complete, tokens, order = chat(stub, messages, tools=[WEATHER, CLOCK])
+        assert order == ["analysis", "final"] and not calls
+        assert text["final"] == "It is 07:45 in Tokyo."
+        assert complete.finish_reason == pb.FINISH_REASON_STOP and tokens[-1] == RETURN_ID
 
 
 def check_a_multi_turn_conversation_answers_its_latest_turn(stub):
@@ -119,15 +120,9 @@ def check_more_effort_reasons_longer(stub):
     assert lengths["low"] < lengths["high"], lengths
 
 
-CHECKS = [check_an_answer_follows_its_reasoning, check_a_capital_is_named, check_the_declared_tool_that_fits_is_called,
-          check_a_tool_result_fed_back_is_reported, check_a_multi_turn_conversation_answers_its_latest_turn,
-          check_more_effort_reasons_longer]
-# The copying skills are not learned to their goal yet (`gptoss-cluster tiny eval`: 17-39% exact, goal 95%).
-COPYING_CHECKS = [check_copying_skills_answer_exactly]
-UNDER_TRAINED = "gpt-oss-tiny's copying skills are below their goal (docs/gpt-oss-tiny.md); xfail until retrained"
+CHECKS = [check_an_answer_follows_its_reasoning, check_a_capital_is_named, check_copying_skills_answer_exactly,
+          check_the_declared_tool_that_fits_is_called, check_a_tool_result_fed_back_is_reported,
+          check_a_multi_turn_conversation_answers_its_latest_turn, check_more_effort_reasons_longer]
 
-# Every conversation, as one parametrize mark for a test taking `check` (the copying ones xfail).
-EVERY_CONVERSATION = pytest.mark.parametrize(
-    "check", CHECKS + [pytest.param(check, marks=pytest.mark.xfail(reason=UNDER_TRAINED, strict=False))
-                       for check in COPYING_CHECKS],
-    ids=lambda check: check.__name__.removeprefix("check_"))
+# Every conversation, as one parametrize mark for a test taking `check`.
+EVERY_CONVERSATION = pytest.mark.parametrize("check", CHECKS, ids=lambda check: check.__name__.removeprefix("check_"))
