@@ -5,3 +5,26 @@ import sys
 def test_cli_help_lists_commands():
     out = subprocess.run([sys.executable, "-m", "cluster", "--help"], capture_output=True, text=True, check=True)
     assert "usage: gptoss-cluster" in out.stdout
+
+
+def test_serve_and_frontdoor_take_the_same_listening_flags_into_the_same_config():
+    from cluster.cli import build_parser
+    from cluster.cli.frontdoor import FLAG_PATHS as FRONTDOOR_PATHS
+    from cluster.cli.frontdoor_flags import config_from_flags
+    from cluster.cli.serve import FLAG_PATHS as SERVE_PATHS
+
+    flags = ["--grpc-port", "50123", "--http-port", "-1", "--metrics-port", "9555", "--host", "0.0.0.0",
+             "--address", "auto", "--log-level", "info"]
+    configs = [config_from_flags(build_parser().parse_args([command, *flags]), command, paths)
+               for command, paths in (("serve", SERVE_PATHS), ("frontdoor", FRONTDOOR_PATHS))]
+    for config in configs:
+        door = config.frontdoor
+        assert (door.grpc_port, door.http_port, door.metrics_port, door.host) == (50123, -1, 9555, "0.0.0.0")
+        assert (config.ray.address, config.log_level) == ("auto", "info")
+
+
+def test_a_bad_flag_value_is_refused_naming_its_config_key(capsys):
+    from cluster.cli import main
+
+    assert main(["frontdoor", "--grpc-port", "70000", "--address", "auto"]) == 2
+    assert "frontdoor.grpc_port" in capsys.readouterr().err

@@ -36,3 +36,17 @@ async def async_wait_until(predicate: Callable[[], T | Awaitable[T]], timeout: f
         if time.monotonic() >= deadline:
             raise AssertionError(f"not true within {timeout} s (last: {value!r}) {message}".rstrip())
         await asyncio.sleep(interval)
+
+
+def holds(predicate: Callable[[], object], duration: float, interval: float = 0.05, message: str = "") -> None:
+    """Assert `predicate` stays true for `duration` seconds: a deliberate wait for something that
+    must NOT happen (tokens after a cancel, a file a refused job would write), failing at the first
+    time it does. The duration is how long the thing would take to show if it were happening."""
+    deadline = time.monotonic() + duration
+    while True:
+        value = predicate()
+        if not value:
+            raise AssertionError(f"stopped being true (got {value!r}) {message}".rstrip())
+        if time.monotonic() >= deadline:
+            return
+        time.sleep(interval)

@@ -88,6 +88,7 @@ def run_engine_bench(args: argparse.Namespace) -> int:
         return 2
 
     from cluster.bench.engine_prompts import make_workload
+    from cluster.bench.timing import alternating_times
     from cluster.config import EngineConfig
     from cluster.engine.core import EngineCore, run_to_completion
     from cluster.engine.sequence import SamplingSettings, Sequence
@@ -160,12 +161,7 @@ def run_engine_bench(args: argparse.Namespace) -> int:
         return greedy(model, prompt, n_new)
 
     same_alone = engine_alone() == plain_loop()  # also the warm-up
-    times: dict[str, list[float]] = {"engine": [], "plain": []}
-    for _ in range(args.latency_runs):
-        for name, fn in (("engine", engine_alone), ("plain", plain_loop)):
-            t0 = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - t0)
+    times = alternating_times({"engine": engine_alone, "plain": plain_loop}, args.latency_runs)
     engine_ms = min(times["engine"]) / n_new * 1000
     plain_ms = min(times["plain"]) / n_new * 1000
 

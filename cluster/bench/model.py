@@ -13,7 +13,8 @@ import argparse
 import json
 import statistics
 import tempfile
-import time
+
+from cluster.bench.timing import alternating_times
 
 
 def add_parser(commands: argparse._SubParsersAction) -> None:
@@ -80,12 +81,7 @@ def run(args: argparse.Namespace) -> int:
 
     same = run_ours() == run_ref()  # also the warm-up
     run_ours(), run_ref()
-    times: dict[str, list[float]] = {"ours": [], "transformers": []}
-    for _ in range(args.runs):
-        for name, fn in (("ours", run_ours), ("transformers", run_ref)):
-            t0 = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - t0)
+    times = alternating_times({"ours": run_ours, "transformers": run_ref}, args.runs)
 
     ours_tps, ref_tps = n / min(times["ours"]), n / min(times["transformers"])
     ours_med, ref_med = n / statistics.median(times["ours"]), n / statistics.median(times["transformers"])

@@ -16,31 +16,20 @@ import logging
 import sys
 import time
 
-from cluster.config import ConfigError, load_config
+from cluster.cli import frontdoor_flags
+from cluster.config import ConfigError
 
 log = logging.getLogger("cluster.cli.frontdoor")
 
-FLAG_PATHS = {
-    "address": "ray.address",
-    "app_name": "serving.app_name",
-    "grpc_port": "frontdoor.grpc_port",
-    "metrics_port": "frontdoor.metrics_port",
-    "host": "frontdoor.host",
-    "log_level": "log_level",
-}
+FLAG_PATHS = {**frontdoor_flags.FLAG_PATHS, "app_name": "serving.app_name"}
 
 
 def register(subparsers) -> None:
     p = subparsers.add_parser("frontdoor", help="serve gptoss.v1 for an already deployed Serve application",
                               description=__doc__.split("\n\n")[0])
-    p.add_argument("--config", metavar="FILE", help="YAML configuration (see cluster/config.py)")
-    p.add_argument("--address", metavar="RAY_ADDRESS", help="Ray cluster to join (default: ray.address; 'auto')")
+    frontdoor_flags.add_flags(p, address_help="Ray cluster to join (default: ray.address; 'auto')")
     p.add_argument("--app-name", help="Serve application to forward to (default: serving.app_name)")
-    p.add_argument("--grpc-port", type=int, help="gRPC port (default 50051)")
-    p.add_argument("--metrics-port", type=int, help="Prometheus /metrics port (default 9464; -1 disables)")
-    p.add_argument("--host", help="interface to listen on (default 127.0.0.1)")
     p.add_argument("--wait-s", type=float, default=600.0, help="how long to wait for the application (default 600)")
-    p.add_argument("--log-level", choices=("debug", "info", "warning", "error"), help="default warning")
     p.set_defaults(func=run)
 
 
@@ -103,11 +92,8 @@ async def _run(handle, config) -> None:
 def run(args: argparse.Namespace) -> int:
     from cluster import logs
 
-    overrides = {path: getattr(args, flag) for flag, path in FLAG_PATHS.items()}
-    try:
-        config = load_config(args.config, overrides=overrides)
-    except (ConfigError, OSError) as err:
-        print(f"gptoss-cluster frontdoor: {err}", file=sys.stderr)
+    config = frontdoor_flags.config_from_flags(args, "frontdoor", FLAG_PATHS)
+    if config is None:
         return 2
     if not config.ray.address:
         print("gptoss-cluster frontdoor: needs a Ray cluster to join (--address or ray.address)", file=sys.stderr)

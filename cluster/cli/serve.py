@@ -8,23 +8,13 @@ import logging
 import signal
 import sys
 
-from cluster.config import ConfigError, load_config
+from cluster.cli import frontdoor_flags
+from cluster.config import ConfigError
 
 log = logging.getLogger("cluster.cli.serve")
 
-# Flag -> config path; a flag left unset keeps what the YAML file or GPTOSS_* env vars say.
-FLAG_PATHS = {
-    "model": "model.path",
-    "preset": "model.preset",
-    "grpc_port": "frontdoor.grpc_port",
-    "metrics_port": "frontdoor.metrics_port",
-    "http_port": "frontdoor.http_port",
-    "host": "frontdoor.host",
-    "address": "ray.address",
-    "replicas": "serving.replicas",
-    "ep_size": "parallel.ep_size",
-    "log_level": "log_level",
-}
+FLAG_PATHS = {**frontdoor_flags.FLAG_PATHS, "model": "model.path", "preset": "model.preset",
+              "replicas": "serving.replicas", "ep_size": "parallel.ep_size"}
 
 
 def register(subparsers) -> None:
@@ -32,19 +22,12 @@ def register(subparsers) -> None:
                               description="Start (or join) Ray, deploy the model replicas and serve gptoss.v1 "
                                           "over gRPC. With no model, gpt-oss-tiny (a small model trained to speak harmony) is "
                                           "rebuilt once into the cache from the weights in the package.")
-    p.add_argument("--config", metavar="FILE", help="YAML configuration (see cluster/config.py)")
+    frontdoor_flags.add_flags(p, address_help="join this Ray cluster instead of starting one")
     model = p.add_mutually_exclusive_group()
     model.add_argument("--model", metavar="DIR", help="checkpoint directory (HF layout)")
     model.add_argument("--preset", help="build and serve a preset checkpoint (default: gpt-oss-tiny, trained; other presets random)")
-    p.add_argument("--grpc-port", type=int, help="gRPC port (default 50051; 0 picks a free one)")
-    p.add_argument("--http-port", type=int, help="OpenAI-compatible HTTP API port (default 8088; 0 picks a free one; "
-                                                  "-1 disables)")
-    p.add_argument("--metrics-port", type=int, help="Prometheus /metrics port (default 9464; -1 disables)")
-    p.add_argument("--host", help="interface to listen on (default 127.0.0.1)")
-    p.add_argument("--address", metavar="RAY_ADDRESS", help="join this Ray cluster instead of starting one")
     p.add_argument("--replicas", type=int, help="model replicas (default 1)")
     p.add_argument("--ep-size", type=int, help="expert-parallel ranks per replica (default 1)")
-    p.add_argument("--log-level", choices=("debug", "info", "warning", "error"), help="default warning")
     p.set_defaults(func=run)
 
 
@@ -75,13 +58,9 @@ def run(args: argparse.Namespace) -> int:
     from cluster import logs
     from cluster.cli.preflight import PreflightError, check_checkpoint, check_ports, port_problem
 
-    overrides = {path: getattr(args, flag) for flag, path in FLAG_PATHS.items()}
-    if args.model:
-        overrides["model.preset"] = ""
-    try:
-        config = load_config(args.config, overrides=overrides)
-    except (ConfigError, OSError) as err:
-        print(f"gptoss-cluster serve: {err}", file=sys.stderr)
+    config = frontdoor_flags.config_from_flags(args, "serve", FLAG_PATHS,
+                                               {"model.preset": ""} if args.model else None)
+    if config is None:
         return 2
     logs.configure(config.log_level)
     try:

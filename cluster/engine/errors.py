@@ -1,13 +1,22 @@
 """Typed errors an engine raises; the front door maps them to gRPC status codes.
 
-They cross Ray as pickles inside a RayTaskError, so each reduces to its constructor arguments.
+They cross Ray as pickles inside a RayTaskError, so each reduces to its constructor arguments:
+every error keeps each argument as an attribute of the same name (EngineError.__reduce__ reads them).
 """
 
 from __future__ import annotations
 
+import inspect
+
 
 class EngineError(Exception):
     """Base of every error an engine raises on purpose."""
+
+    def __reduce__(self):
+        if type(self).__init__ is Exception.__init__:
+            return super().__reduce__()
+        names = list(inspect.signature(type(self).__init__).parameters)[1:]  # after self
+        return (type(self), tuple(getattr(self, name) for name in names))
 
 
 class InvalidRequestError(EngineError, ValueError):
@@ -18,8 +27,6 @@ class InvalidRequestError(EngineError, ValueError):
         self.field = field
         self.reason = reason
 
-    def __reduce__(self):
-        return (type(self), (self.field, self.reason))
 
 
 class RequestTooLong(InvalidRequestError):
@@ -32,8 +39,6 @@ class RequestTooLong(InvalidRequestError):
         self.num_tokens = num_tokens
         self.capacity_tokens = capacity_tokens
 
-    def __reduce__(self):
-        return (type(self), (self.num_tokens, self.capacity_tokens))
 
 
 # Retry hints for a refused request: the time the queue ahead of it needs to drain at the recent
@@ -59,8 +64,6 @@ class EngineOverloadedError(EngineError):
         self.limit = limit
         self.retry_after_s = retry_after_s
 
-    def __reduce__(self):
-        return (type(self), (self.queued, self.limit, self.retry_after_s))
 
 
 class DeadlineExceededError(EngineError, TimeoutError):
@@ -72,8 +75,6 @@ class DeadlineExceededError(EngineError, TimeoutError):
         self.request_id = request_id
         self.late_by_s = late_by_s
 
-    def __reduce__(self):
-        return (type(self), (self.request_id, self.late_by_s))
 
 
 class EngineDead(EngineError):
@@ -82,6 +83,3 @@ class EngineDead(EngineError):
     def __init__(self, reason: str) -> None:
         super().__init__(reason)
         self.reason = reason
-
-    def __reduce__(self):
-        return (type(self), (self.reason,))

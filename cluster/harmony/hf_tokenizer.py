@@ -3,9 +3,11 @@
 vLLM's structured outputs (its guidance backend builds llguidance's token index from a fast HF
 tokenizer) need a tokenizer directory; a real gpt-oss checkpoint ships one, the checkpoints this
 cluster writes do not, and nothing here downloads. `hf_tokenizer_dir()` writes tokenizer.json and
-tokenizer_config.json once into the cache, from the same verified o200k_base BPE file as
-`load_tokenizer()` and tiktoken's definition of o200k_harmony (its split pattern and the names of
-the special and reserved ids 199998-201087), converted by transformers' TikTokenConverter.
+tokenizer_config.json once into the cache, converted by transformers' TikTokenConverter from the
+three parts of the o200k_harmony definition: the verified o200k_base BPE file `load_tokenizer()`
+reads, o200k's pre-tokenizer split pattern, and the names of the special and reserved ids
+199998-201087 as openai-harmony's own encoding spells them. The result must encode a sample text
+exactly as `load_tokenizer()` does, or the build fails.
 
 Needs transformers and tiktoken (both come with vLLM); the default install never calls this.
 The EOS token is <|endoftext|>, which the turn grammar never names: a turn ends at <|return|> or
@@ -19,11 +21,30 @@ import shutil
 import tempfile
 import threading
 from pathlib import Path
-from unittest import mock
 
-from cluster.harmony.tokenizer import VOCAB_SIZE, default_cache_dir, materialize_vocab_file
+from cluster.harmony.tokenizer import (FIRST_SPECIAL_ID, VOCAB_SIZE, default_cache_dir, load_tokenizer,
+                                       materialize_vocab_file)
 
 FILES = ("tokenizer.json", "tokenizer_config.json")
+
+# o200k's pre-tokenizer split (tiktoken_ext.openai_public defines it inline for o200k_base, whose
+# o200k_harmony reuses it): cased letter runs with English contractions, digits in threes,
+# punctuation runs, newlines, other white space.
+O200K_PATTERN = "|".join([
+    r"""[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+(?i:'s|'t|'re|'ve|'m|'ll|'d)?""",
+    r"""[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?""",
+    r"""\p{N}{1,3}""",
+    r""" ?[^\s\p{L}\p{N}]+[\r\n/]*""",
+    r"""\s*[\r\n]+""",
+    r"""\s+(?!\S)""",
+    r"""\s+""",
+])
+
+# Checked after conversion: the HF tokenizer must split and merge these as load_tokenizer() does
+# (contractions, digit runs, mixed case, CJK, emoji, code, white space runs, a special token).
+_SAMPLE = ("I'm sure they'LL say it's 1234567 km/h, isn't it?\n\n  Ünïcödé ΑΒΓ δ ПРИВЕТмир 東京タワー 😀👍🏽\n"
+           "def f(x):\r\n\treturn x**2  # done\t\t<|end|>   ")
+
 _lock = threading.Lock()
 
 
@@ -45,23 +66,19 @@ def hf_tokenizer_dir(cache_dir: Path | None = None) -> Path:
 
 
 def _build():
-    import tiktoken.load
-    import tiktoken_ext.openai_public as openai_public
     from transformers import PreTrainedTokenizerFast
     from transformers.convert_slow_tokenizer import TikTokenConverter
 
-    vocab_file = str(materialize_vocab_file(default_cache_dir()))
-    # tiktoken's o200k_harmony definition, reading the local file instead of its URL.
-    local = lambda _url, expected_hash=None: tiktoken.load.load_tiktoken_bpe(vocab_file, expected_hash)  # noqa: E731
-    with mock.patch.object(openai_public, "load_tiktoken_bpe", local):
-        definition = openai_public.o200k_harmony()
-    # One name per id (o200k_base's <|endofprompt|> and harmony's <|reserved_200018|> share 200018: harmony's).
-    names = {token_id: name for name, token_id in definition["special_tokens"].items()}
-    specials = sorted((token_id, name) for token_id, name in names.items())
-    first = len(definition["mergeable_ranks"])
-    if [i for i, _ in specials] != list(range(first, VOCAB_SIZE)):
-        raise RuntimeError(f"o200k_harmony's special ids are not {first}..{VOCAB_SIZE - 1} in a row")
-    converted = TikTokenConverter(vocab_file=vocab_file, pattern=definition["pat_str"],
-                                  extra_special_tokens=[name for _, name in specials]).converted()
+    vocab_file = materialize_vocab_file(default_cache_dir())
+    harmony = load_tokenizer()
+    # Every id above the BPE ranks is a special or reserved token; openai-harmony decodes each to its name.
+    specials = [harmony.decode([token_id]) for token_id in range(FIRST_SPECIAL_ID, VOCAB_SIZE)]
+    converted = TikTokenConverter(vocab_file=str(vocab_file), pattern=O200K_PATTERN,
+                                  extra_special_tokens=specials).converted()
+    if converted.get_vocab_size() != VOCAB_SIZE:
+        raise RuntimeError(f"the converted o200k_harmony has {converted.get_vocab_size()} ids, not {VOCAB_SIZE}")
+    ours, theirs = converted.encode(_SAMPLE).ids, harmony.encode(_SAMPLE, allow_special=True)
+    if ours != theirs:
+        raise RuntimeError(f"the converted o200k_harmony encodes {_SAMPLE!r} as {ours}, openai-harmony as {theirs}")
     return PreTrainedTokenizerFast(tokenizer_object=converted, eos_token="<|endoftext|>",
                                    model_max_length=131072, clean_up_tokenization_spaces=False)

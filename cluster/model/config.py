@@ -296,32 +296,25 @@ class GptOssConfig:
         return json.dumps(self.to_dict(), indent=2)
 
 
+# The tiny architecture the CPU tests build (random weights); the other small presets are it with changes.
+_TINY: dict[str, Any] = dict(
+    vocab_size=201088, hidden_size=64, intermediate_size=64, num_hidden_layers=4,
+    num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+    num_local_experts=8, num_experts_per_tok=4, sliding_window=8, max_position_embeddings=4096,
+)
+
 PRESETS: dict[str, dict[str, Any]] = {
     "gpt-oss-120b": dict(num_hidden_layers=36, num_local_experts=128),
     "gpt-oss-20b": dict(num_hidden_layers=24, num_local_experts=32),
-    "tiny": dict(
-        vocab_size=201088, hidden_size=64, intermediate_size=64, num_hidden_layers=4,
-        num_attention_heads=4, num_key_value_heads=2, head_dim=16,
-        num_local_experts=8, num_experts_per_tok=4, sliding_window=8, max_position_embeddings=4096,
-    ),
+    "tiny": _TINY,
     # `tiny` with head_dim 32: vLLM's CPU attention kernels take head sizes 32, 64, 80, ... only,
     # so the vLLM tests and `bench engine --against vllm` use this shape (for both engines).
-    "tiny-vllm": dict(
-        vocab_size=201088, hidden_size=64, intermediate_size=64, num_hidden_layers=4,
-        num_attention_heads=4, num_key_value_heads=2, head_dim=32,
-        num_local_experts=8, num_experts_per_tok=4, sliding_window=8, max_position_embeddings=4096,
-    ),
+    "tiny-vllm": {**_TINY, "head_dim": 32},
     # The trained model (cluster/tiny, weights in cluster/model/assets): the tiny architecture at the
     # size two CPU cores train in minutes; head_dim 32 so vLLM's CPU attention runs it too.
-    "gpt-oss-tiny": dict(
-        vocab_size=201088, hidden_size=128, intermediate_size=128, num_hidden_layers=4,
-        num_attention_heads=4, num_key_value_heads=2, head_dim=32,
-        num_local_experts=8, num_experts_per_tok=2, sliding_window=128, max_position_embeddings=4096,
-    ),
-    "tiny-small-vocab": dict(
-        vocab_size=1024, hidden_size=96, intermediate_size=128, num_hidden_layers=3,
-        num_attention_heads=6, num_key_value_heads=2, head_dim=16,
-        num_local_experts=4, num_experts_per_tok=2, sliding_window=16, max_position_embeddings=4096,
-        eos_token_id=1023, pad_token_id=1022,
-    ),
+    "gpt-oss-tiny": {**_TINY, "hidden_size": 128, "intermediate_size": 128, "head_dim": 32,
+                     "num_experts_per_tok": 2, "sliding_window": 128},
+    "tiny-small-vocab": {**_TINY, "vocab_size": 1024, "hidden_size": 96, "intermediate_size": 128,
+                         "num_hidden_layers": 3, "num_attention_heads": 6, "num_local_experts": 4,
+                         "num_experts_per_tok": 2, "sliding_window": 16, "eos_token_id": 1023, "pad_token_id": 1022},
 }

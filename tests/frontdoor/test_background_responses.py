@@ -16,6 +16,7 @@ from tests.frontdoor.harmony_script import HarmonyScriptHandle, ThreadedFrontdoo
 from tests.frontdoor.test_openai_http import KEY, MODEL, OTHER_KEY, config, counter, keys
 from tests.frontdoor.test_response_store import FrontdoorProcess, redis_url  # noqa: F401 - a fixture
 from tests.parallel.ep_apps import wait_for
+from tests.waiting import holds
 
 ROUTE = "/v1/responses"
 
@@ -128,8 +129,8 @@ def test_a_streamed_background_response_outlives_its_client_and_resumes_after_a_
         stream.close()  # the client goes away: the response goes on
         response_id = first[0].response.id
         assert first[0].type == "response.created" and first[0].response.background is True
-        time.sleep(0.1)
-        assert not door.handle.responses[-1].cancelled.is_set()
+        # Must not happen: the client going away cancels the response.
+        holds(lambda: not door.handle.responses[-1].cancelled.is_set(), 0.1, message="the response was cancelled")
         resumed = list(client.responses.retrieve(response_id, stream=True, starting_after=first[-1].sequence_number))
         assert [e.sequence_number for e in resumed] == list(range(6, 6 + len(resumed)))
         assert resumed[-1].type == "response.completed"
@@ -163,8 +164,9 @@ def test_cancel_reaches_the_front_door_process_that_runs_it_through_redis(redis_
             assert counter(snapshot, "gptoss_frontdoor_requests_total", code="CANCELLED", **labels) == 1
             assert counter(snapshot, "gptoss_frontdoor_requests_in_flight", **labels) == 0
             tokens = counter(snapshot, "gptoss_frontdoor_completion_tokens_total", **labels)
-            time.sleep(0.3)  # the replica stream is closed: A takes no more tokens
-            assert counter(scrape(a.metrics_url), "gptoss_frontdoor_completion_tokens_total", **labels) == tokens
+            # Must not happen: the replica stream is closed, so A takes no more tokens.
+            holds(lambda: counter(scrape(a.metrics_url), "gptoss_frontdoor_completion_tokens_total", **labels)
+                  == tokens, 0.3, message="A took tokens after the cancel")
             assert on_a.responses.retrieve(created.id).status == "cancelled"
     finally:
         a.stop()

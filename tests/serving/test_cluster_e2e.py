@@ -15,6 +15,7 @@ from cluster.harmony.tokenizer import load_tokenizer
 from cluster.model.generate import greedy
 from gptoss.v1 import inference_pb2 as pb
 from tests.serving.replica_probe import replica_stats, wait_idle
+from tests.waiting import holds, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -106,52 +107,66 @@ def test_reflection_lists_the_inference_service(grpc_channel):
                                                 "GetLoads"}
 
 
+def _tokens_after_stop(ray_serving, before, started: float, stopped):
+    """How the replica's generation ended after a call was stopped (`stopped` returns the replica's
+    stats at that moment): (tokens it generated after the stop, tokens it generated before it, the
+    seconds from `started` to the stop). Polls until the replica is idle, then checks the token
+    counter stays frozen."""
+    at_stop = stopped()
+    ran_s = time.monotonic() - started
+
+    def idle():
+        stats = replica_stats(ray_serving)
+        return stats if stats.active_requests == before.active_requests else None
+
+    frozen = wait_until(idle, 30, message="the replica still generates after the call ended").tokens_generated_total
+    # Must not happen: tokens after the request left the batch (a few load reports' time).
+    holds(lambda: replica_stats(ray_serving).tokens_generated_total == frozen, 0.3, message="tokens after idle")
+    return frozen - at_stop.tokens_generated_total, at_stop.tokens_generated_total - before.tokens_generated_total, \
+        ran_s
+
+
 def test_client_cancel_stops_generation_in_the_replica(stub, ray_serving):
     before = wait_idle(ray_serving)
     request = pb.GenerateRequest(prompt_token_ids=PROMPT, sampling=pb.SamplingParams(max_tokens=3000, ignore_stop=True))
+    started = time.monotonic()
     call = stub.Generate(request, timeout=120)
     received = 0
     for response in call:
         received += len(response.chunk.token_ids)
         if received >= 20:
             break
-    assert replica_stats(ray_serving).active_requests == before.active_requests + 1
-    cancelled_at = time.monotonic()
-    call.cancel()
-    # Generation must stop within a second: no active request, and the token counter frozen.
-    # A stats call answers some time after it is sent, so only a call *sent* more than 1 s after
-    # the cancel that still sees the request proves generation went on too long.
-    while True:
-        asked_at = time.monotonic()
+
+    def cancel():
         stats = replica_stats(ray_serving)
-        if stats.active_requests == before.active_requests:
-            break
-        assert asked_at - cancelled_at < 1.0, f"still generating 1 s after cancel: {stats}"
-        time.sleep(0.02)
-    stop_latency = asked_at - cancelled_at
-    frozen = stats.tokens_generated_total
-    time.sleep(0.3)
-    after = replica_stats(ray_serving)
-    assert after.tokens_generated_total == frozen
-    assert after.cancelled_total == before.cancelled_total + 1
-    assert frozen - before.tokens_generated_total < 3000 // 2  # it really stopped early
-    print(f"cancel -> replica seen idle by a stats call sent {stop_latency * 1000:.0f} ms later")
+        assert stats.active_requests == before.active_requests + 1
+        call.cancel()
+        return stats
+
+    after, during, ran_s = _tokens_after_stop(ray_serving, before, started, cancel)
+    # Generation stops promptly, measured against this run's own pace (the box may be loaded):
+    # after the cancel the replica makes fewer tokens than it made to get the first 20 out.
+    print(f"cancel: {after} tokens after it, {during} in the {ran_s * 1000:.0f} ms before")
+    assert after < max(during, 20), f"{after} tokens after the cancel, {during} before it"
+    assert replica_stats(ray_serving).cancelled_total == before.cancelled_total + 1
 
 
 def test_deadline_exceeded_stops_generation(stub, ray_serving):
     before = wait_idle(ray_serving)
     request = pb.GenerateRequest(prompt_token_ids=PROMPT, sampling=pb.SamplingParams(max_tokens=3000, ignore_stop=True))
-    with pytest.raises(grpc.RpcError) as info:
-        for _ in stub.Generate(request, timeout=0.5):
-            pass
-    assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-    deadline = time.monotonic() + 1.5
-    while True:
-        asked_at = time.monotonic()  # as above: judge by when the stats call was sent
-        if replica_stats(ray_serving).active_requests == before.active_requests:
-            break
-        assert asked_at < deadline, "generation continued past the deadline"
-        time.sleep(0.02)
+    started = time.monotonic()
+
+    def expire():
+        with pytest.raises(grpc.RpcError) as info:
+            for _ in stub.Generate(request, timeout=0.5):
+                pass
+        assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        return replica_stats(ray_serving)
+
+    after, during, ran_s = _tokens_after_stop(ray_serving, before, started, expire)
+    print(f"deadline: {after} tokens after it, {during} in the {ran_s * 1000:.0f} ms before")
+    assert during < 3000  # the deadline, not max_tokens, ended it
+    assert after < max(during, 20), f"{after} tokens after the deadline, {during} before it"
 
 
 def test_sixteen_concurrent_streams_all_complete_correctly(stub, tiny_model):

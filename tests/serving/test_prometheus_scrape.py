@@ -14,6 +14,7 @@ import pytest
 
 from gptoss.v1 import inference_pb2 as pb
 from tests.tooling import missing
+from tests.waiting import wait_until
 
 from cluster.sockets import free_port
 
@@ -79,14 +80,23 @@ def _wait_for(port: int, promql: str, expected: float, timeout_s: float = 30.0) 
     return value
 
 
+def _scraped_after(port: int, moment: float) -> bool:
+    """Prometheus holds a scrape of the front door taken after `moment` (time.time())."""
+    return (_value(port, 'timestamp(up{job="gptoss"})') or 0.0) > moment
+
+
 def test_prometheus_scrapes_our_metrics(prometheus, stub, serving_config):
     ok = 'gptoss_frontdoor_requests_total{job="gptoss",method="Generate",code="OK"}'
     tokens = 'gptoss_frontdoor_completion_tokens_total{job="gptoss",method="Generate"}'
     decisions = 'sum(gptoss_router_decisions_total{job="gptoss"})'
+    # The baseline is a scrape taken after now, when earlier tests' calls on this front door have ended.
+    settled = time.time()
+    wait_until(lambda: _scraped_after(prometheus, settled), 30, 0.2, "no scrape after the baseline moment")
     before_ok = _value(prometheus, ok) or 0.0
     before_tokens = _value(prometheus, tokens) or 0.0
     before_decisions = _value(prometheus, decisions) or 0.0
-    time.sleep(1.5)  # let a scrape settle the baseline
+    again = time.time()
+    wait_until(lambda: _scraped_after(prometheus, again), 30, 0.2, "no second scrape")
     assert (_value(prometheus, ok) or 0.0) == before_ok  # nothing else is running
     request = pb.GenerateRequest(prompt_token_ids=[200006, 1428, 200008, 12194, 200007],
                                  sampling=pb.SamplingParams(max_tokens=MAX_TOKENS, ignore_stop=True))

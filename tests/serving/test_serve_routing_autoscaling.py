@@ -22,6 +22,7 @@ import urllib.request
 import pytest
 
 from cluster.engine.request import GenerateRequest, SamplingParams
+from tests.waiting import wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -248,9 +249,14 @@ def test_engine_queueing_scales_1_to_2_and_idleness_back(ray_serving, serving_co
             t.join(60)
         assert not errors, errors[:3]
         down_s = wait_for(1, 90.0)
-        time.sleep(2 * config.frontdoor.load_poll_interval_s + 1.0)  # one more poll sees the final count
-        final = {name: _gauge(door.server.metrics_port, name)
-                 for name in ("gptoss_autoscaler_desired_replicas", "gptoss_autoscaler_replicas")}
+
+        def final_gauges():  # a later load poll sees the final count
+            return {name: _gauge(door.server.metrics_port, name)
+                    for name in ("gptoss_autoscaler_desired_replicas", "gptoss_autoscaler_replicas")}
+
+        wait_until(lambda: set(final_gauges().values()) == {1.0}, 10 * config.frontdoor.load_poll_interval_s + 10,
+                   0.1, "the autoscaler gauges at 1 replica")
+        final = final_gauges()
         print(f"\nautoscaling: 1 -> 2 replicas in {up_s:.1f} s under 8 clients (engine waiting at 2: {waiting}); "
               f"2 -> 1 in {down_s:.1f} s idle; gauges seen {gauges}, final {final}")
         assert 2.0 in gauges["desired"] and 2.0 in gauges["running"], gauges

@@ -94,6 +94,36 @@ def sse(data: dict | str, event: str | None = None) -> bytes:
     return f"{head}data: {text}\n\n".encode()
 
 
+async def drained(events: AsyncIterator[tuple], feed: Callable[[object], None]):
+    """Run a call that does not stream to its end: each item's output (the servicer's chat_events
+    or generate_events) goes to `feed`; returns the complete the last item carries."""
+    async with contextlib.aclosing(events):
+        async for output, complete in events:
+            if output is not None:
+                feed(output)
+            if complete is not None:
+                return complete
+    raise RuntimeError("the call's events ended without their complete")
+
+
+async def sse_writes(first: tuple, events: AsyncIterator[tuple], write: Callable[[object, object], bytes],
+                     closing: Callable[[object], Awaitable[bytes]], head: bytes = b"") -> AsyncIterator[bytes]:
+    """A streamed call's SSE bytes, one write per item of `events` (`first` already taken from it),
+    however many SSE events that item made: `head` before the first item's, `write(output, complete)`
+    for each item, and after the last one's (it carries the complete) `await closing(complete)`."""
+    async with contextlib.aclosing(events):
+        output, complete = first
+        while True:
+            data = head + write(output, complete)
+            head = b""
+            if complete is not None:
+                yield data + await closing(complete)
+                return
+            if data:
+                yield data
+            output, complete = await events.__anext__()
+
+
 class OpenAIApi:
     """The routes, over the gRPC servicer's core."""
 
@@ -168,6 +198,22 @@ class OpenAIApi:
             raise
         return first, events
 
+    async def _completion(self, stream: bool, output: chat.ChatOutput | completions.CompletionsOutput,
+                          events: AsyncIterator[tuple], head: bytes = b""):
+        """A chat completion's or completion's answer: the one object, or streamed, its chunks
+        (after `head`) ending with [DONE]."""
+        if not stream:
+            return output.completion(await drained(events, output.feed))
+        first, events = await self.primed(events)
+
+        def write(item, complete) -> bytes:
+            return b"".join(sse(chunk) for chunk in output.chunks(item, complete))
+
+        async def done(complete) -> bytes:
+            return sse("[DONE]")
+
+        return Stream(sse_writes(first, events, write, done, head), lambda error: sse(error) + sse("[DONE]"))
+
     # ── routes ──
 
     async def chat_completions(self, x: "Exchange"):
@@ -176,28 +222,7 @@ class OpenAIApi:
         call = dataclasses.replace(call, internal=self.servicer.fit_to_tenant(x.call, call.internal, "messages"))
         output = chat.ChatOutput(call)
         events = self.servicer.chat_events(call.internal, call.stops, False, x.call, x.context, x.bookkeeping)
-        if not call.stream:
-            async with contextlib.aclosing(events):
-                async for deltas, complete in events:
-                    output.feed(deltas)
-                    if complete is not None:
-                        return output.completion(complete)
-        first, events = await self.primed(events)
-
-        async def stream() -> AsyncIterator[bytes]:
-            async with contextlib.aclosing(events):
-                head = sse(output.first_chunk())
-                item = first
-                while True:  # one write per engine chunk, however many deltas it made
-                    deltas, complete = item
-                    data = head + b"".join(sse(chunk) for chunk in output.chunks(deltas, complete))
-                    head = b""
-                    if complete is not None:
-                        yield data + sse("[DONE]")
-                        return
-                    yield data
-                    item = await events.__anext__()
-        return Stream(stream(), lambda error: sse(error) + sse("[DONE]"))
+        return await self._completion(call.stream, output, events, sse(output.first_chunk()))
 
     async def create_response(self, x: "Exchange"):
         model = self.check_model(x.json)
@@ -215,31 +240,23 @@ class OpenAIApi:
         if call.background:
             return await self._background(x, output, events)
         if not call.stream:
-            async with contextlib.aclosing(events):
-                async for deltas, complete in events:
-                    output.feed(deltas)
-                    if complete is not None:
-                        output.turn.finish()
-                        return await finish(complete)
+            complete = await drained(events, output.feed)
+            output.turn.finish()
+            return await finish(complete)
         first, events = await self.primed(events)
 
-        async def stream() -> AsyncIterator[bytes]:
-            async with contextlib.aclosing(events):
-                head = b"".join(sse(event, event["type"]) for event in output.opening())
-                item = first
-                while True:  # one write per engine chunk, however many events it made
-                    deltas, complete = item
-                    data = head + b"".join(sse(event, event["type"])
-                                           for event in output.events(deltas, complete is not None))
-                    head = b""
-                    if complete is not None:
-                        await finish(complete)
-                        yield data + b"".join(sse(event, event["type"]) for event in output.closing(complete))
-                        return
-                    yield data
-                    item = await events.__anext__()
+        def sse_events(events: list[dict]) -> bytes:
+            return b"".join(sse(event, event["type"]) for event in events)
 
-        return Stream(stream(), self._error_event(output))
+        async def closing(complete) -> bytes:
+            await finish(complete)
+            return sse_events(output.closing(complete))
+
+        def write(deltas, complete) -> bytes:
+            return sse_events(output.events(deltas, complete is not None))
+
+        return Stream(sse_writes(first, events, write, closing, head=sse_events(output.opening())),
+                      self._error_event(output))
 
     @staticmethod
     def _error_event(output: responses.ResponsesOutput) -> Callable[[dict], bytes]:
@@ -316,28 +333,7 @@ class OpenAIApi:
         call = dataclasses.replace(call, internal=self.servicer.fit_to_tenant(x.call, call.internal, "prompt"))
         output = completions.CompletionsOutput(call)
         events = self.servicer.generate_events(call.internal, call.stops, True, x.call, x.context, x.bookkeeping)
-        if not call.stream:
-            async with contextlib.aclosing(events):
-                async for chunk, complete in events:
-                    if chunk is not None:
-                        output.feed(chunk)
-                    if complete is not None:
-                        return output.completion(complete)
-        first, events = await self.primed(events)
-
-        async def stream() -> AsyncIterator[bytes]:
-            async with contextlib.aclosing(events):
-                item = first
-                while True:
-                    chunk, complete = item
-                    data = b"".join(sse(body) for body in output.chunks(chunk, complete))
-                    if complete is not None:
-                        yield data + sse("[DONE]")
-                        return
-                    if data:
-                        yield data
-                    item = await events.__anext__()
-        return Stream(stream(), lambda error: sse(error) + sse("[DONE]"))
+        return await self._completion(call.stream, output, events)
 
     def _model(self) -> dict:
         return {"id": self.model, "object": "model", "created": self.created, "owned_by": "gptoss-cluster",
