@@ -654,7 +654,8 @@ def head_restart(env: dict) -> dict:
     controller). Every stream completes with the undisturbed greedy tokens; each request of the
     outage completes or fails at once with UNAVAILABLE + RetryInfo; the front door stays SERVING
     and does not give up on the cluster (watch_ray with the default ray.gcs_reconnect_timeout_s);
-    afterwards the controller knows the same replicas and new requests succeed."""
+    afterwards the controller knows the same replicas and new requests succeed. recover_s: from
+    the GCS's restart until the controller answers again with both replicas."""
     import asyncio
     import signal
 
@@ -682,6 +683,7 @@ def head_restart(env: dict) -> dict:
         killed = time.monotonic()
         s.cluster.head_node.kill_gcs_server()
         os.kill(controller_pid, signal.SIGKILL)
+        at_kill = sum(r["status"] is None for r in streams.results)
         during: list[dict] = []
         health: list[str] = []
         short = pb.GenerateRequest(prompt_token_ids=[4000, 5000, 6000],
@@ -729,6 +731,7 @@ def head_restart(env: dict) -> dict:
                                                          "ok": sum(r["status"] == "OK" for r in during)},
                    checks={"streams in flight at the kill and across the restart equal the undisturbed greedy run":
                                all(equal),
+                           f"{at_kill} of 3 streams were running when the GCS was killed": at_kill == 3,
                            f"{spanned} of 2 streams were still running when the GCS restarted": spanned == 2,
                            "requests during the outage: OK, or UNAVAILABLE + RetryInfo within 5 s": refused_properly,
                            f"health SERVING throughout the outage ({sorted(set(health))})": set(health) == {"SERVING"},
