@@ -431,6 +431,12 @@ class RayConfig(Section):
     """CPUs the local Ray advertises; None: the machine's core count."""
     temp_dir: str | None = None
     """Ray's temp/session directory for a local cluster; None: Ray's default (/tmp/ray)."""
+    gcs_reconnect_timeout_s: float = Field(60.0, gt=0)
+    """Seconds `gptoss-cluster frontdoor` keeps serving while the Ray cluster's GCS does not answer
+    (a head restart with GCS fault tolerance: replicas keep streaming, the router keeps routing)
+    before it exits as having lost the cluster. Match RAY_gcs_rpc_server_reconnect_timeout_s, after
+    which Ray's own processes give up (Ray's default 60 s; the Helm chart sets both from
+    ray.gcsFaultTolerance.reconnectTimeoutS)."""
 
 
 class ParallelConfig(Section):

@@ -5,7 +5,9 @@ the RayService deploys the application (serveConfigV2) and the front door runs a
 horizontally scaled Deployment whose pods join the Ray cluster (`ray start --address=...`) and
 then run this command with `--address auto`. It waits for the application named
 `serving.app_name` to exist, serves until SIGTERM, drains, and exits; if the Ray cluster goes away
-(e.g. a RayService upgrade replaced it), it exits non-zero so Kubernetes restarts it on the new one.
+(e.g. a RayService upgrade replaced it: its GCS has not answered for ray.gcs_reconnect_timeout_s),
+it exits non-zero so Kubernetes restarts it on the new one. A head that restarts within that time
+(GCS fault tolerance) does not interrupt it.
 """
 
 from __future__ import annotations
@@ -49,22 +51,39 @@ def wait_for_app(app_name: str, wait_s: float):
             time.sleep(5)
 
 
-async def watch_ray(stop: asyncio.Event, period_s: float = 10.0, misses: int = 3) -> None:
-    """Set `stop` once the Ray cluster has not answered `misses` checks in a row (it went away)."""
+async def watch_ray(stop: asyncio.Event, lost_after_s: float, period_s: float = 10.0) -> None:
+    """Set `stop` once the Ray cluster's GCS has not answered for `lost_after_s` (it went away).
+
+    A GCS that is restarting (a head restart with GCS fault tolerance) does not answer for a while
+    and then answers again; meanwhile the replicas keep streaming and the router keeps routing, so
+    the front door keeps serving. One check runs at a time: while the GCS is down a check can wait
+    on Ray's own reconnection, and piling up more would only fill the default executor."""
     import ray
 
-    missed = 0
+    loop = asyncio.get_running_loop()
+    answered = loop.time()
+    check: asyncio.Future | None = None
     while not stop.is_set():
-        await asyncio.sleep(period_s)
-        try:
-            await asyncio.wait_for(asyncio.to_thread(ray.cluster_resources), period_s)
-            missed = 0
-        except Exception:  # noqa: BLE001 - any failure to reach the GCS counts as a miss
-            missed += 1
-            log.warning("Ray cluster did not answer (%d/%d)", missed, misses)
-            if missed >= misses:
-                stop.lost_ray = True  # type: ignore[attr-defined]
-                stop.set()
+        if check is None:
+            check = asyncio.ensure_future(asyncio.to_thread(ray.cluster_resources))
+        await asyncio.wait({check}, timeout=period_s)
+        ok = check.done() and check.exception() is None  # any failure to reach the GCS is no answer
+        if ok:
+            answered = loop.time()
+        if check.done():
+            check = None
+        silent_s = loop.time() - answered
+        if silent_s >= lost_after_s:
+            stop.lost_ray = True  # type: ignore[attr-defined]
+            stop.set()
+            if check is not None:
+                check.cancel()  # the thread itself ends with Ray's own timeout
+            return
+        if not ok:
+            log.warning("the Ray cluster has not answered for %.0f s (the front door gives up after %.0f s, "
+                        "ray.gcs_reconnect_timeout_s)", silent_s, lost_after_s)
+        if check is None:
+            await asyncio.sleep(period_s)
 
 
 async def _run(handle, config) -> None:
@@ -81,7 +100,7 @@ async def _run(handle, config) -> None:
     http = server.http_url if server.http_port is not None else "off"
     print(f"gptoss-cluster frontdoor: {server.info.model_name} | gRPC {server.grpc_target} | HTTP {http} | "
           f"app {config.serving.app_name}", flush=True)
-    watchdog = asyncio.create_task(watch_ray(stop))
+    watchdog = asyncio.create_task(watch_ray(stop, config.ray.gcs_reconnect_timeout_s))
     await stop.wait()
     watchdog.cancel()
     await server.stop()

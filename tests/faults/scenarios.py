@@ -564,8 +564,190 @@ def controller_killed(env: dict) -> dict:
     return row
 
 
+class RedisServer:
+    """A redis-server of the scenario's own (the Debian package) on a free loopback port, with its
+    own directory and no persistence to disk: the GCS's external storage. Stopped by its pid."""
+
+    def __init__(self, directory: Path) -> None:
+        import socket
+        import subprocess
+
+        import redis
+
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            self.port = probe.getsockname()[1]
+        directory.mkdir(parents=True, exist_ok=True)
+        self.process = subprocess.Popen(
+            ["redis-server", "--bind", "127.0.0.1", "--port", str(self.port), "--dir", str(directory),
+             "--save", "", "--appendonly", "no", "--loglevel", "warning"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        client, end = redis.Redis(host="127.0.0.1", port=self.port), time.monotonic() + 30
+        while True:
+            try:
+                client.ping()
+                break
+            except redis.ConnectionError:
+                if self.process.poll() is not None or time.monotonic() > end:
+                    self.close()
+                    raise RuntimeError(f"redis-server did not start on port {self.port}") from None
+                time.sleep(0.1)
+        client.close()
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def close(self) -> None:
+        import subprocess
+
+        self.process.terminate()
+        try:
+            self.process.wait(10)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait(10)
+
+
+@contextlib.contextmanager
+def _gcs_fault_tolerance(temp_dir: str, reconnect_timeout_s: float):
+    """Ray processes started inside keep the GCS's state in a Redis of their own (RAY_REDIS_ADDRESS,
+    in a namespace of this cluster's: what KubeRay's gcsFaultToleranceOptions sets on the head), and
+    wait up to `reconnect_timeout_s` for a GCS that went away (what KubeRay sets on workers, and the
+    chart on front doors, RAY_gcs_rpc_server_reconnect_timeout_s)."""
+    redis_server = RedisServer(Path(temp_dir) / "redis")
+    settings = {"RAY_REDIS_ADDRESS": redis_server.address,
+                "RAY_external_storage_namespace": f"gptoss-faults-{os.getpid()}",
+                "RAY_gcs_rpc_server_reconnect_timeout_s": str(int(reconnect_timeout_s))}
+    before = {name: os.environ.get(name) for name in settings}
+    os.environ.update(settings)
+    try:
+        yield redis_server
+    finally:
+        for name, value in before.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+        redis_server.close()  # after the cluster: its shutdown deletes the cluster's keys
+
+
+HEAD_OUTAGE_S = 35.0  # longer than the ~30 s after which the front door used to give up on Ray
+
+
+def _replica_details(app_name: str, timeout_s: float) -> dict[str, dict]:
+    """The Serve controller's running replicas of `app_name`: replica id -> {pid, node_id}."""
+    import ray
+    from ray.serve._private.constants import SERVE_CONTROLLER_NAME, SERVE_NAMESPACE
+
+    controller = ray.get_actor(SERVE_CONTROLLER_NAME, namespace=SERVE_NAMESPACE)
+    details = ray.get(controller.get_serve_instance_details.remote(), timeout=timeout_s)
+    replicas = details["applications"][app_name]["deployments"]["ModelReplica"]["replicas"]
+    return {r["replica_id"]: {"pid": r["pid"], "node_id": r["node_id"]} for r in replicas if r["state"] == "RUNNING"}
+
+
+def head_restart(env: dict) -> dict:
+    """GCS fault tolerance: the head's GCS keeps its state in Redis. A replica on a worker node,
+    3 greedy streams. Mid-stream the head's GCS and the Serve controller (which lives on the head)
+    are killed; for HEAD_OUTAGE_S the cluster has no control plane while new requests keep coming;
+    2 more streams start just before the GCS restarts on the same Redis (and restarts the
+    controller). Every stream completes with the undisturbed greedy tokens; each request of the
+    outage completes or fails at once with UNAVAILABLE + RetryInfo; the front door stays SERVING
+    and does not give up on the cluster (watch_ray with the default ray.gcs_reconnect_timeout_s);
+    afterwards the controller knows the same replicas and new requests succeed. recover_s: from
+    the GCS's restart until the controller answers again with the replica."""
+    import asyncio
+    import signal
+
+    import ray
+    from ray.serve._private.constants import SERVE_CONTROLLER_NAME, SERVE_NAMESPACE
+
+    from cluster.cli.frontdoor import watch_ray
+    from cluster.config import RayConfig
+    from gptoss.v1 import inference_pb2 as pb
+    from tests.frontdoor.status_details import retry_delay_s
+
+    with _gcs_fault_tolerance(env["temp_dir"], reconnect_timeout_s=4 * HEAD_OUTAGE_S), \
+            _serving(env, 1) as s:
+        app = s.config.serving.app_name
+        replicas_before = _replica_details(app, 30)
+        controller = ray.get_actor(SERVE_CONTROLLER_NAME, namespace=SERVE_NAMESPACE)
+        controller_pid = ray.get(controller.__ray_call__.remote(lambda _: os.getpid()), timeout=30)
+        gave_up = asyncio.Event()  # the front door pod's watchdog, run on the door's loop
+        watchdog = asyncio.run_coroutine_threadsafe(watch_ray(gave_up, RayConfig().gcs_reconnect_timeout_s),
+                                                    s.door.door.loop)
+        prompts, max_tokens = _prompts(3, 13), 240
+        streams = Streams(s.door.stub, prompts, max_tokens, timeout_s=240)
+        streams.wait_tokens(4)
+
+        killed = time.monotonic()
+        s.cluster.head_node.kill_gcs_server()
+        os.kill(controller_pid, signal.SIGKILL)
+        at_kill = sum(r["status"] is None for r in streams.results)
+        during: list[dict] = []
+        health: list[str] = []
+        short = pb.GenerateRequest(prompt_token_ids=[4000, 5000, 6000],
+                                   sampling=pb.SamplingParams(max_tokens=8, ignore_stop=True))
+        while time.monotonic() - killed < HEAD_OUTAGE_S - 3:
+            health.append(s.door.health())
+            result = {"tokens": [], "status": None}
+            asked = time.monotonic()
+            Streams._run(s.door.stub, short, 30, result)
+            result["took_s"] = time.monotonic() - asked
+            during.append(result)
+            time.sleep(1.0)
+        spanning_prompts = _prompts(2, 17)  # streams that are running when the GCS comes back
+        spanning = Streams(s.door.stub, spanning_prompts, 160, timeout_s=240)
+        spanning.wait_tokens(2, timeout_s=10)
+        time.sleep(max(0.0, killed + HEAD_OUTAGE_S - time.monotonic()))
+        health.append(s.door.health())
+        spanned = sum(r["status"] is None for r in spanning.results)
+        s.cluster.head_node.start_gcs_server()
+        restarted = time.monotonic()
+        replicas_after: dict = {}
+        while time.monotonic() - restarted < 180:
+            try:
+                replicas_after = _replica_details(app, 10)
+                if len(replicas_after) == len(replicas_before):
+                    break
+            except Exception:  # noqa: BLE001 - the GCS or the controller is still coming back
+                pass
+            time.sleep(1.0)
+        recovered_s = time.monotonic() - restarted
+        after = [{"tokens": [], "status": None} for _ in range(3)]
+        for result in after:
+            Streams._run(s.door.stub, short, 60, result)
+        streams.join(240)
+        spanning.join(240)
+        lost = gave_up.is_set()
+        watchdog.cancel()
+        equal = _undisturbed(env, streams, prompts, max_tokens) + _undisturbed(env, spanning, spanning_prompts, 160)
+        refused = [r for r in during if r["status"] not in ("OK", None)]
+        refused_properly = all(r["status"] == "UNAVAILABLE" and retry_delay_s(r["error"]) > 0 and r["took_s"] < 5
+                               for r in refused)
+        row = _counts(streams.results + spanning.results + during + after, sum(s.door.migrations().values()))
+        row.update(scenario="head restart (GCS FT, Redis)", recover_s=round(recovered_s, 2),
+                   outage_s=HEAD_OUTAGE_S, during_outage={"sent": len(during),
+                                                         "ok": sum(r["status"] == "OK" for r in during)},
+                   checks={"streams in flight at the kill and across the restart equal the undisturbed greedy run":
+                               all(equal),
+                           f"{at_kill} of 3 streams were running when the GCS was killed": at_kill == 3,
+                           f"{spanned} of 2 streams were still running when the GCS restarted": spanned == 2,
+                           "requests during the outage: OK, or UNAVAILABLE + RetryInfo within 5 s": refused_properly,
+                           f"health SERVING throughout the outage ({sorted(set(health))})": set(health) == {"SERVING"},
+                           "the front door did not give up on the cluster": not lost,
+                           "the restarted controller knows the same replicas (ids, pids)":
+                               replicas_after == replicas_before,
+                           "new requests after the restart complete": all(r["status"] == "OK" for r in after),
+                           "none migrated (the replicas lived)": row["migrated"] == 0,
+                           "0 hung": row["hung"] == 0},
+                   migrations=s.door.migrations())
+    return row
+
+
 SCENARIOS = {
     "controller_killed": controller_killed,
+    "head_restart": head_restart,
     "ep_rank_killed": expert_rank_killed,
     "burst": burst_ten_times_capacity,
     "spread": replicas_spread,

@@ -38,8 +38,8 @@ def _table(row: dict) -> str:
             f"{row['migrated']:3} failed {failed:14} hung {row['hung']} recover {row['recover_s']:6.2f} s")
 
 
-@pytest.mark.parametrize("name", ["replica_killed", "node_lost", "ep_rank_killed", "no_replica", "controller_killed", "burst", "spread", "drain",
-                                  "unplaceable", "sigterm_start"])
+@pytest.mark.parametrize("name", ["replica_killed", "node_lost", "ep_rank_killed", "no_replica", "controller_killed",
+                                  "head_restart", "burst", "spread", "drain", "unplaceable", "sigterm_start"])
 def test_scenario(name, tiny_checkpoint, cache_dir):
     row = _run(name, tiny_checkpoint, cache_dir)
     ROWS.append(row)

@@ -25,7 +25,7 @@ def test_frontdoor_refuses_a_bad_config_naming_the_field(tmp_path, capsys):
     assert "frontdoor.grpc_port" in capsys.readouterr().err
 
 
-def test_watch_ray_stops_after_missed_checks(monkeypatch):
+def test_watch_ray_stops_once_the_gcs_has_not_answered_for_the_timeout(monkeypatch):
     import ray
 
     def unreachable():
@@ -35,11 +35,55 @@ def test_watch_ray_stops_after_missed_checks(monkeypatch):
 
     async def run():
         stop = asyncio.Event()
-        await asyncio.wait_for(watch_ray(stop, period_s=0.01, misses=3), 5)
-        return stop
+        started = asyncio.get_running_loop().time()
+        await asyncio.wait_for(watch_ray(stop, lost_after_s=0.3, period_s=0.01), 5)
+        return stop, asyncio.get_running_loop().time() - started
 
-    stop = asyncio.run(run())
+    stop, took_s = asyncio.run(run())
     assert stop.is_set() and stop.lost_ray
+    assert 0.3 <= took_s < 2
+
+
+def test_watch_ray_rides_out_a_gcs_restart_with_one_check_at_a_time(monkeypatch):
+    """A GCS that hangs (checks block, as Ray's client does while it reconnects) and then fails
+    fast, for less than the timeout in all, then answers again: the front door keeps going, and
+    never has more than one check waiting."""
+    import threading
+    import time
+
+    import ray
+
+    started = time.monotonic()
+    waiting, most_waiting, lock = 0, 0, threading.Lock()
+
+    def gcs():
+        nonlocal waiting, most_waiting
+        with lock:
+            waiting += 1
+            most_waiting = max(most_waiting, waiting)
+        try:
+            down_for = time.monotonic() - started
+            if down_for < 0.3:
+                time.sleep(0.3)  # hangs while reconnecting
+            elif down_for < 0.6:
+                raise ConnectionError("GCS restarting")
+            return {"CPU": 1.0}
+        finally:
+            with lock:
+                waiting -= 1
+
+    monkeypatch.setattr(ray, "cluster_resources", gcs)
+
+    async def run():
+        stop = asyncio.Event()
+        watching = asyncio.create_task(watch_ray(stop, lost_after_s=1.5, period_s=0.02))
+        await asyncio.sleep(2.5)  # longer than the timeout, but the GCS answered after 0.6 s
+        lost = stop.is_set()
+        watching.cancel()
+        return lost
+
+    assert asyncio.run(run()) is False
+    assert most_waiting == 1
 
 
 @pytest.mark.slow

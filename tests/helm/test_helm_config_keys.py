@@ -25,12 +25,14 @@ LEFT_OUT = {
 }
 
 # Values that make the helper render the keys it writes only when they are needed: the direct
-# stream's and the front door's certificate files, the tenants file, a Redis URL.
+# stream's and the front door's certificate files, the tenants file, a Redis URL, the GCS reconnect
+# timeout of GCS fault tolerance.
 CONDITIONAL_VALUES = {
     "serving.directStreamTls.existingSecret": "gptoss-direct-tls",
     "frontdoor.tls.existingSecret": "gptoss-tls", "frontdoor.tls.clientCa": "true",
     "frontdoor.tenants.acme.maxConcurrentStreams": "2",
     "frontdoor.responses.store": "redis", "frontdoor.responses.redis.url": "redis://redis:6379/0",
+    "ray.gcsFaultTolerance.enabled": "true", "ray.gcsFaultTolerance.redisAddress": "redis-ha:6379",
 }
 
 

@@ -156,6 +156,15 @@ Ray's default, 15, would run the engine below the daemons and serving path shari
 {{- end }}
 
 {{/*
+gptoss-cluster.gcsReconnectEnv (with ray.gcsFaultTolerance on): how long the Ray processes of a worker or
+front door pod wait for a restarting GCS before they exit (KubeRay sets its own default on its worker
+pods only; the front door pods join with `ray start` and would otherwise give up after Ray's 60 s).
+*/}}
+{{- define "gptoss-cluster.gcsReconnectEnv" -}}
+- {name: RAY_gcs_rpc_server_reconnect_timeout_s, value: {{ .Values.ray.gcsFaultTolerance.reconnectTimeoutS | int | quote }}}
+{{- end }}
+
+{{/*
 gptoss-cluster.releasePods: a NetworkPolicy peer matching this release's Ray pods and front doors.
 */}}
 {{- define "gptoss-cluster.releasePods" -}}
