@@ -81,10 +81,11 @@ async def watch_ray(stop: asyncio.Event, period_s: float = 10.0, misses: int = 3
 async def _run(handle, config) -> None:
     import signal
 
-    from cluster.frontdoor.server import FrontdoorServer
+    from cluster.frontdoor.server import FrontdoorServer, freeze_startup_heap
 
     server = FrontdoorServer(handle, config.frontdoor)
     await server.start()
+    freeze_startup_heap()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
