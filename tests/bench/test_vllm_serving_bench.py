@@ -34,7 +34,7 @@ def test_ours_gets_the_engine_settings_plain_vllm_gets(argv):
     ours = engine_args_for(config, config.model.path, config.model.dtype)
     plain = vllm_serving.plain_vllm_argv(args, model, Path("/tok"), 8000)
     flag = lambda name: plain[plain.index(name) + 1]  # noqa: E731
-    assert config.engine.kind == "vllm" and ours["model"] == plain[plain.index("serve") + 1] == str(model)
+    assert config.engine.kind == "vllm" and ours["model"] == flag("--model") == str(model)
     assert ours["dtype"] == flag("--dtype") == args.dtype
     assert ours["max_num_seqs"] == int(flag("--max-num-seqs")) == args.max_num_seqs
     assert ours["enforce_eager"] is ("--enforce-eager" in plain) is args.enforce_eager
