@@ -150,7 +150,8 @@ def build_request(spec: RequestSpec, plan: LoadPlan, index: int):
 def http_request(spec: RequestSpec, plan: LoadPlan, index: int, model: str) -> tuple[str, dict]:
     """(route, body) of an HTTP API request; streamed, low reasoning effort and the same sampling
     as the gRPC request of build_request. temperature is always sent (OpenAI's default is 1, not
-    greedy); `ignore_eos` is the server's (and vLLM's) extension that ignores stop tokens."""
+    greedy); `ignore_eos` is the server's (and vLLM's) extension that ignores stop tokens, and
+    `return_token_ids` vLLM's that puts each chunk's token ids beside its text (ours ignores it)."""
     common = {"model": model, "stream": True, "temperature": plan.temperature, "ignore_eos": plan.ignore_stop}
     if plan.top_p is not None:
         common["top_p"] = plan.top_p
@@ -160,7 +161,7 @@ def http_request(spec: RequestSpec, plan: LoadPlan, index: int, model: str) -> t
     api = plan.api
     if api == "completions":
         return "/v1/completions", {**common, "prompt": list(spec.prompt_token_ids), "max_tokens": spec.max_tokens,
-                                   "stream_options": {"include_usage": True}}
+                                   "stream_options": {"include_usage": True}, "return_token_ids": True}
     messages = [{"role": role, "content": content} for role, content in spec.messages]
     if api == "responses":
         return "/v1/responses", {**common, "input": messages, "max_output_tokens": spec.max_tokens,
@@ -183,8 +184,8 @@ def _sse_has_output(event: dict) -> bool:
         return True
     for choice in event.get("choices") or ():
         delta = choice.get("delta")
-        if delta is None:  # completions
-            return bool(choice.get("text"))
+        if delta is None:  # completions; vLLM's return_token_ids stamps tokens whose text is empty
+            return bool(choice.get("text") or choice.get("token_ids"))
         if delta.get("content") or delta.get("reasoning_content") or delta.get("tool_calls"):
             return True
     return False

@@ -10,9 +10,9 @@ import argparse
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    from cluster.bench import engine, experts, model, overhead, roofline, serving
+    from cluster.bench import engine, experts, model, overhead, roofline, serving, vllm_serving
 
     parser = subparsers.add_parser("bench", help="micro-benchmarks", description=__doc__)
     commands = parser.add_subparsers(dest="bench_command", required=True, metavar="TARGET")
-    for bench in (model, serving, overhead, engine, experts, roofline):
+    for bench in (model, serving, overhead, engine, experts, roofline, vllm_serving):
         bench.add_parser(commands)

@@ -89,10 +89,11 @@ async def watch_ray(stop: asyncio.Event, lost_after_s: float, period_s: float = 
 async def _run(handle, config) -> None:
     import signal
 
-    from cluster.frontdoor.server import FrontdoorServer
+    from cluster.frontdoor.server import FrontdoorServer, freeze_startup_heap
 
     server = FrontdoorServer(handle, config.frontdoor)
     await server.start()
+    freeze_startup_heap()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

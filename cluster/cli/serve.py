@@ -32,10 +32,11 @@ def register(subparsers) -> None:
 
 
 async def _serve(runtime, config) -> None:
-    from cluster.frontdoor.server import FrontdoorServer
+    from cluster.frontdoor.server import FrontdoorServer, freeze_startup_heap
 
     server = FrontdoorServer(runtime.handle, config.frontdoor)
     await server.start()
+    freeze_startup_heap()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

