@@ -7,8 +7,7 @@ Shape letters: E experts, R output rows, G = C/32 blocks per row, N grouped toke
 One call covers every chosen expert of a layer; threads split (expert, row range) items.
 
 Two kernels, the first that can run:
-- native: mxfp4_avx512.c, built on first use with the system C compiler (OpenMP) into a per-user
-  cache (about a second, once per machine) and called through ctypes; CPUs torch reports as AVX512.
+- native: mxfp4_avx512.c (built on first use, see native.py), called through ctypes.
   A block's bytes widen to 16 lanes and `vpermps` looks both nibbles up in the 16 E2M1 values.
 - numba: the same loop in numba (any CPU numba supports). A nibble's doubled E2M1 magnitude is read
   from one 32-bit constant (4 bits per code), so the decode vectorizes without a table gather.
@@ -22,18 +21,13 @@ sum differs. Activations are split into even and odd columns once per call (low 
 from __future__ import annotations
 
 import ctypes
-import hashlib
-import os
-import shutil
-import subprocess
-import tempfile
 import threading
-from pathlib import Path
 
 import numpy as np
 import torch
 
 from cluster.model import mxfp4
+from cluster.model.kernels import native
 
 try:
     import numba
@@ -41,8 +35,6 @@ try:
 except ImportError:  # pragma: no cover - numba is a dependency; this keeps a broken install running
     numba = None
 
-NATIVE_SOURCE = Path(__file__).with_name("mxfp4_avx512.c")
-NATIVE_FLAGS = ("-O3", "-mavx512f", "-mavx512bw", "-fopenmp", "-shared", "-fPIC")
 ROWS_PER_ITEM = 32  # output rows per work item of the native kernel: enough items to balance threads
 DOUBLED_E2M1 = 0xC8643210  # 2 * |E2M1| of codes 0..7 (0, 1, 2, 3, 4, 6, 8, 12), 4 bits each
 
@@ -82,49 +74,23 @@ if numba is not None:
                 out[t0 + t, r] = acc[t].sum()
 
 
-_native = None  # the loaded native kernel (a ctypes function); False once it cannot be had
+_native = None  # the native kernel (a ctypes function); False once it cannot be had
 _lock = threading.Lock()
-
-
-def _build_native() -> Path | None:
-    """The native kernel's shared library, built once per source, flags and user; None where it can't be."""
-    compiler = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
-    if compiler is None or torch.backends.cpu.get_cpu_capability() != "AVX512":
-        return None
-    source = NATIVE_SOURCE.read_bytes()
-    key = hashlib.sha256(source + " ".join(NATIVE_FLAGS).encode() + compiler.encode()).hexdigest()[:16]
-    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "gptoss-cluster" / "kernels"
-    lib = cache / f"mxfp4_avx512-{key}.so"
-    if lib.exists():
-        return lib
-    try:
-        cache.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=cache) as tmp:  # built aside, then renamed: concurrent builds are safe
-            built = Path(tmp) / lib.name
-            subprocess.run([compiler, *NATIVE_FLAGS, "-o", str(built), str(NATIVE_SOURCE)], check=True,
-                           capture_output=True, timeout=300)
-            os.replace(built, lib)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return lib
 
 
 def _native_kernel():
     global _native
     if _native is None:
-        with _lock:
-            if _native is None:
-                path = _build_native()
-                _native = False if path is None else _load(path)
+        lib = native.load("mxfp4_avx512")
+        if lib is None:
+            _native = False
+        else:
+            grouped = lib.mxfp4_grouped  # ctypes drops the GIL for the call
+            grouped.restype = None
+            i64, ptr = ctypes.c_int64, ctypes.c_void_p
+            grouped.argtypes = [ptr, ptr, i64, i64, ptr, ptr, ptr, ptr, i64, ptr, ptr, i64, ctypes.c_int]
+            _native = grouped
     return _native or None
-
-
-def _load(path: Path):
-    grouped = ctypes.CDLL(str(path)).mxfp4_grouped  # ctypes drops the GIL for the call
-    grouped.restype = None
-    i64, ptr = ctypes.c_int64, ctypes.c_void_p
-    grouped.argtypes = [ptr, ptr, i64, i64, ptr, ptr, ptr, ptr, i64, ptr, ptr, i64, ctypes.c_int]
-    return grouped
 
 
 _tables_np: tuple[np.ndarray, np.ndarray] | None = None
@@ -160,8 +126,8 @@ def grouped_matmul(blocks: torch.Tensor, scales: torch.Tensor, x: torch.Tensor, 
     experts_np = experts.to(torch.int64).contiguous().numpy()
     offsets_np = offsets.to(torch.int64).contiguous().numpy()
     powers, half_powers = _tables()
-    # Threads follow what this OS thread gave torch (the actor's CPU share under Ray), so the kernel
-    # and torch never run more threads than that between them.
+    # Threads follow what this OS thread gave torch (the actor's CPU share under Ray); the native
+    # kernel runs them in torch's own OpenMP runtime.
     threads = torch.get_num_threads()
     kernel = _native_kernel() if native is not False else None
     if native and kernel is None:
