@@ -26,15 +26,8 @@ _kernel = None  # the native function (ctypes); False once it cannot be had
 def _native():
     global _kernel
     if _kernel is None:
-        lib = native.load("bf16_avx512")
-        if lib is None:
-            _kernel = False
-        else:
-            fn = lib.bf16_linear  # ctypes drops the GIL for the call
-            fn.restype = None
-            i64, ptr = ctypes.c_int64, ctypes.c_void_p
-            fn.argtypes = [ptr, ptr, ptr, i64, i64, i64, i64, ctypes.c_int]
-            _kernel = fn
+        i64, ptr = ctypes.c_int64, ctypes.c_void_p
+        _kernel = native.function("bf16_avx512", "bf16_linear", [ptr, ptr, ptr, i64, i64, i64, i64, ctypes.c_int]) or False
     return _kernel or None
 
 

@@ -81,15 +81,9 @@ _lock = threading.Lock()
 def _native_kernel():
     global _native
     if _native is None:
-        lib = native.load("mxfp4_avx512")
-        if lib is None:
-            _native = False
-        else:
-            grouped = lib.mxfp4_grouped  # ctypes drops the GIL for the call
-            grouped.restype = None
-            i64, ptr = ctypes.c_int64, ctypes.c_void_p
-            grouped.argtypes = [ptr, ptr, i64, i64, ptr, ptr, ptr, ptr, i64, ptr, ptr, i64, ctypes.c_int]
-            _native = grouped
+        i64, ptr = ctypes.c_int64, ctypes.c_void_p
+        _native = native.function("mxfp4_avx512", "mxfp4_grouped",
+                                  [ptr, ptr, i64, i64, ptr, ptr, ptr, ptr, i64, ptr, ptr, i64, ctypes.c_int]) or False
     return _native or None
 
 

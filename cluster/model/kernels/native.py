@@ -1,6 +1,6 @@
 """The AVX-512 kernels in C (`<name>.c` beside this file): built on first use, loaded through ctypes.
 
-`load(name)` compiles `<name>.c` with the system C compiler (`$CC`, else `cc` or `gcc`) into a per-user
+`load(name)` (and `function`, one typed symbol of it) compiles `<name>.c` with the system C compiler (`$CC`, else `cc` or `gcc`) into a per-user
 cache (`$XDG_CACHE_HOME/gptoss-cluster/kernels`, about a second, once per machine and source) and
 returns the library, or None where it cannot run: a CPU torch does not report as AVX512, no compiler,
 or a failed build. Nothing is needed at install time; callers keep their fallback on None.
@@ -35,6 +35,17 @@ def load(name: str) -> ctypes.CDLL | None:
                 path = _build(Path(__file__).with_name(f"{name}.c"))
                 _loaded[name] = None if path is None else ctypes.CDLL(str(path))
     return _loaded[name]
+
+
+def function(name: str, symbol: str, argtypes: list) -> ctypes._CFuncPtr | None:
+    """`symbol` of `load(name)`, typed (returns nothing), or None where the library cannot be had.
+    ctypes drops the GIL for each call."""
+    lib = load(name)
+    if lib is None:
+        return None
+    fn = getattr(lib, symbol)
+    fn.restype, fn.argtypes = None, argtypes
+    return fn
 
 
 def _build(source: Path) -> Path | None:
