@@ -39,7 +39,6 @@ from cluster.harmony.tokenizer import CHANNEL_ID, END_ID, MESSAGE_ID, VOCAB_SIZE
 log = logging.getLogger(__name__)
 
 _CLOSERS = b'"}]'
-_ANALYSIS_HEADER = (CHANNEL_ID, *load_tokenizer().encode("analysis"), MESSAGE_ID)
 _MESSAGE_ENDS = (END_ID, *CONSTRAINED_STOP_TOKEN_IDS)
 _SEPARATORS = b'"}],:'
 
@@ -55,7 +54,7 @@ class Guide:
 
     def consume(self, token_id: int) -> None:
         self._header = (*self._header[-2:], token_id)
-        if self._header == _ANALYSIS_HEADER:
+        if self._header == _analysis_header():
             self.in_analysis = True
         elif token_id in _MESSAGE_ENDS:
             self.in_analysis = False
@@ -113,6 +112,11 @@ class GuideCompiler:
 
     def shutdown(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+@functools.cache
+def _analysis_header() -> tuple[int, ...]:
+    return (CHANNEL_ID, *load_tokenizer().encode("analysis"), MESSAGE_ID)
 
 
 @functools.cache
