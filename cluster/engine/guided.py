@@ -4,6 +4,8 @@ one matcher per sequence, and mask a step's logits for all constrained rows in o
     GenerateRequest.constraint --GuideCompiler (thread pool, LRU cache)--> Guide (one per Sequence)
     step: guide masks -> packed bitmask [R, V/32] (llguidance, in parallel; on a thread, during the forward)
           -> logits masked in one op (cluster/engine/bitmask.py) -> sampled token -> Guide.consume
+    rows writing their analysis: no mask ahead; the token drawn unmasked is checked against the
+          grammar (microseconds), and only a refused one is masked and drawn again (GuidedRows)
 
 The grammar (cluster/harmony/structured.py) covers the whole harmony turn, so the mask is on from
 the first generated token; its analysis part allows any text. Requests without a constraint carry
@@ -32,11 +34,12 @@ import torch
 from cluster.engine.errors import InvalidRequestError
 from cluster.harmony.structured import (CONSTRAINED_STOP_TOKEN_IDS, ConstraintError, TurnConstraint, check_constraint,
                                         grammar_tokenizer, parser_limits, token_bytes, turn_grammar)
-from cluster.harmony.tokenizer import VOCAB_SIZE
+from cluster.harmony.tokenizer import CHANNEL_ID, END_ID, MESSAGE_ID, VOCAB_SIZE, load_tokenizer
 
 log = logging.getLogger(__name__)
 
 _CLOSERS = b'"}]'
+_MESSAGE_ENDS = (END_ID, *CONSTRAINED_STOP_TOKEN_IDS)
 _SEPARATORS = b'"}],:'
 
 
@@ -46,8 +49,15 @@ class Guide:
     def __init__(self, matcher: llguidance.LLMatcher, wrap_up_tokens: int) -> None:
         self.matcher = matcher
         self.wrap_up_tokens = wrap_up_tokens  # tokens before max_tokens where closing tokens win
+        self.in_analysis = False  # between <|channel|>analysis<|message|> and the message's end
+        self._header: tuple[int, ...] = ()
 
     def consume(self, token_id: int) -> None:
+        self._header = (*self._header[-2:], token_id)
+        if self._header == _analysis_header():
+            self.in_analysis = True
+        elif token_id in _MESSAGE_ENDS:
+            self.in_analysis = False
         if not self.matcher.consume_token(token_id):
             # The mask allowed only tokens the grammar accepts, so this is a bug (or a stop token
             # after the end); generation goes on unconstrained rather than failing the batch.
@@ -105,6 +115,11 @@ class GuideCompiler:
 
 
 @functools.cache
+def _analysis_header() -> tuple[int, ...]:
+    return (CHANNEL_ID, *load_tokenizer().encode("analysis"), MESSAGE_ID)
+
+
+@functools.cache
 def _executor() -> llguidance.LLExecutor:
     return llguidance.LLExecutor()
 
@@ -152,6 +167,44 @@ def start_guide_bitmask(guides: list[Guide], tokens_left: list[int]) -> concurre
 @functools.cache
 def _mask_thread() -> concurrent.futures.ThreadPoolExecutor:
     return concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="guide-mask")
+
+
+class GuidedRows:
+    """The constrained rows of a step's logits (runner -> sampler), in two kinds:
+
+    * rows writing their analysis (free text): no mask is computed ahead; the sampler draws from the
+      unmasked logits and masks only a row whose token the grammar refuses (the spent reasoning
+      budget, a stray control token), so the reasoning, most of a gpt-oss turn, costs no mask;
+    * the other rows: their masks are computed on a thread while the forward runs (`start`)."""
+
+    def __init__(self, rows: list[int], guides: list[Guide], tokens_left: list[int]) -> None:
+        self.rows, self.guides, self.tokens_left = rows, guides, tokens_left
+        masked = [k for k, guide in enumerate(guides) if not guide.in_analysis]
+        self.masked_rows = [rows[k] for k in masked]
+        self.checked_rows = [row for row, guide in zip(rows, guides) if guide.in_analysis]
+        self._masks = start_guide_bitmask([guides[k] for k in masked], [tokens_left[k] for k in masked]) \
+            if masked else None
+
+    def masks(self) -> torch.Tensor:
+        """The bitmask of masked_rows [len(masked_rows), V/32], waiting for its thread."""
+        return self._masks.result()
+
+    def needing_mask(self, tokens: list[int], exact: set[int]) -> list[int]:
+        """Of checked_rows, those whose drawn token (`tokens`, by row) cannot stand without the mask:
+        the grammar refuses it, the row is in its wrap-up window (the mask is narrowed there), or its
+        draw depends on the mask (`exact`: top-k/top-p truncate the masked distribution). A token the
+        grammar allows is the masked draw too: the argmax, or the winner of the same exponential
+        race, over a subset that holds it."""
+        position = {row: k for k, row in enumerate(self.rows)}
+        return [row for row in self.checked_rows
+                if row in exact or self.tokens_left[position[row]] <= self.guides[position[row]].wrap_up_tokens
+                or not self.guides[position[row]].matcher.validate_tokens([tokens[row]])]
+
+    def bitmask(self, rows: list[int]) -> torch.Tensor:
+        """guide_bitmask of `rows` (a subset of self.rows), in their order, computed now."""
+        position = {row: k for k, row in enumerate(self.rows)}
+        picked = [position[row] for row in rows]
+        return guide_bitmask([self.guides[k] for k in picked], [self.tokens_left[k] for k in picked])
 
 
 _BIT_VALUES = torch.tensor([1 << j for j in range(8)], dtype=torch.uint8)

@@ -9,7 +9,7 @@ from typing import Callable
 
 import torch
 
-from cluster.engine.guided import start_guide_bitmask
+from cluster.engine.guided import GuidedRows
 from cluster.engine.kv_cache import KVCacheManager
 from cluster.engine.sampler import Sampler
 from cluster.engine.scheduler import SchedulerOutput
@@ -95,9 +95,8 @@ class ModelRunner:
         """Compute the step; returns request id -> (sampled token, logprobs) for each sampling chunk."""
         sampling = [c.request for c in output.chunks if c.samples]
         constrained = [i for i, s in enumerate(sampling) if s.guide is not None]
-        # The grammar masks depend only on tokens already taken: computed while the forward runs.
-        masks = start_guide_bitmask([sampling[i].guide for i in constrained],
-                                    [sampling[i].num_tokens_left for i in constrained]) if constrained else None
+        guided = GuidedRows(constrained, [sampling[i].guide for i in constrained],
+                            [sampling[i].num_tokens_left for i in constrained]) if constrained else None
         batch = self.prepare(output)
         if self.forward is not None:
             hidden = self.forward(batch)  # [R, H]
@@ -107,6 +106,5 @@ class ModelRunner:
             logits = self.unembed(hidden)  # [R, V]
         if not sampling:
             return {}
-        result = self.sampler(logits, [s.sampling for s in sampling], [s.generator for s in sampling],
-                              constrained, masks.result() if masks else None)
+        result = self.sampler(logits, [s.sampling for s in sampling], [s.generator for s in sampling], guided)
         return {s.request_id: (t, lp) for s, t, lp in zip(sampling, result.token_ids, result.logprobs)}

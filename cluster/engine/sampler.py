@@ -8,6 +8,7 @@ torch.Generator, so a seeded request gets the same tokens alone or in any batch.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -15,6 +16,9 @@ from cluster.engine.bitmask import apply_bitmask
 from cluster.engine.request import TokenLogprobs
 from cluster.engine.sequence import SamplingSettings
 from cluster.model.unembedding import argmax_rows
+
+if TYPE_CHECKING:
+    from cluster.engine.guided import GuidedRows
 
 
 @dataclass
@@ -40,37 +44,37 @@ def apply_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Te
 class Sampler:
     def __call__(
         self, logits: torch.Tensor, params: list[SamplingSettings], generators: list[torch.Generator],
-        constrained: list[int] = (), bitmask: torch.Tensor | None = None,
+        guided: GuidedRows | None = None,
     ) -> SamplerOutput:
-        """logits [S, V] (any float dtype) -> one token per row. The `constrained` rows (structured
-        output) only draw among the tokens their grammar allows: `bitmask` [len(constrained), V/32]
-        holds their allowed tokens' bits (cluster/engine/guided.py)."""
+        """logits [S, V] (any float dtype) -> one token per row. The `guided` rows (structured
+        output) only draw among the tokens their grammar allows (cluster/engine/guided.py): the
+        masks computed during the forward are applied first; a row writing its analysis is drawn
+        from the unmasked logits and, only if its grammar refuses that token, masked and drawn again
+        with the same race noise (the same token as masking first)."""
         logits = logits.float()
         S, V = logits.shape
         model_logits = logits  # logprobs report the model's own distribution, not the masked one
-        if constrained:
-            if any(p.logprobs is not None for p in params):
+        races: dict[int, torch.Tensor] = {}
+
+        def race(i: int) -> torch.Tensor:  # one draw per row and step, reused when a row is drawn again
+            if i not in races:
+                races[i] = torch.empty(V).exponential_(generator=generators[i]).clamp_(min=1e-30)
+            return races[i]
+
+        keep_model_logits = any(p.logprobs is not None for p in params)
+        if guided is not None and guided.masked_rows:
+            if keep_model_logits:
                 logits = logits.clone()  # else masked in place: nothing reads the model's logits after this
-            apply_bitmask(logits, constrained, bitmask)
-        greedy_rows = [i for i, p in enumerate(params) if p.greedy]
-        if len(greedy_rows) == S:  # all greedy: no row gather (a copy of [S, V]), nothing to draw
-            token_ids = argmax_rows(logits)
-        else:
-            token_ids = torch.empty(S, dtype=torch.long)
-            if greedy_rows:
-                token_ids[greedy_rows] = argmax_rows(logits[greedy_rows])
-            random_rows = [i for i, p in enumerate(params) if not p.greedy]
-            chosen = [params[i] for i in random_rows]
-            scaled = logits[random_rows] / torch.tensor([p.temperature for p in chosen]).unsqueeze(1)  # [R, V]
-            if any(p.top_k > 0 or p.top_p < 1.0 for p in chosen):
-                top_k = torch.tensor([p.top_k for p in chosen], dtype=torch.long)
-                top_p = torch.tensor([p.top_p for p in chosen], dtype=torch.float32)
-                scaled = apply_top_k_top_p(scaled, top_k, top_p)
-            probs = scaled.softmax(dim=-1)  # [R, V]
-            for row, i in enumerate(random_rows):
-                # Exponential race: argmax p_v / E_v with E_v ~ Exp(1) draws v with probability p_v.
-                race = torch.empty(V).exponential_(generator=generators[i]).clamp_(min=1e-30)
-                token_ids[i] = (probs[row] / race).argmax()
+            apply_bitmask(logits, guided.masked_rows, guided.masks())
+        token_ids = self._draw(logits, range(S), params, race)
+        if guided is not None and guided.checked_rows:
+            exact = {i for i in guided.checked_rows if params[i].top_k > 0 or params[i].top_p < 1.0}
+            redo = guided.needing_mask(token_ids.tolist(), exact)
+            if redo:
+                if keep_model_logits and logits is model_logits:
+                    logits = logits.clone()
+                apply_bitmask(logits, redo, guided.bitmask(redo))
+                token_ids[redo] = self._draw(logits, redo, params, race)
 
         tokens = token_ids.tolist()
         logprobs: list[TokenLogprobs | None] = [None] * S
@@ -87,3 +91,30 @@ class Sampler:
                     top_logprobs=tuple(top_values.tolist()),
                 )
         return SamplerOutput(tokens, logprobs)
+
+    @staticmethod
+    def _draw(logits: torch.Tensor, rows, params: list[SamplingSettings], race) -> torch.Tensor:
+        """The token of each of `rows` (of logits [S, V]): greedy rows take the argmax, the others win
+        an exponential race (`race(i)`, row i's noise) over their temperature-scaled, truncated
+        distribution."""
+        S, V = logits.shape
+        rows = list(rows)
+        greedy = [k for k, i in enumerate(rows) if params[i].greedy]
+        if len(greedy) == len(rows):  # all greedy: no row gather (a copy of [S, V]) when all rows are asked for
+            return argmax_rows(logits if len(rows) == S else logits[rows])
+        token_ids = torch.empty(len(rows), dtype=torch.long)
+        if greedy:
+            token_ids[greedy] = argmax_rows(logits[[rows[k] for k in greedy]])
+        drawn = [k for k, i in enumerate(rows) if not params[i].greedy]
+        random_rows = [rows[k] for k in drawn]
+        chosen = [params[i] for i in random_rows]
+        scaled = logits[random_rows] / torch.tensor([p.temperature for p in chosen]).unsqueeze(1)  # [R, V]
+        if any(p.top_k > 0 or p.top_p < 1.0 for p in chosen):
+            top_k = torch.tensor([p.top_k for p in chosen], dtype=torch.long)
+            top_p = torch.tensor([p.top_p for p in chosen], dtype=torch.float32)
+            scaled = apply_top_k_top_p(scaled, top_k, top_p)
+        probs = scaled.softmax(dim=-1)  # [R, V]
+        for row, (k, i) in enumerate(zip(drawn, random_rows)):
+            # Exponential race: argmax p_v / E_v with E_v ~ Exp(1) draws v with probability p_v.
+            token_ids[k] = (probs[row] / race(i)).argmax()
+        return token_ids

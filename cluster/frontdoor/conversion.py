@@ -137,7 +137,8 @@ def response_format_from_proto(fmt: pb.ResponseFormat, violations: Violations) -
         except ValueError as err:
             violations.add("response_format.json_schema.schema_json", f"is not valid JSON: {err}")
             return ResponseFormat()
-        return ResponseFormat("json_schema", schema=schema, strict=fmt.json_schema.strict, name=fmt.json_schema.name)
+        return ResponseFormat("json_schema", schema=schema, strict=fmt.json_schema.strict, name=fmt.json_schema.name,
+                              description=fmt.json_schema.description)
     if kind == "json_object":
         return ResponseFormat("json_object")
     if kind == "regex":
@@ -149,6 +150,8 @@ def response_format_from_proto(fmt: pb.ResponseFormat, violations: Violations) -
 
 
 _PROTO_FIELDS = {"response_format.schema": "response_format.json_schema.schema_json",
+                 "response_format.name": "response_format.json_schema.name",
+                 "response_format.description": "response_format.json_schema.description",
                  "response_format.pattern": "response_format.regex",
                  "response_format.grammar": "response_format.grammar.text",
                  "response_format.grammar_syntax": "response_format.grammar.syntax"}
@@ -313,7 +316,8 @@ def build_chat_request(messages: list[Message], tools: list[ToolDefinition], eff
     prompt: list[int] = []
     if not violations.errors:
         try:
-            prompt = render_prompt(messages, reasoning_effort=effort, tools=tools, instructions=instructions)
+            prompt = render_prompt(messages, reasoning_effort=effort, tools=tools, instructions=instructions,
+                                   response_format=constraint.response_format if constraint else None)
         except HarmonyInputError as err:
             violations.add(field_name(err.field), err.problem)
         if len(prompt) >= info.context_length:

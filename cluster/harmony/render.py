@@ -9,13 +9,18 @@ from __future__ import annotations
 
 import datetime
 import math
+import json
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import openai_harmony as oh
 
-from cluster.harmony.tokenizer import load_tokenizer
+from cluster.harmony.tokenizer import END_ID, MESSAGE_ID, load_tokenizer
+
+if TYPE_CHECKING:  # structured.py imports this module
+    from cluster.harmony.structured import ResponseFormat
 
 ROLES = ("system", "developer", "user", "assistant", "tool")
 CHANNELS = ("analysis", "commentary", "final")
@@ -28,6 +33,8 @@ _INSTRUCTION_ROLES = ("system", "developer")
 # tool's schema sitting about 12 deep; real schemas nest a few levels, so 64 leaves room to spare.
 MAX_SCHEMA_DEPTH = 64
 _LARGEST_DOUBLE = int(float.fromhex("0x1.fffffffffffffp+1023"))  # JSON numbers are read back as doubles
+# The heading of a JSON-schema response format that has no name.
+DEFAULT_FORMAT_NAME = "response"
 
 
 class HarmonyInputError(ValueError):
@@ -75,6 +82,7 @@ def render_prompt(
     tools: Sequence[ToolDefinition] = (),
     instructions: str | None = None,
     conversation_start_date: str | datetime.date | None = None,
+    response_format: ResponseFormat | None = None,
 ) -> list[int]:
     """Prompt token ids for `messages`, ending with `<|start|>assistant` ready for completion.
 
@@ -85,7 +93,9 @@ def render_prompt(
     format: an assistant message without a channel is "final" ("commentary" if it has a
     recipient); a tool result is on "commentary" and addressed to "assistant". Analysis
     messages of earlier turns are dropped once a final answer follows them, as the format
-    prescribes.
+    prescribes. A `json_schema` response format ends the developer message with harmony's
+    "# Response Formats" section (its name, description and schema), so the model sees the format
+    the grammar will hold it to; other formats add nothing to the prompt.
 
     Raises HarmonyInputError naming the first invalid field.
     """
@@ -97,12 +107,13 @@ def render_prompt(
     developer_instructions, chat = _split_instructions(messages)
     if instructions:
         developer_instructions.insert(0, instructions)
+    section = response_format_section(response_format)
 
     system = oh.SystemContent.new().with_reasoning_effort(effort)
     if date is not None:
         system = system.with_conversation_start_date(date)
     harmony_messages = [oh.Message.from_role_and_content(oh.Role.SYSTEM, system)]
-    if developer_instructions or tool_descriptions:
+    if developer_instructions or tool_descriptions or section:
         developer = oh.DeveloperContent.new()
         if developer_instructions:
             developer = developer.with_instructions("\n\n".join(developer_instructions))
@@ -113,7 +124,42 @@ def render_prompt(
 
     conversation = oh.Conversation.from_messages(harmony_messages)
     encoding = load_tokenizer()._encoding
-    return encoding.render_conversation_for_completion(conversation, oh.Role.ASSISTANT)
+    prompt = encoding.render_conversation_for_completion(conversation, oh.Role.ASSISTANT)
+    return _append_to_developer_message(prompt, section) if section else prompt
+
+
+def response_format_section(response_format: ResponseFormat | None) -> str:
+    """Harmony's structured-output section for a `json_schema` response format ("" for any other):
+
+        # Response Formats
+
+        ## {name}
+
+        // {description, each line commented}
+        {schema as compact JSON}
+    """
+    if response_format is None or response_format.type != "json_schema":
+        return ""
+    name = response_format.name or DEFAULT_FORMAT_NAME
+    _check_text(name, "response_format.name")
+    _check_text(response_format.description, "response_format.description")
+    _check_schema(response_format.schema, "response_format.schema")
+    comment = "".join(f"// {line}\n" for line in response_format.description.splitlines())
+    schema = json.dumps(response_format.schema, ensure_ascii=False, separators=(",", ":"))
+    return f"# Response Formats\n\n## {name}\n\n{comment}{schema}"
+
+
+def _append_to_developer_message(prompt: list[int], section: str) -> list[int]:
+    """`prompt` with `section` at the end of its developer message (the one after the system
+    message). openai-harmony has no API for it, so the message's text is re-tokenized as one piece,
+    as openai-harmony tokenizes its own sections: the model sees the tokens of one text, not of
+    two halves joined."""
+    tokenizer = load_tokenizer()
+    body = prompt.index(MESSAGE_ID, prompt.index(END_ID)) + 1
+    end = prompt.index(END_ID, body)
+    text = tokenizer.decode(prompt[body:end])
+    text = f"{text}\n\n{section}" if text else section
+    return prompt[:body] + tokenizer.encode(text) + prompt[end:]
 
 
 def _check_reasoning_effort(value: object) -> oh.ReasoningEffort:

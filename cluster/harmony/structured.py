@@ -30,6 +30,7 @@ from __future__ import annotations
 import base64
 import functools
 import json
+import re
 import threading
 from dataclasses import dataclass, field
 
@@ -45,6 +46,8 @@ FORMAT_TYPES = ("text", "json_object", "json_schema", "regex", "grammar")
 DEFAULT_REASONING_BUDGET = 1024
 MAX_SCHEMA_BYTES = 256 << 10
 MAX_PATTERN_BYTES = 16 << 10
+# OpenAI's rule for a response format's name; it keeps the prompt section's heading one line.
+FORMAT_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
 # The end of a constrained turn: a final answer returns, a tool call calls.
 CONSTRAINED_STOP_TOKEN_IDS = (RETURN_ID, CALL_ID)
 # Grammars far beyond what a JSON schema of a real API needs are refused, not compiled.
@@ -60,12 +63,15 @@ class ResponseFormat:
         refuses a schema with keywords the compiler cannot enforce instead of ignoring them),
         regex (`pattern`, Rust regex syntax, matched whole) or grammar (`grammar`: a Lark grammar
         in llguidance's dialect, or GBNF, whichever `grammar_syntax` says).
+    name, description: a json_schema's heading and explanation in the prompt's "# Response
+        Formats" section (render_prompt), as in OpenAI's API; they do not constrain anything.
     """
 
     type: str = "text"
     schema: dict | None = None
     strict: bool = False
     name: str = ""
+    description: str = ""
     pattern: str = ""
     grammar: str = ""
     grammar_syntax: str = "lark"  # lark | gbnf
@@ -116,6 +122,7 @@ def _value_grammar(fmt: ResponseFormat, prefix: str) -> dict:
     if fmt.type == "json_object":
         return {"json_schema": _checked_schema({"type": "object"}, True, f"{prefix}.type")}
     if fmt.type == "json_schema":
+        _check_label(fmt, prefix)
         return {"json_schema": _checked_schema(fmt.schema, fmt.strict, f"{prefix}.schema")}
     if fmt.type == "regex":
         if not fmt.pattern:
@@ -134,6 +141,20 @@ def _value_grammar(fmt: ResponseFormat, prefix: str) -> dict:
     except ValueError as err:
         raise ConstraintError(f"{prefix}.grammar", str(err).splitlines()[0]) from None
     return {"lark_grammar": lark}
+
+
+def _check_label(fmt: ResponseFormat, prefix: str) -> None:
+    """The name and description that go into the prompt (render_prompt's response format section)."""
+    if fmt.name and not (isinstance(fmt.name, str) and FORMAT_NAME.fullmatch(fmt.name)):
+        raise ConstraintError(f"{prefix}.name", f"must be 1-64 letters, digits, _ or -, got {fmt.name!r}")
+    if not isinstance(fmt.description, str):
+        raise ConstraintError(f"{prefix}.description", f"must be a string, got {type(fmt.description).__name__}")
+    if len(fmt.description.encode("utf-8", "surrogatepass")) > MAX_PATTERN_BYTES:
+        raise ConstraintError(f"{prefix}.description", f"must be at most {MAX_PATTERN_BYTES} bytes")
+    try:
+        fmt.description.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ConstraintError(f"{prefix}.description", "has a lone surrogate, which is not valid Unicode") from None
 
 
 def _checked_schema(schema: object, strict: bool, name: str) -> dict | bool:

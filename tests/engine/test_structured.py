@@ -15,8 +15,10 @@ from cluster.engine.batching_engine import BatchingEngine
 from cluster.config import EngineConfig
 from cluster.engine.errors import InvalidRequestError
 from cluster.engine.bitmask import apply_bitmask
-from cluster.engine.guided import GuideCompiler, guide_bitmask
+from cluster.engine.guided import GuideCompiler, GuidedRows, guide_bitmask
 from cluster.engine.request import FinishReason, GenerateRequest, SamplingParams
+from cluster.engine.sampler import Sampler
+from cluster.engine.sequence import SamplingSettings
 from cluster.harmony.render import Message, render_prompt
 from cluster.harmony.structured import ResponseFormat, StrictTool, TurnConstraint
 from cluster.harmony.tokenizer import CHANNEL_ID, END_ID, MESSAGE_ID, RETURN_ID, START_ID, load_tokenizer
@@ -134,6 +136,9 @@ def test_the_wrap_up_window_closes_a_long_value_and_is_a_setting(make_engine):
     (TurnConstraint(ResponseFormat("json_schema", {"type": "string", "pattern": "(?<=a)b"}, strict=True)),
      "response_format.schema"),
     (TurnConstraint(ResponseFormat("json_schema", None)), "response_format.schema"),
+    (TurnConstraint(ResponseFormat("json_schema", {"type": "integer"}, name="two words")), "response_format.name"),
+    (TurnConstraint(ResponseFormat("json_schema", {"type": "integer"}, description="\ud800")),
+     "response_format.description"),
     (TurnConstraint(ResponseFormat("regex", pattern="a(b")), "response_format.pattern"),
     (TurnConstraint(ResponseFormat("grammar", grammar="start: missing_rule")), "response_format.grammar"),
     (TurnConstraint(ResponseFormat("xml")), "response_format.type"),
@@ -212,5 +217,57 @@ def test_the_mask_of_a_batch_is_one_op_and_leaves_unconstrained_rows_alone():
         apply_bitmask(narrowed, [0], guide_bitmask([json_guide], [WRAP_UP_TOKENS]))
         closing = {tokenizer.decode([t]) for t in torch.isfinite(narrowed[0]).nonzero().flatten().tolist()}
         assert closing and all(set(text) <= set('"}]') for text in closing), closing
+    finally:
+        compiler.shutdown()
+
+
+def test_analysis_rows_whose_drawn_token_is_allowed_skip_the_mask_and_every_token_is_the_masked_draws():
+    """Rows writing their analysis get no mask ahead: the sampler draws from the unmasked logits and
+    masks only a row whose token the grammar refuses (or whose draw depends on the mask: top-k/top-p,
+    wrap-up); the other constrained rows are masked first. The tokens must be exactly those of
+    masking every constrained row first, greedy and sampled, with the same seeds."""
+    tokenizer = load_tokenizer()
+    compiler = GuideCompiler(WRAP_UP_TOKENS)
+    schema = {"type": "object", "properties": {"name": {"type": "string"}, "n": {"type": "integer"}},
+              "required": ["name", "n"]}
+    prefixes = ["", "<|channel|>analysis<|message|>Let me think", '<|channel|>final<|message|>{"name":"Ab',
+                "<|channel|>analysis<|message|>Short", "<|channel|>final<|message|>"]
+    settings = [SamplingSettings(temperature=0.0), SamplingSettings(temperature=0.8),
+                SamplingSettings(temperature=1.0, top_k=40), SamplingSettings(temperature=0.7, top_p=0.9)]
+    try:
+        guides, params, left = [], [], []
+        for i, prefix in enumerate(prefixes * len(settings)):
+            guide = compiler.compile(TurnConstraint(ResponseFormat("json_schema", schema), reasoning_budget=32), 400)
+            for token in tokenizer.encode(prefix, allow_special=True):
+                guide.consume(token)
+            guides.append(guide)
+            params.append(settings[i // len(prefixes)])
+            left.append(WRAP_UP_TOKENS if i == 1 else 300)  # one analysis row in its wrap-up window
+        S = len(guides) + 2  # and two unconstrained rows, last
+        params += [SamplingSettings(temperature=0.0), SamplingSettings(temperature=0.9)]
+        rows = list(range(len(guides)))
+        analysis = [i for i in rows if prefixes[i % len(prefixes)].startswith("<|channel|>analysis")]
+        exact = {i for i in rows if params[i].top_k or params[i].top_p < 1}
+        skipped_any = False
+        for trial in range(4):
+            logits = torch.randn(S, 201088, generator=torch.Generator().manual_seed(trial)) * 3
+            # Some rows favour tokens the grammar allows where they stand (text, digits, the headers).
+            for token in tokenizer.encode('a the 7<|channel|>final', allow_special=True):
+                logits[trial::3, token] += 12.0
+            guided = GuidedRows(rows, guides, left)
+            assert guided.checked_rows == analysis and guided.masked_rows == [i for i in rows if i not in analysis]
+            lazy = Sampler()(logits.clone(), params, [torch.Generator().manual_seed(100 + i) for i in range(S)],
+                             guided)
+            masked = logits.clone()
+            apply_bitmask(masked, rows, guide_bitmask(guides, left))
+            first = Sampler()(masked, params, [torch.Generator().manual_seed(100 + i) for i in range(S)])
+            assert lazy.token_ids == first.token_ids
+            unmasked = Sampler()(logits.clone(), params, [torch.Generator().manual_seed(100 + i) for i in range(S)])
+            needing = guided.needing_mask(unmasked.token_ids, exact & set(analysis))
+            assert 1 in needing and exact & set(analysis) <= set(needing) and set(needing) <= set(analysis)
+            skipped = [i for i in analysis if i not in needing]
+            skipped_any |= bool(skipped)
+            assert all(unmasked.token_ids[i] == lazy.token_ids[i] for i in skipped)
+        assert skipped_any  # some analysis rows took their token without a mask
     finally:
         compiler.shutdown()

@@ -14,6 +14,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from cluster.harmony.render import Message, render_prompt
+from cluster.harmony.structured import ResponseFormat
 from cluster.harmony.tokenizer import load_tokenizer
 from gptoss.v1 import inference_pb2 as pb
 from tests.frontdoor.status_details import bad_fields
@@ -47,6 +49,30 @@ def test_chat_final_answer_matches_the_json_schema(stub, name):
     assert complete.usage.reasoning_tokens <= BUDGET + 6
 
 
+def _section_tokens(fmt: ResponseFormat) -> int:
+    """How many prompt tokens a response format adds to USER's rendered prompt (its developer message)."""
+    messages = [Message("user", USER[0].content)]
+    return len(render_prompt(messages, response_format=fmt)) - len(render_prompt(messages))
+
+
+def test_chat_prompt_carries_the_json_schema_for_the_model_to_read(stub):
+    """Chat renders the schema into the developer message ("# Response Formats"): the served prompt
+    grows by exactly that section, and a longer description makes it longer still."""
+    schema = RANDOM_MODEL_SCHEMAS["enum_string"]
+    short = pb.JsonSchemaFormat(name="color", schema_json=json.dumps(schema), strict=True)
+    long = pb.JsonSchemaFormat(name="color", schema_json=json.dumps(schema), strict=True,
+                               description="A color the user might like, as one of the listed names.")
+    _, plain = chat(stub)
+    _, with_short = chat(stub, response_format=pb.ResponseFormat(json_schema=short))
+    _, with_long = chat(stub, response_format=pb.ResponseFormat(json_schema=long))
+    expected = _section_tokens(ResponseFormat("json_schema", schema=schema, name="color"))
+    assert expected > len(load_tokenizer().encode(json.dumps(schema, separators=(",", ":"))))
+    assert with_short.usage.prompt_tokens - plain.usage.prompt_tokens == expected
+    assert with_long.usage.prompt_tokens - plain.usage.prompt_tokens == _section_tokens(
+        ResponseFormat("json_schema", schema=schema, name="color", description=long.description))
+    assert with_long.usage.prompt_tokens > with_short.usage.prompt_tokens
+
+
 def test_chat_strict_tool_call_arguments_match_the_parameters(stub):
     parameters = RANDOM_MODEL_SCHEMAS["weather_tool"]
     tool = pb.ToolDefinition(name="get_weather", description="Weather", parameters_json=json.dumps(parameters),
@@ -74,6 +100,8 @@ def test_generate_with_a_regex_and_a_harmony_prompt(stub):
      "response_format.json_schema.schema_json"),
     (dict(response_format=pb.ResponseFormat(json_schema=pb.JsonSchemaFormat(schema_json="{not json"))),
      "response_format.json_schema.schema_json"),
+    (dict(response_format=pb.ResponseFormat(json_schema=pb.JsonSchemaFormat(name="two words", schema_json="{}"))),
+     "response_format.json_schema.name"),
     (dict(response_format=pb.ResponseFormat(regex="a(b")), "response_format.regex"),
     (dict(response_format=pb.ResponseFormat(grammar=pb.GrammarFormat(text="start: nowhere"))),
      "response_format.grammar.text"),
@@ -148,6 +176,30 @@ def test_http_chat_completions_response_format_json_schema(frontdoor):
     jsonschema.validate(json.loads(completion.choices[0].message.content), schema)
 
 
+def test_http_prompts_carry_the_json_schema_for_the_model_to_read(frontdoor):
+    """Chat Completions' response_format and Responses' text.format both reach the prompt (the
+    same renderer as gRPC): usage.prompt_tokens grows by the rendered section."""
+    schema = RANDOM_MODEL_SCHEMAS["enum_string"]
+    description = "A color the user might like."
+    expected = _section_tokens(ResponseFormat("json_schema", schema=schema, name="color", description=description))
+    user = USER[0].content
+    with _openai(frontdoor) as client:
+        def completion_prompt(**fmt):
+            return client.chat.completions.create(
+                model="gpt-oss-tiny-test", messages=[{"role": "user", "content": user}], max_tokens=MAX_TOKENS,
+                extra_body={"reasoning_budget": BUDGET}, **fmt).usage.prompt_tokens
+
+        def response_prompt(**fmt):
+            return client.responses.create(model="gpt-oss-tiny-test", input=user, max_output_tokens=MAX_TOKENS,
+                                           extra_body={"reasoning_budget": BUDGET}, **fmt).usage.input_tokens
+
+        assert completion_prompt(response_format={"type": "json_schema", "json_schema": {
+            "name": "color", "description": description, "schema": schema, "strict": True}}) \
+            - completion_prompt() == expected
+        assert response_prompt(text={"format": {"type": "json_schema", "name": "color", "description": description,
+                                                "schema": schema, "strict": True}}) - response_prompt() == expected
+
+
 def test_http_responses_text_format_and_strict_tool(frontdoor):
     schema = RANDOM_MODEL_SCHEMAS["enum_string"]
     parameters = RANDOM_MODEL_SCHEMAS["weather_tool"]
@@ -164,12 +216,15 @@ def test_http_responses_text_format_and_strict_tool(frontdoor):
         jsonschema.validate(json.loads(response.output_text), schema)
 
 
-def test_http_bad_schema_is_400_naming_the_param(frontdoor):
+@pytest.mark.parametrize("json_schema, param", [
+    ({"name": "x", "schema": {"type": "strin"}, "strict": True}, "response_format.json_schema.schema"),
+    ({"name": "two words", "schema": {"type": "string"}}, "response_format.json_schema.name"),
+])
+def test_http_bad_schema_is_400_naming_the_param(frontdoor, json_schema, param):
     import openai
 
     with _openai(frontdoor) as client, pytest.raises(openai.BadRequestError) as info:
         client.chat.completions.create(
             model="gpt-oss-tiny-test", messages=[{"role": "user", "content": "x"}], max_tokens=8,
-            response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "strin"},
-                                                                    "strict": True}})
-    assert info.value.body["param"] == "response_format.json_schema.schema", info.value.body
+            response_format={"type": "json_schema", "json_schema": json_schema})
+    assert info.value.body["param"] == param, info.value.body

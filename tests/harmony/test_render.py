@@ -4,6 +4,8 @@ import openai_harmony as oh
 import pytest
 
 from cluster.harmony import HarmonyInputError, Message, ToolDefinition, render_prompt
+from cluster.harmony.structured import ResponseFormat
+from cluster.harmony.tokenizer import END_ID
 
 WEATHER_SCHEMA = {
     "type": "object",
@@ -203,3 +205,59 @@ def test_earlier_analysis_is_dropped_once_answered(tokenizer):
     # A tool call still in progress keeps its reasoning: the model needs it to go on.
     messages, kwargs, _ = CONVERSATIONS["tool call and result"]
     assert "Need to call the weather tool." in tokenizer.decode(render_prompt(messages, **kwargs))
+
+
+# ── structured output: a json_schema response format in the developer message ──
+
+SHOPPING = {"type": "object", "properties": {"items": {"type": "array", "items": {"type": "string"},
+                                                       "description": "entries on the shopping list"}},
+            "required": ["items"]}
+SHOPPING_FORMAT = ResponseFormat("json_schema", schema=SHOPPING, name="shopping_list",
+                                 description="The shopping list.\nOne entry per item.")
+SHOPPING_SECTION = ('# Response Formats\n\n## shopping_list\n\n// The shopping list.\n// One entry per item.\n'
+                    '{"type":"object","properties":{"items":{"type":"array","items":{"type":"string"},'
+                    '"description":"entries on the shopping list"}},"required":["items"]}')
+
+
+def _developer_message(encoding, text):
+    """openai-harmony's tokens of a developer message whose whole content is `text`."""
+    return encoding.render(oh.Message.from_role_and_content(oh.Role.DEVELOPER, text))
+
+
+def test_a_json_schema_format_ends_the_developer_message_as_harmony_documents(tokenizer, harmony_encoding):
+    messages = [Message("user", "Coffee, soda and eggs.")]
+    plain = render_prompt(messages, instructions="Be a helpful shopping assistant.", tools=[WEATHER])
+    prompt = render_prompt(messages, instructions="Be a helpful shopping assistant.", tools=[WEATHER],
+                           response_format=SHOPPING_FORMAT)
+    developer = tokenizer.decode(prompt).split("<|start|>developer<|message|>")[1].split("<|end|>")[0]
+    plain_developer = tokenizer.decode(plain).split("<|start|>developer<|message|>")[1].split("<|end|>")[0]
+    assert developer == f"{plain_developer}\n\n{SHOPPING_SECTION}"
+    assert plain_developer.endswith("} // namespace functions")  # the section is last, after the tools
+    # Token for token what openai-harmony renders for that developer text; the system message (which
+    # names the functions channel because of the tools) and the chat are the same as without it.
+    system_end = plain.index(END_ID) + 1
+    developer_end, plain_developer_end = (ids.index(END_ID, system_end) + 1 for ids in (prompt, plain))
+    assert prompt[:system_end] == plain[:system_end]
+    assert prompt[developer_end:] == plain[plain_developer_end:]
+    assert prompt[system_end:developer_end] == _developer_message(harmony_encoding,
+                                                                  f"{plain_developer}\n\n{SHOPPING_SECTION}")
+
+
+def test_a_json_schema_format_alone_makes_the_developer_message(harmony_encoding):
+    fmt = ResponseFormat("json_schema", schema={"type": "integer", "title": "Zählung"})
+    prompt = render_prompt([Message("user", "How many?")], response_format=fmt)
+    system = oh.SystemContent.new().with_reasoning_effort(oh.ReasoningEffort.MEDIUM)
+    expected = oh.Conversation.from_messages([
+        oh.Message.from_role_and_content(oh.Role.SYSTEM, system),
+        oh.Message.from_role_and_content(
+            oh.Role.DEVELOPER, '# Response Formats\n\n## response\n\n{"type":"integer","title":"Zählung"}'),
+        oh.Message.from_role_and_content(oh.Role.USER, "How many?")])
+    assert prompt == harmony_encoding.render_conversation_for_completion(expected, oh.Role.ASSISTANT)
+
+
+@pytest.mark.parametrize("fmt", [None, ResponseFormat(), ResponseFormat("json_object"),
+                                 ResponseFormat("regex", pattern="[0-9]+"),
+                                 ResponseFormat("grammar", grammar='start: "yes" | "no"')])
+def test_other_formats_leave_the_prompt_as_it_was(fmt):
+    messages, kwargs, _ = CONVERSATIONS["tools and instructions"]
+    assert render_prompt(messages, **kwargs, response_format=fmt) == render_prompt(messages, **kwargs)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import dataclass
 
 from cluster.engine.errors import InvalidRequestError
@@ -253,7 +254,7 @@ def read_response_format(fmt: Fields | None, prefix: str, *, nested: bool) -> Re
             fmt.violations.add(spec.name("schema"), "must be a JSON Schema (an object)")
             return ResponseFormat()
         return ResponseFormat("json_schema", schema=schema, strict=bool(spec.get("strict", bool, False)),
-                              name=spec.get("name", str, ""))
+                              name=spec.get("name", str, ""), description=spec.get("description", str, ""))
     if kind == "regex":
         return ResponseFormat("regex", pattern=fmt.get("pattern", str, "", required=True))
     if kind == "grammar":
@@ -278,7 +279,7 @@ def read_constraint(fields: Fields, fmt: Fields | None, prefix: str, tools: list
     except ConstraintError as err:
         field = err.field
         if nested:
-            field = field.replace(f"{prefix}.schema", f"{prefix}.json_schema.schema", 1)
+            field = re.sub(rf"^{re.escape(prefix)}\.(schema|name|description)\b", rf"{prefix}.json_schema.\1", field)
         if field.startswith("tools["):  # numbered among the strict tools: name the request's own index
             name = strict_tools[int(field[6:field.index("]")])].name
             index = next(i for i, t in enumerate(tools) if t.name == name)
