@@ -2,7 +2,7 @@
 
 The engine settings are checked where each side turns them into vLLM's engine arguments: plain
 `vllm serve`'s command line is parsed by vLLM's own argument parser where vLLM is installed (the
-vLLM tier runs the whole bench at a tiny size: tests/vllm_tier/test_vllm_serving_bench.py), and
+vLLM tier runs the whole bench at a tiny size: tests/vllm_tier/test_plain_vllm_comparison.py), and
 ours goes through our config loader and `engine_args_for`, as the replica does.
 """
 
