@@ -633,6 +633,7 @@ def _gcs_fault_tolerance(temp_dir: str, reconnect_timeout_s: float):
 
 
 HEAD_OUTAGE_S = 35.0  # longer than the ~30 s after which the front door used to give up on Ray
+SPANNING_TOKENS = 600  # the streams started just before the GCS restart
 
 
 def _replica_details(app_name: str, timeout_s: float) -> dict[str, dict]:
@@ -697,7 +698,8 @@ def head_restart(env: dict) -> dict:
             during.append(result)
             time.sleep(1.0)
         spanning_prompts = _prompts(2, 17)  # streams that are running when the GCS comes back
-        spanning = Streams(s.door.stub, spanning_prompts, 160, timeout_s=240)
+        # long enough to outlast the wait below on a loaded box: 160 tokens could finish before the restart
+        spanning = Streams(s.door.stub, spanning_prompts, SPANNING_TOKENS, timeout_s=240)
         spanning.wait_tokens(2, timeout_s=10)
         time.sleep(max(0.0, killed + HEAD_OUTAGE_S - time.monotonic()))
         health.append(s.door.health())
@@ -721,7 +723,7 @@ def head_restart(env: dict) -> dict:
         spanning.join(240)
         lost = gave_up.is_set()
         watchdog.cancel()
-        equal = _undisturbed(env, streams, prompts, max_tokens) + _undisturbed(env, spanning, spanning_prompts, 160)
+        equal = _undisturbed(env, streams, prompts, max_tokens) + _undisturbed(env, spanning, spanning_prompts, SPANNING_TOKENS)
         refused = [r for r in during if r["status"] not in ("OK", None)]
         refused_properly = all(r["status"] == "UNAVAILABLE" and retry_delay_s(r["error"]) > 0 and r["took_s"] < 5
                                for r in refused)
