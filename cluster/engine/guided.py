@@ -179,6 +179,7 @@ class GuidedRows:
 
     def __init__(self, rows: list[int], guides: list[Guide], tokens_left: list[int]) -> None:
         self.rows, self.guides, self.tokens_left = rows, guides, tokens_left
+        self._position = {row: k for k, row in enumerate(rows)}  # row of the logits -> index in rows
         masked = [k for k, guide in enumerate(guides) if not guide.in_analysis]
         self.masked_rows = [rows[k] for k in masked]
         self.checked_rows = [row for row, guide in zip(rows, guides) if guide.in_analysis]
@@ -195,15 +196,15 @@ class GuidedRows:
         draw depends on the mask (`exact`: top-k/top-p truncate the masked distribution). A token the
         grammar allows is the masked draw too: the argmax, or the winner of the same exponential
         race, over a subset that holds it."""
-        position = {row: k for k, row in enumerate(self.rows)}
-        return [row for row in self.checked_rows
-                if row in exact or self.tokens_left[position[row]] <= self.guides[position[row]].wrap_up_tokens
-                or not self.guides[position[row]].matcher.validate_tokens([tokens[row]])]
+        def needs(row: int) -> bool:
+            guide, left = self.guides[self._position[row]], self.tokens_left[self._position[row]]
+            return row in exact or left <= guide.wrap_up_tokens or not guide.matcher.validate_tokens([tokens[row]])
+
+        return [row for row in self.checked_rows if needs(row)]
 
     def bitmask(self, rows: list[int]) -> torch.Tensor:
         """guide_bitmask of `rows` (a subset of self.rows), in their order, computed now."""
-        position = {row: k for k, row in enumerate(self.rows)}
-        picked = [position[row] for row in rows]
+        picked = [self._position[row] for row in rows]
         return guide_bitmask([self.guides[k] for k in picked], [self.tokens_left[k] for k in picked])
 
 
