@@ -134,6 +134,7 @@ def test_a_queued_request_whose_deadline_passes_is_dropped_without_closing_its_s
     assert err.request_id == "queued" and 0 <= err.late_by_s < 5
     assert stats.num_waiting == 0 and stats.num_running == 1
     assert engine.cancelled_total == 2 and engine.finished_total == 0
+    engine.shutdown()  # the step thread may still be applying the abort: join it before reading the pool
     engine.core.kv_cache.check_invariants()
 
 
@@ -159,6 +160,7 @@ def test_closing_a_stream_frees_its_blocks_at_the_next_step(engine_factory, engi
     used_while_running, stats = asyncio.run(main())
     assert used_while_running > 0
     assert stats.kv_blocks_used == 0 and stats.num_running == 0 and stats.generation_tokens_total < 500
+    engine.shutdown()
     engine.core.kv_cache.check_invariants()
 
 

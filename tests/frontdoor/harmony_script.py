@@ -17,6 +17,7 @@ import asyncio
 import json
 import re
 import sys
+import time
 
 import openai_harmony as oh
 
@@ -187,6 +188,17 @@ class ThreadedFrontdoor:
         text = urllib.request.urlopen(f"http://127.0.0.1:{self.server.metrics_port}/metrics", timeout=10).read()
         return {(s.name, tuple(sorted(s.labels.items()))): s.value
                 for family in text_string_to_metric_families(text.decode()) for s in family.samples}
+
+    def settled_metrics(self, timeout_s: float = 10.0) -> dict[tuple[str, tuple], float]:
+        """/metrics once no call is in flight. A call is counted when its handler returns, which
+        is just after the client read the last byte of its answer: a scrape at once can miss it."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            snapshot = self.metrics()
+            busy = sum(v for (name, _), v in snapshot.items() if name == "gptoss_frontdoor_requests_in_flight")
+            if not busy or time.monotonic() > deadline:
+                return snapshot
+            time.sleep(0.02)
 
     def close(self) -> None:
         self.call(self.server.stop(0.5))

@@ -62,7 +62,7 @@ def test_background_response_answers_at_once_and_is_polled_to_completion_with_us
     request = door.handle.requests[-1]
     assert final.usage.input_tokens == len(request.prompt_token_ids)
     assert final.usage.output_tokens == len(completion_for(request.prompt_token_ids))
-    after = door.metrics()
+    after = door.settled_metrics()
     labels = {"api": "http", "method": ROUTE}
     assert counter(after, "gptoss_frontdoor_completion_tokens_total", **labels) - \
         counter(before, "gptoss_frontdoor_completion_tokens_total", **labels) == final.usage.output_tokens

@@ -74,7 +74,7 @@ def test_chat_completion_answers_with_reasoning_apart_and_usage_equal_to_the_cou
     raw = client.chat.completions.with_raw_response.create(
         model=MODEL, messages=[{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"}],
         reasoning_effort="high", extra_headers={"x-request-id": "chat-1"})
-    after = door.metrics()
+    after = door.settled_metrics()
     assert raw.headers["x-request-id"] == "chat-1"
     completion = raw.parse()
     message = completion.choices[0].message
@@ -172,7 +172,7 @@ def test_response_streams_the_documented_events_and_is_stored(door, client):
                                  reasoning={"effort": "low"}, max_output_tokens=200) as stream:
         events = [event for event in stream]
         final = stream.get_final_response()
-    after = door.metrics()
+    after = door.settled_metrics()
     types = [e.type for e in events]
     reasoning_deltas = types.count("response.reasoning_text.delta")
     text_deltas = types.count("response.output_text.delta")
@@ -410,13 +410,8 @@ def test_a_client_that_disconnects_cancels_the_engine_request_within_a_second(ap
                     lambda _: cancelled.set()))
             assert cancelled.wait(1.0), "the replica stream was not cancelled within a second"
             print(f"{api}: cancelled {1000 * (time.monotonic() - closed_at):.0f} ms after the client disconnected")
-        deadline = time.monotonic() + 2
         method = "/v1/chat/completions" if api == "chat" else "/v1/responses"
-        while time.monotonic() < deadline:
-            snapshot = door.metrics()
-            if counter(snapshot, "gptoss_frontdoor_requests_total", api="http", method=method, code="CANCELLED"):
-                break
-            time.sleep(0.05)
+        snapshot = door.settled_metrics()
         assert counter(snapshot, "gptoss_frontdoor_requests_in_flight", api="http", method=method) == 0
         assert counter(snapshot, "gptoss_frontdoor_requests_total", api="http", method=method, code="CANCELLED") == 1
     finally:
