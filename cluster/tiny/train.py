@@ -39,11 +39,11 @@ PRESET = "gpt-oss-tiny"
 class TrainSettings:
     seed: int = 0
     samples: int = 60_000
-    steps: int = 10_000
+    steps: int = 13_000
     batch_tokens: int = 2048  # padded tokens per step
     lr: float = 3e-3  # peak, held after warmup until the decay
     warmup: int = 60
-    decay: float = 0.2  # the last fraction of the steps decays the rate linearly to a tenth
+    decay: float = 0.3  # the last fraction of the steps decays the rate linearly to a tenth
     snapshot_every: int = 500  # write the artifact (and plot) every this many steps, and at the end
     weight_decay: float = 0.01
     threads: int = 2  # this machine kind's cores
