@@ -73,7 +73,8 @@ class FrontdoorMetrics:
             "gptoss_frontdoor_migrations_total",
             "Streams whose replica failed mid-stream, by outcome (resumed: continued on another "
             "replica; exhausted: frontdoor.migration_attempts used up; no_replica: no replica took "
-            "the rest; deadline: the call's deadline left no time).",
+            "the rest; deadline: the call's deadline left no time; constrained: a structured-output "
+            "stream on an engine that cannot resume its grammar, vLLM).",
             ["outcome"], registry=registry)
 
         self.tenant = TenantUsageMetrics(registry)

@@ -32,6 +32,7 @@ FINISH_REASONS = {EndReason.STOP: FinishReason.STOP, EndReason.LENGTH: FinishRea
 
 class BatchingEngine:
     supports_logprobs = True
+    resumes_constrained = True  # the Guide is advanced over the resumed tokens
 
     def __init__(self, engine: AsyncEngine, *, stop_token_ids: tuple[int, ...] | None = None) -> None:
         """`stop_token_ids`: the stop ids of a request that names none; None: the end of a harmony
@@ -72,7 +73,10 @@ class BatchingEngine:
         if request.constraint is not None and request.constraint.active:
             # Compiled on the compiler's threads, never on the step loop; a bad schema is refused here,
             # before anything is queued.
-            guide = await self._guide_compiler().guide_for(request.constraint, settings.max_tokens)
+            # A resumed turn's grammar is the whole turn's (the same budgets), advanced over what was sent.
+            resumed = request.prompt_token_ids[len(request.prompt_token_ids) - request.resumed_tokens:]
+            guide = await self._guide_compiler().guide_for(request.constraint, settings.max_tokens + len(resumed),
+                                                           resumed)
         # Engine-internal ids must be unique; a client may reuse its x-request-id.
         internal_id = f"{request.request_id or 'req'}#{next(self._ids)}"
         stream = self._engine.generate(list(request.prompt_token_ids), settings, internal_id, request.deadline_s,

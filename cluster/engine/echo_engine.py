@@ -42,6 +42,7 @@ class EchoEngine:
     """Engine protocol implementation that paces echoed tokens; see the module docstring."""
 
     supports_logprobs = False
+    resumes_constrained = False  # no constraints at all
 
     def __init__(self, *, tokens_per_s: float = 1000.0, chunk_interval_s: float = 0.01,
                  default_max_tokens: int = 256, max_active_requests: int = 1024,

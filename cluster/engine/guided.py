@@ -52,7 +52,8 @@ class Guide:
         self.in_analysis = False  # between <|channel|>analysis<|message|> and the message's end
         self._header: tuple[int, ...] = ()
 
-    def consume(self, token_id: int) -> None:
+    def consume(self, token_id: int) -> bool:
+        """Advance over `token_id`; False when the grammar refused it."""
         self._header = (*self._header[-2:], token_id)
         if self._header == _analysis_header():
             self.in_analysis = True
@@ -63,6 +64,8 @@ class Guide:
             # after the end); generation goes on unconstrained rather than failing the batch.
             log.warning("constrained decoding: token %d refused (%s); the rest is unconstrained",
                         token_id, self.matcher.get_error()[:200])
+            return False
+        return True
 
 
 class GuideCompiler:
@@ -77,12 +80,13 @@ class GuideCompiler:
         self._cache_size = cache_size
         self._pool.submit(grammar_tokenizer)  # build the vocabulary's index before the first request
 
-    async def guide_for(self, constraint: TurnConstraint, max_tokens: int) -> Guide:
-        """A fresh Guide for one request; raises InvalidRequestError naming the bad field."""
+    async def guide_for(self, constraint: TurnConstraint, max_tokens: int, resumed: tuple[int, ...] = ()) -> Guide:
+        """A fresh Guide for one request, advanced over `resumed` (the turn's tokens a migrated stream
+        already sent); raises InvalidRequestError naming the bad field."""
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._pool, self.compile, constraint, max_tokens)
+        return await loop.run_in_executor(self._pool, self.compile, constraint, max_tokens, resumed)
 
-    def compile(self, constraint: TurnConstraint, max_tokens: int) -> Guide:
+    def compile(self, constraint: TurnConstraint, max_tokens: int, resumed: tuple[int, ...] = ()) -> Guide:
         try:
             grammar = turn_grammar(constraint, max_tokens)
         except ConstraintError as err:
@@ -97,7 +101,12 @@ class GuideCompiler:
                 self._cache[grammar] = template
                 while len(self._cache) > self._cache_size:
                     self._cache.popitem(last=False)
-        return Guide(template.deep_copy(), self.wrap_up_tokens)
+        guide = Guide(template.deep_copy(), self.wrap_up_tokens)
+        for token_id in resumed:
+            if not guide.consume(token_id):
+                raise InvalidRequestError("prompt_token_ids", f"the resumed turn's token {token_id} does not "
+                                          "follow the constraint")
+        return guide
 
     @staticmethod
     def _compile(constraint: TurnConstraint, max_tokens: int) -> llguidance.LLMatcher:

@@ -59,6 +59,9 @@ class EngineStats:
 class Engine(Protocol):
     limits: ModelLimits
     supports_logprobs: bool  # whether TokenChunk.logprobs is filled when a request asks
+    # Whether a constrained request with resumed_tokens continues its turn's grammar after them
+    # (else the front door does not migrate a constrained stream to this engine).
+    resumes_constrained: bool
 
     def generate(self, request: GenerateRequest) -> AsyncIterator[TokenChunk]:
         """Stream chunks of generated token ids; the last chunk carries the finish reason.

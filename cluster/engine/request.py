@@ -48,6 +48,10 @@ class GenerateRequest:
     # Structured output: the grammar of the whole harmony turn (response format, strict tools,
     # reasoning budget); the prompt must end with `<|start|>assistant`. None: unconstrained.
     constraint: TurnConstraint | None = None
+    # A migrated stream's rest (cluster/frontdoor/migration.py): the last `resumed_tokens` prompt
+    # tokens are this request's own output, already streamed; a constraint covers them (its grammar
+    # is advanced over them, and sampling.max_tokens counts only what is left of the turn).
+    resumed_tokens: int = 0
 
 
 @dataclass(frozen=True)
@@ -92,6 +96,8 @@ def validate_request(request: GenerateRequest, limits: ModelLimits) -> None:
     if len(ids) >= limits.context_length:
         raise InvalidRequestError(
             "prompt_token_ids", f"{len(ids)} tokens leave no room in the context length {limits.context_length}")
+    if not 0 <= request.resumed_tokens < len(ids):
+        raise InvalidRequestError("resumed_tokens", f"must be in [0, {len(ids)}), got {request.resumed_tokens}")
     validate_sampling(request.sampling, len(ids), limits)
     if request.constraint is not None and request.constraint.active and request.sampling.ignore_stop:
         raise InvalidRequestError("sampling.ignore_stop", "cannot be combined with a constrained output, "

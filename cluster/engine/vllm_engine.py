@@ -175,6 +175,9 @@ def _stats_hook_factory(signals: _LoadSignals):
 
 class VllmEngine:
     supports_logprobs = True
+    # vLLM starts a request's grammar at its first generated token and has no way to advance it over
+    # prompt tokens: a constrained stream is not migrated to a vLLM replica.
+    resumes_constrained = False
 
     def __init__(self, llm, config: EngineConfig, *, stop_token_ids: tuple[int, ...] | None = None,
                  signals: _LoadSignals | None = None) -> None:

@@ -16,6 +16,11 @@ What is guaranteed:
   already sent), so the same failure at the same point gives the same stream, but not the tokens
   the undisturbed run would have drawn after that point (its generator state is lost with the
   replica).
+- constrained output (response_format, strict tools, reasoning budget): the resumed request says
+  how many of its prompt tokens were streamed (`resumed_tokens`); the torch engine compiles the
+  whole turn's grammar and advances it over them, so the rest still completes a valid turn. vLLM
+  cannot advance a grammar over prompt tokens (ModelInfo.resumes_constrained is False): there a
+  constrained stream is not resumed and ends UNAVAILABLE with RetryInfo (outcome `constrained`).
 
 At most frontdoor.migration_attempts resumptions per stream; none once the call's deadline has
 passed. A resumption that fails again before its first token (the routers still list the lost
@@ -38,6 +43,7 @@ from cluster.serving.replica_streams import NoReplicaError, ReplicaStreams, repl
 log = logging.getLogger(__name__)
 
 RESUMED, EXHAUSTED, NO_REPLICA, DEADLINE = "resumed", "exhausted", "no_replica", "deadline"
+CONSTRAINED = "constrained"  # a constrained stream, and the engine cannot resume its grammar
 # Pause before a resumption: this, doubled for each retry that failed before its first token
 # (the routers learn of a dead replica within a moment), at most MAX_BACKOFF_S.
 BACKOFF_S = 0.1
@@ -59,14 +65,16 @@ def resumed_request(request: GenerateRequest, sent: list[int], default_max_token
     if seed is not None and sent:
         seed = (seed * 1_000_003 + len(sent)) & _SEED_MASK
     return dataclasses.replace(request, prompt_token_ids=request.prompt_token_ids + tuple(sent),
-                               sampling=dataclasses.replace(sampling, max_tokens=left, seed=seed))
+                               sampling=dataclasses.replace(sampling, max_tokens=left, seed=seed),
+                               resumed_tokens=len(sent))
 
 
 class MigratingStream:
     """One request's TokenChunks, resumed on another replica when its replica is lost."""
 
     def __init__(self, replicas: ReplicaStreams, request: GenerateRequest, *, attempts: int,
-                 default_max_tokens: int, context_length: int, migrations, retry_for_s: float = 30.0) -> None:
+                 default_max_tokens: int, context_length: int, migrations, retry_for_s: float = 30.0,
+                 resumes_constrained: bool = True) -> None:
         self._replicas = replicas
         self._request = request
         self._attempts = attempts
@@ -74,6 +82,8 @@ class MigratingStream:
         self._context_length = context_length
         self._migrations = migrations  # gptoss_frontdoor_migrations_total
         self._retry_for_s = retry_for_s
+        # ModelInfo.resumes_constrained: False (vLLM) ends a constrained stream at its replica's loss.
+        self._resumable = resumes_constrained or request.constraint is None or not request.constraint.active
         self._stream = replicas.open(request)  # on its way when this returns
 
     async def __aiter__(self) -> AsyncIterator[TokenChunk]:
@@ -127,6 +137,8 @@ class MigratingStream:
 
     def _refusal(self, attempt: int) -> str | None:
         """Why this stream is not resumed (an outcome), or None to resume it."""
+        if not self._resumable:
+            return CONSTRAINED
         if attempt >= self._attempts:
             return EXHAUSTED
         deadline = self._request.deadline_s

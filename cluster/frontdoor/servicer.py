@@ -208,7 +208,8 @@ class InferenceServicer(pb_grpc.InferenceServicer):
                                      default_max_tokens=self._info.default_max_tokens,
                                      context_length=self._info.context_length,
                                      migrations=self._metrics.migrations_total,
-                                     retry_for_s=self._replicas.replica_wait_s)
+                                     retry_for_s=self._replicas.replica_wait_s,
+                                     resumes_constrained=self._info.resumes_constrained)
             try:
                 await call.announce(context)
                 async for chunk in stream:

@@ -41,6 +41,7 @@ class ModelInfo:
     # Requests one replica holds at once (its batch plus its waiting queue, within Serve's
     # max_ongoing_requests); 0: unknown. The front door refuses what no routable replica has room for.
     max_active_requests: int = 0
+    resumes_constrained: bool = False  # a migrated constrained stream continues its grammar (Engine)
 
     @property
     def limits(self) -> ModelLimits:
@@ -90,6 +91,7 @@ def model_info_for(config: ClusterConfig, engine: Engine, checkpoint: Path | Non
         experts_per_token=model_config.num_experts_per_tok if model_config else 0,
         quantization=quantization, dtype=dtype, engine=config.engine.kind, replicas=config.serving.replicas,
         supports_logprobs=engine.supports_logprobs,
+        resumes_constrained=getattr(engine, "resumes_constrained", False),  # False: the safe answer
         expert_parallel_size=ep, tensor_parallel_size=tp, gpus_per_replica=gpus,
         default_max_tokens=config.engine.default_max_tokens, max_active_requests=replica_capacity(config))
 

@@ -5,6 +5,7 @@ constraint is refused before anything runs, and preemption keeps the grammar sta
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 
 import pytest
 import torch
@@ -271,3 +272,48 @@ def test_analysis_rows_whose_drawn_token_is_allowed_skip_the_mask_and_every_toke
         assert skipped_any  # some analysis rows took their token without a mask
     finally:
         compiler.shutdown()
+
+
+def test_a_migrated_constrained_stream_continues_its_grammar_mid_answer(make_engine):
+    """The rest of a constrained stream, as the front door resumes it on another replica after a
+    loss (resumed_request: prompt + the tokens sent, max_tokens left, resumed_tokens), cut in the
+    analysis, in the final header and in the middle of the JSON value: the engine advances the
+    turn's grammar over the tokens sent, so greedy gives exactly the undisturbed answer, valid.
+    Without the advance (resumed_tokens 0) the grammar would start the turn again after them."""
+    from cluster.frontdoor.migration import resumed_request
+
+    engine = make_engine()
+    tokenizer = load_tokenizer()
+    name = "nested_object"
+    constraint = cases()[name]
+    context = engine.limits.context_length
+
+    async def generate(request):
+        return [t for c in [c async for c in engine.generate(request)] for t in c.token_ids]
+
+    async def main():
+        requests = [GenerateRequest(tuple(render_prompt([Message("user", q)], reasoning_effort="low")),
+                                    SamplingParams(max_tokens=MAX_TOKENS), request_id=f"q{i}", constraint=constraint)
+                    for i, q in enumerate(ANALYSIS_QUESTIONS)]
+        answers = await asyncio.gather(*map(generate, requests))
+        analysed = [(r, a) for r, a in zip(requests, answers) if a[:2] == [CHANNEL_ID, *tokenizer.encode("analysis")]]
+        if not analysed:
+            pytest.fail("no question led the random model into an analysis")
+        request, whole = analysed[0]
+        value_at = len(whole) - whole[::-1].index(MESSAGE_ID)  # the final message's first token
+        cuts = {"analysis": 5, "final header": value_at - 2, "mid-JSON": value_at + (len(whole) - value_at) // 2}
+        rests = [resumed_request(request, whole[:k], 0, context) for k in cuts.values()]
+        for rest, k in zip(rests, cuts.values()):
+            assert rest.resumed_tokens == k and rest.sampling.max_tokens == MAX_TOKENS - k
+        unadvanced = dataclasses.replace(rests[-1], resumed_tokens=0)
+        *continued, restarted = await asyncio.gather(*map(generate, [*rests, unadvanced]))
+        return whole, cuts, dict(zip(cuts, continued)), restarted
+
+    whole, cuts, continued, restarted = asyncio.run(main())
+    check_output(name, constraint, whole)
+    answer = tokenizer.decode(whole[cuts["mid-JSON"]:])
+    assert answer.strip() and not answer.startswith("<|"), "the mid-JSON cut is not inside the value"
+    for where, k in cuts.items():
+        assert whole[:k] + continued[where] == whole, where
+    # The grammar started over: the rest opens a new turn (a channel header) instead of finishing the value.
+    assert restarted[0] == CHANNEL_ID and whole[cuts["mid-JSON"]] != CHANNEL_ID

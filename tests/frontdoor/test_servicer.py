@@ -5,6 +5,7 @@ downstream call, and error codes raised mid-stream."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 
 import grpc
 import pytest
@@ -49,7 +50,7 @@ class ScriptedHandle:
 
     app_name, deployment_name = "scripted", "ScriptedReplica"
 
-    def __init__(self, response_factory):
+    def __init__(self, response_factory, info=INFO):
         self.requests, self.responses = [], []
         self._factory = response_factory
         handle = self
@@ -62,7 +63,7 @@ class ScriptedHandle:
 
         class _ModelInfo:
             async def remote(self):
-                return INFO
+                return info
 
         self.generate, self.model_info = _Generate(), _ModelInfo()
 
@@ -77,9 +78,9 @@ def chunked(ids, size, finish=FinishReason.STOP, prompt_tokens=0):
     return chunks
 
 
-async def with_server(handle, body, **config):
+async def with_server(handle, body, metrics=None, **config):
     server = FrontdoorServer(handle, FrontdoorConfig(grpc_port=0, metrics_port=-1, http_port=-1, **config),
-                             FrontdoorMetrics(CollectorRegistry()), bind_to_loop=False)
+                             metrics or FrontdoorMetrics(CollectorRegistry()), bind_to_loop=False)
     await server.start()
     try:
         async with grpc.aio.insecure_channel(server.grpc_target) as channel:
@@ -272,3 +273,46 @@ def test_migration_gives_up_after_its_attempts_with_unavailable():
     got, err = asyncio.run(with_server(handle, body, migration_attempts=2))
     assert got == list(range(1, 7))  # 2 tokens from each of the 3 replicas, in order
     assert err.code() == grpc.StatusCode.UNAVAILABLE and len(handle.requests) == 3
+
+
+@pytest.mark.parametrize("resumes_constrained", [True, False])
+def test_a_constrained_stream_migrates_only_to_an_engine_that_resumes_its_grammar(resumes_constrained):
+    """torch (ModelInfo.resumes_constrained): the rest goes out with resumed_tokens = the tokens sent,
+    for the engine to advance the turn's grammar over them. vLLM (False): the stream is not resumed
+    (a grammar restarted after the sent tokens would break the answer); it ends UNAVAILABLE with
+    RetryInfo after the tokens it had, counted as outcome `constrained`."""
+    from cluster.harmony.render import Message, render_prompt
+    from tests.frontdoor.status_details import details
+
+    deaths = [3]
+    handle = ScriptedHandle(lambda request: PositionReplica(request, deaths.pop(0) if deaths else None),
+                            info=dataclasses.replace(INFO, resumes_constrained=resumes_constrained))
+    metrics = FrontdoorMetrics(CollectorRegistry())
+    prompt = render_prompt([Message("user", "Answer in JSON.")], reasoning_effort="low")
+    request = pb.GenerateRequest(prompt_token_ids=prompt, sampling=pb.SamplingParams(max_tokens=10),
+                                 response_format=pb.ResponseFormat(json_object=pb.JsonObjectFormat()))
+
+    async def body(stub):
+        got = []
+        try:
+            async for response in stub.Generate(request, timeout=10):
+                got += response.chunk.token_ids
+        except grpc.aio.AioRpcError as err:
+            return got, err
+        return got, None
+
+    got, err = asyncio.run(with_server(handle, body, metrics=metrics))
+    outcomes = {s.labels["outcome"]: s.value for m in metrics.migrations_total.collect() for s in m.samples
+                if s.name.endswith("_total")}
+    n = len(prompt)
+    if resumes_constrained:
+        assert err is None and got == list(range(n, n + 10))
+        first, rest = handle.requests
+        assert rest.constraint == first.constraint and rest.constraint.active
+        assert first.resumed_tokens == 0 and rest.resumed_tokens == 3 and rest.sampling.max_tokens == 7
+        assert outcomes == {"resumed": 1}
+    else:
+        assert got == list(range(n, n + 3)) and len(handle.requests) == 1
+        assert err.code() == grpc.StatusCode.UNAVAILABLE
+        assert details(err)["RetryInfo"].retry_delay.ToTimedelta().total_seconds() > 0
+        assert outcomes == {"constrained": 1}
