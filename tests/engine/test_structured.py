@@ -299,15 +299,17 @@ def test_rows_drawn_unmasked_are_masked_only_when_refused_and_every_token_is_the
             # Some rows favour tokens the grammar allows where they stand (text, digits, keys, the headers).
             for token in tokenizer.encode('a the 7"n":<|channel|>final<|return|>', allow_special=True):
                 logits[trial % 3::3, token] += 12.0
-            ahead = {i for i in rows if guides[i].mask_ahead_steps > 0}
-            guided = GuidedRows(rows, guides, left, params[:len(guides)])
-            assert guided.masked_rows == sorted(needs_mask | ahead)
-            assert guided.checked_rows == [i for i in rows if i not in needs_mask | ahead]
-            seen["ahead_after_refusal"] += len(ahead - needs_mask)
             masked = logits.clone()
             apply_bitmask(masked, rows, guide_bitmask(guides, left))
             first = Sampler()(masked, params, [torch.Generator().manual_seed(100 + i) for i in range(S)])
             unmasked = Sampler()(logits.clone(), params, [torch.Generator().manual_seed(100 + i) for i in range(S)])
+            ahead = {i for i in rows if guides[i].mask_ahead_steps > 0}
+            # Its masks are computed on a thread from here until the sampler takes them (a matcher
+            # serves one thread at a time, as in the runner).
+            guided = GuidedRows(rows, guides, left, params[:len(guides)])
+            assert guided.masked_rows == sorted(needs_mask | ahead)
+            assert guided.checked_rows == [i for i in rows if i not in needs_mask | ahead]
+            seen["ahead_after_refusal"] += len(ahead - needs_mask)
             lazy = Sampler()(logits.clone(), params, [torch.Generator().manual_seed(100 + i) for i in range(S)],
                              guided)
             assert lazy.token_ids == first.token_ids
