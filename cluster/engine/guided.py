@@ -2,10 +2,12 @@
 one matcher per sequence, and mask a step's logits for all constrained rows in one tensor operation.
 
     GenerateRequest.constraint --GuideCompiler (thread pool, LRU cache)--> Guide (one per Sequence)
-    step: guide masks -> packed bitmask [R, V/32] (llguidance, in parallel; on a thread, during the forward)
+    step: most rows: no mask ahead; the token drawn from the unmasked logits is checked against the
+          grammar (validate_tokens, about a microsecond), and only a refused one is masked and drawn
+          again (GuidedRows)
+          rows whose draw needs the mask (top-k/top-p, wrap-up) or whose tokens were lately refused:
+          masks -> packed bitmask [R, V/32] (llguidance, in parallel; on a thread, during the forward)
           -> logits masked in one op (cluster/engine/bitmask.py) -> sampled token -> Guide.consume
-    rows writing their analysis: no mask ahead; the token drawn unmasked is checked against the
-          grammar (microseconds), and only a refused one is masked and drawn again (GuidedRows)
 
 The grammar (cluster/harmony/structured.py) covers the whole harmony turn, so the mask is on from
 the first generated token; its analysis part allows any text. Requests without a constraint carry
@@ -26,6 +28,7 @@ import concurrent.futures
 import functools
 import logging
 import threading
+from typing import TYPE_CHECKING
 
 import llguidance
 import llguidance.torch as llg_torch
@@ -34,13 +37,16 @@ import torch
 from cluster.engine.errors import InvalidRequestError
 from cluster.harmony.structured import (CONSTRAINED_STOP_TOKEN_IDS, ConstraintError, TurnConstraint, check_constraint,
                                         grammar_tokenizer, parser_limits, token_bytes, turn_grammar)
-from cluster.harmony.tokenizer import CHANNEL_ID, END_ID, MESSAGE_ID, VOCAB_SIZE, load_tokenizer
+from cluster.harmony.tokenizer import VOCAB_SIZE
+
+if TYPE_CHECKING:
+    from cluster.engine.sequence import SamplingSettings
 
 log = logging.getLogger(__name__)
 
 _CLOSERS = b'"}]'
-_MESSAGE_ENDS = (END_ID, *CONSTRAINED_STOP_TOKEN_IDS)
 _SEPARATORS = b'"}],:'
+_MAX_MASK_AHEAD_STEPS = 16
 
 
 class Guide:
@@ -49,16 +55,21 @@ class Guide:
     def __init__(self, matcher: llguidance.LLMatcher, wrap_up_tokens: int) -> None:
         self.matcher = matcher
         self.wrap_up_tokens = wrap_up_tokens  # tokens before max_tokens where closing tokens win
-        self.in_analysis = False  # between <|channel|>analysis<|message|> and the message's end
-        self._header: tuple[int, ...] = ()
+        self.mask_ahead_steps = 0  # steps whose mask is computed ahead, after refused unmasked draws
+        self._refusals = 0  # consecutive unmasked draws refused
+
+    def note_unmasked_draw(self, allowed: bool) -> None:
+        """After a refused unmasked draw the next steps' masks are computed ahead (1, 2, 4 .. 16
+        steps as refusals repeat: inside a number, say, the model's favourite is rarely a digit);
+        an allowed one goes back to drawing unmasked."""
+        if allowed:
+            self._refusals = 0
+            return
+        self.mask_ahead_steps = min(1 << self._refusals, _MAX_MASK_AHEAD_STEPS)
+        self._refusals = min(self._refusals + 1, _MAX_MASK_AHEAD_STEPS.bit_length() - 1)
 
     def consume(self, token_id: int) -> bool:
         """Advance over `token_id`; False when the grammar refused it."""
-        self._header = (*self._header[-2:], token_id)
-        if self._header == _analysis_header():
-            self.in_analysis = True
-        elif token_id in _MESSAGE_ENDS:
-            self.in_analysis = False
         if not self.matcher.consume_token(token_id):
             # The mask allowed only tokens the grammar accepts, so this is a bug (or a stop token
             # after the end); generation goes on unconstrained rather than failing the batch.
@@ -124,11 +135,6 @@ class GuideCompiler:
 
 
 @functools.cache
-def _analysis_header() -> tuple[int, ...]:
-    return (CHANNEL_ID, *load_tokenizer().encode("analysis"), MESSAGE_ID)
-
-
-@functools.cache
 def _executor() -> llguidance.LLExecutor:
     return llguidance.LLExecutor()
 
@@ -181,17 +187,26 @@ def _mask_thread() -> concurrent.futures.ThreadPoolExecutor:
 class GuidedRows:
     """The constrained rows of a step's logits (runner -> sampler), in two kinds:
 
-    * rows writing their analysis (free text): no mask is computed ahead; the sampler draws from the
-      unmasked logits and masks only a row whose token the grammar refuses (the spent reasoning
-      budget, a stray control token), so the reasoning, most of a gpt-oss turn, costs no mask;
-    * the other rows: their masks are computed on a thread while the forward runs (`start`)."""
+    * checked rows: no mask is computed ahead; the sampler draws from the unmasked logits and masks
+      only a row whose token the grammar refuses. A token the grammar allows is the masked draw
+      too (the argmax, or the winner of the same exponential race, over a subset that holds it),
+      and a model that knows the format mostly draws allowed tokens: its rows cost no mask;
+    * masked rows: their masks are computed on a thread while the forward runs. These are rows
+      whose draw depends on the mask (top-k/top-p truncate the masked distribution; the wrap-up
+      window narrows it) and rows whose guide saw its unmasked draws refused lately (a random
+      model inside a number), where a mask after the draw would be a second, serial draw."""
 
-    def __init__(self, rows: list[int], guides: list[Guide], tokens_left: list[int]) -> None:
+    def __init__(self, rows: list[int], guides: list[Guide], tokens_left: list[int],
+                 settings: list[SamplingSettings]) -> None:
         self.rows, self.guides, self.tokens_left = rows, guides, tokens_left
         self._position = {row: k for k, row in enumerate(rows)}  # row of the logits -> index in rows
-        masked = [k for k, guide in enumerate(guides) if not guide.in_analysis]
+        masked = [k for k, (guide, left, s) in enumerate(zip(guides, tokens_left, settings))
+                  if guide.mask_ahead_steps > 0 or left <= guide.wrap_up_tokens or s.top_k > 0 or s.top_p < 1.0]
+        for k in masked:
+            guides[k].mask_ahead_steps = max(0, guides[k].mask_ahead_steps - 1)
+        masked_set = set(masked)
         self.masked_rows = [rows[k] for k in masked]
-        self.checked_rows = [row for row, guide in zip(rows, guides) if guide.in_analysis]
+        self.checked_rows = [row for k, row in enumerate(rows) if k not in masked_set]
         self._masks = start_guide_bitmask([guides[k] for k in masked], [tokens_left[k] for k in masked]) \
             if masked else None
 
@@ -199,17 +214,17 @@ class GuidedRows:
         """The bitmask of masked_rows [len(masked_rows), V/32], waiting for its thread."""
         return self._masks.result()
 
-    def needing_mask(self, tokens: list[int], exact: set[int]) -> list[int]:
-        """Of checked_rows, those whose drawn token (`tokens`, by row) cannot stand without the mask:
-        the grammar refuses it, the row is in its wrap-up window (the mask is narrowed there), or its
-        draw depends on the mask (`exact`: top-k/top-p truncate the masked distribution). A token the
-        grammar allows is the masked draw too: the argmax, or the winner of the same exponential
-        race, over a subset that holds it."""
-        def needs(row: int) -> bool:
-            guide, left = self.guides[self._position[row]], self.tokens_left[self._position[row]]
-            return row in exact or left <= guide.wrap_up_tokens or not guide.matcher.validate_tokens([tokens[row]])
-
-        return [row for row in self.checked_rows if needs(row)]
+    def refused(self, tokens: list[int]) -> list[int]:
+        """Of checked_rows, those whose drawn token (`tokens`, by row) the grammar refuses; each
+        checked row's guide notes the outcome (cluster/engine/guided.py Guide.note_unmasked_draw)."""
+        refused = []
+        for row in self.checked_rows:
+            guide = self.guides[self._position[row]]
+            allowed = bool(guide.matcher.validate_tokens([tokens[row]]))
+            guide.note_unmasked_draw(allowed)
+            if not allowed:
+                refused.append(row)
+        return refused
 
     def bitmask(self, rows: list[int]) -> torch.Tensor:
         """guide_bitmask of `rows` (a subset of self.rows), in their order, computed now."""

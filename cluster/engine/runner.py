@@ -96,7 +96,8 @@ class ModelRunner:
         sampling = [c.request for c in output.chunks if c.samples]
         constrained = [i for i, s in enumerate(sampling) if s.guide is not None]
         guided = GuidedRows(constrained, [sampling[i].guide for i in constrained],
-                            [sampling[i].num_tokens_left for i in constrained]) if constrained else None
+                            [sampling[i].num_tokens_left for i in constrained],
+                            [sampling[i].sampling for i in constrained]) if constrained else None
         batch = self.prepare(output)
         if self.forward is not None:
             hidden = self.forward(batch)  # [R, H]

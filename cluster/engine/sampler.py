@@ -48,9 +48,9 @@ class Sampler:
     ) -> SamplerOutput:
         """logits [S, V] (any float dtype) -> one token per row. The `guided` rows (structured
         output) only draw among the tokens their grammar allows (cluster/engine/guided.py): the
-        masks computed during the forward are applied first; a row writing its analysis is drawn
-        from the unmasked logits and, only if its grammar refuses that token, masked and drawn again
-        with the same race noise (the same token as masking first)."""
+        masks computed during the forward are applied first; the other constrained rows are drawn
+        from the unmasked logits and, only where the grammar refuses the token, masked and drawn
+        again with the same race noise (the same token as masking first)."""
         logits = logits.float()
         S, V = logits.shape
         model_logits = logits  # logprobs report the model's own distribution, not the masked one
@@ -68,8 +68,7 @@ class Sampler:
             apply_bitmask(logits, guided.masked_rows, guided.masks())
         token_ids = self._draw(logits, range(S), params, race)
         if guided is not None and guided.checked_rows:
-            exact = {i for i in guided.checked_rows if params[i].top_k > 0 or params[i].top_p < 1.0}
-            redo = guided.needing_mask(token_ids.tolist(), exact)
+            redo = guided.refused(token_ids.tolist())
             if redo:
                 if keep_model_logits and logits is model_logits:
                     logits = logits.clone()

@@ -222,54 +222,104 @@ def test_the_mask_of_a_batch_is_one_op_and_leaves_unconstrained_rows_alone():
         compiler.shutdown()
 
 
-def test_analysis_rows_whose_drawn_token_is_allowed_skip_the_mask_and_every_token_is_the_masked_draws():
-    """Rows writing their analysis get no mask ahead: the sampler draws from the unmasked logits and
-    masks only a row whose token the grammar refuses (or whose draw depends on the mask: top-k/top-p,
-    wrap-up); the other constrained rows are masked first. The tokens must be exactly those of
-    masking every constrained row first, greedy and sampled, with the same seeds."""
-    tokenizer = load_tokenizer()
+SCHEMA = {"type": "object", "properties": {"name": {"type": "string"}, "n": {"type": "integer"}},
+          "required": ["name", "n"]}
+# Where a turn can stand: the start, its analysis, the final header, inside a string, a key, a number, the value's end.
+STATES = ["", "<|channel|>analysis<|message|>Let me think", "<|channel|>final<|message|>",
+          '<|channel|>final<|message|>{"name":"Ab', '<|channel|>final<|message|>{"name":"Ab",',
+          '<|channel|>final<|message|>{"name":"Ab","n":12', '<|channel|>final<|message|>{"name":"Ab","n":12}']
+
+
+def guide_at(compiler, prefix, budget=32):
+    guide = compiler.compile(TurnConstraint(ResponseFormat("json_schema", SCHEMA), reasoning_budget=budget), 400)
+    for token in load_tokenizer().encode(prefix, allow_special=True):
+        guide.consume(token)
+    return guide
+
+
+def test_the_check_of_a_drawn_token_agrees_with_the_mask_on_the_whole_vocabulary():
+    """Drawing unmasked and checking the token stands in for the mask: in every state of a turn,
+    with the reasoning budget spent or not, the grammar's check allows the mask's tokens and no
+    other. The one it refuses though the mask allows it is <|return|>, the grammar's end (a row
+    that draws it is masked and draws it again: the same token, one mask more, once a turn)."""
     compiler = GuideCompiler(WRAP_UP_TOKENS)
-    schema = {"type": "object", "properties": {"name": {"type": "string"}, "n": {"type": "integer"}},
-              "required": ["name", "n"]}
-    prefixes = ["", "<|channel|>analysis<|message|>Let me think", '<|channel|>final<|message|>{"name":"Ab',
-                "<|channel|>analysis<|message|>Short", "<|channel|>final<|message|>"]
+    try:
+        for prefix, budget in [(state, 32) for state in STATES] + [("<|channel|>analysis<|message|>Let me think", 3)]:
+            guide = guide_at(compiler, prefix, budget)
+            allowed = torch.zeros(1, 201088)
+            apply_bitmask(allowed, [0], guide_bitmask([guide], [300]))
+            by_mask = torch.isfinite(allowed[0]).nonzero().flatten().tolist()
+            by_check = [t for t in range(201088) if guide.matcher.validate_tokens([t])]
+            assert set(by_check) <= set(by_mask) and set(by_mask) - set(by_check) <= {RETURN_ID}, prefix
+            assert by_check or by_mask == [RETURN_ID], prefix  # only the value's end allows nothing else
+    finally:
+        compiler.shutdown()
+
+
+def test_a_refused_unmasked_draw_masks_the_next_steps_ahead_backing_off():
+    compiler = GuideCompiler(WRAP_UP_TOKENS)
+    try:
+        guide = guide_at(compiler, "")
+        ahead = []
+        for allowed in [False] * 6 + [True, False]:
+            guide.mask_ahead_steps = 0  # the steps masked ahead have run: the row is drawn unmasked again
+            guide.note_unmasked_draw(allowed)
+            ahead.append(guide.mask_ahead_steps)
+        assert ahead == [1, 2, 4, 8, 16, 16, 0, 1]
+        rows = GuidedRows([0], [guide], [300], [SamplingSettings(temperature=0.0)])
+        assert rows.masked_rows == [0] and rows.checked_rows == [] and guide.mask_ahead_steps == 0
+        rows.masks()
+        assert GuidedRows([0], [guide], [300], [SamplingSettings(temperature=0.0)]).checked_rows == [0]
+    finally:
+        compiler.shutdown()
+
+
+def test_rows_drawn_unmasked_are_masked_only_when_refused_and_every_token_is_the_masked_draws():
+    """Constrained rows get no mask ahead unless their draw depends on it (top-k/top-p, wrap-up) or
+    their guide's unmasked draws were refused lately: the sampler draws from the unmasked logits and
+    masks only the rows whose token the grammar refuses. In every state of the turn, the tokens must
+    be exactly those of masking every constrained row first, greedy and sampled, with the same seeds,
+    step after step as the guides move rows between the two kinds."""
+    compiler = GuideCompiler(WRAP_UP_TOKENS)
     settings = [SamplingSettings(temperature=0.0), SamplingSettings(temperature=0.8),
                 SamplingSettings(temperature=1.0, top_k=40), SamplingSettings(temperature=0.7, top_p=0.9)]
+    tokenizer = load_tokenizer()
     try:
         guides, params, left = [], [], []
-        for i, prefix in enumerate(prefixes * len(settings)):
-            guide = compiler.compile(TurnConstraint(ResponseFormat("json_schema", schema), reasoning_budget=32), 400)
-            for token in tokenizer.encode(prefix, allow_special=True):
-                guide.consume(token)
-            guides.append(guide)
-            params.append(settings[i // len(prefixes)])
+        for i, prefix in enumerate(STATES * len(settings)):
+            guides.append(guide_at(compiler, prefix))
+            params.append(settings[i // len(STATES)])
             left.append(WRAP_UP_TOKENS if i == 1 else 300)  # one analysis row in its wrap-up window
         S = len(guides) + 2  # and two unconstrained rows, last
         params += [SamplingSettings(temperature=0.0), SamplingSettings(temperature=0.9)]
         rows = list(range(len(guides)))
-        analysis = [i for i in rows if prefixes[i % len(prefixes)].startswith("<|channel|>analysis")]
-        exact = {i for i in rows if params[i].top_k or params[i].top_p < 1}
-        skipped_any = False
-        for trial in range(4):
+        needs_mask = {i for i in rows if params[i].top_k or params[i].top_p < 1 or i == 1}
+        seen = {"checked": 0, "refused": 0, "ahead_after_refusal": 0}
+        for trial in range(6):
             logits = torch.randn(S, 201088, generator=torch.Generator().manual_seed(trial)) * 3
-            # Some rows favour tokens the grammar allows where they stand (text, digits, the headers).
-            for token in tokenizer.encode('a the 7<|channel|>final', allow_special=True):
-                logits[trial::3, token] += 12.0
-            guided = GuidedRows(rows, guides, left)
-            assert guided.checked_rows == analysis and guided.masked_rows == [i for i in rows if i not in analysis]
-            lazy = Sampler()(logits.clone(), params, [torch.Generator().manual_seed(100 + i) for i in range(S)],
-                             guided)
+            # Some rows favour tokens the grammar allows where they stand (text, digits, keys, the headers).
+            for token in tokenizer.encode('a the 7"n":<|channel|>final<|return|>', allow_special=True):
+                logits[trial % 3::3, token] += 12.0
             masked = logits.clone()
             apply_bitmask(masked, rows, guide_bitmask(guides, left))
             first = Sampler()(masked, params, [torch.Generator().manual_seed(100 + i) for i in range(S)])
-            assert lazy.token_ids == first.token_ids
             unmasked = Sampler()(logits.clone(), params, [torch.Generator().manual_seed(100 + i) for i in range(S)])
-            needing = guided.needing_mask(unmasked.token_ids, exact & set(analysis))
-            assert 1 in needing and exact & set(analysis) <= set(needing) and set(needing) <= set(analysis)
-            skipped = [i for i in analysis if i not in needing]
-            skipped_any |= bool(skipped)
-            assert all(unmasked.token_ids[i] == lazy.token_ids[i] for i in skipped)
-        assert skipped_any  # some analysis rows took their token without a mask
+            ahead = {i for i in rows if guides[i].mask_ahead_steps > 0}
+            # Its masks are computed on a thread from here until the sampler takes them (a matcher
+            # serves one thread at a time, as in the runner).
+            guided = GuidedRows(rows, guides, left, params[:len(guides)])
+            assert guided.masked_rows == sorted(needs_mask | ahead)
+            assert guided.checked_rows == [i for i in rows if i not in needs_mask | ahead]
+            seen["ahead_after_refusal"] += len(ahead - needs_mask)
+            lazy = Sampler()(logits.clone(), params, [torch.Generator().manual_seed(100 + i) for i in range(S)],
+                             guided)
+            assert lazy.token_ids == first.token_ids
+            refused = {i for i in guided.checked_rows if not guides[i].matcher.validate_tokens([unmasked.token_ids[i]])}
+            assert {i for i in guided.checked_rows if guides[i].mask_ahead_steps > 0} == refused  # masked next step
+            assert all(lazy.token_ids[i] == unmasked.token_ids[i] for i in guided.checked_rows if i not in refused)
+            seen["checked"] += len(guided.checked_rows)
+            seen["refused"] += len(refused)
+        assert seen["refused"] and seen["checked"] > seen["refused"] and seen["ahead_after_refusal"]
     finally:
         compiler.shutdown()
 
