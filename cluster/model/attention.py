@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from cluster.model.config import GptOssConfig
+from cluster.model.kernels import bf16_cpu
 from cluster.model.layers import apply_rotary
 
 
@@ -85,10 +86,10 @@ class Attention(nn.Module):
         """x [..., T, H] (one leading B, or none for a flat ragged batch), cos/sin [T, D/2] -> [..., T, H]."""
         *lead, T, _ = x.shape
         N, K, D = self.num_heads, self.num_kv_heads, self.head_dim
-        qk, v = self.qkv(x).split(((N + K) * D, K * D), dim=-1)
+        qk, v = bf16_cpu.linear(x, self.qkv.weight, self.qkv.bias).split(((N + K) * D, K * D), dim=-1)
         qk = apply_rotary(qk.view(*lead, T, N + K, D).transpose(-3, -2), cos, sin)  # q and k heads at once
         q, k = qk.split((N, K), dim=-3)  # [..., N, T, D], [..., K, T, D]
-        return self.out(cache.attend(self, q, k, v.view(*lead, T, K, D)))
+        return bf16_cpu.linear(cache.attend(self, q, k, v.view(*lead, T, K, D)), self.out.weight, self.out.bias)
 
 
 class KVCache:

@@ -13,6 +13,7 @@ from torch import nn
 
 from cluster.model.attention import Attention, AttentionCache, KVCache
 from cluster.model.config import GptOssConfig
+from cluster.model.kernels import bf16_cpu
 from cluster.model.layers import RMSNorm, RotaryEmbedding
 from cluster.model.moe import MoE
 
@@ -74,7 +75,8 @@ class GptOssModel(nn.Module):
         cache.length = start + T
         if last_only:
             x = x[:, -1:]
-        return self.unembedding(self.norm(x)).float()  # [B, T, V]
+        # batch-1 decode with bf16 weights on CPU: the AVX-512 GEMV (kernels/bf16_cpu.py), else nn.Linear's op
+        return bf16_cpu.linear(self.norm(x), self.unembedding.weight, self.unembedding.bias).float()  # [B, T, V]
 
     def run_blocks(self, input_ids: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                    caches: list[AttentionCache]) -> torch.Tensor:
