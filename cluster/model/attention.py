@@ -78,18 +78,18 @@ class Attention(nn.Module):
         self.sm_scale = self.head_dim**-0.5
         q_dim, kv_dim = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         # q, k and v projections fused into one matmul; rows are [q | k | v] as in the original layout.
-        self.qkv = nn.Linear(config.hidden_size, q_dim + 2 * kv_dim, bias=config.attention_bias)
-        self.out = nn.Linear(q_dim, config.hidden_size, bias=config.attention_bias)
+        self.qkv = bf16_cpu.Linear(config.hidden_size, q_dim + 2 * kv_dim, bias=config.attention_bias)
+        self.out = bf16_cpu.Linear(q_dim, config.hidden_size, bias=config.attention_bias)
         self.sinks = nn.Parameter(torch.zeros(self.num_heads))
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: AttentionCache) -> torch.Tensor:
         """x [..., T, H] (one leading B, or none for a flat ragged batch), cos/sin [T, D/2] -> [..., T, H]."""
         *lead, T, _ = x.shape
         N, K, D = self.num_heads, self.num_kv_heads, self.head_dim
-        qk, v = bf16_cpu.linear(x, self.qkv.weight, self.qkv.bias).split(((N + K) * D, K * D), dim=-1)
+        qk, v = self.qkv(x).split(((N + K) * D, K * D), dim=-1)
         qk = apply_rotary(qk.view(*lead, T, N + K, D).transpose(-3, -2), cos, sin)  # q and k heads at once
         q, k = qk.split((N, K), dim=-3)  # [..., N, T, D], [..., K, T, D]
-        return bf16_cpu.linear(cache.attend(self, q, k, v.view(*lead, T, K, D)), self.out.weight, self.out.bias)
+        return self.out(cache.attend(self, q, k, v.view(*lead, T, K, D)))
 
 
 class KVCache:

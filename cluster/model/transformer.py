@@ -42,7 +42,7 @@ class GptOssModel(nn.Module):
             Block(config, i, packed_experts=packed_experts) for i in range(config.num_hidden_layers)
         )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.unembedding = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.unembedding = bf16_cpu.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.rope = RotaryEmbedding(config)
 
     @property
@@ -75,8 +75,7 @@ class GptOssModel(nn.Module):
         cache.length = start + T
         if last_only:
             x = x[:, -1:]
-        # batch-1 decode with bf16 weights on CPU: the AVX-512 GEMV (kernels/bf16_cpu.py), else nn.Linear's op
-        return bf16_cpu.linear(self.norm(x), self.unembedding.weight, self.unembedding.bias).float()  # [B, T, V]
+        return self.unembedding(self.norm(x)).float()  # [B, T, V]
 
     def run_blocks(self, input_ids: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                    caches: list[AttentionCache]) -> torch.Tensor:

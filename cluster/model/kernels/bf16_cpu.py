@@ -5,7 +5,9 @@ one core, 2880-wide gpt-oss-20b shapes: 8-10 GB/s, the kernel 18-21 GB/s), while
 step is bound by reading the weights. The kernel widens each bf16 weight to float32 in
 registers and sums in float32, as torch does; it runs for bf16 weights on CPU, C a multiple of 32, at
 most MAX_TOKENS rows (batch-1 decode), without autograd. Everything else, and every CPU where the kernel cannot be built
-(native.py), goes to F.linear.
+(native.py), goes to F.linear. The model's projections are `Linear` modules, not calls of `linear`
+on their weights: a module call keeps forward hooks running (expert parallelism all-reduces the
+sharded attention output in a hook on attn.out, parallel/sharding.py).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import ctypes
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from cluster.model.kernels import native
 
@@ -60,3 +63,10 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     if not applies(x, weight):
         return F.linear(x, weight, bias)
     return linear_float32(x, weight, bias).to(x.dtype)
+
+
+class Linear(nn.Linear):
+    """nn.Linear (same parameters, same state dict) whose forward is `linear`: the kernel where it applies."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear(x, self.weight, self.bias)
