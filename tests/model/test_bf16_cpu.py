@@ -6,7 +6,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from cluster.model.config import PRESETS, GptOssConfig
 from cluster.model.kernels import bf16_cpu
+from cluster.model.transformer import GptOssModel
 
 pytestmark = pytest.mark.skipif(bf16_cpu._native() is None, reason="no AVX512 CPU or C compiler here")
 
@@ -41,3 +43,23 @@ def test_only_batch_1_bf16_inference_takes_the_kernel():
     assert not bf16_cpu.applies(torch.randn(1, 64).bfloat16(), trained)  # autograd keeps torch's op
     with torch.no_grad():
         assert bf16_cpu.applies(torch.randn(1, 64).bfloat16(), trained)
+
+
+def test_the_models_projections_on_the_kernel_run_as_module_calls():
+    """Expert parallelism all-reduces attn.out's output in a forward hook (parallel/sharding.py): the
+    kernel must sit inside the modules' forward, or the hook never runs and ranks diverge."""
+    config = GptOssConfig(**{**PRESETS["tiny-small-vocab"], "head_dim": 32})  # every projection C % 32 == 0
+    torch.manual_seed(0)
+    model = GptOssModel(config).to(torch.bfloat16).eval()
+    model.requires_grad_(False)  # inference weights, as loaded: autograd would keep torch's op
+    seen = []
+    for block in model.blocks:
+        for name in ("qkv", "out"):
+            linear = getattr(block.attn, name)
+            assert bf16_cpu.applies(torch.zeros(1, linear.in_features, dtype=torch.bfloat16), linear.weight)
+            linear.register_forward_hook(lambda _m, _i, out, name=name: seen.append((name, out.shape[-2])))
+    model.unembedding.register_forward_hook(lambda _m, _i, out: out.zero_())  # in place, as the all-reduce
+    with torch.inference_mode():
+        logits = model(torch.tensor([[5]]), model.new_cache(4))
+    assert seen == [("qkv", 1), ("out", 1)] * config.num_hidden_layers
+    assert not logits.any()

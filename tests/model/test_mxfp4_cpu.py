@@ -63,6 +63,27 @@ def test_grouped_matmul_is_exact_when_every_sum_is_representable(native):
     assert torch.equal(got, expected)
 
 
+@pytest.mark.parametrize("native", KERNELS)
+def test_a_ranks_shard_of_experts_gives_the_whole_layers_rows(native):
+    """An expert-parallel rank holds some of a layer's experts (parallel/sharding.py): a copy in its
+    slot order, or a contiguous range, which is a view at a storage offset. Local slot indices into
+    the shard must give, bitwise, what global indices give in the whole layer."""
+    gen = torch.Generator().manual_seed(4)
+    blocks, scales = _packed(gen, 6, 40, 96)
+    x = torch.randn(5, 96, generator=gen)
+    offsets = torch.tensor([0, 2, 3, 5])
+    whole = mxfp4_cpu.grouped_matmul(blocks, scales, x, torch.tensor([4, 3, 5]), offsets, native=native)
+
+    slots = [5, 3, 4]  # the rank's slots: experts 4, 3, 5 are its slots 2, 1, 0
+    copied = mxfp4_cpu.grouped_matmul(blocks[slots].clone(), scales[slots].clone(), x, torch.tensor([2, 1, 0]),
+                                      offsets, native=native)
+    assert torch.equal(copied, whole)
+    view_blocks, view_scales = blocks[3:], scales[3:]  # experts 3..5 as slots 0..2, no copy
+    assert view_blocks.storage_offset() > 0 and view_blocks.is_contiguous()
+    viewed = mxfp4_cpu.grouped_matmul(view_blocks, view_scales, x, torch.tensor([1, 0, 2]), offsets, native=native)
+    assert torch.equal(viewed, whole)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("tokens", [1, 9])
 def test_moe_fused_path_matches_the_unpacking_path(monkeypatch, dtype, tokens):
