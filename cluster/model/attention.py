@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from cluster.model.config import GptOssConfig
+from cluster.model.kernels import bf16_cpu
 from cluster.model.layers import apply_rotary
 
 
@@ -77,8 +78,8 @@ class Attention(nn.Module):
         self.sm_scale = self.head_dim**-0.5
         q_dim, kv_dim = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         # q, k and v projections fused into one matmul; rows are [q | k | v] as in the original layout.
-        self.qkv = nn.Linear(config.hidden_size, q_dim + 2 * kv_dim, bias=config.attention_bias)
-        self.out = nn.Linear(q_dim, config.hidden_size, bias=config.attention_bias)
+        self.qkv = bf16_cpu.Linear(config.hidden_size, q_dim + 2 * kv_dim, bias=config.attention_bias)
+        self.out = bf16_cpu.Linear(q_dim, config.hidden_size, bias=config.attention_bias)
         self.sinks = nn.Parameter(torch.zeros(self.num_heads))
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: AttentionCache) -> torch.Tensor:

@@ -13,6 +13,7 @@ from torch import nn
 
 from cluster.model.attention import Attention, AttentionCache, KVCache
 from cluster.model.config import GptOssConfig
+from cluster.model.kernels import bf16_cpu
 from cluster.model.layers import RMSNorm, RotaryEmbedding
 from cluster.model.moe import MoE
 
@@ -41,7 +42,7 @@ class GptOssModel(nn.Module):
             Block(config, i, packed_experts=packed_experts) for i in range(config.num_hidden_layers)
         )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.unembedding = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.unembedding = bf16_cpu.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.rope = RotaryEmbedding(config)
 
     @property

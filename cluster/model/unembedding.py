@@ -2,7 +2,7 @@
 (generate.py) and the engine's sampler so both break ties the same way.
 
 (The engine's fast unembedding kernel lives in cluster/engine/unembedding.py; the model's own
-`unembedding` stays a plain nn.Linear.)
+`unembedding` is an nn.Linear whose forward takes the bf16 CPU kernel at batch 1, kernels/bf16_cpu.py.)
 """
 
 from __future__ import annotations

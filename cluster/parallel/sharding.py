@@ -43,11 +43,12 @@ def shard_attention_(attn: Attention, rank: int, world: int) -> tuple[range, ran
     v_rows = (N + K) * D + torch.arange(kv_heads.start * D, kv_heads.stop * D)
     rows = torch.cat((q_rows, k_rows, v_rows))
     qkv, out = attn.qkv, attn.out
-    new_qkv = nn.Linear(qkv.in_features, len(rows), bias=qkv.bias is not None, device="meta")
+    # the same Linear class as the model's (its forward picks the CPU kernel), on this rank's rows / columns
+    new_qkv = type(qkv)(qkv.in_features, len(rows), bias=qkv.bias is not None, device="meta")
     new_qkv.weight = nn.Parameter(qkv.weight[rows].clone(), requires_grad=False)
     if qkv.bias is not None:
         new_qkv.bias = nn.Parameter(qkv.bias[rows].clone(), requires_grad=False)
-    new_out = nn.Linear(len(q_rows), out.out_features, bias=out.bias is not None, device="meta")
+    new_out = type(out)(len(q_rows), out.out_features, bias=out.bias is not None, device="meta")
     new_out.weight = nn.Parameter(out.weight[:, q_rows].clone(), requires_grad=False)
     if out.bias is not None:  # added once: by rank 0, before the SUM all-reduce
         bias = out.bias.clone() if rank == 0 else torch.zeros_like(out.bias)

@@ -14,7 +14,11 @@ from cluster.model.config import GptOssConfig
 from cluster.model.kernels import mxfp4_cpu
 from cluster.model.moe import MoE
 
-pytestmark = pytest.mark.skipif(not mxfp4_cpu.available(), reason="numba is not installed")
+pytestmark = pytest.mark.skipif(not mxfp4_cpu.available(), reason="neither MXFP4 CPU kernel runs here")
+# Both kernels where they run: the AVX-512 one (native) needs an AVX512 CPU and a C compiler.
+KERNELS = [pytest.param(True, id="native", marks=pytest.mark.skipif(not mxfp4_cpu.native_available(),
+                                                                      reason="no AVX512 CPU or C compiler")),
+           pytest.param(False, id="numba", marks=pytest.mark.skipif(mxfp4_cpu.numba is None, reason="no numba"))]
 
 
 def _packed(gen: torch.Generator, E: int, R: int, C: int):
@@ -23,17 +27,19 @@ def _packed(gen: torch.Generator, E: int, R: int, C: int):
     return blocks, scales
 
 
-@pytest.mark.parametrize("tokens_per_expert", [[1, 1, 1], [3, 0, 5], [1, 7, 2]], ids=["decode", "skip", "batched"])
-def test_grouped_matmul_matches_unpack_then_matmul(tokens_per_expert):
+@pytest.mark.parametrize("native", KERNELS)
+@pytest.mark.parametrize("tokens_per_expert", [[1, 1, 1], [3, 0, 5], [1, 7, 2], [11, 1, 9]],
+                         ids=["decode", "skip", "batched", "more-than-a-register-group"])
+def test_grouped_matmul_matches_unpack_then_matmul(tokens_per_expert, native):
     gen = torch.Generator().manual_seed(0)
-    E, R, C = 4, 40, 96
+    E, R, C = 4, 40, 96  # 3 blocks a row: the native kernel's two-block steps and its odd last block
     blocks, scales = _packed(gen, E, R, C)
     experts = torch.tensor([2, 0, 3])
     counts = torch.tensor(tokens_per_expert)
     offsets = torch.cat((torch.zeros(1, dtype=torch.long), counts.cumsum(0)))
     x = torch.randn(int(counts.sum()), C, generator=gen)
 
-    got = mxfp4_cpu.grouped_matmul(blocks, scales, x, experts, offsets)
+    got = mxfp4_cpu.grouped_matmul(blocks, scales, x, experts, offsets, native=native)
 
     dense = mxfp4.unpack(blocks, scales, torch.float64)
     expected = torch.cat([x[offsets[m]:offsets[m + 1]].double() @ dense[e].T for m, e in enumerate(experts.tolist())])
@@ -43,17 +49,39 @@ def test_grouped_matmul_matches_unpack_then_matmul(tokens_per_expert):
     assert (got.double() - expected).abs().max().item() <= tol
 
 
-def test_grouped_matmul_is_exact_when_every_sum_is_representable():
+@pytest.mark.parametrize("native", KERNELS)
+def test_grouped_matmul_is_exact_when_every_sum_is_representable(native):
     """Small integers times powers of two sum exactly in float32 in any order: then the kernel is bitwise."""
     gen = torch.Generator().manual_seed(1)
     blocks, scales = _packed(gen, 2, 16, 64)
     scales.fill_(127)  # scale 1
     x = torch.randint(-4, 5, (3, 64), generator=gen).float()
     experts, offsets = torch.tensor([1, 0]), torch.tensor([0, 1, 3])
-    got = mxfp4_cpu.grouped_matmul(blocks, scales, x, experts, offsets)
+    got = mxfp4_cpu.grouped_matmul(blocks, scales, x, experts, offsets, native=native)
     dense = mxfp4.unpack(blocks, scales)
     expected = torch.cat((x[:1] @ dense[1].T, x[1:] @ dense[0].T))
     assert torch.equal(got, expected)
+
+
+@pytest.mark.parametrize("native", KERNELS)
+def test_a_ranks_shard_of_experts_gives_the_whole_layers_rows(native):
+    """An expert-parallel rank holds some of a layer's experts (parallel/sharding.py): a copy in its
+    slot order, or a contiguous range, which is a view at a storage offset. Local slot indices into
+    the shard must give, bitwise, what global indices give in the whole layer."""
+    gen = torch.Generator().manual_seed(4)
+    blocks, scales = _packed(gen, 6, 40, 96)
+    x = torch.randn(5, 96, generator=gen)
+    offsets = torch.tensor([0, 2, 3, 5])
+    whole = mxfp4_cpu.grouped_matmul(blocks, scales, x, torch.tensor([4, 3, 5]), offsets, native=native)
+
+    slots = [5, 3, 4]  # the rank's slots: experts 4, 3, 5 are its slots 2, 1, 0
+    copied = mxfp4_cpu.grouped_matmul(blocks[slots].clone(), scales[slots].clone(), x, torch.tensor([2, 1, 0]),
+                                      offsets, native=native)
+    assert torch.equal(copied, whole)
+    view_blocks, view_scales = blocks[3:], scales[3:]  # experts 3..5 as slots 0..2, no copy
+    assert view_blocks.storage_offset() > 0 and view_blocks.is_contiguous()
+    viewed = mxfp4_cpu.grouped_matmul(view_blocks, view_scales, x, torch.tensor([1, 0, 2]), offsets, native=native)
+    assert torch.equal(viewed, whole)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -106,16 +134,18 @@ def test_fused_experts_keep_transformers_parity(checkpoint_dir, monkeypatch):
     assert (got - expected).abs().max().item() < 1e-4
 
 
-def test_kernel_threads_follow_the_callers_torch_threads():
-    """Under Ray an actor gives torch its CPU share; the kernel must not run more threads than that."""
-    import numba
+def test_numba_kernel_threads_follow_the_callers_torch_threads():
+    """Under Ray an actor gives torch its CPU share; the kernel must not run more threads than that.
+    (The native kernel is handed torch's count per call: nothing of it outlives the call to inspect.)"""
+    numba = pytest.importorskip("numba")
 
     gen = torch.Generator().manual_seed(3)
     blocks, scales = _packed(gen, 1, 8, 32)
     before = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
-        mxfp4_cpu.grouped_matmul(blocks, scales, torch.randn(1, 32), torch.tensor([0]), torch.tensor([0, 1]))
+        mxfp4_cpu.grouped_matmul(blocks, scales, torch.randn(1, 32), torch.tensor([0]), torch.tensor([0, 1]),
+                                 native=False)
         assert numba.get_num_threads() == 1
     finally:
         torch.set_num_threads(before)

@@ -4,26 +4,30 @@
 rows x[offsets[m]:offsets[m+1]] (tokens grouped by expert) times that expert's packed matrix,
 transposed: out[t, r] = sum_c x[t, c] * W[experts[m], r, c], with W = mxfp4.unpack(blocks, scales).
 Shape letters: E experts, R output rows, G = C/32 blocks per row, N grouped token rows, M experts used.
+One call covers every chosen expert of a layer; threads split (expert, row range) items.
 
-The kernel is numba (compiled for the host CPU on first use and cached beside this file), so it
-needs no compiler at install time and runs on any CPU numba supports, AVX-512 or not. Without numba,
-`available()` is False and callers keep the unpack-then-matmul path.
+Two kernels, the first that can run:
+- native: mxfp4_avx512.c (built on first use, see native.py), called through ctypes.
+  A block's bytes widen to 16 lanes and `vpermps` looks both nibbles up in the 16 E2M1 values.
+- numba: the same loop in numba (any CPU numba supports). A nibble's doubled E2M1 magnitude is read
+  from one 32-bit constant (4 bits per code), so the decode vectorizes without a table gather.
+Where neither runs, `available()` is False and callers keep the unpack-then-matmul path.
 
-Each block's 16 bytes are read once; a 256-entry table turns a byte into its two E2M1 values, and
-the block's E8M0 scale (a power of two) multiplies the block's partial sum, so every product is
-the one unpack-then-matmul forms (the scale is exact) and only the float32 summation order differs.
-With one token per expert (decode) the codes feed the dot product directly; with several, a block
-is decoded once into 32 floats and reused for every token.
+Both multiply a block's decoded codes by its E8M0 scale (a power of two, so exact) and sum the whole
+row in float32 lanes: every product is the one unpack-then-matmul forms, only the order of the float32
+sum differs. Activations are split into even and odd columns once per call (low and high nibbles).
 """
 
 from __future__ import annotations
 
+import ctypes
 import threading
 
 import numpy as np
 import torch
 
 from cluster.model import mxfp4
+from cluster.model.kernels import native
 
 try:
     import numba
@@ -31,81 +35,114 @@ try:
 except ImportError:  # pragma: no cover - numba is a dependency; this keeps a broken install running
     numba = None
 
+ROWS_PER_ITEM = 32  # output rows per work item of the native kernel: enough items to balance threads
+DOUBLED_E2M1 = 0xC8643210  # 2 * |E2M1| of codes 0..7 (0, 1, 2, 3, 4, 6, 8, 12), 4 bits each
+
 
 def available() -> bool:
-    return numba is not None
+    """Whether either kernel runs here."""
+    return numba is not None or native_available()
 
 
 if numba is not None:
 
-    @njit(parallel=True, fastmath={"reassoc", "contract"}, cache=True, nogil=True)
-    def _grouped(blocks, scales, x, experts, offsets, out, pairs, powers):  # pragma: no cover - compiled
+    @njit(parallel=True, fastmath=True, cache=True, nogil=True)
+    def _grouped_numba(blocks, scales, xe, xo, experts, offsets, out, half_powers):  # pragma: no cover - compiled
         R, G = scales.shape[1], scales.shape[2]
         for i in prange(experts.shape[0] * R):
             m = i // R
             r = i - m * R
             e = experts[m]
             t0, t1 = offsets[m], offsets[m + 1]
-            if t1 - t0 == 1:
-                total = np.float32(0.0)
-                for g in range(G):
-                    acc = np.float32(0.0)
-                    base = g * 32
+            acc = np.zeros((t1 - t0, 32), np.float32)  # float32 lanes per token, summed once per row
+            we = np.empty(16, np.float32)
+            wo = np.empty(16, np.float32)
+            for g in range(G):
+                s = half_powers[scales[e, r, g]]
+                for j in range(16):
+                    b = np.int32(blocks[e, r, g, j])
+                    lo, hi = b & 15, b >> 4
+                    vl = np.float32(np.int32((DOUBLED_E2M1 >> ((lo & 7) * 4)) & 15))
+                    vh = np.float32(np.int32((DOUBLED_E2M1 >> ((hi & 7) * 4)) & 15))
+                    we[j] = (-vl if lo & 8 else vl) * s
+                    wo[j] = (-vh if hi & 8 else vh) * s
+                for t in range(t1 - t0):
                     for j in range(16):
-                        b = blocks[e, r, g, j]
-                        acc += pairs[b, 0] * x[t0, base + 2 * j] + pairs[b, 1] * x[t0, base + 2 * j + 1]
-                    total += acc * powers[scales[e, r, g]]
-                out[t0, r] = total
-            else:
-                w = np.empty(32, dtype=np.float32)
-                totals = np.zeros(t1 - t0, dtype=np.float32)
-                for g in range(G):
-                    for j in range(16):
-                        b = blocks[e, r, g, j]
-                        w[2 * j] = pairs[b, 0]
-                        w[2 * j + 1] = pairs[b, 1]
-                    s = powers[scales[e, r, g]]
-                    base = g * 32
-                    for t in range(t0, t1):
-                        acc = np.float32(0.0)
-                        for k in range(32):
-                            acc += w[k] * x[t, base + k]
-                        totals[t - t0] += acc * s
-                for t in range(t0, t1):
-                    out[t, r] = totals[t - t0]
+                        acc[t, j] += we[j] * xe[t0 + t, g * 16 + j]
+                        acc[t, 16 + j] += wo[j] * xo[t0 + t, g * 16 + j]
+            for t in range(t1 - t0):
+                out[t0 + t, r] = acc[t].sum()
+
+
+_native = None  # the native kernel (a ctypes function); False once it cannot be had
+_lock = threading.Lock()
+
+
+def _native_kernel():
+    global _native
+    if _native is None:
+        i64, ptr = ctypes.c_int64, ctypes.c_void_p
+        _native = native.function("mxfp4_avx512", "mxfp4_grouped",
+                                  [ptr, ptr, i64, i64, ptr, ptr, ptr, ptr, i64, ptr, ptr, i64, ctypes.c_int]) or False
+    return _native or None
 
 
 _tables_np: tuple[np.ndarray, np.ndarray] | None = None
-_compile_lock = threading.Lock()
 
 
 def _tables() -> tuple[np.ndarray, np.ndarray]:
+    """(2**(s-127), 2**(s-128)) float32 by scale byte s: the native kernel's and numba's scales."""
     global _tables_np
     if _tables_np is None:
-        pairs, powers = mxfp4._tables(torch.device("cpu"))
-        _tables_np = (pairs.numpy(), powers.numpy())
+        powers = mxfp4._tables(torch.device("cpu"))[1].numpy()
+        _tables_np = (powers, (powers * np.float32(0.5)).astype(np.float32))  # exact: powers of two
     return _tables_np
 
 
+def native_available() -> bool:
+    """Whether the AVX-512 kernel runs here (builds it on first call)."""
+    return _native_kernel() is not None
+
+
 def grouped_matmul(blocks: torch.Tensor, scales: torch.Tensor, x: torch.Tensor, experts: torch.Tensor,
-                   offsets: torch.Tensor) -> torch.Tensor:
+                   offsets: torch.Tensor, *, native: bool | None = None) -> torch.Tensor:
     """blocks [E, R, G, 16] u8, scales [E, R, G] u8, x [N, G*32] (grouped by expert), experts [M],
-    offsets [M+1] -> float32 [N, R]; row t of x meets expert experts[m] for offsets[m] <= t < offsets[m+1]."""
+    offsets [M+1] -> float32 [N, R]; row t of x meets expert experts[m] for offsets[m] <= t < offsets[m+1].
+    `native` forces the AVX-512 kernel on or off (default: it when it runs here)."""
     if not blocks.is_contiguous() or not scales.is_contiguous():
         raise ValueError("packed expert blocks and scales must be contiguous")
     N, R = x.shape[0], scales.shape[1]
     out = torch.empty(N, R, dtype=torch.float32)
     if N == 0:
         return out
-    xs = x.to(torch.float32).contiguous()
-    args = (blocks.numpy(), scales.numpy(), xs.numpy(), experts.to(torch.int64).contiguous().numpy(),
-            offsets.to(torch.int64).contiguous().numpy(), out.numpy(), *_tables())
-    # numba's thread count is per OS thread, like torch's: follow what this thread gave torch (the
-    # actor's CPU share under Ray), so the two never run more threads than that between them.
-    numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
-    if not _grouped.signatures:
-        with _compile_lock:  # the first call compiles (or loads the cache); others wait for it
-            _grouped(*args)
-            return out
-    _grouped(*args)
+    xs = x.to(torch.float32)
+    xe, xo = xs[:, 0::2].contiguous().numpy(), xs[:, 1::2].contiguous().numpy()  # low / high nibbles' columns
+    experts_np = experts.to(torch.int64).contiguous().numpy()
+    offsets_np = offsets.to(torch.int64).contiguous().numpy()
+    powers, half_powers = _tables()
+    # Threads follow what this OS thread gave torch (the actor's CPU share under Ray); the native
+    # kernel runs them in torch's own OpenMP runtime.
+    threads = torch.get_num_threads()
+    kernel = _native_kernel() if native is not False else None
+    if native and kernel is None:
+        raise RuntimeError("the AVX-512 MXFP4 kernel cannot run here (needs an AVX512 CPU and a C compiler)")
+    if kernel is not None:
+        kernel(blocks.data_ptr(), scales.data_ptr(), R, scales.shape[2], xe.ctypes.data, xo.ctypes.data,
+               experts_np.ctypes.data, offsets_np.ctypes.data, len(experts_np), out.data_ptr(), powers.ctypes.data,
+               ROWS_PER_ITEM, threads)
+        return out
+    numba.set_num_threads(max(1, min(threads, numba.config.NUMBA_NUM_THREADS)))
+    with _lock if not _grouped_numba.signatures else _NO_LOCK:  # the first call compiles; others wait
+        _grouped_numba(blocks.numpy(), scales.numpy(), xe, xo, experts_np, offsets_np, out.numpy(), half_powers)
     return out
+
+
+class _NoLock:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+_NO_LOCK = _NoLock()

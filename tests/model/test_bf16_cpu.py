@@ -1,0 +1,65 @@
+"""The AVX-512 bf16 linear kernel (batch-1 decode) against float64 and torch's own bf16 linear."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from cluster.model.config import PRESETS, GptOssConfig
+from cluster.model.kernels import bf16_cpu
+from cluster.model.transformer import GptOssModel
+
+pytestmark = pytest.mark.skipif(bf16_cpu._native() is None, reason="no AVX512 CPU or C compiler here")
+
+
+@pytest.mark.parametrize("shape", [(5120, 2880), (2880, 4096), (37, 64)], ids=["qkv-20b", "out-20b", "odd-rows"])
+def test_one_row_matches_float64_within_float32_rounding(shape):
+    gen = torch.Generator().manual_seed(0)
+    weight = (torch.randn(*shape, generator=gen) * shape[1] ** -0.5).bfloat16()
+    bias = torch.randn(shape[0], generator=gen).bfloat16()
+    x = torch.randn(1, 1, shape[1], generator=gen).bfloat16()
+    with torch.no_grad():
+        assert bf16_cpu.applies(x, weight)
+        got = bf16_cpu.linear_float32(x, weight, bias)
+        expected = x.double() @ weight.double().T + bias.double()
+        # bf16 * bf16 is exact in float32: only the float32 summation order differs from float64
+        tol = 1e-5 * (x.double().abs() @ weight.double().abs().T).max().item()
+        assert got.shape == (1, 1, shape[0]) and got.dtype == torch.float32
+        assert (got.double() - expected).abs().max().item() <= tol
+        # in the model's dtype: within one bf16 rounding of torch's bf16 linear
+        rounded, torch_bf16 = bf16_cpu.linear(x, weight, bias), F.linear(x, weight, bias)
+        assert rounded.dtype == torch.bfloat16
+        assert torch.allclose(rounded.float(), torch_bf16.float(), rtol=2 ** -7, atol=1e-2)
+
+
+def test_only_batch_1_bf16_inference_takes_the_kernel():
+    weight = torch.randn(64, 64).bfloat16()
+    assert bf16_cpu.applies(torch.randn(1, 64).bfloat16(), weight)
+    assert not bf16_cpu.applies(torch.randn(2, 64).bfloat16(), weight)  # torch's GEMM wins from 2 rows
+    assert not bf16_cpu.applies(torch.randn(1, 64), weight.float())
+    assert not bf16_cpu.applies(torch.randn(1, 48).bfloat16(), torch.randn(64, 48).bfloat16())  # C % 32
+    trained = torch.nn.Parameter(weight.clone())
+    assert not bf16_cpu.applies(torch.randn(1, 64).bfloat16(), trained)  # autograd keeps torch's op
+    with torch.no_grad():
+        assert bf16_cpu.applies(torch.randn(1, 64).bfloat16(), trained)
+
+
+def test_the_models_projections_on_the_kernel_run_as_module_calls():
+    """Expert parallelism all-reduces attn.out's output in a forward hook (parallel/sharding.py): the
+    kernel must sit inside the modules' forward, or the hook never runs and ranks diverge."""
+    config = GptOssConfig(**{**PRESETS["tiny-small-vocab"], "head_dim": 32})  # every projection C % 32 == 0
+    torch.manual_seed(0)
+    model = GptOssModel(config).to(torch.bfloat16).eval()
+    model.requires_grad_(False)  # inference weights, as loaded: autograd would keep torch's op
+    seen = []
+    for block in model.blocks:
+        for name in ("qkv", "out"):
+            linear = getattr(block.attn, name)
+            assert bf16_cpu.applies(torch.zeros(1, linear.in_features, dtype=torch.bfloat16), linear.weight)
+            linear.register_forward_hook(lambda _m, _i, out, name=name: seen.append((name, out.shape[-2])))
+    model.unembedding.register_forward_hook(lambda _m, _i, out: out.zero_())  # in place, as the all-reduce
+    with torch.inference_mode():
+        logits = model(torch.tensor([[5]]), model.new_cache(4))
+    assert seen == [("qkv", 1), ("out", 1)] * config.num_hidden_layers
+    assert not logits.any()

@@ -1,0 +1,110 @@
+"""shard_model_ in one process: N ranks in threads, a SUM all-reduce over a barrier, against the whole model.
+
+No Ray and no gloo here (test_ep_parity.py has those): this checks the sharding itself, on each
+CPU path the model takes: bf16 weights at batch 1 run the AVX-512 bf16 kernel (kernels/bf16_cpu.py)
+in attention and the unembedding, float32 runs torch's. Both must still reach the all-reduce hook
+on attn.out: bypassing it left every rank with part of the attention output.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+
+from cluster.model.checkpoint import load_model, write_checkpoint
+from cluster.model.config import PRESETS, GptOssConfig
+from cluster.model.kernels import bf16_cpu
+from cluster.parallel.expert_map import plan_placement
+from cluster.parallel.sharding import shard_model_
+
+WORLD = 2
+# the small test shape with head_dim 32: a rank's 3 query heads are 96 columns of attn.out, so the
+# bf16 kernel (C % 32 == 0) applies to every projection of a shard
+CONFIG = GptOssConfig(**{**PRESETS["tiny-small-vocab"], "head_dim": 32})
+
+
+class SumOverThreads:
+    """An in-place SUM all-reduce among WORLD threads, each passing its own tensor."""
+
+    def __init__(self, world: int):
+        self.slots: list[torch.Tensor | None] = [None] * world
+        self.barrier = threading.Barrier(world, timeout=60)
+
+    def for_rank(self, rank: int):
+        def reduce(t: torch.Tensor) -> None:
+            self.slots[rank] = t
+            self.barrier.wait()
+            total = torch.stack(self.slots).sum(0)  # same order on every rank: identical results
+            self.barrier.wait()  # everyone has read every slot before any is overwritten
+            t.copy_(total)
+        return reduce
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    out = tmp_path_factory.mktemp("shard-mxfp4")
+    write_checkpoint(CONFIG, out, seed=3, mxfp4=True)
+    return out
+
+
+def _decode(model, prompt, new_tokens):
+    """Prefill `prompt`, then greedy decode one token at a time -> (tokens, last-position logits per step)."""
+    cache = model.new_cache(len(prompt) + new_tokens)
+    if model.config.num_key_value_heads != model.blocks[0].attn.num_kv_heads:  # a shard: its kv heads only
+        K = model.blocks[0].attn.num_kv_heads
+        cache.k = [k[:, :K].contiguous() for k in cache.k]
+        cache.v = [v[:, :K].contiguous() for v in cache.v]
+    ids, tokens, logits = torch.tensor([prompt]), [], []
+    with torch.inference_mode():
+        for _ in range(new_tokens):
+            step = model(ids, cache, last_only=True)[0, -1]
+            logits.append(step)
+            tokens.append(int(step.argmax()))
+            ids = torch.tensor([[tokens[-1]]])
+    return tokens, logits
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "float32"])
+def test_shards_in_threads_decode_like_the_whole_model(checkpoint, dtype):
+    prompt = torch.randint(0, CONFIG.vocab_size, (7,), generator=torch.Generator().manual_seed(0)).tolist()
+    whole_tokens, whole_logits = _decode(load_model(checkpoint, dtype=dtype), prompt, 5)
+
+    placements = [plan_placement([1.0] * CONFIG.num_local_experts, WORLD)] * CONFIG.num_hidden_layers
+    reduce = SumOverThreads(WORLD)
+    shards = []
+    for rank in range(WORLD):
+        model = load_model(checkpoint, dtype=dtype)
+        shard_model_(model, rank, WORLD, placements, reduce.for_rank(rank))
+        shards.append(model)
+    attn = shards[0].blocks[0].attn
+    assert attn.num_heads == CONFIG.num_attention_heads // WORLD
+    if dtype == torch.bfloat16 and bf16_cpu._native() is not None:  # the kernel really runs in the shards
+        assert bf16_cpu.applies(torch.zeros(1, attn.out.in_features, dtype=dtype), attn.out.weight)
+
+    results: list = [None] * WORLD
+    errors: list[BaseException] = []
+
+    def run(rank):
+        try:
+            results[rank] = _decode(shards[rank], prompt, 5)
+        except BaseException as e:  # noqa: BLE001 - re-raised below, after both threads end
+            errors.append(e)
+            reduce.barrier.abort()
+
+    threads = [threading.Thread(target=run, args=(r,)) for r in range(WORLD)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[0]
+
+    for tokens, logits in results:
+        assert tokens == whole_tokens
+        for got, expected in zip(logits, whole_logits):
+            if dtype == torch.float32:
+                torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
+            else:  # each rank's out projection rounds to bf16 before the sum: a few bf16 roundings apart
+                assert (got - expected).norm() <= 0.02 * expected.norm()
