@@ -14,6 +14,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Iterable
+from typing import TypeVar
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -21,6 +22,22 @@ from prometheus_client.registry import REGISTRY, Collector
 
 # Latency buckets: from sub-millisecond (tiny model, CPU) to a minute (large prompts, cold replicas).
 _LATENCY_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+
+_Metric = TypeVar("_Metric", Counter, Gauge, Histogram)
+
+
+class _Families:
+    """Declares metric families on one registry, each labelled by `labels` first (the label list its
+    group shares), then by its own; a histogram has the latency buckets unless it says otherwise."""
+
+    def __init__(self, registry: CollectorRegistry, *labels: str) -> None:
+        self.registry = registry
+        self.labels = labels
+
+    def __call__(self, kind: type[_Metric], name: str, documentation: str, *labels: str, **options) -> _Metric:
+        if kind is Histogram:
+            options.setdefault("buckets", _LATENCY_BUCKETS_S)
+        return kind(name, documentation, [*self.labels, *labels], registry=self.registry, **options)
 
 
 class FrontdoorMetrics:
@@ -30,52 +47,39 @@ class FrontdoorMetrics:
 
     def __init__(self, registry: CollectorRegistry = REGISTRY) -> None:
         self.registry = registry
-        self.requests_total = Counter(
-            "gptoss_frontdoor_requests_total",
-            "Requests finished, by API, method and canonical (gRPC) status code.",
-            ["api", "method", "code"], registry=registry)
-        self.requests_in_flight = Gauge(
-            "gptoss_frontdoor_requests_in_flight",
-            "Requests being served now, by API and method.",
-            ["api", "method"], registry=registry)
-        self.time_to_first_token_seconds = Histogram(
-            "gptoss_frontdoor_time_to_first_token_seconds",
-            "Time from receiving a streaming RPC to sending its first token.",
-            ["api", "method"], buckets=_LATENCY_BUCKETS_S, registry=registry)
-        self.inter_token_latency_seconds = Histogram(
-            "gptoss_frontdoor_inter_token_latency_seconds",
+        per_method, declare = _Families(registry, "api", "method"), _Families(registry)
+        self.requests_total = per_method(
+            Counter, "gptoss_frontdoor_requests_total",
+            "Requests finished, by API, method and canonical (gRPC) status code.", "code")
+        self.requests_in_flight = per_method(
+            Gauge, "gptoss_frontdoor_requests_in_flight", "Requests being served now, by API and method.")
+        self.time_to_first_token_seconds = per_method(
+            Histogram, "gptoss_frontdoor_time_to_first_token_seconds",
+            "Time from receiving a streaming RPC to sending its first token.")
+        self.inter_token_latency_seconds = per_method(
+            Histogram, "gptoss_frontdoor_inter_token_latency_seconds",
             "Time between consecutive tokens of a stream as clients see them (a chunk of n "
-            "tokens after t seconds counts as n observations of t/n).",
-            ["api", "method"], buckets=_LATENCY_BUCKETS_S, registry=registry)
-        self.request_duration_seconds = Histogram(
-            "gptoss_frontdoor_request_duration_seconds",
-            "Time from receiving an RPC to its end, by method.",
-            ["api", "method"], buckets=_LATENCY_BUCKETS_S, registry=registry)
-        self.prompt_tokens_total = Counter(
-            "gptoss_frontdoor_prompt_tokens_total",
-            "Prompt tokens of requests sent to the model, by method.",
-            ["api", "method"], registry=registry)
-        self.completion_tokens_total = Counter(
-            "gptoss_frontdoor_completion_tokens_total",
-            "Tokens generated and streamed to clients, by method.",
-            ["api", "method"], registry=registry)
-        self.rejected_requests_total = Counter(
-            "gptoss_frontdoor_rejected_requests_total",
+            "tokens after t seconds counts as n observations of t/n).")
+        self.request_duration_seconds = per_method(
+            Histogram, "gptoss_frontdoor_request_duration_seconds", "Time from receiving an RPC to its end, by method.")
+        self.prompt_tokens_total = per_method(
+            Counter, "gptoss_frontdoor_prompt_tokens_total", "Prompt tokens of requests sent to the model, by method.")
+        self.completion_tokens_total = per_method(
+            Counter, "gptoss_frontdoor_completion_tokens_total", "Tokens generated and streamed to clients, by method.")
+        self.rejected_requests_total = per_method(
+            Counter, "gptoss_frontdoor_rejected_requests_total",
             "RPCs refused with RESOURCE_EXHAUSTED, by method and reason (MODEL_OVERLOADED: the "
-            "replicas or Serve's queue are full; TENANT_RATE_LIMITED: the tenant's limits).",
-            ["api", "method", "reason"], registry=registry)
-        self.routable_replicas = Gauge(
-            "gptoss_frontdoor_routable_replicas",
+            "replicas or Serve's queue are full; TENANT_RATE_LIMITED: the tenant's limits).", "reason")
+        self.routable_replicas = declare(
+            Gauge, "gptoss_frontdoor_routable_replicas",
             "Model replicas this front door can send requests to now; at 0 its health is "
-            "NOT_SERVING (degraded) and requests wait at most frontdoor.replica_wait_s.",
-            registry=registry)
-        self.migrations_total = Counter(
-            "gptoss_frontdoor_migrations_total",
+            "NOT_SERVING (degraded) and requests wait at most frontdoor.replica_wait_s.")
+        self.migrations_total = declare(
+            Counter, "gptoss_frontdoor_migrations_total",
             "Streams whose replica failed mid-stream, by outcome (resumed: continued on another "
             "replica; exhausted: frontdoor.migration_attempts used up; no_replica: no replica took "
             "the rest; deadline: the call's deadline left no time; constrained: a structured-output "
-            "stream on an engine that cannot resume its grammar, vLLM).",
-            ["outcome"], registry=registry)
+            "stream on an engine that cannot resume its grammar, vLLM).", "outcome")
 
         self.tenant = TenantUsageMetrics(registry)
 
@@ -89,16 +93,15 @@ class TenantUsageMetrics:
     configured tenant's name, `_other` for any other, `_anonymous` when auth is off."""
 
     def __init__(self, registry: CollectorRegistry = REGISTRY) -> None:
-        self.tokens_total = Counter(
-            "gptoss_tenant_tokens_total",
+        per_tenant = _Families(registry, "tenant")
+        self.tokens_total = per_tenant(
+            Counter, "gptoss_tenant_tokens_total",
             "Tokens of finished Generate/Chat calls by tenant and type: prompt (sent to the model), "
             "cached_prompt (of those, served from the prefix cache), reasoning (of the completion, in "
-            "analysis messages), completion (streamed to the client, cancelled and failed calls included).",
-            ["tenant", "type"], registry=registry)
-        self.requests_total = Counter(
-            "gptoss_tenant_requests_total",
-            "Finished Generate/Chat calls of authenticated tenants, by tenant and gRPC status code.",
-            ["tenant", "code"], registry=registry)
+            "analysis messages), completion (streamed to the client, cancelled and failed calls included).", "type")
+        self.requests_total = per_tenant(
+            Counter, "gptoss_tenant_requests_total",
+            "Finished Generate/Chat calls of authenticated tenants, by tenant and gRPC status code.", "code")
 
 
 class RouterMetrics:
@@ -106,34 +109,28 @@ class RouterMetrics:
     process that holds the deployment handle - the front door - so these register there."""
 
     def __init__(self, registry: CollectorRegistry = REGISTRY) -> None:
-        self.decisions_total = Counter(
-            "gptoss_router_decisions_total",
+        per_deployment = _Families(registry, "application", "deployment")
+        self.decisions_total = per_deployment(
+            Counter, "gptoss_router_decisions_total",
             "Routing decisions, by deployment, policy and outcome (chosen: no preference involved; "
             "affinity_hit: the replica holding the prefix/session was taken; fallback: it was over "
-            "the load bound, least_loaded chose; no_affinity: nothing to prefer).",
-            ["application", "deployment", "policy", "outcome"], registry=registry)
-        self.prefix_matched_blocks = Histogram(
-            "gptoss_router_prefix_matched_blocks",
+            "the load bound, least_loaded chose; no_affinity: nothing to prefer).", "policy", "outcome")
+        self.prefix_matched_blocks = per_deployment(
+            Histogram, "gptoss_router_prefix_matched_blocks",
             "Prompt-prefix blocks (serving.router.block_size tokens each) found on the best replica "
-            "per prefix_affinity decision.",
-            ["application", "deployment"], buckets=(0, 1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024), registry=registry)
-        self.replica_load = Gauge(
-            "gptoss_router_replica_load",
+            "per prefix_affinity decision.", buckets=(0, 1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024))
+        self.replica_load = per_deployment(
+            Gauge, "gptoss_router_replica_load",
             "Load of each replica as the router last saw it: waiting + running sequences (the larger "
-            "of the replica's report and this router's in-flight count) + kv_weight x KV-cache use.",
-            ["application", "deployment", "replica"], registry=registry)
-        self.replicas = Gauge(
-            "gptoss_router_replicas",
-            "Replicas the router can route to now.",
-            ["application", "deployment"], registry=registry)
-        self.streams_total = Counter(
-            "gptoss_router_streams_total",
+            "of the replica's report and this router's in-flight count) + kv_weight x KV-cache use.", "replica")
+        self.replicas = per_deployment(Gauge, "gptoss_router_replicas", "Replicas the router can route to now.")
+        self.streams_total = per_deployment(
+            Counter, "gptoss_router_streams_total",
             "Generate streams by the way they reached the replica the router chose (direct: the "
             "replica's own gRPC stream; serve_handle: through the Serve handle, because the replica "
             "publishes no direct stream or the channel to it is not connected yet; "
             "serve_handle_after_refusal: the replica refused the direct stream before its first token "
-            "- full, stopping or unreachable - and the handle routed it again).",
-            ["application", "deployment", "path"], registry=registry)
+            "- full, stopping or unreachable - and the handle routed it again).", "path")
 
 
 class AutoscalerMetrics:
@@ -141,14 +138,11 @@ class AutoscalerMetrics:
     front door's load poller (cluster.frontdoor.loads.LoadPoller); part of FrontdoorMetrics."""
 
     def __init__(self, registry: CollectorRegistry = REGISTRY) -> None:
-        self.desired_replicas = Gauge(
-            "gptoss_autoscaler_desired_replicas",
-            "Replicas the autoscaling policy asks for (Serve's target), by deployment.",
-            ["application", "deployment"], registry=registry)
-        self.replicas = Gauge(
-            "gptoss_autoscaler_replicas",
-            "Replicas running now, by deployment.",
-            ["application", "deployment"], registry=registry)
+        per_deployment = _Families(registry, "application", "deployment")
+        self.desired_replicas = per_deployment(
+            Gauge, "gptoss_autoscaler_desired_replicas",
+            "Replicas the autoscaling policy asks for (Serve's target), by deployment.")
+        self.replicas = per_deployment(Gauge, "gptoss_autoscaler_replicas", "Replicas running now, by deployment.")
 
 
 _process_metrics: dict[type, object] = {}
@@ -166,11 +160,10 @@ class ServeInternalsMetrics:
     counted in the process that looked them up (the front door)."""
 
     def __init__(self, registry: CollectorRegistry = REGISTRY) -> None:
-        self.unavailable_total = Counter(
-            "gptoss_serve_internal_unavailable_total",
+        self.unavailable_total = _Families(registry)(
+            Counter, "gptoss_serve_internal_unavailable_total",
             "Lookups of a Ray Serve private attribute that was not there (after a Ray upgrade), by "
-            "item; while it grows, requests take the slower Serve handle path instead of the direct one.",
-            ["item"], registry=registry)
+            "item; while it grows, requests take the slower Serve handle path instead of the direct one.", "item")
 
 
 def serve_internals_metrics() -> ServeInternalsMetrics:
@@ -191,27 +184,24 @@ class _Registries:
             yield from registry.collect()
 
 
-# (name, help, kind, how to read it from an engine's stats (cluster.engine.protocol.EngineStats))
+# One line a family: (name, help, how to read it from an engine's stats (cluster.engine.protocol.EngineStats)).
 _REPLICA_FAMILIES = (
-    ("gptoss_replica_waiting_requests", "Requests queued in the replica's engine, waiting for a place in the batch.",
-     "gauge", lambda s: s.waiting_requests),
-    ("gptoss_replica_running_requests", "Requests in the replica's running batch.",
-     "gauge", lambda s: s.running_requests),
-    ("gptoss_replica_kv_cache_usage_ratio", "Fraction of the replica's KV-cache blocks in use (0-1).",
-     "gauge", lambda s: s.kv_cache_usage),
-    ("gptoss_replica_kv_cache_blocks", "KV-cache blocks the replica's engine can hand out.",
-     "gauge", lambda s: s.kv_blocks_total or None),
-    ("gptoss_replica_generation_tokens_per_second", "Tokens the replica generated per second, over its last few seconds.",
-     "gauge", lambda s: s.generation_tokens_per_s),
-    ("gptoss_replica_generation_tokens_total", "Tokens the replica generated since it started.",
-     "counter", lambda s: s.tokens_generated_total),
-    ("gptoss_replica_prefix_cache_queried_tokens_total", "Prompt tokens looked up in the replica's prefix cache.",
-     "counter", lambda s: s.prefix_cache_queried_tokens_total),
-    ("gptoss_replica_prefix_cache_hit_tokens_total", "Prompt tokens whose KV blocks the prefix cache supplied.",
-     "counter", lambda s: s.prefix_cache_hit_tokens_total),
-    ("gptoss_replica_preemptions_total", "Running requests evicted to free KV blocks (recomputed later).",
-     "counter", lambda s: s.preemptions_total),
+    ("gptoss_replica_waiting_requests", "Requests queued in the replica's engine, waiting for a place in the batch.", lambda s: s.waiting_requests),
+    ("gptoss_replica_running_requests", "Requests in the replica's running batch.", lambda s: s.running_requests),
+    ("gptoss_replica_kv_cache_usage_ratio", "Fraction of the replica's KV-cache blocks in use (0-1).", lambda s: s.kv_cache_usage),
+    ("gptoss_replica_kv_cache_blocks", "KV-cache blocks the replica's engine can hand out.", lambda s: s.kv_blocks_total or None),
+    ("gptoss_replica_generation_tokens_per_second", "Tokens the replica generated per second, over its last few seconds.", lambda s: s.generation_tokens_per_s),
+    ("gptoss_replica_generation_tokens_total", "Tokens the replica generated since it started.", lambda s: s.tokens_generated_total),
+    ("gptoss_replica_prefix_cache_queried_tokens_total", "Prompt tokens looked up in the replica's prefix cache.", lambda s: s.prefix_cache_queried_tokens_total),
+    ("gptoss_replica_prefix_cache_hit_tokens_total", "Prompt tokens whose KV blocks the prefix cache supplied.", lambda s: s.prefix_cache_hit_tokens_total),
+    ("gptoss_replica_preemptions_total", "Running requests evicted to free KV blocks (recomputed later).", lambda s: s.preemptions_total),
 )
+
+
+def _collected_family(name: str, documentation: str, labels) -> CounterMetricFamily | GaugeMetricFamily:
+    """An empty family for a collector to fill: a counter when its name ends in _total, else a gauge."""
+    kind = CounterMetricFamily if name.endswith("_total") else GaugeMetricFamily
+    return kind(name, documentation, labels=labels)
 
 
 class ReplicaLoadCollector(Collector):
@@ -240,9 +230,8 @@ class ReplicaLoadCollector(Collector):
     def collect(self):
         with self._lock:
             reports = sorted((rid, stats) for rid, (_, stats) in self._reports.items())
-        for name, documentation, kind, read in _REPLICA_FAMILIES:
-            family_type = GaugeMetricFamily if kind == "gauge" else CounterMetricFamily
-            family = family_type(name, documentation, labels=["replica"])
+        for name, documentation, read in _REPLICA_FAMILIES:
+            family = _collected_family(name, documentation, ["replica"])
             for replica_id, stats in reports:
                 value = read(stats)
                 if value is not None:
@@ -256,12 +245,11 @@ class ReplicaLoadCollector(Collector):
 # 120b); the imbalance gauge, one per layer, is the cheap signal to alert on.
 _EXPERT_FAMILIES = (
     ("gptoss_expert_tokens_total", "Tokens routed to each expert (each token counts once per chosen expert).",
-     "counter", ("replica", "layer", "expert")),
+     ("replica", "layer", "expert")),
     ("gptoss_expert_imbalance_ratio",
      "Per-rank expert load max/mean over the recent window under the current placement (1 = balanced).",
-     "gauge", ("replica", "layer")),
-    ("gptoss_expert_rebalances_total", "Expert placements the replica's rebalancer applied.",
-     "counter", ("replica",)),
+     ("replica", "layer")),
+    ("gptoss_expert_rebalances_total", "Expert placements the replica's rebalancer applied.", ("replica",)),
 )
 
 
@@ -269,9 +257,7 @@ def _expert_families(reports: list[tuple[str, object]]):
     loads = [(rid, stats.expert_load) for rid, stats in reports if getattr(stats, "expert_load", None) is not None]
     if not loads:
         return
-    tokens, imbalance, rebalances = (
-        (GaugeMetricFamily if kind == "gauge" else CounterMetricFamily)(name, documentation, labels=labels)
-        for name, documentation, kind, labels in _EXPERT_FAMILIES)
+    tokens, imbalance, rebalances = (_collected_family(*family) for family in _EXPERT_FAMILIES)
     for replica_id, load in loads:
         for layer, row in enumerate(load.tokens_per_expert_total):
             for expert, n in enumerate(row):

@@ -28,3 +28,26 @@ def test_a_bad_flag_value_is_refused_naming_its_config_key(capsys):
 
     assert main(["frontdoor", "--grpc-port", "70000", "--address", "auto"]) == 2
     assert "frontdoor.grpc_port" in capsys.readouterr().err
+
+
+def test_benchmarks_sharing_a_flag_keep_their_own_defaults_and_read_lengths_alike(capsys):
+    import pytest
+
+    from cluster.bench.workload import IntRange
+    from cluster.cli import build_parser
+
+    parser = build_parser()
+    overhead = parser.parse_args(["bench", "overhead"])
+    vllm = parser.parse_args(["bench", "vllm-serving", "--prompt-len", "32:64"])
+    serving = parser.parse_args(["bench", "serving", "--target", "127.0.0.1:1"])
+    assert (overhead.concurrency, overhead.rounds, overhead.startup_timeout, overhead.c1_requests) == (64, 3, 240.0, 60)
+    assert (vllm.concurrency, vllm.rounds, vllm.startup_timeout, vllm.c1_requests) == (32, 1, 600.0, 60)
+    assert (overhead.prompt_len, overhead.output_len, vllm.output_len, serving.prompt_len) == ("16", "32:128", "128", "128")
+    assert IntRange.parse(vllm.prompt_len, "--prompt-len") == IntRange(32, 64)  # vllm-serving takes ranges too
+    helps = {}
+    for command in ("overhead", "vllm-serving"):
+        with pytest.raises(SystemExit):
+            parser.parse_args(["bench", command, "--help"])
+        helps[command] = " ".join(capsys.readouterr().out.split())
+    assert "seconds to wait for the servers, started together (default 240)" in helps["overhead"]
+    assert "seconds to wait for each server (default 600)" in helps["vllm-serving"]

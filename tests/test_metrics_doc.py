@@ -9,6 +9,7 @@ from pathlib import Path
 from prometheus_client import CollectorRegistry
 
 import cluster.metrics as metrics_module
+from cluster.engine.protocol import EngineStats, ExpertLoad
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "metrics.md"
 SUFFIX = {"counter": "_total"}
@@ -23,13 +24,22 @@ def defined_metrics() -> dict[str, tuple[str, tuple[str, ...]]]:
         cls(registry)
         for collector in set(registry._collector_to_names):
             if isinstance(collector, metrics_module.ReplicaLoadCollector):
-                for name, _, kind, _ in metrics_module._REPLICA_FAMILIES:
-                    found[name] = (kind, ("replica",))
-                for name, _, kind, labels in metrics_module._EXPERT_FAMILIES:
-                    found[name] = (kind, labels)
+                found |= collected_families(collector)
                 continue
             name = collector._name + SUFFIX.get(collector._type, "")
             found[name] = (collector._type, tuple(collector._labelnames))
+    return found
+
+
+def collected_families(collector) -> dict[str, tuple[str, tuple[str, ...]]]:
+    """The families a ReplicaLoadCollector exposes once an expert-parallel replica has reported."""
+    load = ExpertLoad(tokens_per_expert_total=[[1, 2]], imbalance=[1.0], rebalances_total=0)
+    collector.update([("replica-a", EngineStats(1, 1, 0, 0, 0, 10, kv_blocks_total=8, expert_load=load))])
+    found = {}
+    for family in collector.collect():
+        assert family.samples, f"{family.name} has no sample for a replica that reported every statistic"
+        labels = tuple(label for label in family.samples[0].labels)
+        found[family.name + SUFFIX.get(family.type, "")] = (family.type, labels)
     return found
 
 

@@ -32,6 +32,8 @@ import time
 import urllib.request
 from pathlib import Path
 
+from cluster.bench.flags import add_rounds, add_token_lengths
+
 TARGETS = ("floor", "serve_proxy", "ours", "ours_http")
 GOALS = {"tokens_per_s_ratio_vs_floor": 0.5, "tokens_per_s_ratio_vs_serve_proxy": 10.0, "ttft_c1_added_ms": 2.0,
          "http_tokens_per_s_ratio_vs_grpc": 0.7, "http_ttft_c1_added_ms_vs_grpc": 1.0}
@@ -43,19 +45,14 @@ def add_parser(commands) -> None:
                             formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--token-rate", type=float, default=1000.0,
                    help="tokens/s per stream every server produces (default 1000; 0: unpaced)")
-    p.add_argument("--concurrency", type=int, default=64, help="streams in flight (default 64)")
-    p.add_argument("--output-len", default="32:128", help="tokens per stream, N or LOW:HIGH (default 32:128)")
-    p.add_argument("--prompt-len", default="16", help="prompt tokens (default 16)")
+    add_rounds(p, concurrency=64, rounds=3, startup_timeout=240.0, servers_start="together")
+    add_token_lengths(p, prompt="16", output="32:128", output_counts="tokens per stream")
     p.add_argument("--duration", type=float, default=5.0, help="seconds per throughput run (default 5)")
-    p.add_argument("--c1-requests", type=int, default=60, help="requests per concurrency-1 run (default 60)")
-    p.add_argument("--rounds", type=int, default=3, help="rounds over the three targets (default 3)")
     p.add_argument("--chunk-interval-ms", type=float, default=10.0,
                    help="our replica's least time between chunks of a stream (default 10)")
     p.add_argument("--serve-throughput-optimized", action="store_true",
                    help="run both Ray Serve servers with RAY_SERVE_THROUGHPUT_OPTIMIZED=1 (Serve's own knob; "
                         "default: the Serve proxy with Serve's defaults, ours with its own defaults)")
-    p.add_argument("--startup-timeout", type=float, default=240.0, help="seconds to wait for the servers")
-    p.add_argument("--json", dest="json_path", metavar="FILE", help="write every run's summary here")
     p.set_defaults(func=run)
 
 

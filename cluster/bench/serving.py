@@ -16,6 +16,7 @@ import math
 import os
 import sys
 
+from cluster.bench.flags import add_token_lengths
 from cluster.bench.workload import APIS
 
 API_KEY_ENV = "GPTOSS_API_KEY"
@@ -37,8 +38,7 @@ def add_parser(commands) -> None:
     p.add_argument("--timeout", type=float, default=300.0, help="deadline per request in seconds (default 300)")
     w = p.add_argument_group("workload")
     w.add_argument("--workload", metavar="FILE.jsonl", help="requests from a JSONL file (see cluster/bench/workload.py)")
-    w.add_argument("--prompt-len", default="128", help="prompt tokens: N or LOW:HIGH (default 128)")
-    w.add_argument("--output-len", default="128", help="tokens to generate: N or LOW:HIGH (default 128)")
+    add_token_lengths(w, prompt="128", output="128")
     w.add_argument("--prefix-groups", type=int, default=0, help="groups of requests sharing a prompt prefix")
     w.add_argument("--prefix-len", type=int, default=0, help="tokens of each group's shared prefix")
     w.add_argument("--sessions", type=int, default=0, help="session ids to spread requests over (x-session-id)")

@@ -36,6 +36,8 @@ import time
 import urllib.request
 from pathlib import Path
 
+from cluster.bench.flags import add_rounds, add_token_lengths
+
 SIDES = ("plain", "ours")
 
 
@@ -45,13 +47,10 @@ def add_parser(commands) -> None:
                             formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", metavar="DIR", help="checkpoint directory (default: the tiny-vllm preset, random "
                                                   "weights, bf16 experts, written to a temporary directory)")
-    p.add_argument("--prompt-len", type=int, default=256, help="prompt tokens (default 256)")
-    p.add_argument("--output-len", type=int, default=128, help="output tokens, exactly (default 128)")
-    p.add_argument("--concurrency", type=int, default=32, help="streams of the throughput run (default 32)")
+    add_rounds(p, concurrency=32, rounds=1, startup_timeout=600.0, servers_start="one after the other")
+    add_token_lengths(p, prompt="256", output="128", output_counts="output tokens, exactly")
     p.add_argument("--num-requests", type=int, default=128, help="requests of the throughput run (default 128)")
-    p.add_argument("--c1-requests", type=int, default=60, help="requests of the concurrency-1 run (default 60)")
     p.add_argument("--warmup", type=int, default=32, help="warm-up requests per server and round (default 32)")
-    p.add_argument("--rounds", type=int, default=1, help="rounds, alternating the two servers (default 1)")
     p.add_argument("--temperature", type=float, default=0.0, help="sampling temperature (default 0: greedy)")
     p.add_argument("--ours-api", choices=("generate", "completions"), default="generate",
                    help="how ours is loaded: gRPC Generate, or /v1/completions as plain vLLM is (default generate)")
@@ -62,8 +61,6 @@ def add_parser(commands) -> None:
     e.add_argument("--threads-bind", default="", help="VLLM_CPU_OMP_THREADS_BIND, e.g. 0-1 (default: vLLM's auto)")
     e.add_argument("--no-enforce-eager", dest="enforce_eager", action="store_false",
                    help="let vLLM compile / capture graphs (default: enforce-eager, as the CPU tests run)")
-    p.add_argument("--startup-timeout", type=float, default=600.0, help="seconds to wait for each server")
-    p.add_argument("--json", dest="json_path", metavar="FILE", help="write every run's summary here")
     p.set_defaults(func=run)
 
 
@@ -142,8 +139,8 @@ def _measure(side: str, target: str, api: str, args: argparse.Namespace, round_n
     from cluster.bench.report import summarize
     from cluster.bench.workload import IntRange, SyntheticWorkload
 
-    workload = SyntheticWorkload(api=api, prompt_len=IntRange.parse(str(args.prompt_len), "--prompt-len"),
-                                 output_len=IntRange.parse(str(args.output_len), "--output-len"), seed=round_no)
+    workload = SyntheticWorkload(api=api, prompt_len=IntRange.parse(args.prompt_len, "--prompt-len"),
+                                 output_len=IntRange.parse(args.output_len, "--output-len"), seed=round_no)
     connection = Connection(target=target)
     sampling = dict(api=api, temperature=args.temperature, seed=round_no, timeout_s=600.0)
     load = run_load(connection, workload, LoadPlan(concurrency=args.concurrency, num_requests=args.num_requests,

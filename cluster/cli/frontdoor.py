@@ -19,6 +19,7 @@ import sys
 import time
 
 from cluster.cli import frontdoor_flags
+from cluster.cli.frontdoor_process import start_frontdoor
 from cluster.config import ConfigError
 
 log = logging.getLogger("cluster.cli.frontdoor")
@@ -87,17 +88,7 @@ async def watch_ray(stop: asyncio.Event, lost_after_s: float, period_s: float = 
 
 
 async def _run(handle, config) -> None:
-    import signal
-
-    from cluster.frontdoor.server import FrontdoorServer, freeze_startup_heap
-
-    server = FrontdoorServer(handle, config.frontdoor)
-    await server.start()
-    freeze_startup_heap()
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+    server, stop = await start_frontdoor(handle, config.frontdoor)
     http = server.http_url if server.http_port is not None else "off"
     print(f"gptoss-cluster frontdoor: {server.info.model_name} | gRPC {server.grpc_target} | HTTP {http} | "
           f"app {config.serving.app_name}", flush=True)

@@ -9,6 +9,7 @@ import signal
 import sys
 
 from cluster.cli import frontdoor_flags
+from cluster.cli.frontdoor_process import start_frontdoor
 from cluster.config import ConfigError
 
 log = logging.getLogger("cluster.cli.serve")
@@ -32,15 +33,7 @@ def register(subparsers) -> None:
 
 
 async def _serve(runtime, config) -> None:
-    from cluster.frontdoor.server import FrontdoorServer, freeze_startup_heap
-
-    server = FrontdoorServer(runtime.handle, config.frontdoor)
-    await server.start()
-    freeze_startup_heap()
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+    server, stop = await start_frontdoor(runtime.handle, config.frontdoor)
     metrics = f"http://{config.frontdoor.host}:{server.metrics_port}/metrics" if server.metrics_port else "off"
     http = server.http_url if server.http_port is not None else "off"
     print(f"gptoss-cluster: serving {server.info.model_name} | gRPC {server.grpc_target} | HTTP {http} | "

@@ -23,6 +23,8 @@ import threading
 import time
 from pathlib import Path
 
+from tests.waiting import wait_until
+
 REPLICA_WAIT_S = 3.0
 
 
@@ -381,14 +383,28 @@ def _percentiles_ms(seconds: list[float]) -> dict[str, float]:
             "p99": round(ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))] * 1000, 1)}
 
 
-def _dispatched(app_name: str) -> float:
-    """Generate streams the front door's router has sent to a replica of `app_name` (either path;
-    a re-route after a replica's own refusal is not a new request)."""
+def _dispatched(app_name: str, paths: tuple[str, ...] = ("direct", "serve_handle")) -> float:
+    """Generate streams the front door's router has sent to a replica of `app_name` by `paths`
+    (by default either path; a re-route after a replica's own refusal is not a new request)."""
     from cluster.metrics import router_metrics
 
     return sum(s.value for m in router_metrics().streams_total.collect() for s in m.samples
-               if s.name.endswith("_total") and s.labels["application"] == app_name
-               and s.labels["path"] in ("direct", "serve_handle"))
+               if s.name.endswith("_total") and s.labels["application"] == app_name and s.labels["path"] in paths)
+
+
+def _wait_direct_path(door: Door, app_name: str) -> None:
+    """Wait until a Generate takes the replica's direct stream: the front door's channel to it is
+    connected (until then calls go through the Serve handle). One 1-token call per look."""
+    from gptoss.v1 import inference_pb2 as pb
+
+    probe = pb.GenerateRequest(prompt_token_ids=[1000, 2000, 3000], sampling=pb.SamplingParams(max_tokens=1))
+
+    def took_direct_path() -> bool:
+        before = _dispatched(app_name, ("direct",))
+        list(door.stub.Generate(probe, timeout=30))
+        return _dispatched(app_name, ("direct",)) > before
+
+    wait_until(took_direct_path, timeout=30, interval=0.1, message="a call on the replica's direct stream")
 
 
 def burst_ten_times_capacity(env: dict) -> dict:
@@ -408,7 +424,7 @@ def burst_ten_times_capacity(env: dict) -> dict:
         floor = RefusalFloor()
         try:
             floor_latencies = [r["took_s"] for r in _burst(f"127.0.0.1:{floor.port}", burst, 64)]
-            time.sleep(1.0)  # the front door has connected its channel to the replica
+            _wait_direct_path(door, config.serving.app_name)
             dispatched = _dispatched(config.serving.app_name)
             started = time.monotonic()
             results = _burst(door.door.target, burst, 64)

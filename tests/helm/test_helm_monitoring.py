@@ -4,7 +4,6 @@ defines metrics (a histogram `x` also exports x_bucket, x_sum and x_count)."""
 
 from __future__ import annotations
 
-import ast
 import json
 import re
 import subprocess
@@ -13,12 +12,11 @@ import pytest
 import yaml
 
 from tests.helm.helm_chart import CHART
+from tests.test_metrics_doc import defined_metrics
 from tests.tooling import REPO_ROOT, require_promtool
 
 RULES = CHART / "files" / "prometheus-rules.yaml"
 DASHBOARD = CHART / "files" / "grafana-dashboard.json"
-METRICS_MODULE = REPO_ROOT / "cluster" / "metrics.py"
-METRIC_CLASSES = {"Counter", "Gauge", "Histogram", "Summary", "Info", "Enum"}
 
 # PromQL words that look like identifiers but are not metric names.
 PROMQL_WORDS = {
@@ -29,24 +27,13 @@ PROMQL_WORDS = {
 
 
 def exported_metric_names() -> set[str]:
-    """Names cluster/metrics.py defines (the first argument of each Counter/Gauge/Histogram/... call)
-    plus the series names a histogram or summary adds."""
+    """Names cluster/metrics.py defines (as tests/test_metrics_doc.py reads them) plus the series
+    names a histogram adds."""
     names: set[str] = set()
-    for node in ast.walk(ast.parse(METRICS_MODULE.read_text())):
-        if isinstance(node, ast.Call) and getattr(node.func, "id", getattr(node.func, "attr", None)) in METRIC_CLASSES:
-            if node.args and isinstance(node.args[0], ast.Constant) and isinstance(node.args[0].value, str):
-                name = node.args[0].value
-                names.add(name)
-                kind = getattr(node.func, "id", getattr(node.func, "attr", None))
-                if kind in ("Histogram", "Summary"):
-                    names |= {f"{name}_bucket", f"{name}_sum", f"{name}_count"}
-                if kind == "Counter" and not name.endswith("_total"):
-                    names.add(f"{name}_total")  # prometheus_client appends _total to counters
-        # Custom-collector families (ReplicaLoadCollector's _REPLICA_FAMILIES): (name, help, "gauge"|"counter", read).
-        if isinstance(node, ast.Tuple) and len(node.elts) >= 3 and all(isinstance(e, ast.Constant) for e in node.elts[:3]):
-            name, _, kind = (e.value for e in node.elts[:3])
-            if isinstance(name, str) and name.startswith("gptoss_") and kind in ("gauge", "counter"):
-                names.add(name)
+    for name, (kind, _) in defined_metrics().items():
+        names.add(name)
+        if kind == "histogram":
+            names |= {f"{name}_bucket", f"{name}_sum", f"{name}_count"}
     return names
 
 

@@ -14,6 +14,7 @@ from cluster.engine.errors import EngineOverloadedError, InvalidRequestError
 from cluster.engine.request import FinishReason, GenerateRequest, SamplingParams, TokenChunk
 from cluster.serving.direct_stream import (DirectAddress, DirectStreamClient, DirectStreamServer, DirectStreamTls,
                                           Rejected)
+from tests.waiting import async_wait_until
 
 
 def request(n: int = 3, request_id: str = "r1") -> GenerateRequest:
@@ -111,8 +112,8 @@ def test_dropping_a_replica_s_channel_lets_its_running_stream_finish():
             running = asyncio.ensure_future(collect(client.open(target, request(20))))
             await engine.started.wait()
             dropping = asyncio.ensure_future(client.retain(set()))  # the replica left the routable set
-            await asyncio.sleep(0.05)
-            assert target.address not in client._channels and not dropping.done()
+            await async_wait_until(lambda: target.address not in client._channels, 5, message="channel dropped")
+            assert not dropping.done()
             chunks = await running
             await asyncio.wait_for(dropping, 5)
             assert len(chunks) == 20 and engine.ended == ["finished"]
@@ -210,7 +211,7 @@ def test_stopping_finishes_streams_in_flight_and_refuses_new_ones():
             running = asyncio.ensure_future(collect(client.open(target, request(25))))
             await engine.started.wait()
             stopping = asyncio.ensure_future(server.stop(10.0))
-            await asyncio.sleep(0.05)
+            await async_wait_until(lambda: server._stopping, 5, message="the replica's server stopping")
             with pytest.raises(Rejected):
                 await collect(client.open(target, request(2, "late")))
             chunks = await running

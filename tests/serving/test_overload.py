@@ -14,6 +14,7 @@ import torch
 from cluster.model.generate import greedy
 from gptoss.v1 import inference_pb2 as pb
 from tests.frontdoor.status_details import details, retry_delay_s
+from tests.waiting import wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -117,6 +118,15 @@ def drain(stream) -> None:
         pass
 
 
+async def _reports_hold(door, n: int) -> bool:
+    """Whether the replicas' last load reports, as `door`'s router holds them, add up to `n` requests
+    or more (run on the front door's loop, where its router lives)."""
+    from cluster.serving.serve_internals import request_router
+
+    router = request_router(door.server._loop_handle)
+    return router is not None and router.requests_held()[0] >= n
+
+
 def test_a_second_front_door_refuses_from_the_replicas_load_reports_without_sending(small_queue_stub, serving_config):
     """Another front door (its own router, as a second pod's) has sent nothing to the replica, so
     its own count says the replica is empty; the replica's load report says it holds all it can.
@@ -146,7 +156,8 @@ def test_a_second_front_door_refuses_from_the_replicas_load_reports_without_send
     try:
         other_stub = inference_pb2_grpc.InferenceStub(channel)
         request = pb.GenerateRequest(prompt_token_ids=[5, 6, 7], sampling=pb.SamplingParams(max_tokens=4))
-        time.sleep(3 * serving_config.serving.router.stats_period_s + 1)  # the replica's report arrived
+        wait_until(lambda: other.call(_reports_hold(other, capacity)), timeout=30, interval=0.1,
+                   message="the replica's load report showing it full, as the second front door's router sees it")
         before = dispatched_streams("small-queue")
         with pytest.raises(grpc.RpcError) as refused:
             list(other_stub.Generate(request, timeout=30))

@@ -16,12 +16,14 @@ class EngineStream:
 
     def __init__(self, chunks: int = 100) -> None:
         self.release = asyncio.Event()
+        self.waiting = asyncio.Event()  # the relay is waiting for the next chunk
         self.closed = False
         self._chunks = chunks
 
     async def _gen(self):
         try:
             for i in range(self._chunks):
+                self.waiting.set()
                 await self.release.wait()
                 self.release.clear()
                 yield i
@@ -44,7 +46,7 @@ def test_a_cancel_that_arrives_as_a_chunk_is_ready_is_not_lost(deadline_in_s):
         stream, got = EngineStream(), []
         deadline = None if deadline_in_s is None else time.time() + deadline_in_s
         task = asyncio.create_task(_consume(stream, deadline, got))
-        await asyncio.sleep(0.01)  # the relay now waits for the first chunk
+        await stream.waiting.wait()  # the relay waits for the first chunk
         stream.release.set()  # the chunk becomes ready ...
         task.cancel()  # ... and the caller cancels, in the same turn of the loop
         with pytest.raises(asyncio.CancelledError):
@@ -72,7 +74,8 @@ def test_a_stream_ending_before_the_deadline_is_relayed_whole():
 
         async def feed():
             for _ in range(3):
-                await asyncio.sleep(0.005)
+                await stream.waiting.wait()
+                stream.waiting.clear()
                 stream.release.set()
 
         await asyncio.gather(_consume(stream, time.time() + 30, got), feed())

@@ -11,7 +11,6 @@ import shutil
 import signal
 import subprocess
 import tempfile
-import time
 import urllib.request
 from pathlib import Path
 
@@ -22,6 +21,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from cluster.sockets import free_port
 from tests.serving.test_serve_cli import start_serve
 from tests.tooling import NODE_DIR, missing
+from tests.waiting import holds, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -197,20 +197,19 @@ def test_response_function_call_round_trip_through_previous_response_id(server):
 def test_a_background_cancel_stops_the_engine_request(server):
     """The engine's own numbers: its running batch empties and it generates no more tokens."""
     with server.client() as client:
+        before = server.replica("gptoss_replica_generation_tokens_total")
         created = client.responses.create(model="gpt-oss-tiny", input="Count to a thousand", background=True,
                                           max_output_tokens=3000, extra_body={"ignore_eos": True})
-        deadline = time.monotonic() + 60
-        while server.replica("gptoss_replica_running_requests") < 1 and time.monotonic() < deadline:
-            time.sleep(0.1)
-        assert server.replica("gptoss_replica_running_requests") == 1
-        time.sleep(0.5)
+        wait_until(lambda: server.replica("gptoss_replica_running_requests") == 1, 60, 0.1, "the response running")
+        wait_until(lambda: server.replica("gptoss_replica_generation_tokens_total") > before, 30, 0.1,
+                   "the response decoding")
         cancelled = client.responses.cancel(created.id)
         assert cancelled.status == "cancelled"
-        time.sleep(1.0)  # two load reports (0.2 s apart) after the cancel
-        assert server.replica("gptoss_replica_running_requests") == 0
+        wait_until(lambda: server.replica("gptoss_replica_running_requests") == 0, 10, 0.1,
+                   "the engine's running batch empty after the cancel")
         generated = server.replica("gptoss_replica_generation_tokens_total")
-        time.sleep(0.6)
-        assert server.replica("gptoss_replica_generation_tokens_total") == generated
+        holds(lambda: server.replica("gptoss_replica_generation_tokens_total") == generated, 0.6, 0.1,
+              "the engine generated tokens after the cancel (three load reports, 0.2 s apart)")
         assert client.responses.retrieve(created.id).status == "cancelled"
 
 

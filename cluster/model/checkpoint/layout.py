@@ -70,75 +70,79 @@ def tensor_layout(config: GptOssConfig, layout: str, mx: bool) -> list[TensorEnt
         TensorEntry("norm.scale", ("model.norm.weight" if hf else "norm.scale",), ((H,),)),
     ]
     for n in range(config.num_hidden_layers):
-        layer_entries, expert_names = (_hf_layer if hf else _original_layer)(config, n)
-        entries += layer_entries + _expert_entries(config, n, expert_names, hf, mx)
+        entries += _layer_entries(config, n, hf) + _expert_entries(config, n, hf, mx)
     return entries
 
 
-def _hf_layer(c: GptOssConfig, n: int) -> tuple[list[TensorEntry], dict[str, str]]:
-    """Layer n's non-expert tensors in the HF layout, and the stems of its expert tensors."""
-    H, D, E, I = c.hidden_size, c.head_dim, c.num_local_experts, c.intermediate_size
-    q, kv = c.num_attention_heads * D, c.num_key_value_heads * D
-    p, a, m = f"blocks.{n}.", f"model.layers.{n}.self_attn.", f"model.layers.{n}.mlp."
-    entries = [
-        TensorEntry(p + "attn_norm.scale", (f"model.layers.{n}.input_layernorm.weight",), ((H,),)),
-        TensorEntry(p + "mlp_norm.scale", (f"model.layers.{n}.post_attention_layernorm.weight",), ((H,),)),
-        *(
-            TensorEntry(p + f"attn.qkv.{kind}", tuple(a + f"{x}_proj.{kind}" for x in "qkv"),
-                        tuple((rows, H) if kind == "weight" else (rows,) for rows in (q, kv, kv)),
-                        join=lambda ts: torch.cat(ts, dim=0),
-                        split=lambda t: list(t.split((q, kv, kv), dim=0)))
-            for kind in ("weight", "bias")
-        ),
-        TensorEntry(p + "attn.out.weight", (a + "o_proj.weight",), ((H, q),)),
-        TensorEntry(p + "attn.out.bias", (a + "o_proj.bias",), ((H,),)),
-        TensorEntry(p + "attn.sinks", (a + "sinks",), ((c.num_attention_heads,),)),
-        TensorEntry(p + "mlp.router.weight", (m + "router.weight",), ((E, H),)),
-        TensorEntry(p + "mlp.router.bias", (m + "router.bias",), ((E,),)),
-        TensorEntry(p + "mlp.gate_up_bias", (m + "experts.gate_up_proj_bias",), ((E, 2 * I),)),
-        TensorEntry(p + "mlp.down_bias", (m + "experts.down_proj_bias",), ((E, H),)),
+def _stored_layer(n: int, hf: bool) -> str:
+    """The prefix of layer n's tensor names on disk."""
+    return f"model.layers.{n}." if hf else f"block.{n}."
+
+
+def _layer_tensors(c: GptOssConfig) -> list[tuple[str, str, str, tuple[int, ...]]]:
+    """A layer's non-expert tensors that each layout stores one to one, in checkpoint order:
+    (ours under `blocks.N.`, HF under `model.layers.N.`, original under `block.N.`, shape).
+    q/k/v, one tensor of ours and of the original layout but three in HF, go after the norms."""
+    H, E, I = c.hidden_size, c.num_local_experts, c.intermediate_size
+    q = c.num_attention_heads * c.head_dim
+    return [
+        ("attn_norm.scale", "input_layernorm.weight", "attn.norm.scale", (H,)),
+        ("mlp_norm.scale", "post_attention_layernorm.weight", "mlp.norm.scale", (H,)),
+        ("attn.out.weight", "self_attn.o_proj.weight", "attn.out.weight", (H, q)),
+        ("attn.out.bias", "self_attn.o_proj.bias", "attn.out.bias", (H,)),
+        ("attn.sinks", "self_attn.sinks", "attn.sinks", (c.num_attention_heads,)),
+        ("mlp.router.weight", "mlp.router.weight", "mlp.gate.weight", (E, H)),
+        ("mlp.router.bias", "mlp.router.bias", "mlp.gate.bias", (E,)),
+        ("mlp.gate_up_bias", "mlp.experts.gate_up_proj_bias", "mlp.mlp1_bias", (E, 2 * I)),
+        ("mlp.down_bias", "mlp.experts.down_proj_bias", "mlp.mlp2_bias", (E, H)),
     ]
-    return entries, {"gate_up": m + "experts.gate_up_proj", "down": m + "experts.down_proj"}
 
 
-def _original_layer(c: GptOssConfig, n: int) -> tuple[list[TensorEntry], dict[str, str]]:
-    """Layer n's non-expert tensors in the original layout, and the stems of its expert tensors."""
-    H, D, E, I = c.hidden_size, c.head_dim, c.num_local_experts, c.intermediate_size
+def _layer_entries(c: GptOssConfig, n: int, hf: bool) -> list[TensorEntry]:
+    """Layer n's non-expert tensors in the HF layout (`hf`) or the original one."""
+    p, stored = f"blocks.{n}.", _stored_layer(n, hf)
+    one_to_one = [TensorEntry(p + ours, (stored + (hf_name if hf else original),), (shape,))
+                  for ours, hf_name, original, shape in _layer_tensors(c)]
+    return one_to_one[:2] + _qkv_entries(c, n, hf) + one_to_one[2:]
+
+
+def _qkv_entries(c: GptOssConfig, n: int, hf: bool) -> list[TensorEntry]:
+    """Layer n's fused q/k/v weight and bias: three tensors each in HF, one in the original layout."""
+    H, D = c.hidden_size, c.head_dim
     q, kv = c.num_attention_heads * D, c.num_key_value_heads * D
-    p, a, m = f"blocks.{n}.", f"block.{n}.attn.", f"block.{n}.mlp."
-    entries = [
-        TensorEntry(p + "attn_norm.scale", (a + "norm.scale",), ((H,),)),
-        TensorEntry(p + "mlp_norm.scale", (m + "norm.scale",), ((H,),)),
-        TensorEntry(p + "attn.qkv.weight", (a + "qkv.weight",), ((q + 2 * kv, H),)),
-        TensorEntry(p + "attn.qkv.bias", (a + "qkv.bias",), ((q + 2 * kv,),)),
-        TensorEntry(p + "attn.out.weight", (a + "out.weight",), ((H, q),)),
-        TensorEntry(p + "attn.out.bias", (a + "out.bias",), ((H,),)),
-        TensorEntry(p + "attn.sinks", (a + "sinks",), ((c.num_attention_heads,),)),
-        TensorEntry(p + "mlp.router.weight", (m + "gate.weight",), ((E, H),)),
-        TensorEntry(p + "mlp.router.bias", (m + "gate.bias",), ((E,),)),
-        TensorEntry(p + "mlp.gate_up_bias", (m + "mlp1_bias",), ((E, 2 * I),)),
-        TensorEntry(p + "mlp.down_bias", (m + "mlp2_bias",), ((E, H),)),
+    p, stored = f"blocks.{n}.attn.qkv.", _stored_layer(n, hf)
+    if not hf:
+        return [TensorEntry(p + "weight", (stored + "attn.qkv.weight",), ((q + 2 * kv, H),)),
+                TensorEntry(p + "bias", (stored + "attn.qkv.bias",), ((q + 2 * kv,),))]
+    return [
+        TensorEntry(p + kind, tuple(stored + f"self_attn.{x}_proj.{kind}" for x in "qkv"),
+                    tuple((rows, H) if kind == "weight" else (rows,) for rows in (q, kv, kv)),
+                    join=lambda ts: torch.cat(ts, dim=0),
+                    split=lambda t: list(t.split((q, kv, kv), dim=0)))
+        for kind in ("weight", "bias")
     ]
-    return entries, {"gate_up": m + "mlp1_weight", "down": m + "mlp2_weight"}
 
 
-def _expert_entries(c: GptOssConfig, n: int, names: dict[str, str], hf: bool, mx: bool) -> list[TensorEntry]:
+def _expert_entries(c: GptOssConfig, n: int, hf: bool, mx: bool) -> list[TensorEntry]:
     """Layer n's expert matrices: MXFP4 (blocks, scales) pairs, or dense ([E, in, out] in HF, as
     transformers holds them; [E, out, in] in the original layout)."""
     H, E, I = c.hidden_size, c.num_local_experts, c.intermediate_size
-    p, sep = f"blocks.{n}.", "_" if hf else "."
+    p, sep, stored = f"blocks.{n}.", "_" if hf else ".", _stored_layer(n, hf) + "mlp."
     entries = []
-    for proj, (rows, cols) in (("gate_up", (2 * I, H)), ("down", (H, I))):
+    # (ours, HF stem, original stem, [out, in])
+    for proj, hf_stem, original_stem, (rows, cols) in (("gate_up", "experts.gate_up_proj", "mlp1_weight", (2 * I, H)),
+                                                        ("down", "experts.down_proj", "mlp2_weight", (H, I))):
+        name = stored + (hf_stem if hf else original_stem)
         if mx:
             entries += [
-                TensorEntry(p + f"mlp.{proj}_blocks", (names[proj] + sep + "blocks",), ((E, rows, cols // 32, 16),),
+                TensorEntry(p + f"mlp.{proj}_blocks", (name + sep + "blocks",), ((E, rows, cols // 32, 16),),
                             packed=True),
-                TensorEntry(p + f"mlp.{proj}_scales", (names[proj] + sep + "scales",), ((E, rows, cols // 32),),
+                TensorEntry(p + f"mlp.{proj}_scales", (name + sep + "scales",), ((E, rows, cols // 32),),
                             packed=True),
             ]
         elif hf:
-            entries.append(TensorEntry(p + f"mlp.{proj}_weight", (names[proj],), ((E, cols, rows),),
+            entries.append(TensorEntry(p + f"mlp.{proj}_weight", (name,), ((E, cols, rows),),
                                        join=_transposed, split=_transpose_out))
         else:
-            entries.append(TensorEntry(p + f"mlp.{proj}_weight", (names[proj],), ((E, rows, cols),)))
+            entries.append(TensorEntry(p + f"mlp.{proj}_weight", (name,), ((E, rows, cols),)))
     return entries
