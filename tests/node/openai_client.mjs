@@ -53,12 +53,12 @@ report.toolAnswer = answer.choices[0].message.content;
 // Responses: streamed events, then a follow-up that continues the stored response.
 const events = [];
 let responseId = "";
-const responseStream = await client.responses.create({ model, input: "hello", stream: true, ...sampling });
+const responseStream = await client.responses.create({ model, input: "Repeat after me: green apple", stream: true, ...sampling });
 for await (const event of responseStream) {
   events.push(event.type);
   if (event.type === "response.completed") responseId = event.response.id;
 }
-const followUp = await client.responses.create({ model, input: "again", previous_response_id: responseId,
+const followUp = await client.responses.create({ model, input: "Reverse: green apple", previous_response_id: responseId,
                                                  ...sampling });
 report.responses = { events, followUp: followUp.output_text, usage: followUp.usage };
 
