@@ -40,7 +40,7 @@ def test_node_openai_sdk_chats_calls_a_tool_streams_responses_and_reads_errors()
     events = report["responses"]["events"]
     assert events[:2] == ["response.created", "response.in_progress"] and events[-1] == "response.completed"
     assert "response.reasoning_text.delta" in events and "response.output_text.delta" in events
-    assert report["responses"]["followUp"] == "You said: again. (user turns: 2)"
+    assert report["responses"]["followUp"] == "You said: Reverse: green apple. (user turns: 2)"
     assert report["responses"]["usage"]["output_tokens_details"]["reasoning_tokens"] > 0
     errors = report["errors"]
     assert errors["badField"]["status"] == 400 and errors["badField"]["param"] == "temperature"
