@@ -41,6 +41,17 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--structured-only", action="store_true",
                    help="only the structured-output section: step-time overhead of constrained requests (half of "
                         "--in-flight) against unconstrained ones, and schema compile time p50/p99")
+    p.add_argument("--structured-workload", choices=("trained", "random"), default="trained",
+                   help="structured section: the trained gpt-oss-tiny on its curriculum's asks with strict tools, "
+                        "regex and JSON-schema answers (default), or the random --preset writing JSON values (the "
+                        "worst case: most rows masked); see cluster/bench/structured_overhead.py")
+    p.add_argument("--structured-blocks", type=int, default=80,
+                   help="structured section: paired blocks measured per side (default: 80)")
+    p.add_argument("--structured-block-steps", type=int, default=4,
+                   help="structured section: engine steps per block (default: 4)")
+    p.add_argument("--cache-dir", default="~/.cache/gptoss-cluster",
+                   help="where the trained gpt-oss-tiny checkpoint is built and reused, as `serve` does "
+                        "(default: ~/.cache/gptoss-cluster)")
     p.set_defaults(func=_dispatch)
 
 
@@ -166,7 +177,7 @@ def run_engine_bench(args: argparse.Namespace) -> int:
     plain_ms = min(times["plain"]) / n_new * 1000
 
     # --- 3. structured output ---------------------------------------------------------------------
-    structured = structured_overhead(model, args.in_flight)
+    structured = structured_overhead(model, args)
 
     # --- 4. KV bytes per token -------------------------------------------------------------------
     kv120, theory120 = kv_bytes_per_token("gpt-oss-120b", args.kv_tokens)
@@ -202,17 +213,38 @@ def run_engine_bench(args: argparse.Namespace) -> int:
     return 0
 
 
-def structured_overhead(model, in_flight: int) -> dict:
+def structured_overhead(random_model, args: argparse.Namespace) -> dict:
+    """The structured section on the workload `args` asks for: the trained gpt-oss-tiny (loaded
+    here, as `serve` loads it) or `random_model`."""
+    from pathlib import Path
+
+    import torch
+
     from cluster.bench.structured_overhead import measure
 
-    return measure(model, in_flight)
+    model = random_model
+    if args.structured_workload == "trained":
+        from cluster.model.checkpoint import load_model
+        from cluster.serving.model_store import ensure_preset_checkpoint
+
+        model = load_model(ensure_preset_checkpoint("gpt-oss-tiny", Path(args.cache_dir).expanduser()),
+                           dtype=torch.float32)
+    return measure(model, args.structured_workload, args.in_flight, args.structured_blocks,
+                   args.structured_block_steps)
 
 
 def print_structured(result: dict) -> None:
-    print(f"structured output, {result['in_flight']} in flight, {result['constrained']} constrained: step "
-          f"{result['constrained_step_ms']:.2f} ms vs {result['unconstrained_step_ms']:.2f} ms unconstrained "
-          f"(overhead {result['overhead'] * 100:+.1f}%, goal <= +10%; median of {result['steps_measured']} paired steps); "
-          f"schema compile p50 {result['compile_ms_p50']:.2f} ms p99 {result['compile_ms_p99']:.2f} ms "
+    ci, quartiles = result["overhead_ci95"], result["overhead_quartiles"]
+    print(f"structured output ({result['workload']} workload), {result['in_flight']} in flight, "
+          f"{result['constrained']} constrained: step {result['constrained_step_ms']:.2f} ms vs "
+          f"{result['unconstrained_step_ms']:.2f} ms unconstrained")
+    print(f"  overhead {result['overhead'] * 100:+.1f}% (goal <= +10%): median of {result['pairs']} paired blocks of "
+          f"{result['block_steps']} steps, 95% interval {ci[0] * 100:+.1f}%..{ci[1] * 100:+.1f}%, quartiles "
+          f"{quartiles[0] * 100:+.1f}%..{quartiles[1] * 100:+.1f}%; process CPU {result['cpu_overhead'] * 100:+.1f}%")
+    kinds = ", ".join(f"{kind} {f:.0%}" for kind, f in result["masked_fraction_by_kind"].items())
+    print(f"  constrained rows that needed a mask: {result['masked_fraction']:.1%} of {result['constrained_rows']} "
+          f"({kinds}); requests finished (unconstrained, constrained side): {result['requests_finished']}")
+    print(f"  schema compile p50 {result['compile_ms_p50']:.2f} ms p99 {result['compile_ms_p99']:.2f} ms "
           f"({result['schemas_compiled']} compiles), cache hit p50 {result['compile_cache_hit_ms_p50']:.3f} ms")
 
 
@@ -224,11 +256,14 @@ def run_structured_bench(args: argparse.Namespace) -> int:
     from cluster.model.config import GptOssConfig
 
     torch.set_num_threads(args.threads)
-    with tempfile.TemporaryDirectory(prefix="gptoss-bench-engine-") as tmp:
-        write_checkpoint(GptOssConfig.from_preset(args.preset), tmp, seed=0, mxfp4=True)
-        model = load_model(tmp, dtype=torch.float32, dequantize=True)
-    result = structured_overhead(model, args.in_flight)
-    print(f"preset {args.preset}, float32, {torch.get_num_threads()} threads")
+    model = None
+    if args.structured_workload == "random":
+        with tempfile.TemporaryDirectory(prefix="gptoss-bench-engine-") as tmp:
+            write_checkpoint(GptOssConfig.from_preset(args.preset), tmp, seed=0, mxfp4=True)
+            model = load_model(tmp, dtype=torch.float32, dequantize=True)
+    result = structured_overhead(model, args)
+    preset = "gpt-oss-tiny (trained)" if args.structured_workload == "trained" else args.preset
+    print(f"preset {preset}, float32, {torch.get_num_threads()} threads")
     print_structured(result)
     print(json.dumps(result))
     return 0

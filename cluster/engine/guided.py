@@ -37,7 +37,7 @@ import torch
 from cluster.engine.errors import InvalidRequestError
 from cluster.harmony.structured import (CONSTRAINED_STOP_TOKEN_IDS, ConstraintError, TurnConstraint, check_constraint,
                                         grammar_tokenizer, parser_limits, token_bytes, turn_grammar)
-from cluster.harmony.tokenizer import VOCAB_SIZE
+from cluster.harmony.tokenizer import RETURN_ID, VOCAB_SIZE
 
 if TYPE_CHECKING:
     from cluster.engine.sequence import SamplingSettings
@@ -57,6 +57,17 @@ class Guide:
         self.wrap_up_tokens = wrap_up_tokens  # tokens before max_tokens where closing tokens win
         self.mask_ahead_steps = 0  # steps whose mask is computed ahead, after refused unmasked draws
         self._refusals = 0  # consecutive unmasked draws refused
+        self.draws = 0  # tokens drawn for this sequence
+        self.masked_draws = 0  # of those, drawn from masked logits (masked ahead, or refused unmasked)
+
+    def allows(self, token_id: int) -> bool:
+        """Whether the grammar takes `token_id` next: the same answer as the mask's bit, without a mask.
+        llguidance's check refuses <|return|> (its end-of-sequence token) even where the mask allows
+        it, at the end of the final answer; taking it on a copy of the matcher (microseconds) answers
+        that one exactly."""
+        if self.matcher.validate_tokens([token_id]):
+            return True
+        return token_id == RETURN_ID and self.matcher.deep_copy().consume_token(token_id)
 
     def note_unmasked_draw(self, allowed: bool) -> None:
         """After a refused unmasked draw the next steps' masks are computed ahead (1, 2, 4 .. 16
@@ -202,8 +213,11 @@ class GuidedRows:
         self._position = {row: k for k, row in enumerate(rows)}  # row of the logits -> index in rows
         masked = [k for k, (guide, left, s) in enumerate(zip(guides, tokens_left, settings))
                   if guide.mask_ahead_steps > 0 or left <= guide.wrap_up_tokens or s.top_k > 0 or s.top_p < 1.0]
+        for guide in guides:
+            guide.draws += 1
         for k in masked:
             guides[k].mask_ahead_steps = max(0, guides[k].mask_ahead_steps - 1)
+            guides[k].masked_draws += 1
         masked_set = set(masked)
         self.masked_rows = [rows[k] for k in masked]
         self.checked_rows = [row for k, row in enumerate(rows) if k not in masked_set]
@@ -220,9 +234,10 @@ class GuidedRows:
         refused = []
         for row in self.checked_rows:
             guide = self.guides[self._position[row]]
-            allowed = bool(guide.matcher.validate_tokens([tokens[row]]))
+            allowed = guide.allows(tokens[row])
             guide.note_unmasked_draw(allowed)
             if not allowed:
+                guide.masked_draws += 1
                 refused.append(row)
         return refused
 
