@@ -83,3 +83,64 @@ def test_a_stream_ending_before_the_deadline_is_relayed_whole():
 
     stream, got = asyncio.run(main())
     assert got == [0, 1, 2] and stream.closed
+
+
+def test_a_deadline_passing_while_the_consumer_holds_a_chunk_ends_the_stream_at_its_next_wait():
+    """The deadline bounds waits for a chunk only: what the consumer does between chunks (Serve's
+    task, the direct stream's write) is never cancelled by it."""
+    async def main():
+        stream = EngineStream()
+        relay = stream_until_deadline(aiter(stream), time.time() + 0.05)
+        stream.release.set()
+        first = await anext(relay)
+        await asyncio.sleep(0.1)  # the consumer is busy past the deadline, and is not cancelled
+        with pytest.raises(TimeoutError):
+            await anext(relay)
+        return first, stream
+
+    first, stream = asyncio.run(main())
+    assert first == 0 and stream.closed
+
+
+def test_a_caller_cancel_during_a_deadline_wait_stays_a_cancel():
+    """When the caller cancels as the deadline passes, the caller's cancellation wins (not TimeoutError)."""
+    async def main():
+        stream, got = EngineStream(), []
+        task = asyncio.create_task(_consume(stream, time.time() + 0.05, got))
+        await stream.waiting.wait()
+        await asyncio.sleep(0.04)
+        task.cancel()
+        await asyncio.sleep(0.02)  # the deadline's timer fires too while the cancel is delivered
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        return stream
+
+    assert asyncio.run(main()).closed
+
+
+def test_a_long_stream_arms_one_timer_not_one_per_chunk():
+    """A timer per chunk cost the replica a heap entry and a cancel per streamed token."""
+    async def main():
+        loop = asyncio.get_running_loop()
+        armed = []
+        call_at = loop.call_at
+
+        def counting_call_at(when, callback, *args, **kwargs):
+            armed.append(callback)
+            return call_at(when, callback, *args, **kwargs)
+
+        loop.call_at = counting_call_at
+        stream, got = EngineStream(chunks=200), []
+
+        async def feed():
+            for _ in range(200):
+                await stream.waiting.wait()
+                stream.waiting.clear()
+                stream.release.set()
+
+        await asyncio.gather(_consume(stream, time.time() + 30, got), feed())
+        return got, armed
+
+    got, armed = asyncio.run(main())
+    assert got == list(range(200))
+    assert len(armed) == 1
