@@ -40,6 +40,14 @@ async def _consume(stream, deadline_s, got):
         got.append(chunk)
 
 
+async def _release_each(stream, chunks):
+    """Release `chunks` chunks, each once the relay waits for it."""
+    for _ in range(chunks):
+        await stream.waiting.wait()
+        stream.waiting.clear()
+        stream.release.set()
+
+
 @pytest.mark.parametrize("deadline_in_s", [None, 60.0])
 def test_a_cancel_that_arrives_as_a_chunk_is_ready_is_not_lost(deadline_in_s):
     async def main():
@@ -71,14 +79,7 @@ def test_the_deadline_stops_a_slow_stream_and_closes_it():
 def test_a_stream_ending_before_the_deadline_is_relayed_whole():
     async def main():
         stream, got = EngineStream(chunks=3), []
-
-        async def feed():
-            for _ in range(3):
-                await stream.waiting.wait()
-                stream.waiting.clear()
-                stream.release.set()
-
-        await asyncio.gather(_consume(stream, time.time() + 30, got), feed())
+        await asyncio.gather(_consume(stream, time.time() + 30, got), _release_each(stream, 3))
         return stream, got
 
     stream, got = asyncio.run(main())
@@ -131,14 +132,7 @@ def test_a_long_stream_arms_one_timer_not_one_per_chunk():
 
         loop.call_at = counting_call_at
         stream, got = EngineStream(chunks=200), []
-
-        async def feed():
-            for _ in range(200):
-                await stream.waiting.wait()
-                stream.waiting.clear()
-                stream.release.set()
-
-        await asyncio.gather(_consume(stream, time.time() + 30, got), feed())
+        await asyncio.gather(_consume(stream, time.time() + 30, got), _release_each(stream, 200))
         return got, armed
 
     got, armed = asyncio.run(main())
