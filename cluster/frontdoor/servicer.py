@@ -24,7 +24,7 @@ import grpc
 from ray.serve.handle import DeploymentHandle
 
 from cluster.engine.errors import EngineOverloadedError, retry_after_s
-from cluster.engine.request import GenerateRequest, TokenChunk
+from cluster.engine.request import GenerateRequest
 from cluster.frontdoor import errors
 from cluster.frontdoor.admission import Admission
 from cluster.frontdoor.call import CallInfo
