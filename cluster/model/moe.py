@@ -123,9 +123,9 @@ class ExpertWeights(nn.Module):
         The packed experts are multiplied in place by the CPU kernel over the pairs grouped by expert
         (stable: each expert's tokens in pair order); dtypes as in gathered_pairs."""
         order = torch.argsort(idx, stable=True)  # pairs grouped by expert
-        experts, counts = torch.unique_consecutive(idx[order], return_counts=True)
-        offsets = torch.cat((counts.new_zeros(1), counts.cumsum(0)))
         grouped = idx[order]
+        experts, counts = torch.unique_consecutive(grouped, return_counts=True)
+        offsets = torch.cat((counts.new_zeros(1), counts.cumsum(0)))
         xs = x[rows[order]]  # [P, H]
         h = mxfp4_cpu.grouped_matmul(self.gate_up_blocks, self.gate_up_scales, xs, experts, offsets)
         h = swiglu((h + self.gate_up_bias[grouped]).to(x.dtype), self.alpha, self.limit)  # [P, I]
