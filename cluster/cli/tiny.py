@@ -22,6 +22,8 @@ def register(subparsers) -> None:
     train.add_argument("--batch-tokens", type=int, default=d.batch_tokens,
                        help=f"padded tokens per step (default {d.batch_tokens})")
     train.add_argument("--lr", type=float, default=d.lr, help=f"peak learning rate (default {d.lr})")
+    train.add_argument("--qat", type=float, default=d.qat,
+                       help=f"last fraction of the steps trained against MXFP4-rounded experts (default {d.qat})")
     train.add_argument("--threads", type=int, default=d.threads, help=f"torch threads (default {d.threads})")
     train.add_argument("--out", default="tiny-train", help="directory for loss.png and train_log.json")
     train.add_argument("--artifact", help="where to write the weights (default: the packaged artifact)")
@@ -33,7 +35,7 @@ def _train(args: argparse.Namespace) -> int:
     from cluster.tiny.train import TrainSettings, train
 
     settings = TrainSettings(seed=args.seed, samples=args.samples, steps=args.steps, batch_tokens=args.batch_tokens,
-                             lr=args.lr, threads=args.threads)
+                             lr=args.lr, qat=args.qat, threads=args.threads)
     summary = train(settings, Path(args.out), artifact=Path(args.artifact) if args.artifact else None)
     print(json.dumps(summary))
     return 0

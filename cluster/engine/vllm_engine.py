@@ -12,7 +12,8 @@ both engines. A parameter vLLM refuses becomes InvalidRequestError naming our fi
 Closing the stream (client gone, deadline) closes vLLM's generator, whose GeneratorExit handler
 aborts the request in the engine core at its next step. While a consumer is busy, vLLM's output
 collector merges DELTA outputs, so the next pull takes every token ready as one chunk; at most one
-chunk per `chunk_interval_s` leaves after the first, as with the torch engine.
+chunk per `chunk_interval_s` leaves after the first, as with the torch engine, unless vLLM's
+steps are already that long apart (ChunkPacer).
 
 Load signals come from vLLM's own statistics through a stat-logger hook (`_StatsHook`, handed to
 AsyncLLM as a per-engine logger factory): each engine-core step reports its scheduler stats
@@ -173,6 +174,29 @@ def _stats_hook_factory(signals: _LoadSignals):
     return _StatsHook
 
 
+class ChunkPacer:
+    """How long VllmEngine waits after handing on a chunk before it pulls the next, so that tokens
+    pile up (vLLM's output collector merges them) and leave as one chunk: the rest of
+    `interval_s` since the chunk was pulled. No wait when the pull itself waited at least
+    `interval_s` for vLLM's next output (its steps are that long: at 32 streams on CPU a step
+    takes ~23 ms): the next pull waits for the next step anyway, so the wait would coalesce
+    nothing, while its timer and wake-up cost the replica CPU on every message. The first chunk
+    (its pull waited for the prefill, which says nothing of the steps) is always followed by the
+    wait."""
+
+    def __init__(self, interval_s: float) -> None:
+        self._interval_s = interval_s
+        self._first = True
+
+    def pause_s(self, pull_started: float, pulled_at: float, now: float) -> float:
+        """Seconds to wait at `now`, after handing on the chunk that a pull started at
+        `pull_started` got at `pulled_at`."""
+        first, self._first = self._first, False
+        if not first and pulled_at - pull_started >= self._interval_s:
+            return 0.0
+        return self._interval_s - (now - pulled_at)
+
+
 class VllmEngine:
     supports_logprobs = True
     # vLLM starts a request's grammar at its first generated token and has no way to advance it over
@@ -271,8 +295,10 @@ class VllmEngine:
         stream = self._llm.generate(prompt, params, internal_id)
         outcome = "cancelled"  # unless the stream reaches its end or fails
         generated = 0
+        pacer = ChunkPacer(self._chunk_interval_s)
         try:
             while True:
+                pull_started = time.monotonic()
                 try:
                     out = await anext(stream)
                 except StopAsyncIteration:
@@ -302,8 +328,7 @@ class VllmEngine:
                     return
                 if ids:
                     yield TokenChunk(ids, cached_prompt_tokens=cached, logprobs=logprobs)
-                    # Let tokens pile up (vLLM's collector merges them) so the next pull is one chunk.
-                    wait = self._chunk_interval_s - (time.monotonic() - flushed_at)
+                    wait = pacer.pause_s(pull_started, flushed_at, time.monotonic())
                     if wait > 0:
                         await asyncio.sleep(wait)
         finally:

@@ -24,7 +24,7 @@ import grpc
 from ray.serve.handle import DeploymentHandle
 
 from cluster.engine.errors import EngineOverloadedError, retry_after_s
-from cluster.engine.request import GenerateRequest, TokenChunk
+from cluster.engine.request import GenerateRequest
 from cluster.frontdoor import errors
 from cluster.frontdoor.admission import Admission
 from cluster.frontdoor.call import CallInfo
@@ -192,10 +192,13 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             raise EngineOverloadedError(holding, capacity,
                                         retry_after_s(holding - capacity + 1, len(self._ended) / ENDED_WINDOW_S))
 
-    async def _chunks(self, request: GenerateRequest, call: CallInfo, context,
-                      record: CallRecord) -> AsyncIterator[TokenChunk]:
-        """Relay the replica's chunks, after counting and charging the prompt; cancel the
-        downstream call however this ends early.
+    @contextlib.asynccontextmanager
+    async def _replica_chunks(self, request: GenerateRequest, call: CallInfo, context,
+                              record: CallRecord) -> AsyncIterator[MigratingStream]:
+        """The replica's chunks (iterate what this yields), after counting and charging the
+        prompt; the downstream call is cancelled however the body ends early. A context manager
+        rather than one more generator around the stream: each level of generators costs every
+        streamed message a resumption.
 
         The call's x-request-id goes out while the request is on its way, not before."""
         prompt_tokens = len(request.prompt_token_ids)
@@ -212,8 +215,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
                                      resumes_constrained=self._info.resumes_constrained)
             try:
                 await call.announce(context)
-                async for chunk in stream:
-                    yield chunk
+                yield stream
             finally:
                 stream.close()
         finally:
@@ -236,7 +238,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         count in the tenant's usage once the consumer took them (resumed this generator)."""
         prompt_tokens = len(internal.prompt_token_ids)
         stream = ChatStream(stops if not internal.sampling.ignore_stop else (), return_token_ids)
-        async with contextlib.aclosing(self._chunks(internal, call, context, record)) as chunks:
+        async with self._replica_chunks(internal, call, context, record) as chunks:
             async for chunk in chunks:
                 before = stream.completion_tokens
                 deltas = stream.feed(chunk.token_ids, logprobs_to_proto(chunk.logprobs))
@@ -267,7 +269,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         cut at a stop sequence), counting and charging them; the last item has the complete."""
         prompt_tokens = len(internal.prompt_token_ids)
         stream = GenerateStream(tuple(stops) if not internal.sampling.ignore_stop else (), send_text)
-        async with contextlib.aclosing(self._chunks(internal, call, context, record)) as chunks:
+        async with self._replica_chunks(internal, call, context, record) as chunks:
             async for chunk in chunks:
                 before = stream.completion_tokens
                 out = stream.feed(chunk.token_ids, logprobs_to_proto(chunk.logprobs),

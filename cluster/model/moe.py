@@ -52,7 +52,9 @@ class ExpertWeights(nn.Module):
     in place, on CPU (kernels/mxfp4_cpu.py); else GATHERED copies the chosen (token, expert) pairs'
     matrices into one batched matmul (no Python loop, no host sync: small batches, decode) up to
     GATHER_LIMIT gathered weight elements; beyond it LOOPED runs one matmul per expert used over
-    its tokens (large batches, prefill: no weight copies).
+    its tokens (large batches, prefill: no weight copies). FUSED and GATHERED work on (token, expert)
+    pairs (`fused_pairs`, `gathered_pairs`), which the expert-parallel MoE also calls on its shard;
+    subclasses set `alpha` and `limit` (the clamped SwiGLU's).
     """
 
     def _init_experts(self, X: int, H: int, I: int, packed: bool) -> None:
@@ -108,6 +110,29 @@ class ExpertWeights(nn.Module):
         self._dense = dense  # one assignment: threads decoding meanwhile see the old or the new pair
         return dense
 
+    def gathered_pairs(self, xs: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        """GATHERED: row p of xs [P, H] through held expert idx[p] (biases included) -> [P, H] in xs.dtype.
+        The P experts' dense matrices are gathered into one batched matmul."""
+        w1, w2 = self.expert_weights(idx, xs.dtype)  # [P, 2I, H], [P, H, I]
+        h = torch.bmm(w1, xs.unsqueeze(-1)).squeeze(-1) + self.gate_up_bias[idx]  # [P, 2I]
+        h = swiglu(h, self.alpha, self.limit)  # [P, I]
+        return torch.bmm(w2, h.unsqueeze(-1)).squeeze(-1) + self.down_bias[idx]  # [P, H]
+
+    def fused_pairs(self, x: torch.Tensor, rows: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        """FUSED: x[rows[p]] through held expert idx[p] (biases included) -> [P, H] in x.dtype, in pair order.
+        The packed experts are multiplied in place by the CPU kernel over the pairs grouped by expert
+        (stable: each expert's tokens in pair order); dtypes as in gathered_pairs."""
+        order = torch.argsort(idx, stable=True)  # pairs grouped by expert
+        grouped = idx[order]
+        experts, counts = torch.unique_consecutive(grouped, return_counts=True)
+        offsets = torch.cat((counts.new_zeros(1), counts.cumsum(0)))
+        xs = x[rows[order]]  # [P, H]
+        h = mxfp4_cpu.grouped_matmul(self.gate_up_blocks, self.gate_up_scales, xs, experts, offsets)
+        h = swiglu((h + self.gate_up_bias[grouped]).to(x.dtype), self.alpha, self.limit)  # [P, I]
+        y = mxfp4_cpu.grouped_matmul(self.down_blocks, self.down_scales, h, experts, offsets)
+        y = (y + self.down_bias[grouped]).to(x.dtype)  # [P, H] in grouped order
+        return torch.empty_like(y).index_copy_(0, order, y)  # back to pair order
+
     def dequantize_(self) -> None:
         """Replace packed experts by dense ones in the dtype of the biases, in place."""
         if not self.packed:
@@ -146,27 +171,14 @@ class MoE(ExpertWeights):
 
     def _gathered(self, x: torch.Tensor, top_idx: torch.Tensor, top_w: torch.Tensor) -> torch.Tensor:
         S, A = top_idx.shape
-        idx = top_idx.flatten()  # [S*A]
-        w1, w2 = self.expert_weights(idx, x.dtype)  # [S*A, 2I, H], [S*A, H, I]
         xs = x.repeat_interleave(A, dim=0) if S > 1 else x.expand(A, -1)  # [S*A, H]
-        h = torch.bmm(w1, xs.unsqueeze(-1)).squeeze(-1) + self.gate_up_bias[idx]  # [S*A, 2I]
-        h = swiglu(h, self.alpha, self.limit)  # [S*A, I]
-        y = torch.bmm(w2, h.unsqueeze(-1)).squeeze(-1) + self.down_bias[idx]  # [S*A, H]
+        y = self.gathered_pairs(xs, top_idx.flatten())  # [S*A, H]
         return torch.bmm(top_w.unsqueeze(1), y.view(S, A, -1)).squeeze(1)  # weighted sum over A: [S, H]
 
     def _fused(self, x: torch.Tensor, top_idx: torch.Tensor, top_w: torch.Tensor) -> torch.Tensor:
-        """The packed experts multiplied in place by the CPU kernel; dtypes as in _gathered."""
         S, A = top_idx.shape
-        idx = top_idx.flatten()  # [S*A]
-        order = torch.argsort(idx, stable=True)  # token slots grouped by expert
-        experts, counts = torch.unique_consecutive(idx[order], return_counts=True)
-        offsets = torch.cat((counts.new_zeros(1), counts.cumsum(0)))
-        xs = x[order // A]  # [S*A, H]
-        h = mxfp4_cpu.grouped_matmul(self.gate_up_blocks, self.gate_up_scales, xs, experts, offsets)
-        h = swiglu((h + self.gate_up_bias[idx[order]]).to(x.dtype), self.alpha, self.limit)  # [S*A, I]
-        y = mxfp4_cpu.grouped_matmul(self.down_blocks, self.down_scales, h, experts, offsets)
-        y = (y + self.down_bias[idx[order]]).to(x.dtype)  # [S*A, H] in grouped order
-        y = torch.empty_like(y).index_copy_(0, order, y)  # back to token order
+        rows = torch.arange(S * A, device=x.device) // A  # pair p = (token p // A, choice p % A)
+        y = self.fused_pairs(x, rows, top_idx.flatten())  # [S*A, H]
         return torch.bmm(top_w.unsqueeze(1), y.view(S, A, -1)).squeeze(1)  # weighted sum over A: [S, H]
 
     def _looped(self, x: torch.Tensor, top_idx: torch.Tensor, top_w: torch.Tensor) -> torch.Tensor:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
+import safetensors.torch
 
 from cluster.model.checkpoint import CheckpointError, save_checkpoint
 from cluster.model.config import GptOssConfig
@@ -112,6 +112,16 @@ def _write(config: GptOssConfig, tensors: dict[str, torch.Tensor], out_dir: Path
     return {p.name: file_sha256(p) for p in sorted(out_dir.iterdir()) if p.is_file()}
 
 
+def _save_canonical(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
+    """safetensors writes its metadata in hash order, which changes from one process to the next; the
+    header is rewritten with sorted keys, so the same weights always give the same bytes."""
+    raw = safetensors.torch.save(tensors, metadata=metadata)
+    length = int.from_bytes(raw[:8], "little")
+    header = json.dumps(json.loads(raw[8:8 + length]), sort_keys=True, separators=(",", ":")).encode()
+    header += b" " * (-len(header) % 8)  # the format keeps the data 8-byte aligned
+    path.write_bytes(len(header).to_bytes(8, "little") + header + raw[8 + length:])
+
+
 def write_artifact(model: GptOssModel, vocab_ids: torch.Tensor, config: GptOssConfig, path: Path, *,
                    training: dict) -> dict:
     """Save a trained model (its vocabulary = the rows `vocab_ids` of `config`'s) as an artifact,
@@ -122,7 +132,7 @@ def write_artifact(model: GptOssModel, vocab_ids: torch.Tensor, config: GptOssCo
     metadata = {"config": json.dumps(config.to_dict()), "checkpoint_sha256": json.dumps(checkpoint),
                 "training": json.dumps(training)}
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(path), metadata=metadata)
+    _save_canonical(tensors, path, metadata)
     sha = file_sha256(path)
     Path(f"{path}.sha256").write_text(f"{sha}  {path.name}\n")
     return {"artifact": str(path), "artifact_bytes": path.stat().st_size, "artifact_sha256": sha}

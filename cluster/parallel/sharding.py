@@ -6,7 +6,8 @@ One rank of an expert-parallel group of N keeps:
   so the SUM all-reduce after `attn.out` (a forward hook) gives the full projection.
 - MoE: the router (replicated: every rank routes every token, identically), and only the experts
   its placement slots name — MXFP4 blocks/scales stay packed. `ExpertParallelMoE` computes just
-  the (token, expert) pairs routed to a local copy and SUM all-reduces the weighted outputs.
+  the (token, expert) pairs routed to a local copy (the MXFP4 kernel on CPU, as `MoE`) and SUM
+  all-reduces the weighted outputs.
 - embedding, unembedding, norms: replicated (small next to the experts at 120b: ~2.3 GB bf16).
 
 `reduce` is a callable doing an in-place SUM all-reduce over the group; this module imports no
@@ -24,8 +25,7 @@ import torch
 from torch import nn
 
 from cluster.model.attention import Attention
-from cluster.model.layers import swiglu
-from cluster.model.moe import ExpertWeights, MoE
+from cluster.model.moe import FUSED, ExpertWeights, MoE
 from cluster.model.transformer import GptOssModel
 from cluster.parallel.expert_map import ExpertPlacement, head_split
 
@@ -88,8 +88,10 @@ class RoutingTable:
 class ExpertParallelMoE(ExpertWeights):
     """The MoE of one rank: the full router, the experts of its slots, a SUM all-reduce at the end.
 
-    Its experts are held like MoE's (same representations, model/moe.py `ExpertWeights`); it always
-    runs the gathered kernel, over the (token, expert) pairs routed to its slots.
+    Its experts are held like MoE's (same representations and kernel choice, model/moe.py
+    `ExpertWeights.kernel`), over the (token, expert) pairs routed to its slots: FUSED (packed MXFP4
+    multiplied in place on CPU) where it applies, else GATHERED (no LOOPED here: large batches
+    gather too).
     """
 
     def __init__(self, moe: MoE, placement: ExpertPlacement, rank: int, reduce: Reduce,
@@ -125,10 +127,10 @@ class ExpertParallelMoE(ExpertWeights):
         rows, cols, slots = self.routing.local_pairs(top_idx)  # P pairs computed here
         out = torch.zeros_like(x)
         if rows.numel():
-            w1, w2 = self.expert_weights(slots, x.dtype)  # [P, 2I, H], [P, H, I]
-            h = torch.bmm(w1, x[rows].unsqueeze(-1)).squeeze(-1) + self.gate_up_bias[slots]  # [P, 2I]
-            h = swiglu(h, self.alpha, self.limit)  # [P, I]
-            y = torch.bmm(w2, h.unsqueeze(-1)).squeeze(-1) + self.down_bias[slots]  # [P, H]
+            if self.kernel(x, rows.numel()) == FUSED:
+                y = self.fused_pairs(x, rows, slots)  # [P, H]
+            else:
+                y = self.gathered_pairs(x[rows], slots)  # [P, H]
             out.index_add_(0, rows, y * top_w[rows, cols].unsqueeze(-1))
         self.reduce(out)
         return out.view(shape)

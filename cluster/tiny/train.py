@@ -6,6 +6,11 @@ a vocabulary of those U rows plus one constant logit log(V - U), which is exactl
 log-sum-exp of the V - U untrained rows, each held at zero (logit 0). The full 201088-way softmax
 is therefore computed exactly at the cost of a U-way one. Loss is on the assistant's tokens only.
 
+With `qat` > 0, the last `qat` fraction of the steps is quantization-aware: the experts' forward pass
+sees their weights rounded to MXFP4 (what the served model runs), while the gradient updates the
+float weights as if the rounding were not there (straight-through). It is off by default, so the
+defaults keep writing the committed artifact; docs/gpt-oss-tiny.md has what it measured.
+
 Every `snapshot_every` steps and at the end, a copy of the weights with its experts rounded to MXFP4
 is written as the artifact (`cluster/model/trained.py` reads it), which keeps only what training
 made: the used rows, their ids, and the other weights in bf16 / MXFP4. The unquantized weights go
@@ -18,11 +23,13 @@ import dataclasses
 import json
 import math
 import random
+import re
 import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch.nn.utils import parametrize
 
 from cluster.harmony import CALL_ID, END_ID, MESSAGE_ID, START_ID, load_tokenizer
 from cluster.model import mxfp4
@@ -44,6 +51,7 @@ class TrainSettings:
     lr: float = 3e-3  # peak, held after warmup until the decay
     warmup: int = 60
     decay: float = 0.3  # the last fraction of the steps decays the rate linearly to a tenth
+    qat: float = 0.0  # the last fraction of the steps trains against MXFP4-rounded experts (off: see below)
     snapshot_every: int = 500  # write the artifact (and plot) every this many steps, and at the end
     weight_decay: float = 0.01
     threads: int = 2  # this machine kind's cores
@@ -152,6 +160,28 @@ def quantize_experts_(model: GptOssModel) -> None:
                 w.copy_(mxfp4.unpack(*mxfp4.pack(w), w.dtype))
 
 
+class _RoundedToMXFP4(torch.nn.Module):
+    """Straight-through MXFP4: the forward pass sees the rounded weight, the gradient reaches the float one."""
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            rounded = mxfp4.unpack(*mxfp4.pack(weight), weight.dtype)
+        return weight + (rounded - weight).detach()
+
+
+def round_experts_in_forward(model: GptOssModel) -> None:
+    """From now on, every expert matrix is seen rounded to MXFP4; the optimizer keeps its parameters."""
+    for block in model.blocks:
+        for name in ("gate_up_weight", "down_weight"):
+            parametrize.register_parametrization(block.mlp, name, _RoundedToMXFP4())
+
+
+def float_state(model: GptOssModel) -> dict[str, torch.Tensor]:
+    """The float weights under their plain names, rounded in the forward pass or not."""
+    return {re.sub(r"parametrizations\.(\w+)\.original$", r"\1", k): v.detach().clone()
+            for k, v in model.state_dict().items()}
+
+
 def train(settings: TrainSettings, out_dir: Path, *, artifact: Path | None = None, progress: bool = True) -> dict:
     """Train; write loss.png, train_log.json and the artifact; return a summary."""
     from tqdm import tqdm
@@ -182,7 +212,10 @@ def train(settings: TrainSettings, out_dir: Path, *, artifact: Path | None = Non
     render_s = time.time() - t0
     bar = tqdm(range(settings.steps), desc="training gpt-oss-tiny", disable=not progress)
     smooth = None
+    qat_from = round(settings.steps * (1.0 - settings.qat))
     for step in bar:
+        if step == qat_from:
+            round_experts_in_forward(model)
         if not plan:
             plan = batches(data, settings.batch_tokens, rng)
             rng.shuffle(plan)
@@ -190,8 +223,9 @@ def train(settings: TrainSettings, out_dir: Path, *, artifact: Path | None = Non
         lr = settings.lr * learning_rate_factor(step, settings)
         for group in opt.param_groups:
             group["lr"] = lr
-        logits = logits_with_rest(model, inputs, rest)
-        loss = F.cross_entropy(logits[mask], targets[mask])
+        with parametrize.cached():  # round each expert matrix once per step, not at every read
+            logits = logits_with_rest(model, inputs, rest)
+            loss = F.cross_entropy(logits[mask], targets[mask])
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -203,18 +237,27 @@ def train(settings: TrainSettings, out_dir: Path, *, artifact: Path | None = Non
         if done == settings.steps or done % settings.snapshot_every == 0:
             train_s = time.time() - t0 - render_s
             summary = _save(model, vocab_ids, full, artifact or ARTIFACTS[PRESET], out_dir, losses,
-                            {**dataclasses.asdict(settings), "steps": done, "final_loss": round(smooth, 5),
+                            {**_recorded(settings), "steps": done, "final_loss": round(smooth, 5),
                              "used_rows": U},
                             {"render_s": round(render_s, 1), "train_s": round(train_s, 1)})
             bar.write(json.dumps(summary))
     return summary
 
 
+def _recorded(settings: TrainSettings) -> dict:
+    """The settings the artifact records; `qat` only when on, so the artifact trained before it existed
+    is still what the defaults write, byte for byte."""
+    recorded = dataclasses.asdict(settings)
+    if not settings.qat:
+        del recorded["qat"]
+    return recorded
+
+
 def _save(model: GptOssModel, vocab_ids: list[int], config: GptOssConfig, artifact: Path, out_dir: Path,
           losses: list[tuple[int, float]], training: dict, timings: dict) -> dict:
     """Write the artifact of the weights as they are now (experts rounded to MXFP4 on a copy), the
     unquantized weights (float_state.pt, to measure what MXFP4 costs), the log and the loss plot."""
-    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    state = float_state(model)
     torch.save({"vocab_ids": torch.tensor(vocab_ids), "state": state}, out_dir / "float_state.pt")
     quantized = GptOssModel(model.config)
     quantized.load_state_dict(state)

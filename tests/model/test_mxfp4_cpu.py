@@ -84,10 +84,8 @@ def test_a_ranks_shard_of_experts_gives_the_whole_layers_rows(native):
     assert torch.equal(viewed, whole)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("tokens", [1, 9])
-def test_moe_fused_path_matches_the_unpacking_path(monkeypatch, dtype, tokens):
-    config = GptOssConfig.from_preset("tiny-small-vocab")
+def _random_packed_moe(config: GptOssConfig, dtype: torch.dtype) -> MoE:
+    """A packed MoE layer with random MXFP4 bytes (scales near 1) and small random biases and router."""
     torch.manual_seed(0)
     layer = MoE(config, packed=True)
     gen = torch.Generator().manual_seed(2)
@@ -98,7 +96,14 @@ def test_moe_fused_path_matches_the_unpacking_path(monkeypatch, dtype, tokens):
     with torch.no_grad():
         for p in (layer.gate_up_bias, layer.down_bias, layer.router.weight, layer.router.bias):
             p.normal_(0, 0.1)
-    layer = layer.to(dtype)
+    return layer.to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("tokens", [1, 9])
+def test_moe_fused_path_matches_the_unpacking_path(monkeypatch, dtype, tokens):
+    config = GptOssConfig.from_preset("tiny-small-vocab")
+    layer = _random_packed_moe(config, dtype)
     x = torch.randn(1, tokens, config.hidden_size).to(dtype)
 
     with torch.no_grad():
@@ -109,6 +114,11 @@ def test_moe_fused_path_matches_the_unpacking_path(monkeypatch, dtype, tokens):
         assert layer.kernel(x, tokens * layer.top_k) != moe_module.FUSED
         unpacked = layer(x)
         exact = copy.deepcopy(layer).double()(x.double())  # the same weights and input, in float64
+    _assert_as_accurate(fused, unpacked, exact, dtype)
+
+
+def _assert_as_accurate(fused: torch.Tensor, unpacked: torch.Tensor, exact: torch.Tensor, dtype: torch.dtype):
+    """float32: within float32 rounding of the unpacking path; bf16: no less accurate than it against float64."""
     assert fused.dtype == unpacked.dtype == dtype
     if dtype == torch.float32:
         assert (fused - unpacked).abs().max().item() <= 1e-5 * unpacked.abs().max().item()
@@ -116,6 +126,65 @@ def test_moe_fused_path_matches_the_unpacking_path(monkeypatch, dtype, tokens):
         fused_err = (fused.double() - exact).abs().max().item()
         unpacked_err = (unpacked.double() - exact).abs().max().item()
         assert fused_err <= 1.25 * unpacked_err
+
+
+def _count_kernel_calls(monkeypatch) -> list:
+    """Record each call of mxfp4_cpu.grouped_matmul from now on (the list grows by one per call)."""
+    calls, kernel = [], mxfp4_cpu.grouped_matmul
+    monkeypatch.setattr(mxfp4_cpu, "grouped_matmul", lambda *a, **k: calls.append(1) or kernel(*a, **k))
+    return calls
+
+
+# Two ranks' slots over tiny-small-vocab's 4 experts, in a local order unlike the global one: one copy
+# of each expert, or expert 2 on both ranks (its tokens then alternate between the copies).
+PLACEMENTS = [pytest.param(((3, 0), (1, 2)), id="one-copy-each"), pytest.param(((2, 0), (3, 1, 2)), id="replicated")]
+
+
+@pytest.mark.parametrize("native", KERNELS)
+@pytest.mark.parametrize("slots", PLACEMENTS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("tokens", [1, 9])
+def test_expert_parallel_ranks_run_their_shard_on_the_fused_kernel(monkeypatch, native, slots, dtype, tokens):
+    """Each rank's ExpertParallelMoE (parallel/sharding.py) takes the fused kernel on its packed slots
+    and matches its own unpack-then-matmul path; the ranks' partial outputs sum to the whole layer's."""
+    from cluster.parallel.expert_map import ExpertPlacement
+    from cluster.parallel.sharding import ExpertParallelMoE
+
+    if not native:
+        monkeypatch.setattr(mxfp4_cpu, "_native", False)  # as without a compiler: the numba kernel
+    monkeypatch.setattr(moe_module, "DENSE_CACHE_BYTES", 0)  # "large" layers: no dense copy
+    config = GptOssConfig.from_preset("tiny-small-vocab")
+    layer = _random_packed_moe(config, dtype)
+    placement = ExpertPlacement(config.num_local_experts, slots)
+    x = torch.randn(1, tokens, config.hidden_size, generator=torch.Generator().manual_seed(5)).to(dtype)
+
+    partials = []
+    calls = _count_kernel_calls(monkeypatch)
+    with torch.no_grad():
+        whole = layer(x)
+        x2 = x.reshape(tokens, -1)
+        top_idx = torch.topk(layer.router(x2), layer.top_k, dim=-1).indices
+        for rank in range(placement.num_ranks):
+            shard = ExpertParallelMoE(layer, placement, rank, reduce=lambda t: None)
+            rows, cols, local = shard.routing.local_pairs(top_idx)
+            assert shard.kernel(x, 1) == moe_module.FUSED
+            calls.clear()
+            fused = shard(x)
+            assert len(calls) == (2 if rows.numel() else 0)  # gate_up and down: the forward took the kernel
+            with monkeypatch.context() as m:
+                m.setattr(mxfp4_cpu, "available", lambda: False)
+                assert shard.kernel(x, 1) != moe_module.FUSED
+                unpacked = shard(x)
+                exact = copy.deepcopy(shard).double()(x.double())
+            _assert_as_accurate(fused, unpacked, exact, dtype)
+            partials.append(fused)
+            if slots == PLACEMENTS[0].values[0]:
+                # one copy each: a rank groups each of its experts' tokens exactly as the whole layer does,
+                # so every (token, expert) product is bitwise the whole layer's
+                assert torch.equal(shard.fused_pairs(x2, rows, local), layer.fused_pairs(x2, rows, top_idx[rows, cols]))
+    if dtype == torch.float32:  # the sum over ranks is the whole layer within float32 rounding
+        total = torch.stack(partials).sum(0)
+        assert (total - whole).abs().max().item() <= 1e-5 * whole.abs().max().item()
 
 
 def test_fused_experts_keep_transformers_parity(checkpoint_dir, monkeypatch):

@@ -87,3 +87,25 @@ def test_drills_are_copying_chats_without_a_system_message():
         prompt = load_tokenizer().decode(s.prompt_ids())
         assert prompt.startswith("<|start|>user<|message|>") and "<|start|>system" not in prompt
         assert s.skill in ("repeat", "reverse", "count", "upper")
+
+
+def test_quantization_aware_training_shows_rounded_experts_and_trains_the_float_ones():
+    import torch
+
+    from cluster.model import mxfp4
+    from cluster.model.config import GptOssConfig
+    from cluster.model.transformer import GptOssModel
+    from cluster.tiny.train import float_state, init_weights, round_experts_in_forward
+
+    model = GptOssModel(GptOssConfig.from_preset("tiny-small-vocab"))
+    init_weights(model, 0)
+    before = float_state(model)
+    round_experts_in_forward(model)
+    mlp = model.blocks[0].mlp
+    original = mlp.parametrizations.gate_up_weight.original
+    assert torch.equal(mlp.gate_up_weight, mxfp4.unpack(*mxfp4.pack(original.detach()), original.dtype))
+    assert not torch.equal(mlp.gate_up_weight, original)
+    (mlp.gate_up_weight * 3).sum().backward()
+    assert torch.equal(original.grad, torch.full_like(original, 3.0))  # straight through the rounding
+    after = float_state(model)
+    assert after.keys() == before.keys() and torch.equal(after["blocks.0.mlp.gate_up_weight"], original)

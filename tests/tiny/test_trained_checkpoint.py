@@ -37,6 +37,32 @@ def test_artifact_is_compact_and_the_rebuild_is_the_recorded_checkpoint(trained_
     assert info["config"].vocab_size == 201088
 
 
+def test_the_artifact_is_written_in_one_byte_order_whatever_the_metadata_order(tmp_path):
+    """safetensors writes metadata in hash order, which differs between processes; the packaged
+    artifact is already in the canonical order its writer uses, so a rerun of training writes the same bytes."""
+    import subprocess
+    import sys
+
+    from safetensors import safe_open
+
+    from cluster.model.trained import _save_canonical
+
+    packaged = safe_open(str(ARTIFACTS["gpt-oss-tiny"]), "pt")
+    tensors = {k: packaged.get_tensor(k) for k in packaged.keys()}
+    metadata = packaged.metadata()
+    _save_canonical(tensors, tmp_path / "a.safetensors", metadata)
+    _save_canonical(tensors, tmp_path / "b.safetensors", dict(reversed(list(metadata.items()))))
+    assert (tmp_path / "a.safetensors").read_bytes() == (tmp_path / "b.safetensors").read_bytes()
+    assert file_sha256(tmp_path / "a.safetensors") == artifact_sha256("gpt-oss-tiny")
+    # and in another process, with another hash seed
+    script = ("import sys; from pathlib import Path; from safetensors import safe_open; "
+              "from cluster.model.trained import _save_canonical, ARTIFACTS; "
+              "f = safe_open(str(ARTIFACTS['gpt-oss-tiny']), 'pt'); "
+              "_save_canonical({k: f.get_tensor(k) for k in f.keys()}, Path(sys.argv[1]), f.metadata())")
+    subprocess.run([sys.executable, "-c", script, str(tmp_path / "c.safetensors")], check=True, timeout=120)
+    assert (tmp_path / "c.safetensors").read_bytes() == (tmp_path / "a.safetensors").read_bytes()
+
+
 def test_a_corrupt_artifact_is_refused_naming_the_file(tmp_path):
     bad = tmp_path / "gpt-oss-tiny.safetensors"
     shutil.copy(ARTIFACTS["gpt-oss-tiny"], bad)
