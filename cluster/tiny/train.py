@@ -152,27 +152,34 @@ def init_weights(model: GptOssModel, seed: int) -> None:
     model.unembedding.weight.data.mul_(H**0.5 * 0.02)
 
 
+EXPERT_MATRICES = ("gate_up_weight", "down_weight")  # of each block's MoE: what the artifact stores in MXFP4
+
+
+def rounded_to_mxfp4(weight: torch.Tensor) -> torch.Tensor:
+    """`weight` with every value rounded to the nearest MXFP4 one (still dense floats, no gradient)."""
+    return mxfp4.unpack(*mxfp4.pack(weight), weight.dtype)
+
+
 def quantize_experts_(model: GptOssModel) -> None:
-    """Round every expert matrix to the nearest MXFP4 values, in place (still dense floats)."""
+    """Round every expert matrix to the nearest MXFP4 values, in place."""
     with torch.no_grad():
         for block in model.blocks:
-            for w in (block.mlp.gate_up_weight, block.mlp.down_weight):
-                w.copy_(mxfp4.unpack(*mxfp4.pack(w), w.dtype))
+            for name in EXPERT_MATRICES:
+                weight = getattr(block.mlp, name)
+                weight.copy_(rounded_to_mxfp4(weight))
 
 
 class _RoundedToMXFP4(torch.nn.Module):
     """Straight-through MXFP4: the forward pass sees the rounded weight, the gradient reaches the float one."""
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad():
-            rounded = mxfp4.unpack(*mxfp4.pack(weight), weight.dtype)
-        return weight + (rounded - weight).detach()
+        return weight + (rounded_to_mxfp4(weight) - weight).detach()
 
 
 def round_experts_in_forward(model: GptOssModel) -> None:
     """From now on, every expert matrix is seen rounded to MXFP4; the optimizer keeps its parameters."""
     for block in model.blocks:
-        for name in ("gate_up_weight", "down_weight"):
+        for name in EXPERT_MATRICES:
             parametrize.register_parametrization(block.mlp, name, _RoundedToMXFP4())
 
 
