@@ -50,6 +50,10 @@ log = logging.getLogger(__name__)
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Inference"].full_name  # "gptoss.v1.Inference"
 ADMIN_SERVICE_NAME = admin_pb2.DESCRIPTOR.services_by_name["Admin"].full_name  # "gptoss.v1.Admin"
 REPLICA_WATCH_S = 0.5  # how often the routable-replica count is read (a local lookup, no call)
+# The most each step of closing may take once the drain is over (stop() then returns within the
+# grace period plus 7 of these): Helm's terminationGracePeriodSeconds leaves 15 s after the grace
+# for closing and stopping Ray, and a step that waits on a dead replica or node must not use them up.
+CLOSE_STEP_S = 1.5
 
 
 def is_loopback(host: str) -> bool:
@@ -140,6 +144,7 @@ class FrontdoorServer:
         self._metrics_http = None
         self._poller: LoadPoller | None = None
         self._watcher: asyncio.Task | None = None
+        self._left_behind: set[asyncio.Future] = set()  # close steps that overran (kept from garbage collection)
         self._routable: int | None = None  # replicas the router can reach, as last read
         self.admission: Admission | None = None
         self.info: ModelInfo | None = None
@@ -336,31 +341,49 @@ class FrontdoorServer:
         await self._close()
 
     async def _close(self) -> None:
-        """Cancel what is left and release everything start() made."""
+        """Cancel what is left and release everything start() made, in this order: stop watching
+        and polling, stop accepting (HTTP, then gRPC, whose stop cancels the calls left), then the
+        store, the channels to the replicas and the router, all of which live on this loop. Each
+        step gets CLOSE_STEP_S at most (close_step), so that stop() returns even when one of them
+        waits on a replica or node that is gone."""
         if self._watcher is not None:
             self._watcher.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._watcher
+            await self._close_step("replica_watcher", self._watcher)
             self._watcher = None
         if self._poller is not None:
-            await self._poller.stop()
+            await self._close_step("load_poller", self._poller.stop())
             self._poller = None
         if self._http is not None:
-            await self._http.stop()
+            await self._close_step("http_server", self._http.stop())
             self._http = None
         if self._server is not None:
-            await self._server.stop(0.1)
+            await self._close_step("grpc_server", self._server.stop(0.1))
             self._server = None
         if self._store is not None:
-            await self._store.close()
+            await self._close_step("response_store", self._store.close())
             self._store = None
         if self._inference is not None:
-            await self._inference.close()  # its channels to the replicas live on this loop
+            await self._close_step("replica_channels", self._inference.close())
             self._inference = None
         if self._loop_handle is not None and self._loop_handle is not self._handle:
-            await close_loop_handle(self._loop_handle)  # its router lives on this loop
+            await self._close_step("serve_router", close_loop_handle(self._loop_handle))
         self._loop_handle = None
         if self._metrics_http is not None:
             self._metrics_http.shutdown()
             self._metrics_http.server_close()
             self._metrics_http = None
+
+    async def _close_step(self, step: str, awaitable) -> None:
+        """Await one step of _close for CLOSE_STEP_S at most. One that overruns is cancelled and
+        left behind (a coroutine may ignore the cancellation: it is not awaited again) and logged
+        once; one that fails is logged. Either way the next step runs."""
+        task = asyncio.ensure_future(awaitable)
+        done, _ = await asyncio.wait({task}, timeout=CLOSE_STEP_S)
+        if not done:
+            task.cancel()
+            self._left_behind.add(task)
+            task.add_done_callback(self._left_behind.discard)
+            log.warning("shutdown step=%s did not finish within %g s: left behind, going on", step, CLOSE_STEP_S,
+                        extra={"shutdown_step": step, "timeout_s": CLOSE_STEP_S})
+        elif not task.cancelled() and task.exception() is not None:
+            log.warning("shutdown step=%s failed: %r", step, task.exception(), extra={"shutdown_step": step})
