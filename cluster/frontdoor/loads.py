@@ -38,7 +38,11 @@ async def sample_loads(handle: DeploymentHandle, expected_replicas: int, timeout
     # A poll cut short (timeout, or the poller stopped at shutdown) leaves the gather holding a
     # CancelledError nobody reads, which asyncio would print as a traceback: read it here.
     gathered.add_done_callback(lambda future: future.cancelled() or future.exception())
-    done = await asyncio.wait_for(gathered, timeout_s)
+    # asyncio.timeout, not wait_for: on Python 3.11, wait_for returns the result when it arrives in
+    # the same turn of the loop as a cancel, and drops the cancel; LoadPoller.stop() then waited
+    # forever for a poller that went on polling (a front door that never finished stopping).
+    async with asyncio.timeout(timeout_s):
+        done = await gathered
     reports: dict[str, EngineStats] = {}
     failures = []
     for result in done:

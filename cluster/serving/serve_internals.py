@@ -158,7 +158,8 @@ class ReplicaCounts:
             self._controller = await asyncio.get_running_loop().run_in_executor(
                 None, lambda: ray.get_actor(SERVE_CONTROLLER_NAME, namespace=SERVE_NAMESPACE))
         try:
-            details = await asyncio.wait_for(self._controller.get_serve_instance_details.remote(), timeout_s)
+            async with asyncio.timeout(timeout_s):  # not wait_for: it can drop a cancel on 3.11 (loads.py)
+                details = await self._controller.get_serve_instance_details.remote()
         except ray.exceptions.RayActorError:
             self._controller = None  # the controller restarted: look it up again next time
             raise

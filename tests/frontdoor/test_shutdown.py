@@ -116,3 +116,134 @@ def test_a_clean_stop_logs_no_step(caplog):
     with caplog.at_level(logging.WARNING, logger=server_module.__name__):
         assert asyncio.run(body()) < GRACE_S + CLOSE_STEP_S
     assert not [r for r in caplog.records if getattr(r, "shutdown_step", None)]
+
+
+
+class Answers:
+    """A remote method whose calls return futures the test completes."""
+
+    def __init__(self):
+        self.pending: list[asyncio.Future] = []
+
+    def remote(self):
+        self.pending.append(asyncio.get_running_loop().create_future())
+        return self.pending[-1]
+
+
+@pytest.mark.parametrize("answered", ["load reports", "replica counts"])
+def test_the_load_poller_stops_when_its_poll_completes_as_it_is_cancelled(answered):
+    """The replicas' load reports (or the controller's replica counts) arrive in the same turn of
+    the event loop as stop()'s cancel: the poller must still stop. 3.11's asyncio.wait_for returns
+    the result then and drops the cancel, which left the poller polling and stop() waiting for it
+    forever. The replicas and the controller are test doubles here (futures the test completes)."""
+    from types import SimpleNamespace
+
+    from cluster.engine.protocol import EngineStats
+    from cluster.frontdoor.loads import LoadPoller
+
+    stats = EngineStats(active_requests=0, requests_total=0, finished_total=0, cancelled_total=0, failed_total=0,
+                        tokens_generated_total=0)
+    details = {"applications": {"app": {"deployments": {"ModelReplica": {
+        "target_num_replicas": 1, "replicas": [{"state": "RUNNING"}]}}}}}
+    load_report, get_details = Answers(), Answers()
+    handle = SimpleNamespace(load_report=load_report, deployment_id=SimpleNamespace(app_name="app", name="ModelReplica"))
+
+    async def body():
+        reports = []
+        counts = (lambda *counts: None) if answered == "replica counts" else None
+        poller = LoadPoller(handle, 1, 0.01, reports.append, on_counts=counts)
+        if counts is not None:
+            poller._counts._controller = SimpleNamespace(get_serve_instance_details=get_details)
+        poller.start()
+        if counts is not None:
+            while not get_details.pending:
+                await asyncio.sleep(0)
+            get_details.pending[0].set_result(details)
+        else:
+            while len(load_report.pending) < 4:  # a poll's probes are out
+                await asyncio.sleep(0)
+            for i, answer in enumerate(load_report.pending):
+                answer.set_result((f"replica-{i}", stats))
+        stopping = asyncio.ensure_future(poller.stop())  # its cancel lands as the answer is taken
+        done, _ = await asyncio.wait({stopping}, timeout=3)
+        return bool(done), len(reports)
+
+    stopped, polls = asyncio.run(asyncio.wait_for(body(), 10))
+    assert stopped, "LoadPoller.stop() did not return"
+    assert polls <= 1
+
+# ── a real Serve replica killed with streams in flight ──
+
+class Streams:
+    """Generate calls read on threads until they end; `tokens[i]` grows as chunks arrive."""
+
+    def __init__(self, stub, n: int, max_tokens: int) -> None:
+        self.tokens = [0] * n
+        self.threads = [threading.Thread(target=self._read, args=(stub, i, max_tokens), daemon=True) for i in range(n)]
+        for thread in self.threads:
+            thread.start()
+
+    def _read(self, stub, i: int, max_tokens: int) -> None:
+        request = pb.GenerateRequest(prompt_token_ids=[1000 + i, 2000, 3000],
+                                     sampling=pb.SamplingParams(max_tokens=max_tokens, ignore_stop=True))
+        try:
+            for response in stub.Generate(request, timeout=120):
+                if response.HasField("chunk"):
+                    self.tokens[i] += len(response.chunk.token_ids)
+        except grpc.RpcError:
+            pass
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("killed", ["one replica of 2", "every replica"])
+def test_stop_returns_soon_after_a_replica_was_killed_mid_stream(ray_serving, serving_config, killed, caplog):
+    """2 echo-engine replicas of a Serve app of their own behind a front door (direct streams and
+    the Serve handle path both in use), 6 streams in flight; replicas are killed (ray.kill, as a
+    crashed process) and the front door is stopped while its streams are being resumed (waiting up
+    to replica_wait_s for a replica): stop() returns within its grace plus the close steps' bounds."""
+    import ray
+    from ray import serve
+
+    from cluster.config import from_dict, to_dict
+    from cluster.serving.builder import build_app
+    from tests.conftest import BackgroundFrontdoor
+    from tests.waiting import wait_until
+
+    name = "gptoss-stop-after-kill-" + ("one" if killed.startswith("one") else "all")
+    data = to_dict(serving_config)
+    data["engine"].update(kind="echo", echo_tokens_per_s=50.0)
+    data["serving"].update(app_name=name, replicas=2, num_cpus=0.0)
+    data["frontdoor"].update(replica_wait_s=60.0, grace_period_s=GRACE_S)
+    config = from_dict(data)
+    handle = serve.run(build_app(config), name=name, route_prefix=None)
+    door = BackgroundFrontdoor(handle, config.frontdoor, FrontdoorMetrics(CollectorRegistry()))
+    channel = grpc.insecure_channel(door.target)
+    try:
+        streams = Streams(pb_grpc.InferenceStub(channel), 6, max_tokens=2000)
+        wait_until(lambda: all(streams.tokens), timeout=60, message="every stream has tokens")
+        replicas = [ray.get_actor(a["name"], namespace=a["namespace"])
+                    for a in ray.util.list_named_actors(all_namespaces=True)
+                    if a["name"].startswith(f"SERVE_REPLICA::{name}#")]
+        assert len(replicas) == 2
+        for replica in replicas[:1] if killed.startswith("one") else replicas:
+            ray.kill(replica, no_restart=True)
+        time.sleep(0.5)  # the streams see their replica gone and start resuming
+        bound_s = GRACE_S + STEPS * CLOSE_STEP_S + 5
+        started = time.monotonic()
+        with caplog.at_level(logging.WARNING, logger=server_module.__name__):
+            stopping = asyncio.run_coroutine_threadsafe(door.server.stop(GRACE_S), door.loop)
+            try:
+                stopping.result(bound_s)
+            except TimeoutError:
+                pytest.fail(f"stop() did not return within {bound_s:g} s")
+        took_s = time.monotonic() - started
+        overran = [r.getMessage() for r in caplog.records if getattr(r, "shutdown_step", None)]
+        print(f"\nstop() took {took_s:.2f} s; steps that overran or failed: {overran or 'none'}")
+        for thread in streams.threads:  # every client call ended with the server
+            thread.join(10)
+        assert not any(thread.is_alive() for thread in streams.threads)
+    finally:
+        channel.close()
+        door.loop.call_soon_threadsafe(door.loop.stop)
+        door.thread.join(10)
+        serve.delete(name)
