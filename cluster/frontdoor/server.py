@@ -18,7 +18,6 @@ most frontdoor.replica_wait_s.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import gc
 import ipaddress
 import logging
@@ -344,7 +343,7 @@ class FrontdoorServer:
         """Cancel what is left and release everything start() made, in this order: stop watching
         and polling, stop accepting (HTTP, then gRPC, whose stop cancels the calls left), then the
         store, the channels to the replicas and the router, all of which live on this loop. Each
-        step gets CLOSE_STEP_S at most (close_step), so that stop() returns even when one of them
+        step gets CLOSE_STEP_S at most (_close_step), so that stop() returns even when one of them
         waits on a replica or node that is gone."""
         if self._watcher is not None:
             self._watcher.cancel()
