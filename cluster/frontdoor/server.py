@@ -52,7 +52,7 @@ REPLICA_WATCH_S = 0.5  # how often the routable-replica count is read (a local l
 # The most each step of closing may take once the drain is over (stop() then returns within the
 # grace period plus 7 of these): Helm's terminationGracePeriodSeconds leaves 15 s after the grace
 # for closing and stopping Ray, and a step that waits on a dead replica or node must not use them up.
-CLOSE_STEP_S = 1.5
+CLOSE_STEP_S = 2.0
 
 
 def is_loopback(host: str) -> bool:

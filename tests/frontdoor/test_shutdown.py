@@ -84,9 +84,8 @@ def test_a_step_that_never_returns_is_logged_and_the_later_steps_still_run(caplo
     assert len(closes) == 1
     assert CLOSE_STEP_S <= took_s < GRACE_S + CLOSE_STEP_S + 3  # only the stuck step used its bound
     assert not _listening(metrics_port)  # the step after the stuck one ran
-    overran = [r for r in caplog.records if getattr(r, "shutdown_step", None)]
-    assert [(r.levelno, r.shutdown_step) for r in overran] == [(logging.WARNING, "replica_channels")]
-    assert "replica_channels" in overran[0].getMessage()
+    (stuck,) = [r for r in caplog.records if getattr(r, "shutdown_step", None) == "replica_channels"]
+    assert stuck.levelno == logging.WARNING and "step=replica_channels did not finish" in stuck.getMessage()
 
 
 def test_a_failing_step_is_logged_and_the_later_steps_still_run(caplog):
@@ -104,8 +103,8 @@ def test_a_failing_step_is_logged_and_the_later_steps_still_run(caplog):
     with caplog.at_level(logging.WARNING, logger=server_module.__name__):
         metrics_port = asyncio.run(body())
     assert not _listening(metrics_port)
-    (failed,) = [r for r in caplog.records if getattr(r, "shutdown_step", None)]
-    assert failed.shutdown_step == "response_store" and "redis went away" in failed.getMessage()
+    (failed,) = [r for r in caplog.records if getattr(r, "shutdown_step", None) == "response_store"]
+    assert failed.levelno == logging.WARNING and "redis went away" in failed.getMessage()
 
 
 def test_a_clean_stop_logs_no_step(caplog):
