@@ -4,7 +4,9 @@ steps after a stuck one still run, and the stuck one is logged by name. On SIGTE
 runs in `gptoss-cluster serve`: a step without a bound is a pod that only SIGKILL ends.
 
 The first tests use a real grpc.aio server, HTTP API and metrics server over a scripted replica
-(no Ray; a test double only for the replica). The last kills a real Serve replica mid-stream."""
+(no Ray; a test double only for the replica). Then the load poller's stop, with the poll's answer
+arriving in the same loop turn as the cancel (the unbounded await found: 3.11's wait_for dropped
+that cancel). The last kills a real Serve replica mid-stream and stops the front door."""
 
 from __future__ import annotations
 
