@@ -52,8 +52,8 @@ class ExpertWeights(nn.Module):
     in place, on CPU (kernels/mxfp4_cpu.py); else GATHERED copies the chosen (token, expert) pairs'
     matrices into one batched matmul (no Python loop, no host sync: small batches, decode) up to
     GATHER_LIMIT gathered weight elements; beyond it LOOPED runs one matmul per expert used over
-    its tokens (large batches, prefill: no weight copies). FUSED and GATHERED work on (token, expert)
-    pairs (`fused_pairs`, `gathered_pairs`), which the expert-parallel MoE also calls on its shard;
+    its tokens (large batches, prefill: no weight copies). All three work on (token, expert) pairs
+    (`fused_pairs`, `gathered_pairs`, `add_looped_pairs_`), which the expert-parallel MoE also calls on its shard;
     subclasses set `alpha` and `limit` (the clamped SwiGLU's).
     """
 
@@ -133,6 +133,19 @@ class ExpertWeights(nn.Module):
         y = (y + self.down_bias[grouped]).to(x.dtype)  # [P, H] in grouped order
         return torch.empty_like(y).index_copy_(0, order, y)  # back to pair order
 
+    def add_looped_pairs_(self, out: torch.Tensor, x: torch.Tensor, rows: torch.Tensor, idx: torch.Tensor,
+                          weights: torch.Tensor) -> None:
+        """LOOPED: out[rows[p]] += weights[p] * (x[rows[p]] through held expert idx[p]), biases included;
+        one matmul per expert the pairs use, no weight copies. A token picks an expert at most once, so an
+        expert's rows do not repeat and indexed += is exact; index_add_ would open an OpenMP region,
+        which costs milliseconds on a busy box."""
+        for e in torch.unique(idx).tolist():
+            pairs = torch.where(idx == e)[0]
+            r = rows[pairs]
+            w1, w2 = self.expert_weights(e, x.dtype)
+            h = swiglu(F.linear(x[r], w1, self.gate_up_bias[e]), self.alpha, self.limit)
+            out[r] += F.linear(h, w2, self.down_bias[e]) * weights[pairs].unsqueeze(-1)
+
     def dequantize_(self) -> None:
         """Replace packed experts by dense ones in the dtype of the biases, in place."""
         if not self.packed:
@@ -182,13 +195,8 @@ class MoE(ExpertWeights):
         return torch.bmm(top_w.unsqueeze(1), y.view(S, A, -1)).squeeze(1)  # weighted sum over A: [S, H]
 
     def _looped(self, x: torch.Tensor, top_idx: torch.Tensor, top_w: torch.Tensor) -> torch.Tensor:
+        S, A = top_idx.shape
         out = torch.zeros_like(x)
-        for e in torch.unique(top_idx).tolist():
-            rows, slot = torch.where(top_idx == e)
-            w1, w2 = self.expert_weights(e, x.dtype)
-            h = swiglu(F.linear(x[rows], w1, self.gate_up_bias[e]), self.alpha, self.limit)
-            y = F.linear(h, w2, self.down_bias[e])
-            # A token picks an expert at most once, so `rows` has no repeats and indexed += is
-            # exact; index_add_ would open an OpenMP region, which costs milliseconds on a busy box.
-            out[rows] += y * top_w[rows, slot].unsqueeze(-1)
+        rows = torch.arange(S * A, device=x.device) // A  # pair p = (token p // A, choice p % A)
+        self.add_looped_pairs_(out, x, rows, top_idx.flatten(), top_w.flatten())
         return out

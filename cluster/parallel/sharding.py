@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from cluster.model.attention import Attention
-from cluster.model.moe import FUSED, ExpertWeights, MoE
+from cluster.model.moe import FUSED, LOOPED, ExpertWeights, MoE
 from cluster.model.transformer import GptOssModel
 from cluster.parallel.expert_map import ExpertPlacement, head_split
 
@@ -90,8 +90,8 @@ class ExpertParallelMoE(ExpertWeights):
 
     Its experts are held like MoE's (same representations and kernel choice, model/moe.py
     `ExpertWeights.kernel`), over the (token, expert) pairs routed to its slots: FUSED (packed MXFP4
-    multiplied in place on CPU) where it applies, else GATHERED (no LOOPED here: large batches
-    gather too).
+    multiplied in place on CPU) where it applies, else GATHERED for few pairs and LOOPED for many
+    (prefill, large batches: one matmul per local expert used, no weight copies).
     """
 
     def __init__(self, moe: MoE, placement: ExpertPlacement, rank: int, reduce: Reduce,
@@ -126,11 +126,11 @@ class ExpertParallelMoE(ExpertWeights):
             self.record(top_idx)
         rows, cols, slots = self.routing.local_pairs(top_idx)  # P pairs computed here
         out = torch.zeros_like(x)
-        if rows.numel():
-            if self.kernel(x, rows.numel()) == FUSED:
-                y = self.fused_pairs(x, rows, slots)  # [P, H]
-            else:
-                y = self.gathered_pairs(x[rows], slots)  # [P, H]
+        kernel = self.kernel(x, rows.numel()) if rows.numel() else None
+        if kernel == LOOPED:
+            self.add_looped_pairs_(out, x, rows, slots, top_w[rows, cols])
+        elif kernel is not None:
+            y = self.fused_pairs(x, rows, slots) if kernel == FUSED else self.gathered_pairs(x[rows], slots)  # [P, H]
             out.index_add_(0, rows, y * top_w[rows, cols].unsqueeze(-1))
         self.reduce(out)
         return out.view(shape)

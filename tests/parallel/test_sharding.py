@@ -134,3 +134,36 @@ def test_shards_in_threads_decode_like_the_whole_model(checkpoint, dtype, expert
                 assert (got - expected).norm() <= 0.02 * expected.norm()
                 ulp = torch.finfo(torch.bfloat16).eps * expected.abs().max().item()
                 assert expected[token].item() >= expected.max().item() - 4 * ulp
+
+
+@pytest.mark.parametrize("slots", [((3, 0), (1, 2)), ((2, 0), (3, 1, 2))], ids=["one-copy-each", "replicated"])
+def test_ranks_loop_over_their_experts_for_a_prefill_sized_batch(slots, monkeypatch):
+    """Many (token, expert) pairs on dense experts (a GPU, or no MXFP4 kernel): each rank runs LOOPED
+    over its slots, one matmul per local expert and no gathered weight copies, as the whole layer
+    does; the ranks' partial outputs sum to the whole layer's, also when an expert has two copies and
+    its tokens alternate between them."""
+    from cluster.parallel.expert_map import ExpertPlacement
+
+    torch.manual_seed(0)
+    layer = moe_module.MoE(CONFIG)
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.normal_(0, 0.05)
+    x = torch.randn(1, 96, CONFIG.hidden_size, generator=torch.Generator().manual_seed(6))
+    pairs = 96 * layer.top_k
+    assert layer.kernel(x, pairs) == moe_module.LOOPED
+
+    def no_gathering(*args):
+        raise AssertionError("a prefill-sized batch gathered its experts' weights")
+
+    monkeypatch.setattr(moe_module.ExpertWeights, "gathered_pairs", no_gathering)
+    placement = ExpertPlacement(CONFIG.num_local_experts, slots)
+    with torch.no_grad():
+        whole = layer(x)
+        partials = []
+        for rank in range(placement.num_ranks):
+            shard = ExpertParallelMoE(layer, placement, rank, reduce=lambda t: None)
+            assert shard.kernel(x, pairs // placement.num_ranks) == moe_module.LOOPED
+            partials.append(shard(x))
+    assert all(p.abs().sum() > 0 for p in partials)  # both ranks computed some of the pairs
+    torch.testing.assert_close(torch.stack(partials).sum(0), whole, rtol=0, atol=1e-5 * whole.abs().max().item())
