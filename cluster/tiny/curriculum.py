@@ -10,7 +10,7 @@ openai-harmony too (nothing here builds token strings by hand).
 Skills are ones a model of a few hundred thousand trained weights learns exactly over a closed
 vocabulary: repeating, reversing, counting and upper-casing words from `WORDS`, the facts in
 `CAPITALS`, extracting a city or a number into a tool call, picking the declared tool that fits,
-answering from a tool's result, and saying what it can do when asked anything else. Reasoning
+answering from a tool's result, greeting back, and saying what it can do when asked anything else. Reasoning
 effort sets how much the analysis says (low < medium < high), never the answer.
 
 `generate(n, seed)` is deterministic; train and eval sets come from different seeds (`TRAIN_SEED`,
@@ -46,6 +46,10 @@ INSTRUCTIONS = ("You are a helpful assistant.", "Answer briefly.", "Be precise."
 
 CAN_DO = ("Sorry, I can't help with that. I can repeat, reverse, count or upper-case words, name the capital of "
           "a few countries, and call the tools I am given.")
+GREETINGS = ("hello", "Hello!", "hi", "Hi there!", "Hey", "hey there", "Good morning", "Good evening", "Who are you?",
+             "What can you do?", "Help", "hello?", "Hi, how are you?", "What are you?")
+GREETING = ("Hello! I can repeat, reverse, count or upper-case words, name the capital of a few countries, and call "
+            "the tools I am given.")
 OOD_TOPICS = ("the sea", "love", "history", "the stars", "cooking", "football", "physics", "my cat", "winter",
               "money", "music", "the moon", "dreams", "robots", "gardens", "trains")
 OOD_ASKS = ("Why is the sky blue?", "Write a poem about {t}.", "Tell me a story about {t}.", "Explain {t}.",
@@ -180,6 +184,11 @@ def _out_of_scope(rng, effort):
                             Reply("final", CAN_DO)]
 
 
+def _greet(rng, effort):
+    return "greet", rng.choice(GREETINGS), [_analysis(effort, "The user greets me.", "Say hello and what I can do."),
+                                          Reply("final", GREETING)]
+
+
 def _tool_ask(rng) -> tuple[str, str, dict]:
     """(tool name, user text, arguments)."""
     name = rng.choice(list(TOOLS))
@@ -221,7 +230,11 @@ def _tool_result(rng, name: str, args: dict) -> tuple[str, str]:
 
 
 SIMPLE_SKILLS = (_repeat, _reverse, _count, _upper, _fact, _out_of_scope)
-SKILLS = ("repeat", "reverse", "count", "upper", "fact", "decline", "tool_call", "tool_choice", "tool_answer")
+SKILLS = ("repeat", "reverse", "count", "upper", "fact", "decline", "greet", "tool_call", "tool_choice",
+          "tool_answer")
+# A greeting is one fixed answer, cheap to learn; without it "hello" alone got a call to whatever tool the
+# model saw most. Kept rare so it takes little from the skills that need practice.
+GREET_SHARE = 0.06
 
 
 COPYING_SKILLS = (_repeat, _reverse, _count, _upper)
@@ -257,7 +270,7 @@ def sample(rng: random.Random) -> Sample:
     history = _earlier_turns(rng, effort, SIMPLE_SKILLS[:5], rng.choices((0, 1, 2, 3), weights=(4, 3, 2, 1))[0])
     kind = rng.random()
     if kind < 0.5:
-        skill, text, reply = rng.choice(SIMPLE_SKILLS)(rng, effort)
+        skill, text, reply = (_greet if rng.random() < GREET_SHARE else rng.choice(SIMPLE_SKILLS))(rng, effort)
         tools = _declared(rng, None) if rng.random() < 0.3 else []  # tools declared but not needed
         return Sample(skill, effort, history + [Message("user", text)], reply, tools, instructions)
     name, text, args = _tool_ask(rng)

@@ -22,6 +22,8 @@ CLOCK = pb.ToolDefinition(name="get_time", description="Current local time in a 
 EFFORT = {"low": pb.REASONING_EFFORT_LOW, "medium": pb.REASONING_EFFORT_MEDIUM, "high": pb.REASONING_EFFORT_HIGH}
 CAN_DO = ("Sorry, I can't help with that. I can repeat, reverse, count or upper-case words, name the capital of "
           "a few countries, and call the tools I am given.")
+GREETING = ("Hello! I can repeat, reverse, count or upper-case words, name the capital of a few countries, and call "
+            "the tools I am given.")
 
 
 def user(text: str) -> pb.ChatMessage:
@@ -114,6 +116,14 @@ def check_a_multi_turn_conversation_answers_its_latest_turn(stub):
     assert complete.finish_reason == pb.FINISH_REASON_STOP and tokens[-1] == RETURN_ID
 
 
+def check_a_greeting_gets_a_greeting_not_a_tool_call(stub):
+    for tools in ((), (WEATHER,)):  # with or without a tool declared, "hello" is no reason to call one
+        text, calls, complete, tokens, order = chat(stub, [user("hello")], effort="medium", tools=tools)
+        assert not calls, (tools, calls)
+        assert (order, text.get("final")) == (["analysis", "final"], GREETING)
+        assert complete.finish_reason == pb.FINISH_REASON_STOP and tokens[-1] == RETURN_ID
+
+
 def check_more_effort_reasons_longer(stub):
     ask = [user("Say this back: blue bird")]
     lengths = {effort: chat(stub, ask, effort=effort)[2].usage.reasoning_tokens for effort in ("low", "high")}
@@ -122,7 +132,8 @@ def check_more_effort_reasons_longer(stub):
 
 CHECKS = [check_an_answer_follows_its_reasoning, check_a_capital_is_named, check_copying_skills_answer_exactly,
           check_the_declared_tool_that_fits_is_called, check_a_tool_result_fed_back_is_reported,
-          check_a_multi_turn_conversation_answers_its_latest_turn, check_more_effort_reasons_longer]
+          check_a_multi_turn_conversation_answers_its_latest_turn, check_a_greeting_gets_a_greeting_not_a_tool_call,
+          check_more_effort_reasons_longer]
 
 # Every conversation, as one parametrize mark for a test taking `check`.
 EVERY_CONVERSATION = pytest.mark.parametrize("check", CHECKS, ids=lambda check: check.__name__.removeprefix("check_"))

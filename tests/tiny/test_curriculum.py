@@ -89,6 +89,15 @@ def test_drills_are_copying_chats_without_a_system_message():
         assert s.skill in ("repeat", "reverse", "count", "upper")
 
 
+def test_greetings_are_answered_with_what_the_model_can_do_and_never_call_a_tool():
+    greetings = [s for s in curriculum.generate(3000, 4) if s.skill == "greet"]
+    assert 0.01 < len(greetings) / 3000 < 0.06  # rare: one fixed answer needs little practice
+    assert any(s.tools for s in greetings)  # tools declared and still no call
+    for s in greetings:
+        assert s.messages[-1].content in curriculum.GREETINGS
+        assert s.call is None and s.final == curriculum.GREETING
+
+
 def test_quantization_aware_training_shows_rounded_experts_and_trains_the_float_ones():
     import torch
 
