@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+import cluster  # noqa: F401  before any test module imports grpc: it switches gRPC's fork handlers off
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 # Ray workers import `cluster` too; make the checkout importable for them when it is not installed.
