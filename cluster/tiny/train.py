@@ -10,8 +10,8 @@ With `qat` > 0, the last `qat` fraction of the steps is quantization-aware: the 
 sees their weights rounded to MXFP4 (what the served model runs), while the gradient updates the
 float weights as if the rounding were not there (straight-through). By default the last tenth of the
 steps, the end of the decay, train so: what the served model computes is then what was trained, for
-about 0.06 s more per step while on. A fifth slowed the decay's progress (the loss halved less); a
-tenth still takes up the rounding; docs/gpt-oss-tiny.md has what each measured.
+about 0.06 s more per step while on. A tenth takes up the rounding (float and MXFP4 weights score
+alike) as a fifth did, in half the extra time; docs/gpt-oss-tiny.md has what each measured.
 
 Every `snapshot_every` steps and at the end, a copy of the weights with its experts rounded to MXFP4
 is written as the artifact (`cluster/model/trained.py` reads it), which keeps only what training
