@@ -19,8 +19,12 @@ unless `--temperature` is given. Each server gets `--warmup` requests, then a cl
 first token). With `--rounds N` the servers alternate N times and the median of the rounds counts.
 The last line is one JSON object: throughput_ratio_vs_plain_vllm (ours / plain output tokens/s,
 > 1: we are faster), tpot_ratio_vs_plain_vllm, ttft_p50_ratio_vs_plain_vllm and
-ttft_p99_ratio_vs_plain_vllm (at concurrency 1; < 1: we are faster), and each side's figures,
-including its worst first-token time beyond the median at concurrency 1 (stalls).
+ttft_p99_ratio_vs_plain_vllm (at concurrency 1; < 1: we are faster),
+frontdoor_cpu_ratio_vs_api_server and serving_path_cpu_ratio_vs_api_server (CPU seconds per 1000
+streamed tokens of the throughput run, from /proc: our front door, and our front door + replica
+actor, against plain vLLM's API server process; the engines' own processes are left out on both
+sides; < 1: ours costs less), and each side's figures, including its worst first-token time beyond
+the median at concurrency 1 (stalls).
 Run it from the vLLM tier's virtualenv (scripts/vllm-tier.sh), where both servers can start.
 """
 
@@ -37,6 +41,7 @@ import urllib.request
 from pathlib import Path
 
 from cluster.bench.flags import add_rounds, add_token_lengths
+from cluster.bench.processes import cpu_s, descendants, process_table
 
 SIDES = ("plain", "ours")
 
@@ -133,8 +138,10 @@ def stall_ms(records) -> float:
     return max(ttfts) - statistics.median(ttfts) if ttfts else 0.0
 
 
-def _measure(side: str, target: str, api: str, args: argparse.Namespace, round_no: int) -> dict:
-    """Warm-up, the throughput run and the concurrency-1 run against one server."""
+def _measure(side: str, target: str, api: str, args: argparse.Namespace, round_no: int,
+             serving_path: dict[str, list[int]]) -> dict:
+    """Warm-up, the throughput run (with the CPU time of the `serving_path` processes around it) and
+    the concurrency-1 run against one server."""
     from cluster.bench.loadgen import Connection, LoadPlan, run_load
     from cluster.bench.report import summarize
     from cluster.bench.workload import IntRange, SyntheticWorkload
@@ -143,16 +150,37 @@ def _measure(side: str, target: str, api: str, args: argparse.Namespace, round_n
                                  output_len=IntRange.parse(args.output_len, "--output-len"), seed=round_no)
     connection = Connection(target=target)
     sampling = dict(api=api, temperature=args.temperature, seed=round_no, timeout_s=600.0)
+    if args.warmup:
+        run_load(connection, workload, LoadPlan(concurrency=args.concurrency, num_requests=args.warmup, **sampling))
+    before = {name: cpu_s(pids) for name, pids in serving_path.items()}
     load = run_load(connection, workload, LoadPlan(concurrency=args.concurrency, num_requests=args.num_requests,
-                                                   warmup_requests=args.warmup, **sampling))
+                                                   **sampling))
+    cpu = {name: cpu_s(pids) - before[name] for name, pids in serving_path.items()}
     c1 = run_load(connection, workload, LoadPlan(concurrency=1, num_requests=args.c1_requests, **sampling))
     figures = {"load": summarize(load.records), "c1": summarize(c1.records)}
+    tokens = max(1, figures["load"]["output_tokens"])
+    figures["load"]["cpu_s_per_1k_tokens"] = {name: s * 1000.0 / tokens for name, s in cpu.items()}
     figures["c1"]["ttft_stall_ms"] = stall_ms(c1.records)
     s, c = figures["load"], figures["c1"]
+    per_1k = ", ".join(f"{name} {v:.3f}" for name, v in s["cpu_s_per_1k_tokens"].items())
     _log(f"round {round_no} {side:<5}: c={args.concurrency} {s['output_token_throughput']:7.0f} tok/s, TPOT p50 "
-         f"{s['tpot_ms']['p50']:.1f} ms, {s['failed']} failed | c=1 TTFT p50 {c['ttft_ms']['p50']:.1f} ms, p99 "
-         f"{c['ttft_ms']['p99']:.1f} ms, worst beyond median {c['ttft_stall_ms']:.0f} ms, {c['failed']} failed")
+         f"{s['tpot_ms']['p50']:.1f} ms, {s['failed']} failed, CPU s per 1k tokens: {per_1k} | c=1 TTFT p50 "
+         f"{c['ttft_ms']['p50']:.1f} ms, p99 {c['ttft_ms']['p99']:.1f} ms, worst beyond median "
+         f"{c['ttft_stall_ms']:.0f} ms, {c['failed']} failed")
     return figures
+
+
+def serving_path_processes(side: str, server_pid: int) -> dict[str, list[int]]:
+    """The processes that do the serving path's work, the engine's own processes left out: plain
+    vLLM's API server (its engine core and workers are child processes), and our front door (the
+    `serve` process) and replica actor (vLLM's engine core is its child)."""
+    if side == "plain":
+        return {"api_server": [server_pid]}
+    table = process_table()
+    replicas = [pid for pid in descendants(server_pid, table) if "ServeReplica" in table[pid][1]]
+    if not replicas:
+        raise RuntimeError("no ServeReplica process under `serve`: cannot account the replica's CPU")
+    return {"frontdoor": [server_pid], "replica": replicas}
 
 
 def _run_side(side: str, args: argparse.Namespace, model: Path, tokenizer: Path | None, env: dict,
@@ -169,7 +197,8 @@ def _run_side(side: str, args: argparse.Namespace, model: Path, tokenizer: Path 
         try:
             _wait_http(server, f"http://127.0.0.1:{port}/v1/models", deadline)
             _log(f"plain vLLM up in {time.monotonic() - started:.0f} s")
-            return _measure(side, f"127.0.0.1:{port}", "completions", args, round_no)
+            return _measure(side, f"127.0.0.1:{port}", "completions", args, round_no,
+                            serving_path_processes(side, server.proc.pid))
         finally:
             server.stop(60.0)
     argv = [sys.executable, "-m", "cluster", "serve", "--grpc-port", "0", "--http-port", "0", "--metrics-port", "-1"]
@@ -179,7 +208,7 @@ def _run_side(side: str, args: argparse.Namespace, model: Path, tokenizer: Path 
         _log(f"ours up in {time.monotonic() - started:.0f} s")
         target = (line.split("gRPC ")[1].split()[0] if args.ours_api == "generate"
                   else line.split("HTTP http://")[1].split()[0])
-        return _measure(side, target, args.ours_api, args, round_no)
+        return _measure(side, target, args.ours_api, args, round_no, serving_path_processes(side, server.proc.pid))
     finally:
         server.stop(60.0)
 
@@ -198,15 +227,25 @@ def ratios(runs: dict[str, list[dict]]) -> dict:
             "ttft_p99_ms_c1": med(side, "c1", lambda s: s["ttft_ms"]["p99"]),
             "ttft_worst_beyond_median_ms_c1": max(r["c1"]["ttft_stall_ms"] for r in runs[side]),
             "failed": sum(r[k]["failed"] for r in runs[side] for k in ("load", "c1")),
+            "cpu_s_per_1k_tokens": {name: med(side, "load", lambda s, name=name: s["cpu_s_per_1k_tokens"][name])
+                                    for name in runs[side][0]["load"]["cpu_s_per_1k_tokens"]},
         }
     ours, plain = figures["ours"], figures["plain"]
+    api_server = plain["cpu_s_per_1k_tokens"]["api_server"]
     return {
         "throughput_ratio_vs_plain_vllm": round(ours["output_tokens_per_s"] / plain["output_tokens_per_s"], 3),
         "tpot_ratio_vs_plain_vllm": round(ours["tpot_p50_ms"] / plain["tpot_p50_ms"], 3),
         "ttft_p50_ratio_vs_plain_vllm": round(ours["ttft_p50_ms_c1"] / plain["ttft_p50_ms_c1"], 3),
         "ttft_p99_ratio_vs_plain_vllm": round(ours["ttft_p99_ms_c1"] / plain["ttft_p99_ms_c1"], 3),
-        **{side: {k: round(v, 2) for k, v in figures[side].items()} for side in SIDES},
+        # CPU per streamed token of our front door, and of front door + replica, against vLLM's API server
+        "frontdoor_cpu_ratio_vs_api_server": round(ours["cpu_s_per_1k_tokens"]["frontdoor"] / api_server, 3),
+        "serving_path_cpu_ratio_vs_api_server": round(sum(ours["cpu_s_per_1k_tokens"].values()) / api_server, 3),
+        **{side: {k: _rounded(v) for k, v in figures[side].items()} for side in SIDES},
     }
+
+
+def _rounded(value):
+    return {k: round(v, 3) for k, v in value.items()} if isinstance(value, dict) else round(value, 2)
 
 
 def run(args: argparse.Namespace) -> int:

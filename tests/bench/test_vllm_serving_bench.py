@@ -45,15 +45,28 @@ def test_ours_gets_the_engine_settings_plain_vllm_gets(argv):
     assert config.engine.vllm.cpu_omp_threads_bind == args.threads_bind
 
 
-def _round(tokens_per_s: float, tpot: float, ttft_p50: float, ttft_p99: float, stall: float) -> dict:
-    return {"load": {"output_token_throughput": tokens_per_s, "tpot_ms": {"p50": tpot}, "failed": 0},
+def _round(tokens_per_s: float, tpot: float, ttft_p50: float, ttft_p99: float, stall: float, cpu: dict) -> dict:
+    return {"load": {"output_token_throughput": tokens_per_s, "tpot_ms": {"p50": tpot}, "failed": 0,
+                     "cpu_s_per_1k_tokens": cpu},
             "c1": {"ttft_ms": {"p50": ttft_p50, "p99": ttft_p99}, "ttft_stall_ms": stall, "failed": 0}}
 
 
 def test_ratios_are_ours_over_plain_with_the_median_of_rounds():
-    runs = {"plain": [_round(1400, 20, 50, 60, 10), _round(1300, 22, 52, 66, 12), _round(1500, 18, 48, 70, 5)],
-            "ours": [_round(700, 40, 55, 900, 800), _round(1350, 21, 50, 66, 11), _round(1000, 30, 52, 72, 9)]}
+    def api(s):
+        return {"api_server": s}
+
+    def door(f, r):
+        return {"frontdoor": f, "replica": r}
+
+    runs = {"plain": [_round(1400, 20, 50, 60, 10, api(0.25)), _round(1300, 22, 52, 66, 12, api(0.30)),
+                      _round(1500, 18, 48, 70, 5, api(0.20))],
+            "ours": [_round(700, 40, 55, 900, 800, door(0.30, 0.10)), _round(1350, 21, 50, 66, 11, door(0.15, 0.20)),
+                     _round(1000, 30, 52, 72, 9, door(0.20, 0.15))]}
     figures = vllm_serving.ratios(runs)
+    # CPU per 1000 tokens: each process's median over the rounds, against the API server's median
+    assert figures["ours"]["cpu_s_per_1k_tokens"] == {"frontdoor": 0.20, "replica": 0.15}
+    assert figures["frontdoor_cpu_ratio_vs_api_server"] == round(0.20 / 0.25, 3)
+    assert figures["serving_path_cpu_ratio_vs_api_server"] == round((0.20 + 0.15) / 0.25, 3)
     assert figures["throughput_ratio_vs_plain_vllm"] == round(1000 / 1400, 3)
     assert figures["tpot_ratio_vs_plain_vllm"] == round(30 / 20, 3)
     assert figures["ttft_p50_ratio_vs_plain_vllm"] == round(52 / 50, 3)

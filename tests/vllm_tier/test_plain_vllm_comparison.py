@@ -30,6 +30,12 @@ def test_bench_vllm_serving_compares_both_servers_on_one_workload(tmp_path):
         assert figures[key] > 0, key
     for side in ("plain", "ours"):
         assert figures[side]["failed"] == 0 and figures[side]["output_tokens_per_s"] > 0
+    # the serving path's CPU per streamed token, read from /proc around the throughput run
+    assert set(figures["plain"]["cpu_s_per_1k_tokens"]) == {"api_server"}
+    assert set(figures["ours"]["cpu_s_per_1k_tokens"]) == {"frontdoor", "replica"}
+    for side in ("plain", "ours"):
+        assert all(v > 0 for v in figures[side]["cpu_s_per_1k_tokens"].values()), figures[side]
+    assert 0 < figures["frontdoor_cpu_ratio_vs_api_server"] < figures["serving_path_cpu_ratio_vs_api_server"]
     runs = json.loads(out.read_text())["runs"]
     for side in ("plain", "ours"):
         load, c1 = runs[side][0]["load"], runs[side][0]["c1"]
