@@ -22,7 +22,7 @@ import sys
 import tempfile
 import time
 
-from cluster.bench.processes import cpu_s, descendants, process_table
+from cluster.bench.processes import cpu_s, serve_replicas
 from cluster.sockets import free_port
 
 OUTPUT_LEN = 128
@@ -44,8 +44,7 @@ def main() -> None:
         else:
             raise SystemExit("serve exited before serving")
         front = [serve.pid]
-        table = process_table()
-        replica = [p for p in descendants(serve.pid, table) if "ServeReplica" in table[p][1]]
+        replica = serve_replicas(serve.pid)
         bench = [sys.executable, "-m", "cluster", "bench", "serving", "--target", f"127.0.0.1:{port}",
                  "--api", "generate", "--prompt-len", "256", "--output-len", str(OUTPUT_LEN), "--quiet"]
         subprocess.run(bench + ["--concurrency", "32", "--num-requests", "32"], check=True, capture_output=True)

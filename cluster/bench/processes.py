@@ -45,6 +45,12 @@ def descendants(root: int, table: dict[int, tuple[int, str]] | None = None) -> s
     return found
 
 
+def serve_replicas(root: int) -> list[int]:
+    """The Ray Serve replica actors' processes below `root` (Ray titles them `ray::ServeReplica:...`)."""
+    table = process_table()
+    return [pid for pid in descendants(root, table) if "ServeReplica" in table[pid][1]]
+
+
 def alive(pids) -> set[int]:
     table = process_table()
     return {pid for pid in pids if pid in table}

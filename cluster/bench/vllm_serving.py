@@ -41,7 +41,7 @@ import urllib.request
 from pathlib import Path
 
 from cluster.bench.flags import add_rounds, add_token_lengths
-from cluster.bench.processes import cpu_s, descendants, process_table
+from cluster.bench.processes import cpu_s, serve_replicas
 
 SIDES = ("plain", "ours")
 
@@ -176,8 +176,7 @@ def serving_path_processes(side: str, server_pid: int) -> dict[str, list[int]]:
     `serve` process) and replica actor (vLLM's engine core is its child)."""
     if side == "plain":
         return {"api_server": [server_pid]}
-    table = process_table()
-    replicas = [pid for pid in descendants(server_pid, table) if "ServeReplica" in table[pid][1]]
+    replicas = serve_replicas(server_pid)
     if not replicas:
         raise RuntimeError("no ServeReplica process under `serve`: cannot account the replica's CPU")
     return {"frontdoor": [server_pid], "replica": replicas}

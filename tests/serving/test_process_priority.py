@@ -9,7 +9,7 @@ import os
 import pytest
 import ray
 
-from cluster.bench.processes import descendants, nice, process_table
+from cluster.bench.processes import nice, serve_replicas
 
 pytestmark = pytest.mark.slow
 
@@ -17,8 +17,7 @@ pytestmark = pytest.mark.slow
 def _our_replicas() -> list[int]:
     """Replica processes of the Ray this session started (other engineers' Rays run on the box)."""
     raylet = ray._private.worker._global_node.all_processes["raylet"][0].process.pid
-    table = process_table()
-    return [pid for pid in descendants(raylet, table) if "ServeReplica" in table[pid][1]]
+    return serve_replicas(raylet)
 
 
 def test_replica_runs_at_the_front_doors_priority(ray_serving):
