@@ -15,10 +15,25 @@ from cluster.model.kernels import mxfp4_cpu
 from cluster.model.moe import MoE
 
 pytestmark = pytest.mark.skipif(not mxfp4_cpu.available(), reason="neither MXFP4 CPU kernel runs here")
-# Both kernels where they run: the AVX-512 one (native) needs an AVX512 CPU and a C compiler.
-KERNELS = [pytest.param(True, id="native", marks=pytest.mark.skipif(not mxfp4_cpu.native_available(),
-                                                                      reason="no AVX512 CPU or C compiler")),
-           pytest.param(False, id="numba", marks=pytest.mark.skipif(mxfp4_cpu.numba is None, reason="no numba"))]
+# Every kernel where it runs: the AVX-512 ones (bf16, native) need an AVX512 CPU (bf16: with AVX512_BF16)
+# and a C compiler. The bf16 kernel takes bf16 activations: its tests round theirs to bf16 first.
+KERNELS = [pytest.param("bf16", marks=pytest.mark.skipif(not mxfp4_cpu.bf16_available(),
+                                                          reason="no AVX512_BF16 CPU or C compiler")),
+           pytest.param("native", marks=pytest.mark.skipif(not mxfp4_cpu.native_available(),
+                                                            reason="no AVX512 CPU or C compiler")),
+           pytest.param("numba", marks=pytest.mark.skipif(mxfp4_cpu.numba is None, reason="no numba"))]
+
+
+def _activations(x: torch.Tensor, kernel: str) -> torch.Tensor:
+    return x.to(torch.bfloat16) if kernel == "bf16" else x
+
+
+def _only(monkeypatch, kernel: str) -> None:
+    """Make `kernel` the first that runs, as on a machine without the ones before it."""
+    if kernel != "bf16":
+        monkeypatch.setattr(mxfp4_cpu, "_native_bf16", False)
+    if kernel == "numba":
+        monkeypatch.setattr(mxfp4_cpu, "_native", False)
 
 
 def _packed(gen: torch.Generator, E: int, R: int, C: int):
@@ -27,19 +42,19 @@ def _packed(gen: torch.Generator, E: int, R: int, C: int):
     return blocks, scales
 
 
-@pytest.mark.parametrize("native", KERNELS)
+@pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("tokens_per_expert", [[1, 1, 1], [3, 0, 5], [1, 7, 2], [11, 1, 9]],
                          ids=["decode", "skip", "batched", "more-than-a-register-group"])
-def test_grouped_matmul_matches_unpack_then_matmul(tokens_per_expert, native):
+def test_grouped_matmul_matches_unpack_then_matmul(tokens_per_expert, kernel):
     gen = torch.Generator().manual_seed(0)
     E, R, C = 4, 40, 96  # 3 blocks a row: the native kernel's two-block steps and its odd last block
     blocks, scales = _packed(gen, E, R, C)
     experts = torch.tensor([2, 0, 3])
     counts = torch.tensor(tokens_per_expert)
     offsets = torch.cat((torch.zeros(1, dtype=torch.long), counts.cumsum(0)))
-    x = torch.randn(int(counts.sum()), C, generator=gen)
+    x = _activations(torch.randn(int(counts.sum()), C, generator=gen), kernel)
 
-    got = mxfp4_cpu.grouped_matmul(blocks, scales, x, experts, offsets, native=native)
+    got = mxfp4_cpu.grouped_matmul(blocks, scales, x, experts, offsets, kernel=kernel)
 
     dense = mxfp4.unpack(blocks, scales, torch.float64)
     expected = torch.cat([x[offsets[m]:offsets[m + 1]].double() @ dense[e].T for m, e in enumerate(experts.tolist())])
@@ -49,38 +64,38 @@ def test_grouped_matmul_matches_unpack_then_matmul(tokens_per_expert, native):
     assert (got.double() - expected).abs().max().item() <= tol
 
 
-@pytest.mark.parametrize("native", KERNELS)
-def test_grouped_matmul_is_exact_when_every_sum_is_representable(native):
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_grouped_matmul_is_exact_when_every_sum_is_representable(kernel):
     """Small integers times powers of two sum exactly in float32 in any order: then the kernel is bitwise."""
     gen = torch.Generator().manual_seed(1)
     blocks, scales = _packed(gen, 2, 16, 64)
     scales.fill_(127)  # scale 1
     x = torch.randint(-4, 5, (3, 64), generator=gen).float()
     experts, offsets = torch.tensor([1, 0]), torch.tensor([0, 1, 3])
-    got = mxfp4_cpu.grouped_matmul(blocks, scales, x, experts, offsets, native=native)
+    got = mxfp4_cpu.grouped_matmul(blocks, scales, _activations(x, kernel), experts, offsets, kernel=kernel)
     dense = mxfp4.unpack(blocks, scales)
     expected = torch.cat((x[:1] @ dense[1].T, x[1:] @ dense[0].T))
     assert torch.equal(got, expected)
 
 
-@pytest.mark.parametrize("native", KERNELS)
-def test_a_ranks_shard_of_experts_gives_the_whole_layers_rows(native):
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_a_ranks_shard_of_experts_gives_the_whole_layers_rows(kernel):
     """An expert-parallel rank holds some of a layer's experts (parallel/sharding.py): a copy in its
     slot order, or a contiguous range, which is a view at a storage offset. Local slot indices into
     the shard must give, bitwise, what global indices give in the whole layer."""
     gen = torch.Generator().manual_seed(4)
     blocks, scales = _packed(gen, 6, 40, 96)
-    x = torch.randn(5, 96, generator=gen)
+    x = _activations(torch.randn(5, 96, generator=gen), kernel)
     offsets = torch.tensor([0, 2, 3, 5])
-    whole = mxfp4_cpu.grouped_matmul(blocks, scales, x, torch.tensor([4, 3, 5]), offsets, native=native)
+    whole = mxfp4_cpu.grouped_matmul(blocks, scales, x, torch.tensor([4, 3, 5]), offsets, kernel=kernel)
 
     slots = [5, 3, 4]  # the rank's slots: experts 4, 3, 5 are its slots 2, 1, 0
     copied = mxfp4_cpu.grouped_matmul(blocks[slots].clone(), scales[slots].clone(), x, torch.tensor([2, 1, 0]),
-                                      offsets, native=native)
+                                      offsets, kernel=kernel)
     assert torch.equal(copied, whole)
     view_blocks, view_scales = blocks[3:], scales[3:]  # experts 3..5 as slots 0..2, no copy
     assert view_blocks.storage_offset() > 0 and view_blocks.is_contiguous()
-    viewed = mxfp4_cpu.grouped_matmul(view_blocks, view_scales, x, torch.tensor([1, 0, 2]), offsets, native=native)
+    viewed = mxfp4_cpu.grouped_matmul(view_blocks, view_scales, x, torch.tensor([1, 0, 2]), offsets, kernel=kernel)
     assert torch.equal(viewed, whole)
 
 
@@ -99,9 +114,11 @@ def _random_packed_moe(config: GptOssConfig, dtype: torch.dtype) -> MoE:
     return layer.to(dtype)
 
 
+@pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("tokens", [1, 9])
-def test_moe_fused_path_matches_the_unpacking_path(monkeypatch, dtype, tokens):
+def test_moe_fused_path_matches_the_unpacking_path(monkeypatch, kernel, dtype, tokens):
+    _only(monkeypatch, kernel)
     config = GptOssConfig.from_preset("tiny-small-vocab")
     layer = _random_packed_moe(config, dtype)
     x = torch.randn(1, tokens, config.hidden_size).to(dtype)
@@ -140,18 +157,17 @@ def _count_kernel_calls(monkeypatch) -> list:
 PLACEMENTS = [pytest.param(((3, 0), (1, 2)), id="one-copy-each"), pytest.param(((2, 0), (3, 1, 2)), id="replicated")]
 
 
-@pytest.mark.parametrize("native", KERNELS)
+@pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("slots", PLACEMENTS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("tokens", [1, 9])
-def test_expert_parallel_ranks_run_their_shard_on_the_fused_kernel(monkeypatch, native, slots, dtype, tokens):
+def test_expert_parallel_ranks_run_their_shard_on_the_fused_kernel(monkeypatch, kernel, slots, dtype, tokens):
     """Each rank's ExpertParallelMoE (parallel/sharding.py) takes the fused kernel on its packed slots
     and matches its own unpack-then-matmul path; the ranks' partial outputs sum to the whole layer's."""
     from cluster.parallel.expert_map import ExpertPlacement
     from cluster.parallel.sharding import ExpertParallelMoE
 
-    if not native:
-        monkeypatch.setattr(mxfp4_cpu, "_native", False)  # as without a compiler: the numba kernel
+    _only(monkeypatch, kernel)
     monkeypatch.setattr(moe_module, "DENSE_CACHE_BYTES", 0)  # "large" layers: no dense copy
     config = GptOssConfig.from_preset("tiny-small-vocab")
     layer = _random_packed_moe(config, dtype)
@@ -214,7 +230,7 @@ def test_numba_kernel_threads_follow_the_callers_torch_threads():
     try:
         torch.set_num_threads(1)
         mxfp4_cpu.grouped_matmul(blocks, scales, torch.randn(1, 32), torch.tensor([0]), torch.tensor([0, 1]),
-                                 native=False)
+                                 kernel="numba")
         assert numba.get_num_threads() == 1
     finally:
         torch.set_num_threads(before)

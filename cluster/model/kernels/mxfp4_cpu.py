@@ -6,16 +6,23 @@ transposed: out[t, r] = sum_c x[t, c] * W[experts[m], r, c], with W = mxfp4.unpa
 Shape letters: E experts, R output rows, G = C/32 blocks per row, N grouped token rows, M experts used.
 One call covers every chosen expert of a layer; threads split (expert, row range) items.
 
-Two kernels, the first that can run:
-- native: mxfp4_avx512.c (built on first use, see native.py), called through ctypes.
-  A block's bytes widen to 16 lanes and `vpermps` looks both nibbles up in the 16 E2M1 values.
+Three kernels, the first that can run (`kernel=` forces one):
+- bf16: mxfp4_avx512bf16.c, for bf16 activations (the bf16 model's) on a CPU with AVX-512 BF16.
+  `vpermw` looks both nibbles of a byte up as a bf16 pair and one `vdpbf16ps` multiplies a block's 32
+  weights by 32 activations: about half the instructions per block of the float32 kernel, 1.5x its
+  speed on a 20b expert at one token and 2x at two (docs/performance.md).
+- native: mxfp4_avx512.c (built on first use, see native.py), called through ctypes, for any
+  activations (converted to float32). A block's bytes widen to 16 lanes and `vpermps` looks both
+  nibbles up in the 16 E2M1 values.
 - numba: the same loop in numba (any CPU numba supports). A nibble's doubled E2M1 magnitude is read
   from one 32-bit constant (4 bits per code), so the decode vectorizes without a table gather.
-Where neither runs, `available()` is False and callers keep the unpack-then-matmul path.
+Where none runs, `available()` is False and callers keep the unpack-then-matmul path.
 
-Both multiply a block's decoded codes by its E8M0 scale (a power of two, so exact) and sum the whole
-row in float32 lanes: every product is the one unpack-then-matmul forms, only the order of the float32
-sum differs. Activations are split into even and odd columns once per call (low and high nibbles).
+All multiply a block's decoded codes by its E8M0 scale (a power of two, so exact) and sum the whole
+row in float32 lanes: every product is the one unpack-then-matmul forms (a bf16 weight times a bf16
+activation is exact in float32), only the order of the float32 sum differs. The float32 kernels split
+activations into even and odd columns once per call (low and high nibbles); the bf16 one reads them as
+they are.
 """
 
 from __future__ import annotations
@@ -75,7 +82,9 @@ if numba is not None:
 
 
 _native = None  # the native kernel (a ctypes function); False once it cannot be had
+_native_bf16 = None  # the bf16 one, likewise
 _lock = threading.Lock()
+KERNELS = ("bf16", "native", "numba")
 
 
 def _native_kernel():
@@ -85,6 +94,17 @@ def _native_kernel():
         _native = native.function("mxfp4_avx512", "mxfp4_grouped",
                                   [ptr, ptr, i64, i64, ptr, ptr, ptr, ptr, i64, ptr, ptr, i64, ctypes.c_int]) or False
     return _native or None
+
+
+def _bf16_kernel():
+    global _native_bf16
+    if _native_bf16 is None:
+        i64, ptr = ctypes.c_int64, ctypes.c_void_p
+        supported = native.function("mxfp4_avx512bf16", "mxfp4_bf16_supported", [], restype=ctypes.c_int)
+        _native_bf16 = (supported is not None and bool(supported()) and native.function(
+            "mxfp4_avx512bf16", "mxfp4_grouped_bf16",
+            [ptr, ptr, i64, i64, ptr, ptr, ptr, i64, ptr, ptr, i64, ctypes.c_int])) or False
+    return _native_bf16 or None
 
 
 _tables_np: tuple[np.ndarray, np.ndarray] | None = None
@@ -104,33 +124,55 @@ def native_available() -> bool:
     return _native_kernel() is not None
 
 
+def bf16_available() -> bool:
+    """Whether the AVX-512 BF16 kernel runs here (builds it on first call)."""
+    return _bf16_kernel() is not None
+
+
 def grouped_matmul(blocks: torch.Tensor, scales: torch.Tensor, x: torch.Tensor, experts: torch.Tensor,
-                   offsets: torch.Tensor, *, native: bool | None = None) -> torch.Tensor:
+                   offsets: torch.Tensor, *, kernel: str | None = None) -> torch.Tensor:
     """blocks [E, R, G, 16] u8, scales [E, R, G] u8, x [N, G*32] (grouped by expert), experts [M],
     offsets [M+1] -> float32 [N, R]; row t of x meets expert experts[m] for offsets[m] <= t < offsets[m+1].
-    `native` forces the AVX-512 kernel on or off (default: it when it runs here)."""
+    `kernel` forces one of KERNELS ("bf16" takes bf16 activations only); default: the first that runs here."""
     if not blocks.is_contiguous() or not scales.is_contiguous():
         raise ValueError("packed expert blocks and scales must be contiguous")
+    if kernel is None:
+        kernel = ("bf16" if x.dtype == torch.bfloat16 and bf16_available() else
+                  "native" if native_available() else "numba")
+    if kernel not in KERNELS:
+        raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
     N, R = x.shape[0], scales.shape[1]
     out = torch.empty(N, R, dtype=torch.float32)
     if N == 0:
         return out
-    xs = x.to(torch.float32)
-    xe, xo = xs[:, 0::2].contiguous().numpy(), xs[:, 1::2].contiguous().numpy()  # low / high nibbles' columns
     experts_np = experts.to(torch.int64).contiguous().numpy()
     offsets_np = offsets.to(torch.int64).contiguous().numpy()
     powers, half_powers = _tables()
     # Threads follow what this OS thread gave torch (the actor's CPU share under Ray); the native
-    # kernel runs them in torch's own OpenMP runtime.
+    # kernels run them in torch's own OpenMP runtime.
     threads = torch.get_num_threads()
-    kernel = _native_kernel() if native is not False else None
-    if native and kernel is None:
-        raise RuntimeError("the AVX-512 MXFP4 kernel cannot run here (needs an AVX512 CPU and a C compiler)")
-    if kernel is not None:
-        kernel(blocks.data_ptr(), scales.data_ptr(), R, scales.shape[2], xe.ctypes.data, xo.ctypes.data,
-               experts_np.ctypes.data, offsets_np.ctypes.data, len(experts_np), out.data_ptr(), powers.ctypes.data,
-               ROWS_PER_ITEM, threads)
+    if kernel == "bf16":
+        fn = _bf16_kernel()
+        if fn is None:
+            raise RuntimeError("the AVX-512 BF16 MXFP4 kernel cannot run here (needs AVX512_BF16 and a C compiler)")
+        if x.dtype != torch.bfloat16:
+            raise ValueError(f"the bf16 kernel takes bf16 activations, got {x.dtype}")
+        xb = x.contiguous()
+        fn(blocks.data_ptr(), scales.data_ptr(), R, scales.shape[2], xb.data_ptr(), experts_np.ctypes.data,
+           offsets_np.ctypes.data, len(experts_np), out.data_ptr(), powers.ctypes.data, ROWS_PER_ITEM, threads)
         return out
+    xs = x.to(torch.float32)
+    xe, xo = xs[:, 0::2].contiguous().numpy(), xs[:, 1::2].contiguous().numpy()  # low / high nibbles' columns
+    if kernel == "native":
+        fn = _native_kernel()
+        if fn is None:
+            raise RuntimeError("the AVX-512 MXFP4 kernel cannot run here (needs an AVX512 CPU and a C compiler)")
+        fn(blocks.data_ptr(), scales.data_ptr(), R, scales.shape[2], xe.ctypes.data, xo.ctypes.data,
+           experts_np.ctypes.data, offsets_np.ctypes.data, len(experts_np), out.data_ptr(), powers.ctypes.data,
+           ROWS_PER_ITEM, threads)
+        return out
+    if numba is None:
+        raise RuntimeError("no MXFP4 CPU kernel runs here (no AVX512 CPU or C compiler, and no numba)")
     numba.set_num_threads(max(1, min(threads, numba.config.NUMBA_NUM_THREADS)))
     with _lock if not _grouped_numba.signatures else _NO_LOCK:  # the first call compiles; others wait
         _grouped_numba(blocks.numpy(), scales.numpy(), xe, xo, experts_np, offsets_np, out.numpy(), half_powers)

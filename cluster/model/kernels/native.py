@@ -23,6 +23,8 @@ from pathlib import Path
 import torch
 
 FLAGS = ("-O3", "-mavx512f", "-mavx512bw", "-fopenmp", "-shared", "-fPIC")
+# Instruction sets beyond FLAGS that a kernel needs; it checks at run time that the CPU has them.
+EXTRA_FLAGS = {"mxfp4_avx512bf16": ("-mavx512bf16",)}
 _loaded: dict[str, ctypes.CDLL | None] = {}
 _lock = threading.Lock()
 
@@ -37,14 +39,14 @@ def load(name: str) -> ctypes.CDLL | None:
     return _loaded[name]
 
 
-def function(name: str, symbol: str, argtypes: list) -> ctypes._CFuncPtr | None:
-    """`symbol` of `load(name)`, typed (returns nothing), or None where the library cannot be had.
-    ctypes drops the GIL for each call."""
+def function(name: str, symbol: str, argtypes: list, restype=None) -> ctypes._CFuncPtr | None:
+    """`symbol` of `load(name)`, typed (returns nothing unless `restype`), or None where the library
+    cannot be had. ctypes drops the GIL for each call."""
     lib = load(name)
     if lib is None:
         return None
     fn = getattr(lib, symbol)
-    fn.restype, fn.argtypes = None, argtypes
+    fn.restype, fn.argtypes = restype, argtypes
     return fn
 
 
@@ -52,7 +54,8 @@ def _build(source: Path) -> Path | None:
     compiler = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
     if compiler is None or torch.backends.cpu.get_cpu_capability() != "AVX512":
         return None
-    key = hashlib.sha256(source.read_bytes() + " ".join(FLAGS).encode() + compiler.encode()).hexdigest()[:16]
+    flags = FLAGS + EXTRA_FLAGS.get(source.stem, ())
+    key = hashlib.sha256(source.read_bytes() + " ".join(flags).encode() + compiler.encode()).hexdigest()[:16]
     cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "gptoss-cluster" / "kernels"
     lib = cache / f"{source.stem}-{key}.so"
     if lib.exists():
@@ -61,7 +64,7 @@ def _build(source: Path) -> Path | None:
         cache.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=cache) as tmp:  # built aside, then renamed: concurrent builds are safe
             built = Path(tmp) / lib.name
-            subprocess.run([compiler, *FLAGS, "-o", str(built), str(source)], check=True, capture_output=True,
+            subprocess.run([compiler, *flags, "-o", str(built), str(source)], check=True, capture_output=True,
                            timeout=300)
             os.replace(built, lib)
     except (OSError, subprocess.SubprocessError):

@@ -1,0 +1,85 @@
+/* MXFP4 rows times bf16 activations with AVX-512 BF16 (see mxfp4_cpu.py, which builds and calls this).
+ *
+ * The same contract as mxfp4_avx512.c's mxfp4_grouped, for activations that are bf16 already (x [N, G*32]
+ * as bf16 bits, columns in their natural order): a block's 16 code bytes become 32 bf16 weights, each
+ * byte's low and high nibble side by side, which is the pair layout vdpbf16ps multiplies against 32
+ * consecutive activations. The nibbles index a table of the 16 E2M1 values in bf16 (vpermw); one
+ * vdpbf16ps forms the block's 32 products (each exact in float32) and sums them in float32; the block's
+ * power-of-two scale then multiplies that sum exactly. So only the float32 summation order differs
+ * from unpack-then-matmul, as with the float32 kernel, with half the instructions per block.
+ */
+#include <immintrin.h>
+#include <stdint.h>
+
+static const uint16_t E2M1_BF16[32] = {0x0000, 0x3F00, 0x3F80, 0x3FC0, 0x4000, 0x4040, 0x4080, 0x40C0,
+                                       0x8000, 0xBF00, 0xBF80, 0xBFC0, 0xC000, 0xC040, 0xC080, 0xC0C0};
+#define TOKENS 8 /* activation rows sharing one decode of a block */
+
+int mxfp4_bf16_supported(void) { return __builtin_cpu_supports("avx512bf16"); }
+
+/* The block's 32 weights (unscaled) as bf16 pairs: lane i = (low nibble, high nibble) of byte i. */
+static inline __m512bh decode(const uint8_t *b, __m512i lut) {
+    const __m512i codes = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)b));
+    /* (codes | codes << 12) & 0x000F000F: the low nibble in the lane's low word, the high one in its high word */
+    const __m512i idx = _mm512_ternarylogic_epi32(codes, _mm512_slli_epi32(codes, 12), _mm512_set1_epi32(0x000F000F), 0xA8);
+    return (__m512bh)_mm512_permutexvar_epi16(idx, lut);
+}
+
+static inline __m512 dot(__m512bh w, const uint16_t *x) {
+    return _mm512_dpbf16_ps(_mm512_setzero_ps(), w, (__m512bh)_mm512_loadu_si512((const void *)x));
+}
+
+static void one_token(const uint8_t *blocks, const uint8_t *scales, int64_t G, const uint16_t *x, int64_t r0,
+                      int64_t r1, float *out, const float *powers, __m512i lut) {
+    for (int64_t r = r0; r < r1; r++) {
+        const uint8_t *b = blocks + r * G * 16, *s = scales + r * G;
+        __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
+        int64_t g = 0;
+        for (; g + 1 < G; g += 2) {
+            a0 = _mm512_fmadd_ps(dot(decode(b + g * 16, lut), x + g * 32), _mm512_set1_ps(powers[s[g]]), a0);
+            a1 = _mm512_fmadd_ps(dot(decode(b + g * 16 + 16, lut), x + g * 32 + 32), _mm512_set1_ps(powers[s[g + 1]]), a1);
+        }
+        if (g < G)
+            a0 = _mm512_fmadd_ps(dot(decode(b + g * 16, lut), x + g * 32), _mm512_set1_ps(powers[s[g]]), a0);
+        out[r] = _mm512_reduce_add_ps(_mm512_add_ps(a0, a1));
+    }
+}
+
+static void rows(const uint8_t *blocks, const uint8_t *scales, int64_t G, const uint16_t *x, int64_t T, int64_t r0,
+                 int64_t r1, float *out, int64_t ld, const float *powers) {
+    const __m512i lut = _mm512_loadu_si512((const void *)E2M1_BF16);
+    if (T == 1) {
+        one_token(blocks, scales, G, x, r0, r1, out, powers, lut);
+        return;
+    }
+    const int64_t width = G * 32;
+    for (int64_t t0 = 0; t0 < T; t0 += TOKENS) {
+        const int64_t n = T - t0 < TOKENS ? T - t0 : TOKENS;
+        for (int64_t r = r0; r < r1; r++) {
+            const uint8_t *b = blocks + r * G * 16, *s = scales + r * G;
+            __m512 acc[TOKENS];
+            for (int64_t t = 0; t < n; t++) acc[t] = _mm512_setzero_ps();
+            for (int64_t g = 0; g < G; g++) {
+                const __m512bh w = decode(b + g * 16, lut);
+                const __m512 scale = _mm512_set1_ps(powers[s[g]]);
+                for (int64_t t = 0; t < n; t++)
+                    acc[t] = _mm512_fmadd_ps(dot(w, x + (t0 + t) * width + g * 32), scale, acc[t]);
+            }
+            for (int64_t t = 0; t < n; t++) out[(t0 + t) * ld + r] = _mm512_reduce_add_ps(acc[t]);
+        }
+    }
+}
+
+void mxfp4_grouped_bf16(const uint8_t *blocks, const uint8_t *scales, int64_t R, int64_t G, const uint16_t *x,
+                        const int64_t *experts, const int64_t *offsets, int64_t M, float *out, const float *powers,
+                        int64_t rows_per_item, int threads) {
+    const int64_t per_expert = (R + rows_per_item - 1) / rows_per_item, width = G * 32;
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t i = 0; i < M * per_expert; i++) {
+        const int64_t m = i / per_expert, r0 = (i - m * per_expert) * rows_per_item;
+        const int64_t r1 = r0 + rows_per_item < R ? r0 + rows_per_item : R, t0 = offsets[m], t1 = offsets[m + 1];
+        if (t1 > t0)
+            rows(blocks + experts[m] * R * G * 16, scales + experts[m] * R * G, G, x + t0 * width, t1 - t0, r0, r1,
+                 out + t0 * R, R, powers);
+    }
+}
