@@ -29,6 +29,7 @@ from pydantic_core import InitErrorDetails, PydanticCustomError
 ENV_PREFIX = "GPTOSS_"
 LogLevel = Literal["debug", "info", "warning", "error"]
 EngineKind = Literal["torch", "echo", "vllm"]  # echo: a test engine without a model; vllm: needs the vllm extra
+ReplicaStreamKind = Literal["per_request", "multiplexed"]
 RouterPolicy = Literal["round_robin", "least_loaded", "prefix_affinity", "session"]
 ResponseStoreKind = Literal["memory", "redis"]
 PlacementStrategy = Literal["STRICT_PACK", "PACK", "SPREAD"]
@@ -274,6 +275,12 @@ class ServingConfig(Section):
     skips Serve's per-request machinery after Serve's router has chosen the replica
     (cluster/serving/direct_stream.py); off, or with Ray's TLS on, requests go through Serve's
     handle only."""
+    replica_stream: ReplicaStreamKind = "per_request"
+    """How the direct stream carries requests: per_request, one gRPC call per request and a message
+    per token chunk; multiplexed, one long-lived call per front door and replica that carries all
+    their requests, each message holding the chunks of every request ready at that moment (less
+    CPU per streamed token on both sides; cluster/serving/multiplexed_stream.py). The replica
+    announces the kind it serves; front doors follow it."""
     direct_stream_tls: bool = True
     """The direct stream's transport: TLS (besides the per-replica token), or plaintext when false
     (only on a network you trust: anyone on the path could read prompts and tokens)."""

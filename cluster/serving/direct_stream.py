@@ -50,6 +50,7 @@ from cluster.engine.request import GenerateRequest, TokenChunk
 log = logging.getLogger(__name__)
 
 METHOD = "/gptoss.internal.ReplicaStream/Generate"
+MULTIPLEX_METHOD = "/gptoss.internal.ReplicaStream/Multiplex"  # multiplexed_stream.py
 METADATA_KEY = "direct_stream"  # the replica metadata entry: {"address": "host:port", "token": "..."}
 TOKEN_HEADER = "x-gptoss-replica-token"
 REFUSED_HEADER = "x-gptoss-refused"  # trailing metadata of a refusal: "full" or "stopping"
@@ -84,6 +85,7 @@ class DirectAddress:
     token: str
     trust_pem: str = ""  # what the client trusts for this replica's certificate; "": plaintext
     server_name: str = ""  # the name its certificate is checked against ("": the address's host)
+    multiplexed: bool = False  # it serves the multiplexed stream (multiplexed_stream.py), which the front door uses
 
     @classmethod
     def from_metadata(cls, metadata: dict) -> "DirectAddress | None":
@@ -91,7 +93,7 @@ class DirectAddress:
         if not isinstance(entry, dict) or not entry.get("address") or not entry.get("token"):
             return None
         return cls(str(entry["address"]), str(entry["token"]), str(entry.get("trust_pem") or ""),
-                   str(entry.get("server_name") or ""))
+                   str(entry.get("server_name") or ""), entry.get("kind") == "multiplexed")
 
 
 def _host_port(host: str, port: int) -> str:
@@ -160,23 +162,30 @@ def ray_tls_files(env=None) -> tuple[str, str, str] | None:
 
 class DirectStreamServer:
     """Serves `generate` (an async generator of TokenChunk) on a port of its own, refusing new
-    streams while `full()` says the replica has as many requests as it takes."""
+    streams while `full()` says the replica has as many requests as it takes. `kind`
+    (serving.replica_stream) "multiplexed" also serves the multiplexed stream and announces it."""
 
     def __init__(self, generate: Callable[[GenerateRequest], AsyncIterator[TokenChunk]],
-                 full: Callable[[], bool]) -> None:
+                 full: Callable[[], bool], kind: str = "per_request") -> None:
         self._generate = generate
         self._full = full
         self._token = secrets.token_urlsafe(24)
         self._server: grpc.aio.Server | None = None
         self._stopping = False
+        self._multiplexed = None
+        if kind == "multiplexed":
+            from cluster.serving.multiplexed_stream import MultiplexServer  # it imports this module
+
+            self._multiplexed = MultiplexServer(generate, self._refusal)
 
     async def start(self, host: str, tls: DirectStreamTls | None) -> dict:
         """Listen on a free port of `host` (the Ray node's IP, which front doors reach), with TLS
         unless `tls` is None; returns the replica metadata entry that announces it."""
         server = grpc.aio.server(options=_SERVER_OPTIONS)
-        handler = grpc.unary_stream_rpc_method_handler(self._serve)  # bytes in, bytes out
-        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
-            METHOD.split("/")[1], {METHOD.split("/")[2]: handler}),))
+        handlers = {METHOD.split("/")[2]: grpc.unary_stream_rpc_method_handler(self._serve)}  # bytes in, bytes out
+        if self._multiplexed is not None:
+            handlers[MULTIPLEX_METHOD.split("/")[2]] = grpc.stream_stream_rpc_method_handler(self._multiplex)
+        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(METHOD.split("/")[1], handlers),))
         if tls is None:
             port = server.add_insecure_port(_host_port(host, 0))
         else:
@@ -189,11 +198,15 @@ class DirectStreamServer:
         entry = {"address": _host_port(host, port), "token": self._token}
         if tls is not None:
             entry.update(trust_pem=tls.trust_pem.decode(), server_name=tls.server_name)
+        if self._multiplexed is not None:
+            entry["kind"] = "multiplexed"
         return {METADATA_KEY: entry}
 
     async def stop(self, grace_s: float) -> None:
         """Refuse new streams, let those in flight finish for up to `grace_s`, then close."""
         self._stopping = True
+        if self._multiplexed is not None:
+            self._multiplexed.drain()
         if self._server is not None:
             await self._server.stop(grace_s)
             self._server = None
@@ -202,10 +215,22 @@ class DirectStreamServer:
         context.set_trailing_metadata(((REFUSED_HEADER, why),))
         await context.abort(code, f"replica refused the stream: {why}")
 
-    async def _serve(self, request_bytes: bytes, context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
+    async def _check_token(self, context: grpc.aio.ServicerContext) -> None:
         token = dict(context.invocation_metadata() or ()).get(TOKEN_HEADER, "")
         if not hmac.compare_digest(str(token).encode(), self._token.encode()):
             await context.abort(grpc.StatusCode.PERMISSION_DENIED, "wrong or missing replica token")
+
+    def _refusal(self) -> str | None:
+        return "stopping" if self._stopping else "full" if self._full() else None
+
+    async def _multiplex(self, _requests, context: grpc.aio.ServicerContext) -> None:
+        await self._check_token(context)
+        if self._stopping:
+            await self._refuse(context, "stopping", grpc.StatusCode.UNAVAILABLE)
+        await self._multiplexed.serve(context)
+
+    async def _serve(self, request_bytes: bytes, context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
+        await self._check_token(context)
         if self._stopping:
             await self._refuse(context, "stopping", grpc.StatusCode.UNAVAILABLE)
         if self._full():
@@ -236,7 +261,7 @@ class DirectStreamClient:
         self._replaced: list[grpc.aio.Channel] = []
         self._closing: set[asyncio.Task] = set()
 
-    def _channel(self, target: DirectAddress) -> grpc.aio.Channel:
+    def channel(self, target: DirectAddress) -> grpc.aio.Channel:
         address, trust = target.address, (target.trust_pem, target.server_name)
         channel = self._channels.get(address)
         if channel is not None and self._trust.get(address) != trust:  # a new replica on the same port
@@ -265,11 +290,11 @@ class DirectStreamClient:
         """Whether `target` has a connected channel; asks an idle one to connect. Only ready
         channels take requests, so a new or unreachable replica never makes a request wait for a
         connection (it goes through Serve meanwhile)."""
-        state = self._channel(target).get_state(try_to_connect=True)
+        state = self.channel(target).get_state(try_to_connect=True)
         return state == grpc.ChannelConnectivity.READY
 
     def open(self, target: DirectAddress, request: GenerateRequest) -> "DirectStream":
-        call = self._channel(target).unary_stream(METHOD)(
+        call = self.channel(target).unary_stream(METHOD)(
             pickle.dumps(request, protocol=pickle.HIGHEST_PROTOCOL), metadata=((TOKEN_HEADER, target.token),))
         return DirectStream(call)
 
@@ -304,7 +329,7 @@ class DirectStream:
             try:
                 message = await self._call.read()
             except grpc.aio.AioRpcError as err:
-                raise self._failure(err) from None
+                raise failure(err, self.started) from None
             if message is grpc.aio.EOF:
                 return
             item = pickle.loads(message)
@@ -313,13 +338,15 @@ class DirectStream:
             self.started = True
             yield item
 
-    def _failure(self, err: grpc.aio.AioRpcError) -> Exception:
-        refused = dict(err.trailing_metadata() or ()).get(REFUSED_HEADER)
-        if not self.started and refused:
-            return Rejected(refused)
-        if not self.started and err.code() == grpc.StatusCode.UNAVAILABLE:
-            return Rejected("unreachable", err.details())
-        if err.code() == grpc.StatusCode.PERMISSION_DENIED:
-            return Rejected("token", err.details())
-        # CANCELLED here came from the replica's side (ours raises CancelledError instead).
-        return ConnectionError(f"direct stream to the replica failed: {err.code().name} {err.details()}")
+
+def failure(err: grpc.aio.AioRpcError, started: bool) -> Exception:
+    """What a failed call means for a stream that had (`started`) or had not yet received a chunk."""
+    refused = dict(err.trailing_metadata() or ()).get(REFUSED_HEADER)
+    if not started and refused:
+        return Rejected(refused)
+    if not started and err.code() == grpc.StatusCode.UNAVAILABLE:
+        return Rejected("unreachable", err.details())
+    if err.code() == grpc.StatusCode.PERMISSION_DENIED:
+        return Rejected("token", err.details())
+    # CANCELLED here came from the replica's side (ours raises CancelledError instead).
+    return ConnectionError(f"direct stream to the replica failed: {err.code().name} {err.details()}")

@@ -210,7 +210,8 @@ class ModelReplica:
         from cluster.serving.direct_stream import DirectStreamServer
 
         self._direct_tls_settings = config.serving
-        return DirectStreamServer(self._stream, full=lambda: self._in_flight >= self._max_ongoing)
+        return DirectStreamServer(self._stream, full=lambda: self._in_flight >= self._max_ongoing,
+                                  kind=config.serving.replica_stream)
 
     def _direct_stream_tls(self, host: str):
         """The direct stream's certificate (see serving.direct_stream_tls); None: plaintext."""

@@ -2,9 +2,10 @@
 
 The Serve router chooses the replica either way (router.GptossRouter). When the chosen replica
 publishes a direct-stream address and the front door's channel to it is connected, the tokens
-come straight from it (direct_stream.py); otherwise, and whenever a replica refuses a direct
-stream before its first token (full, stopping, unreachable), the request goes through the Serve
-handle, whose router queues it, re-routes it, or refuses it as Serve does.
+come straight from it (direct_stream.py, or multiplexed_stream.py when the replica serves that
+kind); otherwise, and whenever a replica refuses a direct stream before its first token (full,
+stopping, unreachable), the request goes through the Serve handle, whose router queues it,
+re-routes it, or refuses it as Serve does.
 
 Serve's router waits for a replica for as long as it takes (none routable: all dead, or not
 placed yet); ours gives up after `replica_wait_s` with NoReplicaError, which the front door
@@ -22,6 +23,7 @@ from ray.serve.handle import DeploymentHandle
 from cluster.engine.request import GenerateRequest, TokenChunk
 from cluster.metrics import router_metrics
 from cluster.serving.direct_stream import DirectStreamClient, Rejected
+from cluster.serving.multiplexed_stream import MultiplexedClient
 from cluster.serving.serve_internals import replica_assignment, request_router
 
 log = logging.getLogger(__name__)
@@ -58,6 +60,7 @@ class ReplicaStreams:
         self._handle = handle
         self.replica_wait_s = replica_wait_s
         self._client = DirectStreamClient()
+        self._multiplexed = MultiplexedClient(self._client)
         self._replica_set_version = -1
         self._pruning: set[asyncio.Task] = set()
         labels = (handle.app_name, handle.deployment_name)
@@ -104,6 +107,7 @@ class ReplicaStreams:
                 self._client.ready(target)
 
     def _prune(self, addresses: set[str]) -> None:
+        self._multiplexed.retain(addresses)
         task = asyncio.get_running_loop().create_task(self._client.retain(addresses))
         self._pruning.add(task)
         task.add_done_callback(self._pruning.discard)
@@ -111,6 +115,7 @@ class ReplicaStreams:
     async def close(self) -> None:
         """After the front door's server has stopped (its calls are cancelled, so channels in
         their grace period close at once)."""
+        await self._multiplexed.close()
         await self._client.close()
         if self._pruning:
             _, late = await asyncio.wait(set(self._pruning), timeout=5.0)
@@ -125,7 +130,10 @@ class ReplicaStream:
         self._streams = streams
         self._request = request
         self._route = route
-        self._direct = streams._client.open(route.target, request) if route is not None else None
+        self._direct = None
+        if route is not None:
+            client = streams._multiplexed if route.target.multiplexed else streams._client
+            self._direct = client.open(route.target, request)
         self._response = None if route is not None else streams._generate.remote(request)
         self._finished = False
 

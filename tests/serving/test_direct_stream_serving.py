@@ -2,7 +2,8 @@
 test engine (the model is beside the point here): requests go straight to the replica Serve's
 router chose once the channel is up; a replica that publishes none is served through the handle;
 a full replica's refusal is routed again through the handle and the request completes; and a
-replica replaced by a redeploy finishes the direct stream it had accepted."""
+replica replaced by a redeploy finishes the direct stream it had accepted. Every test runs with
+either kind of direct stream (serving.replica_stream)."""
 
 from __future__ import annotations
 
@@ -19,10 +20,15 @@ from gptoss.v1 import inference_pb2_grpc
 pytestmark = pytest.mark.slow
 
 
+@pytest.fixture(params=["per_request", "multiplexed"])
+def kind(request) -> str:
+    return request.param
+
+
 class EchoApp:
     """An echo-engine app with its own front door; `streams(path)` reads gptoss_router_streams_total."""
 
-    def __init__(self, serving_config, name: str, **overrides) -> None:
+    def __init__(self, serving_config, name: str, kind: str, **overrides) -> None:
         from prometheus_client import CollectorRegistry
         from ray import serve
 
@@ -30,9 +36,10 @@ class EchoApp:
         from cluster.serving.builder import build_app
         from tests.conftest import BackgroundFrontdoor
 
-        self.name = name
+        self.name = f"{name}-{kind}"
+        self.kind = kind
         self.config = self.configured(serving_config, **overrides)
-        self.handle = serve.run(build_app(self.config), name=name, route_prefix=None)
+        self.handle = serve.run(build_app(self.config), name=self.name, route_prefix=None)
         self.door = BackgroundFrontdoor(self.handle, self.config.frontdoor, FrontdoorMetrics(CollectorRegistry()))
         self.channel = grpc.insecure_channel(self.door.target)
         self.stub = inference_pb2_grpc.InferenceStub(self.channel)
@@ -41,7 +48,8 @@ class EchoApp:
         from cluster.config import from_dict, to_dict
 
         data = to_dict(serving_config)
-        for path, value in {"engine.kind": "echo", "serving.app_name": self.name, **overrides}.items():
+        for path, value in {"engine.kind": "echo", "serving.app_name": self.name, "serving.replica_stream": self.kind,
+                            **overrides}.items():
             section, key = path.split(".")
             data[section][key] = value
         return from_dict(data)
@@ -70,6 +78,9 @@ class EchoApp:
             self.generate(2)
             time.sleep(0.05)
 
+    def multiplexed_connections(self) -> int:
+        return len(self.door.server._inference._replicas._multiplexed._connections)
+
     def close(self) -> None:
         from ray import serve
 
@@ -82,8 +93,8 @@ def tokens(responses) -> list[int]:
     return [t for r in responses if r.HasField("chunk") for t in r.chunk.token_ids]
 
 
-def test_requests_go_direct_once_the_channel_is_up_and_carry_the_same_tokens(ray_serving, serving_config):
-    app = EchoApp(serving_config, "direct-on", **{"engine.echo_tokens_per_s": 0.0})
+def test_requests_go_direct_once_the_channel_is_up_and_carry_the_same_tokens(ray_serving, serving_config, kind):
+    app = EchoApp(serving_config, "direct-on", kind, **{"engine.echo_tokens_per_s": 0.0})
     try:
         app.until_direct()
         direct, handle = app.streams("direct"), app.streams("serve_handle")
@@ -93,6 +104,7 @@ def test_requests_go_direct_once_the_channel_is_up_and_carry_the_same_tokens(ray
             assert responses[-1].complete.finish_reason == pb.FINISH_REASON_LENGTH
             assert responses[-1].complete.usage.completion_tokens == n
         assert app.streams("direct") == direct + 3 and app.streams("serve_handle") == handle
+        assert app.multiplexed_connections() == (kind == "multiplexed")
         # A bad request is refused by the front door and never opens a stream.
         with pytest.raises(grpc.RpcError) as refused:
             app.generate(10**9)
@@ -103,8 +115,8 @@ def test_requests_go_direct_once_the_channel_is_up_and_carry_the_same_tokens(ray
         app.close()
 
 
-def test_forty_cancelled_direct_streams_all_stop_in_the_replica(ray_serving, serving_config):
-    app = EchoApp(serving_config, "direct-cancel", **{"engine.echo_tokens_per_s": 200.0})
+def test_forty_cancelled_direct_streams_all_stop_in_the_replica(ray_serving, serving_config, kind):
+    app = EchoApp(serving_config, "direct-cancel", kind, **{"engine.echo_tokens_per_s": 200.0})
     try:
         app.until_direct()
         before, direct = app.handle.stats.remote().result(), app.streams("direct")
@@ -126,8 +138,9 @@ def test_forty_cancelled_direct_streams_all_stop_in_the_replica(ray_serving, ser
         app.close()
 
 
-def test_a_replica_without_a_direct_stream_is_served_through_the_handle(ray_serving, serving_config):
-    app = EchoApp(serving_config, "direct-off", **{"engine.echo_tokens_per_s": 0.0, "serving.direct_stream": False})
+def test_a_replica_without_a_direct_stream_is_served_through_the_handle(ray_serving, serving_config, kind):
+    app = EchoApp(serving_config, "direct-off", kind, **{"engine.echo_tokens_per_s": 0.0,
+                                                         "serving.direct_stream": False})
     try:
         for _ in range(5):
             assert len(tokens(app.generate(5))) == 5
@@ -137,10 +150,10 @@ def test_a_replica_without_a_direct_stream_is_served_through_the_handle(ray_serv
         app.close()
 
 
-def test_a_full_replica_refuses_and_the_handle_serves_the_request_when_it_frees(ray_serving, serving_config):
+def test_a_full_replica_refuses_and_the_handle_serves_the_request_when_it_frees(ray_serving, serving_config, kind):
     # One request at a time per replica; the test's own handle (another router, as another front
     # door would be) fills the replica, so the front door's router does not know it is full.
-    app = EchoApp(serving_config, "direct-full", **{"engine.echo_tokens_per_s": 40.0,
+    app = EchoApp(serving_config, "direct-full", kind, **{"engine.echo_tokens_per_s": 40.0,
                                                     "serving.max_ongoing_requests": 1,
                                                     "serving.max_queued_requests": -1})
     try:
@@ -163,10 +176,10 @@ def test_a_full_replica_refuses_and_the_handle_serves_the_request_when_it_frees(
         app.close()
 
 
-def test_a_redeployed_replica_finishes_the_direct_stream_it_accepted(ray_serving, serving_config):
+def test_a_redeployed_replica_finishes_the_direct_stream_it_accepted(ray_serving, serving_config, kind):
     from ray import serve
 
-    app = EchoApp(serving_config, "direct-redeploy", **{"engine.echo_tokens_per_s": 25.0,
+    app = EchoApp(serving_config, "direct-redeploy", kind, **{"engine.echo_tokens_per_s": 25.0,
                                                         "serving.graceful_shutdown_timeout_s": 30.0})
     try:
         app.until_direct()

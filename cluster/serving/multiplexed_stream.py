@@ -1,0 +1,314 @@
+"""The multiplexed replica stream: one long-lived gRPC call per (front door, replica) pair carries
+the tokens of all the requests between them (serving.replica_stream "multiplexed").
+
+The per-request direct stream (direct_stream.py) sends each token chunk as a gRPC message of its
+own, so at 32 concurrent streams an engine step costs 32 grpc.aio messages on each side. Here one
+bidirectional call ("Multiplex", on the replica's direct-stream server: same port, TLS and token)
+carries, front door -> replica, ("open", id, GenerateRequest) and ("cancel", id) frames and,
+replica -> front door, events: (id, TokenChunk), (id, exception), (id, None) at the end of a
+request, and (id, "full" | "stopping") when the replica refuses it. Each side queues what it has
+to send in an `_Outbox` whose single writer sends everything queued as ONE pickled list per
+message: the chunks an engine step yields for all its requests leave in one message.
+
+Semantics are the per-request stream's: a refusal comes before the first token (`Rejected`, the
+front door routes the request through the Serve handle instead); the replica's
+max_ongoing_requests check counts these requests (they run the replica's own `_stream`);
+cancelling a request closes its engine stream; engine errors arrive pickled, with their type; a
+lost connection ends each request on it as the per-request stream would end it (ConnectionError
+after the first token), and the next request opens a new connection; a stopping replica refuses
+new requests, lets the accepted ones finish, then ends the call.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import pickle
+from typing import AsyncIterator, Awaitable, Callable
+
+import grpc
+
+from cluster.engine.request import GenerateRequest, TokenChunk
+from cluster.serving.direct_stream import (MULTIPLEX_METHOD, TOKEN_HEADER, DirectAddress, DirectStreamClient,
+                                          Rejected, failure)
+
+log = logging.getLogger(__name__)
+
+class _Outbox:
+    """Items queued by many tasks; `run()` writes all those queued so far as one pickled list."""
+
+    def __init__(self, write: Callable[[bytes], Awaitable[None]]) -> None:
+        self._write = write
+        self._items: list = []
+        self._ready = asyncio.Event()
+        self._closed = False
+        self.messages = 0
+
+    def put(self, item) -> None:
+        self._items.append(item)
+        self._ready.set()
+
+    def close(self) -> None:
+        """`run()` returns once what is queued is written."""
+        self._closed = True
+        self._ready.set()
+
+    async def run(self) -> None:
+        # Tasks woken by the same engine step run before this one does: their items leave together.
+        while True:
+            await self._ready.wait()
+            self._ready.clear()
+            if self._items:
+                items, self._items = self._items, []
+                self.messages += 1
+                await self._write(pickle.dumps(items, protocol=pickle.HIGHEST_PROTOCOL))
+            if self._closed and not self._items:
+                return
+
+
+def _picklable(err: Exception) -> Exception:
+    try:
+        pickle.dumps(err, protocol=pickle.HIGHEST_PROTOCOL)
+        return err
+    except Exception:  # noqa: BLE001 - one bad exception must not break the message it travels in
+        log.exception("multiplexed stream: the replica's error does not pickle")
+        return RuntimeError(f"replica error {type(err).__name__}: {err}")
+
+
+def _retrieved(task: asyncio.Task) -> None:
+    """A reader or writer ends with the call's error when the call breaks; the other side of the
+    connection reports that, so it is only logged here."""
+    if not task.cancelled() and task.exception() is not None:
+        log.debug("multiplexed stream: %r", task.exception())
+
+
+# ─────────────────────────────────────── the replica's side ───────────────────────────────────────
+
+class MultiplexServer:
+    """Serves the Multiplex calls of a replica's direct-stream server (which checks the token
+    first). `refusal()` says why the replica takes no new request now ("full", "stopping") or None."""
+
+    def __init__(self, generate: Callable[[GenerateRequest], AsyncIterator[TokenChunk]],
+                 refusal: Callable[[], str | None]) -> None:
+        self._generate = generate
+        self._refusal = refusal
+        self._calls: set[_ReplicaCall] = set()
+
+    async def serve(self, context: grpc.aio.ServicerContext) -> None:
+        call = _ReplicaCall(self, context)
+        self._calls.add(call)
+        try:
+            await call.run()
+        finally:
+            self._calls.discard(call)
+
+    def drain(self) -> None:
+        """The replica is stopping: each call ends once its requests have."""
+        for call in self._calls:
+            call.drain()
+
+
+class _ReplicaCall:
+    def __init__(self, server: MultiplexServer, context: grpc.aio.ServicerContext) -> None:
+        self._server = server
+        self._context = context
+        self._outbox = _Outbox(context.write)
+        self._requests: dict[int, asyncio.Task] = {}
+        self._ended = asyncio.get_running_loop().create_future()
+        self._draining = False
+
+    async def run(self) -> None:
+        reader = asyncio.create_task(self._read())
+        writer = asyncio.create_task(self._outbox.run())
+        for task in (reader, writer):
+            task.add_done_callback(_retrieved)
+            task.add_done_callback(self._end)
+        try:
+            await self._ended
+            if self._draining:  # every request ended: send their last events, then end the call
+                self._outbox.close()
+                await writer
+        finally:
+            for task in (reader, writer, *self._requests.values()):
+                task.cancel()
+
+    def _end(self, _=None) -> None:
+        if not self._ended.done():
+            self._ended.set_result(None)
+
+    def drain(self) -> None:
+        self._draining = True
+        if not self._requests:
+            self._end()
+
+    async def _read(self) -> None:
+        while (message := await self._context.read()) is not grpc.aio.EOF:
+            for frame in pickle.loads(message):
+                if frame[0] == "open":
+                    await self._open(frame[1], frame[2])
+                elif (task := self._requests.get(frame[1])) is not None:  # "cancel"
+                    task.cancel()
+
+    async def _open(self, rid: int, request: GenerateRequest) -> None:
+        refusal = self._server._refusal()
+        if refusal is not None:
+            self._outbox.put((rid, refusal))
+            return
+        task = asyncio.create_task(self._run(rid, request))
+        self._requests[rid] = task
+        task.add_done_callback(lambda _: self._finished(rid))
+        # Let the request start (and the replica count it) before the next frame's full check.
+        await asyncio.sleep(0)
+
+    async def _run(self, rid: int, request: GenerateRequest) -> None:
+        put = self._outbox.put
+        try:
+            async for chunk in self._server._generate(request):
+                put((rid, chunk))
+        except Exception as err:  # noqa: BLE001 - the front door maps it, as it does Ray's
+            put((rid, _picklable(err)))
+        else:
+            put((rid, None))
+
+    def _finished(self, rid: int) -> None:
+        del self._requests[rid]
+        if self._draining and not self._requests:
+            self._end()
+
+
+# ─────────────────────────────────────── the front door's side ───────────────────────────────────────
+
+class MultiplexedClient:
+    """One Multiplex call per replica, on the per-request client's channel to it (which owns the
+    channels: TLS, replacement, closing); `open` sends a request on it."""
+
+    def __init__(self, channels: DirectStreamClient) -> None:
+        self._channels = channels
+        self._connections: dict[str, Connection] = {}
+
+    def open(self, target: DirectAddress, request: GenerateRequest) -> "MultiplexedStream":
+        channel = self._channels.channel(target)
+        connection = self._connections.get(target.address)
+        if connection is None or connection.broken or connection.channel is not channel:
+            if connection is not None:
+                connection.drain()
+            connection = self._connections[target.address] = Connection(channel, target.token)
+        return connection.open(request)
+
+    def retain(self, addresses: set[str]) -> None:
+        """Replicas no longer routable: their connections end once their requests have."""
+        for address in [a for a in self._connections if a not in addresses]:
+            self._connections.pop(address).drain()
+
+    async def close(self) -> None:
+        connections, self._connections = list(self._connections.values()), {}
+        await asyncio.gather(*(c.close() for c in connections))
+
+
+class Connection:
+    """The front door's end of one Multiplex call: one reader hands each event to its request."""
+
+    def __init__(self, channel: grpc.aio.Channel, token: str) -> None:
+        self.channel = channel
+        self._call = channel.stream_stream(MULTIPLEX_METHOD)(metadata=((TOKEN_HEADER, token),))
+        self._streams: dict[int, MultiplexedStream] = {}
+        self._next_id = 0
+        self._draining = False
+        self.broken = False
+        self.messages = 0  # replica -> front door messages read
+        self._outbox = _Outbox(self._call.write)
+        self._tasks = [asyncio.create_task(self._outbox.run()), asyncio.create_task(self._read())]
+        for task in self._tasks:
+            task.add_done_callback(_retrieved)
+
+    def open(self, request: GenerateRequest) -> "MultiplexedStream":
+        self._next_id += 1
+        stream = self._streams[self._next_id] = MultiplexedStream(self, self._next_id)
+        self._outbox.put(("open", self._next_id, request))
+        return stream
+
+    def cancel(self, rid: int) -> None:
+        if self._streams.pop(rid, None) is not None:
+            self._outbox.put(("cancel", rid))
+            self._idle()
+
+    def drain(self) -> None:
+        self._draining = True
+        self._idle()
+
+    def _idle(self) -> None:
+        if self._draining and not self._streams:
+            self._call.cancel()
+
+    async def close(self) -> None:
+        self._call.cancel()
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    async def _read(self) -> None:
+        streams = self._streams
+        error: grpc.aio.AioRpcError | None = None
+        try:
+            while (message := await self._call.read()) is not grpc.aio.EOF:
+                self.messages += 1
+                for rid, item in pickle.loads(message):
+                    stream = streams.get(rid)
+                    if stream is None:  # cancelled meanwhile
+                        continue
+                    if isinstance(item, TokenChunk):
+                        stream.started = True  # received, even if not read yet: the end is then no refusal
+                    else:
+                        del streams[rid]
+                    stream.deliver(item)
+                self._idle()
+        except grpc.aio.AioRpcError as err:
+            error = err
+        except asyncio.CancelledError:  # we cancelled the call (drained or closed)
+            pass
+        finally:
+            self.broken = True
+            self._tasks[0].cancel()
+            for stream in streams.values():
+                stream.deliver(stream.lost(error))
+            streams.clear()
+            self._idle()
+
+
+class MultiplexedStream:
+    """One request on a Connection, used as a direct_stream.DirectStream is: iterate for
+    TokenChunks (Rejected before the first for a refusal); `cancel()` ends it in the replica."""
+
+    def __init__(self, connection: Connection, rid: int) -> None:
+        self._connection = connection
+        self._rid = rid
+        self._items: asyncio.Queue = asyncio.Queue()
+        self.started = False
+
+    def deliver(self, item) -> None:
+        self._items.put_nowait(item)
+
+    def cancel(self) -> None:
+        self._connection.cancel(self._rid)
+        self.deliver(asyncio.CancelledError())
+
+    def lost(self, error: grpc.aio.AioRpcError | None) -> Exception:
+        """What the call's end means for this request. None: the replica ended the call without
+        an error, as a stopping replica does once its requests are done."""
+        if error is not None:
+            return failure(error, self.started)
+        if not self.started:
+            return Rejected("stopping")
+        return ConnectionError("the multiplexed stream to the replica ended")
+
+    async def __aiter__(self) -> AsyncIterator[TokenChunk]:
+        while True:
+            item = await self._items.get()
+            if isinstance(item, TokenChunk):
+                yield item
+            elif item is None:
+                return
+            elif isinstance(item, str):
+                raise Rejected(item)
+            else:
+                raise item

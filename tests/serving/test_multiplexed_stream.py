@@ -1,0 +1,288 @@
+"""The multiplexed replica stream over real gRPC on loopback (no Ray): many requests share one call
+and the chunks of one engine step leave in one message; each request keeps its order, its
+cancellation, its refusals (full, stopping) before the first token and its engine's error type;
+a lost connection ends every request on it and the next request opens a new one."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import time
+
+import pytest
+
+from cluster.engine.errors import EngineOverloadedError, InvalidRequestError
+from cluster.engine.request import FinishReason, GenerateRequest, SamplingParams, TokenChunk
+from cluster.serving.direct_stream import (DirectAddress, DirectStreamClient, DirectStreamServer, DirectStreamTls,
+                                          Rejected)
+from cluster.serving.multiplexed_stream import MultiplexedClient
+from tests.serving.test_direct_stream import FakeEngine, collect, request, run
+from tests.waiting import async_wait_until
+
+
+class StepEngine(FakeEngine):
+    """Every request yields one chunk per `step()`, as an engine step yields one for each."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.limit = 64
+        self.steps = 0
+        self._stepped = asyncio.Event()
+
+    def step(self) -> None:
+        self.steps += 1
+        self._stepped.set()
+        self._stepped = asyncio.Event()
+
+    async def generate(self, req: GenerateRequest):
+        self.in_flight += 1
+        first = self.steps
+        try:
+            n = req.sampling.max_tokens
+            for i in range(n):
+                while self.steps <= first + i:
+                    await self._stepped.wait()
+                yield TokenChunk((req.prompt_token_ids[0] + i,), FinishReason.LENGTH if i == n - 1 else None,
+                                 completion_tokens=i + 1)
+            self.ended.append("finished")
+        except asyncio.CancelledError:
+            self.ended.append("cancelled")
+            raise
+        finally:
+            self.in_flight -= 1
+
+
+@contextlib.asynccontextmanager
+async def served(engine: FakeEngine, tls="self-signed"):
+    server = DirectStreamServer(engine.generate, engine.full, kind="multiplexed")
+    tls = DirectStreamTls.self_signed("127.0.0.1") if tls == "self-signed" else tls
+    metadata = await server.start("127.0.0.1", tls)
+    target = DirectAddress.from_metadata(metadata)
+    channels = DirectStreamClient()
+    client = MultiplexedClient(channels)
+    try:
+        yield server, client, target
+    finally:
+        await client.close()
+        await channels.close()
+        await server.stop(0)
+
+
+def req(n: int, first: int) -> GenerateRequest:
+    return GenerateRequest(prompt_token_ids=(first,), sampling=SamplingParams(max_tokens=n))
+
+
+async def until_started(streams) -> None:
+    await async_wait_until(lambda: all(s.started for s in streams), 5, message="every request streaming")
+
+
+def test_the_replica_announces_the_multiplexed_kind_and_the_per_request_path_stays():
+    async def main():
+        engine = FakeEngine()
+        async with served(engine) as (_, client, target):
+            assert target.multiplexed
+            assert [c.token_ids for c in await collect(client.open(target, request(4)))] == [(5,), (6,), (7,), (5,)]
+            per_request = DirectStreamClient()  # the same server still serves the per-request call
+            try:
+                assert len(await collect(per_request.open(target, request(2)))) == 2
+            finally:
+                await per_request.close()
+        server = DirectStreamServer(engine.generate, engine.full)
+        metadata = await server.start("127.0.0.1", None)
+        assert "kind" not in metadata["direct_stream"] and not DirectAddress.from_metadata(metadata).multiplexed
+        await server.stop(0)
+    run(main())
+
+
+def test_32_requests_share_one_call_and_each_step_leaves_in_one_message():
+    async def main():
+        engine = StepEngine()
+        async with served(engine) as (_, client, target):
+            streams = [client.open(target, req(10, 1000 * k)) for k in range(32)]
+            readers = [asyncio.ensure_future(collect(s)) for s in streams]
+            await async_wait_until(lambda: engine.in_flight == 32, 5, message="32 requests running")
+            for _ in range(10):
+                engine.step()
+                await asyncio.sleep(0.01)
+            results = await asyncio.gather(*readers)
+            for k, chunks in enumerate(results):
+                assert [c.token_ids[0] for c in chunks] == [1000 * k + i for i in range(10)]
+                assert chunks[-1].finish_reason is FinishReason.LENGTH
+            connection, = client._connections.values()
+            assert connection.messages <= 12, f"{connection.messages} messages for 320 chunks in 10 steps"
+            assert engine.ended == ["finished"] * 32
+    run(main())
+
+
+def test_cancelling_one_request_stops_it_in_the_replica_and_not_the_others():
+    async def main():
+        engine = StepEngine()
+        async with served(engine) as (_, client, target):
+            cancelled, other = client.open(target, req(100, 1)), client.open(target, req(3, 500))
+            reader = asyncio.ensure_future(collect(other))
+            await async_wait_until(lambda: engine.in_flight == 2, 5, message="both running")
+            engine.step()
+            chunks = aiter(cancelled)
+            assert (await anext(chunks)).token_ids == (1,)
+            cancelled.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await anext(chunks)
+            await async_wait_until(lambda: engine.ended == ["cancelled"], 5, message="the engine stream closed")
+            engine.step()
+            engine.step()
+            assert [c.token_ids for c in await reader] == [(500,), (501,), (502,)]
+            assert engine.in_flight == 0
+    run(main())
+
+
+def test_a_burst_beyond_max_ongoing_requests_is_refused_before_the_first_token():
+    async def main():
+        engine = StepEngine()
+        engine.limit = 4
+        async with served(engine) as (_, client, target):
+            # Opened together, the ten arrive in one message: the full check must count each
+            # request the replica has just taken.
+            streams = [client.open(target, req(2, k)) for k in range(10)]
+            outcomes = [asyncio.ensure_future(collect(s)) for s in streams]
+            await async_wait_until(lambda: sum(o.done() for o in outcomes) == 6, 5, message="six refusals")
+            engine.step()
+            engine.step()
+            results = await asyncio.gather(*outcomes, return_exceptions=True)
+            refused = [r for r in results if isinstance(r, Rejected)]
+            assert len(refused) == 6 and {r.reason for r in refused} == {"full"}
+            assert [len(r) for r in results if not isinstance(r, Exception)] == [2] * 4
+            assert engine.ended == ["finished"] * 4
+    run(main())
+
+
+@pytest.mark.parametrize("error", [InvalidRequestError("sampling.max_tokens", "must be >= 1"),
+                                   EngineOverloadedError(9, 8, retry_after_s=0.25)],
+                         ids=["invalid", "overloaded"])
+def test_the_engine_s_error_arrives_with_its_type_and_fields(error):
+    async def main():
+        async with served(FakeEngine(error=error)) as (_, client, target):
+            with pytest.raises(type(error)) as raised:
+                await collect(client.open(target, request()))
+            assert vars(raised.value) == vars(error) and str(raised.value) == str(error)
+    run(main())
+
+
+def test_an_error_that_does_not_pickle_still_ends_its_request_only():
+    class Local(Exception):
+        pass
+
+    async def main():
+        async with served(FakeEngine(error=Local("no pickle for a local class"))) as (_, client, target):
+            with pytest.raises(RuntimeError, match="Local"):
+                await collect(client.open(target, request()))
+            assert not client._connections[target.address].broken
+    run(main())
+
+
+def test_a_wrong_token_is_refused_before_anything_runs():
+    async def main():
+        engine = FakeEngine()
+        async with served(engine) as (_, client, target):
+            for wrong in ("not-the-token", ""):
+                with pytest.raises(Rejected, match="token"):
+                    await collect(client.open(dataclasses.replace(target, token=wrong), request()))
+            assert not engine.started.is_set()
+    run(main())
+
+
+def test_stopping_refuses_new_requests_finishes_accepted_ones_then_ends_the_call():
+    async def main():
+        engine = FakeEngine(gap_s=0.02)
+        async with served(engine) as (server, client, target):
+            running = client.open(target, request(25))
+            reader = asyncio.ensure_future(collect(running))
+            await until_started([running])
+            started = time.monotonic()
+            stopping = asyncio.ensure_future(server.stop(30.0))
+            await async_wait_until(lambda: server._stopping, 5, message="the replica's server stopping")
+            with pytest.raises(Rejected, match="stopping"):
+                await collect(client.open(target, request(2, "late")))
+            chunks = await reader
+            await asyncio.wait_for(stopping, 5)  # the call ended with its last request, not at the grace
+            assert time.monotonic() - started < 5
+            assert len(chunks) == 25 and engine.ended == ["finished"]
+    run(main())
+
+
+def test_a_replica_that_goes_away_ends_every_request_on_it_with_connection_error():
+    async def main():
+        engine = StepEngine()
+        async with served(engine) as (server, client, target):
+            streams = [client.open(target, req(100, k)) for k in range(8)]
+            readers = [asyncio.ensure_future(collect(s)) for s in streams]
+            await async_wait_until(lambda: engine.in_flight == len(streams), 5, message="all running")
+            engine.step()
+            await until_started(streams)
+            await server.stop(0)  # no grace: the replica is gone mid-stream
+            results = await asyncio.gather(*readers, return_exceptions=True)
+            assert all(isinstance(r, ConnectionError) for r in results), results
+    run(main())
+
+
+def test_after_a_broken_connection_the_next_request_opens_a_new_one():
+    async def main():
+        engine = StepEngine()
+        async with served(engine) as (_, client, target):
+            streams = [client.open(target, req(100, k)) for k in range(3)]
+            readers = [asyncio.ensure_future(collect(s)) for s in streams]
+            await async_wait_until(lambda: engine.in_flight == len(streams), 5, message="all running")
+            engine.step()
+            await until_started(streams)
+            broken = client._connections[target.address]
+            broken._call.cancel()  # the connection breaks under its requests
+            results = await asyncio.gather(*readers, return_exceptions=True)
+            assert all(isinstance(r, ConnectionError) for r in results), results
+            await async_wait_until(lambda: engine.in_flight == 0, 5, message="the replica closed their streams")
+            fresh = client.open(target, req(2, 7))
+            reader = asyncio.ensure_future(collect(fresh))
+            await async_wait_until(lambda: engine.in_flight == 1, 5, message="the new request running")
+            engine.step()
+            engine.step()
+            assert [c.token_ids for c in await reader] == [(7,), (8,)]
+            assert client._connections[target.address] is not broken
+    run(main())
+
+
+def test_chunks_received_before_a_break_are_read_then_connection_error_not_a_refusal():
+    async def main():
+        engine = StepEngine()
+        async with served(engine) as (_, client, target):
+            stream = client.open(target, req(100, 1))
+            await async_wait_until(lambda: engine.in_flight == 1, 5, message="running")
+            engine.step()
+            await async_wait_until(lambda: stream.started, 5, message="a chunk received")
+            client._connections[target.address]._call.cancel()
+            got = []
+            with pytest.raises(ConnectionError):
+                async for chunk in stream:
+                    got.append(chunk.token_ids)
+            assert got == [(1,)]  # a refusal here would send the request to another replica from the start
+    run(main())
+
+
+def test_a_replica_left_out_of_the_routable_set_finishes_its_requests_then_the_call_ends():
+    async def main():
+        engine = FakeEngine(gap_s=0.02)
+        async with served(engine) as (_, client, target):
+            running = client.open(target, request(20))
+            reader = asyncio.ensure_future(collect(running))
+            await until_started([running])
+            connection = client._connections[target.address]
+            client.retain(set())
+            assert len(await reader) == 20
+            await async_wait_until(lambda: connection.broken, 5, message="the drained call ended")
+            assert engine.ended == ["finished"]
+    run(main())
+
+
+def test_a_plaintext_replica_serves_the_multiplexed_stream_too():
+    async def main():
+        async with served(FakeEngine(), None) as (_, client, target):
+            assert target.trust_pem == "" and len(await collect(client.open(target, request(3)))) == 3
+    run(main())
