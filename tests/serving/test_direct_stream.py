@@ -14,6 +14,7 @@ from cluster.engine.errors import EngineOverloadedError, InvalidRequestError
 from cluster.engine.request import FinishReason, GenerateRequest, SamplingParams, TokenChunk
 from cluster.serving.direct_stream import (DirectAddress, DirectStreamClient, DirectStreamServer, DirectStreamTls,
                                           Rejected)
+from cluster.serving.multiplexed_stream import MultiplexedClient
 from tests.waiting import async_wait_until
 
 
@@ -59,18 +60,24 @@ class FakeEngine:
             self.in_flight -= 1
 
 
+KINDS = ("per_request", "multiplexed")  # serving.replica_stream
+
+
 @contextlib.asynccontextmanager
-async def served(engine: FakeEngine, tls="self-signed"):
+async def served(engine: FakeEngine, tls="self-signed", kind: str = "per_request"):
     """A direct-stream server on loopback, with TLS (a self-signed certificate, the replicas'
-    default) unless tls is None."""
-    server = DirectStreamServer(engine.generate, engine.full)
+    default) unless tls is None, and a front door's client of `kind` for it."""
+    server = DirectStreamServer(engine.generate, engine.full, kind=kind)
     metadata = await server.start("127.0.0.1", DirectStreamTls.self_signed("127.0.0.1") if tls == "self-signed" else tls)
     target = DirectAddress.from_metadata(metadata)
-    client = DirectStreamClient()
+    channels = DirectStreamClient()
+    client = MultiplexedClient(channels) if kind == "multiplexed" else channels
     try:
         yield server, client, target
     finally:
-        await client.close()
+        if client is not channels:
+            await client.close()
+        await channels.close()
         await server.stop(0)
 
 
@@ -132,12 +139,13 @@ def test_ready_connects_an_idle_channel():
     run(main())
 
 
+@pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("error", [InvalidRequestError("sampling.max_tokens", "must be >= 1"),
                                    EngineOverloadedError(9, 8, retry_after_s=0.25)],
                          ids=["invalid", "overloaded"])
-def test_the_replica_s_error_arrives_with_its_type_and_fields(error):
+def test_the_replica_s_error_arrives_with_its_type_and_fields(error, kind):
     async def main():
-        async with served(FakeEngine(error=error)) as (_, client, target):
+        async with served(FakeEngine(error=error), kind=kind) as (_, client, target):
             with pytest.raises(type(error)) as raised:
                 await collect(client.open(target, request()))
             assert str(raised.value) == str(error)
@@ -145,10 +153,11 @@ def test_the_replica_s_error_arrives_with_its_type_and_fields(error):
     run(main())
 
 
-def test_a_wrong_token_is_refused_before_anything_runs():
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_wrong_token_is_refused_before_anything_runs(kind):
     async def main():
         engine = FakeEngine()
-        async with served(engine) as (_, client, target):
+        async with served(engine, kind=kind) as (_, client, target):
             for wrong in ("not-the-token", ""):
                 with pytest.raises(Rejected, match="token"):
                     await collect(client.open(dataclasses.replace(target, token=wrong), request()))

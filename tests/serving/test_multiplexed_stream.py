@@ -1,23 +1,20 @@
 """The multiplexed replica stream over real gRPC on loopback (no Ray): many requests share one call
 and the chunks of one engine step leave in one message; each request keeps its order, its
-cancellation, its refusals (full, stopping) before the first token and its engine's error type;
-a lost connection ends every request on it and the next request opens a new one."""
+cancellation and its refusals (full, stopping) before the first token; a lost connection ends
+every request on it and the next request opens a new one. What both kinds of stream must do alike
+(the engine's error type, the token check) is in test_direct_stream.py, run with both."""
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import dataclasses
 import time
 
 import pytest
 
-from cluster.engine.errors import EngineOverloadedError, InvalidRequestError
 from cluster.engine.request import FinishReason, GenerateRequest, SamplingParams, TokenChunk
-from cluster.serving.direct_stream import (DirectAddress, DirectStreamClient, DirectStreamServer, DirectStreamTls,
-                                          Rejected)
-from cluster.serving.multiplexed_stream import MultiplexedClient
+from cluster.serving.direct_stream import DirectAddress, DirectStreamClient, DirectStreamServer, Rejected
 from tests.serving.test_direct_stream import FakeEngine, collect, request, run
+from tests.serving.test_direct_stream import served as direct_served
 from tests.waiting import async_wait_until
 
 
@@ -53,20 +50,8 @@ class StepEngine(FakeEngine):
             self.in_flight -= 1
 
 
-@contextlib.asynccontextmanager
-async def served(engine: FakeEngine, tls="self-signed"):
-    server = DirectStreamServer(engine.generate, engine.full, kind="multiplexed")
-    tls = DirectStreamTls.self_signed("127.0.0.1") if tls == "self-signed" else tls
-    metadata = await server.start("127.0.0.1", tls)
-    target = DirectAddress.from_metadata(metadata)
-    channels = DirectStreamClient()
-    client = MultiplexedClient(channels)
-    try:
-        yield server, client, target
-    finally:
-        await client.close()
-        await channels.close()
-        await server.stop(0)
+def served(engine: FakeEngine, tls="self-signed"):
+    return direct_served(engine, tls, kind="multiplexed")
 
 
 def req(n: int, first: int) -> GenerateRequest:
@@ -156,18 +141,6 @@ def test_a_burst_beyond_max_ongoing_requests_is_refused_before_the_first_token()
     run(main())
 
 
-@pytest.mark.parametrize("error", [InvalidRequestError("sampling.max_tokens", "must be >= 1"),
-                                   EngineOverloadedError(9, 8, retry_after_s=0.25)],
-                         ids=["invalid", "overloaded"])
-def test_the_engine_s_error_arrives_with_its_type_and_fields(error):
-    async def main():
-        async with served(FakeEngine(error=error)) as (_, client, target):
-            with pytest.raises(type(error)) as raised:
-                await collect(client.open(target, request()))
-            assert vars(raised.value) == vars(error) and str(raised.value) == str(error)
-    run(main())
-
-
 def test_an_error_that_does_not_pickle_still_ends_its_request_only():
     class Local(Exception):
         pass
@@ -177,17 +150,6 @@ def test_an_error_that_does_not_pickle_still_ends_its_request_only():
             with pytest.raises(RuntimeError, match="Local"):
                 await collect(client.open(target, request()))
             assert not client._connections[target.address].broken
-    run(main())
-
-
-def test_a_wrong_token_is_refused_before_anything_runs():
-    async def main():
-        engine = FakeEngine()
-        async with served(engine) as (_, client, target):
-            for wrong in ("not-the-token", ""):
-                with pytest.raises(Rejected, match="token"):
-                    await collect(client.open(dataclasses.replace(target, token=wrong), request()))
-            assert not engine.started.is_set()
     run(main())
 
 
@@ -210,15 +172,21 @@ def test_stopping_refuses_new_requests_finishes_accepted_ones_then_ends_the_call
     run(main())
 
 
+async def streaming(engine: StepEngine, client, target, n: int) -> list[asyncio.Future]:
+    """`n` long requests, each past its first chunk; their readers."""
+    streams = [client.open(target, req(100, k)) for k in range(n)]
+    readers = [asyncio.ensure_future(collect(s)) for s in streams]
+    await async_wait_until(lambda: engine.in_flight == n, 5, message="all running")
+    engine.step()
+    await until_started(streams)
+    return readers
+
+
 def test_a_replica_that_goes_away_ends_every_request_on_it_with_connection_error():
     async def main():
         engine = StepEngine()
         async with served(engine) as (server, client, target):
-            streams = [client.open(target, req(100, k)) for k in range(8)]
-            readers = [asyncio.ensure_future(collect(s)) for s in streams]
-            await async_wait_until(lambda: engine.in_flight == len(streams), 5, message="all running")
-            engine.step()
-            await until_started(streams)
+            readers = await streaming(engine, client, target, 8)
             await server.stop(0)  # no grace: the replica is gone mid-stream
             results = await asyncio.gather(*readers, return_exceptions=True)
             assert all(isinstance(r, ConnectionError) for r in results), results
@@ -229,11 +197,7 @@ def test_after_a_broken_connection_the_next_request_opens_a_new_one():
     async def main():
         engine = StepEngine()
         async with served(engine) as (_, client, target):
-            streams = [client.open(target, req(100, k)) for k in range(3)]
-            readers = [asyncio.ensure_future(collect(s)) for s in streams]
-            await async_wait_until(lambda: engine.in_flight == len(streams), 5, message="all running")
-            engine.step()
-            await until_started(streams)
+            readers = await streaming(engine, client, target, 3)
             broken = client._connections[target.address]
             broken._call.cancel()  # the connection breaks under its requests
             results = await asyncio.gather(*readers, return_exceptions=True)
