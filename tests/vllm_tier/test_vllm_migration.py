@@ -18,6 +18,7 @@ drawn with a derived seed, docs/api.md "Under failure").
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import threading
@@ -141,11 +142,35 @@ def _running_replicas(timeout_s: float) -> dict[str, dict]:
     return details
 
 
+def _engine_cores(replica_pid: int) -> list[psutil.Process]:
+    """vLLM's engine-core processes, children of the replica's actor process (one while it lives)."""
+    return [p for p in psutil.Process(replica_pid).children(recursive=True)
+            if "EngineCore" in " ".join(p.cmdline()) + p.name()]
+
+
 def _engine_core(replica_pid: int) -> psutil.Process:
-    """vLLM's engine-core process, a child of the replica's actor process."""
-    cores = [p for p in psutil.Process(replica_pid).children(recursive=True) if "EngineCore" in " ".join(p.cmdline()) + p.name()]
+    cores = _engine_cores(replica_pid)
     assert len(cores) == 1, f"expected one vLLM engine core under replica pid {replica_pid}: {cores}"
     return cores[0]
+
+
+@contextlib.contextmanager
+def _generation_frozen(replicas: dict[str, dict]):
+    """Every replica's vLLM engine core SIGSTOPped for the block, then continued if still alive.
+
+    The tiny model generates hundreds of tokens a second, far more than a loaded CI box needs to
+    find the busiest replica (GetLoads) and kill it; frozen, the kill lands where the test saw it.
+    The load reports keep working: they come from the replica process, from vLLM's last step.
+    A replica whose core an earlier test killed (Serve has not replaced it yet) has none to stop."""
+    cores = [core for replica in replicas.values() for core in _engine_cores(replica["pid"])]
+    for core in cores:
+        core.suspend()
+    try:
+        yield
+    finally:
+        for core in cores:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                core.resume()
 
 
 @pytest.fixture(scope="module")
@@ -169,15 +194,16 @@ def test_a_stream_whose_vllm_replica_dies_is_resumed_on_the_other(migration_clus
     before = _migrations(metrics)
     streams = Streams(stub, prompts, SAMPLINGS)
     streams.wait_tokens(8, 300)
-    victim, on_victim = _busiest_replica(stub, len(SAMPLINGS))
-    pid = replicas[victim]["pid"]
-    core = _engine_core(pid)
-    sent_at_kill = [list(r["tokens"]) for r in streams.results]
-    killed = time.monotonic()
-    if what == "replica_process":
-        os.kill(pid, signal.SIGKILL)
-    else:
-        core.kill()
+    with _generation_frozen(replicas):
+        victim, on_victim = _busiest_replica(stub, len(SAMPLINGS))
+        pid = replicas[victim]["pid"]
+        core = _engine_core(pid)
+        sent_at_kill = [list(r["tokens"]) for r in streams.results]
+        killed = time.monotonic()
+        if what == "replica_process":
+            os.kill(pid, signal.SIGKILL)
+        else:
+            core.kill()
     results = streams.join(600)
     recovered_s = time.monotonic() - killed
     after = _migrations(metrics)
@@ -206,7 +232,8 @@ def test_a_constrained_stream_is_not_resumed_on_vllm_and_ends_unavailable_with_r
     restart vLLM's grammar after the tokens sent (an invalid answer), so the front door ends it:
     the tokens it had, then UNAVAILABLE with RetryInfo; outcome `constrained`, nothing resumed.
     Random weights never end an analysis themselves: a reasoning budget of 1000 keeps the stream
-    running (in its analysis) for long enough to find its replica and kill it."""
+    in its analysis, and generation is frozen while the test finds the stream's replica and kills it
+    (on a loaded box, unfrozen, it ran past 1000 tokens before the kill landed)."""
     import grpc
 
     from cluster.harmony.render import Message, render_prompt
@@ -225,8 +252,9 @@ def test_a_constrained_stream_is_not_resumed_on_vllm_and_ends_unavailable_with_r
         for response in call:
             got += response.chunk.token_ids
             if killed is None and len(got) >= 8:
-                victim, _ = _busiest_replica(stub, 1)
-                os.kill(replicas[victim]["pid"], signal.SIGKILL)
+                with _generation_frozen(replicas):
+                    victim, _ = _busiest_replica(stub, 1)
+                    os.kill(replicas[victim]["pid"], signal.SIGKILL)
                 killed = len(got)
     after = _migrations(metrics)
     assert info.value.code() == grpc.StatusCode.UNAVAILABLE
