@@ -17,7 +17,7 @@ from torch import nn
 
 from cluster.model import mxfp4
 from cluster.model.config import GptOssConfig
-from cluster.model.kernels import mxfp4_cpu
+from cluster.model.kernels import bf16_cpu, mxfp4_cpu
 from cluster.model.layers import swiglu
 
 # Up to this many gathered weight elements per call, the chosen experts are gathered into one
@@ -126,12 +126,17 @@ class ExpertWeights(nn.Module):
         grouped = idx[order]
         experts, counts = torch.unique_consecutive(grouped, return_counts=True)
         offsets = torch.cat((counts.new_zeros(1), counts.cumsum(0)))
-        xs = x[rows[order]]  # [P, H]
-        h = mxfp4_cpu.grouped_matmul(self.gate_up_blocks, self.gate_up_scales, xs, experts, offsets)
-        h = swiglu((h + self.gate_up_bias[grouped]).to(x.dtype), self.alpha, self.limit)  # [P, I]
-        y = mxfp4_cpu.grouped_matmul(self.down_blocks, self.down_scales, h, experts, offsets)
-        y = (y + self.down_bias[grouped]).to(x.dtype)  # [P, H] in grouped order
+        y = self.fused_grouped(x[rows[order]], grouped, experts, offsets)  # [P, H] in grouped order
         return torch.empty_like(y).index_copy_(0, order, y)  # back to pair order
+
+    def fused_grouped(self, xs: torch.Tensor, grouped: torch.Tensor, experts: torch.Tensor,
+                      offsets: torch.Tensor) -> torch.Tensor:
+        """FUSED on pairs already grouped by expert: row p of xs [P, H] through held expert grouped[p]
+        (biases included) -> [P, H] in xs.dtype; experts[m] holds rows offsets[m] .. offsets[m+1] - 1."""
+        h = mxfp4_cpu.grouped_matmul(self.gate_up_blocks, self.gate_up_scales, xs, experts, offsets)
+        h = swiglu((h + self.gate_up_bias[grouped]).to(xs.dtype), self.alpha, self.limit)  # [P, I]
+        y = mxfp4_cpu.grouped_matmul(self.down_blocks, self.down_scales, h, experts, offsets)
+        return (y + self.down_bias[grouped]).to(xs.dtype)
 
     def add_looped_pairs_(self, out: torch.Tensor, x: torch.Tensor, rows: torch.Tensor, idx: torch.Tensor,
                           weights: torch.Tensor) -> None:
@@ -169,7 +174,7 @@ class MoE(ExpertWeights):
         E, H, I = config.num_local_experts, config.hidden_size, config.intermediate_size
         self.num_experts, self.top_k = E, config.num_experts_per_tok
         self.alpha, self.limit = config.swiglu_alpha, config.swiglu_limit
-        self.router = nn.Linear(H, E, bias=True)
+        self.router = bf16_cpu.Linear(H, E, bias=True)
         self._init_experts(E, H, I, packed)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -190,6 +195,14 @@ class MoE(ExpertWeights):
 
     def _fused(self, x: torch.Tensor, top_idx: torch.Tensor, top_w: torch.Tensor) -> torch.Tensor:
         S, A = top_idx.shape
+        if S == 1:
+            # One token (decode): its A experts are distinct, so sorting them is the grouping, and the
+            # weighted sum can take the weights in that order. Fewer small ops: each costs ~10 us here,
+            # on caches the expert weights just swept.
+            experts, order = top_idx[0].sort()
+            offsets = torch.arange(A + 1, device=x.device)
+            y = self.fused_grouped(x.expand(A, -1), experts, experts, offsets)  # [A, H]
+            return top_w[0, order].unsqueeze(0) @ y  # [1, H]
         rows = torch.arange(S * A, device=x.device) // A  # pair p = (token p // A, choice p % A)
         y = self.fused_pairs(x, rows, top_idx.flatten())  # [S*A, H]
         return torch.bmm(top_w.unsqueeze(1), y.view(S, A, -1)).squeeze(1)  # weighted sum over A: [S, H]

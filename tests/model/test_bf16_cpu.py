@@ -13,15 +13,21 @@ from cluster.model.transformer import GptOssModel
 pytestmark = pytest.mark.skipif(bf16_cpu._native() is None, reason="no AVX512 CPU or C compiler here")
 
 
-@pytest.mark.parametrize("shape", [(5120, 2880), (2880, 4096), (37, 64)], ids=["qkv-20b", "out-20b", "odd-rows"])
-def test_one_row_matches_float64_within_float32_rounding(shape):
+KERNELS = [pytest.param(k, marks=pytest.mark.skipif(k == "bf16" and bf16_cpu._native_bf16() is None,
+                                                     reason="no AVX512_BF16 here")) for k in bf16_cpu.KERNELS]
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("shape", [(5120, 2880), (2880, 4096), (37, 64), (32, 2880), (9, 96)],
+                         ids=["qkv-20b", "out-20b", "odd-rows", "router-20b", "C-not-a-multiple-of-64"])
+def test_one_row_matches_float64_within_float32_rounding(shape, kernel):
     gen = torch.Generator().manual_seed(0)
     weight = (torch.randn(*shape, generator=gen) * shape[1] ** -0.5).bfloat16()
     bias = torch.randn(shape[0], generator=gen).bfloat16()
     x = torch.randn(1, 1, shape[1], generator=gen).bfloat16()
     with torch.no_grad():
         assert bf16_cpu.applies(x, weight)
-        got = bf16_cpu.linear_float32(x, weight, bias)
+        got = bf16_cpu.linear_float32(x, weight, bias, kernel=kernel)
         expected = x.double() @ weight.double().T + bias.double()
         # bf16 * bf16 is exact in float32: only the float32 summation order differs from float64
         tol = 1e-5 * (x.double().abs() @ weight.double().abs().T).max().item()
@@ -31,6 +37,15 @@ def test_one_row_matches_float64_within_float32_rounding(shape):
         rounded, torch_bf16 = bf16_cpu.linear(x, weight, bias), F.linear(x, weight, bias)
         assert rounded.dtype == torch.bfloat16
         assert torch.allclose(rounded.float(), torch_bf16.float(), rtol=2 ** -7, atol=1e-2)
+
+
+@pytest.mark.skipif(bf16_cpu._native_bf16() is None, reason="no AVX512_BF16 here")
+def test_bf16_activations_take_the_bf16_kernel_and_it_refuses_float32_ones():
+    weight, x = torch.randn(64, 64).bfloat16(), torch.randn(1, 64).bfloat16()
+    with torch.no_grad():
+        assert torch.equal(bf16_cpu.linear_float32(x, weight), bf16_cpu.linear_float32(x, weight, kernel="bf16"))
+        with pytest.raises(ValueError, match="bf16 activations"):
+            bf16_cpu.linear_float32(x.float(), weight, kernel="bf16")
 
 
 def test_only_batch_1_bf16_inference_takes_the_kernel():
@@ -54,12 +69,11 @@ def test_the_models_projections_on_the_kernel_run_as_module_calls():
     model.requires_grad_(False)  # inference weights, as loaded: autograd would keep torch's op
     seen = []
     for block in model.blocks:
-        for name in ("qkv", "out"):
-            linear = getattr(block.attn, name)
+        for name, linear in (("qkv", block.attn.qkv), ("out", block.attn.out), ("router", block.mlp.router)):
             assert bf16_cpu.applies(torch.zeros(1, linear.in_features, dtype=torch.bfloat16), linear.weight)
             linear.register_forward_hook(lambda _m, _i, out, name=name: seen.append((name, out.shape[-2])))
     model.unembedding.register_forward_hook(lambda _m, _i, out: out.zero_())  # in place, as the all-reduce
     with torch.inference_mode():
         logits = model(torch.tensor([[5]]), model.new_cache(4))
-    assert seen == [("qkv", 1), ("out", 1)] * config.num_hidden_layers
+    assert seen == [("qkv", 1), ("out", 1), ("router", 1)] * config.num_hidden_layers
     assert not logits.any()

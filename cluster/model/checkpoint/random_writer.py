@@ -51,9 +51,10 @@ def _random_tensors(config: GptOssConfig, seed: int, mx: bool) -> Iterable[tuple
         for proj, (rows, cols) in (("gate_up", (2 * I, H)), ("down", (H, I))):
             w = torch.randn(E, rows, cols, generator=g) * cols**-0.5
             if mx:
-                blocks, scales = mxfp4.pack(w)
-                yield p + f"mlp.{proj}_blocks", blocks
-                yield p + f"mlp.{proj}_scales", scales
+                # one expert at a time: pack's temporaries are several times the float32 matrix
+                packed = [mxfp4.pack(expert) for expert in w]
+                yield p + f"mlp.{proj}_blocks", torch.stack([blocks for blocks, _ in packed])
+                yield p + f"mlp.{proj}_scales", torch.stack([scales for _, scales in packed])
             else:
                 yield p + f"mlp.{proj}_weight", w.to(torch.bfloat16)
             yield p + f"mlp.{proj}_bias", normal(E, rows, std=0.1)
