@@ -94,6 +94,7 @@ def run(args: argparse.Namespace) -> int:
     from cluster.model.checkpoint import load_model, write_checkpoint
     from cluster.model.config import GptOssConfig
     from cluster.engine.unembedding import Unembedding
+    from cluster.memory import resident_bytes
     from cluster.model.unembedding import argmax_rows
 
     if args.threads:
@@ -192,9 +193,14 @@ def run(args: argparse.Namespace) -> int:
               f"{r['step_ms']:>8.1f} {r['tokens_per_s']:>7.2f} {r[f'tokens_per_s_{full_layers}_layers']:>10.2f}")
     print(f"greedy decode loop, batch 1 ({args.new_tokens} tokens after a {args.context}-token prompt, "
           f"prefill included): {greedy_tps:.2f} tokens/s")
+    weights = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
+    resident, peak = resident_bytes()
+    print(f"memory: weights {weights / 1e9:.2f} GB; this process resident {resident / 1e9:.2f} GB, peak "
+          f"{peak / 1e9:.2f} GB (with the {args.probe_mb} MB bandwidth probe and the KV caches)")
     summary = {"preset": args.preset, "layers": L, "full_layers": full_layers, "dtype": args.dtype,
                "threads": torch.get_num_threads(), "bandwidth_gb_s": bw / 1e9, "rows": rows,
-               "greedy_tokens_per_s": greedy_tps}
+               "greedy_tokens_per_s": greedy_tps, "weights_gb": weights / 1e9, "resident_gb": resident / 1e9,
+               "peak_resident_gb": peak / 1e9}
     if args.json_path:
         with open(args.json_path, "w") as f:
             json.dump(summary, f, indent=2)

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from cluster.model.config import GptOssConfig
-from cluster.model.kernels import bf16_cpu
+from cluster.model.kernels import attention_cpu, bf16_cpu
 from cluster.model.layers import apply_rotary
 
 
@@ -45,6 +45,8 @@ def sink_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, si
                    sm_scale: float, visible: torch.Tensor | None) -> torch.Tensor:
     """q [B, N, T, D], keys/values [B, K, L, D], visible bool broadcastable to [B, 1, 1, T, L]
     (None: every key) -> [B, T, N*D]: softmax over the visible keys plus each head's sink column."""
+    if (decoded := attention_cpu.decode(q, keys, values, sinks, sm_scale, visible)) is not None:
+        return decoded  # one query token, bf16 on CPU: one kernel call
     B, N, T, D = q.shape
     K, L = keys.shape[1], keys.shape[2]
     G = N // K

@@ -21,6 +21,7 @@ from ray import serve
 from cluster.config import ClusterConfig, ConfigError
 from cluster.engine.protocol import Engine, EngineStats, ExpertLoad
 from cluster.engine.request import GenerateRequest, TokenChunk
+from cluster.memory import resident_bytes
 from cluster.serving.model_info import ModelInfo, model_info_for
 from cluster.serving.model_store import ensure_preset_checkpoint
 
@@ -184,7 +185,12 @@ class ModelReplica:
         model.eval()
         self._engine: Engine = _batching_engine(model, config, self._expert_parallel(config, path, device, model))
         self._info = model_info_for(config, self._engine, path, model.config)
-        log.info("replica ready: %s from %s on %s", self._info.model_name, path, device)
+        weights = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
+        now, peak = resident_bytes()
+        # Weights kept as stored are the checkpoint's mapped pages (checkpoint/loader.py): they count
+        # as resident once read, and the kernel can drop them again under memory pressure.
+        log.info("replica ready: %s from %s on %s; weights %.2f GB, process resident %.2f GB (peak %.2f GB)",
+                 self._info.model_name, path, device, weights / 1e9, now / 1e9, peak / 1e9)
 
     async def generate(self, request: GenerateRequest) -> AsyncIterator[TokenChunk]:
         async for chunk in self._stream(request):

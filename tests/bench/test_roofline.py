@@ -42,3 +42,10 @@ def test_roofline_reports_both_batches_against_the_bytes_each_layer_reads(tmp_pa
         unembedding_ms = c.vocab_size * H * bf16 / (summary["bandwidth_gb_s"] * 1e9) * 1e3
         assert abs(row["unembedding_roofline_ms"] - unembedding_ms) < 1e-6 * unembedding_ms
     assert summary["greedy_tokens_per_s"] > 0
+    # the weights are the model's bytes (bf16 floats, float32 norms, MXFP4 experts; + RoPE tables), and
+    # resident once a decode has read them all
+    norms = (2 * 2 + 1) * H * 4
+    floats = 2 * c.vocab_size * H * bf16 + 2 * (attention + router)
+    packed_experts = 2 * c.num_local_experts * expert
+    assert floats + packed_experts + norms <= summary["weights_gb"] * 1e9 <= 1.05 * (floats + packed_experts + norms)
+    assert summary["weights_gb"] < summary["resident_gb"] <= summary["peak_resident_gb"]
