@@ -40,6 +40,8 @@ def add_parser(commands) -> None:
     p.add_argument("--new-tokens", type=int, default=8, help="tokens per greedy decode run (default: 8)")
     p.add_argument("--threads", type=int, default=None, help="torch (and kernel) threads (default: torch's)")
     p.add_argument("--probe-mb", type=int, default=512, help="bandwidth probe size in MiB (default: 512)")
+    p.add_argument("--hugepages", action=argparse.BooleanOptionalAction, default=True,
+                   help="weights of 2 MB and more in 2 MB pages, as model.hugepage_weights serves them (default: on)")
     p.add_argument("--json", dest="json_path", default=None, help="also write the JSON summary here")
     p.set_defaults(func=run)
 
@@ -108,7 +110,7 @@ def run(args: argparse.Namespace) -> int:
             if args.layers:
                 config = dataclasses.replace(config, num_hidden_layers=args.layers, layer_types=None)
             path = write_checkpoint(config, tmp, seed=0, layout="hf", mxfp4=True)
-        model = load_model(path, dtype=dtype)
+        model = load_model(path, dtype=dtype, hugepages=args.hugepages)
     config = model.config
     L = config.num_hidden_layers
 

@@ -181,7 +181,7 @@ class ModelReplica:
         path = resolve_checkpoint(config)
         dtype = getattr(torch, config.model.dtype)
         device = "cuda" if config.serving.num_gpus > 0 and torch.cuda.is_available() else "cpu"
-        model = load_model(path, dtype=dtype, device=device)
+        model = load_model(path, dtype=dtype, device=device, hugepages=config.model.hugepage_weights)
         model.eval()
         self._engine: Engine = _batching_engine(model, config, self._expert_parallel(config, path, device, model))
         self._info = model_info_for(config, self._engine, path, model.config)

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
+from cluster.model.checkpoint import hugepages as huge_pages
 from cluster.model.checkpoint.layout import HF_INDEX, CheckpointError, is_mxfp4_tensor, tensor_layout
 from cluster.model.checkpoint.progress import progress_bar
 from cluster.model.config import GptOssConfig
@@ -205,18 +206,22 @@ def verify_checkpoint(path: str | os.PathLike) -> GptOssConfig:
 
 
 def load_model(path: str | os.PathLike, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
-               dequantize: bool = False, progress: bool | None = None) -> GptOssModel:
+               dequantize: bool = False, progress: bool | None = None, hugepages: bool = False) -> GptOssModel:
     """Load a gpt-oss checkpoint (HF or original layout, found automatically) into a `GptOssModel`.
 
     `path` is an HF checkpoint directory (its `original/` folder is used only when there is no
     HF config), or an `original/` folder. MXFP4 experts stay packed (uint8) and are unpacked per
     chosen expert in the forward pass, unless `dequantize` unpacks them all now into `dtype`.
+    Weights kept as stored are views of the checkpoint's mapped pages; with `hugepages` (CPU, where
+    the kernel offers transparent huge pages) those of 2 MB and more are copied into 2 MB pages
+    instead, one at a time, their mapped pages released as they are copied (hugepages.py).
     """
     if not dtype.is_floating_point:
         raise ValueError(f"dtype must be a floating point dtype, got {dtype}")
     directory, config, files, entries, mx = _checked(Path(path))
 
     device = torch.device(device)
+    hugepages = hugepages and device.type == "cpu" and huge_pages.available()
     with torch.device("meta"):
         model = GptOssModel(config, packed_experts=mx)
     total = sum(math.prod(files.tensors[n].shape) * _DTYPE_BYTES[files.tensors[n].dtype]
@@ -232,7 +237,13 @@ def load_model(path: str | os.PathLike, *, dtype: torch.dtype = torch.float32, d
                 target = torch.float32  # norms compute in float32; transformers keeps them float32 too
             else:
                 target = dtype
-            state[e.param] = t.to(device=device, dtype=target).contiguous()
+            t = t.to(device=device, dtype=target).contiguous()
+            if hugepages and t.numel() * t.element_size() >= huge_pages.MIN_BYTES:
+                mapped = [p for p in pieces if p.data_ptr() == t.data_ptr()]  # t is the file's bytes
+                t = huge_pages.copy_to_hugepages(t)
+                for p in mapped:
+                    huge_pages.release_mapped(p)
+            state[e.param] = t
             bar.update(sum(p.numel() * p.element_size() for p in pieces))
     files.close()
     model.load_state_dict(state, strict=True, assign=True)
