@@ -17,7 +17,7 @@ from torch import nn
 
 from cluster.model import mxfp4
 from cluster.model.config import GptOssConfig
-from cluster.model.kernels import bf16_cpu, mxfp4_cpu
+from cluster.model.kernels import bf16_cpu, expert_epilogue_cpu, mxfp4_cpu
 from cluster.model.layers import swiglu
 
 # Up to this many gathered weight elements per call, the chosen experts are gathered into one
@@ -133,10 +133,17 @@ class ExpertWeights(nn.Module):
                       offsets: torch.Tensor) -> torch.Tensor:
         """FUSED on pairs already grouped by expert: row p of xs [P, H] through held expert grouped[p]
         (biases included) -> [P, H] in xs.dtype; experts[m] holds rows offsets[m] .. offsets[m+1] - 1."""
-        h = mxfp4_cpu.grouped_matmul(self.gate_up_blocks, self.gate_up_scales, xs, experts, offsets)
-        h = swiglu((h + self.gate_up_bias[grouped]).to(xs.dtype), self.alpha, self.limit)  # [P, I]
-        y = mxfp4_cpu.grouped_matmul(self.down_blocks, self.down_scales, h, experts, offsets)
+        y = self._fused_unbiased(xs, grouped, experts, offsets)
         return (y + self.down_bias[grouped]).to(xs.dtype)
+
+    def _fused_unbiased(self, xs: torch.Tensor, grouped: torch.Tensor, experts: torch.Tensor,
+                        offsets: torch.Tensor) -> torch.Tensor:
+        """fused_grouped up to the down projection's bias: float32 [P, H]."""
+        h = mxfp4_cpu.grouped_matmul(self.gate_up_blocks, self.gate_up_scales, xs, experts, offsets)
+        if xs.dtype != torch.bfloat16 or (
+                act := expert_epilogue_cpu.swiglu_bias(h, self.gate_up_bias, grouped, self.alpha, self.limit)) is None:
+            act = swiglu((h + self.gate_up_bias[grouped]).to(xs.dtype), self.alpha, self.limit)  # [P, I]
+        return mxfp4_cpu.grouped_matmul(self.down_blocks, self.down_scales, act, experts, offsets)
 
     def add_looped_pairs_(self, out: torch.Tensor, x: torch.Tensor, rows: torch.Tensor, idx: torch.Tensor,
                           weights: torch.Tensor) -> None:
@@ -201,8 +208,11 @@ class MoE(ExpertWeights):
             # on caches the expert weights just swept.
             experts, order = top_idx[0].sort()
             offsets = torch.arange(A + 1, device=x.device)
-            y = self.fused_grouped(x.expand(A, -1), experts, experts, offsets)  # [A, H]
-            return top_w[0, order].unsqueeze(0) @ y  # [1, H]
+            y = self._fused_unbiased(x.expand(A, -1), experts, experts, offsets)  # [A, H] float32
+            if x.dtype == torch.bfloat16 and (
+                    out := expert_epilogue_cpu.combine(y, self.down_bias, experts, top_w[0], order)) is not None:
+                return out
+            return top_w[0, order].unsqueeze(0) @ (y + self.down_bias[experts]).to(x.dtype)  # [1, H]
         rows = torch.arange(S * A, device=x.device) // A  # pair p = (token p // A, choice p % A)
         y = self.fused_pairs(x, rows, top_idx.flatten())  # [S*A, H]
         return torch.bmm(top_w.unsqueeze(1), y.view(S, A, -1)).squeeze(1)  # weighted sum over A: [S, H]

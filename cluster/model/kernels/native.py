@@ -25,7 +25,8 @@ import torch
 FLAGS = ("-O3", "-mavx512f", "-mavx512bw", "-fopenmp", "-shared", "-fPIC")
 # Instruction sets beyond FLAGS that a kernel needs; it checks at run time that the CPU has them.
 EXTRA_FLAGS = {name: ("-mavx512bf16",) for name in
-               ("mxfp4_avx512bf16", "bf16_avx512bf16", "attention_avx512bf16", "rms_norm_avx512bf16")}
+               ("mxfp4_avx512bf16", "bf16_avx512bf16", "attention_avx512bf16", "rms_norm_avx512bf16",
+                "expert_epilogue_avx512bf16")}
 _loaded: dict[str, ctypes.CDLL | None] = {}
 _lock = threading.Lock()
 
