@@ -129,7 +129,7 @@ def build_app(config: ClusterConfig) -> Application:
         request_router_config=request_router_config,
         ray_actor_options=actor_options,
         # Serve logs every call a replica serves (to stderr and its log file) unless told not to.
-        logging_config={"log_level": "INFO" if config.log_level == "debug" else "WARNING",
+        logging_config={"log_level": "INFO" if config.log_level in ("debug", "info") else "WARNING",
                         "enable_access_log": config.log_level == "debug"},
         max_ongoing_requests=serving.max_ongoing_requests,
         max_queued_requests=serving.max_queued_requests,

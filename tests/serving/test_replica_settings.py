@@ -30,3 +30,10 @@ def test_autoscaling_push_interval_joins_the_other_settings():
     env = d.ray_actor_options["runtime_env"]["env_vars"]
     assert env["RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S"] == "0.5"
     assert env["RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD"] == "0"
+
+
+def test_replica_logs_follow_log_level_info_without_the_access_log():
+    """log_level info shows the replicas' info lines (start-up: weights and resident memory), not one line per call."""
+    assert _deployment().logging_config["log_level"] == "WARNING"
+    d = _deployment(log_level="info")
+    assert d.logging_config["log_level"] == "INFO" and d.logging_config["enable_access_log"] is False
