@@ -33,7 +33,7 @@ def test_autoscaling_push_interval_joins_the_other_settings():
 
 
 def test_replica_logs_follow_log_level_info_without_the_access_log():
-    """log_level info shows the replicas' info lines (start-up: weights and resident memory), not one line per call."""
+    """log_level info shows Serve's info lines about the replicas (start-up, health), not one line per call."""
     assert _deployment().logging_config["log_level"] == "WARNING"
     d = _deployment(log_level="info")
     assert d.logging_config["log_level"] == "INFO" and d.logging_config["enable_access_log"] is False
