@@ -11,24 +11,19 @@ torch's path (`decode` returns None).
 from __future__ import annotations
 
 import ctypes
+import functools
 
 import torch
 
 from cluster.model.kernels import native
 
-_kernel = None  # the native function (ctypes); False once it cannot be had
-
-
+@functools.cache
 def _native():
-    global _kernel
-    if _kernel is None:
-        i64, ptr = ctypes.c_int64, ctypes.c_void_p
-        supported = native.function("attention_avx512bf16", "attention_bf16_supported", [], restype=ctypes.c_int)
-        _kernel = (supported is not None and bool(supported()) and native.function(
-            "attention_avx512bf16", "decode_attention_bf16",
-            [ptr, i64, i64, ptr, i64, i64, i64, ptr, i64, i64, i64, ptr, ptr, ctypes.c_float, ptr,
-             i64, i64, i64, i64, i64, ctypes.c_int], restype=ctypes.c_int)) or False
-    return _kernel or None
+    i64, ptr = ctypes.c_int64, ctypes.c_void_p
+    return native.supported_function(
+        "attention_avx512bf16", "attention_bf16_supported", "decode_attention_bf16",
+        [ptr, i64, i64, ptr, i64, i64, i64, ptr, i64, i64, i64, ptr, ptr, ctypes.c_float, ptr, i64, i64, i64, i64,
+         i64, ctypes.c_int], restype=ctypes.c_int)
 
 
 def decode(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, sinks: torch.Tensor, sm_scale: float,

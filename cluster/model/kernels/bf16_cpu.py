@@ -41,9 +41,8 @@ def _native():
 def _native_bf16():
     global _kernel_bf16
     if _kernel_bf16 is None:
-        supported = native.function("bf16_avx512bf16", "bf16_dot_supported", [], restype=ctypes.c_int)
-        _kernel_bf16 = (supported is not None and bool(supported())
-                        and native.function("bf16_avx512bf16", "bf16_linear_bf16", _ARGTYPES)) or False
+        _kernel_bf16 = native.supported_function("bf16_avx512bf16", "bf16_dot_supported", "bf16_linear_bf16",
+                                                 _ARGTYPES) or False
     return _kernel_bf16 or None
 
 

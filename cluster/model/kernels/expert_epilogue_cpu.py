@@ -11,25 +11,20 @@ functions return None for anything else, which keeps torch's path (model/moe.py)
 from __future__ import annotations
 
 import ctypes
+import functools
 
 import torch
 
 from cluster.model.kernels import native
 
-_kernels = None  # (swiglu, combine) ctypes functions; False once they cannot be had
-
-
+@functools.cache
 def _native():
-    global _kernels
-    if _kernels is None:
-        i64, ptr, f32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_float
-        name = "expert_epilogue_avx512bf16"
-        supported = native.function(name, "expert_epilogue_supported", [], restype=ctypes.c_int)
-        swiglu = supported is not None and bool(supported()) and native.function(
-            name, "swiglu_bias_bf16", [ptr, ptr, ptr, i64, i64, f32, f32, ptr, ctypes.c_int])
-        combine = swiglu and native.function(name, "combine_bf16", [ptr, ptr, ptr, ptr, ptr, i64, i64, ptr])
-        _kernels = (swiglu, combine) if combine else False
-    return _kernels or None
+    """(swiglu, combine) ctypes functions, or None."""
+    i64, ptr, f32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_float
+    name, check = "expert_epilogue_avx512bf16", "expert_epilogue_supported"
+    swiglu = native.supported_function(name, check, "swiglu_bias_bf16", [ptr, ptr, ptr, i64, i64, f32, f32, ptr, ctypes.c_int])
+    combine = native.supported_function(name, check, "combine_bf16", [ptr, ptr, ptr, ptr, ptr, i64, i64, ptr])
+    return (swiglu, combine) if swiglu and combine else None
 
 
 def _applies(out: torch.Tensor, bias: torch.Tensor, width: int) -> bool:

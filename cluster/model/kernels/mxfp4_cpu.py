@@ -100,10 +100,9 @@ def _bf16_kernel():
     global _native_bf16
     if _native_bf16 is None:
         i64, ptr = ctypes.c_int64, ctypes.c_void_p
-        supported = native.function("mxfp4_avx512bf16", "mxfp4_bf16_supported", [], restype=ctypes.c_int)
-        _native_bf16 = (supported is not None and bool(supported()) and native.function(
-            "mxfp4_avx512bf16", "mxfp4_grouped_bf16",
-            [ptr, ptr, i64, i64, ptr, ptr, ptr, i64, ptr, ptr, i64, ctypes.c_int])) or False
+        _native_bf16 = native.supported_function(
+            "mxfp4_avx512bf16", "mxfp4_bf16_supported", "mxfp4_grouped_bf16",
+            [ptr, ptr, i64, i64, ptr, ptr, ptr, i64, ptr, ptr, i64, ctypes.c_int]) or False
     return _native_bf16 or None
 
 

@@ -52,6 +52,15 @@ def function(name: str, symbol: str, argtypes: list, restype=None) -> ctypes._CF
     return fn
 
 
+def supported_function(name: str, check: str, symbol: str, argtypes: list, restype=None) -> ctypes._CFuncPtr | None:
+    """`function(name, symbol, ...)` where the library's `check` (int check(void), true when this CPU has
+    the instructions the library was built for) says it runs here; else None."""
+    supported = function(name, check, [], restype=ctypes.c_int)
+    if supported is None or not supported():
+        return None
+    return function(name, symbol, argtypes, restype)
+
+
 def _build(source: Path) -> Path | None:
     compiler = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
     if compiler is None or torch.backends.cpu.get_cpu_capability() != "AVX512":

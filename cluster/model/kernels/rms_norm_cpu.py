@@ -9,6 +9,7 @@ CPU has AVX512_BF16; `rms_norm` returns None for anything else, which keeps torc
 from __future__ import annotations
 
 import ctypes
+import functools
 
 import torch
 
@@ -16,17 +17,11 @@ from cluster.model.kernels import native
 
 MAX_ROWS = 8  # decode batches; prefill's thousands of rows stay on torch's threaded op
 
-_kernel = None  # the native function (ctypes); False once it cannot be had
-
-
+@functools.cache
 def _native():
-    global _kernel
-    if _kernel is None:
-        i64, ptr = ctypes.c_int64, ctypes.c_void_p
-        supported = native.function("rms_norm_avx512bf16", "rms_norm_bf16_supported", [], restype=ctypes.c_int)
-        _kernel = (supported is not None and bool(supported()) and native.function(
-            "rms_norm_avx512bf16", "rms_norm_bf16", [ptr, ptr, ptr, i64, i64, ctypes.c_float])) or False
-    return _kernel or None
+    i64, ptr = ctypes.c_int64, ctypes.c_void_p
+    return native.supported_function("rms_norm_avx512bf16", "rms_norm_bf16_supported", "rms_norm_bf16",
+                                     [ptr, ptr, ptr, i64, i64, ctypes.c_float])
 
 
 def rms_norm(x: torch.Tensor, scale: torch.Tensor, eps: float) -> torch.Tensor | None:
