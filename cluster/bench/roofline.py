@@ -12,7 +12,11 @@ large float32 `torch.sum` (best of N). Reported per part, batch 1 and batch B:
   extrapolation to `--full-layers` (the preset's layer count) from the per-layer time.
 
 Timings interleave the bandwidth probe with the parts, each part's best of `--runs` counts (the run
-least disturbed on a shared machine). The last line is one JSON object.
+least disturbed on a shared machine). With `--peer llama-cpp`, llama.cpp runs the same checkpoint
+on the same threads (cluster/bench/peer_llama_cpp.py), its batch-1 decode steps alternating with
+ours, and the summary adds its tokens/s and ratio_vs_llama_cpp = our batch-1 step tokens/s / its
+(> 1: we are faster); a peer that cannot run is said in one line and left out. The last line is one
+JSON object.
 """
 
 from __future__ import annotations
@@ -23,6 +27,8 @@ import json
 import tempfile
 import time
 from typing import Callable
+
+from cluster.bench import peer_llama_cpp
 
 DTYPES = ("bfloat16", "float32")
 
@@ -43,6 +49,7 @@ def add_parser(commands) -> None:
     p.add_argument("--hugepages", action=argparse.BooleanOptionalAction, default=True,
                    help="weights of 2 MB and more in 2 MB pages, as model.hugepage_weights serves them (default: on)")
     p.add_argument("--json", dest="json_path", default=None, help="also write the JSON summary here")
+    peer_llama_cpp.add_arguments(p)
     p.set_defaults(func=run)
 
 
@@ -93,16 +100,14 @@ def _against_roofline(m: dict, bw: float, unembed_bytes: int, layers: int, full_
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from cluster.model.checkpoint import load_model, write_checkpoint
+    from cluster.model.checkpoint import write_checkpoint
     from cluster.model.config import GptOssConfig
-    from cluster.engine.unembedding import Unembedding
-    from cluster.memory import resident_bytes
-    from cluster.model.unembedding import argmax_rows
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    dtype = getattr(torch, args.dtype)
-    full_layers = GptOssConfig.from_preset(args.preset).num_hidden_layers
+    peer_missing = peer_llama_cpp.unavailable(args) if args.peer else None
+    if peer_missing:
+        print(f"llama.cpp peer unavailable: {peer_missing}; measuring ours alone", flush=True)
     with tempfile.TemporaryDirectory(prefix="gptoss-roofline-") as tmp:
         path = args.checkpoint
         if path is None:
@@ -110,7 +115,54 @@ def run(args: argparse.Namespace) -> int:
             if args.layers:
                 config = dataclasses.replace(config, num_hidden_layers=args.layers, layer_types=None)
             path = write_checkpoint(config, tmp, seed=0, layout="hf", mxfp4=True)
-        model = load_model(path, dtype=dtype, hugepages=args.hugepages)
+        decoder = None
+        if args.peer and not peer_missing:
+            try:
+                decoder = peer_llama_cpp.start(args, path, tmp, torch.get_num_threads())
+            except RuntimeError as e:
+                peer_missing = str(e)
+                print(f"llama.cpp peer failed: {peer_missing}", flush=True)
+        try:
+            summary = _measure(args, path, decoder.step if decoder else None)
+        finally:
+            if decoder:
+                decoder.close()
+        if decoder:
+            try:
+                peer = decoder.result()
+            except RuntimeError as e:
+                peer_missing = str(e)
+                print(f"llama.cpp peer failed: {peer_missing}", flush=True)
+            else:
+                ours = summary["rows"][0]["tokens_per_s"]
+                summary.update(peer=peer, ratio_vs_llama_cpp=ours / peer["tokens_per_s"])
+                print(f"llama.cpp (llama-cpp-python {peer['llama_cpp_python']}), batch 1, {peer['threads']} threads: "
+                      f"{peer['tokens_per_s']:.2f} tokens/s (step {peer['step_ms']:.1f} ms, best of {peer['steps']}, "
+                      f"alternating with ours); ours {ours:.2f} tokens/s: ratio_vs_llama_cpp "
+                      f"{summary['ratio_vs_llama_cpp']:.2f}")
+        if peer_missing:
+            summary["peer"] = {"name": args.peer, "unavailable": peer_missing}
+    if args.json_path:
+        with open(args.json_path, "w") as f:
+            json.dump(summary, f, indent=2)
+    print(json.dumps(summary))
+    return 0
+
+
+def _measure(args: argparse.Namespace, path: str, peer_step: Callable[[], None] | None) -> dict:
+    """Our side: the table printed, the JSON summary returned; `peer_step` (if any) runs after each
+    of our timed batch-1 steps."""
+    import torch
+
+    from cluster.model.checkpoint import load_model
+    from cluster.model.config import GptOssConfig
+    from cluster.engine.unembedding import Unembedding
+    from cluster.memory import resident_bytes
+    from cluster.model.unembedding import argmax_rows
+
+    dtype = getattr(torch, args.dtype)
+    full_layers = GptOssConfig.from_preset(args.preset).num_hidden_layers
+    model = load_model(path, dtype=dtype, hugepages=args.hugepages)
     config = model.config
     L = config.num_hidden_layers
 
@@ -162,6 +214,8 @@ def run(args: argparse.Namespace) -> int:
             step_times.append(time.perf_counter() - start)
             layer_times.append(sum(block_times) / L)
             experts_used = sum(len(s) for s in chosen) / L
+            if peer_step and batch == 1:
+                peer_step()
         step_s, layer_s = min(step_times[1:]), min(layer_times[1:])
         hidden = torch.randn(batch, config.hidden_size, generator=gen).to(dtype)
         with torch.no_grad():
@@ -199,12 +253,7 @@ def run(args: argparse.Namespace) -> int:
     resident, peak = resident_bytes()
     print(f"memory: weights {weights / 1e9:.2f} GB; this process resident {resident / 1e9:.2f} GB, peak "
           f"{peak / 1e9:.2f} GB (with the {args.probe_mb} MB bandwidth probe and the KV caches)")
-    summary = {"preset": args.preset, "layers": L, "full_layers": full_layers, "dtype": args.dtype,
-               "threads": torch.get_num_threads(), "bandwidth_gb_s": bw / 1e9, "rows": rows,
-               "greedy_tokens_per_s": greedy_tps, "weights_gb": weights / 1e9, "resident_gb": resident / 1e9,
-               "peak_resident_gb": peak / 1e9}
-    if args.json_path:
-        with open(args.json_path, "w") as f:
-            json.dump(summary, f, indent=2)
-    print(json.dumps(summary))
-    return 0
+    return {"preset": args.preset, "layers": L, "full_layers": full_layers, "dtype": args.dtype,
+            "threads": torch.get_num_threads(), "bandwidth_gb_s": bw / 1e9, "rows": rows,
+            "greedy_tokens_per_s": greedy_tps, "weights_gb": weights / 1e9, "resident_gb": resident / 1e9,
+            "peak_resident_gb": peak / 1e9}

@@ -1,4 +1,5 @@
-"""`gptoss-cluster bench roofline` on a tiny preset: it runs, and its byte counts are the model's."""
+"""`gptoss-cluster bench roofline` on a tiny preset: it runs, and its byte counts are the model's; a
+peer that cannot run is said in one line and the run goes on without it."""
 
 from __future__ import annotations
 
@@ -15,12 +16,16 @@ def test_roofline_reports_both_batches_against_the_bytes_each_layer_reads(tmp_pa
     done = subprocess.run(
         [sys.executable, "-m", "cluster", "bench", "roofline", "--preset", "tiny-small-vocab", "--layers", "2",
          "--runs", "1", "--probe-mb", "16", "--batch", "3", "--context", str(context), "--new-tokens", "2",
-         "--threads", "1", "--json", str(out)],
+         "--threads", "1", "--json", str(out), "--peer", "llama-cpp", "--llama-cpp-src", str(tmp_path)],
         capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "read bandwidth" in done.stdout and "tokens/s" in done.stdout
     summary = json.loads(out.read_text())
     assert json.loads(done.stdout.strip().splitlines()[-1]) == summary
+    reason = f"--llama-cpp-src {tmp_path} has no convert_hf_to_gguf.py"
+    assert [line for line in done.stdout.splitlines() if "llama.cpp" in line] == [
+        f"llama.cpp peer unavailable: {reason}; measuring ours alone"]
+    assert summary["peer"] == {"name": "llama-cpp", "unavailable": reason} and "ratio_vs_llama_cpp" not in summary
 
     c = GptOssConfig.from_preset("tiny-small-vocab")
     assert (summary["layers"], summary["full_layers"], summary["dtype"]) == (2, c.num_hidden_layers, "bfloat16")
