@@ -126,19 +126,14 @@ class ExpertWeights(nn.Module):
         grouped = idx[order]
         experts, counts = torch.unique_consecutive(grouped, return_counts=True)
         offsets = torch.cat((counts.new_zeros(1), counts.cumsum(0)))
-        y = self.fused_grouped(x[rows[order]], grouped, experts, offsets)  # [P, H] in grouped order
+        y = self._grouped_mlp(x[rows[order]], grouped, experts, offsets)
+        y = (y + self.down_bias[grouped]).to(x.dtype)  # [P, H] in grouped order
         return torch.empty_like(y).index_copy_(0, order, y)  # back to pair order
 
-    def fused_grouped(self, xs: torch.Tensor, grouped: torch.Tensor, experts: torch.Tensor,
-                      offsets: torch.Tensor) -> torch.Tensor:
-        """FUSED on pairs already grouped by expert: row p of xs [P, H] through held expert grouped[p]
-        (biases included) -> [P, H] in xs.dtype; experts[m] holds rows offsets[m] .. offsets[m+1] - 1."""
-        y = self._fused_unbiased(xs, grouped, experts, offsets)
-        return (y + self.down_bias[grouped]).to(xs.dtype)
-
-    def _fused_unbiased(self, xs: torch.Tensor, grouped: torch.Tensor, experts: torch.Tensor,
-                        offsets: torch.Tensor) -> torch.Tensor:
-        """fused_grouped up to the down projection's bias: float32 [P, H]."""
+    def _grouped_mlp(self, xs: torch.Tensor, grouped: torch.Tensor, experts: torch.Tensor,
+                     offsets: torch.Tensor) -> torch.Tensor:
+        """FUSED on pairs grouped by expert, all but the down projection's bias: row p of xs [P, H] through
+        held expert grouped[p] -> float32 [P, H]; experts[m] holds rows offsets[m] .. offsets[m+1] - 1."""
         h = mxfp4_cpu.grouped_matmul(self.gate_up_blocks, self.gate_up_scales, xs, experts, offsets)
         if xs.dtype != torch.bfloat16 or (
                 act := expert_epilogue_cpu.swiglu_bias(h, self.gate_up_bias, grouped, self.alpha, self.limit)) is None:
@@ -208,7 +203,7 @@ class MoE(ExpertWeights):
             # on caches the expert weights just swept.
             experts, order = top_idx[0].sort()
             offsets = torch.arange(A + 1, device=x.device)
-            y = self._fused_unbiased(x.expand(A, -1), experts, experts, offsets)  # [A, H] float32
+            y = self._grouped_mlp(x.expand(A, -1), experts, experts, offsets)  # [A, H] float32
             if x.dtype == torch.bfloat16 and (
                     out := expert_epilogue_cpu.combine(y, self.down_bias, experts, top_w[0], order)) is not None:
                 return out
