@@ -18,6 +18,7 @@ from typing import AsyncIterator
 
 from ray import serve
 
+from cluster import logs
 from cluster.config import ClusterConfig, ConfigError
 from cluster.engine.protocol import Engine, EngineStats, ExpertLoad
 from cluster.engine.request import GenerateRequest, TokenChunk
@@ -158,7 +159,7 @@ class _Deadline:
 @serve.deployment(name="ModelReplica")
 class ModelReplica:
     def __init__(self, config: ClusterConfig) -> None:
-        logging.getLogger("cluster").setLevel(config.log_level.upper())
+        logs.configure(config.log_level)  # our lines to the worker's stderr, which Ray shows at the driver
         self._group = None  # expert-parallel WorkerGroup when parallel.ep_size > 1
         self._in_flight = 0  # generate streams, through Serve or direct
         self._max_ongoing = config.serving.max_ongoing_requests

@@ -70,7 +70,7 @@ configuration, validated by the same code (tests/helm/test_helm_serve_config.py 
 */}}
 {{- define "gptoss-cluster.clusterConfig" -}}
 {{- $v := .Values -}}
-{{- $model := dict "path" $v.model.path "preset" "" "name" $v.model.name "dtype" $v.model.dtype -}}
+{{- $model := dict "path" $v.model.path "preset" "" "name" $v.model.name "dtype" $v.model.dtype "hugepage_weights" $v.model.hugepageWeights -}}
 {{- $e := $v.engine -}}
 {{- $vl := $e.vllm -}}
 {{- $vllm := dict "tensor_parallel_size" (int $vl.tensorParallelSize) "data_parallel_size" (int $vl.dataParallelSize) "enable_expert_parallel" $vl.enableExpertParallel "gpu_memory_utilization" $vl.gpuMemoryUtilization "max_model_len" (int $vl.maxModelLen) "max_num_seqs" (int $vl.maxNumSeqs) "max_num_batched_tokens" (int $vl.maxNumBatchedTokens) "async_scheduling" $vl.asyncScheduling "enforce_eager" $vl.enforceEager "distributed_executor_backend" $vl.distributedExecutorBackend "structured_outputs" $vl.structuredOutputs -}}
