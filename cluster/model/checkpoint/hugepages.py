@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import mmap
 from pathlib import Path
 
 import torch
@@ -40,9 +41,13 @@ def available() -> bool:
 
 
 def copy_to_hugepages(t: torch.Tensor) -> torch.Tensor:
-    """A contiguous copy of CPU tensor `t` in memory advised for 2 MB pages (its start 2 MB-aligned)."""
+    """A contiguous copy of CPU tensor `t` in memory advised for 2 MB pages (its start 2 MB-aligned).
+
+    The memory is a fresh anonymous mapping: memory from the allocator may be pages already touched
+    (4 KB ones), which the advice does not turn into 2 MB pages."""
     nbytes = t.numel() * t.element_size()
-    buffer = torch.empty(nbytes + PAGE, dtype=torch.uint8)
+    region = mmap.mmap(-1, nbytes + PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    buffer = torch.frombuffer(region, dtype=torch.uint8)  # keeps `region` mapped while it lives
     start = -buffer.data_ptr() % PAGE
     _madvise(buffer.data_ptr() + start, (nbytes + PAGE - 1) // PAGE * PAGE, _MADV_HUGEPAGE)
     copy = buffer[start:start + nbytes].view(t.dtype).view(t.shape)  # keeps `buffer` alive as its base
