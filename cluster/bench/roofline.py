@@ -158,6 +158,7 @@ def _measure(args: argparse.Namespace, path: str, peer_step: Callable[[], None] 
     from cluster.model.config import GptOssConfig
     from cluster.engine.unembedding import Unembedding
     from cluster.memory import resident_bytes
+    from cluster.parallel.sharding import memory_report
     from cluster.model.unembedding import argmax_rows
 
     dtype = getattr(torch, args.dtype)
@@ -249,7 +250,7 @@ def _measure(args: argparse.Namespace, path: str, peer_step: Callable[[], None] 
               f"{r['step_ms']:>8.1f} {r['tokens_per_s']:>7.2f} {r[f'tokens_per_s_{full_layers}_layers']:>10.2f}")
     print(f"greedy decode loop, batch 1 ({args.new_tokens} tokens after a {args.context}-token prompt, "
           f"prefill included): {greedy_tps:.2f} tokens/s")
-    weights = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
+    weights = sum(memory_report(model).values())
     resident, peak = resident_bytes()
     print(f"memory: weights {weights / 1e9:.2f} GB; this process resident {resident / 1e9:.2f} GB, peak "
           f"{peak / 1e9:.2f} GB (with the {args.probe_mb} MB bandwidth probe and the KV caches)")

@@ -176,6 +176,7 @@ class ModelReplica:
         import torch
 
         from cluster.model.checkpoint import load_model
+        from cluster.parallel.sharding import memory_report
 
         # Replicas share the box; intra-op threads beyond the cores a replica owns only contend.
         torch.set_num_threads(config.engine.torch_threads)
@@ -186,10 +187,10 @@ class ModelReplica:
         model.eval()
         self._engine: Engine = _batching_engine(model, config, self._expert_parallel(config, path, device, model))
         self._info = model_info_for(config, self._engine, path, model.config)
-        weights = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
+        weights = sum(memory_report(model).values())
         now, peak = resident_bytes()
-        # Weights kept as stored are the checkpoint's mapped pages (checkpoint/loader.py): they count
-        # as resident once read, and the kernel can drop them again under memory pressure.
+        # With model.hugepage_weights off, weights kept as stored are the checkpoint's mapped pages
+        # (checkpoint/loader.py): resident once read, and droppable again under memory pressure.
         log.info("replica ready: %s from %s on %s; weights %.2f GB, process resident %.2f GB (peak %.2f GB)",
                  self._info.model_name, path, device, weights / 1e9, now / 1e9, peak / 1e9)
 

@@ -4,7 +4,8 @@
  * One query token per sequence: q [B, N, D] against keys/values [B, K, L, D] (any strides but D's),
  * query head n reading kv head n / (N / K). Scores, the softmax with each head's sink logit in its
  * denominator, and the weighted sum of values are all float32; the result is rounded to bf16 once.
- * visible [B, L] (0/1 bytes; NULL: every key) marks the keys each sequence sees. torch's path for the
+ * visible [B, L] (0/1 bytes; NULL: every key) marks the keys each sequence sees; sinks [N] are bf16, as
+ * the model holds them. torch's path for the
  * same thing is about ten small ops, each rounding to bf16 in between.
  */
 #include <immintrin.h>
@@ -22,8 +23,13 @@ static inline __m512 widen(const uint16_t *p) {
 
 static void one_group(const uint16_t *q, int64_t q_head_stride, const uint16_t *keys, int64_t key_stride,
                       const uint16_t *values, int64_t value_stride, const uint8_t *visible, int64_t L, int64_t G,
-                      int64_t D, const float *sinks, float sm_scale, uint16_t *out, float *p) {
+                      int64_t D, const uint16_t *sinks_bf16, float sm_scale, uint16_t *out, float *p) {
     const int64_t V = D / 16;
+    float sinks[16];
+    for (int64_t g = 0; g < G; g++) {
+        const uint32_t bits = (uint32_t)sinks_bf16[g] << 16;
+        __builtin_memcpy(&sinks[g], &bits, sizeof(float));
+    }
     for (int64_t g = 0; g < G; g++) {
         __m512 qv[MAX_VEC];
         for (int64_t v = 0; v < V; v++) qv[v] = _mm512_mul_ps(widen(q + g * q_head_stride + v * 16), _mm512_set1_ps(sm_scale));
@@ -69,7 +75,7 @@ static void one_group(const uint16_t *q, int64_t q_head_stride, const uint16_t *
  * Returns 0, or -1 for a shape the kernel does not take (the caller then keeps torch's path). */
 int decode_attention_bf16(const uint16_t *q, int64_t qb, int64_t qn, const uint16_t *keys, int64_t kb, int64_t kk,
                           int64_t kl, const uint16_t *values, int64_t vb, int64_t vk, int64_t vl,
-                          const uint8_t *visible, const float *sinks, float sm_scale, uint16_t *out, int64_t B,
+                          const uint8_t *visible, const uint16_t *sinks, float sm_scale, uint16_t *out, int64_t B,
                           int64_t N, int64_t K, int64_t L, int64_t D, int threads) {
     const int64_t G = N / K;
     if (D % 16 || D / 16 > MAX_VEC || G > 16 || G * K != N) return -1;

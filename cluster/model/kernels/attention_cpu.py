@@ -32,7 +32,7 @@ def decode(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, sinks: tor
     key) -> [B, 1, N*D], as attention.sink_attention; None where the kernel does not apply."""
     B, N, T, D = q.shape
     K, L = keys.shape[1], keys.shape[2]
-    if not (T == 1 and q.dtype == keys.dtype == values.dtype == torch.bfloat16
+    if not (T == 1 and q.dtype == keys.dtype == values.dtype == sinks.dtype == torch.bfloat16 and sinks.is_contiguous()
             and q.device.type == keys.device.type == values.device.type == "cpu"
             and q.stride(-1) == keys.stride(-1) == values.stride(-1) == 1
             and not (torch.is_grad_enabled() and (q.requires_grad or keys.requires_grad or values.requires_grad))
@@ -40,7 +40,6 @@ def decode(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, sinks: tor
         return None
     if visible is not None:
         visible = visible.expand(B, 1, 1, 1, L).reshape(B, L).contiguous()
-    sinks = sinks.detach().to(torch.float32).contiguous()
     out = torch.empty(B, 1, N * D, dtype=torch.bfloat16)
     failed = _native()(q.data_ptr(), q.stride(0), q.stride(1), keys.data_ptr(), *keys.stride()[:3],
                        values.data_ptr(), *values.stride()[:3], 0 if visible is None else visible.data_ptr(),

@@ -115,14 +115,15 @@ static void rows(const uint8_t *blocks, const uint8_t *scales, int64_t G, const 
     }
 }
 
-void mxfp4_grouped_bf16(const uint8_t *blocks, const uint8_t *scales, int64_t R, int64_t G, const uint16_t *x,
-                        const int64_t *experts, const int64_t *offsets, int64_t M, float *out, const float *powers,
-                        int64_t rows_per_item, int threads) {
+/* Returns 0, or -1 when the split activations cannot be allocated (nothing is computed then). */
+int mxfp4_grouped_bf16(const uint8_t *blocks, const uint8_t *scales, int64_t R, int64_t G, const uint16_t *x,
+                       const int64_t *experts, const int64_t *offsets, int64_t M, float *out, const float *powers,
+                       int64_t rows_per_item, int threads) {
     const int64_t per_expert = (R + rows_per_item - 1) / rows_per_item, width = G * 32, half = G * 16 + 32;
     /* each token's even and odd columns, for the experts that have that one token alone */
     const int64_t N = offsets[M];
     uint16_t *split_x = malloc((size_t)(N * 2 * half) * sizeof(uint16_t));
-    if (!split_x) return;
+    if (!split_x) return -1;
     for (int64_t m = 0; m < M; m++)
         if (offsets[m + 1] - offsets[m] == 1)
             split(x + offsets[m] * width, width, split_x + offsets[m] * 2 * half, split_x + offsets[m] * 2 * half + half);
@@ -135,4 +136,5 @@ void mxfp4_grouped_bf16(const uint8_t *blocks, const uint8_t *scales, int64_t R,
                  split_x + t0 * 2 * half, t1 - t0, r0, r1, out + t0 * R, R, powers);
     }
     free(split_x);
+    return 0;
 }

@@ -102,7 +102,7 @@ def _bf16_kernel():
         i64, ptr = ctypes.c_int64, ctypes.c_void_p
         _native_bf16 = native.supported_function(
             "mxfp4_avx512bf16", "mxfp4_bf16_supported", "mxfp4_grouped_bf16",
-            [ptr, ptr, i64, i64, ptr, ptr, ptr, i64, ptr, ptr, i64, ctypes.c_int]) or False
+            [ptr, ptr, i64, i64, ptr, ptr, ptr, i64, ptr, ptr, i64, ctypes.c_int], restype=ctypes.c_int) or False
     return _native_bf16 or None
 
 
@@ -157,8 +157,9 @@ def grouped_matmul(blocks: torch.Tensor, scales: torch.Tensor, x: torch.Tensor, 
         if x.dtype != torch.bfloat16:
             raise ValueError(f"the bf16 kernel takes bf16 activations, got {x.dtype}")
         xb = x.contiguous()
-        fn(blocks.data_ptr(), scales.data_ptr(), R, scales.shape[2], xb.data_ptr(), experts_np.ctypes.data,
-           offsets_np.ctypes.data, len(experts_np), out.data_ptr(), powers.ctypes.data, ROWS_PER_ITEM, threads)
+        if fn(blocks.data_ptr(), scales.data_ptr(), R, scales.shape[2], xb.data_ptr(), experts_np.ctypes.data,
+              offsets_np.ctypes.data, len(experts_np), out.data_ptr(), powers.ctypes.data, ROWS_PER_ITEM, threads):
+            raise MemoryError("the BF16 MXFP4 kernel could not allocate its split activations")
         return out
     xs = x.to(torch.float32)
     xe, xo = xs[:, 0::2].contiguous().numpy(), xs[:, 1::2].contiguous().numpy()  # low / high nibbles' columns
