@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cluster.model.config import GptOssConfig
-from cluster.model.kernels import rms_norm_cpu
+from cluster.model.kernels import rms_norm_cpu, rotary_cpu
 
 
 class RMSNorm(nn.Module):
@@ -91,6 +91,8 @@ class RotaryEmbedding(nn.Module):
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate x [..., T, D] by position: the first and second halves of D form the pairs."""
+    if (rotated := rotary_cpu.rotate(x, cos, sin)) is not None:
+        return rotated  # bf16 decode on CPU: one kernel call, the same bits
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
 

@@ -48,6 +48,24 @@ def test_bf16_activations_take_the_bf16_kernel_and_it_refuses_float32_ones():
             bf16_cpu.linear_float32(x.float(), weight, kernel="bf16")
 
 
+@pytest.mark.skipif(bf16_cpu._native_bf16() is None, reason="no AVX512_BF16 here")
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_the_bf16_layer_adds_its_bias_and_rounds_in_the_kernel_to_the_same_bits(with_bias):
+    """linear() on bf16 writes bf16 with the bias added in the kernel: the bits of the float32 sum plus the
+    bias, rounded once, as `linear_float32(...).to(bfloat16)` gives them (with ties, NaN and infinities)."""
+    gen = torch.Generator().manual_seed(2)
+    weight = (torch.randn(640, 2880, generator=gen) * 0.05).bfloat16()
+    weight[0, :2] = torch.tensor([float("inf"), 1.0])  # an infinite output
+    weight[1, 0] = float("nan")
+    bias = (torch.randn(640, generator=gen) * 1e3).bfloat16() if with_bias else None
+    x = torch.randn(1, 2880, generator=gen).bfloat16()
+    with torch.no_grad():
+        got = bf16_cpu.linear(x, weight, bias)
+        expected = bf16_cpu.linear_float32(x, weight, bias, kernel="bf16").to(torch.bfloat16)
+    assert got.dtype == torch.bfloat16 and got.isnan()[0, 1] and got[0, 0].isinf()
+    assert torch.equal(got.nan_to_num(0.0).view(torch.int16), expected.nan_to_num(0.0).view(torch.int16))
+
+
 def test_only_batch_1_bf16_inference_takes_the_kernel():
     weight = torch.randn(64, 64).bfloat16()
     assert bf16_cpu.applies(torch.randn(1, 64).bfloat16(), weight)

@@ -45,10 +45,14 @@ def _packed(gen: torch.Generator, E: int, R: int, C: int):
 @pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("tokens_per_expert", [[1, 1, 1], [3, 0, 5], [1, 7, 2], [11, 1, 9]],
                          ids=["decode", "skip", "batched", "more-than-a-register-group"])
-def test_grouped_matmul_matches_unpack_then_matmul(tokens_per_expert, kernel):
+# 3 blocks a row: the native kernel's two-block steps and its odd last block; 22: the bf16 kernel's
+# 16-block spans for one token, then a group of four and a padded group of two; 90: gpt-oss-20b's rows
+@pytest.mark.parametrize("C", [96, 704, 2880], ids=["3-blocks", "22-blocks", "90-blocks"])
+def test_grouped_matmul_matches_unpack_then_matmul(tokens_per_expert, kernel, C):
     gen = torch.Generator().manual_seed(0)
-    E, R, C = 4, 40, 96  # 3 blocks a row: the native kernel's two-block steps and its odd last block
+    E, R = 4, 40
     blocks, scales = _packed(gen, E, R, C)
+    scales[0, :3, :5] = 0  # the smallest scale, 2^-127 (a subnormal float)
     experts = torch.tensor([2, 0, 3])
     counts = torch.tensor(tokens_per_expert)
     offsets = torch.cat((torch.zeros(1, dtype=torch.long), counts.cumsum(0)))

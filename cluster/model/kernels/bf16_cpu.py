@@ -29,6 +29,7 @@ KERNELS = ("bf16", "float32")  # the activations each kernel takes
 _ARGTYPES = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 4 + [ctypes.c_int]
 _kernel = None  # the float32-activation function (ctypes); False once it cannot be had
 _kernel_bf16 = None  # the bf16-activation one, where the CPU has AVX512_BF16; False once it cannot be had
+_kernel_bf16_out = None  # the same with the bias added and bf16 written: a bf16 layer's whole forward
 
 
 def _native():
@@ -44,6 +45,15 @@ def _native_bf16():
         _kernel_bf16 = native.supported_function("bf16_avx512bf16", "bf16_dot_supported", "bf16_linear_bf16",
                                                  _ARGTYPES) or False
     return _kernel_bf16 or None
+
+
+def _native_bf16_out():
+    global _kernel_bf16_out
+    if _kernel_bf16_out is None:
+        _kernel_bf16_out = native.supported_function(
+            "bf16_avx512bf16", "bf16_dot_supported", "bf16_linear_bf16_out",
+            [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 4 + [ctypes.c_int]) or False
+    return _kernel_bf16_out or None
 
 
 def applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
@@ -86,6 +96,15 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     """F.linear(x, weight, bias) in x's dtype, on the native kernel where it `applies`."""
     if not applies(x, weight):
         return F.linear(x, weight, bias)
+    if (x.dtype == torch.bfloat16 and (bias is None or bias.dtype == torch.bfloat16 and bias.is_contiguous())
+            and (fn := _native_bf16_out()) is not None):
+        R, C = weight.shape
+        flat = x.reshape(-1, C).contiguous()
+        out = torch.empty(flat.shape[0], R, dtype=torch.bfloat16)
+        if flat.shape[0]:  # the float32 sum + bias, rounded once: linear_float32's result .to(bfloat16)
+            fn(weight.data_ptr(), flat.data_ptr(), 0 if bias is None else bias.data_ptr(), out.data_ptr(), R, C,
+               flat.shape[0], ROWS_PER_ITEM, torch.get_num_threads())
+        return out.view(*x.shape[:-1], R)
     return linear_float32(x, weight, bias).to(x.dtype)
 
 
