@@ -85,8 +85,10 @@ def test_open_loop_keeps_its_arrival_rate_when_the_server_is_slow(slow_echo_fron
     assert summary["completed"] == 30, summary["errors_by_code"]
     scheduled = sorted(r.scheduled_s for r in records)
     scheduled_rate = (len(scheduled) - 1) / (scheduled[-1] - scheduled[0])
-    # Every request went out when the schedule said (a closed loop would wait for replies).
-    assert max(r.sent_s - r.scheduled_s for r in records) < 0.25
+    # Every request went out when the schedule said. A closed loop would wait for replies: at 5 req/s
+    # served against 12 scheduled, its last sends would be ~3 s late. The bound leaves room for a
+    # busy 2-core machine stalling the client's loop for a moment (0.35 s was seen in a full run).
+    assert max(r.sent_s - r.scheduled_s for r in records) < 1.0
     assert summary["arrival_rate"] == pytest.approx(scheduled_rate, rel=0.1)
     assert summary["arrival_rate"] > 8.0
     # The server fell behind: completions are far slower than arrivals, latency grows with the queue.
