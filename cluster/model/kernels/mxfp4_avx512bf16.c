@@ -120,21 +120,26 @@ int mxfp4_grouped_bf16(const uint8_t *blocks, const uint8_t *scales, int64_t R, 
                        const int64_t *experts, const int64_t *offsets, int64_t M, float *out, const float *powers,
                        int64_t rows_per_item, int threads) {
     const int64_t per_expert = (R + rows_per_item - 1) / rows_per_item, width = G * 32, half = G * 16 + 32;
-    /* each token's even and odd columns, for the experts that have that one token alone */
-    const int64_t N = offsets[M];
-    uint16_t *split_x = malloc((size_t)(N * 2 * half) * sizeof(uint16_t));
-    if (!split_x) return -1;
-    for (int64_t m = 0; m < M; m++)
-        if (offsets[m + 1] - offsets[m] == 1)
-            split(x + offsets[m] * width, width, split_x + offsets[m] * 2 * half, split_x + offsets[m] * 2 * half + half);
+    /* the even and odd columns of the token of each expert that has one token alone, nothing for the others
+     * (a prefill's experts have many); split_x + 2 * half * slot[m] is expert m's */
+    int64_t singles = 0;
+    for (int64_t m = 0; m < M; m++) singles += offsets[m + 1] - offsets[m] == 1;
+    int64_t *slot = malloc((size_t)M * sizeof(int64_t) + (size_t)(singles * 2 * half) * sizeof(uint16_t));
+    if (!slot) return -1;
+    uint16_t *split_x = (uint16_t *)(slot + M);
+    for (int64_t m = 0, next = 0; m < M; m++) {
+        slot[m] = offsets[m + 1] - offsets[m] == 1 ? next++ : -1;
+        if (slot[m] >= 0)
+            split(x + offsets[m] * width, width, split_x + slot[m] * 2 * half, split_x + slot[m] * 2 * half + half);
+    }
 #pragma omp parallel for schedule(static) num_threads(threads)
     for (int64_t i = 0; i < M * per_expert; i++) {
         const int64_t m = i / per_expert, r0 = (i - m * per_expert) * rows_per_item;
         const int64_t r1 = r0 + rows_per_item < R ? r0 + rows_per_item : R, t0 = offsets[m], t1 = offsets[m + 1];
         if (t1 > t0)
             rows(blocks + experts[m] * R * G * 16, scales + experts[m] * R * G, G, x + t0 * width,
-                 split_x + t0 * 2 * half, t1 - t0, r0, r1, out + t0 * R, R, powers);
+                 slot[m] >= 0 ? split_x + slot[m] * 2 * half : 0, t1 - t0, r0, r1, out + t0 * R, R, powers);
     }
-    free(split_x);
+    free(slot);
     return 0;
 }
