@@ -235,7 +235,9 @@ class InferenceServicer(pb_grpc.InferenceServicer):
                           record: CallRecord) -> AsyncIterator[tuple[list[pb.ChatDelta], pb.ChatComplete | None]]:
         """The one chat path of both APIs: stream `internal` from a replica and parse the tokens
         into deltas, counting and charging them; the last item carries the ChatComplete. Tokens
-        count in the tenant's usage once the consumer took them (resumed this generator)."""
+        count in the tenant's usage as they are handed to the consumer: a client that cancels
+        while the transport still writes them has them (billed after the yield, a cancel landing
+        before the write's completion resumed the call lost them from the usage)."""
         prompt_tokens = len(internal.prompt_token_ids)
         stream = ChatStream(stops if not internal.sampling.ignore_stop else (), return_token_ids)
         async with self._replica_chunks(internal, call, context, record) as chunks:
@@ -247,8 +249,8 @@ class InferenceServicer(pb_grpc.InferenceServicer):
                     deltas += stream.finish()
                 used = stream.completion_tokens - before
                 self._completion(call, record, used)
-                yield deltas, None
                 record.usage.sent(prompt_tokens, used, chunk.cached_prompt_tokens, stream.reasoning_tokens)
+                yield deltas, None
                 if not finished:
                     continue
                 if stream.stop_sequence is not None:
@@ -276,9 +278,9 @@ class InferenceServicer(pb_grpc.InferenceServicer):
                                   last=chunk.finish_reason is not None)
                 used = stream.completion_tokens - before
                 self._completion(call, record, used)
+                record.usage.sent(prompt_tokens, used, chunk.cached_prompt_tokens)
                 if out is not None:
                     yield out, None
-                record.usage.sent(prompt_tokens, used, chunk.cached_prompt_tokens)
                 if not stream.finished:
                     continue
                 stopped = stream.stop_sequence

@@ -22,12 +22,13 @@ pytestmark = pytest.mark.slow
 
 TENANTS_YAML = """
 tenants:
-  acme: {max_output_tokens: 64}
+  acme: {max_output_tokens: 8}
   initech: {max_concurrent_streams: 1}
 """
-# Tokens come at once, then one per 0.5 s: a client cancels after the first, a deadline of 0.25 s
-# falls after the first, so neither races the next token.
-TOKENS_PER_S = 2.0
+# Tokens come at once, then one per 2 s: a client cancels after the first, a deadline of 0.25 s
+# falls after the first, so neither races the next token (a client thread that stalls past the
+# gap on a loaded machine would be sent a second one it never reads).
+TOKENS_PER_S = 0.5
 DEADLINE_S = 0.25
 
 

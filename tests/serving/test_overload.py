@@ -40,7 +40,7 @@ def small_queue_stub(ray_serving, serving_config):
     handle = serve.run(build_app(config), name=config.serving.app_name, route_prefix=None)
     door = BackgroundFrontdoor(handle, config.frontdoor, FrontdoorMetrics(CollectorRegistry()))
     channel = grpc.insecure_channel(door.target)
-    yield inference_pb2_grpc.InferenceStub(channel), handle
+    yield inference_pb2_grpc.InferenceStub(channel), handle, door
     channel.close()
     door.close()
     serve.delete(config.serving.app_name)
@@ -56,7 +56,7 @@ def dispatched_streams(app_name: str) -> float:
 
 
 def test_ten_times_the_queue_gets_prompt_resource_exhausted_and_the_rest_complete(small_queue_stub, tiny_model):
-    stub, handle = small_queue_stub
+    stub, handle, _ = small_queue_stub
     g = torch.Generator().manual_seed(21)
     prompts = [torch.randint(0, 100_000, (8 + i % 11,), generator=g).tolist() for i in range(FLOOD)]
     results: list = [None] * FLOOD
@@ -109,22 +109,23 @@ def test_ten_times_the_queue_gets_prompt_resource_exhausted_and_the_rest_complet
           f"(slowest {slowest_accepted:.2f} s)")
 
 
-def drain(stream) -> None:
-    """Read a stream to its end (or until it is cancelled)."""
+def drain(stream, errors: list) -> None:
+    """Read a stream to its end (or until it is cancelled); an error other than the cancel goes to `errors`."""
     try:
         for _ in stream:
             pass
-    except grpc.RpcError:
-        pass
+    except grpc.RpcError as err:
+        if err.code() != grpc.StatusCode.CANCELLED:
+            errors.append(err.code().name)
 
 
-async def _reports_hold(door, n: int) -> bool:
-    """Whether the replicas' last load reports, as `door`'s router holds them, add up to `n` requests
-    or more (run on the front door's loop, where its router lives)."""
+async def _requests_held(door) -> int | None:
+    """The requests the replicas hold by their last load reports, as `door`'s router sees them
+    (run on the front door's loop, where its router lives); None before the router exists."""
     from cluster.serving.serve_internals import request_router
 
     router = request_router(door.server._loop_handle)
-    return router is not None and router.requests_held()[0] >= n
+    return None if router is None else router.requests_held()[0]
 
 
 def test_a_second_front_door_refuses_from_the_replicas_load_reports_without_sending(small_queue_stub, serving_config):
@@ -139,16 +140,21 @@ def test_a_second_front_door_refuses_from_the_replicas_load_reports_without_send
     from gptoss.v1 import inference_pb2_grpc
     from tests.conftest import BackgroundFrontdoor
 
-    stub, handle = small_queue_stub
+    stub, handle, door = small_queue_stub
     capacity = 2 + QUEUE  # 2 running, 2 waiting for a minute or more
+    # The previous test's flood ends on the replica before its next load report says so; until
+    # then this front door would refuse the streams below as overload.
+    wait_until(lambda: door.call(_requests_held(door)) in (0, None), timeout=30, interval=0.1,
+               message="the replica's load report showing it empty after the flood")
     holding = [stub.Generate(pb.GenerateRequest(prompt_token_ids=[11 + i, 12], sampling=pb.SamplingParams(
         max_tokens=4000, ignore_stop=True)), timeout=300) for i in range(capacity)]
-    readers = [threading.Thread(target=drain, args=(s,), daemon=True) for s in holding]
+    errors: list[str] = []
+    readers = [threading.Thread(target=drain, args=(s, errors), daemon=True) for s in holding]
     for reader in readers:
         reader.start()
     deadline = time.monotonic() + 30
     while handle.stats.remote().result(timeout_s=30).active_requests < capacity:
-        assert time.monotonic() < deadline, "the replica never held the 4 streams"
+        assert time.monotonic() < deadline, f"the replica never held the 4 streams; ended: {errors}"
         time.sleep(0.1)
     other = BackgroundFrontdoor(serve.get_app_handle("small-queue"), serving_config.frontdoor,
                                 FrontdoorMetrics(CollectorRegistry()))
@@ -156,7 +162,7 @@ def test_a_second_front_door_refuses_from_the_replicas_load_reports_without_send
     try:
         other_stub = inference_pb2_grpc.InferenceStub(channel)
         request = pb.GenerateRequest(prompt_token_ids=[5, 6, 7], sampling=pb.SamplingParams(max_tokens=4))
-        wait_until(lambda: other.call(_reports_hold(other, capacity)), timeout=30, interval=0.1,
+        wait_until(lambda: (other.call(_requests_held(other)) or 0) >= capacity, timeout=30, interval=0.1,
                    message="the replica's load report showing it full, as the second front door's router sees it")
         before = dispatched_streams("small-queue")
         with pytest.raises(grpc.RpcError) as refused:
