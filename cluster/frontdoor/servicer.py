@@ -235,9 +235,8 @@ class InferenceServicer(pb_grpc.InferenceServicer):
                           record: CallRecord) -> AsyncIterator[tuple[list[pb.ChatDelta], pb.ChatComplete | None]]:
         """The one chat path of both APIs: stream `internal` from a replica and parse the tokens
         into deltas, counting and charging them; the last item carries the ChatComplete. Tokens
-        count in the tenant's usage as they are handed to the consumer: a client that cancels
-        while the transport still writes them has them (billed after the yield, a cancel landing
-        before the write's completion resumed the call lost them from the usage)."""
+        count in the tenant's usage as they are handed to the consumer, before the yield: a cancel
+        can land after the client got them but before the write's completion resumes this."""
         prompt_tokens = len(internal.prompt_token_ids)
         stream = ChatStream(stops if not internal.sampling.ignore_stop else (), return_token_ids)
         async with self._replica_chunks(internal, call, context, record) as chunks:
