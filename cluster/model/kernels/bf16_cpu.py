@@ -15,6 +15,7 @@ sharded attention output in a hook on attn.out, parallel/sharding.py).
 from __future__ import annotations
 
 import ctypes
+import functools
 
 import torch
 import torch.nn.functional as F
@@ -29,7 +30,6 @@ KERNELS = ("bf16", "float32")  # the activations each kernel takes
 _ARGTYPES = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 4 + [ctypes.c_int]
 _kernel = None  # the float32-activation function (ctypes); False once it cannot be had
 _kernel_bf16 = None  # the bf16-activation one, where the CPU has AVX512_BF16; False once it cannot be had
-_kernel_bf16_out = None  # the same with the bias added and bf16 written: a bf16 layer's whole forward
 
 
 def _native():
@@ -47,13 +47,11 @@ def _native_bf16():
     return _kernel_bf16 or None
 
 
+@functools.cache
 def _native_bf16_out():
-    global _kernel_bf16_out
-    if _kernel_bf16_out is None:
-        _kernel_bf16_out = native.supported_function(
-            "bf16_avx512bf16", "bf16_dot_supported", "bf16_linear_bf16_out",
-            [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 4 + [ctypes.c_int]) or False
-    return _kernel_bf16_out or None
+    """The bf16-activation kernel with the bias added and bf16 written: a bf16 layer's whole forward."""
+    return native.supported_function("bf16_avx512bf16", "bf16_dot_supported", "bf16_linear_bf16_out",
+                                     [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 4 + [ctypes.c_int])
 
 
 def applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
