@@ -280,12 +280,12 @@ class ServingConfig(Section):
     skips Serve's per-request machinery after Serve's router has chosen the replica
     (cluster/serving/direct_stream.py); off, or with Ray's TLS on, requests go through Serve's
     handle only."""
-    replica_stream: ReplicaStreamKind = "per_request"
-    """How the direct stream carries requests: per_request, one gRPC call per request and a message
-    per token chunk; multiplexed, one long-lived call per front door and replica that carries all
-    their requests, each message holding the chunks of every request ready at that moment (less
-    CPU per streamed token on both sides; cluster/serving/multiplexed_stream.py). The replica
-    announces the kind it serves; front doors follow it."""
+    replica_stream: ReplicaStreamKind = "multiplexed"
+    """How the direct stream carries requests: multiplexed, one long-lived call per front door and
+    replica that carries all their requests, each message holding the chunks of every request ready
+    at that moment, with flow control per request (a third to a half less CPU per streamed token on
+    each side; cluster/serving/multiplexed_stream.py); per_request, one gRPC call per request and a
+    message per token chunk. The replica announces the kind it serves; front doors follow it."""
     direct_stream_tls: bool = True
     """The direct stream's transport: TLS (besides the per-replica token), or plaintext when false
     (only on a network you trust: anyone on the path could read prompts and tokens)."""

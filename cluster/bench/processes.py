@@ -62,5 +62,18 @@ def cpu_s(pids) -> float:
     return sum(int(fields[UTIME]) + int(fields[STIME]) for fields in map(stat, pids)) / ticks
 
 
+def cpu_s_each(pids) -> dict[int, float]:
+    """User + system CPU seconds so far of each of `pids` that still runs."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    found = {}
+    for pid in pids:
+        try:
+            fields = stat(pid)
+        except OSError:
+            continue
+        found[pid] = (int(fields[UTIME]) + int(fields[STIME])) / ticks
+    return found
+
+
 def nice(pid: int) -> int:
     return int(stat(pid)[NICE])

@@ -41,7 +41,7 @@ import urllib.request
 from pathlib import Path
 
 from cluster.bench.flags import add_rounds, add_token_lengths
-from cluster.bench.processes import cpu_s, serve_replicas
+from cluster.bench.processes import cpu_s, cpu_s_each, descendants, process_table, serve_replicas
 
 SIDES = ("plain", "ours")
 
@@ -152,21 +152,27 @@ def _measure(side: str, target: str, api: str, args: argparse.Namespace, round_n
     sampling = dict(api=api, temperature=args.temperature, seed=round_no, timeout_s=600.0)
     if args.warmup:
         run_load(connection, workload, LoadPlan(concurrency=args.concurrency, num_requests=args.warmup, **sampling))
+    box = box_processes(serving_path)
     before = {name: cpu_s(pids) for name, pids in serving_path.items()}
+    box_before = {name: cpu_s_each(pids) for name, pids in box.items()}
     load = run_load(connection, workload, LoadPlan(concurrency=args.concurrency, num_requests=args.num_requests,
                                                    **sampling))
     cpu = {name: cpu_s(pids) - before[name] for name, pids in serving_path.items()}
+    box_cpu = {name: sum(s - box_before[name][pid] for pid, s in cpu_s_each(box_before[name]).items())
+               for name in box}
     c1 = run_load(connection, workload, LoadPlan(concurrency=1, num_requests=args.c1_requests, **sampling))
     figures = {"load": summarize(load.records), "c1": summarize(c1.records)}
     tokens = max(1, figures["load"]["output_tokens"])
     figures["load"]["cpu_s_per_1k_tokens"] = {name: s * 1000.0 / tokens for name, s in cpu.items()}
+    figures["load"]["box_cpu_s_per_1k_tokens"] = {name: s * 1000.0 / tokens for name, s in box_cpu.items()}
     figures["c1"]["ttft_stall_ms"] = stall_ms(c1.records)
     s, c = figures["load"], figures["c1"]
     per_1k = ", ".join(f"{name} {v:.3f}" for name, v in s["cpu_s_per_1k_tokens"].items())
+    box_1k = ", ".join(f"{name} {v:.3f}" for name, v in s["box_cpu_s_per_1k_tokens"].items())
     _log(f"round {round_no} {side:<5}: c={args.concurrency} {s['output_token_throughput']:7.0f} tok/s, TPOT p50 "
          f"{s['tpot_ms']['p50']:.1f} ms, {s['failed']} failed, CPU s per 1k tokens: {per_1k} | c=1 TTFT p50 "
          f"{c['ttft_ms']['p50']:.1f} ms, p99 {c['ttft_ms']['p99']:.1f} ms, worst beyond median "
-         f"{c['ttft_stall_ms']:.0f} ms, {c['failed']} failed")
+         f"{c['ttft_stall_ms']:.0f} ms, {c['failed']} failed | rest of the box, CPU s per 1k tokens: {box_1k}")
     return figures
 
 
@@ -180,6 +186,21 @@ def serving_path_processes(side: str, server_pid: int) -> dict[str, list[int]]:
     if not replicas:
         raise RuntimeError("no ServeReplica process under `serve`: cannot account the replica's CPU")
     return {"frontdoor": [server_pid], "replica": replicas}
+
+
+def box_processes(serving_path: dict[str, list[int]]) -> dict[str, list[int]]:
+    """The rest of the box's work during a run, beside the serving path: the engine's own processes
+    (everything below our replica or plain vLLM's API server), the runtime around them (for ours,
+    the other processes below `serve`: Ray's GCS, raylet, agents, the Serve controller) and this
+    process, the load generator. Both sides share the cores with all of it."""
+    table = process_table()
+    serving = {pid for pids in serving_path.values() for pid in pids}
+    engine_parents = serving_path.get("replica", serving_path.get("api_server", []))
+    engine = set().union(*(descendants(pid, table) for pid in engine_parents)) - serving
+    groups = {"engine": sorted(engine), "load_generator": [os.getpid()]}
+    if "frontdoor" in serving_path:
+        groups["ray"] = sorted(descendants(serving_path["frontdoor"][0], table) - serving - engine)
+    return groups
 
 
 def _run_side(side: str, args: argparse.Namespace, model: Path, tokenizer: Path | None, env: dict,
@@ -226,8 +247,9 @@ def ratios(runs: dict[str, list[dict]]) -> dict:
             "ttft_p99_ms_c1": med(side, "c1", lambda s: s["ttft_ms"]["p99"]),
             "ttft_worst_beyond_median_ms_c1": max(r["c1"]["ttft_stall_ms"] for r in runs[side]),
             "failed": sum(r[k]["failed"] for r in runs[side] for k in ("load", "c1")),
-            "cpu_s_per_1k_tokens": {name: med(side, "load", lambda s, name=name: s["cpu_s_per_1k_tokens"][name])
-                                    for name in runs[side][0]["load"]["cpu_s_per_1k_tokens"]},
+            **{key: {name: med(side, "load", lambda s, key=key, name=name: s[key][name])
+                     for name in runs[side][0]["load"][key]}
+               for key in ("cpu_s_per_1k_tokens", "box_cpu_s_per_1k_tokens") if key in runs[side][0]["load"]},
         }
     ours, plain = figures["ours"], figures["plain"]
     api_server = plain["cpu_s_per_1k_tokens"]["api_server"]

@@ -86,6 +86,7 @@ class DirectAddress:
     trust_pem: str = ""  # what the client trusts for this replica's certificate; "": plaintext
     server_name: str = ""  # the name its certificate is checked against ("": the address's host)
     multiplexed: bool = False  # it serves the multiplexed stream (multiplexed_stream.py), which the front door uses
+    credits: bool = False  # its multiplexed stream takes credit frames: per-request flow control
 
     @classmethod
     def from_metadata(cls, metadata: dict) -> "DirectAddress | None":
@@ -93,7 +94,8 @@ class DirectAddress:
         if not isinstance(entry, dict) or not entry.get("address") or not entry.get("token"):
             return None
         return cls(str(entry["address"]), str(entry["token"]), str(entry.get("trust_pem") or ""),
-                   str(entry.get("server_name") or ""), entry.get("kind") == "multiplexed")
+                   str(entry.get("server_name") or ""), entry.get("kind") == "multiplexed",
+                   entry.get("credits") is True)
 
 
 def _host_port(host: str, port: int) -> str:
@@ -199,7 +201,7 @@ class DirectStreamServer:
         if tls is not None:
             entry.update(trust_pem=tls.trust_pem.decode(), server_name=tls.server_name)
         if self._multiplexed is not None:
-            entry["kind"] = "multiplexed"
+            entry.update(kind="multiplexed", credits=True)
         return {METADATA_KEY: entry}
 
     async def stop(self, grace_s: float) -> None:

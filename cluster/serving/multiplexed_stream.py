@@ -10,6 +10,14 @@ request, and (id, "full" | "stopping") when the replica refuses it. Each side qu
 to send in an `_Outbox` whose single writer sends everything queued as ONE pickled list per
 message: the chunks an engine step yields for all its requests leave in one message.
 
+Flow control is per request, as the per-request call's own gRPC window gives it: the front door
+opens the call with a window of WINDOW chunks (the x-gptoss-credit-window header) and grants more
+with ("credit", id, n) frames as its consumer reads them; a request that has used its window waits
+in the replica, without pulling its engine stream further, so a client that stops reading holds
+the rest of its tokens where the engine keeps them (vLLM merges them into one output), not in the
+front door. A replica announces that it takes credits ("credits" in its metadata); a front door
+that does not send the header gets no window, as before flow control was added.
+
 Semantics are the per-request stream's: a refusal comes before the first token (`Rejected`, the
 front door routes the request through the Serve handle instead); the replica's
 max_ongoing_requests check counts these requests (they run the replica's own `_stream`);
@@ -33,6 +41,10 @@ from cluster.serving.direct_stream import (MULTIPLEX_METHOD, TOKEN_HEADER, Direc
                                           Rejected, failure)
 
 log = logging.getLogger(__name__)
+
+WINDOW_HEADER = "x-gptoss-credit-window"
+WINDOW = 64  # chunks a request may be ahead of its consumer; credit is returned half a window at a time
+
 
 class _Outbox:
     """Items queued by many tasks; `run()` writes all those queued so far as one pickled list."""
@@ -114,6 +126,8 @@ class _ReplicaCall:
         self._context = context
         self._outbox = _Outbox(context.write)
         self._requests: dict[int, asyncio.Task] = {}
+        self._window = int(dict(context.invocation_metadata() or ()).get(WINDOW_HEADER) or 0)  # 0: no flow control
+        self._credits: dict[int, _Credit] = {}
         self._ended = asyncio.get_running_loop().create_future()
         self._draining = False
 
@@ -144,9 +158,13 @@ class _ReplicaCall:
     async def _read(self) -> None:
         while (message := await self._context.read()) is not grpc.aio.EOF:
             for frame in pickle.loads(message):
-                if frame[0] == "open":
-                    await self._open(frame[1], frame[2])
-                elif (task := self._requests.get(frame[1])) is not None:  # "cancel"
+                kind, rid = frame[0], frame[1]
+                if kind == "open":
+                    await self._open(rid, frame[2])
+                elif kind == "credit":
+                    if (credit := self._credits.get(rid)) is not None:
+                        credit.grant(frame[2])
+                elif kind == "cancel" and (task := self._requests.get(rid)) is not None:
                     task.cancel()
 
     async def _open(self, rid: int, request: GenerateRequest) -> None:
@@ -154,16 +172,23 @@ class _ReplicaCall:
         if refusal is not None:
             self._outbox.put((rid, refusal))
             return
-        task = asyncio.create_task(self._run(rid, request))
+        credit = None
+        if self._window > 0:
+            credit = self._credits[rid] = _Credit(self._window)
+        task = asyncio.create_task(self._run(rid, request, credit))
         self._requests[rid] = task
         task.add_done_callback(lambda _: self._finished(rid))
         # Let the request start (and the replica count it) before the next frame's full check.
         await asyncio.sleep(0)
 
-    async def _run(self, rid: int, request: GenerateRequest) -> None:
+    async def _run(self, rid: int, request: GenerateRequest, credit: "_Credit | None") -> None:
         put = self._outbox.put
         try:
             async for chunk in self._server._generate(request):
+                if credit is not None:
+                    if credit.left <= 0:
+                        await credit.granted()
+                    credit.left -= 1
                 put((rid, chunk))
         except Exception as err:  # noqa: BLE001 - the front door maps it, as it does Ray's
             put((rid, _picklable(err)))
@@ -172,8 +197,26 @@ class _ReplicaCall:
 
     def _finished(self, rid: int) -> None:
         del self._requests[rid]
+        self._credits.pop(rid, None)
         if self._draining and not self._requests:
             self._end()
+
+
+class _Credit:
+    """The chunks one request may still send before its consumer has read more."""
+
+    def __init__(self, window: int) -> None:
+        self.left = window
+        self._more = asyncio.Event()
+
+    def grant(self, n: int) -> None:
+        self.left += n
+        self._more.set()
+
+    async def granted(self) -> None:
+        while self.left <= 0:
+            self._more.clear()
+            await self._more.wait()
 
 
 # ─────────────────────────────────────── the front door's side ───────────────────────────────────────
@@ -192,7 +235,8 @@ class MultiplexedClient:
         if connection is None or connection.broken or connection.channel is not channel:
             if connection is not None:
                 connection.drain()
-            connection = self._connections[target.address] = Connection(channel, target.token)
+            connection = self._connections[target.address] = Connection(channel, target.token,
+                                                                         WINDOW if target.credits else 0)
         return connection.open(request)
 
     def retain(self, addresses: set[str]) -> None:
@@ -208,9 +252,11 @@ class MultiplexedClient:
 class Connection:
     """The front door's end of one Multiplex call: one reader hands each event to its request."""
 
-    def __init__(self, channel: grpc.aio.Channel, token: str) -> None:
+    def __init__(self, channel: grpc.aio.Channel, token: str, window: int = 0) -> None:
         self.channel = channel
-        self._call = channel.stream_stream(MULTIPLEX_METHOD)(metadata=((TOKEN_HEADER, token),))
+        metadata = ((TOKEN_HEADER, token),) + (((WINDOW_HEADER, str(window)),) if window > 0 else ())
+        self._call = channel.stream_stream(MULTIPLEX_METHOD)(metadata=metadata)
+        self.window = window  # 0: the replica takes no credits, so none are sent
         self._streams: dict[int, MultiplexedStream] = {}
         self._next_id = 0
         self._draining = False
@@ -226,6 +272,10 @@ class Connection:
         stream = self._streams[self._next_id] = MultiplexedStream(self, self._next_id)
         self._outbox.put(("open", self._next_id, request))
         return stream
+
+    def grant(self, rid: int, n: int) -> None:
+        if rid in self._streams:
+            self._outbox.put(("credit", rid, n))
 
     def cancel(self, rid: int) -> None:
         if self._streams.pop(rid, None) is not None:
@@ -302,9 +352,16 @@ class MultiplexedStream:
         return ConnectionError("the multiplexed stream to the replica ended")
 
     async def __aiter__(self) -> AsyncIterator[TokenChunk]:
+        refill = self._connection.window // 2
+        read = 0
         while True:
             item = await self._items.get()
             if isinstance(item, TokenChunk):
+                if refill:
+                    read += 1
+                    if read == refill:
+                        self._connection.grant(self._rid, read)
+                        read = 0
                 yield item
             elif item is None:
                 return

@@ -7,12 +7,14 @@ every request on it and the next request opens a new one. What both kinds of str
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 
 import pytest
 
 from cluster.engine.request import FinishReason, GenerateRequest, SamplingParams, TokenChunk
 from cluster.serving.direct_stream import DirectAddress, DirectStreamClient, DirectStreamServer, Rejected
+from cluster.serving.multiplexed_stream import WINDOW
 from tests.serving.test_direct_stream import FakeEngine, collect, request, run
 from tests.serving.test_direct_stream import served as direct_served
 from tests.waiting import async_wait_until
@@ -25,6 +27,7 @@ class StepEngine(FakeEngine):
         super().__init__()
         self.limit = 64
         self.steps = 0
+        self.yielded = 0  # chunks the replica has pulled from this engine
         self._stepped = asyncio.Event()
 
     def step(self) -> None:
@@ -40,6 +43,7 @@ class StepEngine(FakeEngine):
             for i in range(n):
                 while self.steps <= first + i:
                     await self._stepped.wait()
+                self.yielded += 1
                 yield TokenChunk((req.prompt_token_ids[0] + i,), FinishReason.LENGTH if i == n - 1 else None,
                                  completion_tokens=i + 1)
             self.ended.append("finished")
@@ -97,6 +101,49 @@ def test_32_requests_share_one_call_and_each_step_leaves_in_one_message():
             connection, = client._connections.values()
             assert connection.messages <= 12, f"{connection.messages} messages for 320 chunks in 10 steps"
             assert engine.ended == ["finished"] * 32
+    run(main())
+
+
+async def steps(engine: StepEngine, n: int) -> None:
+    for _ in range(n):
+        engine.step()
+        await asyncio.sleep(0.001)
+    await asyncio.sleep(0.2)
+
+
+def test_a_request_whose_client_stops_reading_is_held_in_the_replica_a_window_ahead():
+    async def main():
+        engine = StepEngine()
+        async with served(engine) as (_, client, target):
+            assert target.credits
+            slow, other = client.open(target, req(3 * WINDOW, 1)), client.open(target, req(3 * WINDOW, 5000))
+            other_reader = asyncio.ensure_future(collect(other))
+            await async_wait_until(lambda: engine.in_flight == 2, 5, message="both running")
+            await steps(engine, 3 * WINDOW)
+            # the reading request got everything; the one nobody reads was pulled a window ahead, no more
+            assert [c.token_ids[0] for c in await other_reader] == [5000 + i for i in range(3 * WINDOW)]
+            assert engine.yielded - 3 * WINDOW in (WINDOW, WINDOW + 1)  # +1: pulled, waiting for credit
+            assert slow._items.qsize() == WINDOW  # what reached the front door
+            chunks = await collect(slow)  # reading it now grants credit: the rest follows, in order
+            assert [c.token_ids[0] for c in chunks] == [1 + i for i in range(3 * WINDOW)]
+            assert chunks[-1].finish_reason is FinishReason.LENGTH and engine.in_flight == 0
+    run(main())
+
+
+def test_without_the_credit_announcement_no_window_is_asked_or_kept():
+    """A replica from before flow control (no "credits" in its metadata) gets no window header and no
+    credit frames; the replica then keeps no window either, so neither side waits for the other."""
+    async def main():
+        engine = StepEngine()
+        async with served(engine) as (server, client, target):
+            old = dataclasses.replace(target, credits=False)
+            stream = client.open(old, req(3 * WINDOW, 1))
+            connection, = client._connections.values()
+            assert connection.window == 0
+            await async_wait_until(lambda: engine.in_flight == 1, 5, message="running")
+            await steps(engine, 3 * WINDOW)
+            assert engine.yielded == 3 * WINDOW and stream._items.qsize() == 3 * WINDOW + 1  # + the end
+            assert [c.token_ids[0] for c in await collect(stream)] == [1 + i for i in range(3 * WINDOW)]
     run(main())
 
 

@@ -36,6 +36,11 @@ def test_bench_vllm_serving_compares_both_servers_on_one_workload(tmp_path):
     for side in ("plain", "ours"):
         assert all(v > 0 for v in figures[side]["cpu_s_per_1k_tokens"].values()), figures[side]
     assert 0 < figures["frontdoor_cpu_ratio_vs_api_server"] < figures["serving_path_cpu_ratio_vs_api_server"]
+    # and the rest of the box: the engines' own processes (working), Ray's daemons, the load generator
+    assert set(figures["plain"]["box_cpu_s_per_1k_tokens"]) == {"engine", "load_generator"}
+    assert set(figures["ours"]["box_cpu_s_per_1k_tokens"]) == {"engine", "load_generator", "ray"}
+    for side in ("plain", "ours"):
+        assert figures[side]["box_cpu_s_per_1k_tokens"]["engine"] > 0, figures[side]
     runs = json.loads(out.read_text())["runs"]
     for side in ("plain", "ours"):
         load, c1 = runs[side][0]["load"], runs[side][0]["c1"]
