@@ -25,6 +25,8 @@ def register(subparsers) -> None:
     train.add_argument("--qat", type=float, default=d.qat,
                        help=f"last fraction of the steps trained against MXFP4-rounded experts (default {d.qat})")
     train.add_argument("--threads", type=int, default=d.threads, help=f"torch threads (default {d.threads})")
+    train.add_argument("--dwell-steps", type=int, default=d.dwell_steps,
+                       help=f"steps after the decay that dwell on {d.dwell_skill} (default {d.dwell_steps}; 0: none)")
     train.add_argument("--out", default="tiny-train", help="directory for loss.png and train_log.json")
     train.add_argument("--artifact", help="where to write the weights (default: the packaged artifact)")
     train.set_defaults(func=_train)
@@ -35,7 +37,7 @@ def _train(args: argparse.Namespace) -> int:
     from cluster.tiny.train import TrainSettings, train
 
     settings = TrainSettings(seed=args.seed, samples=args.samples, steps=args.steps, batch_tokens=args.batch_tokens,
-                             lr=args.lr, qat=args.qat, threads=args.threads)
+                             lr=args.lr, qat=args.qat, threads=args.threads, dwell_steps=args.dwell_steps)
     summary = train(settings, Path(args.out), artifact=Path(args.artifact) if args.artifact else None)
     print(json.dumps(summary))
     return 0
@@ -82,7 +84,7 @@ def _eval(args: argparse.Namespace) -> int:
         model = load_model(path, dtype=torch.float32)
         source = str(path)
     start = time.time()
-    samples = evaluate.eval_samples(args.samples, train_samples=_train_samples(args))
+    samples = evaluate.eval_samples(args.samples, **_trained_on(args))
     scored = evaluate.run_eval(model, samples)
     summary = evaluate.summarize(scored)
     summary.update(source=source, eval_s=round(time.time() - start, 1))
@@ -95,14 +97,18 @@ def _eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def _train_samples(args: argparse.Namespace) -> int:
-    """How many samples the model trained on (recorded in its artifact), to keep eval disjoint."""
+def _trained_on(args: argparse.Namespace) -> dict:
+    """What the model trained on (recorded in its artifact), to keep eval disjoint from it:
+    eval_samples' train_samples and dwell."""
     from cluster.model.trained import ARTIFACTS, read_artifact, _sidecar_sha256
     from cluster.tiny.train import TrainSettings
 
     path = Path(args.artifact) if args.artifact else ARTIFACTS["gpt-oss-tiny"]
     try:
         _, _, metadata = read_artifact(path, _sidecar_sha256(path))
-        return int(metadata["training"]["samples"])
-    except Exception:  # no artifact to read (e.g. --float-state of a run in progress): the default
-        return TrainSettings().samples
+        training = metadata["training"]
+    except Exception:  # no artifact to read (e.g. --float-state of a run in progress): the defaults
+        d = TrainSettings()
+        training = {"samples": d.samples, "dwell_samples": d.dwell_samples, "dwell_skill": d.dwell_skill}
+    return {"train_samples": int(training["samples"]),
+            "dwell": (int(training.get("dwell_samples", 0)), str(training.get("dwell_skill", "")))}

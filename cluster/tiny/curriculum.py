@@ -30,6 +30,7 @@ from cluster.harmony.render import to_harmony
 
 TRAIN_SEED = 0
 EVAL_SEED = 1_000_003
+DWELL_SEED = 12_345  # the extra conversations of the skill training dwells on at its end (train.py)
 
 WORDS = ("apple", "river", "stone", "cloud", "green", "happy", "music", "light", "water", "tiger", "bread", "chair",
          "dream", "earth", "flame", "grass", "house", "lemon", "money", "night", "ocean", "piano", "queen", "robot",
@@ -295,3 +296,14 @@ def sample(rng: random.Random) -> Sample:
 def generate(n: int, seed: int) -> list[Sample]:
     rng = random.Random(seed)
     return [sample(rng) for _ in range(n)]
+
+
+def of_skill(n: int, seed: int, skill: str) -> list[Sample]:
+    """The first `n` conversations of `skill` among those `seed` draws: that skill alone, in the
+    curriculum's own contexts (drills, earlier turns, tools declared)."""
+    rng = random.Random(seed)
+    found: list[Sample] = []
+    while len(found) < n:
+        if (s := sample(rng)).skill == skill:
+            found.append(s)
+    return found

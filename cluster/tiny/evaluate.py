@@ -48,9 +48,14 @@ def _key(s: curriculum.Sample) -> str:
     return repr((s.skill, s.effort, s.messages, s.tools, s.instructions))
 
 
-def eval_samples(n: int, *, train_samples: int, train_seed: int = 0) -> list[curriculum.Sample]:
-    """`n` samples from the eval seed, none of which is in the training set."""
-    seen = {_key(s) for s in curriculum.generate(train_samples, curriculum.TRAIN_SEED + train_seed)}
+def eval_samples(n: int, *, train_samples: int, train_seed: int = 0,
+                 dwell: tuple[int, str] = (0, "")) -> list[curriculum.Sample]:
+    """`n` samples from the eval seed, none of which is in the training set (the curriculum's
+    `train_samples` and the `dwell` = (count, skill) extra conversations training ended on)."""
+    trained = curriculum.generate(train_samples, curriculum.TRAIN_SEED + train_seed)
+    if dwell[0]:
+        trained += curriculum.of_skill(dwell[0], curriculum.DWELL_SEED + train_seed, dwell[1])
+    seen = {_key(s) for s in trained}
     fresh = [s for s in curriculum.generate(4 * n, curriculum.EVAL_SEED) if _key(s) not in seen]
     if len(fresh) < n:
         raise ValueError(f"only {len(fresh)} of {4 * n} eval samples are new to the model; ask for fewer")

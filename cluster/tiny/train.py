@@ -13,6 +13,12 @@ steps, the end of the decay, train so: what the served model computes is then wh
 about 0.06 s more per step while on. A tenth takes up the rounding (float and MXFP4 weights score
 alike) as a fifth did, in half the extra time; docs/gpt-oss-tiny.md has what each measured.
 
+With `dwell_steps` > 0, training ends by dwelling on its weakest skill (reversing words): after the
+decay, a fresh optimizer runs `dwell_steps` more steps at a lower peak rate, decayed again to a
+tenth, on the curriculum plus as many extra conversations of that skill, drawn from their own seed,
+so that half of what it sees is that skill. Dwelling inside the decay did not do this
+(docs/gpt-oss-tiny.md, "Tried and not kept").
+
 Every `snapshot_every` steps and at the end, a copy of the weights with its experts rounded to MXFP4
 is written as the artifact (`cluster/model/trained.py` reads it), which keeps only what training
 made: the used rows, their ids, and the other weights in bf16 / MXFP4. The unquantized weights go
@@ -57,6 +63,15 @@ class TrainSettings:
     snapshot_every: int = 500  # write the artifact (and plot) every this many steps, and at the end
     weight_decay: float = 0.01
     threads: int = 2  # this machine kind's cores
+    dwell_steps: int = 2_000  # after the decay, steps on data richer in `dwell_skill` (0: none)
+    dwell_skill: str = "reverse"
+    dwell_share: float = 0.5  # of the dwell's data: extra conversations of that skill
+    dwell_lr: float = 1e-3  # the dwell's peak rate (a fresh optimizer), decayed linearly to a tenth
+
+    @property
+    def dwell_samples(self) -> int:
+        """Extra conversations of `dwell_skill` beside the curriculum's `samples`."""
+        return round(self.samples * self.dwell_share / (1.0 - self.dwell_share)) if self.dwell_steps else 0
 
 
 def encode(samples: list[curriculum.Sample]) -> list[tuple[list[int], list[int]]]:
@@ -128,6 +143,17 @@ def logits_with_rest(model: GptOssModel, inputs: torch.Tensor, rest: float) -> t
     x = model.run_blocks(inputs, cos, sin, cache.layers(0))
     logits = F.linear(model.norm(x), model.unembedding.weight)
     return torch.cat((logits, logits.new_full((B, T, 1), rest)), dim=-1)
+
+
+def learning_rate(step: int, settings: TrainSettings) -> float:
+    """The main steps' schedule, then the dwell's: a short warmup, and a linear decay to a tenth."""
+    if step < settings.steps:
+        return settings.lr * learning_rate_factor(step, settings)
+    k = step - settings.steps
+    return settings.dwell_lr * (1.0 - 0.9 * k / settings.dwell_steps) * min(1.0, (k + 1) / DWELL_WARMUP)
+
+
+DWELL_WARMUP = 50
 
 
 def learning_rate_factor(step: int, settings: TrainSettings) -> float:
@@ -202,6 +228,11 @@ def train(settings: TrainSettings, out_dir: Path, *, artifact: Path | None = Non
     samples = curriculum.generate(settings.samples, curriculum.TRAIN_SEED + settings.seed)
     data = encode(tqdm(samples, desc="rendering curriculum", disable=not progress, leave=False))
     vocab_ids = sorted({t for ids, _ in data for t in ids})
+    extra = curriculum.of_skill(settings.dwell_samples, curriculum.DWELL_SEED + settings.seed, settings.dwell_skill)
+    known = set(vocab_ids)  # the rows are the curriculum's; an extra conversation needing another is left out
+    dwell_data = data + [d for d in encode(tqdm(extra, desc=f"rendering {settings.dwell_skill} conversations",
+                                                disable=not progress, leave=False))
+                         if known.issuperset(d[0])]
     full = GptOssConfig.from_preset(PRESET)
     to_row = torch.full((full.vocab_size,), -1, dtype=torch.long)
     to_row[torch.tensor(vocab_ids)] = torch.arange(len(vocab_ids))
@@ -211,25 +242,25 @@ def train(settings: TrainSettings, out_dir: Path, *, artifact: Path | None = Non
     model = GptOssModel(dataclasses.replace(full, vocab_size=U, eos_token_id=0, pad_token_id=0))
     init_weights(model, settings.seed)
     model.train()
-    decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "embedding" not in n]
-    other = [p for n, p in model.named_parameters() if not (p.dim() >= 2 and "embedding" not in n)]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": settings.weight_decay},
-                             {"params": other, "weight_decay": 0.0}], lr=settings.lr, betas=(0.9, 0.98))
+    opt = _optimizer(model, settings)
     rng = random.Random(settings.seed)
     plan: list[list[int]] = []
     losses: list[tuple[int, float]] = []
     render_s = time.time() - t0
-    bar = tqdm(range(settings.steps), desc="training gpt-oss-tiny", disable=not progress)
+    total = settings.steps + settings.dwell_steps
+    bar = tqdm(range(total), desc="training gpt-oss-tiny", disable=not progress)
     smooth = None
     qat_from = round(settings.steps * (1.0 - settings.qat))
     for step in bar:
         if step == qat_from:
             round_experts_in_forward(model)
+        if step == settings.steps:  # the dwell: its own data, batch order and optimizer
+            data, plan, rng, opt = dwell_data, [], random.Random(settings.seed + 1), _optimizer(model, settings)
         if not plan:
             plan = batches(data, settings.batch_tokens, rng)
             rng.shuffle(plan)
         inputs, targets, mask = collate(data, plan.pop(), to_row)
-        lr = settings.lr * learning_rate_factor(step, settings)
+        lr = learning_rate(step, settings)
         for group in opt.param_groups:
             group["lr"] = lr
         with parametrize.cached():  # round each expert matrix once per step, not at every read
@@ -243,14 +274,21 @@ def train(settings: TrainSettings, out_dir: Path, *, artifact: Path | None = Non
         losses.append((step, loss.item()))
         bar.set_postfix(loss=f"{smooth:.4f}", lr=f"{lr:.1e}")
         done = step + 1
-        if done == settings.steps or done % settings.snapshot_every == 0:
+        if done == total or done % settings.snapshot_every == 0:
             train_s = time.time() - t0 - render_s
             summary = _save(model, vocab_ids, full, artifact or ARTIFACTS[PRESET], out_dir, losses,
-                            {**dataclasses.asdict(settings), "steps": done, "final_loss": round(smooth, 5),
-                             "used_rows": U},
+                            {**dataclasses.asdict(settings), "steps_done": done, "final_loss": round(smooth, 5),
+                             "used_rows": U, "dwell_samples": settings.dwell_samples},
                             {"render_s": round(render_s, 1), "train_s": round(train_s, 1)})
             bar.write(json.dumps(summary))
     return summary
+
+
+def _optimizer(model: GptOssModel, settings: TrainSettings) -> torch.optim.AdamW:
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "embedding" not in n]
+    other = [p for n, p in model.named_parameters() if not (p.dim() >= 2 and "embedding" not in n)]
+    return torch.optim.AdamW([{"params": decay, "weight_decay": settings.weight_decay},
+                              {"params": other, "weight_decay": 0.0}], lr=settings.lr, betas=(0.9, 0.98))
 
 
 def _save(model: GptOssModel, vocab_ids: list[int], config: GptOssConfig, artifact: Path, out_dir: Path,
