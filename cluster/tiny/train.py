@@ -15,9 +15,9 @@ alike) as a fifth did, in half the extra time; docs/gpt-oss-tiny.md has what eac
 
 With `dwell_steps` > 0, training ends by dwelling on its weakest skill (reversing words): after the
 decay, a fresh optimizer runs `dwell_steps` more steps at a lower peak rate, decayed again to a
-tenth, on the curriculum plus as many extra conversations of that skill, drawn from their own seed,
-so that half of what it sees is that skill. Dwelling inside the decay did not do this
-(docs/gpt-oss-tiny.md, "Tried and not kept").
+tenth, on the curriculum plus extra conversations of that skill drawn from their own seed, which
+make up `dwell_share` of the data (half by default). Dwelling inside the decay did not do this
+(docs/gpt-oss-tiny.md, "Dwelling on reversals").
 
 Every `snapshot_every` steps and at the end, a copy of the weights with its experts rounded to MXFP4
 is written as the artifact (`cluster/model/trained.py` reads it), which keeps only what training
@@ -225,14 +225,7 @@ def train(settings: TrainSettings, out_dir: Path, *, artifact: Path | None = Non
     torch.set_num_threads(settings.threads)
     out_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
-    samples = curriculum.generate(settings.samples, curriculum.TRAIN_SEED + settings.seed)
-    data = encode(tqdm(samples, desc="rendering curriculum", disable=not progress, leave=False))
-    vocab_ids = sorted({t for ids, _ in data for t in ids})
-    extra = curriculum.of_skill(settings.dwell_samples, curriculum.DWELL_SEED + settings.seed, settings.dwell_skill)
-    known = set(vocab_ids)  # the rows are the curriculum's; an extra conversation needing another is left out
-    dwell_data = data + [d for d in encode(tqdm(extra, desc=f"rendering {settings.dwell_skill} conversations",
-                                                disable=not progress, leave=False))
-                         if known.issuperset(d[0])]
+    data, dwell_data, vocab_ids = _render(settings, progress)
     full = GptOssConfig.from_preset(PRESET)
     to_row = torch.full((full.vocab_size,), -1, dtype=torch.long)
     to_row[torch.tensor(vocab_ids)] = torch.arange(len(vocab_ids))
@@ -282,6 +275,22 @@ def train(settings: TrainSettings, out_dir: Path, *, artifact: Path | None = Non
                             {"render_s": round(render_s, 1), "train_s": round(train_s, 1)})
             bar.write(json.dumps(summary))
     return summary
+
+
+def _render(settings: TrainSettings, progress: bool) -> tuple[list, list, list[int]]:
+    """The main steps' data, the dwell's (the same plus the extra conversations of its skill) and
+    the vocabulary ids the curriculum uses, which are the rows trained."""
+    from tqdm import tqdm
+
+    samples = curriculum.generate(settings.samples, curriculum.TRAIN_SEED + settings.seed)
+    data = encode(tqdm(samples, desc="rendering curriculum", disable=not progress, leave=False))
+    vocab_ids = sorted({t for ids, _ in data for t in ids})
+    extra = curriculum.of_skill(settings.dwell_samples, curriculum.DWELL_SEED + settings.seed, settings.dwell_skill)
+    known = set(vocab_ids)  # an extra conversation that needs a row the curriculum does not is left out
+    dwell_data = data + [d for d in encode(tqdm(extra, desc=f"rendering {settings.dwell_skill} conversations",
+                                                disable=not progress, leave=False))
+                         if known.issuperset(d[0])]
+    return data, dwell_data, vocab_ids
 
 
 def _optimizer(model: GptOssModel, settings: TrainSettings) -> torch.optim.AdamW:
