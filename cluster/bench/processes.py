@@ -56,22 +56,23 @@ def alive(pids) -> set[int]:
     return {pid for pid in pids if pid in table}
 
 
+def _cpu_s(fields: list[str]) -> float:
+    return (int(fields[UTIME]) + int(fields[STIME])) / os.sysconf("SC_CLK_TCK")
+
+
 def cpu_s(pids) -> float:
-    """User + system CPU seconds of `pids` (all their threads) so far."""
-    ticks = os.sysconf("SC_CLK_TCK")
-    return sum(int(fields[UTIME]) + int(fields[STIME]) for fields in map(stat, pids)) / ticks
+    """User + system CPU seconds of `pids` (all their threads) so far; every one must still run."""
+    return sum(_cpu_s(stat(pid)) for pid in pids)
 
 
 def cpu_s_each(pids) -> dict[int, float]:
     """User + system CPU seconds so far of each of `pids` that still runs."""
-    ticks = os.sysconf("SC_CLK_TCK")
     found = {}
     for pid in pids:
         try:
-            fields = stat(pid)
+            found[pid] = _cpu_s(stat(pid))
         except OSError:
             continue
-        found[pid] = (int(fields[UTIME]) + int(fields[STIME])) / ticks
     return found
 
 

@@ -145,15 +145,15 @@ def logits_with_rest(model: GptOssModel, inputs: torch.Tensor, rest: float) -> t
     return torch.cat((logits, logits.new_full((B, T, 1), rest)), dim=-1)
 
 
+DWELL_WARMUP = 50  # the dwell's warmup steps (it starts a fresh optimizer)
+
+
 def learning_rate(step: int, settings: TrainSettings) -> float:
     """The main steps' schedule, then the dwell's: a short warmup, and a linear decay to a tenth."""
     if step < settings.steps:
         return settings.lr * learning_rate_factor(step, settings)
     k = step - settings.steps
     return settings.dwell_lr * (1.0 - 0.9 * k / settings.dwell_steps) * min(1.0, (k + 1) / DWELL_WARMUP)
-
-
-DWELL_WARMUP = 50
 
 
 def learning_rate_factor(step: int, settings: TrainSettings) -> float:
