@@ -135,6 +135,7 @@ class RunResult:
     plan: LoadPlan
     records: list[RequestRecord] = field(default_factory=list)
     warmup: list[RequestRecord] = field(default_factory=list)
+    started_unix: float = 0.0  # wall-clock time of the records' zero, to find a request in server logs
 
 
 def build_request(spec: RequestSpec, plan: LoadPlan, index: int):
@@ -376,6 +377,7 @@ class LoadGenerator:
             first = plan.warmup_requests
             # Times in records count from the start of the measured part.
             self._t0 = time.perf_counter()
+            result.started_unix = time.time()
             deadline = plan.duration_s
             if plan.concurrency is not None:
                 result.records = await self._closed(plan.concurrency, plan.num_requests, deadline, first, False)

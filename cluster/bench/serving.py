@@ -164,7 +164,8 @@ def run(args: argparse.Namespace) -> int:
         doc = {"target": args.target, "api": args.api, "workload": workload.describe(),
                "sampling": {"temperature": args.temperature, "top_p": args.top_p, "ignore_eos": args.ignore_eos,
                             "seed": args.seed if args.temperature else None},
-               "runs": [dict(summary=s, records=[record_to_json(r) for r in res.records]) for s, res in runs]}
+               "runs": [dict(summary=s, started_unix=res.started_unix, records=[record_to_json(r) for r in res.records])
+                        for s, res in runs]}
         with open(args.json_path, "w") as f:
             json.dump(_clean(doc), f)
     if args.plot:

@@ -132,10 +132,24 @@ def _tokenizer(model: Path) -> Path | None:
     return hf_tokenizer_dir()
 
 
+STALL_MS = 250.0  # a first token this much later than the run's median is a stall (the issue's bound)
+
+
 def stall_ms(records) -> float:
     """The worst first-token time beyond the median of a run, in ms (0 for no records)."""
     ttfts = [r.ttft_s * 1000.0 for r in records if r.ok and r.ttft_s is not None]
     return max(ttfts) - statistics.median(ttfts) if ttfts else 0.0
+
+
+def stalls(run) -> list[dict]:
+    """The requests of a run whose first token came over STALL_MS after the median's: when each was
+    sent (wall clock, to find it in the servers' logs) and its first-token time."""
+    timed = [r for r in run.records if r.ok and r.ttft_s is not None]
+    if not timed:
+        return []
+    median = statistics.median(r.ttft_s for r in timed)
+    return [{"sent_unix": round(run.started_unix + r.sent_s, 3), "ttft_ms": round(r.ttft_s * 1000.0, 1)}
+            for r in timed if (r.ttft_s - median) * 1000.0 > STALL_MS]
 
 
 def _measure(side: str, target: str, api: str, args: argparse.Namespace, round_no: int,
@@ -166,6 +180,7 @@ def _measure(side: str, target: str, api: str, args: argparse.Namespace, round_n
     figures["load"]["cpu_s_per_1k_tokens"] = {name: s * 1000.0 / tokens for name, s in cpu.items()}
     figures["load"]["box_cpu_s_per_1k_tokens"] = {name: s * 1000.0 / tokens for name, s in box_cpu.items()}
     figures["c1"]["ttft_stall_ms"] = stall_ms(c1.records)
+    figures["c1"]["ttft_stalls"] = stalls(c1)
     s, c = figures["load"], figures["c1"]
     per_1k = ", ".join(f"{name} {v:.3f}" for name, v in s["cpu_s_per_1k_tokens"].items())
     box_1k = ", ".join(f"{name} {v:.3f}" for name, v in s["box_cpu_s_per_1k_tokens"].items())
@@ -173,6 +188,9 @@ def _measure(side: str, target: str, api: str, args: argparse.Namespace, round_n
          f"{s['tpot_ms']['p50']:.1f} ms, {s['failed']} failed, CPU s per 1k tokens: {per_1k} | c=1 TTFT p50 "
          f"{c['ttft_ms']['p50']:.1f} ms, p99 {c['ttft_ms']['p99']:.1f} ms, worst beyond median "
          f"{c['ttft_stall_ms']:.0f} ms, {c['failed']} failed | rest of the box, CPU s per 1k tokens: {box_1k}")
+    if c["ttft_stalls"]:
+        _log(f"round {round_no} {side:<5}: first-token stalls at c=1 (sent at, unix s: ms): "
+             + ", ".join(f"{st['sent_unix']:.3f}: {st['ttft_ms']:.0f}" for st in c["ttft_stalls"]))
     return figures
 
 

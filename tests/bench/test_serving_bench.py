@@ -8,6 +8,7 @@ import statistics
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 import urllib.request
 
@@ -43,7 +44,7 @@ def bench_cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
 @pytest.mark.parametrize("api, method", [("generate", "Generate"), ("chat", "Chat")])
 def test_client_figures_agree_with_the_front_doors_counters(echo_frontdoor, tmp_path, api, method):
     """The CLI, a separate client process, counts the same tokens and requests as /metrics."""
-    before = scrape(echo_frontdoor)
+    before, before_unix = scrape(echo_frontdoor), time.time()
     out = tmp_path / "run.json"
     proc = bench_cli("--target", echo_frontdoor.target, "--api", api, "--concurrency", "8", "--num-requests", "60",
                      "--warmup", "4", "--prompt-len", "8:24", "--output-len", "16:64", "--sessions", "4",
@@ -54,6 +55,8 @@ def test_client_figures_agree_with_the_front_doors_counters(echo_frontdoor, tmp_
     doc = json.loads(out.read_text())
     (run,) = doc["runs"]
     summary, records = run["summary"], run["records"]
+    # records count from the wall-clock start of the measured part, to find a request in server logs
+    assert before_unix <= run["started_unix"] <= run["started_unix"] + records[-1]["sent_s"] <= time.time()
     assert last["output_tokens"] == summary["output_tokens"]
     assert summary["completed"] == 60 and summary["failed"] == 0 and summary["warmup"]["requests"] == 4
     client_tokens = summary["output_tokens"] + summary["warmup"]["output_tokens"]

@@ -84,6 +84,17 @@ def test_stall_is_the_worst_first_token_beyond_the_median():
     assert vllm_serving.stall_ms([]) == 0.0
 
 
+def test_stalls_name_when_each_slow_first_token_was_sent():
+    from cluster.bench.loadgen import LoadPlan, RunResult
+
+    records = [RequestRecord(index=i, code="OK", sent_s=float(i), first_token_s=i + ttft)
+               for i, ttft in enumerate([0.05, 0.06, 0.05, 0.9, 0.07, 0.30])]
+    run = RunResult(LoadPlan(concurrency=1, num_requests=6), records, started_unix=1_000.0)
+    # 0.30 s is 0.235 s beyond the median (0.065 s): not a stall; 0.9 s is
+    assert vllm_serving.stalls(run) == [{"sent_unix": 1003.0, "ttft_ms": 900.0}]
+    assert vllm_serving.stalls(RunResult(LoadPlan(concurrency=1, num_requests=1))) == []
+
+
 def test_a_completions_chunk_with_token_ids_but_no_text_is_output():
     from cluster.bench.loadgen import _sse_has_output
 
