@@ -12,7 +12,8 @@ off), one after the other, never side by side (an idle vLLM polls its queues and
            as `bench serving --api generate`) or, with `--ours-api completions`, through our own
            /v1/completions exactly as plain vLLM is loaded.
 
-The load generator is this process (`bench serving`'s), with the same workload for both: prompts
+The load generator is `bench serving`'s, run in a child process of its own session at a raised
+priority (where permitted) so that the servers cannot starve it, with the same workload for both: prompts
 of `--prompt-len` random token ids, exactly `--output-len` output tokens (ignore_eos), greedy
 unless `--temperature` is given. Each server gets `--warmup` requests, then a closed-loop run at
 `--concurrency` streams (throughput, time per output token) and a run at concurrency 1 (time to
@@ -156,7 +157,7 @@ def _measure(side: str, target: str, api: str, args: argparse.Namespace, round_n
              serving_path: dict[str, list[int]]) -> dict:
     """Warm-up, the throughput run (with the CPU time of the `serving_path` processes around it) and
     the concurrency-1 run against one server."""
-    from cluster.bench.loadgen import Connection, LoadPlan, run_load
+    from cluster.bench.loadgen import Connection, LoadPlan, run_load_apart
     from cluster.bench.report import summarize
     from cluster.bench.workload import IntRange, SyntheticWorkload
 
@@ -164,17 +165,26 @@ def _measure(side: str, target: str, api: str, args: argparse.Namespace, round_n
                                  output_len=IntRange.parse(args.output_len, "--output-len"), seed=round_no)
     connection = Connection(target=target)
     sampling = dict(api=api, temperature=args.temperature, seed=round_no, timeout_s=600.0)
+    # each run's load generator is a process of its own session, raised (run_load_apart says why)
     if args.warmup:
-        run_load(connection, workload, LoadPlan(concurrency=args.concurrency, num_requests=args.warmup, **sampling))
+        run_load_apart(connection, workload, LoadPlan(concurrency=args.concurrency, num_requests=args.warmup,
+                                                      **sampling))
     box = box_processes(serving_path)
-    before = {name: cpu_s(pids) for name, pids in serving_path.items()}
-    box_before = {name: cpu_s_each(pids) for name, pids in box.items()}
-    load = run_load(connection, workload, LoadPlan(concurrency=args.concurrency, num_requests=args.num_requests,
-                                                   **sampling))
+    before: dict = {}
+    box_before: dict = {}
+
+    def read_clocks() -> None:
+        before.update({name: cpu_s(pids) for name, pids in serving_path.items()})
+        box_before.update({name: cpu_s_each(pids) for name, pids in box.items()})
+
+    load = run_load_apart(connection, workload, LoadPlan(concurrency=args.concurrency,
+                                                         num_requests=args.num_requests, **sampling),
+                          on_ready=read_clocks)
     cpu = {name: cpu_s(pids) - before[name] for name, pids in serving_path.items()}
     box_cpu = {name: sum(s - box_before[name][pid] for pid, s in cpu_s_each(box_before[name]).items())
                for name in box}
-    c1 = run_load(connection, workload, LoadPlan(concurrency=1, num_requests=args.c1_requests, **sampling))
+    box_cpu["load_generator"] = load.client_cpu_s
+    c1 = run_load_apart(connection, workload, LoadPlan(concurrency=1, num_requests=args.c1_requests, **sampling))
     figures = {"load": summarize(load.records), "c1": summarize(c1.records)}
     tokens = max(1, figures["load"]["output_tokens"])
     figures["load"]["cpu_s_per_1k_tokens"] = {name: s * 1000.0 / tokens for name, s in cpu.items()}
@@ -209,13 +219,14 @@ def serving_path_processes(side: str, server_pid: int) -> dict[str, list[int]]:
 def box_processes(serving_path: dict[str, list[int]]) -> dict[str, list[int]]:
     """The rest of the box's work during a run, beside the serving path: the engine's own processes
     (everything below our replica or plain vLLM's API server), the runtime around them (for ours,
-    the other processes below `serve`: Ray's GCS, raylet, agents, the Serve controller) and this
-    process, the load generator. Both sides share the cores with all of it."""
+    the other processes below `serve`: Ray's GCS, raylet, agents, the Serve controller); the load
+    generator's own CPU comes from its process (run_load_apart). Both sides share the cores with all
+    of it."""
     table = process_table()
     serving = {pid for pids in serving_path.values() for pid in pids}
     engine_parents = serving_path.get("replica", serving_path.get("api_server", []))
     engine = set().union(*(descendants(pid, table) for pid in engine_parents)) - serving
-    groups = {"engine": sorted(engine), "load_generator": [os.getpid()]}
+    groups = {"engine": sorted(engine)}
     if "frontdoor" in serving_path:
         groups["ray"] = sorted(descendants(serving_path["frontdoor"][0], table) - serving - engine)
     return groups

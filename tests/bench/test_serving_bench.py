@@ -131,3 +131,30 @@ def test_bad_options_fail_with_a_message():
     assert proc.returncode == 2 and "--output-len" in proc.stderr
     proc = bench_cli("--target", "127.0.0.1:1", "--goodput", "latency=3")
     assert proc.returncode == 2 and "goodput" in proc.stderr
+
+
+def test_a_load_run_apart_leads_a_session_of_its_own_and_reports_its_cpu(echo_frontdoor):
+    """bench vllm-serving's load generator: a child process in a session of its own (so the servers
+    on the box cannot keep it off the CPU), started before `on_ready` reads the clocks, returning
+    the records run_load would."""
+    import multiprocessing
+
+    from cluster.bench.loadgen import Connection, LoadPlan, run_load_apart
+    from cluster.bench.workload import IntRange, SyntheticWorkload
+
+    seen = {}
+
+    def on_ready():
+        (child,) = [p for p in multiprocessing.active_children() if p.name == "gptoss-load-generator"]
+        seen.update(pid=child.pid, session=os.getsid(child.pid), at=time.time())
+
+    workload = SyntheticWorkload(api="generate", prompt_len=IntRange(8, 8), output_len=IntRange(16, 16))
+    connection = Connection(target=echo_frontdoor.target)
+    result = run_load_apart(connection, workload, LoadPlan(concurrency=4, num_requests=12), on_ready=on_ready)
+    assert seen["session"] == seen["pid"] != os.getsid(0)
+    assert seen["at"] <= result.started_unix  # the clocks were read before the measured part began
+    assert len(result.records) == 12 and all(r.ok and r.output_tokens == 16 for r in result.records)
+    assert result.client_cpu_s > 0
+    # a plan the load generator refuses fails here, with its reason
+    with pytest.raises(RuntimeError, match="give exactly one of concurrency"):
+        run_load_apart(connection, workload, LoadPlan(num_requests=1))
