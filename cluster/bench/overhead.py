@@ -94,13 +94,25 @@ class ServerProcess:
                 return line
 
     def stop(self, timeout: float = 30.0) -> None:
+        """SIGTERM (each server shuts down cleanly, Ray included), then wait for the processes it
+        leaves in its session to end too, so that the next server never shares the box with them."""
+        from cluster.bench.processes import end_session
+
         if self.proc.poll() is None:
-            self.proc.terminate()  # SIGTERM: each server shuts down cleanly (Ray included)
+            self.proc.terminate()
             try:
                 self.proc.wait(timeout)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait(10)
+        exited = time.monotonic()
+        killed = end_session(self.proc.pid, timeout)  # start_new_session: the server leads its session
+        if killed:
+            print(f"{self.name}: {len(killed)} of its processes outlived it by {timeout:.0f} s and were killed",
+                  file=sys.stderr, flush=True)
+        elif time.monotonic() - exited > 1.0:
+            print(f"{self.name}: its last processes ended {time.monotonic() - exited:.1f} s after it",
+                  file=sys.stderr, flush=True)
         self._log.close()
 
 

@@ -5,11 +5,13 @@ check what a command leaves running or how it is scheduled."""
 from __future__ import annotations
 
 import os
+import signal
+import time
 from pathlib import Path
 
 PROC = Path("/proc")
 # Fields of /proc/PID/stat after "pid (comm)", numbered from 0 (proc(5) numbers them from 3).
-STATE, PARENT, UTIME, STIME, NICE = 0, 1, 11, 12, 16
+STATE, PARENT, SESSION, UTIME, STIME, NICE = 0, 1, 3, 11, 12, 16
 
 
 def stat(pid: int) -> list[str]:
@@ -49,6 +51,36 @@ def serve_replicas(root: int) -> list[int]:
     """The Ray Serve replica actors' processes below `root` (Ray titles them `ray::ServeReplica:...`)."""
     table = process_table()
     return [pid for pid in descendants(root, table) if "ServeReplica" in table[pid][1]]
+
+
+def session_members(sid: int) -> list[int]:
+    """The live processes of session `sid` (zombies, which hold no CPU or memory, left out)."""
+    members = []
+    for entry in PROC.iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = stat(int(entry.name))
+        except (OSError, IndexError):
+            continue
+        if int(fields[SESSION]) == sid and fields[STATE] != "Z":
+            members.append(int(entry.name))
+    return members
+
+
+def end_session(sid: int, timeout: float) -> list[int]:
+    """Wait until session `sid`, led by a server that has exited, has no process left (a server's
+    Ray daemons and vLLM's engine processes exit after it), SIGKILL what is left after `timeout`;
+    return the pids that had to be killed."""
+    deadline = time.monotonic() + timeout
+    while (left := session_members(sid)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    for pid in left:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    return left
 
 
 def alive(pids) -> set[int]:
