@@ -41,6 +41,9 @@ class CallRecord:
         self._last_token_at: float | None = None
         self._m.in_flight.inc()
         self.detached = False  # someone else (a background response) calls release() later
+        # The stream's last message (its usage) was handed to the transport: a client that goes away
+        # after reading it without waiting for the status (as gRPC clients may) ends an answered call.
+        self.answered = False
         self.release: Callable[[], None] = self.end  # the call ended: out of flight, counted, billed
 
     def prompt(self, n_tokens: int) -> None:

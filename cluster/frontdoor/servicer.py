@@ -130,8 +130,11 @@ class InferenceServicer(pb_grpc.InferenceServicer):
                 yield call, record
                 record.code = grpc.StatusCode.OK
             except (asyncio.CancelledError, GeneratorExit):  # client went away or deadline passed
-                record.code = cancelled_code(context)
-                call.logger(log).info("-> %s by the client", record.code.name)
+                if record.answered:  # the client left after the last message, before the status
+                    record.code = grpc.StatusCode.OK
+                else:
+                    record.code = cancelled_code(context)
+                    call.logger(log).info("-> %s by the client", record.code.name)
                 raise
             except Exception as err:  # noqa: BLE001 - every error leaves through errors.status_for
                 status = errors.status_for(err, request_id=call.request_id)
@@ -299,6 +302,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
                     for delta in deltas:
                         yield pb.ChatResponse(delta=delta)
                     if complete is not None:
+                        record.answered = True
                         yield pb.ChatResponse(complete=complete)
 
     async def Generate(self, request: pb.GenerateRequest, context):
@@ -312,6 +316,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
                     if chunk is not None:
                         yield pb.GenerateResponse(chunk=chunk)
                     if complete is not None:
+                        record.answered = True
                         yield pb.GenerateResponse(complete=complete)
 
     async def Tokenize(self, request: pb.TokenizeRequest, context):

@@ -52,10 +52,23 @@ class ServingRuntime:
             ray.shutdown()
 
 
-def local_ray_alive() -> bool:
-    """Whether every process of the Ray this driver started (GCS, raylet, ...) still runs."""
+RAY_SIGNAL_SETTLE_S = 1.0  # how long a local Ray is watched for processes that a signal is ending
+
+
+def local_ray_alive(settle_s: float = RAY_SIGNAL_SETTLE_S) -> bool:
+    """Whether every process of the Ray this driver started (GCS, raylet, ...) still runs, and still
+    does `settle_s` later. A signal to the whole process group reaches them with this process, and a
+    GCS on its way out still counts as running for a moment; a call to it then waits out Ray's 60 s
+    reconnection timeout and ends the process (seen once in CI)."""
     node = getattr(ray._private.worker, "_global_node", None)
-    return node is not None and node.remaining_processes_alive()
+    if node is None:
+        return False
+    deadline = time.monotonic() + settle_s
+    while node.remaining_processes_alive():
+        if time.monotonic() >= deadline:
+            return True
+        time.sleep(0.05)
+    return False
 
 
 class DeployFailed(RuntimeError):

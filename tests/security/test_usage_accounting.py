@@ -5,6 +5,7 @@ counters and the usage log against the client-side totals: difference 0."""
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import random
 import threading
@@ -125,3 +126,37 @@ def test_usage_counters_equal_client_side_totals_over_a_mixed_run(app):
         assert record["outcome"] == outcome or {record["outcome"], outcome} <= ended_by_client, (i, record, outcome)
         assert {kind: record[f"{kind}_tokens"] for kind in TOKEN_TYPES} == got, (i, record, got)
     assert len(records) >= 490
+
+
+@pytest.mark.parametrize("method", ["Generate", "Chat"])
+def test_a_client_that_leaves_after_the_last_message_ends_an_answered_call(app, monkeypatch, method):
+    """A client may stop after the message with the usage, without waiting for the status (the
+    Python client cancels the call then). The stream had ended: its record says OK, not CANCELLED.
+    The server is held after its last message here, so that the client's cancel always comes first."""
+    from cluster.frontdoor.servicer import InferenceServicer
+
+    events = "generate_events" if method == "Generate" else "chat_events"
+    original = getattr(InferenceServicer, events)
+
+    async def held_after_the_last(self, *args, **kwargs):
+        async for item in original(self, *args, **kwargs):
+            yield item
+        await asyncio.sleep(5.0)  # the client's cancel arrives here
+
+    monkeypatch.setattr(InferenceServicer, events, held_after_the_last)
+    request_id = f"leaves-after-last-{method}"
+    metadata = (*bearer("globex"), ("x-request-id", request_id))
+    if method == "Generate":
+        calls = app.stub.Generate(pb.GenerateRequest(prompt_token_ids=[1000, 1001], sampling=pb.SamplingParams(
+            max_tokens=1)), timeout=30, metadata=metadata)
+    else:
+        calls = app.stub.Chat(pb.ChatRequest(messages=[pb.ChatMessage(role=pb.ROLE_USER, content="hello")],
+                                             sampling=pb.SamplingParams(max_tokens=1)), timeout=30, metadata=metadata)
+    assert any(response.HasField("complete") for response in calls)
+    calls.cancel()
+    deadline = time.monotonic() + 10
+    while not (records := [r for r in app.usage_records() if r["request_id"] == request_id]) \
+            and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert [r["outcome"] for r in records] == ["OK"], records
+    assert records[0]["completion_tokens"] == 1
