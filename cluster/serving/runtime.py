@@ -51,6 +51,16 @@ class ServingRuntime:
         finally:
             ray.shutdown()
 
+    def local_ray_going_down(self) -> bool:
+        """This process started Ray and some of its processes have ended (a signal to the group)."""
+        return self.started_ray and not local_ray_alive(settle_s=0.0)
+
+    def kill_local_ray(self) -> None:
+        """SIGKILL what is left of the Ray this process started (a disconnect that is stuck)."""
+        node = getattr(ray._private.worker, "_global_node", None)
+        if self.started_ray and node is not None:
+            node.kill_all_processes(check_alive=False, allow_graceful=False)
+
 
 RAY_SIGNAL_SETTLE_S = 1.0  # how long a local Ray is watched for processes that a signal is ending
 

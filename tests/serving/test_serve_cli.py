@@ -243,6 +243,51 @@ def test_a_failing_replica_shows_its_own_error_and_leaves_nothing_running(tmp_pa
     assert not [c for _, c in process_table().values() if str(short_tmp) in c], "Ray processes left behind"
 
 
+# Ray's driver hanging in its disconnect, which a signal to the whole group caused now and then
+# (the GCS ending during it): it cannot be caused on purpose, so a sitecustomize makes the driver's
+# ray.shutdown() hang (a test double for that hang; Ray's workers are left alone).
+HANGING_RAY_SHUTDOWN = """
+import ray, ray._private.worker as worker, time
+_shutdown = worker.shutdown
+def shutdown(*args, **kwargs):
+    if worker.global_worker.mode == worker.SCRIPT_MODE:
+        time.sleep(300)
+    return _shutdown(*args, **kwargs)
+worker.shutdown = ray.shutdown = shutdown
+"""
+
+
+@pytest.mark.slow
+def test_a_stop_stuck_in_rays_disconnect_still_ends_soon_after_the_drain(tmp_path, short_tmp):
+    from cluster.cli.serve import STUCK_STOP_S
+
+    grace_s = 2.0
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(HANGING_RAY_SHUTDOWN)
+    env = dict(os.environ, GPTOSS_CACHE_DIR=str(tmp_path / "cache"), GPTOSS_RAY_TEMP_DIR=str(short_tmp),
+               GPTOSS_RAY_NUM_CPUS="2", GPTOSS_FRONTDOOR_GRACE_PERIOD_S=str(grace_s),
+               PYTHONPATH=os.pathsep.join((str(site), os.environ["PYTHONPATH"])))
+    serve, _ = start_serve(env, free_port(), free_port(), new_session=True)
+    try:
+        started = descendants(serve.pid)
+        sent = time.monotonic()
+        os.killpg(serve.pid, signal.SIGTERM)
+        output, _ = serve.communicate(timeout=90)
+        took = time.monotonic() - sent
+        assert serve.returncode == 0, output
+        assert grace_s + STUCK_STOP_S - 1 < took < grace_s + STUCK_STOP_S + 10, f"took {took:.1f} s"
+        assert "disconnect did not end" in output and "gptoss-cluster: stopped" in output, output
+        deadline = time.monotonic() + 15
+        while alive(started) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not alive(started)
+    finally:
+        if serve.poll() is None:
+            os.killpg(serve.pid, signal.SIGKILL)
+            serve.wait(30)
+
+
 @pytest.mark.slow
 def test_sigterm_to_the_process_group_stops_quietly_within_the_drain_time(tmp_path, short_tmp):
     """What `timeout`, systemd and Kubernetes do: every process of the group (Ray's too) gets SIGTERM."""
