@@ -67,9 +67,9 @@ RAY_SIGNAL_SETTLE_S = 1.0  # how long a local Ray is watched for processes that 
 
 def local_ray_alive(settle_s: float = RAY_SIGNAL_SETTLE_S) -> bool:
     """Whether every process of the Ray this driver started (GCS, raylet, ...) still runs, and still
-    does `settle_s` later. A signal to the whole process group reaches them with this process, and a
-    GCS on its way out still counts as running for a moment; a call to it then waits out Ray's 60 s
-    reconnection timeout and ends the process (seen once in CI)."""
+    does `settle_s` later. A signal to the whole process group reaches them with this process (its
+    agents end at once, the raylet and GCS take seconds), and Serve calls to a Ray that is ending can
+    hang (serve bounds that: cluster/cli/serve.py, STUCK_STOP_S)."""
     node = getattr(ray._private.worker, "_global_node", None)
     if node is None:
         return False
