@@ -257,6 +257,28 @@ worker.shutdown = ray.shutdown = shutdown
 """
 
 
+def sigterm_the_group(env) -> tuple[subprocess.Popen, str, float]:
+    """Start serve in a process group of its own and SIGTERM the whole group once it serves; returns
+    the ended process, its output after the banner and the seconds from the signal to its exit.
+    Every process serve started must be gone 15 s later."""
+    serve, _ = start_serve(env, free_port(), free_port(), new_session=True)
+    try:
+        started = descendants(serve.pid)
+        sent = time.monotonic()
+        os.killpg(serve.pid, signal.SIGTERM)
+        output, _ = serve.communicate(timeout=90)
+        took = time.monotonic() - sent
+        deadline = time.monotonic() + 15
+        while alive(started) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not alive(started), output
+        return serve, output, took
+    finally:
+        if serve.poll() is None:
+            os.killpg(serve.pid, signal.SIGKILL)
+            serve.wait(30)
+
+
 @pytest.mark.slow
 def test_a_stop_stuck_in_rays_disconnect_still_ends_soon_after_the_drain(tmp_path, short_tmp):
     from cluster.cli.serve import STUCK_STOP_S
@@ -268,50 +290,21 @@ def test_a_stop_stuck_in_rays_disconnect_still_ends_soon_after_the_drain(tmp_pat
     env = dict(os.environ, GPTOSS_CACHE_DIR=str(tmp_path / "cache"), GPTOSS_RAY_TEMP_DIR=str(short_tmp),
                GPTOSS_RAY_NUM_CPUS="2", GPTOSS_FRONTDOOR_GRACE_PERIOD_S=str(grace_s),
                PYTHONPATH=os.pathsep.join((str(site), os.environ["PYTHONPATH"])))
-    serve, _ = start_serve(env, free_port(), free_port(), new_session=True)
-    try:
-        started = descendants(serve.pid)
-        sent = time.monotonic()
-        os.killpg(serve.pid, signal.SIGTERM)
-        output, _ = serve.communicate(timeout=90)
-        took = time.monotonic() - sent
-        assert serve.returncode == 0, output
-        assert grace_s + STUCK_STOP_S - 1 < took < grace_s + STUCK_STOP_S + 10, f"took {took:.1f} s"
-        assert "disconnect did not end" in output and "gptoss-cluster: stopped" in output, output
-        deadline = time.monotonic() + 15
-        while alive(started) and time.monotonic() < deadline:
-            time.sleep(0.2)
-        assert not alive(started)
-    finally:
-        if serve.poll() is None:
-            os.killpg(serve.pid, signal.SIGKILL)
-            serve.wait(30)
+    serve, output, took = sigterm_the_group(env)
+    assert serve.returncode == 0, output
+    assert grace_s + STUCK_STOP_S - 1 < took < grace_s + STUCK_STOP_S + 10, f"took {took:.1f} s"
+    assert "disconnect did not end" in output and "gptoss-cluster: stopped" in output, output
 
 
 @pytest.mark.slow
 def test_sigterm_to_the_process_group_stops_quietly_within_the_drain_time(tmp_path, short_tmp):
     """What `timeout`, systemd and Kubernetes do: every process of the group (Ray's too) gets SIGTERM."""
     grace_s = 2.0
-    grpc_port, metrics_port = free_port(), free_port()
     env = dict(os.environ, GPTOSS_CACHE_DIR=str(tmp_path / "cache"), GPTOSS_RAY_TEMP_DIR=str(short_tmp),
                GPTOSS_RAY_NUM_CPUS="2", GPTOSS_FRONTDOOR_GRACE_PERIOD_S=str(grace_s))
-    serve, banner = start_serve(env, grpc_port, metrics_port, new_session=True)
-    try:
-        started = descendants(serve.pid)
-        sent = time.monotonic()
-        os.killpg(serve.pid, signal.SIGTERM)
-        output, _ = serve.communicate(timeout=90)
-        took = time.monotonic() - sent
-        assert serve.returncode == 0, output
-        assert took < grace_s + 10, f"took {took:.1f} s"
-        everything = "".join(serve.seen) + output
-        assert "gptoss-cluster: stopped" in output
-        assert not [line for line in everything.splitlines() if any(noise in line for noise in NOISE)], everything
-        deadline = time.monotonic() + 15
-        while alive(started) and time.monotonic() < deadline:
-            time.sleep(0.2)
-        assert not alive(started)
-    finally:
-        if serve.poll() is None:
-            os.killpg(serve.pid, signal.SIGKILL)
-            serve.wait(30)
+    serve, output, took = sigterm_the_group(env)
+    assert serve.returncode == 0, output
+    assert took < grace_s + 10, f"took {took:.1f} s"
+    everything = "".join(serve.seen) + output
+    assert "gptoss-cluster: stopped" in output
+    assert not [line for line in everything.splitlines() if any(noise in line for noise in NOISE)], everything
