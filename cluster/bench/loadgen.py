@@ -399,7 +399,7 @@ def run_load(connection: Connection, workload, plan: LoadPlan,
     return asyncio.run(LoadGenerator(connection, workload, plan, on_done).run())
 
 
-CLIENT_NICE = -10  # the load generator's priority in run_load_apart, where this user may raise it
+CLIENT_NICE = -19  # the load generator's priority in run_load_apart, where this user may raise it
 
 
 def run_load_apart(connection: Connection, workload, plan: LoadPlan,
