@@ -146,15 +146,17 @@ def test_a_load_run_apart_leads_a_session_of_its_own_and_reports_its_cpu(echo_fr
 
     def on_ready():
         (child,) = [p for p in multiprocessing.active_children() if p.name == "gptoss-load-generator"]
+        group = Path(f"/proc/{child.pid}/autogroup")  # absent from kernels built without autogroups
         seen.update(pid=child.pid, session=os.getsid(child.pid), at=time.time(),
-                    nice=os.getpriority(os.PRIO_PROCESS, child.pid), group=Path(f"/proc/{child.pid}/autogroup").read_text())
+                    nice=os.getpriority(os.PRIO_PROCESS, child.pid), group=group.read_text() if group.exists() else None)
 
     workload = SyntheticWorkload(api="generate", prompt_len=IntRange(8, 8), output_len=IntRange(16, 16))
     connection = Connection(target=echo_frontdoor.target)
     result = run_load_apart(connection, workload, LoadPlan(concurrency=4, num_requests=12), on_ready=on_ready)
     assert seen["session"] == seen["pid"] != os.getsid(0)
     if os.geteuid() == 0:  # raised where permitted: its process and its session's scheduling group
-        assert seen["nice"] == CLIENT_NICE and seen["group"].endswith(f"nice {CLIENT_NICE}\n"), seen
+        assert seen["nice"] == CLIENT_NICE, seen
+        assert seen["group"] is None or seen["group"].endswith(f"nice {CLIENT_NICE}\n"), seen
     assert seen["at"] <= result.started_unix  # the clocks were read before the measured part began
     assert len(result.records) == 12 and all(r.ok and r.output_tokens == 16 for r in result.records)
     assert result.client_cpu_s > 0
