@@ -57,7 +57,7 @@ class ServingRuntime:
 
     def kill_local_ray(self) -> None:
         """SIGKILL what is left of the Ray this process started (a disconnect that is stuck)."""
-        node = getattr(ray._private.worker, "_global_node", None)
+        node = _local_node()
         if self.started_ray and node is not None:
             node.kill_all_processes(check_alive=False, allow_graceful=False)
 
@@ -65,12 +65,17 @@ class ServingRuntime:
 RAY_SIGNAL_SETTLE_S = 1.0  # how long a local Ray is watched for processes that a signal is ending
 
 
+def _local_node():
+    """Ray's record of the node ray.init() started in this process (None if it started none)."""
+    return getattr(ray._private.worker, "_global_node", None)
+
+
 def local_ray_alive(settle_s: float = RAY_SIGNAL_SETTLE_S) -> bool:
     """Whether every process of the Ray this driver started (GCS, raylet, ...) still runs, and still
     does `settle_s` later. A signal to the whole process group reaches them with this process (its
     agents end at once, the raylet and GCS take seconds), and Serve calls to a Ray that is ending can
     hang (serve bounds that: cluster/cli/serve.py, STUCK_STOP_S)."""
-    node = getattr(ray._private.worker, "_global_node", None)
+    node = _local_node()
     if node is None:
         return False
     deadline = time.monotonic() + settle_s
