@@ -20,7 +20,9 @@ What is guaranteed:
   how many of its prompt tokens were streamed (`resumed_tokens`); the torch engine compiles the
   whole turn's grammar and advances it over them, so the rest still completes a valid turn. vLLM
   cannot advance a grammar over prompt tokens (ModelInfo.resumes_constrained is False): there a
-  constrained stream is not resumed and ends UNAVAILABLE with RetryInfo (outcome `constrained`).
+  constrained stream is not resumed and ends UNAVAILABLE with RetryInfo (outcome `constrained`),
+  unless it was lost before its first token: then it starts afresh on another replica, grammar
+  and all (a replica whose engine died but which Serve has not yet replaced fails at once).
 
 At most frontdoor.migration_attempts resumptions per stream; none once the call's deadline has
 passed. A resumption that fails again before its first token (the routers still list the lost
@@ -115,7 +117,7 @@ class MigratingStream:
                     if time.monotonic() - retrying_since > self._retry_for_s:
                         self._migrations.labels(NO_REPLICA).inc()
                         raise
-                outcome = self._refusal(attempt if not resuming else attempt - 1)
+                outcome = self._refusal(attempt if not resuming else attempt - 1, sent)
                 if outcome is not None:
                     self._migrations.labels(outcome).inc()
                     raise
@@ -135,9 +137,9 @@ class MigratingStream:
                 self._stream = self._replicas.open(rest)
                 resuming = True
 
-    def _refusal(self, attempt: int) -> str | None:
+    def _refusal(self, attempt: int, sent: list[int]) -> str | None:
         """Why this stream is not resumed (an outcome), or None to resume it."""
-        if not self._resumable:
+        if sent and not self._resumable:
             return CONSTRAINED
         if attempt >= self._attempts:
             return EXHAUSTED

@@ -316,3 +316,28 @@ def test_a_constrained_stream_migrates_only_to_an_engine_that_resumes_its_gramma
         assert err.code() == grpc.StatusCode.UNAVAILABLE
         assert details(err)["RetryInfo"].retry_delay.ToTimedelta().total_seconds() > 0
         assert outcomes == {"constrained": 1}
+
+
+def test_a_constrained_stream_lost_before_its_first_token_starts_afresh_even_where_grammars_do_not_resume():
+    """vLLM (resumes_constrained False) cannot advance a grammar over sent tokens, but none were sent:
+    a replica whose engine died (and which Serve has not replaced yet) fails the stream at once, and
+    the same request goes to another replica, its grammar from the start; the client sees nothing."""
+    from cluster.harmony.render import Message, render_prompt
+
+    deaths = [0]
+    handle = ScriptedHandle(lambda request: PositionReplica(request, deaths.pop(0) if deaths else None),
+                            info=dataclasses.replace(INFO, resumes_constrained=False))
+    metrics = FrontdoorMetrics(CollectorRegistry())
+    prompt = render_prompt([Message("user", "Answer in JSON.")], reasoning_effort="low")
+    request = pb.GenerateRequest(prompt_token_ids=prompt, sampling=pb.SamplingParams(max_tokens=10),
+                                 response_format=pb.ResponseFormat(json_object=pb.JsonObjectFormat()))
+
+    ids, complete = asyncio.run(with_server(handle, _generate_all((request,)), metrics=metrics))
+    n = len(prompt)
+    assert ids == list(range(n, n + 10)) and complete.usage.completion_tokens == 10
+    first, again = handle.requests
+    assert again.prompt_token_ids == first.prompt_token_ids and again.resumed_tokens == 0
+    assert again.constraint == first.constraint and again.constraint.active
+    outcomes = {s.labels["outcome"]: s.value for m in metrics.migrations_total.collect() for s in m.samples
+                if s.name.endswith("_total")}
+    assert outcomes == {"resumed": 1}

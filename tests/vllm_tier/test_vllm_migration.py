@@ -132,20 +132,30 @@ def _busiest_replica(stub, streams: int) -> tuple[str, int]:
 
 
 def _running_replicas(timeout_s: float) -> dict[str, dict]:
-    """Replica id -> {pid, node_id} once both replicas of the app are RUNNING."""
+    """Replica id -> {pid, node_id} once both replicas of the app are RUNNING, each with its engine core.
+
+    A replica whose core an earlier test killed stays RUNNING until its next failed health check,
+    and Serve replaces it after that: a test that started then would meet a dead engine."""
     from tests.faults.scenarios import _replica_details
 
     deadline = time.monotonic() + timeout_s
-    while len(details := _replica_details(MIGRATION_APP, 30)) < 2:
+    while True:
+        details = _replica_details(MIGRATION_APP, 30)
+        if len(details) == 2 and all(len(_engine_cores(d["pid"])) == 1 for d in details.values()):
+            return details
         assert time.monotonic() < deadline, f"the app did not have 2 running replicas within {timeout_s} s: {details}"
         time.sleep(1)
-    return details
 
 
 def _engine_cores(replica_pid: int) -> list[psutil.Process]:
-    """vLLM's engine-core processes, children of the replica's actor process (one while it lives)."""
-    return [p for p in psutil.Process(replica_pid).children(recursive=True)
-            if "EngineCore" in " ".join(p.cmdline()) + p.name()]
+    """vLLM's live engine-core processes, children of the replica's actor process (one while it lives)."""
+    cores = []
+    with contextlib.suppress(psutil.NoSuchProcess):
+        for child in psutil.Process(replica_pid).children(recursive=True):
+            with contextlib.suppress(psutil.NoSuchProcess, psutil.ZombieProcess):
+                if child.status() != psutil.STATUS_ZOMBIE and "EngineCore" in " ".join(child.cmdline()) + child.name():
+                    cores.append(child)
+    return cores
 
 
 def _engine_core(replica_pid: int) -> psutil.Process:
