@@ -1,10 +1,11 @@
 """The OpenAI-compatible HTTP API through the OFFICIAL `openai` Python package, against a real
 front door (uvicorn + grpc.aio on one loop) whose replicas are a script answering in real harmony
 (tests/frontdoor/harmony_script.py: analysis -> final, or analysis -> a function call), since no
-trained model exists yet. Raw urllib only for protocol-level checks (malformed JSON)."""
+trained model exists yet. Raw HTTP only for protocol-level checks (malformed JSON, a client that leaves)."""
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 
@@ -414,6 +415,48 @@ def test_a_client_that_disconnects_cancels_the_engine_request_within_a_second(ap
         snapshot = door.settled_metrics()
         assert counter(snapshot, "gptoss_frontdoor_requests_in_flight", api="http", method=method) == 0
         assert counter(snapshot, "gptoss_frontdoor_requests_total", api="http", method=method, code="CANCELLED") == 1
+    finally:
+        door.close()
+
+
+@pytest.mark.parametrize("api", ["chat", "responses"])
+def test_a_client_that_leaves_after_the_last_event_ends_an_answered_call(api, monkeypatch):
+    """A client may close the connection once it has the last event ([DONE], response.completed)
+    without reading the body's end. The answer was whole: the call counts as OK, not CANCELLED.
+    The server is held after its last event here, so that the client's disconnect always comes first."""
+    import http.client
+
+    from cluster.frontdoor.http import app as http_app
+
+    original = http_app.sse_writes
+
+    async def held_after_the_last(*args, **kwargs):
+        async for data in original(*args, **kwargs):
+            yield data
+        await asyncio.sleep(5.0)  # the client's disconnect arrives here
+
+    monkeypatch.setattr(http_app, "sse_writes", held_after_the_last)
+    door = ThreadedFrontdoor(HarmonyScriptHandle(chunk_tokens=3), config(), api_keys=keys())
+    try:
+        if api == "chat":
+            path, last = "/chat/completions", "data: [DONE]"
+            body = {"messages": [{"role": "user", "content": "hi"}], "stream_options": {"include_usage": True}}
+        else:
+            path, body, last = "/responses", {"input": "hi"}, "event: response.completed"
+        connection = http.client.HTTPConnection("127.0.0.1", door.server.http_port, timeout=30)
+        connection.request("POST", "/v1" + path, json.dumps({"model": MODEL, "stream": True, **body}),
+                           {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"})
+        response = connection.getresponse()
+        lines = []
+        while not (lines[-2:-1] == [last] or lines[-1:] == ["data: [DONE]"]):  # the last event read whole
+            lines.append(response.readline().decode().rstrip("\n"))
+        connection.close()  # without reading the body's end
+        assert last in lines and any('"usage"' in line for line in lines)
+        method = "/v1/chat/completions" if api == "chat" else "/v1/responses"
+        snapshot = door.settled_metrics()
+        labels = dict(api="http", method=method)
+        assert counter(snapshot, "gptoss_frontdoor_requests_total", code="OK", **labels) == 1
+        assert counter(snapshot, "gptoss_frontdoor_requests_total", code="CANCELLED", **labels) == 0
     finally:
         door.close()
 

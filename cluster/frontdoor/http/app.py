@@ -88,6 +88,10 @@ class Stream:
         self.error_event = error_event
 
 
+class LastWrite(bytes):
+    """The write that ends a streamed answer: its usage, then [DONE] or response.completed."""
+
+
 def sse(data: dict | str, event: str | None = None) -> bytes:
     text = data if isinstance(data, str) else json.dumps(data, separators=(",", ":"))
     head = f"event: {event}\n" if event else ""
@@ -117,7 +121,7 @@ async def sse_writes(first: tuple, events: AsyncIterator[tuple], write: Callable
             data = head + write(output, complete)
             head = b""
             if complete is not None:
-                yield data + await closing(complete)
+                yield LastWrite(data + await closing(complete))
                 return
             if data:
                 yield data
@@ -464,6 +468,9 @@ class Exchange:
             await self._send({"type": "http.response.start", "status": 200, "headers": _SSE_HEADERS + self._headers()})
             async for data in events:
                 await self._send({"type": "http.response.body", "body": data, "more_body": True})
+                if isinstance(data, LastWrite) and not self._disconnected:
+                    # the client has the whole answer: one that leaves now ends an answered call
+                    self.bookkeeping.answered = True
         await self._send({"type": "http.response.body", "body": b""})
 
     async def _fail(self, call: CallInfo, context: HttpContext, status: errors.RpcError) -> None:
