@@ -61,8 +61,13 @@ def _end_a_stuck_stop(runtime) -> None:
     log.warning("the local Ray's disconnect did not end within %.0f s of the drain; exiting without it",
                 STUCK_STOP_S)
     runtime.kill_local_ray()
-    print("gptoss-cluster: stopped", flush=True)
+    _say_stopped()
     os._exit(0)
+
+
+def _say_stopped() -> None:
+    """The last line of every stop, the normal one and one cut short (tests wait for it)."""
+    print("gptoss-cluster: stopped", flush=True)
 
 
 def _interrupt(signum, frame) -> None:
@@ -113,5 +118,5 @@ def run(args: argparse.Namespace) -> int:
     finally:
         if runtime is not None:
             runtime.stop()
-    print("gptoss-cluster: stopped", flush=True)
+    _say_stopped()
     return code
