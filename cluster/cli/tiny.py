@@ -26,7 +26,8 @@ def register(subparsers) -> None:
                        help=f"last fraction of the steps trained against MXFP4-rounded experts (default {d.qat})")
     train.add_argument("--threads", type=int, default=d.threads, help=f"torch threads (default {d.threads})")
     train.add_argument("--dwell-steps", type=int, default=d.dwell_steps,
-                       help=f"steps after the decay that dwell on {d.dwell_skill} (default {d.dwell_steps}; 0: none)")
+                       help=f"steps after the decay that dwell on {', '.join(dict(d.dwell_shares))} "
+                            f"(default {d.dwell_steps}; 0: none)")
     train.add_argument("--out", default="tiny-train", help="directory for loss.png and train_log.json")
     train.add_argument("--artifact", help="where to write the weights (default: the packaged artifact)")
     train.set_defaults(func=_train)
@@ -109,6 +110,6 @@ def _trained_on(args: argparse.Namespace) -> dict:
         training = metadata["training"]
     except Exception:  # no artifact to read (e.g. --float-state of a run in progress): the defaults
         d = TrainSettings()
-        training = {"samples": d.samples, "dwell_samples": d.dwell_samples, "dwell_skill": d.dwell_skill}
+        training = {"samples": d.samples, "dwell_samples": d.dwell_samples}
     return {"train_samples": int(training["samples"]),
-            "dwell": (int(training.get("dwell_samples", 0)), str(training.get("dwell_skill", "")))}
+            "dwell": {skill: int(n) for skill, n in training.get("dwell_samples", {}).items()}}

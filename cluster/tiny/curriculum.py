@@ -150,9 +150,12 @@ def _repeat(rng, effort):
 def _reverse(rng, effort):
     ws = _words(rng, 2, 6)
     ask = rng.choice(("Reverse the words: {}", "Say these words backwards: {}", "Reverse: {}"))
-    rev = " ".join(reversed(ws))
-    return "reverse", ask.format(" ".join(ws)), [
-        _analysis(effort, "The user wants the word order reversed.", f"Last word first: {rev}"), Reply("final", rev)]
+    text, rev = " ".join(ws), " ".join(reversed(ws))
+    # The words written out first put the last one right before "Last word first:" and each next one a
+    # few tokens back, nearer than in the user's text (docs/gpt-oss-tiny.md, the eighth run).
+    return "reverse", ask.format(text), [
+        _analysis(effort, "The user wants the word order reversed.", f"The words: {text}. Last word first: {rev}"),
+        Reply("final", rev)]
 
 
 def _count(rng, effort):
