@@ -16,7 +16,7 @@ alike) as a fifth did, in half the extra time; docs/gpt-oss-tiny.md has what eac
 With `dwell_steps` > 0, training ends by dwelling on its weakest skills (reversing and upper-casing
 words): after the decay, a fresh optimizer runs `dwell_steps` more steps at a lower peak rate,
 decayed again to a tenth, on the curriculum plus extra conversations of those skills drawn from
-their own seed, each skill making up its `dwell_shares` part of the data (three fifths in all by default).
+their own seed, each skill making up its `dwell_shares` part of the data (half in all by default).
 Dwelling inside the decay did not do this (docs/gpt-oss-tiny.md, "Dwelling on reversals").
 
 Every `snapshot_every` steps and at the end, a copy of the weights with its experts rounded to MXFP4
@@ -64,7 +64,7 @@ class TrainSettings:
     weight_decay: float = 0.01
     threads: int = 2  # this machine kind's cores
     dwell_steps: int = 2_000  # after the decay, steps on data richer in the `dwell_shares` skills (0: none)
-    dwell_shares: tuple[tuple[str, float], ...] = (("reverse", 0.15), ("upper", 0.45))  # of the dwell's data
+    dwell_shares: tuple[tuple[str, float], ...] = (("reverse", 0.3), ("upper", 0.2))  # of the dwell's data
     dwell_lr: float = 1e-3  # the dwell's peak rate (a fresh optimizer), decayed linearly to a tenth
 
     @property
