@@ -100,7 +100,7 @@ def _eval(args: argparse.Namespace) -> int:
 
 def _trained_on(args: argparse.Namespace) -> dict:
     """What the model trained on (recorded in its artifact), to keep eval disjoint from it:
-    eval_samples' train_samples and dwell."""
+    eval_samples' train_samples, train_seed and dwell."""
     from cluster.model.trained import ARTIFACTS, read_artifact, _sidecar_sha256
     from cluster.tiny.train import TrainSettings
 
@@ -110,6 +110,6 @@ def _trained_on(args: argparse.Namespace) -> dict:
         training = metadata["training"]
     except Exception:  # no artifact to read (e.g. --float-state of a run in progress): the defaults
         d = TrainSettings()
-        training = {"samples": d.samples, "dwell_samples": d.dwell_samples}
-    return {"train_samples": int(training["samples"]),
+        training = {"samples": d.samples, "seed": d.seed, "dwell_samples": d.dwell_samples}
+    return {"train_samples": int(training["samples"]), "train_seed": int(training.get("seed", 0)),
             "dwell": {skill: int(n) for skill, n in training.get("dwell_samples", {}).items()}}

@@ -153,4 +153,4 @@ def test_a_short_run_ends_with_its_dwell_and_records_it_for_eval(tmp_path):
     assert summary["dwell_samples"] == {"reverse": 24, "upper": 16}
     # eval reads back from the artifact what to leave out
     assert _trained_on(argparse.Namespace(artifact=str(artifact))) == {
-        "train_samples": 40, "dwell": {"reverse": 24, "upper": 16}}
+        "train_samples": 40, "train_seed": settings.seed, "dwell": {"reverse": 24, "upper": 16}}
