@@ -52,7 +52,7 @@ PRESET = "gpt-oss-tiny"
 
 @dataclasses.dataclass
 class TrainSettings:
-    seed: int = 0
+    seed: int = 1  # with seed 0, this curriculum learned to copy too late (docs/gpt-oss-tiny.md)
     samples: int = 60_000
     steps: int = 13_000
     batch_tokens: int = 2048  # padded tokens per step
