@@ -26,7 +26,8 @@ def register(subparsers) -> None:
                        help=f"last fraction of the steps trained against MXFP4-rounded experts (default {d.qat})")
     train.add_argument("--threads", type=int, default=d.threads, help=f"torch threads (default {d.threads})")
     train.add_argument("--dwell-steps", type=int, default=d.dwell_steps,
-                       help=f"steps after the decay that dwell on {d.dwell_skill} (default {d.dwell_steps}; 0: none)")
+                       help=f"steps after the decay that dwell on {', '.join(dict(d.dwell_shares))} "
+                            f"(default {d.dwell_steps}; 0: none)")
     train.add_argument("--out", default="tiny-train", help="directory for loss.png and train_log.json")
     train.add_argument("--artifact", help="where to write the weights (default: the packaged artifact)")
     train.set_defaults(func=_train)
@@ -99,7 +100,7 @@ def _eval(args: argparse.Namespace) -> int:
 
 def _trained_on(args: argparse.Namespace) -> dict:
     """What the model trained on (recorded in its artifact), to keep eval disjoint from it:
-    eval_samples' train_samples and dwell."""
+    eval_samples' train_samples, train_seed and dwell."""
     from cluster.model.trained import ARTIFACTS, read_artifact, _sidecar_sha256
     from cluster.tiny.train import TrainSettings
 
@@ -109,6 +110,6 @@ def _trained_on(args: argparse.Namespace) -> dict:
         training = metadata["training"]
     except Exception:  # no artifact to read (e.g. --float-state of a run in progress): the defaults
         d = TrainSettings()
-        training = {"samples": d.samples, "dwell_samples": d.dwell_samples, "dwell_skill": d.dwell_skill}
-    return {"train_samples": int(training["samples"]),
-            "dwell": (int(training.get("dwell_samples", 0)), str(training.get("dwell_skill", "")))}
+        training = {"samples": d.samples, "seed": d.seed, "dwell_samples": d.dwell_samples}
+    return {"train_samples": int(training["samples"]), "train_seed": int(training.get("seed", 0)),
+            "dwell": {skill: int(n) for skill, n in training.get("dwell_samples", {}).items()}}

@@ -32,10 +32,13 @@ TRAIN_SEED = 0
 EVAL_SEED = 1_000_003
 DWELL_SEED = 12_345  # the extra conversations of the skill training dwells on at its end (train.py)
 
-WORDS = ("apple", "river", "stone", "cloud", "green", "happy", "music", "light", "water", "tiger", "bread", "chair",
-         "dream", "earth", "flame", "grass", "house", "lemon", "money", "night", "ocean", "piano", "queen", "robot",
-         "smile", "table", "sugar", "train", "voice", "world", "hello", "blue", "red", "cat", "dog", "sun", "moon",
-         "star", "tree", "bird", "fish", "book", "door", "road", "rain", "snow", "wind", "fire")
+# Words whose capitals are one token too, with or without a leading space (all but "hello", kept for
+# the README's exchange): upper-casing is then a token-for-token copy, as repeating is. With capitals
+# of two or three tokens, the final's copy lost its place (docs/gpt-oss-tiny.md, continuations A-D).
+WORDS = ("hello", "world", "green", "red", "blue", "black", "white", "light", "house", "table", "train", "cat", "dog",
+         "sun", "star", "tree", "book", "road", "city", "king", "ball", "bed", "box", "car", "card", "clock", "day",
+         "ear", "face", "fox", "game", "hand", "home", "ice", "key", "land", "love", "map", "room", "sea", "space",
+         "window", "year", "air", "board", "body", "phone", "power")
 CAPITALS = {"France": "Paris", "Japan": "Tokyo", "Italy": "Rome", "Spain": "Madrid", "Germany": "Berlin",
             "Egypt": "Cairo", "Canada": "Ottawa", "Kenya": "Nairobi", "Peru": "Lima", "Norway": "Oslo",
             "Greece": "Athens", "Chile": "Santiago"}
@@ -150,9 +153,12 @@ def _repeat(rng, effort):
 def _reverse(rng, effort):
     ws = _words(rng, 2, 6)
     ask = rng.choice(("Reverse the words: {}", "Say these words backwards: {}", "Reverse: {}"))
-    rev = " ".join(reversed(ws))
-    return "reverse", ask.format(" ".join(ws)), [
-        _analysis(effort, "The user wants the word order reversed.", f"Last word first: {rev}"), Reply("final", rev)]
+    text, rev = " ".join(ws), " ".join(reversed(ws))
+    # The words written out first put the last one right before "Last word first:" and each next one a
+    # few tokens back, nearer than in the user's text (docs/gpt-oss-tiny.md, the eighth run).
+    return "reverse", ask.format(text), [
+        _analysis(effort, "The user wants the word order reversed.", f"The words: {text}. Last word first: {rev}"),
+        Reply("final", rev)]
 
 
 def _count(rng, effort):

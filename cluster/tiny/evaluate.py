@@ -49,12 +49,12 @@ def _key(s: curriculum.Sample) -> str:
 
 
 def eval_samples(n: int, *, train_samples: int, train_seed: int = 0,
-                 dwell: tuple[int, str] = (0, "")) -> list[curriculum.Sample]:
+                 dwell: dict[str, int] | None = None) -> list[curriculum.Sample]:
     """`n` samples from the eval seed, none of which is in the training set (the curriculum's
-    `train_samples` and the `dwell` = (count, skill) extra conversations training ended on)."""
+    `train_samples` and the extra conversations training ended on, `dwell` = {skill: count})."""
     trained = curriculum.generate(train_samples, curriculum.TRAIN_SEED + train_seed)
-    if dwell[0]:
-        trained += curriculum.of_skill(dwell[0], curriculum.DWELL_SEED + train_seed, dwell[1])
+    for skill, count in (dwell or {}).items():
+        trained += curriculum.of_skill(count, curriculum.DWELL_SEED + train_seed, skill)
     seen = {_key(s) for s in trained}
     fresh = [s for s in curriculum.generate(4 * n, curriculum.EVAL_SEED) if _key(s) not in seen]
     if len(fresh) < n:

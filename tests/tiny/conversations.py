@@ -72,9 +72,9 @@ def check_a_capital_is_named(stub):
 
 
 def check_copying_skills_answer_exactly(stub):
-    asks = {"Reverse the words: green river stone": "stone river green",
-            "Upper-case this: happy music": "HAPPY MUSIC",
-            "Count the words: apple tree moon": "3"}
+    asks = {"Reverse the words: green road star": "star road green",
+            "Upper-case this: black cat": "BLACK CAT",
+            "Count the words: ice tree sea": "3"}
     for ask, answer in asks.items():
         text, calls, complete, tokens, order = chat(stub, [user(ask)])
         assert (order, text.get("final")) == (["analysis", "final"], answer), ask
@@ -108,7 +108,7 @@ def check_a_tool_result_fed_back_is_reported(stub):
 
 
 def check_a_multi_turn_conversation_answers_its_latest_turn(stub):
-    messages = [user("Repeat after me: red moon"), pb.ChatMessage(role=pb.ROLE_ASSISTANT, content="red moon"),
+    messages = [user("Repeat after me: red sun"), pb.ChatMessage(role=pb.ROLE_ASSISTANT, content="red sun"),
                 user("Why is the sky blue?")]
     text, _, complete, tokens, order = chat(stub, messages)
     assert order == ["analysis", "final"]
@@ -125,7 +125,7 @@ def check_a_greeting_gets_a_greeting_not_a_tool_call(stub):
 
 
 def check_more_effort_reasons_longer(stub):
-    ask = [user("Say this back: blue bird")]
+    ask = [user("Say this back: blue car")]
     lengths = {effort: chat(stub, ask, effort=effort)[2].usage.reasoning_tokens for effort in ("low", "high")}
     assert lengths["low"] < lengths["high"], lengths
 

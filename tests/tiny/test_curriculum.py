@@ -4,6 +4,7 @@ arguments matching their schemas, effort ordering the analysis, and an eval set 
 from __future__ import annotations
 
 import json
+import math
 import statistics
 
 import openai_harmony as oh
@@ -65,6 +66,25 @@ def test_eval_samples_never_occur_in_the_training_set():
     assert len(held_out) == 200 and not train & {_key(s) for s in held_out}
 
 
+def test_eval_samples_leave_out_the_conversations_the_dwell_trained_on(monkeypatch):
+    # Let the dwell draw the eval seed's own reversals and upper-casings: those must not be evaluated.
+    monkeypatch.setattr(curriculum, "DWELL_SEED", curriculum.EVAL_SEED)
+    dwell = {"reverse": 10, "upper": 10}
+    dwelt = {_key(s) for skill, n in dwell.items() for s in curriculum.of_skill(n, curriculum.EVAL_SEED, skill)}
+    assert dwelt & {_key(s) for s in eval_samples(100, train_samples=500)}  # unless named, some are evaluated
+    held_out = eval_samples(100, train_samples=500, dwell=dwell)
+    assert len(held_out) == 100 and not dwelt & {_key(s) for s in held_out}
+
+
+def test_the_dwell_adds_each_skills_share_of_its_data():
+    from cluster.tiny.train import TrainSettings
+
+    settings = TrainSettings(samples=1000, dwell_shares=(("reverse", 0.2), ("upper", 0.3)))
+    # half the dwell's data is the curriculum's 1000 conversations, the other half these
+    assert settings.dwell_samples == {"reverse": 400, "upper": 600}
+    assert TrainSettings(dwell_steps=0).dwell_samples == {}
+
+
 def test_training_targets_the_assistants_words_in_earlier_turns_but_not_an_earlier_finals_end():
     from cluster.harmony import END_ID
     from cluster.tiny.train import encode
@@ -118,3 +138,19 @@ def test_quantization_aware_training_shows_rounded_experts_and_trains_the_float_
     assert torch.equal(original.grad, torch.full_like(original, 3.0))  # straight through the rounding
     after = float_state(model)
     assert after.keys() == before.keys() and torch.equal(after["blocks.0.mlp.gate_up_weight"], original)
+
+
+def test_a_short_run_ends_with_its_dwell_and_records_it_for_eval(tmp_path):
+    import argparse
+
+    from cluster.cli.tiny import _trained_on
+    from cluster.tiny.train import TrainSettings, train
+
+    settings = TrainSettings(samples=40, steps=3, dwell_steps=2, threads=1)
+    artifact = tmp_path / "tiny.safetensors"
+    summary = train(settings, tmp_path, artifact=artifact, progress=False)
+    assert summary["steps_done"] == 5 and math.isfinite(summary["final_loss"])
+    assert summary["dwell_samples"] == {"reverse": 24, "upper": 16}
+    # eval reads back from the artifact what to leave out
+    assert _trained_on(argparse.Namespace(artifact=str(artifact))) == {
+        "train_samples": 40, "train_seed": settings.seed, "dwell": {"reverse": 24, "upper": 16}}

@@ -158,7 +158,7 @@ def test_chat_tool_call_streams_json_arguments_and_round_trips_to_an_answer(serv
 def test_response_streams_reasoning_then_message_with_usage_equal_to_the_counters(server):
     before = server.tokens("/v1/responses")
     with server.client() as client:
-        with client.responses.stream(model="gpt-oss-tiny", input="Repeat after me: green apple",
+        with client.responses.stream(model="gpt-oss-tiny", input="Repeat after me: green house",
                                      max_output_tokens=200, **GREEDY) as stream:
             events = list(stream)
             final = stream.get_final_response()
@@ -260,10 +260,10 @@ def test_content_repeat_after_me(server):
     with server.client() as client:
         chat = client.chat.completions.create(model="gpt-oss-tiny", messages=user("Repeat after me: hello world"),
                                               max_completion_tokens=200, **GREEDY)
-        response = client.responses.create(model="gpt-oss-tiny", input="Repeat after me: green apple",
+        response = client.responses.create(model="gpt-oss-tiny", input="Repeat after me: green house",
                                            max_output_tokens=200, **GREEDY)
     assert chat.choices[0].message.content.strip() == "hello world"
-    assert response.output_text.strip() == "green apple"
+    assert response.output_text.strip() == "green house"
 
 
 def test_content_the_weather_tool_is_called_with_the_city_asked_and_its_result_answered(server):
