@@ -275,22 +275,35 @@ def test_migration_gives_up_after_its_attempts_with_unavailable():
     assert err.code() == grpc.StatusCode.UNAVAILABLE and len(handle.requests) == 3
 
 
-@pytest.mark.parametrize("resumes_constrained", [True, False])
-def test_a_constrained_stream_migrates_only_to_an_engine_that_resumes_its_grammar(resumes_constrained):
-    """torch (ModelInfo.resumes_constrained): the rest goes out with resumed_tokens = the tokens sent,
-    for the engine to advance the turn's grammar over them. vLLM (False): the stream is not resumed
-    (a grammar restarted after the sent tokens would break the answer); it ends UNAVAILABLE with
-    RetryInfo after the tokens it had, counted as outcome `constrained`."""
+def _constrained_stream(dies_after: int, resumes_constrained: bool):
+    """(handle, metrics, prompt, request): a json_object Generate of 10 tokens whose first replica
+    dies after `dies_after` tokens, on an engine that does or does not resume grammars."""
     from cluster.harmony.render import Message, render_prompt
-    from tests.frontdoor.status_details import details
 
-    deaths = [3]
+    deaths = [dies_after]
     handle = ScriptedHandle(lambda request: PositionReplica(request, deaths.pop(0) if deaths else None),
                             info=dataclasses.replace(INFO, resumes_constrained=resumes_constrained))
     metrics = FrontdoorMetrics(CollectorRegistry())
     prompt = render_prompt([Message("user", "Answer in JSON.")], reasoning_effort="low")
     request = pb.GenerateRequest(prompt_token_ids=prompt, sampling=pb.SamplingParams(max_tokens=10),
                                  response_format=pb.ResponseFormat(json_object=pb.JsonObjectFormat()))
+    return handle, metrics, prompt, request
+
+
+def _migration_outcomes(metrics) -> dict[str, float]:
+    return {s.labels["outcome"]: s.value for m in metrics.migrations_total.collect() for s in m.samples
+            if s.name.endswith("_total")}
+
+
+@pytest.mark.parametrize("resumes_constrained", [True, False])
+def test_a_constrained_stream_migrates_only_to_an_engine_that_resumes_its_grammar(resumes_constrained):
+    """torch (ModelInfo.resumes_constrained): the rest goes out with resumed_tokens = the tokens sent,
+    for the engine to advance the turn's grammar over them. vLLM (False): the stream is not resumed
+    (a grammar restarted after the sent tokens would break the answer); it ends UNAVAILABLE with
+    RetryInfo after the tokens it had, counted as outcome `constrained`."""
+    from tests.frontdoor.status_details import details
+
+    handle, metrics, prompt, request = _constrained_stream(3, resumes_constrained)
 
     async def body(stub):
         got = []
@@ -302,8 +315,7 @@ def test_a_constrained_stream_migrates_only_to_an_engine_that_resumes_its_gramma
         return got, None
 
     got, err = asyncio.run(with_server(handle, body, metrics=metrics))
-    outcomes = {s.labels["outcome"]: s.value for m in metrics.migrations_total.collect() for s in m.samples
-                if s.name.endswith("_total")}
+    outcomes = _migration_outcomes(metrics)
     n = len(prompt)
     if resumes_constrained:
         assert err is None and got == list(range(n, n + 10))
@@ -322,15 +334,7 @@ def test_a_constrained_stream_lost_before_its_first_token_starts_afresh_even_whe
     """vLLM (resumes_constrained False) cannot advance a grammar over sent tokens, but none were sent:
     a replica whose engine died (and which Serve has not replaced yet) fails the stream at once, and
     the same request goes to another replica, its grammar from the start; the client sees nothing."""
-    from cluster.harmony.render import Message, render_prompt
-
-    deaths = [0]
-    handle = ScriptedHandle(lambda request: PositionReplica(request, deaths.pop(0) if deaths else None),
-                            info=dataclasses.replace(INFO, resumes_constrained=False))
-    metrics = FrontdoorMetrics(CollectorRegistry())
-    prompt = render_prompt([Message("user", "Answer in JSON.")], reasoning_effort="low")
-    request = pb.GenerateRequest(prompt_token_ids=prompt, sampling=pb.SamplingParams(max_tokens=10),
-                                 response_format=pb.ResponseFormat(json_object=pb.JsonObjectFormat()))
+    handle, metrics, prompt, request = _constrained_stream(0, resumes_constrained=False)
 
     ids, complete = asyncio.run(with_server(handle, _generate_all((request,)), metrics=metrics))
     n = len(prompt)
@@ -338,6 +342,5 @@ def test_a_constrained_stream_lost_before_its_first_token_starts_afresh_even_whe
     first, again = handle.requests
     assert again.prompt_token_ids == first.prompt_token_ids and again.resumed_tokens == 0
     assert again.constraint == first.constraint and again.constraint.active
-    outcomes = {s.labels["outcome"]: s.value for m in metrics.migrations_total.collect() for s in m.samples
-                if s.name.endswith("_total")}
+    outcomes = _migration_outcomes(metrics)
     assert outcomes == {"resumed": 1}
