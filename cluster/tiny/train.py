@@ -13,8 +13,8 @@ steps, the end of the decay, train so: what the served model computes is then wh
 about 0.06 s more per step while on. A tenth takes up the rounding (float and MXFP4 weights score
 alike) as a fifth did, in half the extra time; docs/gpt-oss-tiny.md has what each measured.
 
-With `dwell_steps` > 0, training ends by dwelling on its weakest skills (reversing and upper-casing
-words): after the decay, a fresh optimizer runs `dwell_steps` more steps at a lower peak rate,
+With `dwell_steps` > 0, training ends by dwelling on its weakest skills (reversing, upper-casing
+and counting words): after the decay, a fresh optimizer runs `dwell_steps` more steps at a lower peak rate,
 decayed again to a tenth, on the curriculum plus extra conversations of those skills drawn from
 their own seed, each skill making up its `dwell_shares` part of the data (half in all by default).
 Dwelling inside the decay did not do this (docs/gpt-oss-tiny.md, "Dwelling on reversals").
@@ -64,7 +64,8 @@ class TrainSettings:
     weight_decay: float = 0.01
     threads: int = 2  # this machine kind's cores
     dwell_steps: int = 2_000  # after the decay, steps on data richer in the `dwell_shares` skills (0: none)
-    dwell_shares: tuple[tuple[str, float], ...] = (("reverse", 0.3), ("upper", 0.2))  # of the dwell's data
+    # of the dwell's data: the extra conversations of each skill
+    dwell_shares: tuple[tuple[str, float], ...] = (("reverse", 0.2), ("upper", 0.15), ("count", 0.15))
     dwell_lr: float = 1e-3  # the dwell's peak rate (a fresh optimizer), decayed linearly to a tenth
 
     @property

@@ -150,7 +150,7 @@ def test_a_short_run_ends_with_its_dwell_and_records_it_for_eval(tmp_path):
     artifact = tmp_path / "tiny.safetensors"
     summary = train(settings, tmp_path, artifact=artifact, progress=False)
     assert summary["steps_done"] == 5 and math.isfinite(summary["final_loss"])
-    assert summary["dwell_samples"] == {"reverse": 24, "upper": 16}
+    assert summary["dwell_samples"] == {"reverse": 16, "upper": 12, "count": 12}
     # eval reads back from the artifact what to leave out
     assert _trained_on(argparse.Namespace(artifact=str(artifact))) == {
-        "train_samples": 40, "train_seed": settings.seed, "dwell": {"reverse": 24, "upper": 16}}
+        "train_samples": 40, "train_seed": settings.seed, "dwell": {"reverse": 16, "upper": 12, "count": 12}}
