@@ -304,12 +304,14 @@ def generate(n: int, seed: int) -> list[Sample]:
     return [sample(rng) for _ in range(n)]
 
 
-def of_skill(n: int, seed: int, skill: str) -> list[Sample]:
-    """The first `n` conversations of `skill` among those `seed` draws: that skill alone, in the
-    curriculum's own contexts (drills, earlier turns, tools declared)."""
+def of_skills(counts: dict[str, int], seed: int) -> list[Sample]:
+    """The first `counts[skill]` conversations of each skill among those `seed` draws, skill after
+    skill in the order of `counts`: each skill alone, in the curriculum's own contexts (drills,
+    earlier turns, tools declared). One pass over the draws for all of them."""
     rng = random.Random(seed)
-    found: list[Sample] = []
-    while len(found) < n:
-        if (s := sample(rng)).skill == skill:
-            found.append(s)
-    return found
+    found: dict[str, list[Sample]] = {skill: [] for skill in counts}
+    while any(len(found[skill]) < n for skill, n in counts.items()):
+        s = sample(rng)
+        if s.skill in found and len(found[s.skill]) < counts[s.skill]:
+            found[s.skill].append(s)
+    return [s for skill in counts for s in found[skill]]

@@ -53,8 +53,7 @@ def eval_samples(n: int, *, train_samples: int, train_seed: int = 0,
     """`n` samples from the eval seed, none of which is in the training set (the curriculum's
     `train_samples` and the extra conversations training ended on, `dwell` = {skill: count})."""
     trained = curriculum.generate(train_samples, curriculum.TRAIN_SEED + train_seed)
-    for skill, count in (dwell or {}).items():
-        trained += curriculum.of_skill(count, curriculum.DWELL_SEED + train_seed, skill)
+    trained += curriculum.of_skills(dwell or {}, curriculum.DWELL_SEED + train_seed)
     seen = {_key(s) for s in trained}
     fresh = [s for s in curriculum.generate(4 * n, curriculum.EVAL_SEED) if _key(s) not in seen]
     if len(fresh) < n:

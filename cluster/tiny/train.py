@@ -289,8 +289,7 @@ def _render(settings: TrainSettings, progress: bool) -> tuple[list, list, list[i
     samples = curriculum.generate(settings.samples, curriculum.TRAIN_SEED + settings.seed)
     data = encode(tqdm(samples, desc="rendering curriculum", disable=not progress, leave=False))
     vocab_ids = sorted({t for ids, _ in data for t in ids})
-    extra = [s for skill, n in settings.dwell_samples.items()
-             for s in curriculum.of_skill(n, curriculum.DWELL_SEED + settings.seed, skill)]
+    extra = curriculum.of_skills(settings.dwell_samples, curriculum.DWELL_SEED + settings.seed)
     known = set(vocab_ids)  # an extra conversation that needs a row the curriculum does not is left out
     dwell_data = data + [d for d in encode(tqdm(extra, desc="rendering the dwell's conversations",
                                                 disable=not progress, leave=False))

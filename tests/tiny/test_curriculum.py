@@ -70,7 +70,7 @@ def test_eval_samples_leave_out_the_conversations_the_dwell_trained_on(monkeypat
     # Let the dwell draw the eval seed's own reversals and upper-casings: those must not be evaluated.
     monkeypatch.setattr(curriculum, "DWELL_SEED", curriculum.EVAL_SEED)
     dwell = {"reverse": 10, "upper": 10}
-    dwelt = {_key(s) for skill, n in dwell.items() for s in curriculum.of_skill(n, curriculum.EVAL_SEED, skill)}
+    dwelt = {_key(s) for s in curriculum.of_skills(dwell, curriculum.EVAL_SEED)}
     assert dwelt & {_key(s) for s in eval_samples(100, train_samples=500)}  # unless named, some are evaluated
     held_out = eval_samples(100, train_samples=500, dwell=dwell)
     assert len(held_out) == 100 and not dwelt & {_key(s) for s in held_out}
