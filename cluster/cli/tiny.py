@@ -28,29 +28,59 @@ def register(subparsers) -> None:
     train.add_argument("--dwell-steps", type=int, default=d.dwell_steps,
                        help=f"steps after the decay that dwell on {', '.join(dict(d.dwell_shares))} "
                             f"(default {d.dwell_steps}; 0: none)")
+    train.add_argument("--dwell-shares", type=_shares, default=d.dwell_shares, metavar="SKILL=SHARE,...",
+                       help="each dwell skill's part of the dwell's data (default "
+                            f"{','.join(f'{k}={v}' for k, v in d.dwell_shares)})")
+    train.add_argument("--dwell-from", metavar="MAIN_STATE",
+                       help="run only the dwell, from the main_state.pt an earlier run of the same settings "
+                            "wrote (it ends where the whole run would); refused for other main settings")
     train.add_argument("--out", default="tiny-train", help="directory for loss.png and train_log.json")
     train.add_argument("--artifact", help="where to write the weights (default: the packaged artifact)")
     train.set_defaults(func=_train)
     register_eval(commands)
 
 
+def _shares(text: str) -> tuple[tuple[str, float], ...]:
+    from cluster.tiny.curriculum import SKILLS
+
+    shares = []
+    for item in text.split(","):
+        skill, _, share = item.partition("=")
+        if skill not in SKILLS:
+            raise argparse.ArgumentTypeError(f"{skill!r} is not a skill (one of {', '.join(SKILLS)})")
+        try:
+            shares.append((skill, float(share)))
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{item!r}: the share must be a number, as in count=0.3") from None
+    if not 0 < sum(share for _, share in shares) < 1:
+        raise argparse.ArgumentTypeError("the shares must add up to less than 1 (the rest is the curriculum)")
+    return tuple(shares)
+
+
 def _train(args: argparse.Namespace) -> int:
     from cluster.tiny.train import TrainSettings, train
 
     settings = TrainSettings(seed=args.seed, samples=args.samples, steps=args.steps, batch_tokens=args.batch_tokens,
-                             lr=args.lr, qat=args.qat, threads=args.threads, dwell_steps=args.dwell_steps)
-    summary = train(settings, Path(args.out), artifact=Path(args.artifact) if args.artifact else None)
+                             lr=args.lr, qat=args.qat, threads=args.threads, dwell_steps=args.dwell_steps,
+                             dwell_shares=args.dwell_shares)
+    summary = train(settings, Path(args.out), artifact=Path(args.artifact) if args.artifact else None,
+                    dwell_from=Path(args.dwell_from) if args.dwell_from else None)
     print(json.dumps(summary))
     return 0
 
 
 def register_eval(commands) -> None:
+    from cluster.tiny.curriculum import EVAL_SEED
+
     ev = commands.add_parser("eval", help="score the model on held-out chats (table and one JSON line)")
     source = ev.add_mutually_exclusive_group()
     source.add_argument("--checkpoint", help="HF checkpoint directory (default: the packaged gpt-oss-tiny)")
     source.add_argument("--artifact", help="a trained artifact file (from `tiny train --artifact`)")
     source.add_argument("--float-state", help="the unquantized weights training saved (float_state.pt)")
     ev.add_argument("--samples", type=int, default=600, help="held-out conversations (default 600)")
+    ev.add_argument("--seed", type=int, default=EVAL_SEED,
+                    help=f"the held-out set's seed (default {EVAL_SEED}, the one reported; another one draws "
+                         "a development set to choose training settings on)")
     ev.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     ev.add_argument("--cache-dir", default="~/.cache/gptoss-cluster", help="where the checkpoint is rebuilt")
     ev.add_argument("--show-failures", type=int, default=5, help="print this many wrong completions")
@@ -85,12 +115,13 @@ def _eval(args: argparse.Namespace) -> int:
         model = load_model(path, dtype=torch.float32)
         source = str(path)
     start = time.time()
-    samples = evaluate.eval_samples(args.samples, **_trained_on(args))
+    samples = evaluate.eval_samples(args.samples, seed=args.seed, **_trained_on(args))
     scored = evaluate.run_eval(model, samples)
     summary = evaluate.summarize(scored)
-    summary.update(source=source, eval_s=round(time.time() - start, 1))
-    for r in [r for r in scored if not r.exact][: args.show_failures]:
-        print(f"[{r.skill}/{r.effort}] {r.completion!r}")
+    summary.update(source=source, eval_seed=args.seed, eval_s=round(time.time() - start, 1))
+    for s, r in [(s, r) for s, r in zip(samples, scored) if not r.exact][: args.show_failures]:
+        print(f"[{r.skill}/{r.effort}] asked {s.messages[-1].content!r}, "
+              f"expected {s.call or s.final!r}, got {r.completion!r}")
     print(evaluate.table(summary))
     print(json.dumps(summary))
     if tmp is not None:

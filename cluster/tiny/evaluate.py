@@ -48,14 +48,16 @@ def _key(s: curriculum.Sample) -> str:
     return repr((s.skill, s.effort, s.messages, s.tools, s.instructions))
 
 
-def eval_samples(n: int, *, train_samples: int, train_seed: int = 0,
-                 dwell: dict[str, int] | None = None) -> list[curriculum.Sample]:
+def eval_samples(n: int, *, train_samples: int, train_seed: int = 0, dwell: dict[str, int] | None = None,
+                 seed: int = curriculum.EVAL_SEED) -> list[curriculum.Sample]:
     """`n` samples from the eval seed, none of which is in the training set (the curriculum's
-    `train_samples` and the extra conversations training ended on, `dwell` = {skill: count})."""
+    `train_samples` and the extra conversations training ended on, `dwell` = {skill: count}).
+    Another `seed` draws a development set, to choose training settings on without looking at
+    the one reported."""
     trained = curriculum.generate(train_samples, curriculum.TRAIN_SEED + train_seed)
     trained += curriculum.of_skills(dwell or {}, curriculum.DWELL_SEED + train_seed)
     seen = {_key(s) for s in trained}
-    fresh = [s for s in curriculum.generate(4 * n, curriculum.EVAL_SEED) if _key(s) not in seen]
+    fresh = [s for s in curriculum.generate(4 * n, seed) if _key(s) not in seen]
     if len(fresh) < n:
         raise ValueError(f"only {len(fresh)} of {4 * n} eval samples are new to the model; ask for fewer")
     out = fresh[:n]

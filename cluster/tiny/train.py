@@ -16,7 +16,7 @@ alike) as a fifth did, in half the extra time; docs/gpt-oss-tiny.md has what eac
 With `dwell_steps` > 0, training ends by dwelling on its weakest skills (reversing, upper-casing
 and counting words): after the decay, a fresh optimizer runs `dwell_steps` more steps at a lower peak rate,
 decayed again to a tenth, on the curriculum plus extra conversations of those skills drawn from
-their own seed, each skill making up its `dwell_shares` part of the data (half in all by default).
+their own seed, each skill making up its `dwell_shares` part of the data (60% in all by default).
 Dwelling inside the decay did not do this (docs/gpt-oss-tiny.md, "Dwelling on reversals").
 
 Every `snapshot_every` steps and at the end, a copy of the weights with its experts rounded to MXFP4
@@ -63,9 +63,9 @@ class TrainSettings:
     snapshot_every: int = 500  # write the artifact (and plot) every this many steps, and at the end
     weight_decay: float = 0.01
     threads: int = 2  # this machine kind's cores
-    dwell_steps: int = 2_000  # after the decay, steps on data richer in the `dwell_shares` skills (0: none)
+    dwell_steps: int = 4_000  # after the decay, steps on data richer in the `dwell_shares` skills (0: none)
     # of the dwell's data: the extra conversations of each skill
-    dwell_shares: tuple[tuple[str, float], ...] = (("reverse", 0.2), ("upper", 0.15), ("count", 0.15))
+    dwell_shares: tuple[tuple[str, float], ...] = (("reverse", 0.15), ("upper", 0.15), ("count", 0.3))
     dwell_lr: float = 1e-3  # the dwell's peak rate (a fresh optimizer), decayed linearly to a tenth
 
     @property
@@ -76,6 +76,17 @@ class TrainSettings:
             return {}
         rest = 1.0 - sum(share for _, share in self.dwell_shares)
         return {skill: round(self.samples * share / rest) for skill, share in self.dwell_shares}
+
+    @property
+    def main(self) -> dict:
+        """The settings the main steps depend on (the dwell's and the snapshots' left out)."""
+        return {k: v for k, v in dataclasses.asdict(self).items()
+                if not k.startswith("dwell_") and k != "snapshot_every"}
+
+    @property
+    def qat_from(self) -> int:
+        """The first step trained against MXFP4-rounded experts."""
+        return round(self.steps * (1.0 - self.qat))
 
 
 def encode(samples: list[curriculum.Sample]) -> list[tuple[list[int], list[int]]]:
@@ -221,8 +232,11 @@ def float_state(model: GptOssModel) -> dict[str, torch.Tensor]:
             for k, v in model.state_dict().items()}
 
 
-def train(settings: TrainSettings, out_dir: Path, *, artifact: Path | None = None, progress: bool = True) -> dict:
-    """Train; write loss.png, train_log.json and the artifact; return a summary."""
+def train(settings: TrainSettings, out_dir: Path, *, artifact: Path | None = None, progress: bool = True,
+          dwell_from: Path | None = None) -> dict:
+    """Train; write loss.png, train_log.json and the artifact; return a summary. The weights at the
+    end of the main steps go to main_state.pt; given one as `dwell_from`, only the dwell runs, and
+    ends with the weights a whole run of the same settings ends with (the dwell starts afresh)."""
     from tqdm import tqdm
 
     torch.manual_seed(settings.seed)
@@ -233,25 +247,20 @@ def train(settings: TrainSettings, out_dir: Path, *, artifact: Path | None = Non
     full = GptOssConfig.from_preset(PRESET)
     to_row = torch.full((full.vocab_size,), -1, dtype=torch.long)
     to_row[torch.tensor(vocab_ids)] = torch.arange(len(vocab_ids))
-    U = len(vocab_ids)
-    rest = math.log(full.vocab_size - U)
-    # the training model's vocabulary is the used rows; its special-token ids are never read
-    model = GptOssModel(dataclasses.replace(full, vocab_size=U, eos_token_id=0, pad_token_id=0))
-    init_weights(model, settings.seed)
-    model.train()
+    rest = math.log(full.vocab_size - len(vocab_ids))
+    model, losses = _model_at_start(settings, full, vocab_ids, dwell_from)
     opt = _optimizer(model, settings)
     rng = random.Random(settings.seed)
     plan: list[list[int]] = []
-    losses: list[tuple[int, float]] = []
     render_s = time.time() - t0
     total = settings.steps + settings.dwell_steps
-    bar = tqdm(range(total), desc="training gpt-oss-tiny", disable=not progress)
-    smooth = None
-    qat_from = round(settings.steps * (1.0 - settings.qat))
+    bar = tqdm(range(len(losses), total), desc="training gpt-oss-tiny", disable=not progress)
+    smooth = _smoothed(None, losses)
     for step in bar:
-        if step == qat_from:
+        if step == settings.qat_from:
             round_experts_in_forward(model)
         if step == settings.steps:  # the dwell: its own data, batch order and optimizer
+            _save_main_state(model, settings, vocab_ids, losses, out_dir)
             data, plan, rng, opt = dwell_data, [], random.Random(settings.seed + 1), _optimizer(model, settings)
         if not plan:
             plan = batches(data, settings.batch_tokens, rng)
@@ -267,18 +276,52 @@ def train(settings: TrainSettings, out_dir: Path, *, artifact: Path | None = Non
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
-        smooth = loss.item() if smooth is None else 0.95 * smooth + 0.05 * loss.item()
         losses.append((step, loss.item()))
+        smooth = _smoothed(smooth, losses[-1:])
         bar.set_postfix(loss=f"{smooth:.4f}", lr=f"{lr:.1e}")
         done = step + 1
         if done == total or done % settings.snapshot_every == 0:
             train_s = time.time() - t0 - render_s
             summary = _save(model, vocab_ids, full, artifact or ARTIFACTS[PRESET], out_dir, losses,
                             {**dataclasses.asdict(settings), "steps_done": done, "final_loss": round(smooth, 5),
-                             "used_rows": U, "dwell_samples": settings.dwell_samples},
+                             "used_rows": len(vocab_ids), "dwell_samples": settings.dwell_samples},
                             {"render_s": round(render_s, 1), "train_s": round(train_s, 1)})
             bar.write(json.dumps(summary))
     return summary
+
+
+def _model_at_start(settings: TrainSettings, full: GptOssConfig, vocab_ids: list[int],
+                    dwell_from: Path | None) -> tuple[GptOssModel, list[tuple[int, float]]]:
+    """The model to train and the losses of the steps already done: freshly initialised and none,
+    or the main steps' end state and their losses (main_state.pt)."""
+    # the training model's vocabulary is the used rows; its special-token ids are never read
+    model = GptOssModel(dataclasses.replace(full, vocab_size=len(vocab_ids), eos_token_id=0, pad_token_id=0))
+    model.train()
+    if dwell_from is None:
+        init_weights(model, settings.seed)
+        return model, []
+    saved = torch.load(dwell_from)
+    if saved["settings"] != settings.main or saved["vocab_ids"].tolist() != vocab_ids:
+        differ = {k: v for k, v in settings.main.items() if saved["settings"].get(k) != v}
+        raise ValueError(f"{dwell_from}: the main steps of other settings ({differ or 'the curriculum'}); "
+                         "train from scratch with these")
+    model.load_state_dict(saved["state"])
+    if settings.qat_from < settings.steps:  # else the loop's first step starts the rounding
+        round_experts_in_forward(model)
+    return model, saved["losses"]
+
+
+def _save_main_state(model: GptOssModel, settings: TrainSettings, vocab_ids: list[int],
+                     losses: list[tuple[int, float]], out_dir: Path) -> None:
+    torch.save({"settings": settings.main, "vocab_ids": torch.tensor(vocab_ids), "state": float_state(model),
+                "losses": losses}, out_dir / "main_state.pt")
+
+
+def _smoothed(smooth: float | None, losses: list[tuple[int, float]]) -> float | None:
+    """The loss shown and recorded: an exponential mean over the steps, continued by `losses`."""
+    for _, value in losses:
+        smooth = value if smooth is None else 0.95 * smooth + 0.05 * value
+    return smooth
 
 
 def _render(settings: TrainSettings, progress: bool) -> tuple[list, list, list[int]]:

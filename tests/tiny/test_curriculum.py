@@ -8,6 +8,7 @@ import math
 import statistics
 
 import openai_harmony as oh
+import pytest
 
 from cluster.harmony import CALL_ID, RETURN_ID, load_tokenizer
 from cluster.tiny import curriculum
@@ -64,6 +65,9 @@ def test_eval_samples_never_occur_in_the_training_set():
     train = {_key(s) for s in curriculum.generate(2000, curriculum.TRAIN_SEED)}
     held_out = eval_samples(200, train_samples=2000)
     assert len(held_out) == 200 and not train & {_key(s) for s in held_out}
+    development = {_key(s) for s in eval_samples(200, train_samples=2000, seed=curriculum.EVAL_SEED + 1)}
+    assert not train & development
+    assert len(development - {_key(s) for s in held_out}) > 150  # another draw, not the reported set
 
 
 def test_eval_samples_leave_out_the_conversations_the_dwell_trained_on(monkeypatch):
@@ -150,7 +154,36 @@ def test_a_short_run_ends_with_its_dwell_and_records_it_for_eval(tmp_path):
     artifact = tmp_path / "tiny.safetensors"
     summary = train(settings, tmp_path, artifact=artifact, progress=False)
     assert summary["steps_done"] == 5 and math.isfinite(summary["final_loss"])
-    assert summary["dwell_samples"] == {"reverse": 16, "upper": 12, "count": 12}
+    assert summary["dwell_samples"] == {"reverse": 15, "upper": 15, "count": 30}
     # eval reads back from the artifact what to leave out
     assert _trained_on(argparse.Namespace(artifact=str(artifact))) == {
-        "train_samples": 40, "train_seed": settings.seed, "dwell": {"reverse": 16, "upper": 12, "count": 12}}
+        "train_samples": 40, "train_seed": settings.seed, "dwell": {"reverse": 15, "upper": 15, "count": 30}}
+
+
+def test_a_dwell_run_from_the_main_steps_end_state_ends_with_the_whole_runs_weights(tmp_path):
+    from cluster.tiny.train import TrainSettings, train
+
+    settings = TrainSettings(samples=40, steps=4, dwell_steps=3, threads=1)
+    whole, dwell = tmp_path / "whole", tmp_path / "dwell"
+    train(settings, whole, artifact=whole / "tiny.safetensors", progress=False)
+    summary = train(settings, dwell, artifact=dwell / "tiny.safetensors", progress=False,
+                    dwell_from=whole / "main_state.pt")
+    assert summary["steps_done"] == 7
+    assert (dwell / "tiny.safetensors").read_bytes() == (whole / "tiny.safetensors").read_bytes()
+    for other, named in ((TrainSettings(samples=40, steps=4, lr=1e-3, dwell_steps=3, threads=1), "'lr': 0.001"),
+                         (TrainSettings(samples=48, steps=4, dwell_steps=3, threads=1), "'samples': 48")):
+        with pytest.raises(ValueError, match=f"main steps of other settings .*{named}"):
+            train(other, tmp_path / "other", artifact=tmp_path / "other.safetensors", progress=False,
+                  dwell_from=whole / "main_state.pt")
+
+
+def test_the_dwell_shares_are_given_as_skill_share_pairs_and_a_bad_one_names_itself():
+    import argparse
+
+    from cluster.cli.tiny import _shares
+
+    assert _shares("reverse=0.15,count=0.3") == (("reverse", 0.15), ("count", 0.3))
+    for bad, said in (("cnt=0.3", "'cnt' is not a skill"), ("count=x", "'count=x': the share must be a number"),
+                      ("count=0.7,upper=0.4", "less than 1")):
+        with pytest.raises(argparse.ArgumentTypeError, match=said):
+            _shares(bad)
