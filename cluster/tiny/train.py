@@ -243,12 +243,13 @@ def train(settings: TrainSettings, out_dir: Path, *, artifact: Path | None = Non
     torch.set_num_threads(settings.threads)
     out_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
+    main_state = _main_state(dwell_from, settings) if dwell_from is not None else None  # before the rendering
     data, dwell_data, vocab_ids = _render(settings, progress)
     full = GptOssConfig.from_preset(PRESET)
     to_row = torch.full((full.vocab_size,), -1, dtype=torch.long)
     to_row[torch.tensor(vocab_ids)] = torch.arange(len(vocab_ids))
     rest = math.log(full.vocab_size - len(vocab_ids))
-    model, losses = _model_at_start(settings, full, vocab_ids, dwell_from)
+    model, losses = _model_at_start(settings, full, vocab_ids, main_state)
     opt = _optimizer(model, settings)
     rng = random.Random(settings.seed)
     plan: list[list[int]] = []
@@ -260,7 +261,8 @@ def train(settings: TrainSettings, out_dir: Path, *, artifact: Path | None = Non
         if step == settings.qat_from:
             round_experts_in_forward(model)
         if step == settings.steps:  # the dwell: its own data, batch order and optimizer
-            _save_main_state(model, settings, vocab_ids, losses, out_dir)
+            if main_state is None:  # a dwell run started from this state: nothing new to save
+                _save_main_state(model, settings, vocab_ids, losses, out_dir)
             data, plan, rng, opt = dwell_data, [], random.Random(settings.seed + 1), _optimizer(model, settings)
         if not plan:
             plan = batches(data, settings.batch_tokens, rng)
@@ -290,21 +292,28 @@ def train(settings: TrainSettings, out_dir: Path, *, artifact: Path | None = Non
     return summary
 
 
+def _main_state(path: Path, settings: TrainSettings) -> dict:
+    """The main steps' end state `tiny train` saved, refused unless they ran with `settings`."""
+    saved = torch.load(path)
+    if saved["settings"] != settings.main:
+        differ = {k: v for k, v in settings.main.items() if saved["settings"].get(k) != v}
+        raise ValueError(f"{path}: the main steps of other settings ({differ}); train from scratch with these")
+    return saved
+
+
 def _model_at_start(settings: TrainSettings, full: GptOssConfig, vocab_ids: list[int],
-                    dwell_from: Path | None) -> tuple[GptOssModel, list[tuple[int, float]]]:
+                    saved: dict | None) -> tuple[GptOssModel, list[tuple[int, float]]]:
     """The model to train and the losses of the steps already done: freshly initialised and none,
-    or the main steps' end state and their losses (main_state.pt)."""
+    or the main steps' end state and their losses (`saved`, from main_state.pt)."""
     # the training model's vocabulary is the used rows; its special-token ids are never read
     model = GptOssModel(dataclasses.replace(full, vocab_size=len(vocab_ids), eos_token_id=0, pad_token_id=0))
     model.train()
-    if dwell_from is None:
+    if saved is None:
         init_weights(model, settings.seed)
         return model, []
-    saved = torch.load(dwell_from)
-    if saved["settings"] != settings.main or saved["vocab_ids"].tolist() != vocab_ids:
-        differ = {k: v for k, v in settings.main.items() if saved["settings"].get(k) != v}
-        raise ValueError(f"{dwell_from}: the main steps of other settings ({differ or 'the curriculum'}); "
-                         "train from scratch with these")
+    if saved["vocab_ids"].tolist() != vocab_ids:
+        raise ValueError("the main steps' end state is of another curriculum (its rows differ); "
+                         "train from scratch with this one")
     model.load_state_dict(saved["state"])
     if settings.qat_from < settings.steps:  # else the loop's first step starts the rounding
         round_experts_in_forward(model)
