@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 
@@ -58,13 +59,17 @@ def _shares(text: str) -> tuple[tuple[str, float], ...]:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from cluster.tiny.train import TrainSettings, train
+    from cluster.tiny.train import OtherMainState, TrainSettings, train
 
     settings = TrainSettings(seed=args.seed, samples=args.samples, steps=args.steps, batch_tokens=args.batch_tokens,
                              lr=args.lr, qat=args.qat, threads=args.threads, dwell_steps=args.dwell_steps,
                              dwell_shares=args.dwell_shares)
-    summary = train(settings, Path(args.out), artifact=Path(args.artifact) if args.artifact else None,
-                    dwell_from=Path(args.dwell_from) if args.dwell_from else None)
+    try:
+        summary = train(settings, Path(args.out), artifact=Path(args.artifact) if args.artifact else None,
+                        dwell_from=Path(args.dwell_from) if args.dwell_from else None)
+    except (OtherMainState, FileNotFoundError) as err:
+        print(f"gptoss-cluster tiny train: {err}", file=sys.stderr)
+        return 2
     print(json.dumps(summary))
     return 0
 

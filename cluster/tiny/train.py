@@ -292,12 +292,16 @@ def train(settings: TrainSettings, out_dir: Path, *, artifact: Path | None = Non
     return summary
 
 
+class OtherMainState(ValueError):
+    """`--dwell-from` named the main steps of other settings or another curriculum."""
+
+
 def _main_state(path: Path, settings: TrainSettings) -> dict:
     """The main steps' end state `tiny train` saved, refused unless they ran with `settings`."""
     saved = torch.load(path)
     if saved["settings"] != settings.main:
         differ = {k: v for k, v in settings.main.items() if saved["settings"].get(k) != v}
-        raise ValueError(f"{path}: the main steps of other settings ({differ}); train from scratch with these")
+        raise OtherMainState(f"{path}: the main steps of other settings ({differ}); train from scratch with these")
     return saved
 
 
@@ -312,7 +316,7 @@ def _model_at_start(settings: TrainSettings, full: GptOssConfig, vocab_ids: list
         init_weights(model, settings.seed)
         return model, []
     if saved["vocab_ids"].tolist() != vocab_ids:
-        raise ValueError("the main steps' end state is of another curriculum (its rows differ); "
+        raise OtherMainState("the main steps' end state is of another curriculum (its rows differ); "
                          "train from scratch with this one")
     model.load_state_dict(saved["state"])
     if settings.qat_from < settings.steps:  # else the loop's first step starts the rounding

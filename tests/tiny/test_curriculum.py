@@ -177,6 +177,21 @@ def test_a_dwell_run_from_the_main_steps_end_state_ends_with_the_whole_runs_weig
                   dwell_from=whole / "main_state.pt")
 
 
+def test_the_cli_refuses_a_main_state_of_other_settings_in_one_line_before_rendering(tmp_path, capsys):
+    from cluster.cli import main
+    from cluster.tiny.train import TrainSettings, train
+
+    train(TrainSettings(samples=40, steps=2, dwell_steps=1, threads=1), tmp_path, artifact=tmp_path / "a.safetensors",
+          progress=False)
+    argv = ["tiny", "train", "--out", str(tmp_path / "dwell"), "--artifact", str(tmp_path / "b.safetensors")]
+    assert main([*argv, "--dwell-from", str(tmp_path / "main_state.pt")]) == 2
+    said = capsys.readouterr().err
+    assert said.startswith("gptoss-cluster tiny train: ") and "'samples': 60000" in said and "'steps': 13000" in said
+    assert main([*argv, "--dwell-from", str(tmp_path / "missing.pt")]) == 2
+    assert "missing.pt" in capsys.readouterr().err
+    assert not (tmp_path / "b.safetensors").exists()
+
+
 def test_the_dwell_shares_are_given_as_skill_share_pairs_and_a_bad_one_names_itself():
     import argparse
 
