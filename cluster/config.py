@@ -29,7 +29,7 @@ from pydantic_core import InitErrorDetails, PydanticCustomError
 ENV_PREFIX = "GPTOSS_"
 LogLevel = Literal["debug", "info", "warning", "error"]
 EngineKind = Literal["torch", "echo", "vllm"]  # echo: a test engine without a model; vllm: needs the vllm extra
-ReplicaStreamKind = Literal["per_request", "multiplexed"]
+ReplicaStreamKind = Literal["per_request", "multiplexed", "socket"]
 RouterPolicy = Literal["round_robin", "least_loaded", "prefix_affinity", "session"]
 ResponseStoreKind = Literal["memory", "redis"]
 PlacementStrategy = Literal["STRICT_PACK", "PACK", "SPREAD"]
@@ -280,12 +280,15 @@ class ServingConfig(Section):
     skips Serve's per-request machinery after Serve's router has chosen the replica
     (cluster/serving/direct_stream.py); off, or with Ray's TLS on, requests go through Serve's
     handle only."""
-    replica_stream: ReplicaStreamKind = "multiplexed"
-    """How the direct stream carries requests: multiplexed, one long-lived call per front door and
-    replica that carries all their requests, each message holding the chunks of every request ready
-    at that moment, with flow control per request (a third to a half less CPU per streamed token on
-    each side; cluster/serving/multiplexed_stream.py); per_request, one gRPC call per request and a
-    message per token chunk. The replica announces the kind it serves; front doors follow it."""
+    replica_stream: ReplicaStreamKind = "socket"
+    """How the direct stream carries requests. socket: one connection per front door and replica to a
+    TLS socket the replica opens beside its gRPC server (same certificate and token) that carries all
+    their requests, each message holding the chunks of every request ready at that moment, with flow
+    control per request (cluster/serving/framed_socket.py; the least CPU per streamed token and the
+    shortest hop); multiplexed: the same on one long-lived gRPC call instead
+    (cluster/serving/multiplexed_stream.py); per_request: one gRPC call per request and a message per
+    token chunk. The replica announces what it serves; front doors follow it (one that knows no
+    socket uses the gRPC call)."""
     direct_stream_tls: bool = True
     """The direct stream's transport: TLS (besides the per-replica token), or plaintext when false
     (only on a network you trust: anyone on the path could read prompts and tokens)."""

@@ -87,6 +87,7 @@ class DirectAddress:
     server_name: str = ""  # the name its certificate is checked against ("": the address's host)
     multiplexed: bool = False  # it serves the multiplexed stream (multiplexed_stream.py), which the front door uses
     credits: bool = False  # its multiplexed stream takes credit frames: per-request flow control
+    socket: str = ""  # host:port of its multiplexed stream's own socket (framed_socket.py), which the front door then uses
 
     @classmethod
     def from_metadata(cls, metadata: dict) -> "DirectAddress | None":
@@ -95,10 +96,10 @@ class DirectAddress:
             return None
         return cls(str(entry["address"]), str(entry["token"]), str(entry.get("trust_pem") or ""),
                    str(entry.get("server_name") or ""), entry.get("kind") == "multiplexed",
-                   entry.get("credits") is True)
+                   entry.get("credits") is True, str(entry.get("socket") or ""))
 
 
-def _host_port(host: str, port: int) -> str:
+def host_port(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
@@ -165,7 +166,9 @@ def ray_tls_files(env=None) -> tuple[str, str, str] | None:
 class DirectStreamServer:
     """Serves `generate` (an async generator of TokenChunk) on a port of its own, refusing new
     streams while `full()` says the replica has as many requests as it takes. `kind`
-    (serving.replica_stream) "multiplexed" also serves the multiplexed stream and announces it."""
+    (serving.replica_stream) "multiplexed" also serves the multiplexed stream and announces it;
+    "socket" serves it on a socket of its own as well, which front doors then use (older front
+    doors, which know no socket, use the Multiplex call)."""
 
     def __init__(self, generate: Callable[[GenerateRequest], AsyncIterator[TokenChunk]],
                  full: Callable[[], bool], kind: str = "per_request") -> None:
@@ -174,11 +177,15 @@ class DirectStreamServer:
         self._token = secrets.token_urlsafe(24)
         self._server: grpc.aio.Server | None = None
         self._stopping = False
-        self._multiplexed = None
-        if kind == "multiplexed":
+        self._multiplexed = self._framed = None
+        if kind in ("multiplexed", "socket"):
             from cluster.serving.multiplexed_stream import MultiplexServer  # it imports this module
 
             self._multiplexed = MultiplexServer(generate, self._refusal)
+        if kind == "socket":
+            from cluster.serving.framed_socket import FramedServer  # it imports this module
+
+            self._framed = FramedServer(self._token, self._multiplexed.serve_frames, lambda: self._stopping)
 
     async def start(self, host: str, tls: DirectStreamTls | None) -> dict:
         """Listen on a free port of `host` (the Ray node's IP, which front doors reach), with TLS
@@ -189,19 +196,21 @@ class DirectStreamServer:
             handlers[MULTIPLEX_METHOD.split("/")[2]] = grpc.stream_stream_rpc_method_handler(self._multiplex)
         server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(METHOD.split("/")[1], handlers),))
         if tls is None:
-            port = server.add_insecure_port(_host_port(host, 0))
+            port = server.add_insecure_port(host_port(host, 0))
         else:
-            port = server.add_secure_port(_host_port(host, 0),
+            port = server.add_secure_port(host_port(host, 0),
                                           grpc.ssl_server_credentials([(tls.key_pem, tls.cert_pem)]))
         if port == 0:
             raise OSError(f"direct stream: cannot listen on {host}")
         await server.start()
         self._server = server
-        entry = {"address": _host_port(host, port), "token": self._token}
+        entry = {"address": host_port(host, port), "token": self._token}
         if tls is not None:
             entry.update(trust_pem=tls.trust_pem.decode(), server_name=tls.server_name)
         if self._multiplexed is not None:
             entry.update(kind="multiplexed", credits=True)
+        if self._framed is not None:
+            entry.update(socket=await self._framed.start(host, tls))
         return {METADATA_KEY: entry}
 
     async def stop(self, grace_s: float) -> None:
@@ -209,9 +218,9 @@ class DirectStreamServer:
         self._stopping = True
         if self._multiplexed is not None:
             self._multiplexed.drain()
-        if self._server is not None:
-            await self._server.stop(grace_s)
-            self._server = None
+        server, self._server = self._server, None
+        await asyncio.gather(server.stop(grace_s) if server is not None else asyncio.sleep(0),
+                             self._framed.stop(grace_s) if self._framed is not None else asyncio.sleep(0))
 
     async def _refuse(self, context: grpc.aio.ServicerContext, why: str, code: grpc.StatusCode) -> None:
         context.set_trailing_metadata(((REFUSED_HEADER, why),))

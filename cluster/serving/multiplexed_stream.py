@@ -107,7 +107,20 @@ class MultiplexServer:
         self._calls: set[_ReplicaCall] = set()
 
     async def serve(self, context: grpc.aio.ServicerContext) -> None:
-        call = _ReplicaCall(self, context)
+        """One gRPC Multiplex call (the token is checked already)."""
+        window = int(dict(context.invocation_metadata() or ()).get(WINDOW_HEADER) or 0)
+
+        async def read() -> bytes | None:
+            message = await context.read()
+            return None if message is grpc.aio.EOF else message
+
+        await self.serve_frames(read, context.write, window)
+
+    async def serve_frames(self, read: Callable[[], Awaitable[bytes | None]],
+                           write: Callable[[bytes], Awaitable[None]], window: int) -> None:
+        """One connection, on any transport: `read()` returns a message (None at the end), `write`
+        sends one; `window` is the front door's credit window (0: no flow control)."""
+        call = _ReplicaCall(self, read, write, window)
         self._calls.add(call)
         try:
             await call.run()
@@ -121,12 +134,13 @@ class MultiplexServer:
 
 
 class _ReplicaCall:
-    def __init__(self, server: MultiplexServer, context: grpc.aio.ServicerContext) -> None:
+    def __init__(self, server: MultiplexServer, read: Callable[[], Awaitable[bytes | None]],
+                 write: Callable[[bytes], Awaitable[None]], window: int) -> None:
         self._server = server
-        self._context = context
-        self._outbox = _Outbox(context.write)
+        self._receive = read
+        self._outbox = _Outbox(write)
         self._requests: dict[int, asyncio.Task] = {}
-        self._window = int(dict(context.invocation_metadata() or ()).get(WINDOW_HEADER) or 0)  # 0: no flow control
+        self._window = window  # 0: no flow control
         self._credits: dict[int, _Credit] = {}
         self._ended = asyncio.get_running_loop().create_future()
         self._draining = False
@@ -156,7 +170,7 @@ class _ReplicaCall:
             self._end()
 
     async def _read(self) -> None:
-        while (message := await self._context.read()) is not grpc.aio.EOF:
+        while (message := await self._receive()) is not None:
             for frame in pickle.loads(message):
                 kind, rid = frame[0], frame[1]
                 if kind == "open":
@@ -222,22 +236,41 @@ class _Credit:
 # ─────────────────────────────────────── the front door's side ───────────────────────────────────────
 
 class MultiplexedClient:
-    """One Multiplex call per replica, on the per-request client's channel to it (which owns the
-    channels: TLS, replacement, closing); `open` sends a request on it."""
+    """One multiplexed connection per replica: a Multiplex call on the per-request client's channel
+    to it (which owns the channels: TLS, replacement, closing), or a connection to the replica's
+    own socket where it announces one (framed_socket.py); `open` sends a request on it."""
 
     def __init__(self, channels: DirectStreamClient) -> None:
         self._channels = channels
         self._connections: dict[str, Connection] = {}
 
+    def ready(self, target: DirectAddress) -> bool:
+        """Whether a request to `target` goes out now without waiting for a connection; starts
+        connecting if it would wait (the request then takes the Serve handle meanwhile)."""
+        if not target.socket:
+            return self._channels.ready(target)
+        return self._connection(target).call.connected
+
     def open(self, target: DirectAddress, request: GenerateRequest) -> "MultiplexedStream":
-        channel = self._channels.channel(target)
+        return self._connection(target).open(request)
+
+    def _connection(self, target: DirectAddress) -> "Connection":
         connection = self._connections.get(target.address)
-        if connection is None or connection.broken or connection.channel is not channel:
-            if connection is not None:
-                connection.drain()
-            connection = self._connections[target.address] = Connection(channel, target.token,
-                                                                         WINDOW if target.credits else 0)
-        return connection.open(request)
+        channel = None if target.socket else self._channels.channel(target)
+        if connection is not None and not connection.broken and connection.target == target and (
+                channel is None or connection.call.channel is channel):
+            return connection
+        if connection is not None:
+            connection.drain()
+        window = WINDOW if target.credits else 0
+        if target.socket:
+            from cluster.serving.framed_socket import FramedCall  # it imports this module
+
+            call = FramedCall(target, window)
+        else:
+            call = _GrpcCall(channel, target.token, window)
+        connection = self._connections[target.address] = Connection(call, target, window)
+        return connection
 
     def retain(self, addresses: set[str]) -> None:
         """Replicas no longer routable: their connections end once their requests have."""
@@ -249,20 +282,45 @@ class MultiplexedClient:
         await asyncio.gather(*(c.close() for c in connections))
 
 
-class Connection:
-    """The front door's end of one Multiplex call: one reader hands each event to its request."""
+class _GrpcCall:
+    """A Multiplex call on a replica's gRPC server, as a Connection uses it."""
 
-    def __init__(self, channel: grpc.aio.Channel, token: str, window: int = 0) -> None:
+    connected = True  # whether the channel is connected is the DirectStreamClient's to say
+
+    def __init__(self, channel: grpc.aio.Channel, token: str, window: int) -> None:
         self.channel = channel
         metadata = ((TOKEN_HEADER, token),) + (((WINDOW_HEADER, str(window)),) if window > 0 else ())
         self._call = channel.stream_stream(MULTIPLEX_METHOD)(metadata=metadata)
+        self.write = self._call.write
+
+    async def read(self) -> bytes | None:
+        message = await self._call.read()
+        return None if message is grpc.aio.EOF else message
+
+    def cancel(self) -> None:
+        self._call.cancel()
+
+    @staticmethod
+    def failure(error: Exception, started: bool) -> Exception:
+        if isinstance(error, grpc.aio.AioRpcError):
+            return failure(error, started)
+        return ConnectionError(f"the multiplexed stream to the replica failed: {error!r}")
+
+
+class Connection:
+    """The front door's end of one multiplexed connection (`call`: _GrpcCall or FramedCall): one
+    reader hands each event to its request."""
+
+    def __init__(self, call, target: DirectAddress, window: int = 0) -> None:
+        self.call = call
+        self.target = target
         self.window = window  # 0: the replica takes no credits, so none are sent
         self._streams: dict[int, MultiplexedStream] = {}
         self._next_id = 0
         self._draining = False
         self.broken = False
         self.messages = 0  # replica -> front door messages read
-        self._outbox = _Outbox(self._call.write)
+        self._outbox = _Outbox(call.write)
         self._tasks = [asyncio.create_task(self._outbox.run()), asyncio.create_task(self._read())]
         for task in self._tasks:
             task.add_done_callback(_retrieved)
@@ -288,19 +346,19 @@ class Connection:
 
     def _idle(self) -> None:
         if self._draining and not self._streams:
-            self._call.cancel()
+            self.call.cancel()
 
     async def close(self) -> None:
-        self._call.cancel()
+        self.call.cancel()
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
 
     async def _read(self) -> None:
         streams = self._streams
-        error: grpc.aio.AioRpcError | None = None
+        error: Exception | None = None
         try:
-            while (message := await self._call.read()) is not grpc.aio.EOF:
+            while (message := await self.call.read()) is not None:
                 self.messages += 1
                 for rid, item in pickle.loads(message):
                     stream = streams.get(rid)
@@ -312,10 +370,10 @@ class Connection:
                         del streams[rid]
                     stream.deliver(item)
                 self._idle()
-        except grpc.aio.AioRpcError as err:
-            error = err
         except asyncio.CancelledError:  # we cancelled the call (drained or closed)
             pass
+        except Exception as err:  # noqa: BLE001 - the transport failed: each request learns what that means for it
+            error = err
         finally:
             self.broken = True
             self._tasks[0].cancel()
@@ -342,11 +400,11 @@ class MultiplexedStream:
         self._connection.cancel(self._rid)
         self.deliver(asyncio.CancelledError())
 
-    def lost(self, error: grpc.aio.AioRpcError | None) -> Exception:
+    def lost(self, error: Exception | None) -> Exception:
         """What the call's end means for this request. None: the replica ended the call without
         an error, as a stopping replica does once its requests are done."""
         if error is not None:
-            return failure(error, self.started)
+            return self._connection.call.failure(error, self.started)
         if not self.started:
             return Rejected("stopping")
         return ConnectionError("the multiplexed stream to the replica ended")

@@ -3,7 +3,7 @@
 The Serve router chooses the replica either way (router.GptossRouter). When the chosen replica
 publishes a direct-stream address and the front door's channel to it is connected, the tokens
 come straight from it (direct_stream.py, or multiplexed_stream.py when the replica serves that
-kind); otherwise, and whenever a replica refuses a direct stream before its first token (full,
+kind, on framed_socket.py's socket where the replica has one); otherwise, and whenever a replica refuses a direct stream before its first token (full,
 stopping, unreachable), the request goes through the Serve handle, whose router queues it,
 re-routes it, or refuses it as Serve does.
 
@@ -22,7 +22,7 @@ from ray.serve.handle import DeploymentHandle
 
 from cluster.engine.request import GenerateRequest, TokenChunk
 from cluster.metrics import router_metrics
-from cluster.serving.direct_stream import DirectStreamClient, Rejected
+from cluster.serving.direct_stream import DirectAddress, DirectStreamClient, Rejected
 from cluster.serving.multiplexed_stream import MultiplexedClient
 from cluster.serving.serve_internals import replica_assignment, request_router
 
@@ -76,12 +76,16 @@ class ReplicaStreams:
             if router.replica_set_version != self._replica_set_version:
                 self._replica_set_version = router.replica_set_version
                 self._prune(router.direct_addresses())
-            route = router.choose_direct(request, self._client.ready)
+            route = router.choose_direct(request, self._ready)
         if route is None:  # the router is not up yet, or the replica it chose takes no direct stream
             self._counted[SERVE_HANDLE].inc()
             return ReplicaStream(self, request, None)
         self._counted[DIRECT].inc()
         return ReplicaStream(self, request, route)
+
+    def _ready(self, target: DirectAddress) -> bool:
+        """Whether a stream to `target` starts without waiting for a connection (asks for one if not)."""
+        return (self._multiplexed if target.multiplexed else self._client).ready(target)
 
     def routable_replicas(self) -> int | None:
         """Replicas the router can send requests to now; None before the router exists."""
@@ -104,7 +108,7 @@ class ReplicaStreams:
         router = request_router(self._handle)
         if router is not None and hasattr(router, "direct_targets"):
             for target in router.direct_targets():
-                self._client.ready(target)
+                self._ready(target)
 
     def _prune(self, addresses: set[str]) -> None:
         self._multiplexed.retain(addresses)

@@ -64,7 +64,7 @@ def test_serve_config_carries_engine_replicas_autoscaling_and_auth():
     switched = load_serve_config(yaml.safe_load(serve_config_text(render("gpt-oss-120b-ep4", **sets))))["gptoss"]
     assert not switched.parallel.expert_token_series and not switched.serving.user_code_on_main_loop
     assert not switched.serving.direct_stream and switched.serving.replica_stream == "per_request"
-    assert ep.serving.replica_stream == "multiplexed"
+    assert ep.serving.replica_stream == "socket"
 
 
 def test_vllm_preset_reserves_the_gpus_of_its_worker_pod():

@@ -60,7 +60,7 @@ class FakeEngine:
             self.in_flight -= 1
 
 
-KINDS = ("per_request", "multiplexed")  # serving.replica_stream
+KINDS = ("per_request", "multiplexed", "socket")  # serving.replica_stream
 
 
 @contextlib.asynccontextmanager
@@ -71,7 +71,7 @@ async def served(engine: FakeEngine, tls="self-signed", kind: str = "per_request
     metadata = await server.start("127.0.0.1", DirectStreamTls.self_signed("127.0.0.1") if tls == "self-signed" else tls)
     target = DirectAddress.from_metadata(metadata)
     channels = DirectStreamClient()
-    client = MultiplexedClient(channels) if kind == "multiplexed" else channels
+    client = MultiplexedClient(channels) if kind != "per_request" else channels
     try:
         yield server, client, target
     finally:

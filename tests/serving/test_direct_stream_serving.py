@@ -3,7 +3,7 @@ test engine (the model is beside the point here): requests go straight to the re
 router chose once the channel is up; a replica that publishes none is served through the handle;
 a full replica's refusal is routed again through the handle and the request completes; and a
 replica replaced by a redeploy finishes the direct stream it had accepted. Every test runs with
-either kind of direct stream (serving.replica_stream)."""
+each kind of direct stream (serving.replica_stream)."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from gptoss.v1 import inference_pb2_grpc
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(params=["per_request", "multiplexed"])
+@pytest.fixture(params=["per_request", "multiplexed", "socket"])
 def kind(request) -> str:
     return request.param
 
@@ -104,7 +104,10 @@ def test_requests_go_direct_once_the_channel_is_up_and_carry_the_same_tokens(ray
             assert responses[-1].complete.finish_reason == pb.FINISH_REASON_LENGTH
             assert responses[-1].complete.usage.completion_tokens == n
         assert app.streams("direct") == direct + 3 and app.streams("serve_handle") == handle
-        assert app.multiplexed_connections() == (kind == "multiplexed")
+        assert app.multiplexed_connections() == (kind != "per_request")
+        if kind == "socket":
+            connection, = app.door.server._inference._replicas._multiplexed._connections.values()
+            assert connection.call.connected and connection.messages >= 3
         # A bad request is refused by the front door and never opens a stream.
         with pytest.raises(grpc.RpcError) as refused:
             app.generate(10**9)

@@ -54,8 +54,16 @@ class StepEngine(FakeEngine):
             self.in_flight -= 1
 
 
-def served(engine: FakeEngine, tls="self-signed"):
-    return direct_served(engine, tls, kind="multiplexed")
+MULTIPLEXED = ("multiplexed", "socket")  # serving.replica_stream: on a gRPC call, or on the replica's own socket
+
+
+@pytest.fixture(params=MULTIPLEXED)
+def kind(request) -> str:
+    return request.param
+
+
+def served(engine: FakeEngine, kind: str, tls="self-signed"):
+    return direct_served(engine, tls, kind=kind)
 
 
 def req(n: int, first: int) -> GenerateRequest:
@@ -66,12 +74,17 @@ async def until_started(streams) -> None:
     await async_wait_until(lambda: all(s.started for s in streams), 5, message="every request streaming")
 
 
-def test_the_replica_announces_the_multiplexed_kind_and_the_per_request_path_stays():
+def test_the_replica_announces_the_multiplexed_kind_and_the_per_request_path_stays(kind):
     async def main():
         engine = FakeEngine()
-        async with served(engine) as (_, client, target):
-            assert target.multiplexed
+        async with served(engine, kind) as (_, client, target):
+            assert target.multiplexed and bool(target.socket) == (kind == "socket")
             assert [c.token_ids for c in await collect(client.open(target, request(4)))] == [(5,), (6,), (7,), (5,)]
+            connection, = client._connections.values()
+            assert type(connection.call).__name__ == ("FramedCall" if kind == "socket" else "_GrpcCall")
+            old = dataclasses.replace(target, socket="")  # a front door that knows no socket: the Multiplex call
+            assert len(await collect(client.open(old, request(2)))) == 2
+            assert type(client._connections[target.address].call).__name__ == "_GrpcCall"
             per_request = DirectStreamClient()  # the same server still serves the per-request call
             try:
                 assert len(await collect(per_request.open(target, request(2)))) == 2
@@ -84,10 +97,10 @@ def test_the_replica_announces_the_multiplexed_kind_and_the_per_request_path_sta
     run(main())
 
 
-def test_32_requests_share_one_call_and_each_step_leaves_in_one_message():
+def test_32_requests_share_one_call_and_each_step_leaves_in_one_message(kind):
     async def main():
         engine = StepEngine()
-        async with served(engine) as (_, client, target):
+        async with served(engine, kind) as (_, client, target):
             streams = [client.open(target, req(10, 1000 * k)) for k in range(32)]
             readers = [asyncio.ensure_future(collect(s)) for s in streams]
             await async_wait_until(lambda: engine.in_flight == 32, 5, message="32 requests running")
@@ -111,10 +124,10 @@ async def steps(engine: StepEngine, n: int) -> None:
     await asyncio.sleep(0.2)
 
 
-def test_a_request_whose_client_stops_reading_is_held_in_the_replica_a_window_ahead():
+def test_a_request_whose_client_stops_reading_is_held_in_the_replica_a_window_ahead(kind):
     async def main():
         engine = StepEngine()
-        async with served(engine) as (_, client, target):
+        async with served(engine, kind) as (_, client, target):
             assert target.credits
             slow, other = client.open(target, req(3 * WINDOW, 1)), client.open(target, req(3 * WINDOW, 5000))
             other_reader = asyncio.ensure_future(collect(other))
@@ -130,12 +143,12 @@ def test_a_request_whose_client_stops_reading_is_held_in_the_replica_a_window_ah
     run(main())
 
 
-def test_without_the_credit_announcement_no_window_is_asked_or_kept():
+def test_without_the_credit_announcement_no_window_is_asked_or_kept(kind):
     """A replica from before flow control (no "credits" in its metadata) gets no window header and no
     credit frames; the replica then keeps no window either, so neither side waits for the other."""
     async def main():
         engine = StepEngine()
-        async with served(engine) as (server, client, target):
+        async with served(engine, kind) as (server, client, target):
             old = dataclasses.replace(target, credits=False)
             stream = client.open(old, req(3 * WINDOW, 1))
             connection, = client._connections.values()
@@ -147,10 +160,10 @@ def test_without_the_credit_announcement_no_window_is_asked_or_kept():
     run(main())
 
 
-def test_cancelling_one_request_stops_it_in_the_replica_and_not_the_others():
+def test_cancelling_one_request_stops_it_in_the_replica_and_not_the_others(kind):
     async def main():
         engine = StepEngine()
-        async with served(engine) as (_, client, target):
+        async with served(engine, kind) as (_, client, target):
             cancelled, other = client.open(target, req(100, 1)), client.open(target, req(3, 500))
             reader = asyncio.ensure_future(collect(other))
             await async_wait_until(lambda: engine.in_flight == 2, 5, message="both running")
@@ -168,11 +181,11 @@ def test_cancelling_one_request_stops_it_in_the_replica_and_not_the_others():
     run(main())
 
 
-def test_a_burst_beyond_max_ongoing_requests_is_refused_before_the_first_token():
+def test_a_burst_beyond_max_ongoing_requests_is_refused_before_the_first_token(kind):
     async def main():
         engine = StepEngine()
         engine.limit = 4
-        async with served(engine) as (_, client, target):
+        async with served(engine, kind) as (_, client, target):
             # Opened together, the ten arrive in one message: the full check must count each
             # request the replica has just taken.
             streams = [client.open(target, req(2, k)) for k in range(10)]
@@ -188,22 +201,22 @@ def test_a_burst_beyond_max_ongoing_requests_is_refused_before_the_first_token()
     run(main())
 
 
-def test_an_error_that_does_not_pickle_still_ends_its_request_only():
+def test_an_error_that_does_not_pickle_still_ends_its_request_only(kind):
     class Local(Exception):
         pass
 
     async def main():
-        async with served(FakeEngine(error=Local("no pickle for a local class"))) as (_, client, target):
+        async with served(FakeEngine(error=Local("no pickle for a local class")), kind) as (_, client, target):
             with pytest.raises(RuntimeError, match="Local"):
                 await collect(client.open(target, request()))
             assert not client._connections[target.address].broken
     run(main())
 
 
-def test_stopping_refuses_new_requests_finishes_accepted_ones_then_ends_the_call():
+def test_stopping_refuses_new_requests_finishes_accepted_ones_then_ends_the_call(kind):
     async def main():
         engine = FakeEngine(gap_s=0.02)
-        async with served(engine) as (server, client, target):
+        async with served(engine, kind) as (server, client, target):
             running = client.open(target, request(25))
             reader = asyncio.ensure_future(collect(running))
             await until_started([running])
@@ -229,10 +242,10 @@ async def streaming(engine: StepEngine, client, target, n: int) -> list[asyncio.
     return readers
 
 
-def test_a_replica_that_goes_away_ends_every_request_on_it_with_connection_error():
+def test_a_replica_that_goes_away_ends_every_request_on_it_with_connection_error(kind):
     async def main():
         engine = StepEngine()
-        async with served(engine) as (server, client, target):
+        async with served(engine, kind) as (server, client, target):
             readers = await streaming(engine, client, target, 8)
             await server.stop(0)  # no grace: the replica is gone mid-stream
             results = await asyncio.gather(*readers, return_exceptions=True)
@@ -240,13 +253,13 @@ def test_a_replica_that_goes_away_ends_every_request_on_it_with_connection_error
     run(main())
 
 
-def test_after_a_broken_connection_the_next_request_opens_a_new_one():
+def test_after_a_broken_connection_the_next_request_opens_a_new_one(kind):
     async def main():
         engine = StepEngine()
-        async with served(engine) as (_, client, target):
+        async with served(engine, kind) as (_, client, target):
             readers = await streaming(engine, client, target, 3)
             broken = client._connections[target.address]
-            broken._call.cancel()  # the connection breaks under its requests
+            broken.call.cancel()  # the connection breaks under its requests
             results = await asyncio.gather(*readers, return_exceptions=True)
             assert all(isinstance(r, ConnectionError) for r in results), results
             await async_wait_until(lambda: engine.in_flight == 0, 5, message="the replica closed their streams")
@@ -260,15 +273,15 @@ def test_after_a_broken_connection_the_next_request_opens_a_new_one():
     run(main())
 
 
-def test_chunks_received_before_a_break_are_read_then_connection_error_not_a_refusal():
+def test_chunks_received_before_a_break_are_read_then_connection_error_not_a_refusal(kind):
     async def main():
         engine = StepEngine()
-        async with served(engine) as (_, client, target):
+        async with served(engine, kind) as (_, client, target):
             stream = client.open(target, req(100, 1))
             await async_wait_until(lambda: engine.in_flight == 1, 5, message="running")
             engine.step()
             await async_wait_until(lambda: stream.started, 5, message="a chunk received")
-            client._connections[target.address]._call.cancel()
+            client._connections[target.address].call.cancel()
             got = []
             with pytest.raises(ConnectionError):
                 async for chunk in stream:
@@ -277,10 +290,10 @@ def test_chunks_received_before_a_break_are_read_then_connection_error_not_a_ref
     run(main())
 
 
-def test_a_replica_left_out_of_the_routable_set_finishes_its_requests_then_the_call_ends():
+def test_a_replica_left_out_of_the_routable_set_finishes_its_requests_then_the_call_ends(kind):
     async def main():
         engine = FakeEngine(gap_s=0.02)
-        async with served(engine) as (_, client, target):
+        async with served(engine, kind) as (_, client, target):
             running = client.open(target, request(20))
             reader = asyncio.ensure_future(collect(running))
             await until_started([running])
@@ -292,8 +305,8 @@ def test_a_replica_left_out_of_the_routable_set_finishes_its_requests_then_the_c
     run(main())
 
 
-def test_a_plaintext_replica_serves_the_multiplexed_stream_too():
+def test_a_plaintext_replica_serves_the_multiplexed_stream_too(kind):
     async def main():
-        async with served(FakeEngine(), None) as (_, client, target):
+        async with served(FakeEngine(), kind, None) as (_, client, target):
             assert target.trust_pem == "" and len(await collect(client.open(target, request(3)))) == 3
     run(main())
