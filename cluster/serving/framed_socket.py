@@ -168,12 +168,20 @@ class FramedCall:
 
     def __init__(self, target: DirectAddress, window: int) -> None:
         self.connected = False
+        self.unreachable = ""  # why connecting failed, when it did for want of a connection (not a refusal)
         self._reader: asyncio.StreamReader | None = None
         self._writer: asyncio.StreamWriter | None = None
         self._connecting = asyncio.ensure_future(self._connect(target, window))
         self._connecting.add_done_callback(lambda f: f.cancelled() or f.exception())  # read() reports it
 
     async def _connect(self, target: DirectAddress, window: int) -> None:
+        try:
+            await self._handshake(target, window)
+        except (OSError, TimeoutError, asyncio.IncompleteReadError) as err:
+            self.unreachable = repr(err)
+            raise
+
+    async def _handshake(self, target: DirectAddress, window: int) -> None:
         host, port = _split(target.socket)
         context = _client_context(target) if target.trust_pem else None
         token = target.token.encode()

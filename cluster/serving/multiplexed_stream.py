@@ -30,6 +30,7 @@ new requests, lets the accepted ones finish, then ends the call.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import pickle
 from typing import AsyncIterator, Awaitable, Callable
@@ -243,16 +244,35 @@ class MultiplexedClient:
     def __init__(self, channels: DirectStreamClient) -> None:
         self._channels = channels
         self._connections: dict[str, Connection] = {}
+        self._unreachable_sockets: dict[str, str] = {}  # replica address -> its socket this front door cannot reach
 
     def ready(self, target: DirectAddress) -> bool:
         """Whether a request to `target` goes out now without waiting for a connection; starts
         connecting if it would wait (the request then takes the Serve handle meanwhile)."""
+        target = self._usable(target)
         if not target.socket:
             return self._channels.ready(target)
         return self._connection(target).call.connected
 
     def open(self, target: DirectAddress, request: GenerateRequest) -> "MultiplexedStream":
-        return self._connection(target).open(request)
+        return self._connection(self._usable(target)).open(request)
+
+    def _usable(self, target: DirectAddress) -> DirectAddress:
+        """`target`, without its socket if this front door could not connect to it (a network
+        policy that lets only the gRPC port through, say): then the Multiplex call carries the
+        stream instead of every request taking the Serve handle."""
+        if not target.socket:
+            return target
+        connection = self._connections.get(target.address)
+        if (connection is not None and connection.broken and connection.target == target
+                and getattr(connection.call, "unreachable", "")
+                and self._unreachable_sockets.get(target.address) != target.socket):
+            self._unreachable_sockets[target.address] = target.socket
+            log.warning("multiplexed stream: cannot connect to replica socket %s (%s); using its gRPC "
+                        "Multiplex call at %s instead", target.socket, connection.call.unreachable, target.address)
+        if self._unreachable_sockets.get(target.address) == target.socket:
+            return dataclasses.replace(target, socket="")
+        return target
 
     def _connection(self, target: DirectAddress) -> "Connection":
         connection = self._connections.get(target.address)
@@ -276,6 +296,8 @@ class MultiplexedClient:
         """Replicas no longer routable: their connections end once their requests have."""
         for address in [a for a in self._connections if a not in addresses]:
             self._connections.pop(address).drain()
+        for address in [a for a in self._unreachable_sockets if a not in addresses]:
+            del self._unreachable_sockets[address]
 
     async def close(self) -> None:
         connections, self._connections = list(self._connections.values()), {}

@@ -3,9 +3,9 @@
 The Serve router chooses the replica either way (router.GptossRouter). When the chosen replica
 publishes a direct-stream address and the front door's channel to it is connected, the tokens
 come straight from it (direct_stream.py, or multiplexed_stream.py when the replica serves that
-kind, on framed_socket.py's socket where the replica has one); otherwise, and whenever a replica refuses a direct stream before its first token (full,
-stopping, unreachable), the request goes through the Serve handle, whose router queues it,
-re-routes it, or refuses it as Serve does.
+kind, on framed_socket.py's socket where the replica has one); otherwise, and whenever a replica
+refuses a direct stream before its first token (full, stopping, unreachable), the request goes
+through the Serve handle, whose router queues it, re-routes it, or refuses it as Serve does.
 
 Serve's router waits for a replica for as long as it takes (none routable: all dead, or not
 placed yet); ours gives up after `replica_wait_s` with NoReplicaError, which the front door

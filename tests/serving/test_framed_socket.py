@@ -2,8 +2,9 @@
 only this transport has to get right. The handshake is read before anything is unpickled: garbage,
 an oversized message, a wrong token or a silent peer is turned away and the replica goes on
 serving; a front door reports the connection ready only once it is up; an unreachable socket or an
-untrusted certificate is a refusal (the request then takes the Serve handle); both ends ask the
-kernel to notice a dead peer. What every multiplexed transport must do alike is in
+untrusted certificate is a refusal (the request then takes the Serve handle), and a socket that
+cannot be reached is left for the replica's gRPC call; both ends ask the kernel to notice a dead
+peer. What every multiplexed transport must do alike is in
 test_multiplexed_stream.py and test_direct_stream.py, run on this one too."""
 
 from __future__ import annotations
@@ -113,20 +114,41 @@ def test_ready_only_once_connected_and_requests_opened_before_that_wait_for_it()
     run(main())
 
 
-def test_an_unreachable_socket_or_an_untrusted_certificate_is_a_refusal():
+def test_an_unreachable_socket_is_a_refusal_then_the_grpc_call_carries_the_stream(caplog):
+    """A front door that cannot reach a replica's socket (a network policy letting only the gRPC
+    port through, say) refuses the first request (it takes the Serve handle) and then streams on
+    the replica's gRPC Multiplex call instead, saying so once."""
     async def main():
-        async with served(FakeEngine()) as (_, client, target):
-            host, port = framed_socket._split(target.socket)
+        async with served(FakeEngine()) as (_, _client, target):
+            host, _ = framed_socket._split(target.socket)
             with socket.socket() as unused:
                 unused.bind((host, 0))
                 closed_port = unused.getsockname()[1]
-            nobody = dataclasses.replace(target, socket=f"{host}:{closed_port}", address="elsewhere:1")
-            with pytest.raises(Rejected, match="unreachable"):
-                await collect(client.open(nobody, request()))
+            blocked = dataclasses.replace(target, socket=f"{host}:{closed_port}")
+            client = MultiplexedClient(DirectStreamClient())
+            try:
+                with pytest.raises(Rejected, match="unreachable"):
+                    await collect(client.open(blocked, request()))
+                await async_wait_until(lambda: client.ready(blocked), 5, message="the gRPC channel ready")
+                await still_serves(client, blocked)
+                assert type(client._connections[target.address].call).__name__ == "_GrpcCall"
+                await still_serves(client, blocked)
+            finally:
+                await client._channels.close()
+                await client.close()
+        assert sum("cannot connect to replica socket" in r.getMessage() for r in caplog.records) == 1
+    run(main())
+
+
+def test_an_untrusted_certificate_is_a_refusal():
+    async def main():
+        async with served(FakeEngine()) as (_, client, target):
+            host, _ = framed_socket._split(target.socket)
             stranger = DirectStreamTls.self_signed(host).trust_pem.decode()
             impostor = dataclasses.replace(target, trust_pem=stranger, address="impostor:1")
             with pytest.raises(Rejected, match="unreachable"):
                 await collect(client.open(impostor, request()))
+            assert "CERTIFICATE_VERIFY_FAILED" in client._connections["impostor:1"].call.unreachable
             await still_serves(client, target)
     run(main())
 
