@@ -80,6 +80,9 @@ def end_session(sid: int, timeout: float) -> list[int]:
             os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
+    deadline = time.monotonic() + 5.0  # a killed process is gone only once the kernel has torn it down
+    while left and session_members(sid) and time.monotonic() < deadline:
+        time.sleep(0.05)
     return left
 
 
