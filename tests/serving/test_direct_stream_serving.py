@@ -107,6 +107,7 @@ def test_requests_go_direct_once_the_channel_is_up_and_carry_the_same_tokens(ray
         assert app.multiplexed_connections() == (kind != "per_request")
         if kind == "socket":
             connection, = app.door.server._inference._replicas._multiplexed._connections.values()
+            assert type(connection.call).__name__ == "FramedCall"  # the replica's own socket, not a gRPC call
             assert connection.call.connected and connection.messages >= 3
         # A bad request is refused by the front door and never opens a stream.
         with pytest.raises(grpc.RpcError) as refused:
