@@ -101,14 +101,18 @@ def test_chunks_arrive_in_order_and_the_address_is_published():
     run(main())
 
 
-def test_a_prompt_filling_a_128k_context_goes_through():
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_prompt_filling_a_128k_context_goes_through(kind):
     async def main():
         engine = FakeEngine()
-        async with served(engine) as (_, client, target):
+        async with served(engine, kind=kind) as (_, client, target):
             long = GenerateRequest(prompt_token_ids=tuple(range(100_000, 100_000 + 131_072)),
                                    sampling=SamplingParams(max_tokens=2))
             chunks = await collect(client.open(target, long))
             assert [c.token_ids for c in chunks] == [(100_000,), (100_001,)]
+            if kind != "per_request":  # eight at once leave in one message of ~6 MB
+                together = await asyncio.gather(*(collect(client.open(target, long)) for _ in range(8)))
+                assert [len(chunks) for chunks in together] == [2] * 8
     run(main())
 
 
