@@ -219,8 +219,7 @@ class DirectStreamServer:
         if self._multiplexed is not None:
             self._multiplexed.drain()
         server, self._server = self._server, None
-        await asyncio.gather(server.stop(grace_s) if server is not None else asyncio.sleep(0),
-                             self._framed.stop(grace_s) if self._framed is not None else asyncio.sleep(0))
+        await asyncio.gather(*(s.stop(grace_s) for s in (server, self._framed) if s is not None))
 
     async def _refuse(self, context: grpc.aio.ServicerContext, why: str, code: grpc.StatusCode) -> None:
         context.set_trailing_metadata(((REFUSED_HEADER, why),))

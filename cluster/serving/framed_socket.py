@@ -60,6 +60,11 @@ def _keepalive(writer: asyncio.StreamWriter) -> None:
             sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, option), value)
 
 
+def hello(token: bytes, window: int) -> bytes:
+    """What a front door sends first: MAGIC, the token's length and the token, its credit window."""
+    return MAGIC + bytes([len(token)]) + token + _LENGTH.pack(window)
+
+
 async def _read_message(reader: asyncio.StreamReader) -> bytes | None:
     """The next message; None when the peer closed the connection between messages."""
     try:
@@ -184,13 +189,12 @@ class FramedCall:
     async def _handshake(self, target: DirectAddress, window: int) -> None:
         host, port = _split(target.socket)
         context = _client_context(target) if target.trust_pem else None
-        token = target.token.encode()
         async with asyncio.timeout(CONNECT_S):
             reader, writer = await asyncio.open_connection(
                 host, port, ssl=context, server_hostname=(target.server_name or host) if context else None)
             try:
                 _keepalive(writer)
-                writer.write(MAGIC + bytes([len(token)]) + token + _LENGTH.pack(window))
+                writer.write(hello(target.token.encode(), window))
                 answer = await reader.readexactly(1)
             except BaseException:
                 writer.close()

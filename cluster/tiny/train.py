@@ -317,7 +317,7 @@ def _model_at_start(settings: TrainSettings, full: GptOssConfig, vocab_ids: list
         return model, []
     if saved["vocab_ids"].tolist() != vocab_ids:
         raise OtherMainState("the main steps' end state is of another curriculum (its rows differ); "
-                         "train from scratch with this one")
+                             "train from scratch with this one")
     model.load_state_dict(saved["state"])
     if settings.qat_from < settings.steps:  # else the loop's first step starts the rounding
         round_experts_in_forward(model)

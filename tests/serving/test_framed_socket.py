@@ -58,8 +58,7 @@ def test_a_wrong_token_is_told_so_and_nothing_after_it_is_read():
         engine = FakeEngine()
         async with served(engine, tls=None) as (server, client, target):
             reader, writer = await raw_connection(target)
-            writer.write(framed_socket.MAGIC + bytes([5]) + b"wrong" + (0).to_bytes(4, "little")
-                         + (8).to_bytes(4, "little") + b"\x80\x05not a pickle")
+            writer.write(framed_socket.hello(b"wrong", 0) + (8).to_bytes(4, "little") + b"\x80\x05not a pickle")
             assert await asyncio.wait_for(reader.read(), 5) == framed_socket.WRONG_TOKEN
             writer.close()
             assert not engine.started.is_set() and not server._framed._connections
@@ -72,9 +71,8 @@ def test_an_oversized_message_after_the_handshake_ends_that_connection_only():
         engine = FakeEngine()
         async with served(engine, tls=None) as (_, client, target):
             await still_serves(client, target)
-            token = target.token.encode()
             reader, writer = await raw_connection(target)
-            writer.write(framed_socket.MAGIC + bytes([len(token)]) + token + (0).to_bytes(4, "little"))
+            writer.write(framed_socket.hello(target.token.encode(), 0))
             assert await reader.readexactly(1) == framed_socket.OK
             writer.write((framed_socket.MAX_MESSAGE + 1).to_bytes(4, "little"))
             assert await asyncio.wait_for(reader.read(), 5) == b""
