@@ -430,6 +430,10 @@ class FrontdoorConfig(Section):
     load_poll_interval_s: float = Field(5.0, ge=0)
     """Seconds between polls of the replicas' load reports for the gptoss_replica_* metrics (0: no
     polling; GetLoads still refreshes them)."""
+    slow_first_token_s: float = Field(0.0, ge=0)
+    """Log a warning for every stream, either API, whose first token took longer than this many
+    seconds, with where the time went: the front door before the request left, the way to the
+    replica and back, the replica (its engine's queue and prefill), the front door after (0: off)."""
     usage_log: str = ""
     """Where usage records go (one JSON line per finished Generate/Chat call, cluster/frontdoor/usage.py):
     "stdout", "stderr", a file path, or "" (the `gptoss.usage` logger, off at the default log level)."""

@@ -76,6 +76,9 @@ class TokenChunk:
     cached_prompt_tokens: int = 0
     # One entry per token id when the request asked for logprobs, else empty.
     logprobs: tuple[TokenLogprobs, ...] = ()
+    # Set by the replica on a stream's first chunk: seconds from the replica taking the request to
+    # that chunk (the engine's queue and prefill), for the front door's slow-first-token log.
+    replica_first_chunk_s: float | None = None
 
 
 @dataclass(frozen=True)

@@ -5,6 +5,7 @@ The per-method metric children are looked up once (MethodMetrics) rather than on
 
 from __future__ import annotations
 
+import logging
 import time
 from typing import Callable
 
@@ -13,6 +14,8 @@ import grpc
 from cluster.frontdoor import errors
 from cluster.frontdoor.usage import Usage
 from cluster.metrics import FrontdoorMetrics
+
+log = logging.getLogger(__name__)
 
 
 class MethodMetrics:
@@ -30,7 +33,8 @@ class MethodMetrics:
 class CallRecord:
     """The bookkeeping of one call, from admission until end()."""
 
-    def __init__(self, metrics: FrontdoorMetrics, method: str, children: MethodMetrics, api: str = "grpc") -> None:
+    def __init__(self, metrics: FrontdoorMetrics, method: str, children: MethodMetrics, api: str = "grpc",
+                 slow_first_token_s: float = 0.0) -> None:
         self.metrics = metrics
         self.method = method
         self.api = api
@@ -45,6 +49,18 @@ class CallRecord:
         # after reading it without waiting for the status (as gRPC clients may) ends an answered call.
         self.answered = False
         self.release: Callable[[], None] = self.end  # the call ended: out of flight, counted, billed
+        # The first token's way, logged when it took over slow_first_token_s (0: never)
+        self.log: logging.LoggerAdapter | logging.Logger = log  # the call's (request_id=...) once admitted
+        self._slow_first_token_s = slow_first_token_s
+        self.dispatched_at: float | None = None  # the request left for a replica
+        self.first_chunk_at: float | None = None  # the replica's first chunk arrived
+        self._replica_first_chunk_s: float | None = None
+
+    def first_chunk(self, replica_first_chunk_s: float | None) -> None:
+        """The replica's first chunk arrived, with the replica's own time to it (None from a replica
+        that does not say)."""
+        self.first_chunk_at = time.perf_counter()
+        self._replica_first_chunk_s = replica_first_chunk_s
 
     def prompt(self, n_tokens: int) -> None:
         self._m.prompt_tokens.inc(n_tokens)
@@ -56,7 +72,10 @@ class CallRecord:
         histogram = self._m.itl
         if self._last_token_at is None:
             # The first token's wait is time to first token; tokens that came with it waited 0.
-            self._m.ttft.observe(now - self.start)
+            ttft = now - self.start
+            self._m.ttft.observe(ttft)
+            if self._slow_first_token_s and ttft > self._slow_first_token_s:
+                self._log_slow_first_token(now)
             for _ in range(n_tokens - 1):
                 histogram.observe(0.0)
         else:
@@ -67,6 +86,22 @@ class CallRecord:
                 histogram.observe(per_token)
         self._last_token_at = now
         self._m.completion_tokens.inc(n_tokens)
+
+    def _log_slow_first_token(self, now: float) -> None:
+        """Where a slow first token's time went, in ms: the front door before the request left
+        (admission, conversion, routing), the way to the replica and back (the transport, and Serve's
+        queue on the handle path), the replica (its engine's queue and prefill), and the front door
+        after the first chunk came (stop sequences, text, the message handed to the transport)."""
+        def ms(seconds: float | None) -> str:
+            return "?" if seconds is None else f"{seconds * 1000.0:.1f}"
+
+        dispatched, back, replica = self.dispatched_at, self.first_chunk_at, self._replica_first_chunk_s
+        before = None if dispatched is None else dispatched - self.start
+        way = None if None in (dispatched, back, replica) else back - dispatched - replica
+        after = None if back is None else now - back
+        self.log.warning("slow first token: ttft_ms=%s frontdoor_before_ms=%s to_replica_and_back_ms=%s "
+                         "replica_ms=%s frontdoor_after_ms=%s (api=%s)", ms(now - self.start), ms(before), ms(way),
+                         ms(replica), ms(after), self.api)
 
     def failed(self, status: errors.RpcError) -> None:
         """The call ends with `status` (a refusal for lack of room is also counted as one)."""

@@ -210,7 +210,8 @@ class FrontdoorServer:
         inference = self._inference = InferenceServicer(handle, self.info, self.metrics, self.admission,
                                                         replica_wait_s=self._config.replica_wait_s,
                                                         migration_attempts=self._config.migration_attempts,
-                                                        usage=usage)
+                                                        usage=usage,
+                                                        slow_first_token_s=self._config.slow_first_token_s)
         server.add_generic_rpc_handlers((
             generic_handler(inference, pb.DESCRIPTOR.services_by_name["Inference"]),
             generic_handler(AdminServicer(self), admin_pb2.DESCRIPTOR.services_by_name["Admin"]),

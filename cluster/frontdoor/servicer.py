@@ -76,8 +76,9 @@ async def fail(context: grpc.aio.ServicerContext, err: BaseException, call: Call
 class InferenceServicer(pb_grpc.InferenceServicer):
     def __init__(self, handle: DeploymentHandle, info: ModelInfo, metrics: FrontdoorMetrics,
                  admission: Admission, *, replica_wait_s: float = 30.0, migration_attempts: int = 3,
-                 usage: UsageRecorder | None = None) -> None:
+                 usage: UsageRecorder | None = None, slow_first_token_s: float = 0.0) -> None:
         self._handle = handle
+        self._slow_first_token_s = slow_first_token_s
         self._migration_attempts = migration_attempts
         self._replicas = ReplicaStreams(handle, replica_wait_s)
         self._info = info
@@ -109,8 +110,9 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         `problem`: one more reason to refuse the call (an HTTP header that did not parse).
         An exception from the body leaves as the status errors.status_for chooses, through `answer`.
         A body that hands the call on (record.detached) leaves record.release() to its new owner."""
-        record = CallRecord(self._metrics, method, self._method_metrics(method, api), api)
+        record = CallRecord(self._metrics, method, self._method_metrics(method, api), api, self._slow_first_token_s)
         call, metadata_problem = self._admission.open(method, context)
+        record.log = call.logger(log)
 
         def release() -> None:
             self._admission.leave(call)
@@ -218,6 +220,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
                                      resumes_constrained=self._info.resumes_constrained)
             try:
                 await call.announce(context)
+                record.dispatched_at = time.perf_counter()
                 yield stream
             finally:
                 stream.close()
@@ -244,6 +247,8 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         stream = ChatStream(stops if not internal.sampling.ignore_stop else (), return_token_ids)
         async with self._replica_chunks(internal, call, context, record) as chunks:
             async for chunk in chunks:
+                if record.first_chunk_at is None:
+                    record.first_chunk(chunk.replica_first_chunk_s)
                 before = stream.completion_tokens
                 deltas = stream.feed(chunk.token_ids, logprobs_to_proto(chunk.logprobs))
                 finished = chunk.finish_reason is not None or stream.stop_sequence is not None
@@ -275,6 +280,8 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         stream = GenerateStream(tuple(stops) if not internal.sampling.ignore_stop else (), send_text)
         async with self._replica_chunks(internal, call, context, record) as chunks:
             async for chunk in chunks:
+                if record.first_chunk_at is None:
+                    record.first_chunk(chunk.replica_first_chunk_s)
                 before = stream.completion_tokens
                 out = stream.feed(chunk.token_ids, logprobs_to_proto(chunk.logprobs),
                                   last=chunk.finish_reason is not None)

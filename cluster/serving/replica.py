@@ -202,10 +202,16 @@ class ModelReplica:
         """One request's chunks, through Serve (generate) or the direct stream alike.
 
         The client's deadline travels with the request: past it the engine's stream is closed
-        (which stops decoding) and TimeoutError reaches the front door as DEADLINE_EXCEEDED."""
+        (which stops decoding) and TimeoutError reaches the front door as DEADLINE_EXCEEDED.
+        The first chunk carries how long the replica took to it (TokenChunk.replica_first_chunk_s)."""
         self._in_flight += 1
+        started = time.perf_counter()
+        first = True
         try:
             async for chunk in stream_until_deadline(self._engine.generate(request), request.deadline_s):
+                if first:
+                    first = False
+                    chunk = dataclasses.replace(chunk, replica_first_chunk_s=time.perf_counter() - started)
                 yield chunk
         finally:
             self._in_flight -= 1

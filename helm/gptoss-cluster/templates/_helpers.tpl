@@ -100,7 +100,7 @@ configuration, validated by the same code (tests/helm/test_helm_serve_config.py 
 {{- $l := $v.frontdoor.limits -}}
 {{- $limits := dict "requests_per_s" $l.requestsPerS "request_burst" $l.requestBurst "tokens_per_s" $l.tokensPerS "token_burst" $l.tokenBurst "tokens_per_min" $l.tokensPerMin "max_concurrent_streams" (int $l.maxConcurrentStreams) "max_context_tokens" (int $l.maxContextTokens) "max_output_tokens" (int $l.maxOutputTokens) -}}
 {{- if $v.frontdoor.tenants }}{{ $_ := set $limits "tenants_file" "/etc/gptoss/config/tenants.yaml" }}{{ end -}}
-{{- $frontdoor := dict "host" "0.0.0.0" "grpc_port" $v.frontdoor.grpcPort "metrics_port" $v.frontdoor.metricsPort "grace_period_s" $v.frontdoor.gracePeriodS "max_concurrent_rpcs" $v.frontdoor.maxConcurrentRpcs "replica_wait_s" $v.frontdoor.replicaWaitS "migration_attempts" (int $v.frontdoor.migrationAttempts) "load_poll_interval_s" $v.frontdoor.loadPollIntervalS "usage_log" $v.frontdoor.usageLog "auth" $auth "limits" $limits -}}
+{{- $frontdoor := dict "host" "0.0.0.0" "grpc_port" $v.frontdoor.grpcPort "metrics_port" $v.frontdoor.metricsPort "grace_period_s" $v.frontdoor.gracePeriodS "max_concurrent_rpcs" $v.frontdoor.maxConcurrentRpcs "replica_wait_s" $v.frontdoor.replicaWaitS "migration_attempts" (int $v.frontdoor.migrationAttempts) "load_poll_interval_s" $v.frontdoor.loadPollIntervalS "slow_first_token_s" $v.frontdoor.slowFirstTokenS "usage_log" $v.frontdoor.usageLog "auth" $auth "limits" $limits -}}
 {{- if $tls }}{{ $_ := set $frontdoor "tls" $tls }}{{ end -}}
 {{- $_ := set $frontdoor "http_port" (ternary (int $v.frontdoor.http.port) -1 $v.frontdoor.http.enabled) -}}
 {{- $r := $v.frontdoor.responses -}}
