@@ -140,6 +140,11 @@ class RunResult:
     client_cpu_s: float | None = None  # the load generator's CPU seconds for the whole run (run_load_apart)
 
 
+def bench_request_id(index: int, warmup: bool = False) -> str:
+    """The x-request-id of a run's request `index` (the servers' logs name it)."""
+    return f"bench-{'w' if warmup else 'r'}{index}"
+
+
 def build_request(spec: RequestSpec, plan: LoadPlan, index: int):
     seed = plan.request_seed(index)
     sampling = pb.SamplingParams(max_tokens=spec.max_tokens, ignore_stop=plan.ignore_stop,
@@ -227,7 +232,7 @@ class LoadGenerator:
     async def _one_grpc(self, index: int, scheduled_s: float | None, warmup: bool) -> RequestRecord:
         spec = self.workload.request(index)
         stub = self._stubs[index % len(self._stubs)]
-        request_id = f"bench-{'w' if warmup else 'r'}{index}"
+        request_id = bench_request_id(index, warmup)
         request = build_request(spec, self.plan, index)
         method = stub.Generate if self.plan.api == "generate" else stub.Chat
         record = RequestRecord(index=index, session_id=spec.session_id)
@@ -268,7 +273,7 @@ class LoadGenerator:
 
         spec = self.workload.request(index)
         route, body = http_request(spec, self.plan, index, self._model)
-        headers = dict(self.connection.call_metadata(spec.session_id, f"bench-{'w' if warmup else 'r'}{index}"))
+        headers = dict(self.connection.call_metadata(spec.session_id, bench_request_id(index, warmup)))
         headers["x-request-timeout"] = str(self.plan.timeout_s)
         record = RequestRecord(index=index, session_id=spec.session_id)
         stamps: list[float] = []

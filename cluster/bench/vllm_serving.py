@@ -25,7 +25,8 @@ frontdoor_cpu_ratio_vs_api_server and serving_path_cpu_ratio_vs_api_server (CPU 
 streamed tokens of the throughput run, from /proc: our front door, and our front door + replica
 actor, against plain vLLM's API server process; the engines' own processes are left out on both
 sides; < 1: ours costs less), and each side's figures, including its worst first-token time beyond
-the median at concurrency 1 (stalls).
+the median at concurrency 1 (stalls). Ours runs with frontdoor.slow_first_token_s at STALL_MS, so
+each of its stalls comes with the front door's line saying where that first token's time went.
 Run it from the vLLM tier's virtualenv (scripts/vllm-tier.sh), where both servers can start.
 """
 
@@ -98,7 +99,9 @@ def ours_env(args: argparse.Namespace, model: Path, env: dict) -> dict:
                 GPTOSS_ENGINE_VLLM_CPU_KV_CACHE_SPACE_GIB=str(args.kv_cache_gib),
                 GPTOSS_ENGINE_VLLM_CPU_OMP_THREADS_BIND=args.threads_bind,
                 GPTOSS_SERVING_MAX_ONGOING_REQUESTS=str(max(128, 2 * args.concurrency)),
-                GPTOSS_SERVING_APP_NAME="gptoss-vllm-bench")
+                GPTOSS_SERVING_APP_NAME="gptoss-vllm-bench",
+                # every stall's first token gets a line in ours' log saying where its time went
+                GPTOSS_FRONTDOOR_SLOW_FIRST_TOKEN_S=f"{STALL_MS / 1000.0:g}")
 
 
 def _wait_http(server, url: str, deadline: float) -> None:
@@ -143,14 +146,38 @@ def stall_ms(records) -> float:
 
 
 def stalls(run) -> list[dict]:
-    """The requests of a run whose first token came over STALL_MS after the median's: when each was
-    sent (wall clock, to find it in the servers' logs) and its first-token time."""
+    """The requests of a run whose first token came over STALL_MS after the median's: its request id
+    and when it was sent (wall clock), to find it in the servers' logs, and its first-token time."""
     timed = [r for r in run.records if r.ok and r.ttft_s is not None]
     if not timed:
         return []
     median = statistics.median(r.ttft_s for r in timed)
-    return [{"sent_unix": round(run.started_unix + r.sent_s, 3), "ttft_ms": round(r.ttft_s * 1000.0, 1)}
+    from cluster.bench.loadgen import bench_request_id
+
+    return [{"request_id": bench_request_id(r.index), "sent_unix": round(run.started_unix + r.sent_s, 3),
+             "ttft_ms": round(r.ttft_s * 1000.0, 1)}
             for r in timed if (r.ttft_s - median) * 1000.0 > STALL_MS]
+
+
+SLOW_FIRST_TOKEN = "slow first token: "  # the front door's line (frontdoor.slow_first_token_s)
+
+
+def explain_stalls(found: list[dict], log_path: Path) -> None:
+    """Give each stall of ours the front door's account of where its first token's time went: the
+    line its log has for that request id, written between the request's sending and a second after
+    its first token (the load run reuses the request ids)."""
+    from calendar import timegm
+
+    with open(log_path, errors="replace") as f:
+        lines = [line for line in f if SLOW_FIRST_TOKEN in line and line.startswith("ts=")]
+    for stall in found:
+        for line in lines:
+            stamp = line[3:line.index(" ")]  # 2026-12-06T11:09:20.123Z
+            logged = timegm(time.strptime(stamp[:19], "%Y-%m-%dT%H:%M:%S")) + float(stamp[19:-1] or 0)
+            if (f"request_id={stall['request_id']} " in line
+                    and stall["sent_unix"] - 1.0 <= logged <= stall["sent_unix"] + stall["ttft_ms"] / 1000.0 + 1.0):
+                stall["where"] = line.split(SLOW_FIRST_TOKEN, 1)[1].rstrip().rstrip('"')
+                break
 
 
 def _measure(side: str, target: str, api: str, args: argparse.Namespace, round_no: int,
@@ -257,7 +284,12 @@ def _run_side(side: str, args: argparse.Namespace, model: Path, tokenizer: Path 
         _log(f"ours up in {time.monotonic() - started:.0f} s")
         target = (line.split("gRPC ")[1].split()[0] if args.ours_api == "generate"
                   else line.split("HTTP http://")[1].split()[0])
-        return _measure(side, target, args.ours_api, args, round_no, serving_path_processes(side, server.proc.pid))
+        figures = _measure(side, target, args.ours_api, args, round_no, serving_path_processes(side, server.proc.pid))
+        explain_stalls(figures["c1"]["ttft_stalls"], server.log_path)
+        for stall in figures["c1"]["ttft_stalls"]:
+            where = stall.get("where", f"no line in {server.log_path}")
+            _log(f"round {round_no} ours : {stall['request_id']}: {where}")
+        return figures
     finally:
         server.stop(60.0)
 

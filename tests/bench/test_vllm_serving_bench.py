@@ -91,8 +91,59 @@ def test_stalls_name_when_each_slow_first_token_was_sent():
                for i, ttft in enumerate([0.05, 0.06, 0.05, 0.9, 0.07, 0.30])]
     run = RunResult(LoadPlan(concurrency=1, num_requests=6), records, started_unix=1_000.0)
     # 0.30 s is 0.235 s beyond the median (0.065 s): not a stall; 0.9 s is
-    assert vllm_serving.stalls(run) == [{"sent_unix": 1003.0, "ttft_ms": 900.0}]
+    assert vllm_serving.stalls(run) == [{"request_id": "bench-r3", "sent_unix": 1003.0, "ttft_ms": 900.0}]
     assert vllm_serving.stalls(RunResult(LoadPlan(concurrency=1, num_requests=1))) == []
+
+
+def test_each_stall_of_ours_gets_the_front_doors_line_for_its_request(tmp_path):
+    """The line comes from the front door's own code and log format (CallRecord, the call's logger,
+    KeyValueFormatter), as `gptoss-cluster serve` writes it to the log the bench keeps. The load run
+    reuses the request ids, so a line for the same id at another time is not taken."""
+    import logging
+    import time
+
+    from prometheus_client import CollectorRegistry
+
+    from cluster.frontdoor.call import CallInfo
+    from cluster.frontdoor.call_record import CallRecord, MethodMetrics
+    from cluster.logs import KeyValueFormatter
+    from cluster.metrics import FrontdoorMetrics
+
+    log_path = tmp_path / "ours-1.log"
+    handler = logging.FileHandler(log_path)
+    handler.setFormatter(KeyValueFormatter())
+    logger = logging.getLogger("test.vllm_serving.frontdoor")
+    logger.addHandler(handler)
+    metrics = FrontdoorMetrics(CollectorRegistry())
+
+    def first_token(request_id: str, replica_s: float) -> float:
+        record = CallRecord(metrics, "Generate", MethodMetrics(metrics, "Generate"), slow_first_token_s=1e-6)
+        record.log = CallInfo("Generate", request_id).logger(logger)
+        record.dispatched_at = record.start
+        record.first_chunk(replica_s)
+        sent = time.time()
+        record.tokens(1)
+        return sent
+
+    try:
+        first_token("bench-r3", 0.1)  # the load run's bench-r3, earlier
+        time.sleep(1.5)
+        sent = first_token("bench-r3", 0.2)
+        first_token("bench-r4", 0.3)
+    finally:
+        logger.removeHandler(handler)
+        handler.close()
+    found = [{"request_id": "bench-r3", "sent_unix": sent, "ttft_ms": 300.0},
+             {"request_id": "bench-r9", "sent_unix": sent, "ttft_ms": 300.0}]
+    vllm_serving.explain_stalls(found, log_path)
+    assert found[0]["where"].startswith("ttft_ms=") and "replica_ms=200.0" in found[0]["where"], found[0]
+    assert "where" not in found[1]
+    assert len(log_path.read_text().splitlines()) == 3
+
+
+def test_ours_logs_every_first_token_a_stall_could_be():
+    config = load_config(env=vllm_serving.ours_env(_args(), Path("/models/tiny-vllm"), {}))
+    assert 0 < config.frontdoor.slow_first_token_s <= vllm_serving.STALL_MS / 1000.0
 
 
 def test_a_completions_chunk_with_token_ids_but_no_text_is_output():
