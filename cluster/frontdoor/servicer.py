@@ -212,6 +212,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         self.admit_stream()  # every stream of both APIs (a gRPC call was checked before its conversion too)
         self._streams_in_flight += 1
         try:
+            record.dispatched_at = time.perf_counter()  # the stream sends the request as it is made
             stream = MigratingStream(self._replicas, request, attempts=self._migration_attempts,
                                      default_max_tokens=self._info.default_max_tokens,
                                      context_length=self._info.context_length,
@@ -220,7 +221,6 @@ class InferenceServicer(pb_grpc.InferenceServicer):
                                      resumes_constrained=self._info.resumes_constrained)
             try:
                 await call.announce(context)
-                record.dispatched_at = time.perf_counter()
                 yield stream
             finally:
                 stream.close()
