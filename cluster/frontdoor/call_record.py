@@ -89,7 +89,7 @@ class CallRecord:
 
     def _log_slow_first_token(self, now: float) -> None:
         """Where a slow first token's time went, in ms: the front door before the request left
-        (admission, conversion, routing), the way to the replica and back (the transport, and Serve's
+        (admission, conversion), the way to the replica and back (routing, the transport, and Serve's
         queue on the handle path), the replica (its engine's queue and prefill), and the front door
         after the first chunk came (stop sequences, text, the message handed to the transport)."""
         def ms(seconds: float | None) -> str:
