@@ -148,12 +148,12 @@ def stall_ms(records) -> float:
 def stalls(run) -> list[dict]:
     """The requests of a run whose first token came over STALL_MS after the median's: its request id
     and when it was sent (wall clock), to find it in the servers' logs, and its first-token time."""
+    from cluster.bench.loadgen import bench_request_id
+
     timed = [r for r in run.records if r.ok and r.ttft_s is not None]
     if not timed:
         return []
     median = statistics.median(r.ttft_s for r in timed)
-    from cluster.bench.loadgen import bench_request_id
-
     return [{"request_id": bench_request_id(r.index), "sent_unix": round(run.started_unix + r.sent_s, 3),
              "ttft_ms": round(r.ttft_s * 1000.0, 1)}
             for r in timed if (r.ttft_s - median) * 1000.0 > STALL_MS]
@@ -166,16 +166,14 @@ def explain_stalls(found: list[dict], log_path: Path) -> None:
     """Give each stall of ours the front door's account of where its first token's time went: the
     line its log has for that request id, written between the request's sending and a second after
     its first token (the load run reuses the request ids)."""
-    from calendar import timegm
+    from cluster.logs import logged_at
 
     with open(log_path, errors="replace") as f:
         lines = [line for line in f if SLOW_FIRST_TOKEN in line and line.startswith("ts=")]
     for stall in found:
+        sent, by = stall["sent_unix"], stall["sent_unix"] + stall["ttft_ms"] / 1000.0
         for line in lines:
-            stamp = line[3:line.index(" ")]  # 2026-12-06T11:09:20.123Z
-            logged = timegm(time.strptime(stamp[:19], "%Y-%m-%dT%H:%M:%S")) + float(stamp[19:-1] or 0)
-            if (f"request_id={stall['request_id']} " in line
-                    and stall["sent_unix"] - 1.0 <= logged <= stall["sent_unix"] + stall["ttft_ms"] / 1000.0 + 1.0):
+            if f"request_id={stall['request_id']} " in line and sent - 1.0 <= logged_at(line) <= by + 1.0:
                 stall["where"] = line.split(SLOW_FIRST_TOKEN, 1)[1].rstrip().rstrip('"')
                 break
 
