@@ -44,9 +44,14 @@ class ServingRuntime:
         Not serve.shutdown(): it waits on a controller task that only ends when the controller is
         killed, which Ray then reports on the terminal as a failed task. And when a signal to the
         whole process group (`timeout`, systemd) has already taken the local Ray processes down,
-        there is nothing left to delete gracefully: any call would wait out Ray's timeouts."""
+        there is nothing left to delete gracefully: any call would wait out Ray's timeouts.
+
+        The handle's router is shut down first: left running, its next metrics push (every few
+        seconds) after ray.shutdown() calls into Ray, which then starts a new local Ray instance
+        of its own (Ray's auto-init) and logs a traceback about an object of the old session."""
         try:
             if not self.started_ray or local_ray_alive():
+                self.handle.shutdown()
                 serve.delete(self.config.serving.app_name)
         finally:
             ray.shutdown()
