@@ -28,6 +28,8 @@ sides; < 1: ours costs less), and each side's figures, including its worst first
 the median at concurrency 1 (stalls). Ours runs with frontdoor.slow_first_token_s at STALL_MS, so
 each of its stalls comes with the front door's line saying where that first token's time went.
 Run it from the vLLM tier's virtualenv (scripts/vllm-tier.sh), where both servers can start.
+The servers' logs stay in the temporary directory it names first; the checkpoint it writes there
+(without --model) is removed at the end.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -348,10 +351,14 @@ def run(args: argparse.Namespace) -> int:
         env.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
     _log(f"checkpoint {model}; logs in {scratch}")
     runs: dict[str, list[dict]] = {side: [] for side in SIDES}
-    for round_no in range(1, args.rounds + 1):
-        order = SIDES if round_no % 2 else SIDES[::-1]
-        for side in order:
-            runs[side].append(_run_side(side, args, model, tokenizer, env, scratch, round_no))
+    try:
+        for round_no in range(1, args.rounds + 1):
+            order = SIDES if round_no % 2 else SIDES[::-1]
+            for side in order:
+                runs[side].append(_run_side(side, args, model, tokenizer, env, scratch, round_no))
+    finally:
+        if not args.model:  # the checkpoint written for this run goes; the servers' logs stay
+            shutil.rmtree(model, ignore_errors=True)
     figures = ratios(runs)
     if args.json_path:
         with open(args.json_path, "w") as f:

@@ -6,8 +6,10 @@ sizes are small so it fits a CI run, and the figures are only checked for being 
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -48,3 +50,8 @@ def test_bench_vllm_serving_compares_both_servers_on_one_workload(tmp_path):
         assert (load["completed"], load["output_tokens"]) == (8, 8 * 8)
         assert (c1["completed"], c1["output_tokens"]) == (4, 4 * 8)
         assert c1["ttft_ms"]["n"] == 4
+    # the checkpoint written for the run is removed at its end; the servers' logs stay, where it said
+    scratch = Path(result.stderr.split("; logs in ")[1].split()[0])
+    assert not (scratch / "tiny-vllm").exists()
+    assert {p.name for p in scratch.glob("*.log")} == {"plain-vllm-1.log", "ours-1.log"}
+    shutil.rmtree(scratch)
