@@ -1,13 +1,12 @@
 """ServingRuntime.stop() in a process that lives on after it (a test session, an embedding program):
 nothing of the stopped Serve app keeps calling into Ray. A DeploymentHandle's router pushes
-autoscaling metrics every metrics_interval_s; left running after ray.shutdown(), its next push made
-Ray start a whole new local instance (Ray's auto-init) and log a traceback about an object of the old
-session at each push after that. The driver runs in a subprocess: it starts and stops a Ray of its
-own, which the test session's Ray must not be."""
+autoscaling metrics every serving.autoscaling.metrics_interval_s; left running after
+ray.shutdown(), its next push made Ray start a whole new local instance (Ray's auto-init) and log
+a traceback about an object of the old session at each push after that. The driver runs in a
+subprocess: it starts and stops a Ray of its own, which the test session's Ray must not be."""
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 
@@ -29,9 +28,8 @@ print("ray initialized after stop:", ray.is_initialized(), flush=True)
 
 
 def test_a_stopped_runtime_leaves_no_handle_calling_into_ray(tiny_checkpoint, cache_dir, short_tmp):
-    env = dict(os.environ, RAY_SERVE_HANDLE_AUTOSCALING_METRIC_PUSH_INTERVAL_S="0.5")
     driver = subprocess.run([sys.executable, "-c", DRIVER, str(tiny_checkpoint), str(cache_dir), str(short_tmp)],
-                            capture_output=True, text=True, env=env, timeout=240)
+                            capture_output=True, text=True, timeout=240)
     output = driver.stdout + driver.stderr
     assert driver.returncode == 0, output[-3000:]
     assert "ray initialized after stop: False" in driver.stdout, output[-3000:]
