@@ -23,6 +23,7 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from cluster.config import ClusterConfig
+from cluster.serving import serve_internals
 from cluster.serving.builder import build_app, replica_resources
 
 log = logging.getLogger(__name__)
@@ -46,12 +47,14 @@ class ServingRuntime:
         whole process group (`timeout`, systemd) has already taken the local Ray processes down,
         there is nothing left to delete gracefully: any call would wait out Ray's timeouts.
 
-        The handle's router is shut down first: left running, its next metrics push (every few
-        seconds) after ray.shutdown() calls into Ray, which then starts a new local Ray instance
-        of its own (Ray's auto-init) and logs a traceback about an object of the old session."""
+        The routers of this process's handles are shut down first: left running, a router's next
+        metrics push (every few seconds) after ray.shutdown() calls into Ray, which then starts a
+        new local Ray instance of its own (Ray's auto-init) and logs a traceback about an object of
+        the old session."""
         try:
             if not self.started_ray or local_ray_alive():
-                self.handle.shutdown()
+                serve_internals.shutdown_cached_handles()
+                self.handle.shutdown()  # in that cache unless Serve evicted it (idempotent)
                 serve.delete(self.config.serving.app_name)
         finally:
             ray.shutdown()

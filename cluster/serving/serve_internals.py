@@ -102,6 +102,24 @@ async def close_bound_handle(handle: DeploymentHandle) -> None:
         unavailable("router long-poll clients")
 
 
+def shutdown_cached_handles() -> None:
+    """Shut down the router of every handle Serve has given this process (serve.run,
+    serve.get_app_handle), the apps' deleted or not: each pushes metrics to the controller every
+    few seconds, and after ray.shutdown() that push makes Ray start a new local instance.
+
+    Private: Serve's client (`ray.serve.context._get_global_client`) and its
+    `shutdown_cached_handles`, which the public serve.shutdown() calls only along with stopping
+    Serve itself."""
+    try:
+        from ray.serve.context import _get_global_client
+
+        client = _get_global_client(raise_if_no_controller_running=False)
+        if client is not None:
+            client.shutdown_cached_handles()
+    except (AttributeError, ImportError, TypeError):
+        unavailable("Serve client's handle cache")
+
+
 def replica_assignment(response) -> "asyncio.Future | None":
     """The future that completes once Serve's router has given a handle call (a DeploymentResponse
     or DeploymentResponseGenerator) a replica, or None where there is none to be had.
