@@ -109,7 +109,8 @@ def shutdown_cached_handles() -> None:
 
     Private: Serve's client (`ray.serve.context._get_global_client`) and its
     `shutdown_cached_handles`, which the public serve.shutdown() calls only along with stopping
-    Serve itself."""
+    Serve itself. If they disappear, the routers are left running as before (a stray local Ray
+    after the stop, in a process that lives on) and `unavailable` says so."""
     try:
         from ray.serve.context import _get_global_client
 

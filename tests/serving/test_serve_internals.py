@@ -59,6 +59,17 @@ def test_the_controller_is_found_by_its_private_name():
     assert callable(getattr(ServeController, "get_serve_instance_details", None)), "ReplicaCounts"
 
 
+def test_the_serve_client_still_caches_the_handles_it_gives_out():
+    from ray.serve._private.client import ServeControllerClient
+    from ray.serve.context import _get_global_client
+
+    assert "raise_if_no_controller_running" in inspect.signature(_get_global_client).parameters, \
+        "shutdown_cached_handles: _get_global_client"
+    assert callable(getattr(ServeControllerClient, "shutdown_cached_handles", None)), "shutdown_cached_handles"
+    assert "self.handle_cache[cache_key] = handle" in inspect.getsource(ServeControllerClient.get_handle), \
+        "shutdown_cached_handles: get_handle no longer caches"
+
+
 def unavailable_count(item: str) -> float:
     return REGISTRY.get_sample_value("gptoss_serve_internal_unavailable_total", {"item": item}) or 0.0
 
