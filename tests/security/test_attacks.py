@@ -14,7 +14,6 @@ import os
 import pickle
 import secrets
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -29,6 +28,7 @@ import pytest
 from cluster.engine.request import GenerateRequest, SamplingParams
 from cluster.serving.direct_stream import METHOD, TOKEN_HEADER, DirectAddress
 from cluster.serving.serve_internals import request_router
+from cluster.sockets import free_port
 from gptoss.v1 import admin_pb2
 from gptoss.v1 import inference_pb2 as pb
 from tests.frontdoor.status_details import details, retry_delay_s
@@ -38,16 +38,6 @@ from tests.waiting import holds
 pytestmark = pytest.mark.slow
 
 
-def _free_ports(n: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(n)]
-    for s in sockets:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in sockets]
-    for s in sockets:
-        s.close()
-    return ports
-
-
 class RayHead:
     """`ray start --head --block` with token auth, its own temp dir, HOME and ports; stop() ends
     exactly the processes it started (its own process group)."""
@@ -55,7 +45,7 @@ class RayHead:
     def __init__(self, tmp: Path) -> None:
         self.token = secrets.token_hex(24)
         (gcs, dashboard, client, agent_http, agent_grpc, metrics, runtime_env, node_manager,
-         object_manager) = _free_ports(9)
+         object_manager) = (free_port() for _ in range(9))
         self.gcs, self.dashboard, self.client = gcs, dashboard, client
         self.home = tmp / "home"
         self.home.mkdir()
