@@ -63,6 +63,23 @@ def ray_serving(serving_config):
     runtime = start_serving(serving_config)
     yield runtime
     runtime.stop()
+    assert_no_router_restarts_ray()
+
+
+def assert_no_router_restarts_ray(wait_s: float = 2.5) -> None:
+    """After the session's stop, no Serve handle's router is left pushing autoscaling metrics (every
+    metrics_interval_s: the tests' apps use 2 s or less). Such a push makes Ray start a whole new
+    local instance in this process, as handles that tests made from several threads at once did."""
+    import time
+
+    import ray
+
+    time.sleep(wait_s)
+    restarted = ray.is_initialized()
+    if restarted:
+        ray.shutdown()
+    assert not restarted, ("a Serve handle's router outlived ServingRuntime.stop() and its metrics push made Ray start "
+                           "a new local instance: make each handle's router in one thread before sharing the handle")
 
 
 class BackgroundFrontdoor:

@@ -203,6 +203,10 @@ def test_engine_queueing_scales_1_to_2_and_idleness_back(ray_serving, serving_co
     app = config.serving.app_name
     handle = _deploy(config)
     door = BackgroundFrontdoor(handle, config.frontdoor, FrontdoorMetrics(CollectorRegistry()))
+    # The handle makes its router here, once. Serve's lazy router creation is not thread-safe: the 8
+    # clients' first calls at once made 8 routers, and the 7 the handle dropped kept pushing metrics
+    # after the session's Ray was gone, so Ray started a new local instance at the end of the suite.
+    streaming = handle.options(stream=True)
     stop = threading.Event()
     errors: list[BaseException] = []
 
@@ -210,7 +214,7 @@ def test_engine_queueing_scales_1_to_2_and_idleness_back(ray_serving, serving_co
         rng = random.Random(seed)
         while not stop.is_set():
             try:
-                _generate(handle, [rng.randrange(1000, 100_000) for _ in range(16)], 24)
+                _generate(streaming, [rng.randrange(1000, 100_000) for _ in range(16)], 24)
             except BaseException as err:  # noqa: BLE001 - reported below
                 errors.append(err)
                 return
