@@ -110,7 +110,12 @@ def shutdown_cached_handles() -> None:
     Private: Serve's client (`ray.serve.context._get_global_client`) and its
     `shutdown_cached_handles`, which the public serve.shutdown() calls only along with stopping
     Serve itself. If they disappear, the routers are left running as before (a stray local Ray
-    after the stop, in a process that lives on) and `unavailable` says so."""
+    after the stop, in a process that lives on) and `unavailable` says so.
+
+    Not reached: a router that Serve made and then dropped. A new handle's first calls from several
+    threads at once each make one (Serve's lazy router creation is not thread-safe) and the handle
+    keeps the last; make a handle's router in one thread (`handle.options(...)` does) before
+    sharing it."""
     try:
         from ray.serve.context import _get_global_client
 
