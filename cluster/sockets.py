@@ -39,7 +39,9 @@ def free_port(host: str = "127.0.0.1") -> int:
             if port not in _handed_out and bindable(host, port):
                 _handed_out.add(port)
                 return port
-    return kernel_port(host)  # a range this narrow (or this full) is a box set up unusually
+    port = kernel_port(host)  # a range this narrow (or this full) is a box set up unusually
+    _handed_out.add(port)
+    return port
 
 
 def bindable(host: str, port: int) -> bool:

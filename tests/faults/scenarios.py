@@ -585,14 +585,13 @@ class RedisServer:
     own directory and no persistence to disk: the GCS's external storage. Stopped by its pid."""
 
     def __init__(self, directory: Path) -> None:
-        import socket
         import subprocess
 
         import redis
 
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            self.port = probe.getsockname()[1]
+        from cluster.sockets import free_port
+
+        self.port = free_port()
         directory.mkdir(parents=True, exist_ok=True)
         self.process = subprocess.Popen(
             ["redis-server", "--bind", "127.0.0.1", "--port", str(self.port), "--dir", str(directory),

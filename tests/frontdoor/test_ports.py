@@ -14,6 +14,7 @@ from cluster.config import load_config
 from cluster.frontdoor.ports import PortUnavailable, check_free
 from cluster.frontdoor.server import FrontdoorServer
 from cluster.metrics import FrontdoorMetrics
+from cluster.sockets import free_port
 
 
 def listener(*, reuseport: bool) -> socket.socket:
@@ -56,9 +57,7 @@ def test_a_second_server_cannot_share_the_front_doors_port(frontdoor):
 
 @pytest.mark.slow
 def test_a_metrics_port_in_use_fails_the_start_and_releases_the_grpc_port(ray_serving):
-    with socket.socket() as grpc_probe:
-        grpc_probe.bind(("127.0.0.1", 0))
-        grpc_port = grpc_probe.getsockname()[1]
+    grpc_port = free_port()
     with listener(reuseport=False) as held:
         metrics_port = held.getsockname()[1]
         config = load_config(env={}, overrides={"frontdoor.grpc_port": grpc_port,

@@ -18,6 +18,7 @@ import pytest
 from cluster.serving import framed_socket
 from cluster.serving.direct_stream import DirectStreamClient, DirectStreamTls, Rejected
 from cluster.serving.multiplexed_stream import MultiplexedClient
+from cluster.sockets import free_port
 from tests.serving.test_direct_stream import FakeEngine, collect, request, run
 from tests.serving.test_direct_stream import served as direct_served
 from tests.waiting import async_wait_until
@@ -119,10 +120,7 @@ def test_an_unreachable_socket_is_a_refusal_then_the_grpc_call_carries_the_strea
     async def main():
         async with served(FakeEngine()) as (_, _client, target):
             host, _ = framed_socket._split(target.socket)
-            with socket.socket() as unused:
-                unused.bind((host, 0))
-                closed_port = unused.getsockname()[1]
-            blocked = dataclasses.replace(target, socket=f"{host}:{closed_port}")
+            blocked = dataclasses.replace(target, socket=f"{host}:{free_port(host)}")
             client = MultiplexedClient(DirectStreamClient())
             try:
                 with pytest.raises(Rejected, match="unreachable"):
