@@ -712,11 +712,12 @@ def head_restart(env: dict) -> dict:
             result["took_s"] = time.monotonic() - asked
             during.append(result)
             time.sleep(1.0)
-        spanning_prompts = _prompts(2, 17)  # streams that are running when the GCS comes back
-        # long enough to outlast the wait below on a loaded box: 160 tokens could finish before the restart
+        time.sleep(max(0.0, killed + HEAD_OUTAGE_S - time.monotonic()))
+        # streams that are running when the GCS comes back: started once the outage has lasted its
+        # time, not before the wait (on an idle box 600 tokens took less than that wait)
+        spanning_prompts = _prompts(2, 17)
         spanning = Streams(s.door.stub, spanning_prompts, SPANNING_TOKENS, timeout_s=240)
         spanning.wait_tokens(2, timeout_s=10)
-        time.sleep(max(0.0, killed + HEAD_OUTAGE_S - time.monotonic()))
         health.append(s.door.health())
         spanned = sum(r["status"] is None for r in spanning.results)
         s.cluster.head_node.start_gcs_server()
