@@ -270,6 +270,10 @@ class ServingConfig(Section):
     limit, and Serve spreads single-actor replicas over the nodes as best it can (its default SPREAD
     scheduling, which packs when nodes are few). Not with placement groups (parallel.ep_size > 1,
     vLLM's Ray executor): Serve 2.60 refuses the two together."""
+    keep_off_engine_cores: bool = True
+    """`serve` keeps its own process, Ray's daemons and the replica actors off the cores a replica's
+    engine binds its compute threads to (vLLM on CPU), on the node `serve` runs on
+    (cluster/serving/engine_cores.py); nothing changes where no engine binds its threads."""
     user_code_on_main_loop: bool = True
     """Run the replica's methods on its main event loop rather than on a loop in a thread of their
     own (Serve's RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD=0): a thread hop less per request and per

@@ -22,7 +22,8 @@ import sys
 import tempfile
 import time
 
-from cluster.bench.processes import cpu_s, serve_replicas
+from cluster.bench.processes import cpu_s
+from cluster.procfs import serve_replicas
 from cluster.sockets import free_port
 
 OUTPUT_LEN = 128

@@ -1,5 +1,5 @@
 """The package's layering, read from the source: frontdoor -> serving -> engine -> parallel -> model,
-each importing only downward; harmony, config, metrics, logs, memory, protogen and sockets are leaves any layer may
+each importing only downward; harmony, config, metrics, logs, memory, procfs, protogen and sockets are leaves any layer may
 use; bench, simulate, tiny (gpt-oss-tiny's curriculum, training and eval) and cli are tools on top
 that no layer imports."""
 
@@ -12,7 +12,7 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "cluster"
 LAYERS = ("model", "parallel", "engine", "serving", "frontdoor")  # bottom to top
-LEAVES = {"harmony", "config", "metrics", "logs", "memory", "protogen", "sockets"}
+LEAVES = {"harmony", "config", "metrics", "logs", "memory", "procfs", "protogen", "sockets"}
 TOOLS = {"bench", "simulate", "tiny", "cli", "__main__", "__init__"}
 
 

@@ -27,9 +27,10 @@ from pathlib import Path
 from typing import Callable
 
 import grpc
+import grpc.experimental
 
 from cluster.bench.report import RequestRecord
-from cluster.bench.workload import HTTP_APIS, RequestSpec
+from cluster.bench.workload import CLIENTS, HTTP_APIS, RequestSpec
 from gptoss.v1 import inference_pb2 as pb
 from gptoss.v1 import inference_pb2_grpc as pb_grpc
 
@@ -57,21 +58,31 @@ class Connection:
     metadata: tuple[tuple[str, str], ...] = ()
     channels: int = 1  # HTTP/2 connections to spread the streams over
 
-    def open_channels(self) -> list[grpc.aio.Channel]:
-        options = [("grpc.max_receive_message_length", 64 * 1024 * 1024)]
+    def _channel_options(self) -> list[tuple[str, object]]:
+        options: list[tuple[str, object]] = [("grpc.max_receive_message_length", 64 * 1024 * 1024)]
         if self.server_name:
             options.append(("grpc.ssl_target_name_override", self.server_name))
+        return options
+
+    def _credentials(self) -> grpc.ChannelCredentials:
+        return grpc.ssl_channel_credentials(_read(self.ca_cert), _read(self.client_key), _read(self.client_cert))
+
+    def open_channels(self) -> list[grpc.aio.Channel]:
+        options = self._channel_options()
         if self.channels > 1:  # else grpc shares one subchannel (connection) between the channels
             options.append(("grpc.use_local_subchannel_pool", 1))
-        out = []
-        for _ in range(self.channels):
-            opts = list(options)
-            if not self.tls:
-                out.append(grpc.aio.insecure_channel(self.target, options=opts))
-                continue
-            creds = grpc.ssl_channel_credentials(_read(self.ca_cert), _read(self.client_key), _read(self.client_cert))
-            out.append(grpc.aio.secure_channel(self.target, creds, options=opts))
-        return out
+        if not self.tls:
+            return [grpc.aio.insecure_channel(self.target, options=list(options)) for _ in range(self.channels)]
+        return [grpc.aio.secure_channel(self.target, self._credentials(), options=list(options))
+                for _ in range(self.channels)]
+
+    def open_blocking_channel(self) -> grpc.Channel:
+        """A plain gRPC channel whose server-streaming calls are read on the thread that made them
+        (gRPC's single-threaded unary-stream option; see cluster/bench/blocking_client.py)."""
+        options = self._channel_options() + [(grpc.experimental.ChannelOptions.SingleThreadedUnaryStream, 1)]
+        if not self.tls:
+            return grpc.insecure_channel(self.target, options=options)
+        return grpc.secure_channel(self.target, self._credentials(), options=options)
 
     def http_base(self) -> str:
         return f"{'https' if self.tls else 'http'}://{self.target}"
@@ -103,6 +114,7 @@ class LoadPlan:
     seed: int = 0
     temperature: float = 0.0  # 0: greedy
     top_p: float | None = None  # None: not sent (the server's default, 1)
+    client: str = "asyncio"  # "blocking": one stream at a time, read on one thread (cluster/bench/blocking_client.py)
 
     def check(self) -> "LoadPlan":
         if (self.concurrency is None) == (self.rate is None):
@@ -121,6 +133,11 @@ class LoadPlan:
             raise ValueError(f"temperature must be in [0, 100], got {self.temperature}")
         if self.top_p is not None and not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.client not in CLIENTS:
+            raise ValueError(f"client must be one of {', '.join(CLIENTS)}, got {self.client!r}")
+        if self.client == "blocking" and (self.concurrency != 1 or self.api in HTTP_APIS):
+            raise ValueError("client 'blocking' sends one gRPC stream at a time: it needs concurrency 1 and a "
+                             f"gRPC API, got concurrency {self.concurrency} and api {self.api!r}")
         return self
 
     def request_seed(self, index: int) -> int | None:
@@ -153,6 +170,35 @@ def build_request(spec: RequestSpec, plan: LoadPlan, index: int):
         return pb.GenerateRequest(prompt_token_ids=spec.prompt_token_ids, sampling=sampling)
     messages = [pb.ChatMessage(role=ROLES[role], content=content) for role, content in spec.messages]
     return pb.ChatRequest(messages=messages, sampling=sampling, reasoning_effort=pb.REASONING_EFFORT_LOW)
+
+
+def read_response(response, record: RequestRecord, stamps: list[float], clock: Callable[[], float]) -> int:
+    """Take one streamed Generate or Chat response into `record`: a stamp for each message that
+    carries output, the usage from the last one. Returns the token ids it carried (Generate)."""
+    kind = response.WhichOneof("response")
+    if kind == "chunk":
+        n = len(response.chunk.token_ids)
+        if n:
+            stamps.append(clock())
+        return n
+    if kind == "delta":
+        stamps.append(clock())
+    elif kind == "complete":
+        usage = response.complete.usage
+        record.usage_completion_tokens = usage.completion_tokens
+        record.prompt_tokens = usage.prompt_tokens
+    return 0
+
+
+def end_record(record: RequestRecord, stamps: list[float], output_tokens: int, t0: float) -> None:
+    """Close `record` now: its end, its output and its first-token time and gaps from the stamps
+    (perf_counter values; the record's times count from `t0`)."""
+    record.end_s = time.perf_counter() - t0
+    record.output_tokens = output_tokens
+    record.messages = len(stamps)
+    if stamps:
+        record.first_token_s = stamps[0] - t0
+        record.gaps_s = [b - a for a, b in zip(stamps, stamps[1:])]
 
 
 def http_request(spec: RequestSpec, plan: LoadPlan, index: int, model: str) -> tuple[str, dict]:
@@ -222,12 +268,7 @@ class LoadGenerator:
         return record
 
     def _ended(self, record: RequestRecord, stamps: list[float], output_tokens: int) -> None:
-        record.end_s = self._now()
-        record.output_tokens = output_tokens
-        record.messages = len(stamps)
-        if stamps:
-            record.first_token_s = stamps[0] - self._t0
-            record.gaps_s = [b - a for a, b in zip(stamps, stamps[1:])]
+        end_record(record, stamps, output_tokens, self._t0)
 
     async def _one_grpc(self, index: int, scheduled_s: float | None, warmup: bool) -> RequestRecord:
         spec = self.workload.request(index)
@@ -245,18 +286,7 @@ class LoadGenerator:
             call = method(request, timeout=self.plan.timeout_s,
                           metadata=self.connection.call_metadata(spec.session_id, request_id))
             async for response in call:
-                kind = response.WhichOneof("response")
-                if kind == "chunk":
-                    n = len(response.chunk.token_ids)
-                    if n:
-                        stamps.append(perf())
-                        tokens += n
-                elif kind == "delta":
-                    stamps.append(perf())
-                elif kind == "complete":
-                    usage = response.complete.usage
-                    record.usage_completion_tokens = usage.completion_tokens
-                    record.prompt_tokens = usage.prompt_tokens
+                tokens += read_response(response, record, stamps, perf)
             record.code = "OK" if record.usage_completion_tokens is not None else "INCOMPLETE"
         except grpc.aio.AioRpcError as err:
             record.code = err.code().name
@@ -400,7 +430,12 @@ class LoadGenerator:
 
 def run_load(connection: Connection, workload, plan: LoadPlan,
              on_done: Callable[[RequestRecord], None] | None = None) -> RunResult:
-    """Run one load plan to the end (blocking); see LoadGenerator."""
+    """Run one load plan to the end (blocking); see LoadGenerator, and BlockingLoad for the plan's
+    client "blocking"."""
+    if plan.client == "blocking":
+        from cluster.bench.blocking_client import BlockingLoad
+
+        return BlockingLoad(connection, workload, plan, on_done).run()
     return asyncio.run(LoadGenerator(connection, workload, plan, on_done).run())
 
 

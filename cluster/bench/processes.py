@@ -1,56 +1,14 @@
-"""Processes as Linux's /proc shows them: a process's stat fields, the process table, a tree's
-descendants and its CPU time. For the benchmarks (scripts/cpu_per_token.py) and the tests that
-check what a command leaves running or how it is scheduled."""
+"""Processes for the benchmarks (scripts/cpu_per_token.py) and the tests that check what a command
+leaves running or how it is scheduled: sessions, CPU time, priority (on cluster/procfs.py's /proc
+reading)."""
 
 from __future__ import annotations
 
 import os
 import signal
 import time
-from pathlib import Path
 
-PROC = Path("/proc")
-# Fields of /proc/PID/stat after "pid (comm)", numbered from 0 (proc(5) numbers them from 3).
-STATE, PARENT, SESSION, UTIME, STIME, NICE = 0, 1, 3, 11, 12, 16
-
-
-def stat(pid: int) -> list[str]:
-    """/proc/PID/stat's fields after "pid (comm)" (the command name may hold spaces and parentheses)."""
-    return (PROC / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()
-
-
-def cmdline(pid: int) -> str:
-    return (PROC / str(pid) / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-
-
-def process_table() -> dict[int, tuple[int, str]]:
-    """pid -> (parent pid, command line) for every process (those that end meanwhile left out)."""
-    table = {}
-    for entry in PROC.iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            table[int(entry.name)] = (int(stat(int(entry.name))[PARENT]), cmdline(int(entry.name)))
-        except (OSError, IndexError):
-            continue
-    return table
-
-
-def descendants(root: int, table: dict[int, tuple[int, str]] | None = None) -> set[int]:
-    """Every process below `root`."""
-    table = process_table() if table is None else table
-    found: set[int] = set()
-    frontier = {root}
-    while frontier:
-        frontier = {pid for pid, (parent, _) in table.items() if parent in frontier} - found
-        found |= frontier
-    return found
-
-
-def serve_replicas(root: int) -> list[int]:
-    """The Ray Serve replica actors' processes below `root` (Ray titles them `ray::ServeReplica:...`)."""
-    table = process_table()
-    return [pid for pid in descendants(root, table) if "ServeReplica" in table[pid][1]]
+from cluster.procfs import NICE, PROC, SESSION, STATE, STIME, UTIME, process_table, stat
 
 
 def session_members(sid: int) -> list[int]:

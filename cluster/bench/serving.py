@@ -17,7 +17,7 @@ import os
 import sys
 
 from cluster.bench.flags import add_token_lengths
-from cluster.bench.workload import APIS
+from cluster.bench.workload import APIS, CLIENTS
 
 API_KEY_ENV = "GPTOSS_API_KEY"
 
@@ -62,6 +62,9 @@ def add_parser(commands) -> None:
     c.add_argument("--api-key", help=f"sent as 'authorization: Bearer KEY' (default: ${API_KEY_ENV})")
     c.add_argument("--metadata", action="append", default=[], metavar="KEY=VALUE", help="extra call metadata")
     c.add_argument("--channels", type=int, default=1, help="gRPC connections to spread streams over (default 1)")
+    c.add_argument("--client", choices=CLIENTS, default="asyncio",
+                   help="gRPC client: asyncio (grpc.aio, default) or blocking (--concurrency 1 only: each "
+                        "message read on one thread, fewer client wake-ups in first-token times)")
     c.add_argument("--max-in-flight", type=int, help="open loop safety cap (arrivals then wait: no longer open)")
     o = p.add_argument_group("output")
     o.add_argument("--goodput", action="append", metavar="KEY=MS",
@@ -139,7 +142,8 @@ def run(args: argparse.Namespace) -> int:
             plan = LoadPlan(api=args.api, concurrency=concurrency, rate=rate, num_requests=num_requests,
                             duration_s=args.duration, warmup_requests=args.warmup, timeout_s=args.timeout,
                             ignore_stop=args.ignore_eos, max_in_flight=args.max_in_flight,
-                            seed=args.seed, temperature=args.temperature, top_p=args.top_p).check()
+                            seed=args.seed, temperature=args.temperature, top_p=args.top_p,
+                            client=args.client).check()
         except ValueError as err:
             return _fail(str(err))
         title = f"{args.api} @ {f'{rate:g} req/s (open loop)' if rate else f'concurrency {concurrency}'}"
@@ -161,7 +165,7 @@ def run(args: argparse.Namespace) -> int:
         print("── sweep " + "─" * 60)
         print(format_sweep(summaries))
     if args.json_path:
-        doc = {"target": args.target, "api": args.api, "workload": workload.describe(),
+        doc = {"target": args.target, "api": args.api, "client": args.client, "workload": workload.describe(),
                "sampling": {"temperature": args.temperature, "top_p": args.top_p, "ignore_eos": args.ignore_eos,
                             "seed": args.seed if args.temperature else None},
                "runs": [dict(summary=s, started_unix=res.started_unix, records=[record_to_json(r) for r in res.records])

@@ -25,7 +25,7 @@ frontdoor_cpu_ratio_vs_api_server and serving_path_cpu_ratio_vs_api_server (CPU 
 streamed tokens of the throughput run, from /proc: our front door, and our front door + replica
 actor, against plain vLLM's API server process; the engines' own processes are left out on both
 sides; < 1: ours costs less), and each side's figures, including its worst first-token time beyond
-the median at concurrency 1 (stalls). Ours runs with frontdoor.slow_first_token_s at STALL_MS, so
+the median at concurrency 1 (stalls) and the cores its engine and serving path ran on. Ours runs with frontdoor.slow_first_token_s at STALL_MS, so
 each of its stalls comes with the front door's line saying where that first token's time went.
 Run it from the vLLM tier's virtualenv (scripts/vllm-tier.sh), where both servers can start.
 The servers' logs stay in the temporary directory it names first; the checkpoint it writes there
@@ -46,7 +46,9 @@ import urllib.request
 from pathlib import Path
 
 from cluster.bench.flags import add_rounds, add_token_lengths
-from cluster.bench.processes import cpu_s, cpu_s_each, descendants, process_table, serve_replicas
+from cluster.bench.processes import cpu_s, cpu_s_each
+from cluster.procfs import descendants, process_table, serve_replicas
+from cluster.bench.workload import CLIENTS
 
 SIDES = ("plain", "ours")
 
@@ -64,6 +66,10 @@ def add_parser(commands) -> None:
     p.add_argument("--temperature", type=float, default=0.0, help="sampling temperature (default 0: greedy)")
     p.add_argument("--ours-api", choices=("generate", "completions"), default="generate",
                    help="how ours is loaded: gRPC Generate, or /v1/completions as plain vLLM is (default generate)")
+    p.add_argument("--c1-client", choices=CLIENTS, default="blocking",
+                   help="the gRPC client of ours' concurrency-1 run: blocking (default; reads each message on one "
+                        "thread, as the aiohttp client that loads plain vLLM does) or asyncio (grpc.aio, as the "
+                        "throughput run; three threads per message)")
     e = p.add_argument_group("engine settings, the same for both")
     e.add_argument("--dtype", default="float32", help="compute dtype (default float32)")
     e.add_argument("--max-num-seqs", type=int, default=32, help="sequences per step (default 32)")
@@ -187,7 +193,7 @@ def _measure(side: str, target: str, api: str, args: argparse.Namespace, round_n
     the concurrency-1 run against one server."""
     from cluster.bench.loadgen import Connection, LoadPlan, run_load_apart
     from cluster.bench.report import summarize
-    from cluster.bench.workload import IntRange, SyntheticWorkload
+    from cluster.bench.workload import HTTP_APIS, IntRange, SyntheticWorkload
 
     workload = SyntheticWorkload(api=api, prompt_len=IntRange.parse(args.prompt_len, "--prompt-len"),
                                  output_len=IntRange.parse(args.output_len, "--output-len"), seed=round_no)
@@ -212,8 +218,10 @@ def _measure(side: str, target: str, api: str, args: argparse.Namespace, round_n
     box_cpu = {name: sum(s - box_before[name][pid] for pid, s in cpu_s_each(box_before[name]).items())
                for name in box}
     box_cpu["load_generator"] = load.client_cpu_s
-    c1 = run_load_apart(connection, workload, LoadPlan(concurrency=1, num_requests=args.c1_requests, **sampling))
-    figures = {"load": summarize(load.records), "c1": summarize(c1.records)}
+    c1_client = "asyncio" if api in HTTP_APIS else args.c1_client
+    c1 = run_load_apart(connection, workload, LoadPlan(concurrency=1, num_requests=args.c1_requests,
+                                                       client=c1_client, **sampling))
+    figures = {"load": summarize(load.records), "c1": summarize(c1.records), "cores": cores(serving_path)}
     tokens = max(1, figures["load"]["output_tokens"])
     figures["load"]["cpu_s_per_1k_tokens"] = {name: s * 1000.0 / tokens for name, s in cpu.items()}
     figures["load"]["box_cpu_s_per_1k_tokens"] = {name: s * 1000.0 / tokens for name, s in box_cpu.items()}
@@ -226,6 +234,8 @@ def _measure(side: str, target: str, api: str, args: argparse.Namespace, round_n
          f"{s['tpot_ms']['p50']:.1f} ms, {s['failed']} failed, CPU s per 1k tokens: {per_1k} | c=1 TTFT p50 "
          f"{c['ttft_ms']['p50']:.1f} ms, p99 {c['ttft_ms']['p99']:.1f} ms, worst beyond median "
          f"{c['ttft_stall_ms']:.0f} ms, {c['failed']} failed | rest of the box, CPU s per 1k tokens: {box_1k}")
+    _log(f"round {round_no} {side:<5}: cores " + ", ".join(f"{name} {','.join(map(str, found))}"
+                                                        for name, found in figures["cores"].items()))
     if c["ttft_stalls"]:
         _log(f"round {round_no} {side:<5}: first-token stalls at c=1 (sent at, unix s: ms): "
              + ", ".join(f"{st['sent_unix']:.3f}: {st['ttft_ms']:.0f}" for st in c["ttft_stalls"]))
@@ -242,6 +252,20 @@ def serving_path_processes(side: str, server_pid: int) -> dict[str, list[int]]:
     if not replicas:
         raise RuntimeError("no ServeReplica process under `serve`: cannot account the replica's CPU")
     return {"frontdoor": [server_pid], "replica": replicas}
+
+
+def cores(serving_path: dict[str, list[int]]) -> dict[str, list[int]]:
+    """Where each side's processes run: the cores the engine's processes bound threads to, and the
+    affinity of each serving-path process's main thread (ours moves them off the engine's cores:
+    serving.keep_off_engine_cores; plain vLLM's API server runs on every core)."""
+    from cluster.serving.engine_cores import bound_cores
+
+    table = process_table()
+    parents = serving_path.get("replica", serving_path.get("api_server", []))
+    engine = set().union(*(descendants(pid, table) for pid in parents))
+    found = {"engine": sorted(bound_cores(engine, os.sched_getaffinity(0)))}
+    found.update({name: sorted(os.sched_getaffinity(pids[0])) for name, pids in serving_path.items()})
+    return found
 
 
 def box_processes(serving_path: dict[str, list[int]]) -> dict[str, list[int]]:
@@ -309,6 +333,7 @@ def ratios(runs: dict[str, list[dict]]) -> dict:
             "ttft_p99_ms_c1": med(side, "c1", lambda s: s["ttft_ms"]["p99"]),
             "ttft_worst_beyond_median_ms_c1": max(r["c1"]["ttft_stall_ms"] for r in runs[side]),
             "failed": sum(r[k]["failed"] for r in runs[side] for k in ("load", "c1")),
+            "cores": runs[side][-1].get("cores", {}),
             **{key: {name: med(side, "load", lambda s, key=key, name=name: s[key][name])
                      for name in runs[side][0]["load"][key]}
                for key in ("cpu_s_per_1k_tokens", "box_cpu_s_per_1k_tokens") if key in runs[side][0]["load"]},
@@ -328,7 +353,9 @@ def ratios(runs: dict[str, list[dict]]) -> dict:
 
 
 def _rounded(value):
-    return {k: round(v, 3) for k, v in value.items()} if isinstance(value, dict) else round(value, 2)
+    if isinstance(value, dict):
+        return {k: round(v, 3) if isinstance(v, float) else v for k, v in value.items()}
+    return round(value, 2) if isinstance(value, float) else value
 
 
 def run(args: argparse.Namespace) -> int:

@@ -25,6 +25,9 @@ APIS = ("generate", "chat", "openai-chat", "responses", "completions")
 # APIs whose prompts are token ids (the others take chat messages); the last three are the HTTP API's.
 TOKEN_APIS = ("generate", "completions")
 HTTP_APIS = ("openai-chat", "responses", "completions")
+# How the load generator reads a gRPC API's streams: grpc.aio, or one stream at a time on one thread
+# (cluster/bench/blocking_client.py). The HTTP APIs are always read with aiohttp.
+CLIENTS = ("asyncio", "blocking")
 CHAT_ROLES = ("system", "developer", "user", "assistant", "tool")
 # Synthetic Generate prompts draw from ordinary-text ids (o200k_harmony's special ids start at 199998).
 TEXT_TOKEN_RANGE = (1000, 100_000)

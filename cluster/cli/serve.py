@@ -91,6 +91,7 @@ def run(args: argparse.Namespace) -> int:
         return 1
 
     from cluster.frontdoor.ports import PortUnavailable
+    from cluster.serving.engine_cores import EngineCoreKeeper
     from cluster.serving.runtime import DeployFailed, PlacementError, start_serving
 
     runtime = None
@@ -98,8 +99,11 @@ def run(args: argparse.Namespace) -> int:
     # Until the server's loop handles it, SIGTERM interrupts start-up like Ctrl-C, so the app and
     # placement groups created so far are removed (start_serving cleans up on any exception).
     signal.signal(signal.SIGTERM, _interrupt)
+    keeper = None
     try:
         runtime = start_serving(config)
+        if config.serving.keep_off_engine_cores:
+            keeper = EngineCoreKeeper().start()
         asyncio.run(_serve(runtime, config))
     except KeyboardInterrupt:  # Ctrl-C or SIGTERM before the server was up
         pass
@@ -116,6 +120,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"gptoss-cluster serve: {err}", file=sys.stderr)
         code = 1
     finally:
+        if keeper is not None:
+            keeper.stop()
         if runtime is not None:
             runtime.stop()
     _say_stopped()

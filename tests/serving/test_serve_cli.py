@@ -19,7 +19,8 @@ import pytest
 from gptoss.v1 import inference_pb2 as pb
 from gptoss.v1.inference_pb2_grpc import InferenceStub
 
-from cluster.bench.processes import alive, descendants, process_table
+from cluster.bench.processes import alive
+from cluster.procfs import descendants, process_table
 from cluster.sockets import free_port
 
 

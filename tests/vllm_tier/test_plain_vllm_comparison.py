@@ -6,6 +6,7 @@ sizes are small so it fits a CI run, and the figures are only checked for being 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -43,7 +44,17 @@ def test_bench_vllm_serving_compares_both_servers_on_one_workload(tmp_path):
     assert set(figures["ours"]["box_cpu_s_per_1k_tokens"]) == {"engine", "load_generator", "ray"}
     for side in ("plain", "ours"):
         assert figures[side]["box_cpu_s_per_1k_tokens"]["engine"] > 0, figures[side]
-    runs = json.loads(out.read_text())["runs"]
+    # vLLM binds its worker's threads; ours keeps its front door and replica off those cores
+    # (serving.keep_off_engine_cores), plain vLLM's API server runs on every core
+    ours_cores, plain_cores = figures["ours"]["cores"], figures["plain"]["cores"]
+    assert ours_cores["engine"] and plain_cores["engine"], (ours_cores, plain_cores)
+    if len(os.sched_getaffinity(0)) > len(ours_cores["engine"]):
+        for process in ("frontdoor", "replica"):
+            assert ours_cores[process] and not set(ours_cores[process]) & set(ours_cores["engine"]), ours_cores
+    assert plain_cores["api_server"] == sorted(os.sched_getaffinity(0))
+    doc = json.loads(out.read_text())
+    assert doc["args"]["c1_client"] == "blocking"  # ours' c=1 run read each stream on one thread
+    runs = doc["runs"]
     for side in ("plain", "ours"):
         load, c1 = runs[side][0]["load"], runs[side][0]["c1"]
         # Exactly --output-len tokens per request (ignore_eos), the warm-up counted apart.
