@@ -25,8 +25,10 @@ frontdoor_cpu_ratio_vs_api_server and serving_path_cpu_ratio_vs_api_server (CPU 
 streamed tokens of the throughput run, from /proc: our front door, and our front door + replica
 actor, against plain vLLM's API server process; the engines' own processes are left out on both
 sides; < 1: ours costs less), and each side's figures, including its worst first-token time beyond
-the median at concurrency 1 (stalls) and the cores its engine and serving path ran on. Ours runs with frontdoor.slow_first_token_s at STALL_MS, so
-each of its stalls comes with the front door's line saying where that first token's time went.
+the median at concurrency 1 (stalls) and the cores its engine and serving path ran on. Ours runs
+with frontdoor.slow_first_token_s at STALL_MS, so each of its stalls comes with the front door's
+line saying where that first token's time went. Ours' concurrency-1 run reads its stream with the
+one-thread client (--c1-client, cluster/bench/blocking_client.py), as plain's aiohttp client does.
 Run it from the vLLM tier's virtualenv (scripts/vllm-tier.sh), where both servers can start.
 The servers' logs stay in the temporary directory it names first; the checkpoint it writes there
 (without --model) is removed at the end.
@@ -47,8 +49,8 @@ from pathlib import Path
 
 from cluster.bench.flags import add_rounds, add_token_lengths
 from cluster.bench.processes import cpu_s, cpu_s_each
-from cluster.procfs import descendants, process_table, serve_replicas
 from cluster.bench.workload import CLIENTS
+from cluster.procfs import descendants, process_table, serve_replicas
 
 SIDES = ("plain", "ours")
 

@@ -16,6 +16,9 @@ LEFT_OUT = {
                                 "models (the kind itself is mapped, with echo's default rate)",
     "engine.vllm.cpu_kv_cache_space_gib": "vllm-cpu only; the chart's vllm presets run vLLM on GPUs",
     "engine.vllm.cpu_omp_threads_bind": "vllm-cpu only; the chart's vllm presets run vLLM on GPUs",
+    "serving.keep_off_engine_cores": "read only by `gptoss-cluster serve`, over the processes below it; under KubeRay "
+                                     "the replicas run in worker pods no `serve` starts, and the chart's vllm presets "
+                                     "run vLLM on GPUs",
     "serving.placement_timeout_s": "read only by `gptoss-cluster serve` while it waits for its replicas to be placed; "
                                    "under KubeRay the RayService's status reports a replica that cannot be placed",
     "frontdoor.auth.api_keys_env": "the chart mounts the API keys from a Secret as frontdoor.auth.api_keys_file; an "
