@@ -17,7 +17,7 @@ from typing import Callable
 
 import grpc
 
-from cluster.bench.loadgen import (Connection, LoadPlan, RunResult, bench_request_id, build_request, end_record,
+from cluster.bench.loadgen import (Connection, LoadPlan, RunResult, end_record, grpc_call, output_tokens,
                                    read_response)
 from cluster.bench.report import RequestRecord
 from gptoss.v1 import inference_pb2_grpc as pb_grpc
@@ -39,9 +39,7 @@ class BlockingLoad:
 
     def _one(self, stub: pb_grpc.InferenceStub, index: int, warmup: bool) -> RequestRecord:
         spec = self.workload.request(index)
-        method = stub.Generate if self.plan.api == "generate" else stub.Chat
-        request = build_request(spec, self.plan, index)
-        metadata = self.connection.call_metadata(spec.session_id, bench_request_id(index, warmup))
+        method, request, metadata = grpc_call(stub, spec, self.plan, self.connection, index, warmup)
         record = RequestRecord(index=index, session_id=spec.session_id)
         stamps: list[float] = []
         tokens = 0
@@ -53,8 +51,7 @@ class BlockingLoad:
         except grpc.RpcError as err:
             record.code = err.code().name
         finally:
-            end_record(record, stamps, tokens if self.plan.api == "generate" else (record.usage_completion_tokens or 0),
-                       self._t0)
+            end_record(record, stamps, output_tokens(self.plan, record, tokens), self._t0)
         if self.on_done is not None and not warmup:
             self.on_done(record)
         return record

@@ -172,6 +172,18 @@ def build_request(spec: RequestSpec, plan: LoadPlan, index: int):
     return pb.ChatRequest(messages=messages, sampling=sampling, reasoning_effort=pb.REASONING_EFFORT_LOW)
 
 
+def grpc_call(stub, spec: RequestSpec, plan: LoadPlan, connection: Connection, index: int, warmup: bool):
+    """What request `index` of a gRPC run sends: (the stub's Generate or Chat, the request, its metadata)."""
+    method = stub.Generate if plan.api == "generate" else stub.Chat
+    metadata = connection.call_metadata(spec.session_id, bench_request_id(index, warmup))
+    return method, build_request(spec, plan, index), metadata
+
+
+def output_tokens(plan: LoadPlan, record: RequestRecord, streamed_ids: int) -> int:
+    """A gRPC request's output tokens: the ids Generate streamed; the usage Chat reported."""
+    return streamed_ids if plan.api == "generate" else (record.usage_completion_tokens or 0)
+
+
 def read_response(response, record: RequestRecord, stamps: list[float], clock: Callable[[], float]) -> int:
     """Take one streamed Generate or Chat response into `record`: a stamp for each message that
     carries output, the usage from the last one. Returns the token ids it carried (Generate)."""
@@ -272,10 +284,8 @@ class LoadGenerator:
 
     async def _one_grpc(self, index: int, scheduled_s: float | None, warmup: bool) -> RequestRecord:
         spec = self.workload.request(index)
-        stub = self._stubs[index % len(self._stubs)]
-        request_id = bench_request_id(index, warmup)
-        request = build_request(spec, self.plan, index)
-        method = stub.Generate if self.plan.api == "generate" else stub.Chat
+        method, request, metadata = grpc_call(self._stubs[index % len(self._stubs)], spec, self.plan,
+                                              self.connection, index, warmup)
         record = RequestRecord(index=index, session_id=spec.session_id)
         stamps: list[float] = []
         perf = time.perf_counter
@@ -283,9 +293,7 @@ class LoadGenerator:
         record.scheduled_s = record.sent_s if scheduled_s is None else scheduled_s
         tokens = 0
         try:
-            call = method(request, timeout=self.plan.timeout_s,
-                          metadata=self.connection.call_metadata(spec.session_id, request_id))
-            async for response in call:
+            async for response in method(request, timeout=self.plan.timeout_s, metadata=metadata):
                 tokens += read_response(response, record, stamps, perf)
             record.code = "OK" if record.usage_completion_tokens is not None else "INCOMPLETE"
         except grpc.aio.AioRpcError as err:
@@ -294,8 +302,7 @@ class LoadGenerator:
             record.code = "CANCELLED"
             raise
         finally:
-            self._ended(record, stamps,
-                        tokens if self.plan.api == "generate" else (record.usage_completion_tokens or 0))
+            self._ended(record, stamps, output_tokens(self.plan, record, tokens))
         return record
 
     async def _one_http(self, index: int, scheduled_s: float | None, warmup: bool) -> RequestRecord:

@@ -262,9 +262,7 @@ def cores(serving_path: dict[str, list[int]]) -> dict[str, list[int]]:
     serving.keep_off_engine_cores; plain vLLM's API server runs on every core)."""
     from cluster.serving.engine_cores import bound_cores
 
-    table = process_table()
-    parents = serving_path.get("replica", serving_path.get("api_server", []))
-    engine = set().union(*(descendants(pid, table) for pid in parents))
+    engine = engine_processes(serving_path, process_table())
     found = {"engine": sorted(bound_cores(engine, os.sched_getaffinity(0)))}
     found.update({name: sorted(os.sched_getaffinity(pids[0])) for name, pids in serving_path.items()})
     return found
@@ -278,12 +276,18 @@ def box_processes(serving_path: dict[str, list[int]]) -> dict[str, list[int]]:
     of it."""
     table = process_table()
     serving = {pid for pids in serving_path.values() for pid in pids}
-    engine_parents = serving_path.get("replica", serving_path.get("api_server", []))
-    engine = set().union(*(descendants(pid, table) for pid in engine_parents)) - serving
+    engine = engine_processes(serving_path, table)
     groups = {"engine": sorted(engine)}
     if "frontdoor" in serving_path:
         groups["ray"] = sorted(descendants(serving_path["frontdoor"][0], table) - serving - engine)
     return groups
+
+
+def engine_processes(serving_path: dict[str, list[int]], table: dict) -> set[int]:
+    """The engine's own processes: everything below our replica or plain vLLM's API server."""
+    serving = {pid for pids in serving_path.values() for pid in pids}
+    parents = serving_path.get("replica", serving_path.get("api_server", []))
+    return set().union(*(descendants(pid, table) for pid in parents)) - serving
 
 
 def _run_side(side: str, args: argparse.Namespace, model: Path, tokenizer: Path | None, env: dict,
