@@ -293,6 +293,13 @@ class ServingConfig(Section):
     (cluster/serving/multiplexed_stream.py); per_request: one gRPC call per request and a message per
     token chunk. The replica announces what it serves; front doors follow it (one that knows no
     socket uses the gRPC call)."""
+    frontdoor_engine_client: bool = True
+    """With engine.kind vllm: a front door on the same node as a replica streams from the replica's
+    vLLM engine core itself, as a second client of it (as vLLM's own API servers are), one process
+    fewer on every token's way; the replica's own client serves everything else. Needs the direct
+    stream (through which the front door finds the engine) and an engine reachable over IPC sockets
+    (one data-parallel rank, no Ray executor); elsewhere, and for front doors on other nodes,
+    requests take the direct stream (cluster/engine/vllm_shared.py, cluster/serving/engine_clients.py)."""
     direct_stream_tls: bool = True
     """The direct stream's transport: TLS (besides the per-replica token), or plaintext when false
     (only on a network you trust: anyone on the path could read prompts and tokens)."""

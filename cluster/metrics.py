@@ -127,7 +127,8 @@ class RouterMetrics:
         self.streams_total = per_deployment(
             Counter, "gptoss_router_streams_total",
             "Generate streams by the way they reached the replica the router chose (direct: the "
-            "replica's own gRPC stream; serve_handle: through the Serve handle, because the replica "
+            "replica's own gRPC stream; engine_client: from the replica's vLLM engine core, to which "
+            "this front door is attached on the same node; serve_handle: through the Serve handle, because the replica "
             "publishes no direct stream or the channel to it is not connected yet; "
             "serve_handle_after_refusal: the replica refused the direct stream before its first token "
             "- full, stopping or unreachable - and the handle routed it again).", "path")

@@ -1,4 +1,4 @@
-"""Processes as Linux's /proc shows them: a process's stat fields and threads, the process table,
+"""Processes as Linux's /proc shows them: whether one runs, a process's stat fields and threads, the process table,
 a tree's descendants, and the Serve replica actors in it. Used by `serve` (cluster/serving/engine_cores.py),
 the benchmarks and the tests that check what a command leaves running or how it is scheduled."""
 
@@ -15,6 +15,20 @@ STATE, PARENT, SESSION, UTIME, STIME, NICE = 0, 1, 3, 11, 12, 16
 def stat(pid: int) -> list[str]:
     """/proc/PID/stat's fields after "pid (comm)" (the command name may hold spaces and parentheses)."""
     return (PROC / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()
+
+
+def alive(pid: int) -> bool:
+    """Whether process `pid` runs (a process killed and not yet reaped by its parent, a zombie, does not)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        return stat(pid)[STATE] != "Z"
+    except (OSError, IndexError):
+        return False
 
 
 def cmdline(pid: int) -> str:

@@ -1,3 +1,4 @@
+import os
 import subprocess
 import sys
 
@@ -51,3 +52,24 @@ def test_benchmarks_sharing_a_flag_keep_their_own_defaults_and_read_lengths_alik
         helps[command] = " ".join(capsys.readouterr().out.split())
     assert "seconds to wait for the servers, started together (default 240)" in helps["overhead"]
     assert "seconds to wait for each server (default 600)" in helps["vllm-serving"]
+
+
+def test_the_front_door_commands_slow_serves_router_metrics_before_serve_reads_them():
+    """`serve` and `frontdoor` set RAY_SERVE_METRICS_EXPORT_INTERVAL_MS (cli/frontdoor_process.py) first
+    thing; it only works if importing the command has not imported ray.serve yet, and unless the
+    operator set it."""
+    script = """
+import os, sys
+import cluster.cli.serve, cluster.cli.frontdoor
+assert not any(name.startswith("ray.serve") for name in sys.modules), "a command imports ray.serve at import"
+cluster.cli.serve.set_serve_process_defaults()
+from ray.serve._private import router
+print(router.RAY_SERVE_METRICS_EXPORT_INTERVAL_MS)
+"""
+    env = {k: v for k, v in os.environ.items() if k != "RAY_SERVE_METRICS_EXPORT_INTERVAL_MS"}
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["1000"]
+    env["RAY_SERVE_METRICS_EXPORT_INTERVAL_MS"] = "250"
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120)
+    assert out.stdout.split() == ["250"], out.stderr

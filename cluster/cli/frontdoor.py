@@ -19,7 +19,7 @@ import sys
 import time
 
 from cluster.cli import frontdoor_flags
-from cluster.cli.frontdoor_process import start_frontdoor
+from cluster.cli.frontdoor_process import set_serve_process_defaults, start_frontdoor
 from cluster.config import ConfigError
 
 log = logging.getLogger("cluster.cli.frontdoor")
@@ -102,6 +102,8 @@ async def _run(handle, config) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from cluster import logs
+
+    set_serve_process_defaults()
 
     config = frontdoor_flags.config_from_flags(args, "frontdoor", FLAG_PATHS)
     if config is None:

@@ -11,7 +11,7 @@ import sys
 import threading
 
 from cluster.cli import frontdoor_flags
-from cluster.cli.frontdoor_process import start_frontdoor
+from cluster.cli.frontdoor_process import set_serve_process_defaults, start_frontdoor
 from cluster.config import ConfigError
 
 log = logging.getLogger("cluster.cli.serve")
@@ -76,6 +76,8 @@ def _interrupt(signum, frame) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from cluster import logs
+
+    set_serve_process_defaults()
     from cluster.cli.preflight import PreflightError, check_checkpoint, check_ports, port_problem
 
     config = frontdoor_flags.config_from_flags(args, "serve", FLAG_PATHS,

@@ -127,12 +127,14 @@ class _LoadSignals:
         self.generated = 0
         self.recent: deque[tuple[float, int]] = deque()  # (monotonic time, tokens generated in that update)
         self.updates = 0
+        self.scheduler_at = 0.0  # wall-clock time of the last scheduler report
 
     def record(self, engine_idx: int, scheduler_stats, iteration_stats) -> None:
         now = time.monotonic()
         with self.lock:
             self.updates += 1
             if scheduler_stats is not None:
+                self.scheduler_at = time.time()
                 self.per_engine[engine_idx] = (scheduler_stats.num_running_reqs, scheduler_stats.num_waiting_reqs
                                                + scheduler_stats.num_skipped_waiting_reqs,
                                                scheduler_stats.kv_cache_usage)
@@ -204,11 +206,16 @@ class VllmEngine:
     resumes_constrained = False
 
     def __init__(self, llm, config: EngineConfig, *, stop_token_ids: tuple[int, ...] | None = None,
-                 signals: _LoadSignals | None = None) -> None:
+                 signals: _LoadSignals | None = None, slots: tuple = (), shared_dir: str | None = None) -> None:
         """`config`: the engine section (default_max_tokens, chunk_interval_ms, and the batch + queue
-        bound: engine.vllm.max_num_seqs or engine.max_num_seqs, plus engine.max_waiting_requests)."""
+        bound: engine.vllm.max_num_seqs or engine.max_num_seqs, plus engine.max_waiting_requests).
+        `slots`: where front doors may attach to this engine core (vllm_shared.py), `shared_dir`
+        the directory they report their stats to."""
         self._llm = llm
         self._signals = signals or _LoadSignals()
+        self.slots = tuple(slots)
+        self._shared_dir = shared_dir
+        self._watch = None  # vllm_shared.Watch on an attached client
         model_config = llm.model_config
         self.limits = ModelLimits(vocab_size=model_config.get_vocab_size(), context_length=model_config.max_model_len)
         self.max_logprobs = model_config.max_logprobs
@@ -225,28 +232,51 @@ class VllmEngine:
         self._requests = self._finished = self._cancelled = self._failed = 0
 
     @classmethod
-    def start(cls, engine_args: dict[str, Any], config: EngineConfig, **kwargs) -> "VllmEngine":
+    def start(cls, engine_args: dict[str, Any], config: EngineConfig, *, frontdoor_clients: int = 0,
+              **kwargs) -> "VllmEngine":
         """Start vLLM's AsyncLLM (tens of seconds: it loads and profiles the model) with our stats hook.
 
         With engine args that need Ray workers (distributed_executor_backend "ray"), the placement
         group this replica runs in (Serve's placement_group_bundles) is handed to vLLM, so its Ray
         executor puts one worker in each GPU bundle instead of reserving GPUs again.
+
+        `frontdoor_clients` > 0: the engine core also takes that many front doors of this node as
+        clients of its own (vllm_shared.py; `self.slots`), where its clients can reach it over IPC
+        sockets (one data-parallel rank, no Ray executor); elsewhere none.
         """
-        from vllm import AsyncEngineArgs
-        from vllm.usage.usage_lib import UsageContext
         from vllm.v1.engine.async_llm import AsyncLLM
 
+        from cluster.engine import vllm_shared
+
         signals = _LoadSignals()
-        vllm_config = AsyncEngineArgs(**with_tokenizer(engine_args)).create_engine_config(UsageContext.ENGINE_CONTEXT)
-        if vllm_config.parallel_config.distributed_executor_backend == "ray":
+        engine_args = with_tokenizer(engine_args)
+        vllm_config = vllm_shared.vllm_config_for(engine_args)
+        parallel = vllm_config.parallel_config
+        if parallel.distributed_executor_backend == "ray":
             import ray
 
             pg = ray.util.get_current_placement_group()
             if pg is not None:
-                vllm_config.parallel_config.placement_group = pg
-        llm = AsyncLLM.from_vllm_config(vllm_config, stat_loggers=[_stats_hook_factory(signals)],
-                                        disable_log_stats=True)
+                parallel.placement_group = pg
+        hooks = [_stats_hook_factory(signals)]
+        if frontdoor_clients > 0 and parallel.data_parallel_size == 1 and parallel.distributed_executor_backend != "ray":
+            llm, slots, directory = vllm_shared.launch(vllm_config, engine_args, config.model_dump(), hooks,
+                                                       frontdoor_clients)
+            return cls(llm, config, signals=signals, slots=slots, shared_dir=directory, **kwargs)
+        llm = AsyncLLM.from_vllm_config(vllm_config, stat_loggers=hooks, disable_log_stats=True)
         return cls(llm, config, signals=signals, **kwargs)
+
+    @classmethod
+    def attach(cls, slot, **kwargs) -> "VllmEngine":
+        """A client of a replica's engine core in this process (a claimed vllm_shared.ClientSlot),
+        with the replica's engine settings."""
+        from cluster.engine import vllm_shared
+
+        signals = _LoadSignals()
+        config = EngineConfig.model_validate(slot.engine_config)
+        engine = cls(vllm_shared.attach(slot, [_stats_hook_factory(signals)]), config, signals=signals, **kwargs)
+        engine._watch = vllm_shared.Watch(engine._llm, slot, lambda: (engine.own_stats(), signals.scheduler_at))
+        return engine
 
     # --- requests ----------------------------------------------------------------------------------
 
@@ -347,6 +377,30 @@ class VllmEngine:
     # --- state -------------------------------------------------------------------------------------
 
     def stats(self) -> EngineStats:
+        """Over every client of the engine core: with front doors attached, what they last reported
+        (vllm_shared.merge)."""
+        own = self.own_stats()
+        shared = self._attached_stats()
+        if shared is None:
+            return own
+        from cluster.engine.vllm_shared import merge
+
+        return merge(own, self._signals.scheduler_at, *shared)
+
+    def _attached_stats(self):
+        if self._shared_dir is None:
+            return None
+        from cluster.engine.vllm_shared import read_stats
+
+        return read_stats(self._shared_dir)
+
+    def attached_requests(self) -> int:
+        """Requests the front doors attached to this engine core have in it, as they last reported."""
+        shared = self._attached_stats()
+        return 0 if shared is None else shared[0].active_requests
+
+    def own_stats(self) -> EngineStats:
+        """What this client alone handed to vLLM and was told."""
         s = self._signals
         rate = s.rate()
         with s.lock:
@@ -380,7 +434,14 @@ class VllmEngine:
             raise EngineDead(f"vLLM engine is dead: {self._llm.dead_error}")
 
     def shutdown(self) -> None:
+        """Stops the engine core too, unless this is an attached client (then only this client)."""
+        if self._watch is not None:
+            self._watch.stop()
         self._llm.shutdown()
+        if self._shared_dir is not None:
+            from cluster.engine.vllm_shared import remove_directory
+
+            remove_directory(self._shared_dir)
 
 
 def structured_outputs_for(constraint: TurnConstraint, max_tokens: int):

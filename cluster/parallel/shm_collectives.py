@@ -52,6 +52,8 @@ import time
 
 import torch
 
+from cluster.procfs import alive
+
 LINE = 64
 READY, DONE = 0, 1  # int64 index within a rank's counter line
 SLOT_BYTES = 1 << 20
@@ -86,20 +88,6 @@ def pid_namespace() -> str:
         return os.readlink("/proc/self/ns/pid")
     except OSError:
         return ""
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:  # killed but not yet reaped by its parent (a zombie) counts as dead
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return False
 
 
 def segment_bytes(world: int, slot_bytes: int) -> int:
@@ -210,7 +198,7 @@ class ShmCollectives:
             if now >= next_check:
                 next_check = now + LIVENESS_S
                 late = [r for r in ranks if seg.counter(r, which) < seq]
-                dead = [r for r in late if not _alive(self.pids[r])]
+                dead = [r for r in late if not alive(self.pids[r])]
                 if dead:
                     raise RuntimeError(f"rank {self.rank}: rank {dead[0]} (pid {self.pids[dead[0]]}) exited "
                                        f"during a shared-memory collective")

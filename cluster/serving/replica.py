@@ -23,6 +23,8 @@ from cluster.config import ClusterConfig, ConfigError
 from cluster.engine.protocol import Engine, EngineStats, ExpertLoad
 from cluster.engine.request import GenerateRequest, TokenChunk
 from cluster.memory import resident_bytes
+from cluster.serving.deadline import stream_until_deadline
+from cluster.serving.engine_clients import ENGINE_CLIENT_KEY
 from cluster.serving.model_info import ModelInfo, model_info_for
 from cluster.serving.model_store import ensure_preset_checkpoint
 
@@ -75,87 +77,14 @@ def _vllm_engine(config: ClusterConfig) -> tuple[Engine, ModelInfo]:
     path = resolve_checkpoint(config)
     set_cpu_environment(config)
     unpin_for_engine()  # vLLM binds its threads within the cores its processes inherit
-    engine = VllmEngine.start(engine_args_for(config, path, config.model.dtype), config.engine)
+    # A front door on this node may stream from the engine core itself (vllm_shared.py); it finds
+    # the replica through the direct stream's metadata, so only with the direct stream on.
+    attachable = config.serving.frontdoor_engine_client and config.serving.direct_stream
+    engine = VllmEngine.start(engine_args_for(config, path, config.model.dtype), config.engine,
+                              frontdoor_clients=1 if attachable else 0)
     info = model_info_for(config, engine, path, GptOssConfig.from_json(path / "config.json"))
     log.info("replica ready: vLLM engine over %s", path)
     return engine, info
-
-
-async def stream_until_deadline(stream: AsyncIterator[TokenChunk], deadline_s: float | None) -> AsyncIterator[TokenChunk]:
-    """Relay `stream` until it ends, or raise TimeoutError once `deadline_s` (epoch seconds) passes;
-    the stream is closed either way, which stops its decoding.
-
-    The deadline bounds each single wait for a chunk, never what Serve's task does between our
-    yields: one timer per stream (not one per chunk, which cost a timer and a heap entry per
-    token) that cancels the waiting task if it fires during a wait, and else ends the stream at
-    the next wait. Not asyncio.wait_for: on Python 3.11 it returns the chunk and drops a
-    cancellation that arrives just as the chunk is ready, and the cancelled request would then
-    decode on to max_tokens.
-    """
-    deadline = _Deadline(deadline_s)
-    try:
-        while True:
-            deadline.check()
-            try:
-                chunk = await deadline.wait(anext(stream))
-            except StopAsyncIteration:
-                return
-            yield chunk
-    finally:
-        deadline.cancel()
-        await stream.aclose()
-
-
-class _Deadline:
-    """stream_until_deadline's timer: cancels the task in `wait` when `deadline_s` passes during
-    it (turning that cancellation into TimeoutError, as asyncio.timeout does)."""
-
-    def __init__(self, deadline_s: float | None) -> None:
-        self.expired = False
-        self._waiting: asyncio.Task | None = None
-        self._fired_in_wait = False
-        self._timer = None
-        if deadline_s is not None:
-            remaining = deadline_s - time.time()
-            if remaining <= 0:
-                self.expired = True
-            else:
-                loop = asyncio.get_running_loop()
-                self._timer = loop.call_at(loop.time() + remaining, self._expire)
-
-    def _expire(self) -> None:
-        self.expired = True
-        if self._waiting is not None:
-            self._fired_in_wait = True
-            self._waiting.cancel()
-
-    def check(self) -> None:
-        if self.expired:
-            raise TimeoutError("deadline passed")
-
-    async def wait(self, awaitable):
-        if self._timer is None:
-            return await awaitable
-        task = asyncio.current_task()
-        cancelling = task.cancelling()  # cancellations already requested by others
-        self._waiting = task
-        try:
-            return await awaitable
-        except asyncio.CancelledError:
-            if self._fired_in_wait:
-                self._fired_in_wait = False
-                if task.uncancel() <= cancelling:  # ours alone: the deadline, not the caller
-                    raise TimeoutError("deadline passed") from None
-            raise
-        finally:
-            self._waiting = None
-            if self._fired_in_wait:  # the wait ended otherwise despite our cancel: take it back
-                self._fired_in_wait = False
-                task.uncancel()
-
-    def cancel(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
 
 
 @serve.deployment(name="ModelReplica")
@@ -255,11 +184,15 @@ class ModelReplica:
 
         try:
             host = ray.util.get_node_ip_address()
-            return await self._direct.start(host, self._direct_stream_tls(host))
+            metadata = await self._direct.start(host, self._direct_stream_tls(host))
         except OSError as err:  # the front doors then use the Serve handle only
             log.warning("direct stream off: %s", err)
             self._direct = None
             return {}
+        slots = getattr(self._engine, "slots", ())
+        if slots:  # a front door on this node streams from the engine core itself (vllm_shared.py)
+            metadata[ENGINE_CLIENT_KEY] = slots[0].to_metadata()
+        return metadata
 
     def stats(self) -> EngineStats:
         return self._engine.stats()
@@ -364,5 +297,10 @@ class ModelReplica:
         if direct is not None:
             await direct.stop(self._shutdown_grace_s)
         engine = getattr(self, "_engine", None)
+        if engine is not None and hasattr(engine, "attached_requests"):
+            # and so do the requests of a front door attached to the engine core (vllm_shared.py)
+            deadline = time.monotonic() + self._shutdown_grace_s
+            while engine.attached_requests() > 0 and time.monotonic() < deadline:
+                await asyncio.sleep(0.1)
         if engine is not None:
             engine.shutdown()

@@ -3,9 +3,11 @@
 The Serve router chooses the replica either way (router.GptossRouter). When the chosen replica
 publishes a direct-stream address and the front door's channel to it is connected, the tokens
 come straight from it (direct_stream.py, or multiplexed_stream.py when the replica serves that
-kind, on framed_socket.py's socket where the replica has one); otherwise, and whenever a replica
-refuses a direct stream before its first token (full, stopping, unreachable), the request goes
-through the Serve handle, whose router queues it, re-routes it, or refuses it as Serve does.
+kind, on framed_socket.py's socket where the replica has one), or, when this front door is attached
+to the replica's vLLM engine core (engine_clients.py), from the engine core itself; otherwise, and
+whenever a replica refuses a direct stream before its first token (full, stopping, unreachable),
+the request goes through the Serve handle, whose router queues it, re-routes it, or refuses it as
+Serve does.
 
 Serve's router waits for a replica for as long as it takes (none routable: all dead, or not
 placed yet); ours gives up after `replica_wait_s` with NoReplicaError, which the front door
@@ -23,12 +25,14 @@ from ray.serve.handle import DeploymentHandle
 from cluster.engine.request import GenerateRequest, TokenChunk
 from cluster.metrics import router_metrics
 from cluster.serving.direct_stream import DirectAddress, DirectStreamClient, Rejected
+from cluster.serving.engine_clients import EngineClients, EngineStream
 from cluster.serving.multiplexed_stream import MultiplexedClient
 from cluster.serving.serve_internals import replica_assignment, request_router
 
 log = logging.getLogger(__name__)
 
-DIRECT, SERVE_HANDLE, SERVE_HANDLE_AFTER_REFUSAL = "direct", "serve_handle", "serve_handle_after_refusal"
+DIRECT, ENGINE_CLIENT = "direct", "engine_client"
+SERVE_HANDLE, SERVE_HANDLE_AFTER_REFUSAL = "serve_handle", "serve_handle_after_refusal"
 
 
 class NoReplicaError(ConnectionError):
@@ -61,11 +65,12 @@ class ReplicaStreams:
         self.replica_wait_s = replica_wait_s
         self._client = DirectStreamClient()
         self._multiplexed = MultiplexedClient(self._client)
+        self._engines = EngineClients()
         self._replica_set_version = -1
         self._pruning: set[asyncio.Task] = set()
         labels = (handle.app_name, handle.deployment_name)
         streams = router_metrics().streams_total
-        self._counted = {path: streams.labels(*labels, path) for path in (DIRECT, SERVE_HANDLE,
+        self._counted = {path: streams.labels(*labels, path) for path in (DIRECT, ENGINE_CLIENT, SERVE_HANDLE,
                                                                            SERVE_HANDLE_AFTER_REFUSAL)}
 
     def open(self, request: GenerateRequest) -> "ReplicaStream":
@@ -76,16 +81,25 @@ class ReplicaStreams:
             if router.replica_set_version != self._replica_set_version:
                 self._replica_set_version = router.replica_set_version
                 self._prune(router.direct_addresses())
+                self._offer_engines(router)
             route = router.choose_direct(request, self._ready)
         if route is None:  # the router is not up yet, or the replica it chose takes no direct stream
             self._counted[SERVE_HANDLE].inc()
             return ReplicaStream(self, request, None)
-        self._counted[DIRECT].inc()
-        return ReplicaStream(self, request, route)
+        engine = self._engines.get(route.target.address)
+        self._counted[DIRECT if engine is None else ENGINE_CLIENT].inc()
+        return ReplicaStream(self, request, route, engine)
 
     def _ready(self, target: DirectAddress) -> bool:
         """Whether a stream to `target` starts without waiting for a connection (asks for one if not)."""
+        if self._engines.get(target.address) is not None:
+            return True
         return (self._multiplexed if target.multiplexed else self._client).ready(target)
+
+    def _offer_engines(self, router) -> None:
+        if hasattr(router, "replica_metadata"):
+            for address, metadata in router.replica_metadata().items():
+                self._engines.offer(address, metadata)
 
     def routable_replicas(self) -> int | None:
         """Replicas the router can send requests to now; None before the router exists."""
@@ -109,8 +123,10 @@ class ReplicaStreams:
         if router is not None and hasattr(router, "direct_targets"):
             for target in router.direct_targets():
                 self._ready(target)
+            self._offer_engines(router)
 
     def _prune(self, addresses: set[str]) -> None:
+        self._engines.retain(addresses)
         self._multiplexed.retain(addresses)
         task = asyncio.get_running_loop().create_task(self._client.retain(addresses))
         self._pruning.add(task)
@@ -119,6 +135,7 @@ class ReplicaStreams:
     async def close(self) -> None:
         """After the front door's server has stopped (its calls are cancelled, so channels in
         their grace period close at once)."""
+        self._engines.close()
         await self._multiplexed.close()
         await self._client.close()
         if self._pruning:
@@ -130,12 +147,14 @@ class ReplicaStreams:
 class ReplicaStream:
     """One request's stream of TokenChunks; `close()` cancels it unless it finished."""
 
-    def __init__(self, streams: ReplicaStreams, request: GenerateRequest, route) -> None:
+    def __init__(self, streams: ReplicaStreams, request: GenerateRequest, route, engine=None) -> None:
         self._streams = streams
         self._request = request
         self._route = route
         self._direct = None
-        if route is not None:
+        if engine is not None:
+            self._direct = EngineStream(engine, request)
+        elif route is not None:
             client = streams._multiplexed if route.target.multiplexed else streams._client
             self._direct = client.open(route.target, request)
         self._response = None if route is not None else streams._generate.remote(request)

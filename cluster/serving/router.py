@@ -164,6 +164,15 @@ class GptossRouter(RequestRouter):
         targets = (DirectAddress.from_metadata(r.replica_metadata) for r in self.curr_replicas.values())
         return {t for t in targets if t is not None}
 
+    def replica_metadata(self) -> dict[str, dict]:
+        """Each routable replica's metadata by its direct-stream address."""
+        found = {}
+        for replica in self.curr_replicas.values():
+            target = DirectAddress.from_metadata(replica.replica_metadata)
+            if target is not None:
+                found[target.address] = replica.replica_metadata
+        return found
+
     def direct_addresses(self) -> set[str]:
         """The direct-stream addresses of the replicas routable now."""
         return {t.address for t in self.direct_targets()}

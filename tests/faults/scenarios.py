@@ -383,7 +383,7 @@ def _percentiles_ms(seconds: list[float]) -> dict[str, float]:
             "p99": round(ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))] * 1000, 1)}
 
 
-def _dispatched(app_name: str, paths: tuple[str, ...] = ("direct", "serve_handle")) -> float:
+def _dispatched(app_name: str, paths: tuple[str, ...] = ("direct", "engine_client", "serve_handle")) -> float:
     """Generate streams the front door's router has sent to a replica of `app_name` by `paths`
     (by default either path; a re-route after a replica's own refusal is not a new request)."""
     from cluster.metrics import router_metrics

@@ -19,6 +19,9 @@ LEFT_OUT = {
     "serving.keep_off_engine_cores": "read only by `gptoss-cluster serve`, over the processes below it; under KubeRay "
                                      "the replicas run in worker pods no `serve` starts, and the chart's vllm presets "
                                      "run vLLM on GPUs",
+    "serving.frontdoor_engine_client": "the chart's front doors run in pods of their own, which share neither host name "
+                                       "nor /tmp (the engine core's IPC sockets) with a replica's pod: they take the "
+                                       "direct stream whatever the key says",
     "serving.placement_timeout_s": "read only by `gptoss-cluster serve` while it waits for its replicas to be placed; "
                                    "under KubeRay the RayService's status reports a replica that cannot be placed",
     "frontdoor.auth.api_keys_env": "the chart mounts the API keys from a Secret as frontdoor.auth.api_keys_file; an "

@@ -52,7 +52,7 @@ def dispatched_streams(app_name: str) -> float:
 
     return sum(s.value for m in router_metrics().streams_total.collect() for s in m.samples
                if s.name.endswith("_total") and s.labels["application"] == app_name
-               and s.labels["path"] in ("direct", "serve_handle"))
+               and s.labels["path"] in ("direct", "engine_client", "serve_handle"))
 
 
 def test_ten_times_the_queue_gets_prompt_resource_exhausted_and_the_rest_complete(small_queue_stub, tiny_model):

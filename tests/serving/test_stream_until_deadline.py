@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from cluster.serving.replica import stream_until_deadline
+from cluster.serving.deadline import stream_until_deadline
 
 
 class EngineStream:

@@ -76,8 +76,39 @@ def vllm_frontdoor(vllm_serving, vllm_config):
     from tests.conftest import BackgroundFrontdoor
 
     door = BackgroundFrontdoor(vllm_serving, vllm_config.frontdoor, FrontdoorMetrics(CollectorRegistry()))
+    # The front door attaches to the replica's engine core (serving.frontdoor_engine_client, on by
+    # default; this test process is on the replica's node) when it first sees the replica; the tier's
+    # tests then run through that client. Wait for it here, so that its import of vLLM (on the front
+    # door's thread) does not race this thread's imports.
+    wait_for_engine_client(door)
     yield door
     door.close()
+
+
+def engine_client_streams() -> float:
+    from prometheus_client import REGISTRY
+
+    return REGISTRY.get_sample_value("gptoss_router_streams_total", {
+        "application": VLLM_APP, "deployment": "ModelReplica", "path": "engine_client"}) or 0.0
+
+
+def wait_for_engine_client(door, timeout_s: float = 120.0) -> None:
+    """Send one-token requests until one goes from the front door to the engine core directly."""
+    import time
+
+    import grpc
+
+    from gptoss.v1 import inference_pb2 as pb
+    from gptoss.v1 import inference_pb2_grpc
+
+    deadline = time.monotonic() + timeout_s
+    with grpc.insecure_channel(door.target) as channel:
+        stub = inference_pb2_grpc.InferenceStub(channel)
+        while engine_client_streams() == 0:
+            assert time.monotonic() < deadline, "the front door never attached to the vLLM engine core"
+            list(stub.Generate(pb.GenerateRequest(prompt_token_ids=[1, 2, 3], sampling=pb.SamplingParams(
+                max_tokens=1, ignore_stop=True)), timeout=60))
+            time.sleep(0.2)
 
 
 @pytest.fixture(scope="session")
