@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 from typing import AsyncIterator
 
@@ -32,6 +33,19 @@ async def stream_until_deadline(stream: AsyncIterator[TokenChunk], deadline_s: f
     finally:
         deadline.cancel()
         await stream.aclose()
+
+
+async def timed_until_deadline(stream: AsyncIterator[TokenChunk], deadline_s: float | None) -> AsyncIterator[TokenChunk]:
+    """stream_until_deadline, with the first chunk carrying how long it took from the first pull
+    (TokenChunk.replica_first_chunk_s): how the replica and an engine client of the front door
+    (engine_clients.py) hand on an engine's stream."""
+    started = time.perf_counter()
+    first = True
+    async for chunk in stream_until_deadline(stream, deadline_s):
+        if first:
+            first = False
+            chunk = dataclasses.replace(chunk, replica_first_chunk_s=time.perf_counter() - started)
+        yield chunk
 
 
 class _Deadline:

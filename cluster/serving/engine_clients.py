@@ -7,8 +7,9 @@ attaches a client of its own (it reads the model's config and connects: well und
 first attachment of a process imports vLLM (seconds) and runs on the caller's thread, the event loop:
 imports in a second thread next to the loop's own imports have deadlocked (Python's module locks)
 and left half-imported modules behind. It happens when the front door first sees its replicas, at
-start; later ones (a replica restarted or added) import nothing new and run in a thread. From then on, a request the router sends to that replica is
-handed to its engine core from here (EngineStream): the same routing, in-flight accounting, deadline
+start; later ones (a replica restarted or added) import nothing new and run in a thread. From
+then on, a request the router sends to that replica is handed to its engine core from here
+(EngineStream): the same routing, in-flight accounting, deadline
 and cancellation as the direct stream, one process fewer on every token's way. Until the client is
 ready, for replicas on other nodes, and for a slot another process took, requests take the direct
 stream as before.
@@ -20,7 +21,6 @@ streams (EngineDead), which the front door resumes elsewhere as for a lost repli
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import gc
 import logging
 import threading
@@ -28,7 +28,7 @@ import time
 from typing import AsyncIterator
 
 from cluster.engine.request import GenerateRequest, TokenChunk
-from cluster.serving.deadline import stream_until_deadline
+from cluster.serving.deadline import timed_until_deadline
 
 log = logging.getLogger(__name__)
 
@@ -106,7 +106,7 @@ class EngineStream:
     """One request's chunks straight from an attached engine client; `cancel()` aborts it."""
 
     def __init__(self, engine, request: GenerateRequest) -> None:
-        self._chunks = stream_until_deadline(engine.generate(request), request.deadline_s)
+        self._chunks = timed_until_deadline(engine.generate(request), request.deadline_s)
         self._closing: asyncio.Task | None = None
 
     def cancel(self) -> None:
@@ -120,11 +120,5 @@ class EngineStream:
         except RuntimeError:  # still being read: the reader's own cancellation closes it
             pass
 
-    async def __aiter__(self) -> AsyncIterator[TokenChunk]:
-        started = time.perf_counter()
-        first = True
-        async for chunk in self._chunks:
-            if first:
-                first = False
-                chunk = dataclasses.replace(chunk, replica_first_chunk_s=time.perf_counter() - started)
-            yield chunk
+    def __aiter__(self) -> AsyncIterator[TokenChunk]:
+        return self._chunks

@@ -23,7 +23,7 @@ from cluster.config import ClusterConfig, ConfigError
 from cluster.engine.protocol import Engine, EngineStats, ExpertLoad
 from cluster.engine.request import GenerateRequest, TokenChunk
 from cluster.memory import resident_bytes
-from cluster.serving.deadline import stream_until_deadline
+from cluster.serving.deadline import timed_until_deadline
 from cluster.serving.engine_clients import ENGINE_CLIENT_KEY
 from cluster.serving.model_info import ModelInfo, model_info_for
 from cluster.serving.model_store import ensure_preset_checkpoint
@@ -136,13 +136,8 @@ class ModelReplica:
         (which stops decoding) and TimeoutError reaches the front door as DEADLINE_EXCEEDED.
         The first chunk carries how long the replica took to it (TokenChunk.replica_first_chunk_s)."""
         self._in_flight += 1
-        started = time.perf_counter()
-        first = True
         try:
-            async for chunk in stream_until_deadline(self._engine.generate(request), request.deadline_s):
-                if first:
-                    first = False
-                    chunk = dataclasses.replace(chunk, replica_first_chunk_s=time.perf_counter() - started)
+            async for chunk in timed_until_deadline(self._engine.generate(request), request.deadline_s):
                 yield chunk
         finally:
             self._in_flight -= 1
